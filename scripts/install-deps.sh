@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs every system package Ember's build, demo, tests and benchmarks use.
+# Safe to run repeatedly; only missing packages are installed.
+set -euo pipefail
+
+PKGS=(
+  runc                # the OCI runtime Ember drives
+  docker-registry     # CNCF distribution registry: test upstream and benchmark peer
+  skopeo umoci        # peers and fixture tools (never on Ember's pull path)
+  podman              # benchmark peer
+  busybox-static      # contents of the fixture images
+  hyperfine           # repeated timing in benchmarks
+  iproute2 jq curl    # test and benchmark plumbing
+  ca-certificates
+)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if ((${#missing[@]})); then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "installing: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
