@@ -1,1 +1,37 @@
-//! ember-testkit
+//! Test support for Ember: real registries and reproducible fixture images.
+//!
+//! Ember's tests run against the real thing wherever it can run here, so
+//! this crate provides three pieces:
+//!
+//! - [`registry`]: a real CNCF distribution registry (`docker-registry
+//!   serve`) on a free loopback port with throwaway storage, either as an
+//!   ordinary registry or as a pull-through proxy of another one; its access
+//!   log can be read back to count upstream requests.
+//! - [`push`]: a small OCI distribution push client (blobs and manifests)
+//!   used to load fixtures into such a registry.
+//! - [`fixtures`]: byte-for-byte reproducible OCI images (busybox, layer
+//!   edge cases, a 110 MiB layer, a large multi-layer image, an image index
+//!   and Docker schema 2 variants), written as OCI image layouts and cached
+//!   on disk so tests build them once.
+//!
+//! The `ember-fixtures` binary exposes the builder and the pusher on the
+//! command line.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # async fn example() -> anyhow::Result<()> {
+//! use ember_testkit::{fixtures, registry::Registry};
+//!
+//! let registry = Registry::start()?;
+//! let fixture = fixtures::build_cached("busybox")?;
+//! fixtures::push(&fixture, &registry.url(), "ember/busybox", "latest").await?;
+//! // Clients can now pull 127.0.0.1:PORT/ember/busybox:latest.
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod digest;
+pub mod fixtures;
+pub mod push;
+pub mod registry;
