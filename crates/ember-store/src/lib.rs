@@ -1,1 +1,657 @@
-//! ember-store
+//! Ember's node store: verified blobs, unpacked layers shared between images,
+//! an index of images and names, garbage collection, and the pull pipeline
+//! that fills it.
+//!
+//! Layout under the store root:
+//!
+//! ```text
+//! blobs/sha256/<hex>   manifests, indexes and configs, verified, immutable
+//! layers/<hex>/        one unpacked layer per diff_id, overlayfs whiteouts
+//! index.json           images, names, layers, LRU clock (see `index`)
+//! users/<id>.json      containers using an image, with their owner pid
+//! tmp/<pid>-<n>-...    in-progress work; removed when its pid is gone
+//! lock                 flock for index updates
+//! ```
+//!
+//! Invariants: a path under `blobs/` or `layers/` exists only once its
+//! content was verified against its digest (it is built under `tmp/` and
+//! renamed into place). The index only names layers and blobs that exist.
+//! GC never removes an image whose user is alive.
+
+mod error;
+pub mod index;
+mod pull;
+pub mod unpack;
+
+pub use error::StoreError;
+pub use index::{ImageRecord, Index, LayerRecord, LayerRef};
+pub use pull::{PullOptions, PullProgress, PullReport, PullTimings, SilentProgress, pull};
+
+use ember_oci::{Digest, Reference};
+use std::fs;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use error::io;
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A node store rooted at a directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// An exclusive hold on the store's index; released on drop.
+pub struct IndexLock {
+    file: fs::File,
+}
+
+impl Drop for IndexLock {
+    fn drop(&mut self) {
+        // SAFETY: flock on a file descriptor we own; unlocking cannot fail
+        // in a way we could act on.
+        unsafe {
+            libc::flock(self.file.as_raw_fd(), libc::LOCK_UN);
+        }
+    }
+}
+
+/// A row of `ember images`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ImageSummary {
+    /// Names pointing at the image.
+    pub names: Vec<String>,
+    /// Manifest digest.
+    pub manifest: Digest,
+    /// Platform.
+    pub platform: String,
+    /// Unpacked bytes of its layers.
+    pub bytes: u64,
+    /// Number of layers.
+    pub layers: usize,
+    /// Unix milliseconds of last use.
+    pub last_used_ms: u64,
+    /// Whether a live container uses it.
+    pub in_use: bool,
+}
+
+/// What a GC pass did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct GcReport {
+    /// Bytes in layers before.
+    pub bytes_before: u64,
+    /// Bytes in layers after.
+    pub bytes_after: u64,
+    /// Images removed, by one of their names or digest.
+    pub removed_images: Vec<String>,
+    /// Layer directories removed.
+    pub removed_layers: usize,
+    /// Images kept because a container uses them.
+    pub kept_in_use: usize,
+}
+
+/// A container's claim on an image, so GC leaves it alone.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct UserRecord {
+    image: Digest,
+    pid: u32,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence and permission.
+    let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `root`, and removes work left
+    /// in `tmp/` by processes that no longer exist (a `kill -9` mid-pull).
+    pub fn open(root: impl Into<PathBuf>) -> Result<Store, StoreError> {
+        let root = root.into();
+        for d in ["blobs/sha256", "layers", "tmp", "users"] {
+            let p = root.join(d);
+            fs::create_dir_all(&p).map_err(io("create", &p))?;
+        }
+        let store = Store { root };
+        store.clean_tmp()?;
+        Ok(store)
+    }
+
+    /// The store root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where an unpacked layer lives.
+    pub fn layer_dir(&self, diff_id: &Digest) -> PathBuf {
+        self.root.join("layers").join(diff_id.hex())
+    }
+
+    /// Where a blob lives.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("blobs").join(digest.algorithm()).join(digest.hex())
+    }
+
+    /// A fresh path under `tmp/` tagged with this process's pid, so a later
+    /// process can tell it is abandoned once this one is gone.
+    pub fn tmp_path(&self, what: &str) -> PathBuf {
+        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        self.root
+            .join("tmp")
+            .join(format!("{}-{}-{}-{what}", std::process::id(), now_ms(), n))
+    }
+
+    fn clean_tmp(&self) -> Result<(), StoreError> {
+        let tmp = self.root.join("tmp");
+        let rd = fs::read_dir(&tmp).map_err(io("read", &tmp))?;
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
+            let abandoned = match pid {
+                Some(pid) => pid != std::process::id() && !pid_alive(pid),
+                None => true,
+            };
+            if abandoned {
+                tracing::info!(path = %e.path().display(), "removing abandoned temporary data");
+                let _ = remove_any(&e.path());
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the index lock (blocking until other processes release it).
+    pub fn lock(&self) -> Result<IndexLock, StoreError> {
+        let p = self.root.join("lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(io("open", &p))?;
+        // SAFETY: flock on a descriptor we own.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if r != 0 {
+            return Err(io("lock", &p)(std::io::Error::last_os_error()));
+        }
+        Ok(IndexLock { file })
+    }
+
+    /// Reads the index (an empty one if none was written yet). Readers do
+    /// not need the lock: the file is only ever replaced by rename.
+    pub fn read_index(&self) -> Result<Index, StoreError> {
+        let p = self.root.join("index.json");
+        match fs::read(&p) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| StoreError::CorruptIndex {
+                path: p,
+                detail: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Index::default()),
+            Err(e) => Err(io("read", &p)(e)),
+        }
+    }
+
+    /// Replaces the index atomically. Call with the lock held.
+    pub fn write_index(&self, _lock: &IndexLock, index: &Index) -> Result<(), StoreError> {
+        let p = self.root.join("index.json");
+        let bytes = serde_json::to_vec_pretty(index).map_err(|e| StoreError::CorruptIndex {
+            path: p.clone(),
+            detail: e.to_string(),
+        })?;
+        write_atomic(&self.tmp_path("index"), &p, &bytes)
+    }
+
+    /// Runs `f` on the index under the lock and writes back what it leaves.
+    pub fn update_index<T>(
+        &self,
+        f: impl FnOnce(&mut Index) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let lock = self.lock()?;
+        let mut index = self.read_index()?;
+        let out = f(&mut index)?;
+        self.write_index(&lock, &index)?;
+        Ok(out)
+    }
+
+    /// Stores a small blob after checking it hashes to `digest`.
+    pub fn put_blob(&self, digest: &Digest, bytes: &[u8]) -> Result<(), StoreError> {
+        let mut v = digest.verifier();
+        v.update(bytes);
+        if let Err(actual) = v.finish() {
+            return Err(StoreError::DigestMismatch {
+                reference: "(local)".into(),
+                digest: digest.clone(),
+                actual,
+            });
+        }
+        let dest = self.blob_path(digest);
+        if dest.exists() {
+            return Ok(());
+        }
+        write_atomic(&self.tmp_path("blob"), &dest, bytes)
+    }
+
+    /// Reads a blob and re-verifies it (a bit flip on disk must not turn
+    /// into a wrong config).
+    pub fn read_blob(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
+        let p = self.blob_path(digest);
+        let b = fs::read(&p).map_err(io("read", &p))?;
+        let mut v = digest.verifier();
+        v.update(&b);
+        v.finish().map_err(|actual| StoreError::DigestMismatch {
+            reference: "(local store)".into(),
+            digest: digest.clone(),
+            actual,
+        })?;
+        Ok(b)
+    }
+
+    /// Finds a local image by name (`busybox`, `host/repo:tag`), by
+    /// `name@digest` (manifest or index digest), or by a digest or a prefix
+    /// of at least 6 hex digits of one.
+    pub fn resolve(&self, index: &Index, name: &str) -> Result<ImageRecord, StoreError> {
+        let hexish = name.strip_prefix("sha256:").unwrap_or(name);
+        if hexish.len() >= 6 && hexish.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let matches: Vec<&ImageRecord> = index
+                .images
+                .values()
+                .filter(|i| i.manifest.hex().starts_with(hexish))
+                .collect();
+            if matches.len() == 1 {
+                return Ok(matches[0].clone());
+            }
+        }
+        let r: Reference = name.parse()?;
+        if let Some(d) = r.digest() {
+            return index
+                .images
+                .values()
+                .find(|i| (&i.manifest == d || i.index.as_ref() == Some(d)) && i.repository == r.name())
+                .or_else(|| index.images.values().find(|i| &i.manifest == d))
+                .cloned()
+                .ok_or_else(|| StoreError::ImageUnknown(name.to_string()));
+        }
+        let d = index
+            .refs
+            .get(&r.to_string())
+            .ok_or_else(|| StoreError::ImageUnknown(name.to_string()))?;
+        index
+            .images
+            .get(d)
+            .cloned()
+            .ok_or_else(|| StoreError::ImageUnknown(name.to_string()))
+    }
+
+    /// Parses an image's config.
+    pub fn image_config(
+        &self,
+        image: &ImageRecord,
+    ) -> Result<oci_spec::image::ImageConfiguration, StoreError> {
+        let b = self.read_blob(&image.config)?;
+        serde_json::from_slice(&b).map_err(|e| StoreError::BadImage {
+            reference: image.repository.clone(),
+            detail: format!("config {}: {e}", image.config),
+        })
+    }
+
+    /// The image's layer directories, lowest first.
+    pub fn layer_dirs(&self, image: &ImageRecord) -> Vec<PathBuf> {
+        image.layers.iter().map(|l| self.layer_dir(&l.diff_id)).collect()
+    }
+
+    /// Moves an image to the front of the LRU order.
+    pub fn touch(&self, manifest: &Digest) -> Result<(), StoreError> {
+        self.update_index(|ix| {
+            if let Some(i) = ix.images.get_mut(manifest) {
+                i.last_used_ms = now_ms();
+            }
+            Ok(())
+        })
+    }
+
+    /// Records that container `id`, owned by process `pid`, uses `image`.
+    pub fn add_user(&self, id: &str, image: &Digest, pid: u32) -> Result<(), StoreError> {
+        let rec = UserRecord {
+            image: image.clone(),
+            pid,
+        };
+        let p = self.root.join("users").join(format!("{id}.json"));
+        let b = serde_json::to_vec(&rec).map_err(|e| StoreError::CorruptIndex {
+            path: p.clone(),
+            detail: e.to_string(),
+        })?;
+        fs::write(&p, b).map_err(io("write", &p))
+    }
+
+    /// Drops container `id`'s claim.
+    pub fn remove_user(&self, id: &str) {
+        let _ = fs::remove_file(self.root.join("users").join(format!("{id}.json")));
+    }
+
+    /// Live users: (container id, image). Claims of dead processes are
+    /// removed as they are found.
+    fn live_users(&self) -> Vec<(String, Digest)> {
+        let mut out = Vec::new();
+        let Ok(rd) = fs::read_dir(self.root.join("users")) else {
+            return out;
+        };
+        for e in rd.flatten() {
+            let path = e.path();
+            let rec: Option<UserRecord> =
+                fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            match rec {
+                Some(r) if pid_alive(r.pid) => {
+                    let id = path
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    out.push((id, r.image));
+                }
+                _ => {
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        out
+    }
+
+    /// Lists images for `ember images`.
+    pub fn images(&self) -> Result<Vec<ImageSummary>, StoreError> {
+        let ix = self.read_index()?;
+        let users = self.live_users();
+        let mut out: Vec<ImageSummary> = ix
+            .images
+            .values()
+            .map(|i| ImageSummary {
+                names: ix.names_of(&i.manifest),
+                manifest: i.manifest.clone(),
+                platform: i.platform.clone(),
+                bytes: ix.bytes_of([i]),
+                layers: i.layers.len(),
+                last_used_ms: i.last_used_ms,
+                in_use: users.iter().any(|(_, d)| d == &i.manifest),
+            })
+            .collect();
+        out.sort_by(|a, b| b.last_used_ms.cmp(&a.last_used_ms));
+        Ok(out)
+    }
+
+    /// Removes a name; the image goes too when no name is left and no live
+    /// container uses it. Naming an image by digest removes it with all its
+    /// names. Returns the manifest digest if the image itself was removed.
+    pub fn remove(&self, name: &str) -> Result<Option<Digest>, StoreError> {
+        let users = self.live_users();
+        let lock = self.lock()?;
+        let mut ix = self.read_index()?;
+        let img = self.resolve(&ix, name)?;
+        let by_name = ix.refs.keys().any(|k| {
+            name.parse::<Reference>()
+                .map(|r| &r.to_string() == k)
+                .unwrap_or(false)
+        });
+        let remaining: Vec<String> = if by_name {
+            let key = name.parse::<Reference>()?.to_string();
+            ix.refs.remove(&key);
+            ix.names_of(&img.manifest)
+        } else {
+            Vec::new()
+        };
+        let mut removed = None;
+        if remaining.is_empty() {
+            if let Some((id, _)) = users.iter().find(|(_, d)| d == &img.manifest) {
+                return Err(StoreError::InUse {
+                    image: name.to_string(),
+                    container: id.clone(),
+                });
+            }
+            ix.refs.retain(|_, d| d != &img.manifest);
+            ix.images.remove(&img.manifest);
+            removed = Some(img.manifest.clone());
+        }
+        let dropped = self.drop_unreferenced(&mut ix);
+        self.write_index(&lock, &ix)?;
+        drop(lock);
+        self.delete_layers(dropped);
+        Ok(removed)
+    }
+
+    /// Removes layers and blobs no image refers to from the index, returning
+    /// the layer directories to delete (after the index is written, so a
+    /// crash in between leaves orphan directories, never dangling entries).
+    fn drop_unreferenced(&self, ix: &mut Index) -> Vec<PathBuf> {
+        let used: std::collections::BTreeSet<Digest> = ix
+            .images
+            .values()
+            .flat_map(|i| i.layers.iter().map(|l| l.diff_id.clone()))
+            .collect();
+        let mut dirs = Vec::new();
+        ix.layers.retain(|d, _| {
+            let keep = used.contains(d);
+            if !keep {
+                dirs.push(self.layer_dir(d));
+            }
+            keep
+        });
+        // Orphan layer directories (from a crash between rename and index
+        // write) are not in the index at all.
+        if let Ok(rd) = fs::read_dir(self.root.join("layers")) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let known = format!("sha256:{name}")
+                    .parse::<Digest>()
+                    .map(|d| used.contains(&d))
+                    .unwrap_or(false);
+                if !known && !dirs.contains(&e.path()) {
+                    dirs.push(e.path());
+                }
+            }
+        }
+        // Blobs: keep manifests, indexes and configs of remaining images.
+        let mut keep_blobs = std::collections::BTreeSet::new();
+        for i in ix.images.values() {
+            keep_blobs.insert(i.manifest.hex().to_string());
+            keep_blobs.insert(i.config.hex().to_string());
+            if let Some(x) = &i.index {
+                keep_blobs.insert(x.hex().to_string());
+            }
+        }
+        if let Ok(rd) = fs::read_dir(self.root.join("blobs/sha256")) {
+            for e in rd.flatten() {
+                if !keep_blobs.contains(&*e.file_name().to_string_lossy()) {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        dirs
+    }
+
+    fn delete_layers(&self, dirs: Vec<PathBuf>) {
+        for d in dirs {
+            // Rename first so a half-deleted layer is never visible under its
+            // digest name, then delete at leisure.
+            let t = self.tmp_path("gc");
+            let target = if fs::rename(&d, &t).is_ok() { t } else { d };
+            if let Err(e) = remove_any(&target) {
+                tracing::warn!(path = %target.display(), error = %e, "could not remove layer");
+            }
+        }
+    }
+
+    /// Least-recently-used eviction of whole images: when layer bytes exceed
+    /// `high` bytes, remove images (oldest use first, never one a live
+    /// container uses) until they are at or below `low`.
+    pub fn gc(&self, high: u64, low: u64) -> Result<GcReport, StoreError> {
+        let users = self.live_users();
+        let lock = self.lock()?;
+        let mut ix = self.read_index()?;
+        let mut report = GcReport {
+            bytes_before: ix.bytes_of(ix.images.values()),
+            ..Default::default()
+        };
+        if report.bytes_before > high {
+            let mut order: Vec<ImageRecord> = ix.images.values().cloned().collect();
+            order.sort_by_key(|i| i.last_used_ms);
+            for img in order {
+                if ix.bytes_of(ix.images.values()) <= low {
+                    break;
+                }
+                if users.iter().any(|(_, d)| d == &img.manifest) {
+                    report.kept_in_use += 1;
+                    continue;
+                }
+                let label = ix
+                    .names_of(&img.manifest)
+                    .into_iter()
+                    .next()
+                    .unwrap_or_else(|| img.manifest.to_string());
+                ix.refs.retain(|_, d| d != &img.manifest);
+                ix.images.remove(&img.manifest);
+                report.removed_images.push(label);
+            }
+        }
+        let dropped = self.drop_unreferenced(&mut ix);
+        report.removed_layers = dropped.len();
+        report.bytes_after = ix.bytes_of(ix.images.values());
+        self.write_index(&lock, &ix)?;
+        drop(lock);
+        self.delete_layers(dropped);
+        Ok(report)
+    }
+
+    /// Writes the image's flattened filesystem into `dest` (created if
+    /// missing), applying layers in order with whiteouts carried out.
+    pub fn flatten(&self, image: &ImageRecord, dest: &Path) -> Result<(), StoreError> {
+        fs::create_dir_all(dest).map_err(io("create", dest))?;
+        for l in &image.layers {
+            let dir = self.layer_dir(&l.diff_id);
+            copy_layer_onto(&dir, dest).map_err(io("apply layer", &dir))?;
+        }
+        Ok(())
+    }
+}
+
+/// Applies an overlay-format layer directory onto `dest`: whiteout devices
+/// delete, opaque directories drop what was below, hardlinks within the
+/// layer stay hardlinks.
+fn copy_layer_onto(layer: &Path, dest: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    let mut links: std::collections::HashMap<(u64, u64), PathBuf> = std::collections::HashMap::new();
+    let mut dirs: Vec<(PathBuf, fs::Metadata)> = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let src_dir = layer.join(&rel);
+        let dst_dir = dest.join(&rel);
+        if !rel.as_os_str().is_empty() && is_opaque(&src_dir) {
+            if let Ok(rd) = fs::read_dir(&dst_dir) {
+                for e in rd.flatten() {
+                    remove_any(&e.path())?;
+                }
+            }
+        }
+        for e in fs::read_dir(&src_dir)? {
+            let e = e?;
+            let m = fs::symlink_metadata(e.path())?;
+            let child_rel = rel.join(e.file_name());
+            let target = dest.join(&child_rel);
+            let ft = m.file_type();
+            if ft.is_char_device() && m.rdev() == 0 {
+                remove_any(&target)?;
+                continue;
+            }
+            if ft.is_dir() {
+                match fs::symlink_metadata(&target) {
+                    Ok(t) if t.is_dir() => {}
+                    Ok(_) => {
+                        remove_any(&target)?;
+                        fs::create_dir(&target)?;
+                    }
+                    Err(_) => fs::create_dir(&target)?,
+                }
+                dirs.push((target, m));
+                stack.push(child_rel);
+                continue;
+            }
+            remove_any(&target)?;
+            if ft.is_file() && m.nlink() > 1 {
+                if let Some(first) = links.get(&(m.dev(), m.ino())) {
+                    fs::hard_link(first, &target)?;
+                    continue;
+                }
+                links.insert((m.dev(), m.ino()), target.clone());
+            }
+            if ft.is_symlink() {
+                std::os::unix::fs::symlink(fs::read_link(e.path())?, &target)?;
+            } else if ft.is_file() {
+                fs::copy(e.path(), &target)?;
+            } else if ft.is_fifo() {
+                let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(
+                    target.as_os_str(),
+                ))
+                .map_err(|_| std::io::Error::other("NUL in path"))?;
+                // SAFETY: valid NUL-terminated path.
+                if unsafe { libc::mkfifo(c.as_ptr(), m.mode() & 0o777) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else {
+                continue;
+            }
+            std::os::unix::fs::lchown(&target, Some(m.uid()), Some(m.gid()))?;
+            if !ft.is_symlink() {
+                fs::set_permissions(&target, fs::Permissions::from_mode(m.mode() & 0o7777))?;
+            }
+        }
+    }
+    for (d, m) in dirs {
+        std::os::unix::fs::lchown(&d, Some(m.uid()), Some(m.gid()))?;
+        fs::set_permissions(&d, fs::Permissions::from_mode(m.mode() & 0o7777))?;
+    }
+    Ok(())
+}
+
+fn is_opaque(dir: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dir.as_os_str()))
+    else {
+        return false;
+    };
+    let mut buf = [0u8; 4];
+    // SAFETY: valid path and name strings and a buffer with its length.
+    let n = unsafe {
+        libc::lgetxattr(
+            c.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    n == 1 && buf[0] == b'y'
+}
+
+/// Removes a file, symlink or directory tree; missing is fine.
+pub(crate) fn remove_any(p: &Path) -> std::io::Result<()> {
+    match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(p),
+        Ok(_) => fs::remove_file(p),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes `bytes` to `tmp`, fsyncs, and renames it to `dest`.
+pub(crate) fn write_atomic(tmp: &Path, dest: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let mut f = fs::File::create(tmp).map_err(io("create", tmp))?;
+    f.write_all(bytes).map_err(io("write", tmp))?;
+    f.sync_all().map_err(io("fsync", tmp))?;
+    drop(f);
+    fs::rename(tmp, dest).map_err(io("rename", dest))
+}

@@ -1,1 +1,87 @@
-fn main() {}
+//! `ember`: fast container starts. One binary, a subcommand per role.
+//!
+//! This crate only parses arguments and wires the library crates together;
+//! the work happens in `ember-registry`, `ember-store` and `ember-runtime`.
+
+mod cmd;
+mod progress;
+mod util;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Ember starts OCI containers fast: a verified content-addressed store,
+/// overlayfs root filesystems and runc.
+#[derive(Parser, Debug)]
+#[command(name = "ember", version, about, long_about = None)]
+struct Cli {
+    /// Store and state directory.
+    #[arg(long, global = true, env = "EMBER_ROOT", default_value = "/var/lib/ember")]
+    root: PathBuf,
+
+    /// Log filter (error, warn, info, debug, trace or a tracing directive).
+    #[arg(long, global = true, env = "EMBER_LOG", default_value = "warn")]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Pull an image from a registry into the store.
+    Pull(cmd::pull::Args),
+    /// Run a command in a new container from an image (pulled if missing).
+    Run(cmd::run::Args),
+    /// List images in the store.
+    Images(cmd::images::Args),
+    /// Remove an image name; the image goes when no name is left.
+    Rmi(cmd::rmi::Args),
+    /// Evict least-recently-used images to fit a byte budget.
+    Gc(cmd::gc::Args),
+    /// Image operations.
+    #[command(subcommand)]
+    Image(cmd::image::Command),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ember: starting the async runtime: {e}");
+            return ExitCode::from(125);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Pull(a) => cmd::pull::run(&cli.root, a).await,
+            Command::Run(a) => cmd::run::run(&cli.root, a).await,
+            Command::Images(a) => cmd::images::run(&cli.root, a),
+            Command::Rmi(a) => cmd::rmi::run(&cli.root, a),
+            Command::Gc(a) => cmd::gc::run(&cli.root, a),
+            Command::Image(c) => cmd::image::run(&cli.root, c),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ember: {}", util::error_chain(&e));
+            // 125 as docker/podman use for "the tool failed", so scripts can
+            // tell Ember's failures from the container's exit codes.
+            ExitCode::from(125)
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! Store errors.
+
+use crate::unpack::UnpackError;
+use ember_oci::{Digest, Reference};
+use ember_registry::RegistryError;
+use std::path::PathBuf;
+
+/// Why a store operation failed. Messages name the image and blob involved.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A filesystem operation on the store failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The registry could not give us something.
+    #[error("pulling {reference}: {source}")]
+    Registry {
+        /// The image being pulled.
+        reference: String,
+        /// The registry error (names the manifest or blob).
+        #[source]
+        source: RegistryError,
+    },
+    /// A blob's bytes do not match its digest.
+    #[error("pulling {reference}: blob {digest}: digest mismatch (got {actual})")]
+    DigestMismatch {
+        /// The image being pulled.
+        reference: String,
+        /// The digest the manifest names.
+        digest: Digest,
+        /// What the bytes hash to.
+        actual: Digest,
+    },
+    /// A layer's uncompressed content does not match the config's diff_id.
+    #[error("pulling {reference}: layer {digest}: uncompressed content does not match diff_id {diff_id} (got {actual})")]
+    DiffIdMismatch {
+        /// The image being pulled.
+        reference: String,
+        /// The compressed layer digest.
+        digest: Digest,
+        /// The diff_id in the image config.
+        diff_id: Digest,
+        /// What the uncompressed bytes hash to.
+        actual: Digest,
+    },
+    /// A blob's size differs from its descriptor.
+    #[error("pulling {reference}: blob {digest}: expected {expected} bytes, got {actual}")]
+    SizeMismatch {
+        /// The image being pulled.
+        reference: String,
+        /// The blob.
+        digest: Digest,
+        /// Size in the descriptor.
+        expected: u64,
+        /// Bytes received.
+        actual: u64,
+    },
+    /// A layer could not be unpacked (hostile, corrupt or truncated tar).
+    #[error("pulling {reference}: layer {digest}: {source}")]
+    Unpack {
+        /// The image being pulled.
+        reference: String,
+        /// The layer.
+        digest: Digest,
+        /// Why.
+        #[source]
+        source: UnpackError,
+    },
+    /// A manifest, index or config that Ember cannot use.
+    #[error("{reference}: {detail}")]
+    BadImage {
+        /// The image.
+        reference: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// No manifest for the requested platform in an index.
+    #[error("{reference}: no image for platform {platform} (index has: {available})")]
+    NoPlatform {
+        /// The image.
+        reference: String,
+        /// The platform asked for.
+        platform: String,
+        /// The platforms the index lists.
+        available: String,
+    },
+    /// The image is not in the store.
+    #[error("image not found in the store: {0}")]
+    ImageUnknown(String),
+    /// The image is used by a running container.
+    #[error("image {image} is in use by container {container}")]
+    InUse {
+        /// The image.
+        image: String,
+        /// A container using it.
+        container: String,
+    },
+    /// The store's index file is unreadable.
+    #[error("store index {path} is corrupt: {detail}")]
+    CorruptIndex {
+        /// The index file.
+        path: PathBuf,
+        /// The parse error.
+        detail: String,
+    },
+    /// A reference that does not parse.
+    #[error(transparent)]
+    Reference(#[from] ember_oci::ReferenceError),
+}
+
+pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> StoreError {
+    let path = path.into();
+    move |source| StoreError::Io { op, path, source }
+}
+
+/// Keeps the reference in errors built deep in the pipeline.
+pub(crate) fn registry(reference: &Reference) -> impl FnOnce(RegistryError) -> StoreError + '_ {
+    move |source| StoreError::Registry {
+        reference: reference.to_string(),
+        source,
+    }
+}

@@ -1,0 +1,689 @@
+//! The pull pipeline: resolve a reference to a platform manifest, then for
+//! every missing layer stream download → digest check → decompress →
+//! diff_id check → tar extraction as one pipeline, layers in parallel.
+//!
+//! The network task and the extraction thread are joined by a bounded
+//! channel, so neither waits for a whole blob: extraction starts with the
+//! first chunk, and a slow disk slows the download instead of buffering it
+//! in memory. A layer is renamed into `layers/` only after both its
+//! compressed digest and its diff_id check out.
+
+use crate::error::{StoreError, io, registry};
+use crate::index::{ImageRecord, LayerRecord, LayerRef};
+use crate::unpack::{self, Mode, UnpackError, UnpackStats};
+use crate::{Store, now_ms, remove_any};
+use bytes::Bytes;
+use ember_oci::media::{self, Compression, ManifestKind};
+use ember_oci::{Digest, Platform, Reference, Verifier};
+use ember_registry::{RegistryClient, RegistryError};
+use serde::Deserialize;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Most concurrent layer downloads per pull (Docker and containerd use 3).
+const PARALLEL_LAYERS: usize = 4;
+/// Configs are small JSON documents.
+const MAX_CONFIG_BYTES: usize = 8 << 20;
+
+/// Pull settings.
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    /// Platform to pick from an index.
+    pub platform: Platform,
+    /// Attempts per layer when a download fails in a retryable way.
+    pub layer_attempts: u32,
+    /// `syncfs` the store before committing layers, so a power loss cannot
+    /// leave a committed layer with missing data. A `kill -9` never needs
+    /// it (the page cache survives the process).
+    pub durable: bool,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        PullOptions {
+            platform: Platform::host(),
+            layer_attempts: 3,
+            durable: true,
+        }
+    }
+}
+
+/// Receives progress of a pull (the CLI draws bars or prints lines).
+pub trait PullProgress: Send + Sync {
+    /// The image resolved to `manifest` with `layers` layers.
+    fn resolved(&self, _manifest: &Digest, _layers: usize) {}
+    /// A layer starts downloading; `size` from the manifest.
+    fn layer_started(&self, _digest: &Digest, _size: u64) {}
+    /// `n` more bytes of a layer arrived.
+    fn layer_bytes(&self, _digest: &Digest, _n: u64) {}
+    /// A layer is unpacked and verified, or was already present.
+    fn layer_done(&self, _digest: &Digest, _already_present: bool) {}
+    /// A layer attempt failed and will be retried.
+    fn layer_retry(&self, _digest: &Digest, _error: &str) {}
+}
+
+/// Progress that goes nowhere.
+pub struct SilentProgress;
+impl PullProgress for SilentProgress {}
+
+/// Where a pull's time went. Download and unpack overlap: `fetch` runs from
+/// the first layer request until the last byte arrived; `unpack` is the
+/// extraction that was still going after that; `commit` the sync and
+/// index update.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PullTimings {
+    /// Manifest(s) and config.
+    pub resolve: Duration,
+    /// Layer downloads (overlapping extraction).
+    pub fetch: Duration,
+    /// Extraction remaining after the last byte arrived.
+    pub unpack: Duration,
+    /// syncfs, renames and index update.
+    pub commit: Duration,
+    /// Whole pull.
+    pub total: Duration,
+}
+
+/// What a pull did.
+#[derive(Debug, Clone)]
+pub struct PullReport {
+    /// The image as recorded in the store.
+    pub image: ImageRecord,
+    /// Where the time went.
+    pub timings: PullTimings,
+    /// Compressed bytes downloaded.
+    pub bytes_downloaded: u64,
+    /// Layers that were already in the store.
+    pub layers_present: usize,
+    /// Layers downloaded.
+    pub layers_fetched: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Descriptor {
+    media_type: String,
+    digest: Digest,
+    size: u64,
+    platform: Option<DescPlatform>,
+}
+
+#[derive(Deserialize)]
+struct DescPlatform {
+    os: String,
+    architecture: String,
+    variant: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ManifestDoc {
+    config: Descriptor,
+    layers: Vec<Descriptor>,
+}
+
+#[derive(Deserialize)]
+struct IndexDoc {
+    manifests: Vec<Descriptor>,
+}
+
+#[derive(Deserialize)]
+struct ConfigDoc {
+    rootfs: RootFs,
+}
+
+#[derive(Deserialize)]
+struct RootFs {
+    diff_ids: Vec<Digest>,
+}
+
+/// Pulls `reference` into `store`.
+pub async fn pull(
+    store: &Store,
+    client: &Arc<RegistryClient>,
+    reference: &Reference,
+    opts: &PullOptions,
+    progress: Arc<dyn PullProgress>,
+) -> Result<PullReport, StoreError> {
+    let t0 = Instant::now();
+    let refname = reference.to_string();
+    let bad = |detail: String| StoreError::BadImage {
+        reference: refname.clone(),
+        detail,
+    };
+
+    // Resolve: tag or digest → manifest, through an index if need be.
+    let top = client
+        .manifest(reference, &reference.manifest_reference())
+        .await
+        .map_err(registry(reference))?;
+    let (manifest, index_digest, index_bytes) = match media::manifest_kind(&top.media_type) {
+        Some(ManifestKind::Manifest) => (top, None, None),
+        Some(ManifestKind::Index) => {
+            let doc: IndexDoc = serde_json::from_slice(&top.bytes)
+                .map_err(|e| bad(format!("index {}: {e}", top.digest)))?;
+            let chosen = doc
+                .manifests
+                .iter()
+                .find(|m| {
+                    m.platform.as_ref().is_some_and(|p| {
+                        opts.platform
+                            .matches(&p.os, &p.architecture, p.variant.as_deref())
+                    }) && media::manifest_kind(&m.media_type) == Some(ManifestKind::Manifest)
+                })
+                .ok_or_else(|| StoreError::NoPlatform {
+                    reference: refname.clone(),
+                    platform: opts.platform.to_string(),
+                    available: doc
+                        .manifests
+                        .iter()
+                        .filter_map(|m| m.platform.as_ref())
+                        .map(|p| match &p.variant {
+                            Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
+                            None => format!("{}/{}", p.os, p.architecture),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?;
+            let m = client
+                .manifest(reference, &chosen.digest.to_string())
+                .await
+                .map_err(registry(reference))?;
+            if media::manifest_kind(&m.media_type) != Some(ManifestKind::Manifest) {
+                return Err(bad(format!("{} is not an image manifest", chosen.digest)));
+            }
+            (m, Some(top.digest.clone()), Some(top.bytes.clone()))
+        }
+        None => return Err(bad(format!("unsupported manifest type {}", top.media_type))),
+    };
+    let doc: ManifestDoc = serde_json::from_slice(&manifest.bytes)
+        .map_err(|e| bad(format!("manifest {}: {e}", manifest.digest)))?;
+    let config_bytes = client
+        .blob_bytes(reference, &doc.config.digest, MAX_CONFIG_BYTES)
+        .await
+        .map_err(registry(reference))?;
+    let config: ConfigDoc = serde_json::from_slice(&config_bytes)
+        .map_err(|e| bad(format!("config {}: {e}", doc.config.digest)))?;
+    if config.rootfs.diff_ids.len() != doc.layers.len() {
+        return Err(bad(format!(
+            "manifest has {} layers but config lists {} diff_ids",
+            doc.layers.len(),
+            config.rootfs.diff_ids.len()
+        )));
+    }
+    let mut layers = Vec::new();
+    for (l, diff_id) in doc.layers.iter().zip(&config.rootfs.diff_ids) {
+        if media::layer_compression(&l.media_type).is_none() {
+            return Err(bad(format!(
+                "layer {} has unsupported media type {}",
+                l.digest, l.media_type
+            )));
+        }
+        layers.push(LayerRef {
+            digest: l.digest.clone(),
+            diff_id: diff_id.clone(),
+            size: l.size,
+            media_type: l.media_type.clone(),
+        });
+    }
+    progress.resolved(&manifest.digest, layers.len());
+    let resolve = t0.elapsed();
+
+    // Fetch and unpack the missing layers, several at a time.
+    let t_fetch = Instant::now();
+    let sem = Arc::new(tokio::sync::Semaphore::new(PARALLEL_LAYERS));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut present = 0;
+    let mut seen = std::collections::HashSet::new();
+    for l in &layers {
+        if !seen.insert(l.diff_id.clone()) {
+            continue; // the same layer twice in one image
+        }
+        if store.layer_dir(&l.diff_id).is_dir() {
+            present += 1;
+            progress.layer_done(&l.digest, true);
+            continue;
+        }
+        let (store, client, r, l, sem, progress, opts) = (
+            store.clone(),
+            client.clone(),
+            reference.clone(),
+            l.clone(),
+            sem.clone(),
+            progress.clone(),
+            opts.clone(),
+        );
+        tasks.spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            fetch_layer(&store, &client, &r, &l, &opts, progress.as_ref()).await
+        });
+    }
+    let mut fetched = Vec::new();
+    let mut first_err = None;
+    let mut last_byte = Duration::ZERO;
+    while let Some(res) = tasks.join_next().await {
+        match res {
+            Ok(Ok(done)) => {
+                last_byte = last_byte.max(done.last_byte_at.duration_since(t_fetch));
+                fetched.push(done);
+            }
+            Ok(Err(e)) => {
+                if first_err.is_none() {
+                    first_err = Some(e);
+                    // Stop the other layers; their temp dirs are removed by
+                    // their own error paths or by the next store open.
+                    tasks.abort_all();
+                }
+            }
+            Err(join) if join.is_cancelled() => {}
+            Err(join) => {
+                first_err.get_or_insert(StoreError::BadImage {
+                    reference: refname.clone(),
+                    detail: format!("layer task failed: {join}"),
+                });
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        for f in &fetched {
+            let _ = remove_any(&f.tmp);
+        }
+        return Err(e);
+    }
+    let fetch_all = t_fetch.elapsed();
+
+    // Commit: make the data durable, then rename layers into place and
+    // record the image under the lock (so GC cannot interleave).
+    let t_commit = Instant::now();
+    if opts.durable && !fetched.is_empty() {
+        let root = std::fs::File::open(store.root()).map_err(io("open", store.root()))?;
+        // SAFETY: syncfs on a descriptor we own.
+        if unsafe { libc::syncfs(root.as_raw_fd()) } != 0 {
+            return Err(io("syncfs", store.root())(std::io::Error::last_os_error()));
+        }
+    }
+    if let (Some(d), Some(b)) = (&index_digest, &index_bytes) {
+        store.put_blob(d, b)?;
+    }
+    store.put_blob(&manifest.digest, &manifest.bytes)?;
+    store.put_blob(&doc.config.digest, &config_bytes)?;
+    let now = now_ms();
+    let record = ImageRecord {
+        manifest: manifest.digest.clone(),
+        media_type: manifest.media_type.clone(),
+        index: index_digest,
+        repository: reference.name(),
+        platform: opts.platform.to_string(),
+        config: doc.config.digest.clone(),
+        layers: layers.clone(),
+        pulled_at: now / 1000,
+        last_used_ms: now,
+    };
+    let bytes_downloaded = fetched.iter().map(|f| f.compressed).sum();
+    let layers_fetched = fetched.len();
+    {
+        let lock = store.lock()?;
+        let mut ix = store.read_index()?;
+        for f in fetched {
+            let dest = store.layer_dir(&f.diff_id);
+            match std::fs::rename(&f.tmp, &dest) {
+                Ok(()) => {}
+                // Another pull committed the same layer first; theirs is
+                // just as verified as ours.
+                Err(_) if dest.is_dir() => {
+                    let _ = remove_any(&f.tmp);
+                }
+                Err(e) => return Err(io("rename", &dest)(e)),
+            }
+            ix.layers.insert(
+                f.diff_id.clone(),
+                LayerRecord {
+                    bytes: f.stats.bytes,
+                    entries: f.stats.entries,
+                },
+            );
+        }
+        for l in &layers {
+            if !store.layer_dir(&l.diff_id).is_dir() {
+                return Err(bad(format!(
+                    "layer {} was removed by a concurrent gc; pull again",
+                    l.diff_id
+                )));
+            }
+            if !ix.layers.contains_key(&l.diff_id) {
+                // Present on disk from an earlier crash between rename and
+                // index write: account for it now.
+                let (bytes, entries) = crate::unpack::tree_size(&store.layer_dir(&l.diff_id))
+                    .map_err(io("measure", store.layer_dir(&l.diff_id)))?;
+                ix.layers.insert(l.diff_id.clone(), LayerRecord { bytes, entries });
+            }
+        }
+        ix.images.insert(record.manifest.clone(), record.clone());
+        ix.refs.insert(refname.clone(), record.manifest.clone());
+        store.write_index(&lock, &ix)?;
+    }
+    let commit = t_commit.elapsed();
+    Ok(PullReport {
+        image: record,
+        timings: PullTimings {
+            resolve,
+            fetch: last_byte.min(fetch_all),
+            unpack: fetch_all.saturating_sub(last_byte),
+            commit,
+            total: t0.elapsed(),
+        },
+        bytes_downloaded,
+        layers_present: present,
+        layers_fetched,
+    })
+}
+
+struct FetchedLayer {
+    diff_id: Digest,
+    tmp: std::path::PathBuf,
+    stats: UnpackStats,
+    compressed: u64,
+    last_byte_at: Instant,
+}
+
+/// One layer with retries: each attempt starts over in a fresh temp dir.
+async fn fetch_layer(
+    store: &Store,
+    client: &RegistryClient,
+    reference: &Reference,
+    layer: &LayerRef,
+    opts: &PullOptions,
+    progress: &dyn PullProgress,
+) -> Result<FetchedLayer, StoreError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        progress.layer_started(&layer.digest, layer.size);
+        match fetch_layer_once(store, client, reference, layer, progress).await {
+            Ok(f) => {
+                progress.layer_done(&layer.digest, false);
+                return Ok(f);
+            }
+            Err((e, retryable)) if retryable && attempt < opts.layer_attempts.max(1) => {
+                tracing::warn!(layer = %layer.digest, error = %e, attempt, "layer download failed; retrying");
+                progress.layer_retry(&layer.digest, &e.to_string());
+                tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+enum Fed {
+    Chunk(Bytes),
+    Failed(String),
+}
+
+async fn fetch_layer_once(
+    store: &Store,
+    client: &RegistryClient,
+    reference: &Reference,
+    layer: &LayerRef,
+    progress: &dyn PullProgress,
+) -> Result<FetchedLayer, (StoreError, bool)> {
+    let refname = reference.to_string();
+    let mut stream = client
+        .blob(reference, &layer.digest)
+        .await
+        .map_err(|e| {
+            let r = e.is_retryable();
+            (registry(reference)(e), r)
+        })?;
+    if let Some(n) = stream.content_length() {
+        if n != layer.size {
+            return Err((
+                StoreError::SizeMismatch {
+                    reference: refname,
+                    digest: layer.digest.clone(),
+                    expected: layer.size,
+                    actual: n,
+                },
+                false,
+            ));
+        }
+    }
+    let tmp = store.tmp_path("layer");
+    std::fs::create_dir(&tmp).map_err(|e| (io("create", &tmp)(e), false))?;
+    let compression = media::layer_compression(&layer.media_type).unwrap_or(Compression::None);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Fed>(32);
+    let worker = {
+        let (tmp, digest, diff_id) = (tmp.clone(), layer.digest.clone(), layer.diff_id.clone());
+        tokio::task::spawn_blocking(move || extract(rx, compression, digest, diff_id, &tmp))
+    };
+    // Feed the extraction thread; stop early if it has stopped reading.
+    let mut net_err: Option<RegistryError> = None;
+    let mut received = 0u64;
+    loop {
+        match stream.next_chunk().await {
+            Ok(Some(c)) => {
+                received += c.len() as u64;
+                progress.layer_bytes(&layer.digest, c.len() as u64);
+                if received > layer.size {
+                    // More than the descriptor says: stop reading now rather
+                    // than let a hostile server fill the disk.
+                    let _ = tx.send(Fed::Failed("blob longer than its descriptor".into())).await;
+                    break;
+                }
+                if tx.send(Fed::Chunk(c)).await.is_err() {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                let _ = tx.send(Fed::Failed(e.to_string())).await;
+                net_err = Some(e);
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let last_byte_at = Instant::now();
+    let outcome = worker.await;
+    let cleanup = |e: StoreError, retryable: bool| {
+        let _ = remove_any(&tmp);
+        (e, retryable)
+    };
+    if let Some(e) = net_err {
+        let r = e.is_retryable();
+        return Err(cleanup(registry(reference)(e), r));
+    }
+    if received > layer.size {
+        return Err(cleanup(
+            StoreError::SizeMismatch {
+                reference: refname,
+                digest: layer.digest.clone(),
+                expected: layer.size,
+                actual: received,
+            },
+            false,
+        ));
+    }
+    let ex = match outcome {
+        Ok(r) => r,
+        Err(join) => {
+            return Err(cleanup(
+                StoreError::BadImage {
+                    reference: refname,
+                    detail: format!("extraction of {} failed: {join}", layer.digest),
+                },
+                false,
+            ));
+        }
+    };
+    // The compressed digest is the first thing to check: if it is wrong,
+    // any tar or inflate error is just a symptom of the wrong bytes.
+    match ex.compressed {
+        Err(actual) => {
+            return Err(cleanup(
+                StoreError::DigestMismatch {
+                    reference: refname,
+                    digest: layer.digest.clone(),
+                    actual,
+                },
+                false,
+            ));
+        }
+        Ok(_) if ex.compressed_len != layer.size => {
+            return Err(cleanup(
+                StoreError::SizeMismatch {
+                    reference: refname,
+                    digest: layer.digest.clone(),
+                    expected: layer.size,
+                    actual: ex.compressed_len,
+                },
+                false,
+            ));
+        }
+        Ok(_) => {}
+    }
+    let stats = match ex.unpack {
+        Ok(s) => s,
+        Err(e) => {
+            return Err(cleanup(
+                StoreError::Unpack {
+                    reference: refname,
+                    digest: layer.digest.clone(),
+                    source: e,
+                },
+                false,
+            ));
+        }
+    };
+    if let Some(Err(actual)) = ex.diff_id {
+        return Err(cleanup(
+            StoreError::DiffIdMismatch {
+                reference: refname,
+                digest: layer.digest.clone(),
+                diff_id: layer.diff_id.clone(),
+                actual,
+            },
+            false,
+        ));
+    }
+    Ok(FetchedLayer {
+        diff_id: layer.diff_id.clone(),
+        tmp,
+        stats,
+        compressed: ex.compressed_len,
+        last_byte_at,
+    })
+}
+
+/// Reads chunks from the network task, hashing every byte it hands out.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Fed>,
+    cur: Bytes,
+    verifier: Verifier,
+    done: bool,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            if self.done {
+                return Ok(0);
+            }
+            match self.rx.blocking_recv() {
+                Some(Fed::Chunk(c)) => self.cur = c,
+                Some(Fed::Failed(msg)) => {
+                    self.done = true;
+                    return Err(std::io::Error::other(format!("download failed: {msg}")));
+                }
+                None => {
+                    self.done = true;
+                    return Ok(0);
+                }
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        let chunk = self.cur.split_to(n);
+        self.verifier.update(&chunk);
+        buf[..n].copy_from_slice(&chunk);
+        Ok(n)
+    }
+}
+
+/// Hashes the decompressed stream (the diff_id).
+struct HashingReader<R> {
+    inner: R,
+    verifier: Verifier,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.verifier.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+struct Extracted {
+    compressed: Result<Digest, Digest>,
+    compressed_len: u64,
+    /// `None` when the stream could not be fully decompressed.
+    diff_id: Option<Result<Digest, Digest>>,
+    unpack: Result<UnpackStats, UnpackError>,
+}
+
+fn extract(
+    rx: tokio::sync::mpsc::Receiver<Fed>,
+    compression: Compression,
+    digest: Digest,
+    diff_id: Digest,
+    dest: &std::path::Path,
+) -> Extracted {
+    let mut cr = ChannelReader {
+        rx,
+        cur: Bytes::new(),
+        verifier: Verifier::new(digest),
+        done: false,
+    };
+    let (unpack, diff) = {
+        let decoder: Box<dyn Read + '_> = match compression {
+            Compression::None => Box::new(&mut cr),
+            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(
+                std::io::BufReader::with_capacity(256 * 1024, &mut cr),
+            )),
+            Compression::Zstd => match zstd::stream::read::Decoder::new(&mut cr) {
+                Ok(d) => Box::new(d),
+                Err(e) => {
+                    return Extracted {
+                        compressed: Err(Digest::sha256_of(b"")),
+                        compressed_len: 0,
+                        diff_id: None,
+                        unpack: Err(UnpackError::Read(e)),
+                    };
+                }
+            },
+        };
+        let mut hr = HashingReader {
+            inner: decoder,
+            verifier: Verifier::new(diff_id),
+        };
+        let unpack = unpack::unpack(&mut hr, dest, Mode::Overlay);
+        // The tar ends before the stream does (end-of-archive blocks,
+        // padding): read to the end so both digests cover every byte.
+        let drained = std::io::copy(&mut hr, &mut std::io::sink());
+        let diff = match (&unpack, drained) {
+            (Ok(_), Ok(_)) => Some(hr.verifier.finish()),
+            _ => None,
+        };
+        (unpack, diff)
+    };
+    // Whatever happened above, hash the rest of the compressed stream so a
+    // corrupt download is reported as a digest mismatch, not a tar error.
+    let _ = std::io::copy(&mut cr, &mut std::io::sink());
+    let compressed_len = cr.verifier.len();
+    Extracted {
+        compressed: cr.verifier.finish(),
+        compressed_len,
+        diff_id: diff,
+        unpack,
+    }
+}

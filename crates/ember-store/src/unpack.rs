@@ -1,0 +1,610 @@
+//! Safe extraction of layer tars.
+//!
+//! Two modes share one entry walker:
+//!
+//! * [`Mode::Overlay`] unpacks one layer into its own empty directory,
+//!   turning OCI whiteouts into overlayfs's native format (a `0:0` character
+//!   device for a deleted name, `trusted.overlay.opaque=y` on an opaque
+//!   directory), so the runtime can stack layer directories with overlayfs
+//!   and never copy a file.
+//! * [`Mode::Flatten`] applies layers one after another onto one directory,
+//!   carrying out whiteouts by deleting, as `umoci unpack` does.
+//!
+//! Layer tars are outside input. Every entry's path is resolved inside the
+//! destination: `..` components are refused, leading `/` is stripped, no
+//! existing symlink is ever followed while creating entries (each parent is
+//! checked with `lstat`), hardlinks must point at a file inside the tree,
+//! and device nodes are not created. Nothing is written outside `dest`.
+
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+/// How a layer is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Into an empty directory of its own, whiteouts in overlayfs format.
+    Overlay,
+    /// Onto the union of the layers below it, whiteouts applied.
+    Flatten,
+}
+
+/// Why a layer could not be unpacked.
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    /// Reading the tar stream failed (which includes a failed download or a
+    /// corrupt compressed stream feeding it).
+    #[error("reading layer tar: {0}")]
+    Read(#[source] io::Error),
+    /// The tar names a path that would leave the layer directory.
+    #[error("hostile layer: entry {path:?} {why}")]
+    Hostile {
+        /// The path as written in the tar.
+        path: String,
+        /// What it tried.
+        why: &'static str,
+    },
+    /// A filesystem operation failed.
+    #[error("unpacking {path}: {op}: {source}")]
+    Io {
+        /// The path being written.
+        path: PathBuf,
+        /// The operation.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What an unpack wrote.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct UnpackStats {
+    /// Entries processed.
+    pub entries: u64,
+    /// Bytes of file contents written.
+    pub bytes: u64,
+    /// Device nodes skipped (never created from an image).
+    pub devices_skipped: u64,
+}
+
+fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> UnpackError + use<'a> {
+    move |source| UnpackError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
+/// Metadata applied to directories after all entries, because creating
+/// children changes a directory's mtime and a read-only mode would stop us
+/// creating them.
+struct DirMeta {
+    path: PathBuf,
+    mode: u32,
+    uid: u64,
+    gid: u64,
+    mtime: i64,
+}
+
+/// Unpacks the tar read from `reader` into `dest` (which must exist).
+pub fn unpack<R: Read>(reader: R, dest: &Path, mode: Mode) -> Result<UnpackStats, UnpackError> {
+    let mut archive = tar::Archive::new(reader);
+    let mut u = Unpacker {
+        dest: dest.to_path_buf(),
+        mode,
+        known_dirs: HashSet::new(),
+        this_layer: HashSet::new(),
+        dirs: Vec::new(),
+        stats: UnpackStats::default(),
+    };
+    let entries = archive.entries().map_err(UnpackError::Read)?;
+    for entry in entries {
+        let entry = entry.map_err(UnpackError::Read)?;
+        u.entry(entry)?;
+    }
+    // Deepest first, so a parent's mtime is set after its children's.
+    u.dirs.sort_by(|a, b| b.path.components().count().cmp(&a.path.components().count()));
+    for d in std::mem::take(&mut u.dirs) {
+        u.apply_owner_mode(&d.path, d.uid, d.gid, d.mode, false)?;
+        set_mtime(&d.path, d.mtime).map_err(io_err(&d.path, "set mtime"))?;
+    }
+    Ok(u.stats)
+}
+
+struct Unpacker {
+    dest: PathBuf,
+    mode: Mode,
+    /// Relative directories known to be real directories (not symlinks)
+    /// created or checked during this unpack; saves an lstat per component.
+    known_dirs: HashSet<PathBuf>,
+    /// Relative paths written by this layer (Flatten mode: an opaque
+    /// directory keeps these and drops what lower layers put there).
+    this_layer: HashSet<PathBuf>,
+    dirs: Vec<DirMeta>,
+    stats: UnpackStats,
+}
+
+/// A tar path made relative and free of `.`/`..`; `None` for the root.
+fn clean_path(raw: &Path) -> Result<Option<PathBuf>, UnpackError> {
+    let mut out = PathBuf::new();
+    for c in raw.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::RootDir | Component::CurDir => {}
+            Component::ParentDir => {
+                return Err(UnpackError::Hostile {
+                    path: raw.display().to_string(),
+                    why: "contains '..'",
+                });
+            }
+            Component::Prefix(_) => {
+                return Err(UnpackError::Hostile {
+                    path: raw.display().to_string(),
+                    why: "has a path prefix",
+                });
+            }
+        }
+    }
+    Ok(if out.as_os_str().is_empty() {
+        None
+    } else {
+        Some(out)
+    })
+}
+
+impl Unpacker {
+    fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), UnpackError> {
+        self.stats.entries += 1;
+        let raw_path = entry.path().map_err(UnpackError::Read)?.into_owned();
+        let header = entry.header();
+        let kind = header.entry_type();
+        let mode = header.mode().unwrap_or(0o644) & 0o7777;
+        let mut uid = header.uid().unwrap_or(0);
+        let mut gid = header.gid().unwrap_or(0);
+        let mut mtime = header.mtime().unwrap_or(0) as i64;
+        let link = entry.link_name().map_err(UnpackError::Read)?.map(|l| l.into_owned());
+        let (dev_major, dev_minor) = (
+            header.device_major().ok().flatten().unwrap_or(0),
+            header.device_minor().ok().flatten().unwrap_or(0),
+        );
+        let mut xattrs: Vec<(String, Vec<u8>)> = Vec::new();
+        if let Some(pax) = entry.pax_extensions().map_err(UnpackError::Read)? {
+            for ext in pax {
+                let ext = ext.map_err(UnpackError::Read)?;
+                let Ok(key) = ext.key() else { continue };
+                match key {
+                    "uid" => uid = ext.value().ok().and_then(|v| v.parse().ok()).unwrap_or(uid),
+                    "gid" => gid = ext.value().ok().and_then(|v| v.parse().ok()).unwrap_or(gid),
+                    "mtime" => {
+                        mtime = ext
+                            .value()
+                            .ok()
+                            .and_then(|v| v.split('.').next().and_then(|s| s.parse().ok()))
+                            .unwrap_or(mtime)
+                    }
+                    k => {
+                        if let Some(name) = k.strip_prefix("SCHILY.xattr.") {
+                            xattrs.push((name.to_string(), ext.value_bytes().to_vec()));
+                        }
+                    }
+                }
+            }
+        }
+        if matches!(kind, tar::EntryType::XGlobalHeader | tar::EntryType::XHeader) {
+            return Ok(());
+        }
+        let Some(rel) = clean_path(&raw_path)? else {
+            // The root directory itself: only its metadata could change.
+            if kind.is_dir() && self.mode == Mode::Overlay {
+                self.dirs.push(DirMeta {
+                    path: self.dest.clone(),
+                    mode,
+                    uid,
+                    gid,
+                    mtime,
+                });
+            }
+            return Ok(());
+        };
+        let name = rel.file_name().map(|n| n.as_bytes().to_vec()).unwrap_or_default();
+        let parent_rel = rel.parent().map(Path::to_path_buf).unwrap_or_default();
+
+        // Whiteouts.
+        if name == b".wh..wh..opq" {
+            let dir = self.ensure_dir(&parent_rel)?;
+            match self.mode {
+                Mode::Overlay => set_xattr(&dir, "trusted.overlay.opaque", b"y")
+                    .map_err(io_err(&dir, "mark opaque"))?,
+                Mode::Flatten => self.clear_lower_children(&parent_rel, &dir)?,
+            }
+            return Ok(());
+        }
+        if let Some(hidden) = name.strip_prefix(b".wh.") {
+            let dir = self.ensure_dir(&parent_rel)?;
+            let target_rel = parent_rel.join(std::ffi::OsStr::from_bytes(hidden));
+            if clean_path(&target_rel)? != Some(target_rel.clone()) || hidden.is_empty() {
+                return Err(UnpackError::Hostile {
+                    path: raw_path.display().to_string(),
+                    why: "is a malformed whiteout",
+                });
+            }
+            let target = dir.join(std::ffi::OsStr::from_bytes(hidden));
+            self.remove_existing(&target_rel, &target)?;
+            if self.mode == Mode::Overlay {
+                mknod(&target, libc::S_IFCHR, 0).map_err(io_err(&target, "create whiteout"))?;
+                self.this_layer.insert(target_rel);
+            }
+            return Ok(());
+        }
+
+        let parent = self.ensure_dir(&parent_rel)?;
+        let path = parent.join(rel.file_name().unwrap_or_default());
+        self.this_layer.insert(rel.clone());
+
+        match kind {
+            tar::EntryType::Directory => {
+                match fs::symlink_metadata(&path) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(_) => {
+                        self.remove_existing(&rel, &path)?;
+                        mkdir(&path)?;
+                    }
+                    Err(_) => mkdir(&path)?,
+                }
+                self.known_dirs.insert(rel.clone());
+                self.dirs.push(DirMeta {
+                    path,
+                    mode,
+                    uid,
+                    gid,
+                    mtime,
+                });
+                self.apply_xattrs(&self.dest.join(&rel), &xattrs)?;
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                self.remove_existing(&rel, &path)?;
+                let mut f = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&path)
+                    .map_err(io_err(&path, "create file"))?;
+                let n = copy_entry(&mut entry, &mut f).map_err(|e| {
+                    // A read error is the stream's fault (download, inflate);
+                    // a write error the disk's.
+                    if e.kind() == io::ErrorKind::Other && e.to_string().starts_with("write") {
+                        UnpackError::Io {
+                            path: path.clone(),
+                            op: "write",
+                            source: e,
+                        }
+                    } else {
+                        UnpackError::Read(e)
+                    }
+                })?;
+                self.stats.bytes += n;
+                drop(f);
+                self.apply_owner_mode(&path, uid, gid, mode, false)?;
+                self.apply_xattrs(&path, &xattrs)?;
+                set_mtime(&path, mtime).map_err(io_err(&path, "set mtime"))?;
+            }
+            tar::EntryType::Symlink => {
+                let target = link.ok_or_else(|| UnpackError::Hostile {
+                    path: raw_path.display().to_string(),
+                    why: "is a symlink without a target",
+                })?;
+                self.remove_existing(&rel, &path)?;
+                // The target is stored verbatim: it is only ever resolved
+                // inside the container's root, never by us.
+                std::os::unix::fs::symlink(&target, &path)
+                    .map_err(io_err(&path, "create symlink"))?;
+                self.apply_owner_mode(&path, uid, gid, mode, true)?;
+                set_mtime(&path, mtime).map_err(io_err(&path, "set mtime"))?;
+            }
+            tar::EntryType::Link => {
+                let target_raw = link.ok_or_else(|| UnpackError::Hostile {
+                    path: raw_path.display().to_string(),
+                    why: "is a hardlink without a target",
+                })?;
+                let target_rel = clean_path(&target_raw)?.ok_or(UnpackError::Hostile {
+                    path: raw_path.display().to_string(),
+                    why: "is a hardlink to the root",
+                })?;
+                let target_parent = self.check_dir_chain(target_rel.parent())?;
+                let target = target_parent.join(target_rel.file_name().unwrap_or_default());
+                match fs::symlink_metadata(&target) {
+                    Ok(m) if m.file_type().is_file() => {}
+                    Ok(m) if m.file_type().is_symlink() => {
+                        return Err(UnpackError::Hostile {
+                            path: raw_path.display().to_string(),
+                            why: "is a hardlink to a symlink",
+                        });
+                    }
+                    Ok(_) => {
+                        return Err(UnpackError::Hostile {
+                            path: raw_path.display().to_string(),
+                            why: "is a hardlink to a directory or special file",
+                        });
+                    }
+                    Err(_) => {
+                        return Err(UnpackError::Hostile {
+                            path: raw_path.display().to_string(),
+                            why: "is a hardlink to a file that is not in the layer",
+                        });
+                    }
+                }
+                if target == path {
+                    return Ok(());
+                }
+                self.remove_existing(&rel, &path)?;
+                fs::hard_link(&target, &path).map_err(io_err(&path, "create hardlink"))?;
+            }
+            tar::EntryType::Fifo => {
+                self.remove_existing(&rel, &path)?;
+                mknod(&path, libc::S_IFIFO | (mode & 0o777), 0)
+                    .map_err(io_err(&path, "create fifo"))?;
+                self.apply_owner_mode(&path, uid, gid, mode, false)?;
+                set_mtime(&path, mtime).map_err(io_err(&path, "set mtime"))?;
+            }
+            tar::EntryType::Char | tar::EntryType::Block => {
+                // An image must not be able to hand a container a host device;
+                // runtimes create /dev themselves.
+                let _ = (dev_major, dev_minor);
+                tracing::debug!(path = %raw_path.display(), "skipping device node");
+                self.stats.devices_skipped += 1;
+            }
+            other => {
+                tracing::debug!(path = %raw_path.display(), kind = ?other, "skipping unsupported entry type");
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes sure every component of `rel` is a real directory inside dest
+    /// (creating missing ones), and returns its absolute path.
+    fn ensure_dir(&mut self, rel: &Path) -> Result<PathBuf, UnpackError> {
+        if rel.as_os_str().is_empty() || self.known_dirs.contains(rel) {
+            return Ok(self.dest.join(rel));
+        }
+        let mut cur_rel = PathBuf::new();
+        for c in rel.components() {
+            cur_rel.push(c);
+            if self.known_dirs.contains(&cur_rel) {
+                continue;
+            }
+            let abs = self.dest.join(&cur_rel);
+            match fs::symlink_metadata(&abs) {
+                Ok(m) if m.is_dir() => {}
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(UnpackError::Hostile {
+                        path: rel.display().to_string(),
+                        why: "passes through a symlink",
+                    });
+                }
+                Ok(_) => {
+                    return Err(UnpackError::Hostile {
+                        path: rel.display().to_string(),
+                        why: "passes through a non-directory",
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    mkdir(&abs)?;
+                    // Implicit parents get the conventional 0755 root:root.
+                    fs::set_permissions(&abs, fs::Permissions::from_mode(0o755))
+                        .map_err(io_err(&abs, "chmod"))?;
+                }
+                Err(e) => return Err(io_err(&abs, "stat")(e)),
+            }
+            self.known_dirs.insert(cur_rel.clone());
+        }
+        Ok(self.dest.join(rel))
+    }
+
+    /// Like `ensure_dir` but never creates: for hardlink targets.
+    fn check_dir_chain(&mut self, rel: Option<&Path>) -> Result<PathBuf, UnpackError> {
+        let rel = rel.unwrap_or(Path::new(""));
+        let mut cur_rel = PathBuf::new();
+        for c in rel.components() {
+            cur_rel.push(c);
+            if self.known_dirs.contains(&cur_rel) {
+                continue;
+            }
+            let abs = self.dest.join(&cur_rel);
+            match fs::symlink_metadata(&abs) {
+                Ok(m) if m.is_dir() => {
+                    self.known_dirs.insert(cur_rel.clone());
+                }
+                _ => {
+                    return Err(UnpackError::Hostile {
+                        path: rel.display().to_string(),
+                        why: "is a hardlink whose target's directory is a symlink or missing",
+                    });
+                }
+            }
+        }
+        Ok(self.dest.join(rel))
+    }
+
+    /// Removes whatever is at `path` before an entry replaces it. A
+    /// directory stays if the new entry is a directory too (handled by the
+    /// caller); otherwise the whole subtree goes.
+    fn remove_existing(&mut self, rel: &Path, path: &Path) -> Result<(), UnpackError> {
+        match fs::symlink_metadata(path) {
+            Ok(m) if m.is_dir() => {
+                fs::remove_dir_all(path).map_err(io_err(path, "remove directory"))?;
+                // Cached knowledge of directories below it is now stale.
+                self.known_dirs.retain(|d| !d.starts_with(rel));
+            }
+            Ok(_) => fs::remove_file(path).map_err(io_err(path, "remove"))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(path, "stat")(e)),
+        }
+        Ok(())
+    }
+
+    /// Flatten mode's opaque directory: drop children that lower layers put
+    /// there, keep what this layer already wrote.
+    fn clear_lower_children(&mut self, rel: &Path, dir: &Path) -> Result<(), UnpackError> {
+        let rd = fs::read_dir(dir).map_err(io_err(dir, "read directory"))?;
+        for e in rd {
+            let e = e.map_err(io_err(dir, "read directory"))?;
+            let child_rel = rel.join(e.file_name());
+            if !self.this_layer.contains(&child_rel) {
+                self.remove_existing(&child_rel, &e.path())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_owner_mode(
+        &self,
+        path: &Path,
+        uid: u64,
+        gid: u64,
+        mode: u32,
+        is_symlink: bool,
+    ) -> Result<(), UnpackError> {
+        let (uid, gid) = (u32::try_from(uid).ok(), u32::try_from(gid).ok());
+        std::os::unix::fs::lchown(path, uid, gid).map_err(io_err(path, "chown"))?;
+        if !is_symlink {
+            // After chown: chown clears setuid/setgid bits.
+            fs::set_permissions(path, fs::Permissions::from_mode(mode))
+                .map_err(io_err(path, "chmod"))?;
+        }
+        Ok(())
+    }
+
+    fn apply_xattrs(&self, path: &Path, xattrs: &[(String, Vec<u8>)]) -> Result<(), UnpackError> {
+        for (name, value) in xattrs {
+            // trusted.* would let a layer forge overlayfs metadata (opaque
+            // markers, redirects); security.* other than file capabilities
+            // belongs to the host's LSM.
+            let allowed = name.starts_with("user.") || name == "security.capability";
+            if !allowed {
+                tracing::debug!(path = %path.display(), xattr = %name, "skipping xattr");
+                continue;
+            }
+            if let Err(e) = set_xattr(path, name, value) {
+                // Filesystems without user xattrs are common; not fatal.
+                tracing::warn!(path = %path.display(), xattr = %name, error = %e, "could not set xattr");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Copies an entry's contents; distinguishes write errors by message so the
+/// caller can tell a full disk from a broken stream.
+fn copy_entry<R: Read, W: io::Write>(r: &mut R, w: &mut W) -> io::Result<u64> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        w.write_all(&buf[..n])
+            .map_err(|e| io::Error::other(format!("write: {e}")))?;
+        total += n as u64;
+    }
+}
+
+fn mkdir(path: &Path) -> Result<(), UnpackError> {
+    match fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(io_err(path, "create directory")(e)),
+    }
+}
+
+fn cstr(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
+}
+
+fn mknod(path: &Path, mode: u32, dev: u64) -> io::Result<()> {
+    let c = cstr(path)?;
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    let r = unsafe { libc::mknod(c.as_ptr(), mode, dev) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn set_mtime(path: &Path, mtime: i64) -> io::Result<()> {
+    let c = cstr(path)?;
+    let ts = libc::timespec {
+        tv_sec: mtime,
+        tv_nsec: 0,
+    };
+    let times = [ts, ts];
+    // SAFETY: valid path pointer and a two-element timespec array, as
+    // utimensat requires; AT_SYMLINK_NOFOLLOW keeps it off symlink targets.
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Sets an extended attribute on `path` itself (never a symlink target).
+pub(crate) fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
+    let c = cstr(path)?;
+    let n = CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "xattr name contains NUL"))?;
+    // SAFETY: valid NUL-terminated strings and a value slice with its length.
+    let r = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Total bytes of regular files under `dir` (each inode counted once) and
+/// the number of entries; the store's size accounting for a layer.
+pub fn tree_size(dir: &Path) -> io::Result<(u64, u64)> {
+    let mut seen = HashSet::new();
+    let mut bytes = 0;
+    let mut entries = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d)? {
+            let e = e?;
+            let m = e.metadata()?;
+            entries += 1;
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() && seen.insert(m.ino()) {
+                bytes += m.len();
+            }
+        }
+    }
+    Ok((bytes, entries))
+}

@@ -1,0 +1,61 @@
+//! `ember gc`.
+
+use crate::util::{human_bytes, parse_size};
+use anyhow::{Context, bail};
+use ember_store::Store;
+use std::path::Path;
+use std::process::ExitCode;
+
+/// Evict least-recently-used images when the store is over budget.
+///
+/// When unpacked layers take more than --max-bytes (the high watermark),
+/// whole images are removed, least recently pulled or run first, until usage
+/// is at or below --low (default 80% of --max-bytes). Images used by a
+/// running container are never removed. Without --max-bytes only
+/// unreferenced layers and blobs are removed.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Byte budget (high watermark), e.g. 20G.
+    #[arg(long, value_name = "SIZE")]
+    pub max_bytes: Option<String>,
+    /// Low watermark to evict down to (default: 80% of --max-bytes).
+    #[arg(long, value_name = "SIZE")]
+    pub low: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `ember gc`.
+pub fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
+    let high = match &args.max_bytes {
+        Some(s) => parse_size(s)?,
+        None => u64::MAX,
+    };
+    let low = match &args.low {
+        Some(s) => parse_size(s)?,
+        None if high == u64::MAX => u64::MAX,
+        None => high / 10 * 8,
+    };
+    if low > high {
+        bail!("--low ({low} bytes) must not exceed --max-bytes ({high} bytes)");
+    }
+    let store = Store::open(root).with_context(|| format!("opening store {}", root.display()))?;
+    let report = store.gc(high, low)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for i in &report.removed_images {
+            println!("evicted {i}");
+        }
+        println!(
+            "{} -> {} ({} images and {} layers removed, {} kept in use)",
+            human_bytes(report.bytes_before),
+            human_bytes(report.bytes_after),
+            report.removed_images.len(),
+            report.removed_layers,
+            report.kept_in_use
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

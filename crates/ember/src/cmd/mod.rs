@@ -1,0 +1,8 @@
+//! One module per subcommand.
+
+pub mod gc;
+pub mod image;
+pub mod images;
+pub mod pull;
+pub mod rmi;
+pub mod run;

@@ -1,0 +1,89 @@
+//! `ember pull`.
+
+use crate::progress::Progress;
+use crate::util::{RegistryArgs, human_bytes};
+use anyhow::Context;
+use ember_oci::{Platform, Reference};
+use ember_store::{PullOptions, PullReport, Store};
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// Pull an image into the store, verifying every blob.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "REF is any Docker reference: name, name:tag, name@sha256:..., \
+host:port/a/b:tag (docker.io/library is the default).\n\
+Plain HTTP is used for loopback registries and hosts given with --insecure-registry.")]
+pub struct Args {
+    /// Image reference.
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Print only the manifest digest.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Print timings as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Pulls `reference` with the given registry flags; shared with `ember run`.
+pub async fn pull_image(
+    root: &Path,
+    reference: &str,
+    registry: &RegistryArgs,
+    quiet: bool,
+) -> anyhow::Result<PullReport> {
+    let r: Reference = reference.parse()?;
+    let platform: Platform = registry.platform.parse()?;
+    let store = Store::open(root).with_context(|| format!("opening store {}", root.display()))?;
+    let client = registry.client()?;
+    let progress = Arc::new(Progress::new(quiet));
+    let opts = PullOptions {
+        platform,
+        ..Default::default()
+    };
+    let result = ember_store::pull(&store, &client, &r, &opts, progress.clone()).await;
+    progress.finish();
+    Ok(result?)
+}
+
+/// Runs `ember pull`.
+pub async fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
+    let report = pull_image(root, &args.reference, &args.registry, args.quiet || args.json).await?;
+    let t = &report.timings;
+    if args.json {
+        let v = serde_json::json!({
+            "reference": args.reference,
+            "manifest": report.image.manifest.to_string(),
+            "layers_fetched": report.layers_fetched,
+            "layers_present": report.layers_present,
+            "bytes_downloaded": report.bytes_downloaded,
+            "resolve_ms": t.resolve.as_secs_f64() * 1e3,
+            "fetch_ms": t.fetch.as_secs_f64() * 1e3,
+            "unpack_ms": t.unpack.as_secs_f64() * 1e3,
+            "commit_ms": t.commit.as_secs_f64() * 1e3,
+            "total_ms": t.total.as_secs_f64() * 1e3,
+        });
+        println!("{v}");
+    } else if args.quiet {
+        println!("{}", report.image.manifest);
+    } else {
+        eprintln!(
+            "pulled {} ({} layers fetched, {} present, {} downloaded) in {:.2}s \
+             [resolve {:.0} ms, fetch {:.0} ms, unpack tail {:.0} ms, commit {:.0} ms]",
+            args.reference,
+            report.layers_fetched,
+            report.layers_present,
+            human_bytes(report.bytes_downloaded),
+            t.total.as_secs_f64(),
+            t.resolve.as_secs_f64() * 1e3,
+            t.fetch.as_secs_f64() * 1e3,
+            t.unpack.as_secs_f64() * 1e3,
+            t.commit.as_secs_f64() * 1e3,
+        );
+        println!("{}", report.image.manifest);
+    }
+    Ok(ExitCode::SUCCESS)
+}
