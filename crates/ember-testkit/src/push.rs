@@ -23,10 +23,10 @@ impl Pusher {
     /// `HOST:PORT`, which means plain HTTP).
     pub fn new(base_url: &str) -> anyhow::Result<Self> {
         let base = parse_base_url(base_url)?;
-        let client = reqwest::Client::builder()
-            .build()
-            .context("building the HTTP client")?;
-        Ok(Self { client, base })
+        Ok(Self {
+            client: http_client()?,
+            base,
+        })
     }
 
     /// Whether `repo` already has the blob `digest` (`HEAD` answers 200).
@@ -37,6 +37,8 @@ impl Pusher {
             .head(url.clone())
             .send()
             .await
+            // The context names the URL; keep reqwest from repeating it.
+            .map_err(reqwest::Error::without_url)
             .with_context(|| format!("HEAD {url}"))?;
         match resp.status() {
             StatusCode::OK => Ok(true),
@@ -63,7 +65,12 @@ impl Pusher {
     /// Uploads the file at `path` as blob `digest` to `repo` unless it is
     /// already there, streaming it so large layers are never held in
     /// memory. The registry verifies the digest.
-    pub async fn push_blob_file(&self, repo: &str, path: &Path, digest: &str) -> anyhow::Result<()> {
+    pub async fn push_blob_file(
+        &self,
+        repo: &str,
+        path: &Path,
+        digest: &str,
+    ) -> anyhow::Result<()> {
         if self.blob_exists(repo, digest).await? {
             return Ok(());
         }
@@ -98,6 +105,7 @@ impl Pusher {
             .body(bytes)
             .send()
             .await
+            .map_err(reqwest::Error::without_url)
             .with_context(|| format!("PUT {url}"))?;
         let status = resp.status();
         if status != StatusCode::CREATED {
@@ -116,6 +124,7 @@ impl Pusher {
             .header(header::CONTENT_LENGTH, 0)
             .send()
             .await
+            .map_err(reqwest::Error::without_url)
             .with_context(|| format!("POST {start}"))?;
         let status = resp.status();
         if status != StatusCode::ACCEPTED {
@@ -137,6 +146,7 @@ impl Pusher {
             .body(body)
             .send()
             .await
+            .map_err(reqwest::Error::without_url)
             .with_context(|| format!("PUT {put}"))?;
         let status = resp.status();
         if status != StatusCode::CREATED {
@@ -153,14 +163,40 @@ impl Pusher {
     }
 }
 
+/// A reqwest client that works in this workspace. reqwest is built with
+/// `rustls-no-provider`, so building any client (even for plain HTTP)
+/// panics unless a process-wide rustls crypto provider is installed; this
+/// installs ring's if none is.
+pub fn http_client() -> anyhow::Result<reqwest::Client> {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race with another installer is fine: any provider will do.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    reqwest::Client::builder()
+        .build()
+        .context("building the HTTP client")
+}
+
 /// Pushes one blob held in memory; see [`Pusher::push_blob`].
-pub async fn push_blob(base_url: &str, repo: &str, bytes: Vec<u8>, digest: &str) -> anyhow::Result<()> {
+pub async fn push_blob(
+    base_url: &str,
+    repo: &str,
+    bytes: Vec<u8>,
+    digest: &str,
+) -> anyhow::Result<()> {
     Pusher::new(base_url)?.push_blob(repo, bytes, digest).await
 }
 
 /// Pushes one blob streamed from a file; see [`Pusher::push_blob_file`].
-pub async fn push_blob_file(base_url: &str, repo: &str, path: &Path, digest: &str) -> anyhow::Result<()> {
-    Pusher::new(base_url)?.push_blob_file(repo, path, digest).await
+pub async fn push_blob_file(
+    base_url: &str,
+    repo: &str,
+    path: &Path,
+    digest: &str,
+) -> anyhow::Result<()> {
+    Pusher::new(base_url)?
+        .push_blob_file(repo, path, digest)
+        .await
 }
 
 /// Pushes one manifest and returns its digest; see
@@ -254,7 +290,9 @@ mod tests {
             "http://127.0.0.1:5000/"
         );
         assert_eq!(
-            parse_base_url("http://127.0.0.1:5000/").expect("valid").as_str(),
+            parse_base_url("http://127.0.0.1:5000/")
+                .expect("valid")
+                .as_str(),
             "http://127.0.0.1:5000/"
         );
     }

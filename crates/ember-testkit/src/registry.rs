@@ -114,6 +114,28 @@ impl Registry {
             .count()
     }
 
+    /// Waits until [`Registry::count_requests`] reaches `at_least` or
+    /// `timeout` passes, and returns the count then. A request appears in
+    /// the log only after its response is complete, and a proxy may fetch
+    /// from its upstream in the background after its client is served, so
+    /// counts read right after a client finishes can be low.
+    pub fn wait_for_requests(
+        &self,
+        method: &str,
+        path_fragment: &str,
+        at_least: usize,
+        timeout: Duration,
+    ) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let count = self.count_requests(method, path_fragment);
+            if count >= at_least || Instant::now() >= deadline {
+                return count;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The registry's own log (its stderr), for diagnosing failures.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
@@ -128,8 +150,9 @@ impl Registry {
                 Launch::PortTaken(err) => last_err = Some(err),
             }
         }
-        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no attempt made")))
-            .context(format!("starting {REGISTRY_BIN}: no free port after {PORT_ATTEMPTS} attempts"))
+        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no attempt made"))).context(format!(
+            "starting {REGISTRY_BIN}: no free port after {PORT_ATTEMPTS} attempts"
+        ))
     }
 
     fn launch_on(port: u16, upstream: Option<&str>) -> anyhow::Result<Launch> {
@@ -175,7 +198,10 @@ impl Registry {
         let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
         loop {
             if let Some(status) = self.child.try_wait().context("polling the registry")? {
-                bail!("{REGISTRY_BIN} on port {} exited early with {status}", self.port);
+                bail!(
+                    "{REGISTRY_BIN} on port {} exited early with {status}",
+                    self.port
+                );
             }
             if let Ok(200) = http_get_status(addr, "/v2/") {
                 return Ok(());
@@ -210,7 +236,10 @@ enum Launch {
 /// happens.
 fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
-    Ok(listener.local_addr().context("reading the bound address")?.port())
+    Ok(listener
+        .local_addr()
+        .context("reading the bound address")?
+        .port())
 }
 
 fn create_log(dir: &Path, name: &str) -> anyhow::Result<fs::File> {

@@ -1,0 +1,130 @@
+//! Shared helpers for the CLI's end-to-end tests.
+#![allow(dead_code)]
+
+use sha2::{Digest as _, Sha256};
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The `ember` binary under test.
+pub fn ember() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ember"))
+}
+
+/// Runs `ember --root ROOT ARGS...` and returns its output.
+pub fn run_ember(root: &Path, args: &[&str]) -> Output {
+    Command::new(ember())
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .output()
+        .expect("spawn ember")
+}
+
+/// Runs ember and panics with its stderr if it fails.
+pub fn ember_ok(root: &Path, args: &[&str]) -> String {
+    let out = run_ember(root, args);
+    assert!(
+        out.status.success(),
+        "ember {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command and panics with its stderr if it fails.
+pub fn sh_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What a tree comparison looks at for one path.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Entry {
+    kind: &'static str,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    /// sha256 of a file, target of a symlink.
+    content: String,
+}
+
+/// Paths, types, modes, owners, contents, symlink targets, and hardlink
+/// groups of a tree (mtimes are not compared).
+pub fn snapshot(root: &Path) -> (BTreeMap<String, Entry>, Vec<Vec<String>>) {
+    let mut out = BTreeMap::new();
+    let mut inodes: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir") {
+            let e = e.expect("dir entry");
+            let p = e.path();
+            let rel = p.strip_prefix(root).expect("prefix").to_string_lossy().into_owned();
+            let m = std::fs::symlink_metadata(&p).expect("lstat");
+            let ft = m.file_type();
+            let (kind, content) = if ft.is_dir() {
+                stack.push(p.clone());
+                ("dir", String::new())
+            } else if ft.is_symlink() {
+                ("symlink", std::fs::read_link(&p).expect("readlink").to_string_lossy().into_owned())
+            } else if ft.is_file() {
+                if m.nlink() > 1 {
+                    inodes.entry(m.ino()).or_default().push(rel.clone());
+                }
+                ("file", hex::encode(Sha256::digest(std::fs::read(&p).expect("read"))))
+            } else {
+                ("other", format!("{:o}", m.mode()))
+            };
+            out.insert(
+                rel,
+                Entry {
+                    kind,
+                    mode: if ft.is_symlink() { 0 } else { m.permissions().mode() & 0o7777 },
+                    uid: m.uid(),
+                    gid: m.gid(),
+                    content,
+                },
+            );
+        }
+    }
+    let mut groups: Vec<Vec<String>> = inodes
+        .into_values()
+        .filter(|v| v.len() > 1)
+        .map(|mut v| {
+            v.sort();
+            v
+        })
+        .collect();
+    groups.sort();
+    (out, groups)
+}
+
+/// Asserts two trees are the same file by file; lists the differences.
+pub fn assert_same_tree(ours: &Path, theirs: &Path, what: &str) {
+    let (a, ga) = snapshot(ours);
+    let (b, gb) = snapshot(theirs);
+    let mut diffs = Vec::new();
+    for k in a.keys().chain(b.keys().filter(|k| !a.contains_key(*k))) {
+        match (a.get(k), b.get(k)) {
+            (Some(x), Some(y)) if x == y => {}
+            (x, y) => diffs.push(format!("{k}: ember {x:?} vs umoci {y:?}")),
+        }
+    }
+    if ga != gb {
+        diffs.push(format!("hardlink groups: ember {ga:?} vs umoci {gb:?}"));
+    }
+    assert!(
+        diffs.is_empty(),
+        "{what}: {} differences, first ones:\n{}",
+        diffs.len(),
+        diffs.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
+    );
+    assert!(!a.is_empty(), "{what}: empty tree");
+}
