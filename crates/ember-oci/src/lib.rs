@@ -24,4 +24,4 @@ mod reference;
 
 pub use digest::{Digest, DigestError, Verifier};
 pub use platform::{Platform, PlatformError};
-pub use reference::{Reference, ReferenceError, DOCKER_HUB, DOCKER_HUB_API};
+pub use reference::{DOCKER_HUB, DOCKER_HUB_API, Reference, ReferenceError};

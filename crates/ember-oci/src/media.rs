@@ -63,9 +63,7 @@ pub fn layer_compression(media_type: &str) -> Option<Compression> {
         | "application/vnd.docker.image.rootfs.diff.tar.gzip"
         | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Some(Compression::Gzip),
         "application/vnd.oci.image.layer.v1.tar+zstd"
-        | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => {
-            Some(Compression::Zstd)
-        }
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => Some(Compression::Zstd),
         _ => None,
     }
 }
@@ -76,7 +74,10 @@ mod tests {
 
     #[test]
     fn classifies() {
-        assert_eq!(manifest_kind(DOCKER_MANIFEST_LIST), Some(ManifestKind::Index));
+        assert_eq!(
+            manifest_kind(DOCKER_MANIFEST_LIST),
+            Some(ManifestKind::Index)
+        );
         assert_eq!(manifest_kind(OCI_MANIFEST), Some(ManifestKind::Manifest));
         assert_eq!(
             manifest_kind("application/vnd.docker.distribution.manifest.v1+prettyjws"),

@@ -18,7 +18,9 @@ pub enum ReferenceError {
     #[error("invalid reference: empty")]
     Empty,
     /// A repository path component outside `[a-z0-9]+([._]|__|-+)[a-z0-9]+`.
-    #[error("invalid reference {reference:?}: repository path component {component:?} must be lowercase letters, digits and separators")]
+    #[error(
+        "invalid reference {reference:?}: repository path component {component:?} must be lowercase letters, digits and separators"
+    )]
     Component {
         /// The whole input.
         reference: String,
@@ -217,7 +219,8 @@ fn valid_tag(t: &str) -> bool {
     !b.is_empty()
         && b.len() <= 128
         && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b.iter().all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+        && b.iter()
+            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
 }
 
 impl FromStr for Reference {
@@ -373,7 +376,10 @@ mod tests {
         assert_eq!(p("localhost/app").registry(), "localhost");
         assert_eq!(p("[::1]:5000/app").registry(), "[::1]:5000");
         assert!(p("[::1]:5000/app").is_loopback_registry());
-        assert_eq!(p("my-registry.example.com/x__y/a.b-c").repository(), "x__y/a.b-c");
+        assert_eq!(
+            p("my-registry.example.com/x__y/a.b-c").repository(),
+            "x__y/a.b-c"
+        );
     }
 
     #[test]
@@ -405,7 +411,10 @@ mod tests {
             "a/../b",
             "-app",
         ] {
-            assert!(bad.parse::<Reference>().is_err(), "{bad:?} should be rejected");
+            assert!(
+                bad.parse::<Reference>().is_err(),
+                "{bad:?} should be rejected"
+            );
         }
         let long = "a/".repeat(130) + "a";
         assert!(long.parse::<Reference>().is_err());

@@ -424,9 +424,18 @@ impl RegistryClient {
     ) -> Result<FetchedManifest, RegistryError> {
         let path = format!("/v2/{}/manifests/{}", r.repository(), reference);
         let mut resp = self
-            .get(ep, r.repository(), &path, Some(media::MANIFEST_ACCEPT), what)
+            .get(
+                ep,
+                r.repository(),
+                &path,
+                Some(media::MANIFEST_ACCEPT),
+                what,
+            )
             .await?;
-        if resp.content_length().is_some_and(|n| n > MAX_MANIFEST_BYTES as u64) {
+        if resp
+            .content_length()
+            .is_some_and(|n| n > MAX_MANIFEST_BYTES as u64)
+        {
             return Err(RegistryError::Invalid {
                 what: what.to_string(),
                 detail: format!("manifest larger than {MAX_MANIFEST_BYTES} bytes"),
@@ -664,7 +673,9 @@ mod tests {
     #[test]
     fn error_bodies() {
         assert_eq!(
-            oci_error_detail(r#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}"#),
+            oci_error_detail(
+                r#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}"#
+            ),
             Some("MANIFEST_UNKNOWN: manifest unknown".into())
         );
         assert_eq!(oci_error_detail("<html>"), None);

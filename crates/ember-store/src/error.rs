@@ -39,7 +39,9 @@ pub enum StoreError {
         actual: Digest,
     },
     /// A layer's uncompressed content does not match the config's diff_id.
-    #[error("pulling {reference}: layer {digest}: uncompressed content does not match diff_id {diff_id} (got {actual})")]
+    #[error(
+        "pulling {reference}: layer {digest}: uncompressed content does not match diff_id {diff_id} (got {actual})"
+    )]
     DiffIdMismatch {
         /// The image being pulled.
         reference: String,
@@ -115,7 +117,10 @@ pub enum StoreError {
     Reference(#[from] ember_oci::ReferenceError),
 }
 
-pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> StoreError {
+pub(crate) fn io(
+    op: &'static str,
+    path: impl Into<PathBuf>,
+) -> impl FnOnce(std::io::Error) -> StoreError {
     let path = path.into();
     move |source| StoreError::Io { op, path, source }
 }

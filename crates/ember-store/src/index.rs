@@ -79,6 +79,12 @@ pub struct LayerRecord {
     pub bytes: u64,
     /// Entries in the layer tar.
     pub entries: u64,
+    /// Set when the layer was committed without a `syncfs`: the boot id of
+    /// the kernel that wrote it. If the machine has rebooted since (a power
+    /// loss could have dropped unwritten data), the layer is discarded on
+    /// the next store open and pulled again when needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsynced_boot: Option<String>,
 }
 
 impl Index {

@@ -101,6 +101,13 @@ struct UserRecord {
     pid: u32,
 }
 
+/// This kernel boot's id, which changes on every reboot.
+pub(crate) fn boot_id() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -126,7 +133,51 @@ impl Store {
         }
         let store = Store { root };
         store.clean_tmp()?;
+        store.drop_unsynced_from_earlier_boots()?;
         Ok(store)
+    }
+
+    /// Layers committed without a sync by a kernel that is no longer
+    /// running may have lost data in a power cut: forget and delete them.
+    /// Images that used them stay listed; their next pull or run fetches
+    /// the missing layers again (see [`Store::missing_layers`]).
+    fn drop_unsynced_from_earlier_boots(&self) -> Result<(), StoreError> {
+        let Some(boot) = boot_id() else {
+            return Ok(());
+        };
+        let stale = |ix: &Index| {
+            ix.layers
+                .iter()
+                .filter(|(_, l)| l.unsynced_boot.as_ref().is_some_and(|b| b != &boot))
+                .map(|(d, _)| d.clone())
+                .collect::<Vec<_>>()
+        };
+        if stale(&self.read_index()?).is_empty() {
+            return Ok(());
+        }
+        let lock = self.lock()?;
+        let mut ix = self.read_index()?;
+        let gone = stale(&ix);
+        for d in &gone {
+            tracing::warn!(layer = %d, "layer was not synced before a reboot; discarding it");
+            ix.layers.remove(d);
+        }
+        self.write_index(&lock, &ix)?;
+        drop(lock);
+        self.delete_layers(gone.iter().map(|d| self.layer_dir(d)).collect());
+        Ok(())
+    }
+
+    /// Layers of `image` that are not in the store (discarded after a
+    /// reboot, or removed by hand); an image with any is pulled again
+    /// before it runs.
+    pub fn missing_layers(&self, image: &ImageRecord) -> Vec<Digest> {
+        image
+            .layers
+            .iter()
+            .filter(|l| !self.layer_dir(&l.diff_id).is_dir())
+            .map(|l| l.diff_id.clone())
+            .collect()
     }
 
     /// The store root.
@@ -141,7 +192,10 @@ impl Store {
 
     /// Where a blob lives.
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
-        self.root.join("blobs").join(digest.algorithm()).join(digest.hex())
+        self.root
+            .join("blobs")
+            .join(digest.algorithm())
+            .join(digest.hex())
     }
 
     /// A fresh path under `tmp/` tagged with this process's pid, so a later
@@ -277,7 +331,9 @@ impl Store {
             return index
                 .images
                 .values()
-                .find(|i| (&i.manifest == d || i.index.as_ref() == Some(d)) && i.repository == r.name())
+                .find(|i| {
+                    (&i.manifest == d || i.index.as_ref() == Some(d)) && i.repository == r.name()
+                })
                 .or_else(|| index.images.values().find(|i| &i.manifest == d))
                 .cloned()
                 .ok_or_else(|| StoreError::ImageUnknown(name.to_string()));
@@ -307,7 +363,11 @@ impl Store {
 
     /// The image's layer directories, lowest first.
     pub fn layer_dirs(&self, image: &ImageRecord) -> Vec<PathBuf> {
-        image.layers.iter().map(|l| self.layer_dir(&l.diff_id)).collect()
+        image
+            .layers
+            .iter()
+            .map(|l| self.layer_dir(&l.diff_id))
+            .collect()
     }
 
     /// Moves an image to the front of the LRU order.
@@ -348,8 +408,9 @@ impl Store {
         };
         for e in rd.flatten() {
             let path = e.path();
-            let rec: Option<UserRecord> =
-                fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            let rec: Option<UserRecord> = fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
             match rec {
                 Some(r) if pid_alive(r.pid) => {
                     let id = path
@@ -546,7 +607,8 @@ impl Store {
 /// layer stay hardlinks.
 fn copy_layer_onto(layer: &Path, dest: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-    let mut links: std::collections::HashMap<(u64, u64), PathBuf> = std::collections::HashMap::new();
+    let mut links: std::collections::HashMap<(u64, u64), PathBuf> =
+        std::collections::HashMap::new();
     let mut dirs: Vec<(PathBuf, fs::Metadata)> = Vec::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {

@@ -34,9 +34,12 @@ pub struct PullOptions {
     pub platform: Platform,
     /// Attempts per layer when a download fails in a retryable way.
     pub layer_attempts: u32,
-    /// `syncfs` the store before committing layers, so a power loss cannot
-    /// leave a committed layer with missing data. A `kill -9` never needs
-    /// it (the page cache survives the process).
+    /// `syncfs` the store before committing layers. When false (the
+    /// default), layers are committed at once and marked with the current
+    /// boot id instead; a store opened after a reboot discards such layers,
+    /// since a power loss may have dropped their data. A `kill -9` needs
+    /// neither: the page cache outlives the process. The sync costs about
+    /// as much as the download of a large image on this kind of disk.
     pub durable: bool,
 }
 
@@ -45,7 +48,7 @@ impl Default for PullOptions {
         PullOptions {
             platform: Platform::host(),
             layer_attempts: 3,
-            durable: true,
+            durable: false,
         }
     }
 }
@@ -341,6 +344,7 @@ pub async fn pull(
                 LayerRecord {
                     bytes: f.stats.bytes,
                     entries: f.stats.entries,
+                    unsynced_boot: (!opts.durable).then(crate::boot_id).flatten(),
                 },
             );
         }
@@ -356,7 +360,14 @@ pub async fn pull(
                 // index write: account for it now.
                 let (bytes, entries) = crate::unpack::tree_size(&store.layer_dir(&l.diff_id))
                     .map_err(io("measure", store.layer_dir(&l.diff_id)))?;
-                ix.layers.insert(l.diff_id.clone(), LayerRecord { bytes, entries });
+                ix.layers.insert(
+                    l.diff_id.clone(),
+                    LayerRecord {
+                        bytes,
+                        entries,
+                        unsynced_boot: crate::boot_id(),
+                    },
+                );
             }
         }
         ix.images.insert(record.manifest.clone(), record.clone());
@@ -428,13 +439,10 @@ async fn fetch_layer_once(
     progress: &dyn PullProgress,
 ) -> Result<FetchedLayer, (StoreError, bool)> {
     let refname = reference.to_string();
-    let mut stream = client
-        .blob(reference, &layer.digest)
-        .await
-        .map_err(|e| {
-            let r = e.is_retryable();
-            (registry(reference)(e), r)
-        })?;
+    let mut stream = client.blob(reference, &layer.digest).await.map_err(|e| {
+        let r = e.is_retryable();
+        (registry(reference)(e), r)
+    })?;
     if let Some(n) = stream.content_length() {
         if n != layer.size {
             return Err((
@@ -467,7 +475,9 @@ async fn fetch_layer_once(
                 if received > layer.size {
                     // More than the descriptor says: stop reading now rather
                     // than let a hostile server fill the disk.
-                    let _ = tx.send(Fed::Failed("blob longer than its descriptor".into())).await;
+                    let _ = tx
+                        .send(Fed::Failed("blob longer than its descriptor".into()))
+                        .await;
                     break;
                 }
                 if tx.send(Fed::Chunk(c)).await.is_err() {

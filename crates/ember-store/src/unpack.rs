@@ -108,7 +108,12 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, mode: Mode) -> Result<UnpackStats
         u.entry(entry)?;
     }
     // Deepest first, so a parent's mtime is set after its children's.
-    u.dirs.sort_by(|a, b| b.path.components().count().cmp(&a.path.components().count()));
+    u.dirs.sort_by(|a, b| {
+        b.path
+            .components()
+            .count()
+            .cmp(&a.path.components().count())
+    });
     for d in std::mem::take(&mut u.dirs) {
         u.apply_owner_mode(&d.path, d.uid, d.gid, d.mode, false)?;
         set_mtime(&d.path, d.mtime).map_err(io_err(&d.path, "set mtime"))?;
@@ -167,7 +172,10 @@ impl Unpacker {
         let mut uid = header.uid().unwrap_or(0);
         let mut gid = header.gid().unwrap_or(0);
         let mut mtime = header.mtime().unwrap_or(0) as i64;
-        let link = entry.link_name().map_err(UnpackError::Read)?.map(|l| l.into_owned());
+        let link = entry
+            .link_name()
+            .map_err(UnpackError::Read)?
+            .map(|l| l.into_owned());
         let (dev_major, dev_minor) = (
             header.device_major().ok().flatten().unwrap_or(0),
             header.device_minor().ok().flatten().unwrap_or(0),
@@ -195,7 +203,10 @@ impl Unpacker {
                 }
             }
         }
-        if matches!(kind, tar::EntryType::XGlobalHeader | tar::EntryType::XHeader) {
+        if matches!(
+            kind,
+            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader
+        ) {
             return Ok(());
         }
         let Some(rel) = clean_path(&raw_path)? else {
@@ -211,7 +222,10 @@ impl Unpacker {
             }
             return Ok(());
         };
-        let name = rel.file_name().map(|n| n.as_bytes().to_vec()).unwrap_or_default();
+        let name = rel
+            .file_name()
+            .map(|n| n.as_bytes().to_vec())
+            .unwrap_or_default();
         let parent_rel = rel.parent().map(Path::to_path_buf).unwrap_or_default();
 
         // Whiteouts.

@@ -17,7 +17,12 @@ use std::process::ExitCode;
 #[command(name = "ember", version, about, long_about = None)]
 struct Cli {
     /// Store and state directory.
-    #[arg(long, global = true, env = "EMBER_ROOT", default_value = "/var/lib/ember")]
+    #[arg(
+        long,
+        global = true,
+        env = "EMBER_ROOT",
+        default_value = "/var/lib/ember"
+    )]
     root: PathBuf,
 
     /// Log filter (error, warn, info, debug, trace or a tracing directive).

@@ -112,7 +112,11 @@ impl PullProgress for Progress {
         }
         if already_present {
             eprintln!("layer {}: already present", short(digest));
-        } else if let Some((t, size)) = self.started.lock().ok().and_then(|s| s.get(digest).copied())
+        } else if let Some((t, size)) = self
+            .started
+            .lock()
+            .ok()
+            .and_then(|s| s.get(digest).copied())
         {
             eprintln!(
                 "layer {}: {} in {:.2}s",

@@ -97,7 +97,9 @@ impl RegistryArgs {
                 }),
         };
         if let Some(p) = path {
-            credentials.load_docker_config(&p).map_err(anyhow::Error::msg)?;
+            credentials
+                .load_docker_config(&p)
+                .map_err(anyhow::Error::msg)?;
         }
         Ok(Arc::new(RegistryClient::new(RegistryOptions {
             mirrors: self.mirrors.clone(),

@@ -21,7 +21,15 @@ fn every_fixture_unpacks_like_umoci() {
     let rt = tokio();
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path().join("store");
-    for name in ["busybox", "layers", "big", "multi", "index", "docker", "docker-list"] {
+    for name in [
+        "busybox",
+        "layers",
+        "big",
+        "multi",
+        "index",
+        "docker",
+        "docker-list",
+    ] {
         let fx = fixtures::build_cached(name).expect("build fixture");
         let repo = format!("ember/{name}");
         rt.block_on(fixtures::push(&fx, &registry.url(), &repo, "latest"))
@@ -30,7 +38,10 @@ fn every_fixture_unpacks_like_umoci() {
         ember_ok(&root, &["pull", "-q", &reference]);
 
         let ours = tmp.path().join(format!("{name}-ember"));
-        ember_ok(&root, &["image", "unpack", &reference, ours.to_str().expect("utf-8")]);
+        ember_ok(
+            &root,
+            &["image", "unpack", &reference, ours.to_str().expect("utf-8")],
+        );
 
         // umoci 0.4 cannot read zstd layers, so skopeo converts the image to
         // an OCI layout with gzip layers (same diff_ids, same content).

@@ -11,9 +11,11 @@ use std::sync::Arc;
 
 /// Pull an image into the store, verifying every blob.
 #[derive(clap::Args, Debug)]
-#[command(after_help = "REF is any Docker reference: name, name:tag, name@sha256:..., \
+#[command(
+    after_help = "REF is any Docker reference: name, name:tag, name@sha256:..., \
 host:port/a/b:tag (docker.io/library is the default).\n\
-Plain HTTP is used for loopback registries and hosts given with --insecure-registry.")]
+Plain HTTP is used for loopback registries and hosts given with --insecure-registry."
+)]
 pub struct Args {
     /// Image reference.
     #[arg(value_name = "REF")]
@@ -26,6 +28,11 @@ pub struct Args {
     /// Print timings as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// syncfs the store before committing the layers. Without it layers
+    /// are committed at once and re-fetched if the machine reboots before
+    /// the kernel wrote them back (a power cut could have lost them).
+    #[arg(long)]
+    pub sync: bool,
 }
 
 /// Pulls `reference` with the given registry flags; shared with `ember run`.
@@ -34,6 +41,7 @@ pub async fn pull_image(
     reference: &str,
     registry: &RegistryArgs,
     quiet: bool,
+    durable: bool,
 ) -> anyhow::Result<PullReport> {
     let r: Reference = reference.parse()?;
     let platform: Platform = registry.platform.parse()?;
@@ -42,6 +50,7 @@ pub async fn pull_image(
     let progress = Arc::new(Progress::new(quiet));
     let opts = PullOptions {
         platform,
+        durable,
         ..Default::default()
     };
     let result = ember_store::pull(&store, &client, &r, &opts, progress.clone()).await;
@@ -51,7 +60,14 @@ pub async fn pull_image(
 
 /// Runs `ember pull`.
 pub async fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
-    let report = pull_image(root, &args.reference, &args.registry, args.quiet || args.json).await?;
+    let report = pull_image(
+        root,
+        &args.reference,
+        &args.registry,
+        args.quiet || args.json,
+        args.sync,
+    )
+    .await?;
     let t = &report.timings;
     if args.json {
         let v = serde_json::json!({

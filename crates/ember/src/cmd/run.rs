@@ -4,7 +4,7 @@
 use crate::cmd::pull::pull_image;
 use crate::util::{RegistryArgs, parse_size};
 use anyhow::{Context, bail};
-use ember_runtime::{Container, ContainerStdio, Input, Output, Runc, RunOptions, RunSpec};
+use ember_runtime::{Container, ContainerStdio, Input, Output, RunOptions, RunSpec, Runc};
 use ember_store::Store;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
@@ -64,7 +64,11 @@ pub struct Args {
     #[arg(value_name = "IMAGE")]
     pub image: String,
     /// Command and arguments (replace the image's Cmd; its Entrypoint stays).
-    #[arg(value_name = "CMD", trailing_var_arg = true, allow_hyphen_values = true)]
+    #[arg(
+        value_name = "CMD",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
     pub command: Vec<String>,
 }
 
@@ -155,15 +159,24 @@ pub async fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
         None
     } else {
         let index = store.read_index()?;
-        store.resolve(&index, &args.image).ok()
+        store
+            .resolve(&index, &args.image)
+            .ok()
+            .filter(|i| store.missing_layers(i).is_empty())
     };
     t.resolve_ms = ms(t0.elapsed());
     let image = match local {
         Some(i) => i,
         None => {
-            let report = pull_image(root, &args.image, &args.registry, args.timings.is_some())
-                .await
-                .with_context(|| format!("pulling {}", args.image))?;
+            let report = pull_image(
+                root,
+                &args.image,
+                &args.registry,
+                args.timings.is_some(),
+                false,
+            )
+            .await
+            .with_context(|| format!("pulling {}", args.image))?;
             t.pulled = true;
             t.resolve_ms += ms(report.timings.resolve);
             t.pull_ms = ms(report.timings.fetch);

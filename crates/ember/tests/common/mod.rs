@@ -36,7 +36,9 @@ pub fn ember_ok(root: &Path, args: &[&str]) -> String {
 
 /// Runs a command and panics with its stderr if it fails.
 pub fn sh_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}",
@@ -66,19 +68,32 @@ pub fn snapshot(root: &Path) -> (BTreeMap<String, Entry>, Vec<Vec<String>>) {
         for e in std::fs::read_dir(&d).expect("read_dir") {
             let e = e.expect("dir entry");
             let p = e.path();
-            let rel = p.strip_prefix(root).expect("prefix").to_string_lossy().into_owned();
+            let rel = p
+                .strip_prefix(root)
+                .expect("prefix")
+                .to_string_lossy()
+                .into_owned();
             let m = std::fs::symlink_metadata(&p).expect("lstat");
             let ft = m.file_type();
             let (kind, content) = if ft.is_dir() {
                 stack.push(p.clone());
                 ("dir", String::new())
             } else if ft.is_symlink() {
-                ("symlink", std::fs::read_link(&p).expect("readlink").to_string_lossy().into_owned())
+                (
+                    "symlink",
+                    std::fs::read_link(&p)
+                        .expect("readlink")
+                        .to_string_lossy()
+                        .into_owned(),
+                )
             } else if ft.is_file() {
                 if m.nlink() > 1 {
                     inodes.entry(m.ino()).or_default().push(rel.clone());
                 }
-                ("file", hex::encode(Sha256::digest(std::fs::read(&p).expect("read"))))
+                (
+                    "file",
+                    hex::encode(Sha256::digest(std::fs::read(&p).expect("read"))),
+                )
             } else {
                 ("other", format!("{:o}", m.mode()))
             };
@@ -86,7 +101,11 @@ pub fn snapshot(root: &Path) -> (BTreeMap<String, Entry>, Vec<Vec<String>>) {
                 rel,
                 Entry {
                     kind,
-                    mode: if ft.is_symlink() { 0 } else { m.permissions().mode() & 0o7777 },
+                    mode: if ft.is_symlink() {
+                        0
+                    } else {
+                        m.permissions().mode() & 0o7777
+                    },
                     uid: m.uid(),
                     gid: m.gid(),
                     content,
@@ -124,7 +143,12 @@ pub fn assert_same_tree(ours: &Path, theirs: &Path, what: &str) {
         diffs.is_empty(),
         "{what}: {} differences, first ones:\n{}",
         diffs.len(),
-        diffs.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
+        diffs
+            .iter()
+            .take(20)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     assert!(!a.is_empty(), "{what}: empty tree");
 }
