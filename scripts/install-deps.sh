@@ -11,6 +11,7 @@ PKGS=(
   busybox-static      # contents of the fixture images
   hyperfine           # repeated timing in benchmarks
   iproute2 jq curl    # test and benchmark plumbing
+  apache2-utils       # htpasswd (bcrypt) for the registry auth tests
   ca-certificates
 )
 

@@ -55,6 +55,12 @@ pub struct Args {
     /// Kill the container after this many seconds (exit code 137).
     #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<f64>,
+    /// After forwarding SIGINT/SIGTERM (Ctrl-C), how many seconds the
+    /// container gets to exit before it is killed; a second Ctrl-C kills
+    /// at once. A shell as PID 1 ignores SIGINT, so without this Ctrl-C
+    /// could not stop it.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub stop_timeout: f64,
     /// Pull the image even if it is in the store.
     #[arg(long)]
     pub pull: bool,
@@ -253,9 +259,13 @@ async fn run_container(
     t.mount_ms = ms(pt.mount);
     t.create_ms = ms(pt.resolve_user + pt.config);
 
-    // Signals to ember go to the container; ember stays to clean up.
+    // Signals to ember go to the container; ember stays to clean up. The
+    // first SIGINT/SIGTERM starts a grace period, after which (or at the
+    // next signal) the container is killed, as `docker stop` does.
     let handle = prepared.handle();
+    let grace = Duration::from_secs_f64(args.stop_timeout.max(0.0));
     let signals = tokio::spawn(async move {
+        use nix::sys::signal::Signal;
         use tokio::signal::unix::{SignalKind, signal};
         let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
             signal(SignalKind::interrupt()),
@@ -264,14 +274,36 @@ async fn run_container(
         ) else {
             return;
         };
+        let mut deadline: Option<tokio::time::Instant> = None;
         loop {
-            let sig = tokio::select! {
-                _ = int.recv() => nix::sys::signal::Signal::SIGINT,
-                _ = term.recv() => nix::sys::signal::Signal::SIGTERM,
-                _ = hup.recv() => nix::sys::signal::Signal::SIGHUP,
+            let kill_at = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
             };
+            let sig = tokio::select! {
+                _ = int.recv() => Signal::SIGINT,
+                _ = term.recv() => Signal::SIGTERM,
+                _ = hup.recv() => Signal::SIGHUP,
+                _ = kill_at => Signal::SIGKILL,
+            };
+            let sig = if deadline.is_some() && sig != Signal::SIGHUP {
+                Signal::SIGKILL
+            } else {
+                sig
+            };
+            if sig != Signal::SIGHUP && deadline.is_none() {
+                deadline = Some(tokio::time::Instant::now() + grace);
+            }
+            if sig == Signal::SIGKILL {
+                eprintln!("ember: killing the container");
+            }
             if let Err(e) = handle.signal(sig) {
                 tracing::debug!(error = %e, "forwarding signal");
+            }
+            if sig == Signal::SIGKILL {
+                return;
             }
         }
     });
