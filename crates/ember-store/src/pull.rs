@@ -239,16 +239,23 @@ pub async fn pull(
     let mut tasks = tokio::task::JoinSet::new();
     let mut present = 0;
     let mut seen = std::collections::HashSet::new();
+    // A layer counts as present only if the index vouches for it: a
+    // directory the index does not know is an orphan of a crash between
+    // rename and index write, whose data may never have reached the disk.
+    let known = store.read_index()?.layers;
+    // Set when one layer fails: the others stop feeding their extraction
+    // and clean up after themselves (aborting them would skip that).
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
     for l in &layers {
         if !seen.insert(l.diff_id.clone()) {
             continue; // the same layer twice in one image
         }
-        if store.layer_dir(&l.diff_id).is_dir() {
+        if known.contains_key(&l.diff_id) && store.layer_dir(&l.diff_id).is_dir() {
             present += 1;
             progress.layer_done(&l.digest, true);
             continue;
         }
-        let (store, client, r, l, sem, progress, opts) = (
+        let (store, client, r, l, sem, progress, opts, cancel) = (
             store.clone(),
             client.clone(),
             reference.clone(),
@@ -256,10 +263,17 @@ pub async fn pull(
             sem.clone(),
             progress.clone(),
             opts.clone(),
+            cancel.clone(),
         );
         tasks.spawn(async move {
             let _permit = sem.acquire_owned().await;
-            fetch_layer(&store, &client, &r, &l, &opts, progress.as_ref()).await
+            if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(StoreError::BadImage {
+                    reference: r.to_string(),
+                    detail: "cancelled".into(),
+                });
+            }
+            fetch_layer(&store, &client, &r, &l, &opts, progress.as_ref(), &cancel).await
         });
     }
     let mut fetched = Vec::new();
@@ -274,9 +288,7 @@ pub async fn pull(
             Ok(Err(e)) => {
                 if first_err.is_none() {
                     first_err = Some(e);
-                    // Stop the other layers; their temp dirs are removed by
-                    // their own error paths or by the next store open.
-                    tasks.abort_all();
+                    cancel.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
             }
             Err(join) if join.is_cancelled() => {}
@@ -289,9 +301,7 @@ pub async fn pull(
         }
     }
     if let Some(e) = first_err {
-        for f in &fetched {
-            let _ = remove_any(&f.tmp);
-        }
+        // `fetched` layers' temp dirs go with their guards.
         return Err(e);
     }
     let fetch_all = t_fetch.elapsed();
@@ -330,14 +340,21 @@ pub async fn pull(
         let mut ix = store.read_index()?;
         for f in fetched {
             let dest = store.layer_dir(&f.diff_id);
-            match std::fs::rename(&f.tmp, &dest) {
-                Ok(()) => {}
-                // Another pull committed the same layer first; theirs is
-                // just as verified as ours.
-                Err(_) if dest.is_dir() => {
-                    let _ = remove_any(&f.tmp);
+            if dest.exists() {
+                if ix.layers.contains_key(&f.diff_id) {
+                    // Another pull committed the same layer first; theirs
+                    // is just as verified as ours (ours goes with its guard).
+                } else {
+                    // An orphan nobody vouches for: replace it with ours.
+                    let old = store.tmp_path("orphan");
+                    std::fs::rename(&dest, &old).map_err(io("rename", &dest))?;
+                    let _ = remove_any(&old);
+                    std::fs::rename(f.tmp.path(), &dest).map_err(io("rename", &dest))?;
+                    f.tmp.keep();
                 }
-                Err(e) => return Err(io("rename", &dest)(e)),
+            } else {
+                std::fs::rename(f.tmp.path(), &dest).map_err(io("rename", &dest))?;
+                f.tmp.keep();
             }
             ix.layers.insert(
                 f.diff_id.clone(),
@@ -349,25 +366,11 @@ pub async fn pull(
             );
         }
         for l in &layers {
-            if !store.layer_dir(&l.diff_id).is_dir() {
+            if !store.layer_dir(&l.diff_id).is_dir() || !ix.layers.contains_key(&l.diff_id) {
                 return Err(bad(format!(
                     "layer {} was removed by a concurrent gc; pull again",
                     l.diff_id
                 )));
-            }
-            if !ix.layers.contains_key(&l.diff_id) {
-                // Present on disk from an earlier crash between rename and
-                // index write: account for it now.
-                let (bytes, entries) = crate::unpack::tree_size(&store.layer_dir(&l.diff_id))
-                    .map_err(io("measure", store.layer_dir(&l.diff_id)))?;
-                ix.layers.insert(
-                    l.diff_id.clone(),
-                    LayerRecord {
-                        bytes,
-                        entries,
-                        unsynced_boot: crate::boot_id(),
-                    },
-                );
             }
         }
         ix.images.insert(record.manifest.clone(), record.clone());
@@ -390,9 +393,35 @@ pub async fn pull(
     })
 }
 
+/// A temporary directory removed when dropped unless kept: a layer task
+/// that fails, or a pull future that is dropped (timeout, Ctrl-C), does
+/// not leave partial layers behind in a long-running process.
+struct TmpGuard {
+    path: std::path::PathBuf,
+    keep: std::sync::atomic::AtomicBool,
+}
+
+impl TmpGuard {
+    fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    fn keep(&self) {
+        self.keep.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for TmpGuard {
+    fn drop(&mut self) {
+        if !self.keep.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = remove_any(&self.path);
+        }
+    }
+}
+
 struct FetchedLayer {
     diff_id: Digest,
-    tmp: std::path::PathBuf,
+    tmp: TmpGuard,
     stats: UnpackStats,
     compressed: u64,
     last_byte_at: Instant,
@@ -406,17 +435,22 @@ async fn fetch_layer(
     layer: &LayerRef,
     opts: &PullOptions,
     progress: &dyn PullProgress,
+    cancel: &std::sync::atomic::AtomicBool,
 ) -> Result<FetchedLayer, StoreError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
         progress.layer_started(&layer.digest, layer.size);
-        match fetch_layer_once(store, client, reference, layer, progress).await {
+        match fetch_layer_once(store, client, reference, layer, progress, cancel).await {
             Ok(f) => {
                 progress.layer_done(&layer.digest, false);
                 return Ok(f);
             }
-            Err((e, retryable)) if retryable && attempt < opts.layer_attempts.max(1) => {
+            Err((e, retryable))
+                if retryable
+                    && attempt < opts.layer_attempts.max(1)
+                    && !cancel.load(std::sync::atomic::Ordering::Relaxed) =>
+            {
                 tracing::warn!(layer = %layer.digest, error = %e, attempt, "layer download failed; retrying");
                 progress.layer_retry(&layer.digest, &e.to_string());
                 tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
@@ -437,6 +471,7 @@ async fn fetch_layer_once(
     reference: &Reference,
     layer: &LayerRef,
     progress: &dyn PullProgress,
+    cancel: &std::sync::atomic::AtomicBool,
 ) -> Result<FetchedLayer, (StoreError, bool)> {
     let refname = reference.to_string();
     let mut stream = client.blob(reference, &layer.digest).await.map_err(|e| {
@@ -456,18 +491,29 @@ async fn fetch_layer_once(
             ));
         }
     }
-    let tmp = store.tmp_path("layer");
-    std::fs::create_dir(&tmp).map_err(|e| (io("create", &tmp)(e), false))?;
+    let tmp = TmpGuard {
+        path: store.tmp_path("layer"),
+        keep: std::sync::atomic::AtomicBool::new(false),
+    };
+    std::fs::create_dir(tmp.path()).map_err(|e| (io("create", tmp.path())(e), false))?;
     let compression = media::layer_compression(&layer.media_type).unwrap_or(Compression::None);
     let (tx, rx) = tokio::sync::mpsc::channel::<Fed>(32);
     let worker = {
-        let (tmp, digest, diff_id) = (tmp.clone(), layer.digest.clone(), layer.diff_id.clone());
-        tokio::task::spawn_blocking(move || extract(rx, compression, digest, diff_id, &tmp))
+        let (dir, digest, diff_id) = (
+            tmp.path().to_path_buf(),
+            layer.digest.clone(),
+            layer.diff_id.clone(),
+        );
+        tokio::task::spawn_blocking(move || extract(rx, compression, digest, diff_id, &dir))
     };
     // Feed the extraction thread; stop early if it has stopped reading.
     let mut net_err: Option<RegistryError> = None;
     let mut received = 0u64;
     loop {
+        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = tx.send(Fed::Failed("cancelled".into())).await;
+            break;
+        }
         match stream.next_chunk().await {
             Ok(Some(c)) => {
                 received += c.len() as u64;
@@ -495,10 +541,8 @@ async fn fetch_layer_once(
     drop(tx);
     let last_byte_at = Instant::now();
     let outcome = worker.await;
-    let cleanup = |e: StoreError, retryable: bool| {
-        let _ = remove_any(&tmp);
-        (e, retryable)
-    };
+    // On every error below, `tmp` is removed by its guard.
+    let cleanup = |e: StoreError, retryable: bool| (e, retryable);
     if let Some(e) = net_err {
         let r = e.is_retryable();
         return Err(cleanup(registry(reference)(e), r));

@@ -46,7 +46,16 @@ pub enum UnpackError {
         /// The path as written in the tar.
         path: String,
         /// What it tried.
-        why: &'static str,
+        why: String,
+    },
+    /// Reading the tar stream failed at or after an entry.
+    #[error("reading layer tar at entry {entry:?}: {source}")]
+    ReadAt {
+        /// The last entry read (its path as written in the tar).
+        entry: String,
+        /// The read error.
+        #[source]
+        source: io::Error,
     },
     /// A filesystem operation failed.
     #[error("unpacking {path}: {op}: {source}")]
@@ -70,6 +79,29 @@ pub struct UnpackStats {
     pub bytes: u64,
     /// Device nodes skipped (never created from an image).
     pub devices_skipped: u64,
+}
+
+impl UnpackError {
+    /// Names the tar entry being processed: hostile-entry errors report the
+    /// entry as written in the tar (not a parent or a link target), and
+    /// read errors say where in the stream they happened.
+    fn at_entry(self, entry: &str) -> UnpackError {
+        match self {
+            UnpackError::Hostile { path, why } if path != entry => UnpackError::Hostile {
+                path: entry.to_string(),
+                why: if path.is_empty() {
+                    why
+                } else {
+                    format!("{why} (at {path:?})")
+                },
+            },
+            UnpackError::Read(source) => UnpackError::ReadAt {
+                entry: entry.to_string(),
+                source,
+            },
+            other => other,
+        }
+    }
 }
 
 fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> UnpackError + use<'a> {
@@ -103,20 +135,20 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, mode: Mode) -> Result<UnpackStats
         stats: UnpackStats::default(),
     };
     let entries = archive.entries().map_err(UnpackError::Read)?;
+    let mut last = String::from("(start of archive)");
     for entry in entries {
-        let entry = entry.map_err(UnpackError::Read)?;
-        u.entry(entry)?;
+        let entry = entry.map_err(|e| UnpackError::Read(e).at_entry(&last))?;
+        last = entry
+            .path()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| String::from_utf8_lossy(&entry.path_bytes()).into_owned());
+        u.entry(entry).map_err(|e| e.at_entry(&last))?;
     }
     // Deepest first, so a parent's mtime is set after its children's.
-    u.dirs.sort_by(|a, b| {
-        b.path
-            .components()
-            .count()
-            .cmp(&a.path.components().count())
-    });
+    u.dirs
+        .sort_by_key(|d| std::cmp::Reverse(d.path.components().count()));
     for d in std::mem::take(&mut u.dirs) {
-        u.apply_owner_mode(&d.path, d.uid, d.gid, d.mode, false)?;
-        set_mtime(&d.path, d.mtime).map_err(io_err(&d.path, "set mtime"))?;
+        apply_dir_meta(&d)?;
     }
     Ok(u.stats)
 }
@@ -144,13 +176,13 @@ fn clean_path(raw: &Path) -> Result<Option<PathBuf>, UnpackError> {
             Component::ParentDir => {
                 return Err(UnpackError::Hostile {
                     path: raw.display().to_string(),
-                    why: "contains '..'",
+                    why: "contains '..'".into(),
                 });
             }
             Component::Prefix(_) => {
                 return Err(UnpackError::Hostile {
                     path: raw.display().to_string(),
-                    why: "has a path prefix",
+                    why: "has a path prefix".into(),
                 });
             }
         }
@@ -239,14 +271,14 @@ impl Unpacker {
             return Ok(());
         }
         if let Some(hidden) = name.strip_prefix(b".wh.") {
-            let dir = self.ensure_dir(&parent_rel)?;
-            let target_rel = parent_rel.join(std::ffi::OsStr::from_bytes(hidden));
-            if clean_path(&target_rel)? != Some(target_rel.clone()) || hidden.is_empty() {
+            if hidden.is_empty() || hidden == b"." || hidden == b".." || hidden.contains(&b'/') {
                 return Err(UnpackError::Hostile {
                     path: raw_path.display().to_string(),
-                    why: "is a malformed whiteout",
+                    why: "is a malformed whiteout".into(),
                 });
             }
+            let dir = self.ensure_dir(&parent_rel)?;
+            let target_rel = parent_rel.join(std::ffi::OsStr::from_bytes(hidden));
             let target = dir.join(std::ffi::OsStr::from_bytes(hidden));
             self.remove_existing(&target_rel, &target)?;
             if self.mode == Mode::Overlay {
@@ -311,7 +343,7 @@ impl Unpacker {
             tar::EntryType::Symlink => {
                 let target = link.ok_or_else(|| UnpackError::Hostile {
                     path: raw_path.display().to_string(),
-                    why: "is a symlink without a target",
+                    why: "is a symlink without a target".into(),
                 })?;
                 self.remove_existing(&rel, &path)?;
                 // The target is stored verbatim: it is only ever resolved
@@ -324,11 +356,11 @@ impl Unpacker {
             tar::EntryType::Link => {
                 let target_raw = link.ok_or_else(|| UnpackError::Hostile {
                     path: raw_path.display().to_string(),
-                    why: "is a hardlink without a target",
+                    why: "is a hardlink without a target".into(),
                 })?;
                 let target_rel = clean_path(&target_raw)?.ok_or(UnpackError::Hostile {
                     path: raw_path.display().to_string(),
-                    why: "is a hardlink to the root",
+                    why: "is a hardlink to the root".into(),
                 })?;
                 let target_parent = self.check_dir_chain(target_rel.parent())?;
                 let target = target_parent.join(target_rel.file_name().unwrap_or_default());
@@ -337,19 +369,19 @@ impl Unpacker {
                     Ok(m) if m.file_type().is_symlink() => {
                         return Err(UnpackError::Hostile {
                             path: raw_path.display().to_string(),
-                            why: "is a hardlink to a symlink",
+                            why: "is a hardlink to a symlink".into(),
                         });
                     }
                     Ok(_) => {
                         return Err(UnpackError::Hostile {
                             path: raw_path.display().to_string(),
-                            why: "is a hardlink to a directory or special file",
+                            why: "is a hardlink to a directory or special file".into(),
                         });
                     }
                     Err(_) => {
                         return Err(UnpackError::Hostile {
                             path: raw_path.display().to_string(),
-                            why: "is a hardlink to a file that is not in the layer",
+                            why: "is a hardlink to a file that is not in the layer".into(),
                         });
                     }
                 }
@@ -398,13 +430,13 @@ impl Unpacker {
                 Ok(m) if m.file_type().is_symlink() => {
                     return Err(UnpackError::Hostile {
                         path: rel.display().to_string(),
-                        why: "passes through a symlink",
+                        why: "passes through a symlink".into(),
                     });
                 }
                 Ok(_) => {
                     return Err(UnpackError::Hostile {
                         path: rel.display().to_string(),
-                        why: "passes through a non-directory",
+                        why: "passes through a non-directory".into(),
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -437,7 +469,7 @@ impl Unpacker {
                 _ => {
                     return Err(UnpackError::Hostile {
                         path: rel.display().to_string(),
-                        why: "is a hardlink whose target's directory is a symlink or missing",
+                        why: "is a hardlink whose target's directory is a symlink or missing".into(),
                     });
                 }
             }
@@ -452,8 +484,10 @@ impl Unpacker {
         match fs::symlink_metadata(path) {
             Ok(m) if m.is_dir() => {
                 fs::remove_dir_all(path).map_err(io_err(path, "remove directory"))?;
-                // Cached knowledge of directories below it is now stale.
+                // Cached knowledge of directories below it is now stale, and
+                // their deferred metadata must not land on what replaces them.
                 self.known_dirs.retain(|d| !d.starts_with(rel));
+                self.dirs.retain(|d| !d.path.starts_with(path));
             }
             Ok(_) => fs::remove_file(path).map_err(io_err(path, "remove"))?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -511,6 +545,44 @@ impl Unpacker {
         }
         Ok(())
     }
+}
+
+/// Applies a directory's deferred owner, mode and mtime through a handle
+/// opened with `O_NOFOLLOW | O_DIRECTORY`, so if anything but that very
+/// directory is at the path now (a symlink a later entry put there), the
+/// metadata goes nowhere instead of to the symlink's target.
+fn apply_dir_meta(d: &DirMeta) -> Result<(), UnpackError> {
+    let f = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+        .open(&d.path)
+    {
+        Ok(f) => f,
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ELOOP) | Some(libc::ENOTDIR) | Some(libc::ENOENT)
+            ) =>
+        {
+            return Ok(());
+        }
+        Err(e) => return Err(io_err(&d.path, "open directory")(e)),
+    };
+    let (uid, gid) = (u32::try_from(d.uid).ok(), u32::try_from(d.gid).ok());
+    std::os::unix::fs::fchown(&f, uid, gid).map_err(io_err(&d.path, "chown"))?;
+    // After chown: chown clears setgid.
+    f.set_permissions(fs::Permissions::from_mode(d.mode))
+        .map_err(io_err(&d.path, "chmod"))?;
+    let ts = libc::timespec {
+        tv_sec: d.mtime,
+        tv_nsec: 0,
+    };
+    let times = [ts, ts];
+    // SAFETY: a descriptor we own and a two-element timespec array.
+    if unsafe { libc::futimens(std::os::fd::AsRawFd::as_raw_fd(&f), times.as_ptr()) } != 0 {
+        return Err(io_err(&d.path, "set mtime")(io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// Copies an entry's contents; distinguishes write errors by message so the
