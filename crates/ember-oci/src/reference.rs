@@ -194,10 +194,10 @@ fn valid_host(host: &str) -> bool {
             None => (Some(host), None),
         }
     };
-    if let Some(p) = port {
-        if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) {
-            return false;
-        }
+    if let Some(p) = port
+        && (p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return false;
     }
     match name {
         None => true,

@@ -254,13 +254,13 @@ impl RegistryClient {
         if let Some(t) = st.tokens.get(&(ep.base.clone(), repo.to_string())) {
             return Some(format!("Bearer {t}"));
         }
-        if st.basic.contains(&ep.base) {
-            if let Some(c) = self.opts.credentials.get(&ep.host) {
-                return Some(format!(
-                    "Basic {}",
-                    base64_encode(format!("{}:{}", c.username, c.password).as_bytes())
-                ));
-            }
+        if st.basic.contains(&ep.base)
+            && let Some(c) = self.opts.credentials.get(&ep.host)
+        {
+            return Some(format!(
+                "Basic {}",
+                base64_encode(format!("{}:{}", c.username, c.password).as_bytes())
+            ));
         }
         None
     }
@@ -620,10 +620,10 @@ fn oci_error_detail(body: &str) -> Option<String> {
 /// `Content-Type`.
 fn sniff_media_type(body: &[u8]) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    if let Some(t) = v.get("mediaType").and_then(|t| t.as_str()) {
-        if media::manifest_kind(t).is_some() {
-            return Some(t.to_string());
-        }
+    if let Some(t) = v.get("mediaType").and_then(|t| t.as_str())
+        && media::manifest_kind(t).is_some()
+    {
+        return Some(t.to_string());
     }
     if v.get("manifests").is_some() {
         Some(media::OCI_INDEX.to_string())

@@ -444,7 +444,7 @@ impl Store {
                 in_use: users.iter().any(|(_, d)| d == &i.manifest),
             })
             .collect();
-        out.sort_by(|a, b| b.last_used_ms.cmp(&a.last_used_ms));
+        out.sort_by_key(|i| std::cmp::Reverse(i.last_used_ms));
         Ok(out)
     }
 
@@ -614,11 +614,12 @@ fn copy_layer_onto(layer: &Path, dest: &Path) -> std::io::Result<()> {
     while let Some(rel) = stack.pop() {
         let src_dir = layer.join(&rel);
         let dst_dir = dest.join(&rel);
-        if !rel.as_os_str().is_empty() && is_opaque(&src_dir) {
-            if let Ok(rd) = fs::read_dir(&dst_dir) {
-                for e in rd.flatten() {
-                    remove_any(&e.path())?;
-                }
+        if !rel.as_os_str().is_empty()
+            && is_opaque(&src_dir)
+            && let Ok(rd) = fs::read_dir(&dst_dir)
+        {
+            for e in rd.flatten() {
+                remove_any(&e.path())?;
             }
         }
         for e in fs::read_dir(&src_dir)? {

@@ -478,18 +478,18 @@ async fn fetch_layer_once(
         let r = e.is_retryable();
         (registry(reference)(e), r)
     })?;
-    if let Some(n) = stream.content_length() {
-        if n != layer.size {
-            return Err((
-                StoreError::SizeMismatch {
-                    reference: refname,
-                    digest: layer.digest.clone(),
-                    expected: layer.size,
-                    actual: n,
-                },
-                false,
-            ));
-        }
+    if let Some(n) = stream.content_length()
+        && n != layer.size
+    {
+        return Err((
+            StoreError::SizeMismatch {
+                reference: refname,
+                digest: layer.digest.clone(),
+                expected: layer.size,
+                actual: n,
+            },
+            false,
+        ));
     }
     let tmp = TmpGuard {
         path: store.tmp_path("layer"),

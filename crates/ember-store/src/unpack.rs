@@ -469,7 +469,8 @@ impl Unpacker {
                 _ => {
                     return Err(UnpackError::Hostile {
                         path: rel.display().to_string(),
-                        why: "is a hardlink whose target's directory is a symlink or missing".into(),
+                        why: "is a hardlink whose target's directory is a symlink or missing"
+                            .into(),
                     });
                 }
             }

@@ -90,10 +90,10 @@ impl PullProgress for Progress {
     fn layer_bytes(&self, digest: &Digest, n: u64) {
         if let Some(b) = &self.bars {
             b.total.inc(n);
-            if let Ok(l) = b.layers.lock() {
-                if let Some(bar) = l.get(digest) {
-                    bar.inc(n);
-                }
+            if let Ok(l) = b.layers.lock()
+                && let Some(bar) = l.get(digest)
+            {
+                bar.inc(n);
             }
         }
     }
@@ -103,10 +103,10 @@ impl PullProgress for Progress {
             return;
         }
         if let Some(b) = &self.bars {
-            if let Ok(l) = b.layers.lock() {
-                if let Some(bar) = l.get(digest) {
-                    bar.finish_with_message("done");
-                }
+            if let Ok(l) = b.layers.lock()
+                && let Some(bar) = l.get(digest)
+            {
+                bar.finish_with_message("done");
             }
             return;
         }

@@ -94,19 +94,47 @@ fn basic_auth_pull() {
     let image = format!("{}/ember/busybox:latest", reg.addr);
     let empty_auth = tmp.path().join("none.json");
     std::fs::write(&empty_auth, "{}").expect("write");
-    let out = run_ember(&root, &["pull", "--auth-file", empty_auth.to_str().expect("utf-8"), &image]);
+    let out = run_ember(
+        &root,
+        &[
+            "pull",
+            "--auth-file",
+            empty_auth.to_str().expect("utf-8"),
+            &image,
+        ],
+    );
     assert_eq!(out.status.code(), Some(125));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("unauthorized") && err.contains("ember/busybox"), "{err}");
-    assert_eq!(std::fs::read_dir(root.join("layers")).expect("layers").count(), 0);
+    assert!(
+        err.contains("unauthorized") && err.contains("ember/busybox"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(root.join("layers"))
+            .expect("layers")
+            .count(),
+        0
+    );
 
     let auth = tmp.path().join("auth.json");
     std::fs::write(
         &auth,
-        format!(r#"{{"auths":{{"{}":{{"auth":"YWxpY2U6czNjcmV0"}}}}}}"#, reg.addr),
+        format!(
+            r#"{{"auths":{{"{}":{{"auth":"YWxpY2U6czNjcmV0"}}}}}}"#,
+            reg.addr
+        ),
     )
     .expect("write auth");
-    ember_ok(&root, &["pull", "-q", "--auth-file", auth.to_str().expect("utf-8"), &image]);
+    ember_ok(
+        &root,
+        &[
+            "pull",
+            "-q",
+            "--auth-file",
+            auth.to_str().expect("utf-8"),
+            &image,
+        ],
+    );
     let out = ember_ok(&root, &["run", &image]);
     assert_eq!(out, "hello from ember\n");
 }

@@ -16,8 +16,13 @@ fn lru_gc_respects_budget_and_running_containers() {
         .expect("tokio");
     for n in ["busybox", "layers", "index"] {
         let fx = fixtures::build_cached(n).expect("fixture");
-        rt.block_on(fixtures::push(&fx, &registry.url(), &format!("ember/{n}"), "latest"))
-            .expect("push");
+        rt.block_on(fixtures::push(
+            &fx,
+            &registry.url(),
+            &format!("ember/{n}"),
+            "latest",
+        ))
+        .expect("push");
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path().join("store");
@@ -49,12 +54,21 @@ fn lru_gc_respects_budget_and_running_containers() {
     ))
     .expect("json");
     assert_eq!(report["kept_in_use"], 1, "{report}");
-    assert_eq!(report["removed_images"].as_array().expect("array").len(), 2, "{report}");
+    assert_eq!(
+        report["removed_images"].as_array().expect("array").len(),
+        2,
+        "{report}"
+    );
     let images: serde_json::Value =
         serde_json::from_str(&ember_ok(&root, &["images", "--json"])).expect("json");
     let images = images.as_array().expect("array");
     assert_eq!(images.len(), 1);
-    assert!(images[0]["names"][0].as_str().expect("name").contains("busybox"));
+    assert!(
+        images[0]["names"][0]
+            .as_str()
+            .expect("name")
+            .contains("busybox")
+    );
     assert_eq!(images[0]["in_use"], true);
     // rmi of an image in use is refused.
     let out = run_ember(&root, &["rmi", &r("busybox")]);
@@ -75,7 +89,9 @@ fn lru_gc_respects_budget_and_running_containers() {
     let images: serde_json::Value =
         serde_json::from_str(&ember_ok(&root, &["images", "--json"])).expect("json");
     assert!(images.as_array().expect("array").is_empty());
-    let layers = std::fs::read_dir(root.join("layers")).expect("layers").count();
+    let layers = std::fs::read_dir(root.join("layers"))
+        .expect("layers")
+        .count();
     assert_eq!(layers, 0, "layers left after removing every image");
 }
 
@@ -88,8 +104,13 @@ fn rmi_keeps_shared_layers_and_gc_honours_watermarks() {
         .expect("tokio");
     for n in ["busybox", "layers"] {
         let fx = fixtures::build_cached(n).expect("fixture");
-        rt.block_on(fixtures::push(&fx, &registry.url(), &format!("ember/{n}"), "latest"))
-            .expect("push");
+        rt.block_on(fixtures::push(
+            &fx,
+            &registry.url(),
+            &format!("ember/{n}"),
+            "latest",
+        ))
+        .expect("push");
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path().join("store");
@@ -97,15 +118,30 @@ fn rmi_keeps_shared_layers_and_gc_honours_watermarks() {
     ember_ok(&root, &["pull", "-q", &r("busybox")]);
     ember_ok(&root, &["pull", "-q", &r("layers")]);
     // `layers` shares busybox's base layer: 4 layer dirs in all, not 5.
-    assert_eq!(std::fs::read_dir(root.join("layers")).expect("dir").count(), 4);
+    assert_eq!(
+        std::fs::read_dir(root.join("layers")).expect("dir").count(),
+        4
+    );
     ember_ok(&root, &["rmi", &r("layers")]);
-    assert_eq!(std::fs::read_dir(root.join("layers")).expect("dir").count(), 1);
+    assert_eq!(
+        std::fs::read_dir(root.join("layers")).expect("dir").count(),
+        1
+    );
     // busybox still runs from the shared layer.
-    assert_eq!(ember_ok(&root, &["run", &r("busybox")]), "hello from ember\n");
+    assert_eq!(
+        ember_ok(&root, &["run", &r("busybox")]),
+        "hello from ember\n"
+    );
     // Under the budget nothing is evicted.
     let report: serde_json::Value =
-        serde_json::from_str(&ember_ok(&root, &["gc", "--max-bytes", "1G", "--json"])).expect("json");
-    assert!(report["removed_images"].as_array().expect("array").is_empty());
+        serde_json::from_str(&ember_ok(&root, &["gc", "--max-bytes", "1G", "--json"]))
+            .expect("json");
+    assert!(
+        report["removed_images"]
+            .as_array()
+            .expect("array")
+            .is_empty()
+    );
     let out = run_ember(&root, &["gc", "--max-bytes", "1M", "--low", "2M"]);
     assert!(!out.status.success(), "low above high must be refused");
 }

@@ -16,8 +16,13 @@ fn setup(names: &[&str]) -> (Registry, tempfile::TempDir) {
         .expect("tokio");
     for n in names {
         let fx = fixtures::build_cached(n).expect("fixture");
-        rt.block_on(fixtures::push(&fx, &registry.url(), &format!("ember/{n}"), "latest"))
-            .expect("push");
+        rt.block_on(fixtures::push(
+            &fx,
+            &registry.url(),
+            &format!("ember/{n}"),
+            "latest",
+        ))
+        .expect("push");
     }
     (registry, tempfile::tempdir().expect("tempdir"))
 }
@@ -48,13 +53,25 @@ fn runs_pulls_and_propagates_exit_codes() {
 
     // Cold: pulls, then runs the image's default command.
     let out = run_ember(&root, &["run", "--rm", "--timings=json", &image]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from ember\n");
     let stderr = String::from_utf8_lossy(&out.stderr);
     let json_line = stderr.lines().last().expect("timings line");
     let t: serde_json::Value = serde_json::from_str(json_line).expect("timings json");
     assert_eq!(t["pulled"], true);
-    for k in ["resolve_ms", "pull_ms", "unpack_ms", "mount_ms", "create_ms", "first_output_ms", "total_ms"] {
+    for k in [
+        "resolve_ms",
+        "pull_ms",
+        "unpack_ms",
+        "mount_ms",
+        "create_ms",
+        "first_output_ms",
+        "total_ms",
+    ] {
         assert!(t[k].is_number(), "{k} missing in {json_line}");
     }
 
@@ -62,15 +79,33 @@ fn runs_pulls_and_propagates_exit_codes() {
     let out = run_ember(
         &root,
         &[
-            "run", "--timings=json", "-e", "GREETING=hi there", "-w", "/tmp", "-u", "app", &image,
-            "--", "sh", "-c", "echo \"$GREETING\"; pwd; id -u; exit 7",
+            "run",
+            "--timings=json",
+            "-e",
+            "GREETING=hi there",
+            "-w",
+            "/tmp",
+            "-u",
+            "app",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            "echo \"$GREETING\"; pwd; id -u; exit 7",
         ],
     );
     assert_eq!(out.status.code(), Some(7));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi there\n/tmp\n1000\n");
-    let t: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&out.stderr).lines().last().expect("line"))
-            .expect("json");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hi there\n/tmp\n1000\n"
+    );
+    let t: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .last()
+            .expect("line"),
+    )
+    .expect("json");
     assert_eq!(t["pulled"], false);
 
     // The container sees the layered filesystem: whiteouts hide, opaque
@@ -78,7 +113,11 @@ fn runs_pulls_and_propagates_exit_codes() {
     let out = ember_ok(
         &root,
         &[
-            "run", &format!("{}/ember/layers:latest", registry.addr()), "--", "sh", "-c",
+            "run",
+            &format!("{}/ember/layers:latest", registry.addr()),
+            "--",
+            "sh",
+            "-c",
             "ls /data/opaque; test -e /data/removed.txt && echo LEAK; cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '",
         ],
     );
@@ -89,7 +128,16 @@ fn runs_pulls_and_propagates_exit_codes() {
     // A memory limit reaches the container's cgroup.
     let out = ember_ok(
         &root,
-        &["run", "--memory", "64M", &image, "--", "sh", "-c", "cat /sys/fs/cgroup/memory/memory.limit_in_bytes"],
+        &[
+            "run",
+            "--memory",
+            "64M",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            "cat /sys/fs/cgroup/memory/memory.limit_in_bytes",
+        ],
     );
     assert_eq!(out.trim(), (64u64 << 20).to_string());
     assert_no_leftovers(&root);
@@ -101,7 +149,10 @@ fn bad_input_is_refused_clearly() {
     let root = tmp.path().join("store");
     let image = format!("{}/ember/busybox:latest", registry.addr());
     for (args, expect) in [
-        (vec!["run", "--memory", "lots", image.as_str()], "invalid size"),
+        (
+            vec!["run", "--memory", "lots", image.as_str()],
+            "invalid size",
+        ),
         (vec!["run", "-e", "NOEQUALS", image.as_str()], "KEY=VALUE"),
         (vec!["run", "--cpus", "0", image.as_str()], "--cpus"),
         (vec!["run", "-w", "relative", image.as_str()], "absolute"),
@@ -116,7 +167,10 @@ fn bad_input_is_refused_clearly() {
     let out = run_ember(&root, &["run", &missing]);
     assert_eq!(out.status.code(), Some(125));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not found") && err.contains("ember/nope"), "{err}");
+    assert!(
+        err.contains("not found") && err.contains("ember/nope"),
+        "{err}"
+    );
     // A command that does not exist in the image fails like a runtime does.
     let out = run_ember(&root, &["run", &image, "--", "/no/such/binary"]);
     assert_ne!(out.status.code(), Some(0));
@@ -130,7 +184,10 @@ fn timeout_and_ctrl_c_clean_up() {
     let image = format!("{}/ember/busybox:latest", registry.addr());
     ember_ok(&root, &["pull", "-q", &image]);
 
-    let out = run_ember(&root, &["run", "--timeout", "1", &image, "--", "sleep", "60"]);
+    let out = run_ember(
+        &root,
+        &["run", "--timeout", "1", &image, "--", "sleep", "60"],
+    );
     assert_eq!(out.status.code(), Some(137));
     assert!(String::from_utf8_lossy(&out.stderr).contains("timeout"));
     assert_no_leftovers(&root);
@@ -141,7 +198,16 @@ fn timeout_and_ctrl_c_clean_up() {
     let mut child = Command::new(ember())
         .arg("--root")
         .arg(&root)
-        .args(["run", "--stop-timeout", "1", &image, "--", "sh", "-c", "echo started; sleep 60"])
+        .args([
+            "run",
+            "--stop-timeout",
+            "1",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            "echo started; sleep 60",
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn");

@@ -23,8 +23,8 @@ pub fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<60} {:<14} {:>10} {:>6}  {}",
-        "NAME", "DIGEST", "SIZE", "LAYERS", "IN USE"
+        "{:<60} {:<14} {:>10} {:>6}  IN USE",
+        "NAME", "DIGEST", "SIZE", "LAYERS"
     );
     for i in images {
         let names = if i.names.is_empty() {

@@ -148,15 +148,15 @@ pub async fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let memory = args.memory.as_deref().map(parse_size).transpose()?;
-    if let Some(c) = args.cpus {
-        if !(c > 0.0 && c.is_finite()) {
-            bail!("invalid --cpus {c}: must be a positive number");
-        }
+    if let Some(c) = args.cpus
+        && !(c > 0.0 && c.is_finite())
+    {
+        bail!("invalid --cpus {c}: must be a positive number");
     }
-    if let Some(w) = &args.workdir {
-        if !w.starts_with('/') {
-            bail!("invalid --workdir {w:?}: must be an absolute path");
-        }
+    if let Some(w) = &args.workdir
+        && !w.starts_with('/')
+    {
+        bail!("invalid --workdir {w:?}: must be an absolute path");
     }
 
     // Resolve locally, pull if missing.
