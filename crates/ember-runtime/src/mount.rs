@@ -29,11 +29,17 @@
 //! layer this reaches overlayfs's own limit of [`MAX_LAYERS`] on any kernel
 //! with overlayfs, unlike the `lowerdir+` option of the new mount API, which
 //! needs Linux 6.8.
+//!
+//! # Options
+//!
+//! `index=off` (explicit, whatever the kernel's default) and, where the
+//! kernel has it (5.10+), `volatile`: see `mount_overlay` for why.
 
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
@@ -190,7 +196,8 @@ impl RootFs {
         }
 
         let data = overlay_options(lowers.iter().map(|p| p.as_path()), &upper, &work);
-        let result = if data.len() <= MOUNT_DATA_MAX {
+        // Leave room for the `volatile` option that mount_overlay may add.
+        let result = if data.len() + VOLATILE_OPT.len() <= MOUNT_DATA_MAX {
             mount_overlay(&rootfs, &data)
         } else {
             mount_via_links(&dir, &rootfs, &lowers)?
@@ -362,7 +369,11 @@ fn absolute(p: &Path) -> Result<PathBuf, MountError> {
 
 fn check_path(p: &Path) -> Result<(), MountError> {
     // ',' separates mount options and has no escape.
-    if p.as_os_str().as_bytes().iter().any(|&c| c == b',' || c == b'\n') {
+    if p.as_os_str()
+        .as_bytes()
+        .iter()
+        .any(|&c| c == b',' || c == b'\n')
+    {
         return Err(MountError::UnsupportedPath {
             path: p.to_path_buf(),
         });
@@ -403,14 +414,43 @@ fn overlay_options<'a>(
     data
 }
 
+/// Whether the kernel accepted `volatile` (Linux ≥ 5.10): 0 unknown, 1 yes,
+/// 2 no.
+static VOLATILE: AtomicU8 = AtomicU8::new(0);
+const VOLATILE_OPT: &str = ",volatile";
+
+/// Mounts with `volatile` where the kernel has it. Without it, unmounting
+/// an overlay syncs the whole upper filesystem (`ovl_sync_fs`), which costs
+/// milliseconds on a busy disk; a container's upper directory is discarded
+/// at cleanup, so there is nothing to keep durable. (A volatile overlay
+/// cannot be mounted again after a crash, and Ember never does: recovery
+/// deletes it.)
 fn mount_overlay(target: &Path, data: &str) -> Result<(), Errno> {
-    nix::mount::mount(
-        Some("overlay"),
-        target,
-        Some("overlay"),
-        MsFlags::empty(),
-        Some(data),
-    )
+    let mount = |data: &str| {
+        nix::mount::mount(
+            Some("overlay"),
+            target,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(data),
+        )
+    };
+    if VOLATILE.load(Ordering::Relaxed) != 2 {
+        match mount(&format!("{data}{VOLATILE_OPT}")) {
+            Ok(()) => {
+                VOLATILE.store(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            // An old kernel rejects the option; anything else is a real
+            // error that the plain mount below reports again.
+            Err(Errno::EINVAL) if VOLATILE.load(Ordering::Relaxed) == 0 => {
+                tracing::debug!("overlayfs has no volatile option; mounting without");
+                VOLATILE.store(2, Ordering::Relaxed);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    mount(data)
 }
 
 /// The many-layer path: see the module documentation.
@@ -434,7 +474,9 @@ fn mount_via_links(
             source,
         })?;
     }
-    let names: Vec<PathBuf> = (0..lowers.len()).map(|i| PathBuf::from(i.to_string())).collect();
+    let names: Vec<PathBuf> = (0..lowers.len())
+        .map(|i| PathBuf::from(i.to_string()))
+        .collect();
     let data = overlay_options(
         names.iter().map(|p| p.as_path()),
         Path::new("../upper"),
@@ -475,7 +517,11 @@ mod tests {
     #[test]
     fn options_put_the_top_layer_first_and_escape_colons() {
         let lowers = [Path::new("/l/top"), Path::new("/l/a:b")];
-        let o = overlay_options(lowers.into_iter(), Path::new("/c/upper"), Path::new("/c/work"));
+        let o = overlay_options(
+            lowers.into_iter(),
+            Path::new("/c/upper"),
+            Path::new("/c/work"),
+        );
         assert_eq!(
             o,
             "lowerdir=/l/top:/l/a\\:b,upperdir=/c/upper,workdir=/c/work,index=off"

@@ -30,7 +30,7 @@ use nix::sys::resource::{Resource, getrlimit};
 use oci_spec::OciSpecError;
 use oci_spec::image::ImageConfiguration;
 use oci_spec::runtime::{
-    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder,
+    Capabilities, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder,
     LinuxDeviceCgroupBuilder, LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceBuilder,
     LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, Mount, MountBuilder,
     PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec, SpecBuilder,
@@ -230,7 +230,9 @@ pub fn process_args(
     args: Option<&[String]>,
 ) -> Result<Vec<String>, SpecError> {
     let config = image.config().as_ref();
-    let entrypoint = config.and_then(|c| c.entrypoint().as_deref()).unwrap_or(&[]);
+    let entrypoint = config
+        .and_then(|c| c.entrypoint().as_deref())
+        .unwrap_or(&[]);
     let cmd = match args {
         Some(a) if !a.is_empty() => a,
         _ => config.and_then(|c| c.cmd().as_deref()).unwrap_or(&[]),
@@ -337,17 +339,21 @@ pub fn build_spec(
     let env = process_env(image, &run.env, &hostname, &user.home)?;
     let cwd = process_cwd(image, run)?;
 
-    let caps: oci_spec::runtime::Capabilities = DEFAULT_CAPABILITIES.into_iter().collect();
-    let capabilities = if user.uid == 0 {
-        LinuxCapabilitiesBuilder::default()
-            .bounding(caps.clone())
-            .effective(caps.clone())
-            .permitted(caps)
-            .build()?
+    let caps: Capabilities = DEFAULT_CAPABILITIES.into_iter().collect();
+    // What execve leaves a non-root user: nothing beyond the bounding set.
+    let in_effect = if user.uid == 0 {
+        caps.clone()
     } else {
-        // What execve leaves a non-root user: nothing beyond the bounding set.
-        LinuxCapabilitiesBuilder::default().bounding(caps).build()?
+        Capabilities::new()
     };
+    // Every set is given explicitly: the builder's defaults are not empty.
+    let capabilities = LinuxCapabilitiesBuilder::default()
+        .bounding(caps)
+        .effective(in_effect.clone())
+        .permitted(in_effect)
+        .inheritable(Capabilities::new())
+        .ambient(Capabilities::new())
+        .build()?;
 
     let (soft, hard) = nofile_limits()?;
     let mut process_user = UserBuilder::default().uid(user.uid).gid(user.gid);
@@ -485,7 +491,12 @@ fn mounts(run: &RunSpec) -> Result<Vec<Mount>, SpecError> {
             "mqueue",
             &["nosuid", "noexec", "nodev"],
         )?,
-        mount("/sys", "sysfs", "sysfs", &["nosuid", "noexec", "nodev", "ro"])?,
+        mount(
+            "/sys",
+            "sysfs",
+            "sysfs",
+            &["nosuid", "noexec", "nodev", "ro"],
+        )?,
     ];
     if run.mount_cgroupfs {
         v.push(mount(
@@ -507,7 +518,11 @@ fn mounts(run: &RunSpec) -> Result<Vec<Mount>, SpecError> {
                 .destination(b.destination.clone())
                 .typ("bind")
                 .source(b.source.clone())
-                .options(vec!["rbind".to_owned(), "rprivate".to_owned(), mode.to_owned()])
+                .options(vec![
+                    "rbind".to_owned(),
+                    "rprivate".to_owned(),
+                    mode.to_owned(),
+                ])
                 .build()?,
         );
     }
@@ -539,11 +554,17 @@ mod tests {
         assert_eq!(process_args(&img, None).unwrap(), ["/ep", "-x", "a", "b"]);
         let over = vec!["c".to_owned()];
         assert_eq!(process_args(&img, Some(&over)).unwrap(), ["/ep", "-x", "c"]);
-        assert_eq!(process_args(&img, Some(&[])).unwrap(), ["/ep", "-x", "a", "b"]);
+        assert_eq!(
+            process_args(&img, Some(&[])).unwrap(),
+            ["/ep", "-x", "a", "b"]
+        );
         let cmd_only = image(r#"{"Cmd":["sh"]}"#);
         assert_eq!(process_args(&cmd_only, Some(&over)).unwrap(), ["c"]);
         let none = image("{}");
-        assert!(matches!(process_args(&none, None), Err(SpecError::NoCommand)));
+        assert!(matches!(
+            process_args(&none, None),
+            Err(SpecError::NoCommand)
+        ));
     }
 
     #[test]
@@ -556,7 +577,10 @@ mod tests {
             "/root",
         )
         .unwrap();
-        assert_eq!(env, ["HOSTNAME=h", "A=1", "B=3", "PATH=/x", "C=4", "HOME=/root"]);
+        assert_eq!(
+            env,
+            ["HOSTNAME=h", "A=1", "B=3", "PATH=/x", "C=4", "HOME=/root"]
+        );
         let bad = process_env(&img, &[("A=B".into(), "x".into())], "h", "/");
         assert!(matches!(bad, Err(SpecError::InvalidEnv { .. })));
     }
@@ -574,7 +598,10 @@ mod tests {
         assert_eq!(json["linux"]["cgroupsPath"], "/ember/abc");
         assert_eq!(json["linux"]["resources"]["memory"]["limit"], 64 << 20);
         assert_eq!(json["linux"]["resources"]["cpu"]["quota"], 150_000);
-        assert_eq!(json["linux"]["resources"]["pids"]["limit"], DEFAULT_PIDS_LIMIT);
+        assert_eq!(
+            json["linux"]["resources"]["pids"]["limit"],
+            DEFAULT_PIDS_LIMIT
+        );
         assert_eq!(json["process"]["cwd"], "/srv");
         assert_eq!(json["hostname"], "abc");
         let ns: Vec<&str> = json["linux"]["namespaces"]
@@ -595,6 +622,13 @@ mod tests {
                 .len(),
             14
         );
+        assert_eq!(
+            json["process"]["capabilities"]["ambient"]
+                .as_array()
+                .unwrap()
+                .len(),
+            0
+        );
     }
 
     #[test]
@@ -610,7 +644,8 @@ mod tests {
         let spec = build_spec("x", &img, &RunSpec::default(), &user).unwrap();
         let json = serde_json::to_value(&spec).unwrap();
         let caps = &json["process"]["capabilities"];
-        assert!(caps["effective"].is_null());
+        assert_eq!(caps["effective"].as_array().unwrap().len(), 0);
+        assert_eq!(caps["ambient"].as_array().unwrap().len(), 0);
         assert_eq!(caps["bounding"].as_array().unwrap().len(), 14);
         assert_eq!(json["process"]["user"]["additionalGids"][0], 10);
     }

@@ -150,9 +150,7 @@ fn read_in_root(rootfs: &Path, file: &'static str) -> Result<Option<String>, Use
         Err(e) => return Err(err(e.into())),
     };
     let mut text = String::new();
-    File::from(fd)
-        .read_to_string(&mut text)
-        .map_err(err)?;
+    File::from(fd).read_to_string(&mut text).map_err(err)?;
     Ok(Some(text))
 }
 
