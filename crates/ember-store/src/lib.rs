@@ -9,6 +9,7 @@
 //! layers/<hex>/        one unpacked layer per diff_id, overlayfs whiteouts
 //! index.json           images, names, layers, LRU clock (see `index`)
 //! users/<id>.json      containers using an image, with their owner pid
+//! lru/<hex>            empty marker per image; its mtime is the last use
 //! tmp/<pid>-<n>-...    in-progress work; removed when its pid is gone
 //! lock                 flock for index updates
 //! ```
@@ -127,7 +128,7 @@ impl Store {
     /// in `tmp/` by processes that no longer exist (a `kill -9` mid-pull).
     pub fn open(root: impl Into<PathBuf>) -> Result<Store, StoreError> {
         let root = root.into();
-        for d in ["blobs/sha256", "layers", "tmp", "users"] {
+        for d in ["blobs/sha256", "layers", "tmp", "users", "lru"] {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(io("create", &p))?;
         }
@@ -371,13 +372,25 @@ impl Store {
     }
 
     /// Moves an image to the front of the LRU order.
+    ///
+    /// The clock is the mtime of a marker file, not a field rewritten in
+    /// the index: a run must not pay for taking the lock and fsyncing the
+    /// whole index just to say it happened.
     pub fn touch(&self, manifest: &Digest) -> Result<(), StoreError> {
-        self.update_index(|ix| {
-            if let Some(i) = ix.images.get_mut(manifest) {
-                i.last_used_ms = now_ms();
-            }
-            Ok(())
-        })
+        let p = self.root.join("lru").join(manifest.hex());
+        // Creating the file sets its mtime to now; so does rewriting it.
+        fs::write(&p, b"").map_err(io("touch", &p))
+    }
+
+    /// The image's last use: its pull time or its marker's mtime.
+    pub fn last_used_ms(&self, image: &ImageRecord) -> u64 {
+        let marker = fs::metadata(self.root.join("lru").join(image.manifest.hex()))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        marker.max(image.last_used_ms)
     }
 
     /// Records that container `id`, owned by process `pid`, uses `image`.
@@ -440,7 +453,7 @@ impl Store {
                 platform: i.platform.clone(),
                 bytes: ix.bytes_of([i]),
                 layers: i.layers.len(),
-                last_used_ms: i.last_used_ms,
+                last_used_ms: self.last_used_ms(i),
                 in_use: users.iter().any(|(_, d)| d == &i.manifest),
             })
             .collect();
@@ -527,6 +540,17 @@ impl Store {
                 keep_blobs.insert(x.hex().to_string());
             }
         }
+        if let Ok(rd) = fs::read_dir(self.root.join("lru")) {
+            for e in rd.flatten() {
+                if !ix
+                    .images
+                    .keys()
+                    .any(|d| *d.hex() == *e.file_name().to_string_lossy())
+                {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
         if let Ok(rd) = fs::read_dir(self.root.join("blobs/sha256")) {
             for e in rd.flatten() {
                 if !keep_blobs.contains(&*e.file_name().to_string_lossy()) {
@@ -562,7 +586,7 @@ impl Store {
         };
         if report.bytes_before > high {
             let mut order: Vec<ImageRecord> = ix.images.values().cloned().collect();
-            order.sort_by_key(|i| i.last_used_ms);
+            order.sort_by_key(|i| self.last_used_ms(i));
             for img in order {
                 if ix.bytes_of(ix.images.values()) <= low {
                     break;

@@ -133,6 +133,7 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, mode: Mode) -> Result<UnpackStats
         this_layer: HashSet::new(),
         dirs: Vec::new(),
         stats: UnpackStats::default(),
+        buf: vec![0u8; 128 * 1024],
     };
     let entries = archive.entries().map_err(UnpackError::Read)?;
     let mut last = String::from("(start of archive)");
@@ -164,6 +165,9 @@ struct Unpacker {
     this_layer: HashSet<PathBuf>,
     dirs: Vec<DirMeta>,
     stats: UnpackStats,
+    /// Copy buffer reused for every file (allocating one per file cost a
+    /// page-faulting mmap each time).
+    buf: Vec<u8>,
 }
 
 /// A tar path made relative and free of `.`/`..`; `None` for the root.
@@ -313,15 +317,25 @@ impl Unpacker {
                 self.apply_xattrs(&self.dest.join(&rel), &xattrs)?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
-                self.remove_existing(&rel, &path)?;
-                let mut f = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&path)
-                    .map_err(io_err(&path, "create file"))?;
-                let n = copy_entry(&mut entry, &mut f).map_err(|e| {
+                // Create first and clear the way only if something is there:
+                // most entries are new, so this saves an lstat per file.
+                let open = || {
+                    fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                        .open(&path)
+                };
+                let mut f = match open() {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        self.remove_existing(&rel, &path)?;
+                        open().map_err(io_err(&path, "create file"))?
+                    }
+                    Err(e) => return Err(io_err(&path, "create file")(e)),
+                };
+                let n = copy_entry(&mut entry, &mut f, &mut self.buf).map_err(|e| {
                     // A read error is the stream's fault (download, inflate);
                     // a write error the disk's.
                     if e.kind() == io::ErrorKind::Other && e.to_string().starts_with("write") {
@@ -335,10 +349,25 @@ impl Unpacker {
                     }
                 })?;
                 self.stats.bytes += n;
-                drop(f);
-                self.apply_owner_mode(&path, uid, gid, mode, false)?;
+                // Metadata through the open descriptor: no path lookups.
+                let (u, g) = (u32::try_from(uid).ok(), u32::try_from(gid).ok());
+                std::os::unix::fs::fchown(&f, u, g).map_err(io_err(&path, "chown"))?;
+                // After chown: chown clears setuid/setgid bits.
+                f.set_permissions(fs::Permissions::from_mode(mode))
+                    .map_err(io_err(&path, "chmod"))?;
                 self.apply_xattrs(&path, &xattrs)?;
-                set_mtime(&path, mtime).map_err(io_err(&path, "set mtime"))?;
+                let ts = libc::timespec {
+                    tv_sec: mtime,
+                    tv_nsec: 0,
+                };
+                let times = [ts, ts];
+                // SAFETY: a descriptor we own and a two-element timespec
+                // array, as futimens requires.
+                if unsafe { libc::futimens(std::os::fd::AsRawFd::as_raw_fd(&f), times.as_ptr()) }
+                    != 0
+                {
+                    return Err(io_err(&path, "set mtime")(io::Error::last_os_error()));
+                }
             }
             tar::EntryType::Symlink => {
                 let target = link.ok_or_else(|| UnpackError::Hostile {
@@ -588,11 +617,10 @@ fn apply_dir_meta(d: &DirMeta) -> Result<(), UnpackError> {
 
 /// Copies an entry's contents; distinguishes write errors by message so the
 /// caller can tell a full disk from a broken stream.
-fn copy_entry<R: Read, W: io::Write>(r: &mut R, w: &mut W) -> io::Result<u64> {
-    let mut buf = vec![0u8; 256 * 1024];
+fn copy_entry<R: Read, W: io::Write>(r: &mut R, w: &mut W, buf: &mut [u8]) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
-        let n = match r.read(&mut buf) {
+        let n = match r.read(buf) {
             Ok(0) => return Ok(total),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

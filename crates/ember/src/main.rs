@@ -48,6 +48,8 @@ enum Command {
     /// Image operations.
     #[command(subcommand)]
     Image(cmd::image::Command),
+    /// Run the cluster image cache: a pull-through registry mirror.
+    Cache(cmd::cache::Args),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +80,7 @@ fn main() -> ExitCode {
             Command::Rmi(a) => cmd::rmi::run(&cli.root, a),
             Command::Gc(a) => cmd::gc::run(&cli.root, a),
             Command::Image(c) => cmd::image::run(&cli.root, c),
+            Command::Cache(a) => cmd::cache::run(a).await,
         }
     });
     match result {

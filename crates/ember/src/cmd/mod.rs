@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod cache;
 pub mod gc;
 pub mod image;
 pub mod images;

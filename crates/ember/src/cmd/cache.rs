@@ -1,0 +1,93 @@
+//! `ember cache`: the cluster image cache server.
+
+use crate::util::parse_size;
+use anyhow::Context;
+use ember_cache::{CacheConfig, UpstreamSpec};
+use ember_registry::Credentials;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Run a pull-through OCI registry mirror with LRU under a byte budget.
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Clients use it as a registry mirror: containerd hosts.toml, \
+podman/skopeo registries.conf [[registry.mirror]], `ember pull --mirror URL`.\n\
+Upstream selection: containerd's ?ns=HOST, else a first path component naming \
+an upstream alias (/v2/docker.io/library/busybox/...), else the default upstream."
+)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:5000", value_name = "ADDR")]
+    pub listen: String,
+    /// Cache directory (blobs, metadata, partial downloads).
+    #[arg(long, default_value = "/var/lib/ember-cache", value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Byte budget for cached blobs (`500G`, `2T`, `1048576`).
+    #[arg(long, value_name = "SIZE")]
+    pub max_bytes: String,
+    /// Upstream registry: `URL` for the default one, `HOST=URL` for one
+    /// selected by `?ns=HOST` or a `HOST/` path prefix (repeatable).
+    #[arg(long = "upstream", value_name = "[HOST=]URL", required = true)]
+    pub upstreams: Vec<String>,
+    /// Another cache server sharing the load (repeatable; give every
+    /// server the same list).
+    #[arg(long = "peer", value_name = "URL")]
+    pub peers: Vec<String>,
+    /// This server's URL as its peers know it [default: http://LISTEN].
+    #[arg(long, value_name = "URL")]
+    pub advertise: Option<String>,
+    /// Seconds a tag resolution is trusted before asking the upstream again.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub tag_ttl: u64,
+    /// Docker-style credentials file with the cache's own credentials per
+    /// upstream (`{"auths":{"HOST":{"auth":"base64(user:pass)"}}}`).
+    #[arg(long, value_name = "FILE")]
+    pub auth_file: Option<PathBuf>,
+    /// Serve content of this upstream (which has credentials) to clients
+    /// without credentials (repeatable; by upstream name).
+    #[arg(long = "public-upstream", value_name = "HOST")]
+    pub public: Vec<String>,
+    /// Eviction starts above this percentage of --max-bytes.
+    #[arg(long, default_value_t = 95, value_name = "PERCENT")]
+    pub high_watermark: u8,
+    /// Eviction stops at this percentage of --max-bytes.
+    #[arg(long, default_value_t = 80, value_name = "PERCENT")]
+    pub low_watermark: u8,
+}
+
+/// Runs `ember cache` until SIGINT or SIGTERM.
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let upstreams = args
+        .upstreams
+        .iter()
+        .map(|s| UpstreamSpec::parse(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut config = CacheConfig::new(args.dir.clone(), parse_size(&args.max_bytes)?, upstreams);
+    config.peers = args.peers;
+    config.advertise = args.advertise;
+    config.tag_ttl = Duration::from_secs(args.tag_ttl);
+    config.public = args.public;
+    config.high_watermark = args.high_watermark;
+    config.low_watermark = args.low_watermark;
+    if let Some(f) = &args.auth_file {
+        let mut c = Credentials::none();
+        c.load_docker_config(f).map_err(anyhow::Error::msg)?;
+        config.credentials = c;
+    }
+    config.validate()?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let server = ember_cache::spawn(config, listener)
+        .with_context(|| format!("opening the cache in {}", args.dir.display()))?;
+    eprintln!("ember cache: serving on {}", server.url());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing a SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    server.shutdown().await.context("shutting down")?;
+    Ok(ExitCode::SUCCESS)
+}
