@@ -76,15 +76,19 @@ fn lru_gc_respects_budget_and_running_containers() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use"));
     let _ = busy.kill();
     let _ = busy.wait();
-    // The killed `ember run` left its claim and mount; once its pid is gone
-    // the claim no longer protects the image.
-    let _ = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "for m in $(grep -o '{}/containers/[^ ]*/rootfs' /proc/self/mountinfo); do umount -l $m; done",
-            root.display()
-        ))
-        .status();
+    // The killed `ember run` left its container running (runc and the
+    // container outlive a SIGKILLed parent) and its claim behind; `ember gc`
+    // recovers the leftovers, and a dead claim no longer protects the image.
+    ember_ok(&root, &["gc"]);
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(
+        !mounts.contains(&*root.to_string_lossy()),
+        "gc left mounts under the store"
+    );
+    let left = std::fs::read_dir(root.join("runc"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(left, 0, "gc left runc state");
     ember_ok(&root, &["rmi", &r("busybox")]);
     let images: serde_json::Value =
         serde_json::from_str(&ember_ok(&root, &["images", "--json"])).expect("json");

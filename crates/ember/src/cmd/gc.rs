@@ -8,6 +8,10 @@ use std::process::ExitCode;
 
 /// Evict least-recently-used images when the store is over budget.
 ///
+/// First, containers left behind by `ember run` processes that were killed
+/// (`kill -9`) are deleted and their mounts removed, so their images stop
+/// counting as in use.
+///
 /// When unpacked layers take more than --max-bytes (the high watermark),
 /// whole images are removed, least recently pulled or run first, until usage
 /// is at or below --low (default 80% of --max-bytes). Images used by a
@@ -39,6 +43,21 @@ pub fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
     };
     if low > high {
         bail!("--low ({low} bytes) must not exceed --max-bytes ({high} bytes)");
+    }
+    let containers = root.join("containers");
+    if containers.is_dir() {
+        let runc = ember_runtime::Runc::new(root.join("runc"));
+        match ember_runtime::recover(&containers, &runc) {
+            Ok(r) => {
+                for id in &r.deleted {
+                    eprintln!("removed leftover container {id}");
+                }
+                for e in &r.errors {
+                    eprintln!("ember: gc: could not clean up: {e}");
+                }
+            }
+            Err(e) => eprintln!("ember: gc: recovering leftover containers: {e}"),
+        }
     }
     let store = Store::open(root).with_context(|| format!("opening store {}", root.display()))?;
     let report = store.gc(high, low)?;
