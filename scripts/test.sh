@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
-# Some tests drive the built binaries (the CLI kill -9 test), so build first.
+# Some tests drive the built binaries (the CLI kill -9 test, runners that
+# bind-mount the static exec agent), so build them first.
 cargo build --workspace
+crates/ember-agent/build-static.sh >/dev/null
 cargo test --workspace

@@ -50,6 +50,9 @@ enum Command {
     Image(cmd::image::Command),
     /// Run the cluster image cache: a pull-through registry mirror.
     Cache(cmd::cache::Args),
+    /// Benchmarks against the reference tools, measured in the same run.
+    #[command(subcommand)]
+    Bench(cmd::bench::Command),
 }
 
 fn main() -> ExitCode {
@@ -62,10 +65,14 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // `run` is latency-bound and mostly waits on runc: one thread starts
+    // faster than a pool. Servers and pulls get the multi-thread runtime.
+    let mut builder = if matches!(cli.command, Command::Run(_)) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("ember: starting the async runtime: {e}");
@@ -81,6 +88,7 @@ fn main() -> ExitCode {
             Command::Gc(a) => cmd::gc::run(&cli.root, a),
             Command::Image(c) => cmd::image::run(&cli.root, c),
             Command::Cache(a) => cmd::cache::run(a).await,
+            Command::Bench(c) => cmd::bench::run(&cli.root, c).await,
         }
     });
     match result {

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod bench;
 pub mod cache;
 pub mod gc;
 pub mod image;

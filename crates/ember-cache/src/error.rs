@@ -1,0 +1,194 @@
+//! The cache's errors, and the one place they become OCI error responses.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+/// Everything a request to the cache can end in, other than success.
+///
+/// The `IntoResponse` impl below is the only place these turn into an HTTP
+/// status and an OCI error body; internal details (paths, upstream URLs,
+/// I/O errors) are logged there and never sent to clients.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// A repository name outside the distribution grammar (this also
+    /// rejects `..`, empty components and percent-encoding).
+    #[error("invalid repository name {0:?}")]
+    NameInvalid(String),
+    /// A digest that does not parse.
+    #[error("invalid digest {0:?}")]
+    DigestInvalid(String),
+    /// A tag outside `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
+    #[error("invalid tag {0:?}")]
+    TagInvalid(String),
+    /// A path the read side of the distribution API does not have.
+    #[error("no such endpoint: {0}")]
+    NotFound(String),
+    /// A `?ns=` or host alias naming no configured upstream.
+    #[error("no upstream configured for {0:?}")]
+    UnknownUpstream(String),
+    /// Pushes, deletes, catalog listing: a cache is read-only.
+    #[error("{0} is not supported by a pull-through cache")]
+    Unsupported(String),
+    /// The client did not present valid credentials for a private upstream.
+    #[error("credentials required for upstream {0}")]
+    Unauthorized(String),
+    /// The upstream says the manifest does not exist.
+    #[error("manifest unknown: {0}")]
+    ManifestUnknown(String),
+    /// The upstream says the blob does not exist.
+    #[error("blob unknown: {0}")]
+    BlobUnknown(String),
+    /// The upstream served a manifest over the size limit.
+    #[error("manifest {what} larger than {limit} bytes")]
+    ManifestTooLarge {
+        /// Which manifest.
+        what: String,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The upstream served a manifest we cannot read or whose media type is
+    /// not a manifest type.
+    #[error("invalid manifest {what}: {detail}")]
+    ManifestInvalid {
+        /// Which manifest.
+        what: String,
+        /// Why.
+        detail: String,
+    },
+    /// Bytes from the upstream did not match the digest they were asked by.
+    #[error("{what}: upstream sent content with digest {actual}, expected {expected}")]
+    DigestMismatch {
+        /// Which blob or manifest.
+        what: String,
+        /// The digest asked for.
+        expected: String,
+        /// The digest of what arrived.
+        actual: String,
+    },
+    /// A `Range` outside the blob.
+    #[error("range not satisfiable for a blob of {size} bytes")]
+    RangeNotSatisfiable {
+        /// The blob's size.
+        size: u64,
+    },
+    /// The upstream could not be reached, failed, or broke off.
+    #[error("upstream {upstream}: {detail}")]
+    Upstream {
+        /// The upstream's name.
+        upstream: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// The upstream refused our own credentials.
+    #[error("upstream {upstream} refused access: {detail}")]
+    UpstreamDenied {
+        /// The upstream's name.
+        upstream: String,
+        /// What it said.
+        detail: String,
+    },
+    /// A malformed request body (the warm endpoint's JSON).
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// An error shared by every request that joined one download.
+    #[error(transparent)]
+    Shared(std::sync::Arc<CacheError>),
+    /// Local disk trouble.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+impl CacheError {
+    /// An I/O error while doing `what`.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        CacheError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// Status and OCI error code for this error.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        use CacheError::*;
+        match self {
+            Shared(e) => e.status_and_code(),
+            NameInvalid(_) => (StatusCode::BAD_REQUEST, "NAME_INVALID"),
+            DigestInvalid(_) => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
+            TagInvalid(_) => (StatusCode::BAD_REQUEST, "TAG_INVALID"),
+            NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
+            UnknownUpstream(_) => (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
+            Unsupported(_) => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
+            Unauthorized(_) => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
+            ManifestUnknown(_) => (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
+            BlobUnknown(_) => (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"),
+            // The client's request was fine; the upstream's answer was not.
+            ManifestTooLarge { .. } | ManifestInvalid { .. } => {
+                (StatusCode::BAD_GATEWAY, "MANIFEST_INVALID")
+            }
+            DigestMismatch { .. } => (StatusCode::BAD_GATEWAY, "DIGEST_INVALID"),
+            RangeNotSatisfiable { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, "BLOB_UNKNOWN"),
+            Upstream { .. } => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+            UpstreamDenied { .. } => (StatusCode::BAD_GATEWAY, "DENIED"),
+            BadRequest(_) => (StatusCode::BAD_REQUEST, "UNSUPPORTED"),
+            Io { .. } | Config(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
+        }
+    }
+
+    /// The message sent to clients: our own words for client errors, a
+    /// generic one for internal faults (details go to the log).
+    fn public_message(&self) -> String {
+        match self {
+            CacheError::Shared(e) => e.public_message(),
+            CacheError::Io { .. } | CacheError::Config(_) => "internal error".to_string(),
+            CacheError::Upstream { upstream, .. } => format!("upstream {upstream} unavailable"),
+            CacheError::UpstreamDenied { upstream, .. } => {
+                format!("upstream {upstream} refused the cache's credentials")
+            }
+            e => e.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for CacheError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if status.is_server_error() || status == StatusCode::BAD_GATEWAY {
+            tracing::warn!(error = %self, "request failed");
+        } else {
+            tracing::debug!(error = %self, "request refused");
+        }
+        let body = serde_json::json!({
+            "errors": [{"code": code, "message": self.public_message(), "detail": null}]
+        })
+        .to_string();
+        let mut resp = (status, body).into_response();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        match &self {
+            CacheError::Unauthorized(_) => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"ember-cache\""),
+                );
+            }
+            CacheError::RangeNotSatisfiable { size } => {
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                    h.insert(header::CONTENT_RANGE, v);
+                }
+            }
+            _ => {}
+        }
+        resp
+    }
+}

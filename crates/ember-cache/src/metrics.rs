@@ -1,0 +1,154 @@
+//! Counters and gauges, rendered in the Prometheus text format by hand:
+//! a dozen atomics do not justify an exporter crate and its dependencies.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+/// The cache's metrics. Every field is updated lock-free on the request
+/// path; `/metrics` reads them all without stopping anyone.
+#[derive(Default)]
+pub struct Metrics {
+    /// Blob requests answered from disk.
+    pub blob_hits: AtomicU64,
+    /// Blob requests that needed (or joined) an upstream fetch.
+    pub blob_misses: AtomicU64,
+    /// Manifest requests answered without an upstream GET (fresh tags,
+    /// digests on disk, tags revalidated by HEAD).
+    pub manifest_hits: AtomicU64,
+    /// Manifest requests that needed an upstream GET.
+    pub manifest_misses: AtomicU64,
+    /// Manifests served stale because the upstream was down.
+    pub stale_served: AtomicU64,
+    /// Upstream blob fetches started (one per single-flight).
+    pub upstream_fetches: AtomicU64,
+    /// Upstream blob fetches that failed (transport, truncation, digest).
+    pub upstream_failures: AtomicU64,
+    /// Body bytes received from upstreams.
+    pub upstream_bytes: AtomicU64,
+    /// Body bytes sent to clients.
+    pub served_bytes: AtomicU64,
+    /// Blobs evicted.
+    pub evictions: AtomicU64,
+    /// Bytes evicted.
+    pub evicted_bytes: AtomicU64,
+    /// Upstream blob fetches running now.
+    pub inflight: AtomicI64,
+    /// Bytes of committed blobs on disk.
+    pub stored_bytes: AtomicU64,
+    /// Committed blobs on disk.
+    pub stored_blobs: AtomicU64,
+    /// Requests forwarded to the owning peer.
+    pub peer_forwards: AtomicU64,
+    /// Requests served locally because the owning peer failed.
+    pub peer_fallbacks: AtomicU64,
+}
+
+impl Metrics {
+    /// Adds `n` to a counter.
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut s = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, lines: &[(&str, u64)]| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in lines {
+                let _ = writeln!(s, "{name}{labels} {v}");
+            }
+        };
+        metric(
+            "ember_cache_hits_total",
+            "counter",
+            "Requests answered from the cache.",
+            &[
+                ("{kind=\"blob\"}", g(&self.blob_hits)),
+                ("{kind=\"manifest\"}", g(&self.manifest_hits)),
+            ],
+        );
+        metric(
+            "ember_cache_misses_total",
+            "counter",
+            "Requests that needed the upstream.",
+            &[
+                ("{kind=\"blob\"}", g(&self.blob_misses)),
+                ("{kind=\"manifest\"}", g(&self.manifest_misses)),
+            ],
+        );
+        metric(
+            "ember_cache_stale_served_total",
+            "counter",
+            "Tag requests served stale while the upstream was down.",
+            &[("", g(&self.stale_served))],
+        );
+        metric(
+            "ember_cache_upstream_fetches_total",
+            "counter",
+            "Blob downloads from upstreams (one per single-flight).",
+            &[("", g(&self.upstream_fetches))],
+        );
+        metric(
+            "ember_cache_upstream_failures_total",
+            "counter",
+            "Blob downloads from upstreams that failed.",
+            &[("", g(&self.upstream_failures))],
+        );
+        metric(
+            "ember_cache_upstream_bytes_total",
+            "counter",
+            "Bytes received from upstreams.",
+            &[("", g(&self.upstream_bytes))],
+        );
+        metric(
+            "ember_cache_served_bytes_total",
+            "counter",
+            "Body bytes sent to clients.",
+            &[("", g(&self.served_bytes))],
+        );
+        metric(
+            "ember_cache_evictions_total",
+            "counter",
+            "Blobs evicted to stay under the byte budget.",
+            &[("", g(&self.evictions))],
+        );
+        metric(
+            "ember_cache_evicted_bytes_total",
+            "counter",
+            "Bytes evicted.",
+            &[("", g(&self.evicted_bytes))],
+        );
+        metric(
+            "ember_cache_inflight_fetches",
+            "gauge",
+            "Blob downloads from upstreams in progress.",
+            &[("", self.inflight.load(Ordering::Relaxed).max(0) as u64)],
+        );
+        metric(
+            "ember_cache_stored_bytes",
+            "gauge",
+            "Bytes of verified blobs on disk.",
+            &[("", g(&self.stored_bytes))],
+        );
+        metric(
+            "ember_cache_stored_blobs",
+            "gauge",
+            "Verified blobs on disk.",
+            &[("", g(&self.stored_blobs))],
+        );
+        metric(
+            "ember_cache_peer_forwards_total",
+            "counter",
+            "Blob requests forwarded to the owning peer.",
+            &[("", g(&self.peer_forwards))],
+        );
+        metric(
+            "ember_cache_peer_fallbacks_total",
+            "counter",
+            "Blob requests served locally because the owning peer failed.",
+            &[("", g(&self.peer_fallbacks))],
+        );
+        s
+    }
+}

@@ -1,0 +1,923 @@
+//! One runner: a container whose PID 1 is the exec agent.
+//!
+//! ```text
+//! <pool root>/runners/<id>/
+//!     lock          flock'ed by the owning process for the runner's life
+//!     runner.json   the pool's record: id, key, image, owner pid, cgroup path
+//!     config.json   the OCI bundle's configuration (process: the agent)
+//!     rootfs/ upper/ work/   the overlay (see ember_runtime::mount)
+//!     run/          mode 0700 root, bind-mounted at /run/ember: agent.sock
+//!     workspace/    bind-mounted at /workspace, emptied after every run
+//!     tmp/          bind-mounted at /tmp (mode 1777), emptied after every run
+//!     agent.log     the agent's (and runc's container) stdout and stderr
+//! ```
+//!
+//! The layout is the one `ember_runtime::Container` uses (a `lock` file and
+//! `config.json` at the top), so `ember_runtime::recover` cleans up the
+//! runners of a killed pool process like any other leftover container.
+//!
+//! The container is started with one foreground `runc run`, held as a child
+//! of this process; runc removes its state and cgroups when the agent exits.
+//! Destroying a runner kills the agent (PID 1 of the container's pid
+//! namespace, so the kernel kills everything else in it), waits for runc,
+//! unmounts and removes the directory.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{PermissionsExt, chown};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ember_agent_proto::{AgentClient, ClientError, ExecRequest, Pong};
+use ember_runtime::mount::MountError;
+use ember_runtime::spec::{self, SpecError};
+use ember_runtime::user::{self, ResolvedUser, UserError};
+use ember_runtime::{
+    BindMount, ContainerStdio, Input, Output, RootFs, RunSpec, Runc, RuncError, runc::RuncProcess,
+};
+use ember_store::Store;
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::Signal;
+
+use crate::cgroup::{Cgroups, MemoryEvents};
+use crate::key::{RunnerKey, RunnerSpec};
+
+/// Where the agent binary is bind-mounted inside a runner.
+pub const AGENT_PATH: &str = "/.ember/agent";
+/// The directory inside a runner that holds the agent's socket.
+pub const SOCKET_DIR: &str = "/run/ember";
+/// The agent's socket inside a runner.
+pub const SOCKET_PATH: &str = "/run/ember/agent.sock";
+/// The per-run workspace inside a runner.
+pub const WORKSPACE: &str = "/workspace";
+
+/// Name of the lock file (the same as `ember_runtime`'s, which recovery
+/// relies on).
+const LOCK_FILE: &str = ember_runtime::container::LOCK_FILE;
+/// Name of the pool's own record in a runner directory.
+pub const RECORD_FILE: &str = "runner.json";
+const RUN_DIR: &str = "run";
+const WORKSPACE_DIR: &str = "workspace";
+const TMP_DIR: &str = "tmp";
+const AGENT_LOG: &str = "agent.log";
+/// Longest path `connect(2)` takes for a Unix socket (`sun_path` less NUL).
+const SUN_PATH_MAX: usize = 107;
+/// How long destroying waits for `runc run` to return after the kill.
+const EXIT_WAIT: Duration = Duration::from_secs(5);
+
+/// Errors of creating or destroying one runner. Each names the runner.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    /// A directory or file of the runner could not be set up.
+    #[error("runner {id}: cannot set up {path}")]
+    Dir {
+        /// The runner.
+        id: String,
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The overlay could not be mounted or unmounted.
+    #[error("runner {id}: root filesystem")]
+    Mount {
+        /// The runner.
+        id: String,
+        /// Why.
+        #[source]
+        source: MountError,
+    },
+    /// The user could not be resolved in the image.
+    #[error("runner {id}: user")]
+    User {
+        /// The runner.
+        id: String,
+        /// Why.
+        #[source]
+        source: UserError,
+    },
+    /// The runtime configuration could not be built or written.
+    #[error("runner {id}: runtime configuration")]
+    Spec {
+        /// The runner.
+        id: String,
+        /// Why.
+        #[source]
+        source: SpecError,
+    },
+    /// runc failed (the error names the container).
+    #[error(transparent)]
+    Runc(#[from] RuncError),
+    /// The container stopped before its agent listened.
+    #[error(
+        "runner {id}: the container exited ({how}) before the agent listened; agent log: {log}"
+    )]
+    EarlyExit {
+        /// The runner.
+        id: String,
+        /// Exit code or runc's error.
+        how: String,
+        /// The end of the agent's log.
+        log: String,
+    },
+    /// The agent did not answer.
+    #[error("runner {id}: agent")]
+    Agent {
+        /// The runner.
+        id: String,
+        /// Why.
+        #[source]
+        source: ClientError,
+    },
+    /// The agent answered a health check but is not idle.
+    #[error("runner {id}: agent reports {running} execs still running")]
+    NotIdle {
+        /// The runner.
+        id: String,
+        /// Execs the agent still runs.
+        running: u32,
+    },
+    /// A cgroup file could not be written.
+    #[error("runner {id}: cgroup {what}")]
+    Cgroup {
+        /// The runner.
+        id: String,
+        /// What was done.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The store refused the runner's claim on its image.
+    #[error("runner {id}: claiming its image in the store")]
+    Claim {
+        /// The runner.
+        id: String,
+        /// Why.
+        #[source]
+        source: Box<ember_store::StoreError>,
+    },
+}
+
+/// What every runner shares: where runners live and how they are started.
+#[derive(Debug, Clone)]
+pub(crate) struct Env {
+    pub runners_dir: PathBuf,
+    pub runc: Runc,
+    pub agent_binary: PathBuf,
+    pub store: Option<Store>,
+    pub create_timeout: Duration,
+    pub reset_tmp: bool,
+}
+
+/// Defaults of an exec in this runner: the image's environment, working
+/// directory and user, resolved once at creation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecDefaults {
+    /// The image's environment plus `HOSTNAME`, `PATH` and `HOME`.
+    pub env: Vec<String>,
+    /// The image's working directory, else `/`.
+    pub cwd: String,
+    /// The user's uid, unless root.
+    pub uid: Option<u32>,
+    /// The user's gid, unless root.
+    pub gid: Option<u32>,
+}
+
+impl ExecDefaults {
+    /// An exec request for `argv` with these defaults.
+    pub fn request<S: Into<String>>(&self, argv: impl IntoIterator<Item = S>) -> ExecRequest {
+        ExecRequest {
+            argv: argv.into_iter().map(Into::into).collect(),
+            env: self.env.clone(),
+            cwd: Some(self.cwd.clone()),
+            uid: self.uid,
+            gid: self.gid,
+            ..ExecRequest::default()
+        }
+    }
+}
+
+/// The pool's record of a runner, `runner.json`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RunnerRecord {
+    /// Container id.
+    pub id: String,
+    /// The runner's key.
+    pub key: String,
+    /// The image's manifest digest.
+    pub image: String,
+    /// Pid of the process that owns the runner.
+    pub owner_pid: u32,
+    /// Unix milliseconds when it was created.
+    pub created_ms: u64,
+    /// Its `cgroupsPath`.
+    pub cgroups_path: String,
+}
+
+/// A live runner. Owned by the pool's idle list or by one lease.
+#[derive(Debug)]
+pub(crate) struct Runner {
+    pub id: String,
+    pub key: RunnerKey,
+    pub dir: PathBuf,
+    pub defaults: ExecDefaults,
+    pub cgroups: Cgroups,
+    pub created_at: Instant,
+    /// Runs completed on it.
+    pub runs: u64,
+    /// Frozen by the pool (the freezer may still be FREEZING).
+    pub frozen: bool,
+    /// Counters at the end of the last run, to tell whether the next one
+    /// hit the memory limit.
+    pub mem_baseline: MemoryEvents,
+    /// Path to connect to the agent (possibly via `/proc/self/fd`).
+    pub socket: PathBuf,
+    user: ResolvedUser,
+    reset_tmp: bool,
+    client: Option<AgentClient>,
+    process: Option<RuncProcess>,
+    init: Option<PidFd>,
+    rootfs: Option<RootFs>,
+    /// Keeps `/proc/self/fd/N` valid when [`Runner::socket`] uses it.
+    _run_dir_fd: Option<File>,
+    lock: Option<Flock<File>>,
+    runc: Runc,
+    store: Option<Store>,
+    claimed: bool,
+    destroyed: bool,
+}
+
+impl Runner {
+    /// Creates runner `id` for `spec` and waits until its agent answers.
+    /// On error, everything created so far is removed.
+    pub fn create(env: &Env, id: &str, spec: &RunnerSpec) -> Result<Runner, RunnerError> {
+        let dir = env.runners_dir.join(id);
+        let lock = new_locked_dir(env, id, &dir)?;
+        let mut r = Runner {
+            id: id.to_owned(),
+            key: spec.key().clone(),
+            dir,
+            defaults: ExecDefaults {
+                env: Vec::new(),
+                cwd: "/".into(),
+                uid: None,
+                gid: None,
+            },
+            cgroups: Cgroups::for_path(&format!(
+                "{}/{id}",
+                spec::DEFAULT_CGROUP_PARENT.trim_end_matches('/')
+            )),
+            created_at: Instant::now(),
+            runs: 0,
+            frozen: false,
+            mem_baseline: MemoryEvents::default(),
+            socket: PathBuf::new(),
+            user: ResolvedUser::root(),
+            reset_tmp: env.reset_tmp,
+            client: None,
+            process: None,
+            init: None,
+            rootfs: None,
+            _run_dir_fd: None,
+            lock: Some(lock),
+            runc: env.runc.clone(),
+            store: env.store.clone(),
+            claimed: false,
+            destroyed: false,
+        };
+        match r.start(env, spec) {
+            Ok(()) => Ok(r),
+            Err(e) => {
+                if let Err(t) = r.destroy() {
+                    tracing::warn!(id, error = %t, "cleaning up a runner that failed to start");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn dir_err(&self, path: &Path) -> impl FnOnce(io::Error) -> RunnerError + use<> {
+        let (id, path) = (self.id.clone(), path.to_path_buf());
+        move |source| RunnerError::Dir { id, path, source }
+    }
+
+    fn start(&mut self, env: &Env, spec: &RunnerSpec) -> Result<(), RunnerError> {
+        let id = self.id.clone();
+        let image = spec.image();
+        let shape = spec.shape();
+        if let Some(store) = &self.store {
+            store
+                .add_user(&id, &image.manifest, std::process::id())
+                .map_err(|source| RunnerError::Claim {
+                    id: id.clone(),
+                    source: Box::new(source),
+                })?;
+            self.claimed = true;
+        }
+
+        self.rootfs =
+            Some(
+                RootFs::mount(&self.dir, &image.layers).map_err(|source| RunnerError::Mount {
+                    id: id.clone(),
+                    source,
+                })?,
+            );
+        let rootfs = self.dir.join(ember_runtime::mount::ROOTFS_DIR);
+        let run = RunSpec {
+            user: shape.user.clone(),
+            ..RunSpec::default()
+        };
+        self.user =
+            user::resolve_user(&rootfs, run.effective_user(&image.config)).map_err(|source| {
+                RunnerError::User {
+                    id: id.clone(),
+                    source,
+                }
+            })?;
+
+        // Host directories the container sees.
+        let run_dir = self.dir.join(RUN_DIR);
+        let workspace = self.dir.join(WORKSPACE_DIR);
+        let tmp = self.dir.join(TMP_DIR);
+        // Private to the node: only root on the host may reach the socket.
+        make_dir(&run_dir, 0o700, None).map_err(self.dir_err(&run_dir))?;
+        make_dir(&workspace, 0o755, Some((self.user.uid, self.user.gid)))
+            .map_err(self.dir_err(&workspace))?;
+        if env.reset_tmp {
+            make_dir(&tmp, 0o1777, None).map_err(self.dir_err(&tmp))?;
+        }
+
+        let mut mounts = shape.mounts.clone();
+        mounts.push(BindMount {
+            source: env.agent_binary.clone(),
+            destination: AGENT_PATH.into(),
+            readonly: true,
+        });
+        mounts.push(BindMount {
+            source: run_dir.clone(),
+            destination: SOCKET_DIR.into(),
+            readonly: false,
+        });
+        mounts.push(BindMount {
+            source: workspace,
+            destination: WORKSPACE.into(),
+            readonly: false,
+        });
+        if env.reset_tmp {
+            mounts.push(BindMount {
+                source: tmp,
+                destination: "/tmp".into(),
+                readonly: false,
+            });
+        }
+        let run = RunSpec {
+            args: Some(agent_argv()),
+            memory_bytes: shape.memory_bytes,
+            cpus: shape.cpus,
+            pids_limit: shape.pids_limit,
+            readonly_rootfs: shape.readonly_rootfs,
+            network: shape.network,
+            mounts,
+            ..RunSpec::default()
+        };
+        let spec_err = |source| RunnerError::Spec {
+            id: id.clone(),
+            source,
+        };
+        // The agent runs as root with the default capabilities: it must
+        // switch each exec to the run's user. Execs as another user lose
+        // the capabilities at execve, as under Docker.
+        let mut oci =
+            spec::build_spec(&id, &image.config, &run, &ResolvedUser::root()).map_err(spec_err)?;
+        if let Some(p) = oci.process_mut() {
+            // build_spec prepends the image's Entrypoint; the agent must be
+            // exactly PID 1's program.
+            p.set_args(Some(agent_argv()));
+            p.set_cwd("/".into());
+        }
+        let cgroups_path = oci
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().as_ref())
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|| format!("{}/{id}", spec::DEFAULT_CGROUP_PARENT));
+        self.cgroups = Cgroups::for_path(&cgroups_path);
+        spec::write_config(&self.dir, &oci).map_err(spec_err)?;
+
+        let record = RunnerRecord {
+            id: id.clone(),
+            key: self.key.to_string(),
+            image: image.manifest.to_string(),
+            owner_pid: std::process::id(),
+            created_ms: ember_store::now_ms(),
+            cgroups_path,
+        };
+        let record_path = self.dir.join(RECORD_FILE);
+        let bytes = serde_json::to_vec_pretty(&record).map_err(|e| RunnerError::Dir {
+            id: id.clone(),
+            path: record_path.clone(),
+            source: e.into(),
+        })?;
+        // No fsync: a crash loses the runner anyway, and recovery works
+        // from the lock and config.json too.
+        fs::write(&record_path, bytes).map_err(self.dir_err(&record_path))?;
+
+        let hostname = id.clone();
+        self.defaults = ExecDefaults {
+            env: spec::process_env(&image.config, &[], &hostname, &self.user.home)
+                .map_err(spec_err)?,
+            cwd: spec::process_cwd(&image.config, &RunSpec::default()).map_err(spec_err)?,
+            uid: (self.user.uid != 0 || self.user.gid != 0).then_some(self.user.uid),
+            gid: (self.user.uid != 0 || self.user.gid != 0).then_some(self.user.gid),
+        };
+
+        // The agent's output (and runc's container errors) go to a log file
+        // next to the bundle, for post-mortems.
+        let log_path = self.dir.join(AGENT_LOG);
+        let log = File::create(&log_path).map_err(self.dir_err(&log_path))?;
+        let log2 = log.try_clone().map_err(self.dir_err(&log_path))?;
+        let stdio = ContainerStdio {
+            stdin: Input::Null,
+            stdout: Output::Fd(log.into()),
+            stderr: Output::Fd(log2.into()),
+        };
+        let host_socket = run_dir.join("agent.sock");
+        self.socket = if host_socket.as_os_str().len() <= SUN_PATH_MAX {
+            host_socket
+        } else {
+            // Too long for sun_path: connect through a descriptor of the
+            // directory instead, which the kernel resolves like any path.
+            let f = File::open(&run_dir).map_err(self.dir_err(&run_dir))?;
+            let p = PathBuf::from(format!("/proc/self/fd/{}/agent.sock", f.as_raw_fd()));
+            self._run_dir_fd = Some(f);
+            p
+        };
+
+        let process = self.runc.spawn_run(&id, &self.dir, stdio)?;
+        self.process = Some(process);
+        let client = self.connect(env.create_timeout)?;
+        self.client = Some(client);
+        // The agent is the only process yet: remember it to kill it later
+        // without exec'ing runc.
+        if let Ok(procs) = self.cgroups.procs()
+            && let [pid] = procs[..]
+        {
+            self.init = PidFd::open(pid).ok();
+        }
+        self.mem_baseline = self.cgroups.memory_events();
+        Ok(())
+    }
+
+    /// Connects to the agent, retrying until it listens, and fails early
+    /// if runc exits first.
+    fn connect(&mut self, timeout: Duration) -> Result<AgentClient, RunnerError> {
+        let deadline = Instant::now() + timeout;
+        // Wait for the socket to appear, watching runc: a container that
+        // fails to start should fail the create at once, not at the
+        // deadline. The socket only appears once the agent runs, so this
+        // also keeps a slow start from eating into the hello's time.
+        let mut pause = Duration::from_micros(200);
+        while !self.socket.exists() {
+            let exited = match &self.process {
+                Some(p) => p.wait_timeout(pause)?,
+                None => true,
+            };
+            if exited {
+                let how = match self.process.take().map(RuncProcess::wait) {
+                    Some(Ok(exit)) => format!("exit code {}", exit.exit_code),
+                    Some(Err(e)) => e.to_string(),
+                    None => "no runc process".into(),
+                };
+                return Err(RunnerError::EarlyExit {
+                    id: self.id.clone(),
+                    how,
+                    log: self.log_tail(),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(RunnerError::Agent {
+                    id: self.id.clone(),
+                    source: ClientError::Connect {
+                        path: self.socket.clone(),
+                        source: io::ErrorKind::TimedOut.into(),
+                    },
+                });
+            }
+            pause = (pause * 2).min(Duration::from_millis(10));
+        }
+        // Between bind and listen the agent refuses connections;
+        // connect_timeout retries those.
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
+        AgentClient::connect_timeout(&self.socket, left).map_err(|source| RunnerError::Agent {
+            id: self.id.clone(),
+            source,
+        })
+    }
+
+    /// The last lines of the agent's log.
+    pub fn log_tail(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = File::open(self.dir.join(AGENT_LOG)) {
+            let _ = f.read_to_string(&mut text);
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        let start = lines.len().saturating_sub(5);
+        let tail = lines[start..].join(" | ");
+        if tail.is_empty() {
+            "(empty)".into()
+        } else {
+            tail
+        }
+    }
+
+    /// The agent connection. Only a destroyed runner has none.
+    pub fn client(&mut self) -> Result<&mut AgentClient, ClientError> {
+        self.client.as_mut().ok_or(ClientError::Broken)
+    }
+
+    /// Pings the agent within `timeout` and checks that nothing runs.
+    pub fn health_check(&mut self, timeout: Duration) -> Result<Pong, RunnerError> {
+        let id = self.id.clone();
+        let agent_err = |source| RunnerError::Agent {
+            id: id.clone(),
+            source,
+        };
+        let client = self.client().map_err(agent_err)?;
+        client
+            .set_timeout(Some(timeout))
+            .map_err(|e| agent_err(ClientError::Io(e)))?;
+        let pong = client.ping();
+        // A timed-out ping breaks the client, and it is then never used
+        // again; otherwise execs must be free to run for as long as they
+        // like.
+        let reset = client.set_timeout(None);
+        let pong = pong.map_err(agent_err)?;
+        reset.map_err(|e| agent_err(ClientError::Io(e)))?;
+        if pong.running != 0 {
+            return Err(RunnerError::NotIdle {
+                id: self.id.clone(),
+                running: pong.running,
+            });
+        }
+        Ok(pong)
+    }
+
+    /// Freezes the runner (returns before the freezer settles).
+    pub fn freeze(&mut self) -> Result<(), RunnerError> {
+        self.cgroups
+            .freeze()
+            .map_err(|source| RunnerError::Cgroup {
+                id: self.id.clone(),
+                what: "freeze",
+                source,
+            })?;
+        self.frozen = true;
+        Ok(())
+    }
+
+    /// Thaws a runner the pool froze.
+    pub fn thaw(&mut self) -> Result<(), RunnerError> {
+        self.cgroups.thaw().map_err(|source| RunnerError::Cgroup {
+            id: self.id.clone(),
+            what: "thaw",
+            source,
+        })?;
+        self.frozen = false;
+        Ok(())
+    }
+
+    /// Empties `/workspace` (and `/tmp`) and restores their owner and mode
+    /// for the next run.
+    pub fn reset_scratch(&self) -> io::Result<()> {
+        let owner = (self.user.uid, self.user.gid);
+        empty_dir(&self.dir.join(WORKSPACE_DIR))?;
+        restore_dir(&self.dir.join(WORKSPACE_DIR), 0o755, owner)?;
+        if self.reset_tmp {
+            empty_dir(&self.dir.join(TMP_DIR))?;
+            restore_dir(&self.dir.join(TMP_DIR), 0o1777, (0, 0))?;
+        }
+        Ok(())
+    }
+
+    /// The host path of the runner's `/workspace`.
+    pub fn workspace(&self) -> PathBuf {
+        self.dir.join(WORKSPACE_DIR)
+    }
+
+    /// Kills the container and removes everything it had: runc state,
+    /// cgroups, the overlay mount, the directory and the store claim.
+    /// Idempotent; the first error is returned after every step was tried.
+    pub fn destroy(&mut self) -> Result<(), RunnerError> {
+        if self.destroyed {
+            return Ok(());
+        }
+        let mut first: Option<RunnerError> = None;
+        // Frozen tasks do not act on SIGKILL until thawed.
+        if self.frozen || self.cgroups.freezer_dir().is_some_and(Path::exists) {
+            let _ = self.cgroups.thaw();
+            self.frozen = false;
+        }
+        self.client = None;
+        if let Some(p) = self.process.take() {
+            let killed = self
+                .init
+                .as_ref()
+                .is_some_and(|fd| fd.send_signal(Signal::SIGKILL).is_ok());
+            if !killed {
+                match self.runc.kill(&self.id, Signal::SIGKILL, true) {
+                    Ok(()) | Err(RuncError::NotFound { .. }) => {}
+                    Err(e) => tracing::debug!(id = %self.id, error = %e, "runc kill"),
+                }
+            }
+            let mut exited = p.wait_timeout(EXIT_WAIT).unwrap_or(false);
+            if !exited {
+                tracing::warn!(id = %self.id, "runc run did not return after the kill; killing runc");
+                let _ = p.signaller().signal(Signal::SIGKILL);
+                exited = p.wait_timeout(EXIT_WAIT).unwrap_or(false);
+            }
+            if exited {
+                // The exit status tells nothing new: the agent was killed.
+                let _ = p.wait();
+            } else {
+                // Leak the child rather than block forever on it.
+                std::mem::forget(p);
+            }
+        }
+        self.init = None;
+        if self.runc.has_state(&self.id)
+            && let Err(e) = self.runc.delete(&self.id, true)
+        {
+            first.get_or_insert(e.into());
+        }
+        // runc removes the cgroups when the agent exits; a runc killed
+        // halfway leaves them behind.
+        for dir in self.cgroups.existing_dirs() {
+            if let Err(e) = remove_cgroup(&dir) {
+                first.get_or_insert(RunnerError::Cgroup {
+                    id: self.id.clone(),
+                    what: "remove",
+                    source: e,
+                });
+            }
+        }
+        if let Some(mut rootfs) = self.rootfs.take()
+            && let Err(source) = rootfs.unmount()
+        {
+            // Keep the directory: removing it would reach into the layers
+            // through the still-mounted overlay.
+            self.rootfs = Some(rootfs);
+            return Err(first.unwrap_or(RunnerError::Mount {
+                id: self.id.clone(),
+                source,
+            }));
+        }
+        self._run_dir_fd = None;
+        match fs::remove_dir_all(&self.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                first.get_or_insert(RunnerError::Dir {
+                    id: self.id.clone(),
+                    path: self.dir.clone(),
+                    source,
+                });
+            }
+        }
+        if self.claimed
+            && let Some(store) = &self.store
+        {
+            store.remove_user(&self.id);
+            self.claimed = false;
+        }
+        self.lock = None;
+        self.destroyed = first.is_none();
+        first.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        if let Err(e) = self.destroy() {
+            tracing::warn!(id = %self.id, error = %e, "destroying runner");
+        }
+    }
+}
+
+/// The agent's command line inside a runner.
+fn agent_argv() -> Vec<String> {
+    vec![AGENT_PATH.into(), "--socket".into(), SOCKET_PATH.into()]
+}
+
+/// Creates `dir` with its lock file already held: the directory is set up
+/// under a temporary name and renamed into place, so recovery (which only
+/// removes directories whose lock it can take) never sees it unlocked.
+fn new_locked_dir(env: &Env, id: &str, dir: &Path) -> Result<Flock<File>, RunnerError> {
+    let err = |path: &Path| {
+        let (id, path) = (id.to_owned(), path.to_path_buf());
+        move |source| RunnerError::Dir { id, path, source }
+    };
+    fs::create_dir_all(&env.runners_dir).map_err(err(&env.runners_dir))?;
+    let tmp = env.runners_dir.join(format!(".new-{id}"));
+    fs::create_dir(&tmp).map_err(err(&tmp))?;
+    let lock_path = tmp.join(LOCK_FILE);
+    let locked = File::create(&lock_path)
+        .map_err(err(&lock_path))
+        .and_then(|f| {
+            Flock::lock(f, FlockArg::LockExclusiveNonblock)
+                .map_err(|(_, errno)| err(&lock_path)(errno.into()))
+        })
+        .and_then(|lock| {
+            fs::rename(&tmp, dir).map_err(err(dir))?;
+            Ok(lock)
+        });
+    if locked.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    locked
+}
+
+fn make_dir(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> io::Result<()> {
+    fs::create_dir(path)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+    if let Some((uid, gid)) = owner {
+        chown(path, Some(uid), Some(gid))?;
+    }
+    Ok(())
+}
+
+fn restore_dir(path: &Path, mode: u32, (uid, gid): (u32, u32)) -> io::Result<()> {
+    // lchown/chmod of the directory itself: a run cannot replace the
+    // directory (it is a mount point), only change its owner or mode.
+    let meta = fs::symlink_metadata(path)?;
+    use std::os::unix::fs::MetadataExt;
+    if meta.mode() & 0o7777 != mode {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+    }
+    if meta.uid() != uid || meta.gid() != gid {
+        chown(path, Some(uid), Some(gid))?;
+    }
+    Ok(())
+}
+
+/// Removes everything inside `dir` without following symlinks.
+fn empty_dir(dir: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        // file_type() does not follow symlinks, and remove_dir_all does
+        // not either, so a link the run left cannot point the deletion
+        // at host files.
+        if entry.file_type()?.is_dir() {
+            fs::remove_dir_all(&path)?;
+        } else {
+            fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes a cgroup directory, killing what is left in it first.
+fn remove_cgroup(dir: &Path) -> io::Result<()> {
+    for _ in 0..50 {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+                    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            Signal::SIGKILL,
+                        );
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::from_raw_os_error(libc::EBUSY))
+}
+
+/// A process file descriptor: signals through it cannot reach a process
+/// that reused the pid.
+#[derive(Debug)]
+struct PidFd(OwnedFd);
+
+impl PidFd {
+    fn open(pid: i32) -> io::Result<PidFd> {
+        // SAFETY: pidfd_open takes a pid and flags by value and returns a new
+        // descriptor or -1; no memory is shared with the kernel.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel just created this descriptor and nothing else
+        // owns it; descriptors fit in a RawFd.
+        Ok(PidFd(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }))
+    }
+
+    fn send_signal(&self, signal: Signal) -> io::Result<()> {
+        // SAFETY: a valid pidfd, a signal number, a null siginfo (the kernel
+        // then fills it as kill(2) would) and flags 0.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.0.as_raw_fd(),
+                signal as libc::c_int,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// Checks that `path` is a statically linked ELF executable: it is
+/// bind-mounted into images that may have no C library (or another one),
+/// so a dynamically linked agent would fail to start in some runners only.
+pub(crate) fn check_agent_binary(path: &Path) -> Result<(), String> {
+    let mut f = File::open(path).map_err(|e| e.to_string())?;
+    let meta = f.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err("not executable".into());
+    }
+    let mut head = vec![0u8; 64];
+    f.read_exact(&mut head)
+        .map_err(|_| "too short for an ELF file".to_string())?;
+    if &head[..4] != b"\x7fELF" || head[4] != 2 || head[5] != 1 {
+        return Err("not a 64-bit little-endian ELF file".into());
+    }
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as u64;
+    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+    let phoff = u64::from_le_bytes(head[32..40].try_into().map_err(|_| "bad header")?);
+    let phentsize = u16_at(&head, 54);
+    let phnum = u16_at(&head, 56);
+    if phentsize < 4 || phnum > 4096 {
+        return Err("malformed program headers".into());
+    }
+    let mut table = vec![0u8; (phentsize * phnum) as usize];
+    use std::io::{Seek, SeekFrom};
+    f.seek(SeekFrom::Start(phoff)).map_err(|e| e.to_string())?;
+    f.read_exact(&mut table)
+        .map_err(|_| "truncated program headers".to_string())?;
+    const PT_INTERP: u32 = 3;
+    if table
+        .chunks(phentsize as usize)
+        .any(|ph| u32_at(ph, 0) == PT_INTERP)
+    {
+        return Err("dynamically linked (build it with crates/ember-agent/build-static.sh)".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_check_tells_static_from_dynamic() {
+        // The test binary itself is dynamically linked.
+        let me = std::env::current_exe().unwrap();
+        let e = check_agent_binary(&me).unwrap_err();
+        assert!(e.contains("dynamically linked"), "{e}");
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x");
+        fs::write(&p, b"#!/bin/sh\n").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(check_agent_binary(&p).is_err());
+        // Busybox on this machine is static (busybox-static).
+        if Path::new("/bin/busybox").exists()
+            && let Err(e) = check_agent_binary(Path::new("/bin/busybox"))
+        {
+            assert!(e.contains("dynamically"), "{e}");
+        }
+    }
+
+    #[test]
+    fn empty_dir_does_not_follow_symlinks() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = d.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("keep"), b"x").unwrap();
+        let ws = d.path().join("ws");
+        fs::create_dir_all(ws.join("a/b")).unwrap();
+        fs::write(ws.join("a/b/f"), b"x").unwrap();
+        std::os::unix::fs::symlink(&outside, ws.join("link")).unwrap();
+        std::os::unix::fs::symlink(&outside, ws.join("a/link")).unwrap();
+        empty_dir(&ws).unwrap();
+        assert_eq!(fs::read_dir(&ws).unwrap().count(), 0);
+        assert!(outside.join("keep").exists());
+    }
+}
