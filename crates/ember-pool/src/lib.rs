@@ -73,10 +73,10 @@
 
 pub mod cgroup;
 mod error;
-mod key;
-mod pool;
+pub mod key;
+pub mod pool;
 mod recover;
-mod runner;
+pub mod runner;
 
 pub use ember_agent_proto::{ExecRequest, ExecResult, Started};
 pub use error::PoolError;

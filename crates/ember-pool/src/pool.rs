@@ -2,7 +2,7 @@
 //!
 //! # Locking
 //!
-//! One mutex guards the bookkeeping ([`State`]): the idle list and the
+//! One mutex guards the bookkeeping (`State`): the idle list and the
 //! counters. It is held only for list operations and for the single
 //! `write(2)` that freezes an idle runner; never across creating a
 //! container, an exec, a health check, a workspace reset or a destroy. So a
