@@ -9,6 +9,7 @@ PKGS=(
   skopeo umoci        # peers and fixture tools (never on Ember's pull path)
   podman              # benchmark peer
   busybox-static      # contents of the fixture images
+  libc6-dev           # libc.a for the statically linked exec agent
   hyperfine           # repeated timing in benchmarks
   iproute2 jq curl    # test and benchmark plumbing
   apache2-utils       # htpasswd (bcrypt) for the registry auth tests

@@ -358,8 +358,10 @@ fn sequential_no_op_execs_over_one_connection() {
         None => Agent::start(),
     };
     let mut c = a.client();
+    // EMBER_BENCH_PROGRAM picks another no-op (e.g. a static one).
+    let program = std::env::var("EMBER_BENCH_PROGRAM").unwrap_or_else(|_| "/bin/true".into());
     let r = ExecRequest {
-        argv: vec!["/bin/true".into()],
+        argv: vec![program.clone()],
         ..ExecRequest::default()
     };
     for _ in 0..50 {
@@ -382,7 +384,7 @@ fn sequential_no_op_execs_over_one_connection() {
     // this process (std uses posix_spawn), no agent, no socket.
     let t = Instant::now();
     for _ in 0..N {
-        std::process::Command::new("/bin/true")
+        std::process::Command::new(&program)
             .env_clear()
             .status()
             .unwrap();
@@ -394,7 +396,7 @@ fn sequential_no_op_execs_over_one_connection() {
         "test build"
     };
     println!(
-        "{N} sequential /bin/true execs over one connection ({which}): {:.0}/s; \
+        "{N} sequential {program} execs over one connection ({which}): {:.0}/s; \
          spawn_us p50 {} p99 {}; round trip us p50 {} p99 {}; \
          direct posix_spawn+wait from the test: {direct:.0}/s",
         N as f64 / secs,
