@@ -22,9 +22,10 @@
 //! namespace, so the kernel kills everything else in it), waits for runc,
 //! unmounts and removes the directory.
 
+use ember_runtime::runc::PidFd;
 use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{PermissionsExt, chown};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -802,43 +803,6 @@ fn remove_cgroup(dir: &Path) -> io::Result<()> {
         }
     }
     Err(io::Error::from_raw_os_error(libc::EBUSY))
-}
-
-/// A process file descriptor: signals through it cannot reach a process
-/// that reused the pid.
-#[derive(Debug)]
-struct PidFd(OwnedFd);
-
-impl PidFd {
-    fn open(pid: i32) -> io::Result<PidFd> {
-        // SAFETY: pidfd_open takes a pid and flags by value and returns a new
-        // descriptor or -1; no memory is shared with the kernel.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: the kernel just created this descriptor and nothing else
-        // owns it; descriptors fit in a RawFd.
-        Ok(PidFd(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }))
-    }
-
-    fn send_signal(&self, signal: Signal) -> io::Result<()> {
-        // SAFETY: a valid pidfd, a signal number, a null siginfo (the kernel
-        // then fills it as kill(2) would) and flags 0.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.0.as_raw_fd(),
-                signal as libc::c_int,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
 }
 
 /// Checks that `path` is a statically linked ELF executable: it is

@@ -690,13 +690,14 @@ impl Signaller {
     }
 }
 
-/// A process file descriptor (Linux ≥ 5.3).
+/// A process file descriptor (Linux ≥ 5.3): a handle on a process that
+/// cannot be confused with a later process reusing its pid.
 #[derive(Debug)]
-pub(crate) struct PidFd(OwnedFd);
+pub struct PidFd(OwnedFd);
 
 impl PidFd {
     /// Opens a pidfd for `pid`, which must be a live process.
-    pub(crate) fn open(pid: i32) -> io::Result<PidFd> {
+    pub fn open(pid: i32) -> io::Result<PidFd> {
         // SAFETY: pidfd_open takes a pid and flags by value and returns a new
         // descriptor or -1; no memory is shared with the kernel.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
@@ -708,7 +709,8 @@ impl PidFd {
         Ok(PidFd(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }))
     }
 
-    fn send_signal(&self, signal: Signal) -> io::Result<()> {
+    /// Sends `signal` to the process.
+    pub fn send_signal(&self, signal: Signal) -> io::Result<()> {
         // SAFETY: a valid pidfd, a signal number, a null siginfo (allowed:
         // the kernel then fills it as kill(2) would) and flags 0.
         let r = unsafe {
@@ -726,8 +728,9 @@ impl PidFd {
         Ok(())
     }
 
-    /// A pidfd becomes readable when its process exits.
-    pub(crate) fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+    /// Waits up to `timeout` for the process to exit (a pidfd becomes
+    /// readable then); `Ok(false)` on timeout.
+    pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
