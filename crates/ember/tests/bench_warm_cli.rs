@@ -1,0 +1,79 @@
+//! `ember bench warm` end to end with the real agent and runc: the JSON
+//! report has the figures the README quotes, and the bench leaves nothing
+//! running. Small N: this checks the plumbing, not the speed.
+
+mod common;
+
+use common::*;
+use ember_testkit::{fixtures, registry::Registry};
+use std::path::PathBuf;
+
+fn static_agent() -> Option<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let p = root.join("target/x86_64-unknown-linux-gnu/release/ember-agent");
+    if p.exists() {
+        return Some(p);
+    }
+    let out = std::process::Command::new(root.join("crates/ember-agent/build-static.sh"))
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+#[test]
+fn bench_warm_reports_json() {
+    let Some(agent) = static_agent() else {
+        eprintln!("skipped: the static ember-agent could not be built");
+        return;
+    };
+    let registry = Registry::start().expect("registry");
+    let fx = fixtures::build_cached("busybox").expect("fixture");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio")
+        .block_on(fixtures::push(
+            &fx,
+            &registry.url(),
+            "ember/busybox",
+            "latest",
+        ))
+        .expect("push");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("store");
+    let image = format!("{}/ember/busybox:latest", registry.addr());
+    for extra in [&[][..], &["--paused"][..]] {
+        let mut args = vec![
+            "bench",
+            "warm",
+            "--image",
+            &image,
+            "--n",
+            "50",
+            "--runc-n",
+            "5",
+            "--podman-n",
+            "0",
+            "--json",
+            "--agent",
+        ];
+        let agent_s = agent.to_string_lossy().into_owned();
+        args.push(&agent_s);
+        args.extend_from_slice(extra);
+        let out = ember_ok(&root, &args);
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+        for k in ["actions_per_s", "p50_ms", "p99_ms", "dispatch_p50_ms"] {
+            assert!(
+                v[k].as_f64().is_some_and(|x| x > 0.0),
+                "{k} missing or not positive in {v}"
+            );
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(
+        !mounts.contains(&*root.to_string_lossy()),
+        "bench left mounts under the store"
+    );
+}
