@@ -8,6 +8,8 @@ PKGS=(
   docker-registry     # CNCF distribution registry: test upstream and benchmark peer
   skopeo umoci        # peers and fixture tools (never on Ember's pull path)
   podman              # benchmark peer
+  containerd          # ctr: a real client of the cache in its tests
+  nginx-light         # static-file baseline in the cache benchmark
   busybox-static      # contents of the fixture images
   libc6-dev           # libc.a for the statically linked exec agent
   hyperfine           # repeated timing in benchmarks

@@ -66,7 +66,7 @@ EOF
 wait_http() { for _ in $(seq 200); do curl -fs -o /dev/null "$1" && return 0; sleep 0.05; done; echo "no answer from $1" >&2; return 1; }
 
 # Bytes of successful blob GETs in a registry access log (combined format).
-upstream_blob_bytes() { awk '$6 ~ /GET/ && $7 ~ /\/blobs\// && ($9 == 200 || $9 == 206) {s += $10} END {printf "%d\n", s}' "$1"; }
+upstream_blob_bytes() { awk '$6 ~ /GET/ && $7 ~ /\/blobs\// && ($9 == 200 || $9 == 206) {s += $10} END {printf "%.0f\n", s}' "$1"; }
 upstream_blob_gets() { grep -c "\"GET [^ ]*/blobs/$2" "$1" || true; }
 
 peak_rss_start() { # PID FILE: samples VmRSS (kB) every 50 ms into FILE's max
