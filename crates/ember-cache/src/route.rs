@@ -111,42 +111,13 @@ pub fn validate_name(name: &str) -> Result<(), CacheError> {
         let ok = if i == 0 && comp.contains(':') {
             host_like(comp)
         } else {
-            component_ok(comp)
+            ember_oci::is_valid_path_component(comp)
         };
         if !ok {
             return Err(bad());
         }
     }
     Ok(())
-}
-
-fn component_ok(c: &str) -> bool {
-    let b = c.as_bytes();
-    if b.is_empty() || !alnum(b[0]) || !alnum(b[b.len() - 1]) {
-        return false;
-    }
-    let mut i = 0;
-    while i < b.len() {
-        if alnum(b[i]) {
-            i += 1;
-            continue;
-        }
-        // A separator run: `.`, `_`, `__` or one or more `-`.
-        let start = i;
-        while i < b.len() && !alnum(b[i]) {
-            i += 1;
-        }
-        let sep = &c[start..i];
-        let ok = sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|x| x == b'-');
-        if !ok {
-            return false;
-        }
-    }
-    true
-}
-
-fn alnum(b: u8) -> bool {
-    b.is_ascii_lowercase() || b.is_ascii_digit()
 }
 
 /// `host:port` as a first path component: letters, digits, `.`, `-`, one

@@ -10,7 +10,7 @@ use crate::error::CacheError;
 use crate::route::ManifestRef;
 use bytes::Bytes;
 use ember_oci::{Digest, media};
-use ember_registry::Credential;
+use ember_registry::{Challenge, Credential, parse_challenge, percent_encode};
 use reqwest::StatusCode;
 use reqwest::header::{
     ACCEPT, AUTHORIZATION, CONTENT_RANGE, CONTENT_TYPE, HeaderMap, RANGE, WWW_AUTHENTICATE,
@@ -108,7 +108,8 @@ impl Upstream {
         else {
             return false;
         };
-        let expected = base64_encode(format!("{}:{}", c.username, c.password).as_bytes());
+        let expected = ember_registry::basic_auth_value(c);
+        let expected = expected.trim_start_matches("Basic ");
         constant_time_eq(b64.trim().as_bytes(), expected.as_bytes())
     }
 
@@ -124,10 +125,7 @@ impl Upstream {
         if self.basic.load(Ordering::Relaxed)
             && let Some(c) = &self.credential
         {
-            return Some(format!(
-                "Basic {}",
-                base64_encode(format!("{}:{}", c.username, c.password).as_bytes())
-            ));
+            return Some(ember_registry::basic_auth_value(c));
         }
         None
     }
@@ -461,83 +459,6 @@ pub fn sniff_media_type(body: &[u8]) -> Option<String> {
     }
 }
 
-/// A parsed `WWW-Authenticate` header.
-#[derive(Debug, PartialEq, Eq)]
-enum Challenge {
-    Basic,
-    Bearer {
-        realm: String,
-        service: Option<String>,
-        scope: Option<String>,
-    },
-}
-
-/// Parses `Basic ...` or `Bearer realm="...",service="...",scope="..."`.
-fn parse_challenge(header: &str) -> Option<Challenge> {
-    let header = header.trim();
-    let (scheme, rest) = header.split_once(' ').unwrap_or((header, ""));
-    let mut params = HashMap::new();
-    let mut s = rest.trim();
-    while !s.is_empty() {
-        let (key, after) = s.split_once('=')?;
-        let after = after.trim_start();
-        let (value, remainder) = if let Some(q) = after.strip_prefix('"') {
-            let end = q.find('"')?;
-            (q[..end].to_string(), &q[end + 1..])
-        } else {
-            let end = after.find(',').unwrap_or(after.len());
-            (after[..end].trim().to_string(), &after[end..])
-        };
-        params.insert(key.trim().to_ascii_lowercase(), value);
-        s = remainder.trim_start().trim_start_matches(',').trim_start();
-    }
-    match scheme.to_ascii_lowercase().as_str() {
-        "basic" => Some(Challenge::Basic),
-        "bearer" => Some(Challenge::Bearer {
-            realm: params.remove("realm")?,
-            service: params.remove("service"),
-            scope: params.remove("scope"),
-        }),
-        _ => None,
-    }
-}
-
-/// Percent-encodes a query value (everything but RFC 3986 unreserved).
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/// Standard base64 with padding, for `Authorization: Basic`.
-pub(crate) fn base64_encode(input: &[u8]) -> String {
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 /// Compares secrets without an early exit, so timing does not reveal how
 /// much of a guessed credential was right.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -567,22 +488,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn challenges() {
-        assert_eq!(
-            parse_challenge(
-                r#"Bearer realm="http://a/token",service="reg",scope="repository:x:pull""#
-            ),
-            Some(Challenge::Bearer {
-                realm: "http://a/token".into(),
-                service: Some("reg".into()),
-                scope: Some("repository:x:pull".into())
-            })
-        );
-        assert_eq!(parse_challenge("Basic realm=x"), Some(Challenge::Basic));
-        assert_eq!(parse_challenge("Bearer service=x"), None);
-    }
-
-    #[test]
     fn content_range() {
         assert_eq!(parse_content_range("bytes 5-9/10"), Some((5, Some(10))));
         assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, None)));
@@ -601,6 +506,5 @@ mod tests {
         assert!(!private.client_allowed(None));
         assert!(!private.client_allowed(Some("Basic dTp4")));
         assert!(private.client_allowed(Some("Basic dTpw")));
-        assert_eq!(base64_encode(b"u:p"), "dTpw");
     }
 }

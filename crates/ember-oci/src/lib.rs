@@ -24,4 +24,6 @@ mod reference;
 
 pub use digest::{Digest, DigestError, Verifier};
 pub use platform::{Platform, PlatformError};
-pub use reference::{DOCKER_HUB, DOCKER_HUB_API, Reference, ReferenceError};
+pub use reference::{
+    DOCKER_HUB, DOCKER_HUB_API, Reference, ReferenceError, is_valid_path_component,
+};

@@ -142,7 +142,9 @@ pub(crate) fn is_loopback_host(host_port: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn valid_component(c: &str) -> bool {
+/// Whether `c` is one repository path component by distribution's grammar:
+/// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`.
+pub fn is_valid_path_component(c: &str) -> bool {
     // [a-z0-9]+ ( ( [._] | __ | -+ ) [a-z0-9]+ )*
     let b = c.as_bytes();
     if b.is_empty() || !is_alnum(b[0]) || !is_alnum(b[b.len() - 1]) {
@@ -288,7 +290,7 @@ impl FromStr for Reference {
             repository
         };
         for component in repository.split('/') {
-            if !valid_component(component) {
+            if !is_valid_path_component(component) {
                 return Err(ReferenceError::Component {
                     reference: input.to_string(),
                     component: component.to_string(),

@@ -92,19 +92,22 @@ fn normalize_host(host: &str) -> String {
 
 /// A parsed `WWW-Authenticate` header.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Challenge {
+pub enum Challenge {
     /// `Basic realm=...`.
     Basic,
     /// `Bearer realm=...,service=...,scope=...`.
     Bearer {
+        /// Token endpoint.
         realm: String,
+        /// Service name to ask the token endpoint for.
         service: Option<String>,
+        /// Scope the token must cover.
         scope: Option<String>,
     },
 }
 
 /// Parses the scheme and `key="value"` parameters of a challenge.
-pub(crate) fn parse_challenge(header: &str) -> Option<Challenge> {
+pub fn parse_challenge(header: &str) -> Option<Challenge> {
     let header = header.trim();
     let (scheme, rest) = header.split_once(' ').unwrap_or((header, ""));
     let mut params = HashMap::new();
@@ -149,6 +152,14 @@ pub(crate) fn parse_challenge(header: &str) -> Option<Challenge> {
         }),
         _ => None,
     }
+}
+
+/// The `Authorization` header value for basic auth.
+pub fn basic_auth_value(c: &Credential) -> String {
+    format!(
+        "Basic {}",
+        base64_encode(format!("{}:{}", c.username, c.password).as_bytes())
+    )
 }
 
 /// Standard padded base64, as Docker's `auth` field and basic auth use.

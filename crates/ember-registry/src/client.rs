@@ -1,6 +1,6 @@
 //! The HTTP side: endpoints, auth handshakes, retries, manifests and blobs.
 
-use crate::auth::{Challenge, Credentials, base64_encode, parse_challenge};
+use crate::auth::{Challenge, Credentials, basic_auth_value, parse_challenge};
 use crate::error::{RegistryError, chain};
 use bytes::Bytes;
 use ember_oci::{Digest, Reference, media};
@@ -257,10 +257,7 @@ impl RegistryClient {
         if st.basic.contains(&ep.base)
             && let Some(c) = self.opts.credentials.get(&ep.host)
         {
-            return Some(format!(
-                "Basic {}",
-                base64_encode(format!("{}:{}", c.username, c.password).as_bytes())
-            ));
+            return Some(basic_auth_value(c));
         }
         None
     }
@@ -634,7 +631,9 @@ fn sniff_media_type(body: &[u8]) -> Option<String> {
     }
 }
 
-fn percent_encode(s: &str) -> String {
+/// Percent-encodes a query value (everything but RFC 3986 unreserved
+/// characters), for `?ns=` and token requests.
+pub fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {

@@ -20,6 +20,6 @@ mod auth;
 mod client;
 mod error;
 
-pub use auth::{Credential, Credentials};
-pub use client::{BlobStream, FetchedManifest, RegistryClient, RegistryOptions};
+pub use auth::{Challenge, Credential, Credentials, basic_auth_value, parse_challenge};
+pub use client::{BlobStream, FetchedManifest, RegistryClient, RegistryOptions, percent_encode};
 pub use error::RegistryError;
