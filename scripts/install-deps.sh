@@ -15,6 +15,7 @@ PKGS=(
   hyperfine           # repeated timing in benchmarks
   iproute2 jq curl    # test and benchmark plumbing
   apache2-utils       # htpasswd (bcrypt) for the registry auth tests
+  openssl             # certificates and JWT signatures for the token-auth test
   ca-certificates
 )
 
