@@ -9,11 +9,13 @@ source scripts/lib.sh
 scripts/install-deps.sh
 echo "== building Ember (release)"
 cargo build --release -q -p ember -p ember-testkit
+AGENT=$(crates/ember-agent/build-static.sh)
 EMBER=$PWD/target/release/ember
 FIXTURES=$PWD/target/release/ember-fixtures
 
 WORK=$(mktemp -d /tmp/ember-demo.XXXXXX)
 cleanup() {
+  [ -n "${CACHE_PID:-}" ] && kill "$CACHE_PID" 2>/dev/null || true
   [ -n "${REGISTRY_PID:-}" ] && kill "$REGISTRY_PID" 2>/dev/null || true
   rm -rf "$WORK"
 }
@@ -50,3 +52,20 @@ for k in resolve_ms pull_ms unpack_ms mount_ms create_ms start_ms first_output_m
 done
 echo
 echo "start = runc spawned → first output; first_output and exit are measured from ember's start."
+
+echo
+echo "== warm runners: 1000 no-op actions through one recycled runner (vs a runc exec loop)"
+"$EMBER" --root "$ROOT" bench warm --image "$IMAGE" --n 1000 --runc-n 20 --podman-n 0 --agent "$AGENT"
+
+echo
+echo "== cluster cache: ember cache in front of the registry, two nodes pull through it"
+CACHE_PORT=$(free_port)
+"$EMBER" cache --listen "127.0.0.1:$CACHE_PORT" --dir "$WORK/cache" --max-bytes 2G \
+  --upstream "http://$REGISTRY_ADDR" >"$WORK/cache.log" 2>&1 &
+CACHE_PID=$!
+for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$CACHE_PORT/v2/" >/dev/null 2>&1 && break; sleep 0.1; done
+for node in node-a node-b; do
+  TIMEFORMAT="$node: pulled $BIG through the cache in %Rs"
+  time "$EMBER" --root "$WORK/$node" pull -q --mirror "http://127.0.0.1:$CACHE_PORT" "$BIG" >/dev/null
+done
+curl -fsS "http://127.0.0.1:$CACHE_PORT/metrics" | grep -E '^ember_cache_(hits|misses|upstream_bytes)' || true
