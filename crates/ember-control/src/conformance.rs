@@ -1,0 +1,870 @@
+//! The [`StateStore`] conformance suite (feature `testing`).
+//!
+//! Every implementation runs the same functions, so SQLite and PostgreSQL
+//! are held to one contract. An implementation provides a [`Harness`] —
+//! one fresh, empty database that can be opened any number of times, each
+//! open being a new connection, like another control-plane replica or a
+//! restart — and expands [`state_store_conformance!`](crate::state_store_conformance)
+//! in a test file:
+//!
+//! ```ignore
+//! ember_control::state_store_conformance!(SqliteHarness::new());
+//! ```
+//!
+//! Tests use a [`ManualClock`]: nothing here depends on wall-clock time.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use crate::model::{
+    DeploymentSpec, NodeReport, NodeSpec, PinnedImage, RunId, RunSpec, RunState, TransitionError,
+};
+use crate::store::{ClaimRequest, Clock, ManualClock, RunFilter, StateStore, StoreError};
+
+/// One fresh database for one test.
+pub trait Harness: Sync {
+    /// Opens a new connection to this harness's database, using `clock`.
+    /// Called several times per test: from several threads at once, and
+    /// again after dropping earlier connections (a restart).
+    fn open(&self, clock: Arc<dyn Clock>) -> Box<dyn StateStore>;
+}
+
+/// Expands to one `#[test]` per conformance function, each with a fresh
+/// harness from `$make`.
+#[macro_export]
+macro_rules! state_store_conformance {
+    ($make:expr) => {
+        $crate::state_store_conformance!(@tests $make;
+            deployments,
+            idempotent_submit,
+            invalid_submit_writes_nothing,
+            cas_conflict,
+            illegal_transitions_rejected,
+            fair_claim_across_deployments,
+            claim_leases,
+            concurrent_claimers_never_share_a_run,
+            node_reports_and_start_times,
+            lost_nodes_and_retries,
+            late_reports_rejected,
+            warm_handoff,
+            list_filters,
+            restart_durability
+        );
+    };
+    (@tests $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                let harness = $make;
+                $crate::conformance::$name(&harness);
+            }
+        )*
+    };
+}
+
+const T0: u64 = 1_700_000_000_000;
+const LEASE: u64 = 30_000;
+
+fn clock() -> Arc<ManualClock> {
+    ManualClock::new(T0)
+}
+
+fn digest(n: u64) -> String {
+    format!("sha256:{n:064x}")
+}
+
+fn image(n: u64) -> PinnedImage {
+    PinnedImage {
+        reference: format!("registry.test/app{n}:latest"),
+        digest: digest(n),
+    }
+}
+
+fn deployment(name: &str, n: u64) -> DeploymentSpec {
+    DeploymentSpec {
+        name: name.to_owned(),
+        image: image(n),
+        command: vec!["/bin/true".into()],
+        env: [("FROM".to_owned(), "deployment".to_owned())].into(),
+        resources: Default::default(),
+        recycle_key: None,
+        warm_runners: 1,
+        node_selector: Default::default(),
+    }
+}
+
+fn of_deployment(name: &str) -> RunSpec {
+    RunSpec {
+        deployment: Some(name.to_owned()),
+        ..RunSpec::default()
+    }
+}
+
+fn node(id: &str, slots: u32) -> NodeSpec {
+    NodeSpec {
+        id: id.to_owned(),
+        slots,
+        labels: Default::default(),
+        inventory: Default::default(),
+    }
+}
+
+fn claim(owner: &str, limit: usize) -> ClaimRequest {
+    ClaimRequest {
+        owner: owner.to_owned(),
+        limit,
+        lease_ms: LEASE,
+    }
+}
+
+fn all_runs(s: &dyn StateStore) -> Vec<crate::model::Run> {
+    s.list_runs(&RunFilter::default()).expect("list runs")
+}
+
+/// Moves a queued run to `scheduled` on `node` through claim + assign.
+fn schedule(s: &dyn StateStore, id: RunId, node: &str) {
+    let claimed = s.claim_runs(&claim("sched", 10_000)).expect("claim");
+    assert!(claimed.iter().any(|r| r.id == id), "{id} not claimable");
+    s.assign_run("sched", id, node).expect("assign");
+    let others: Vec<RunId> = claimed.iter().map(|r| r.id).filter(|i| *i != id).collect();
+    s.release_claims("sched", &others).expect("release");
+}
+
+/// Deployments: create, get, list, duplicate names refused, unpinned images refused.
+pub fn deployments(h: &dyn Harness) {
+    let s = h.open(clock());
+    let d = s.create_deployment(&deployment("web", 1)).expect("create");
+    assert_eq!(d.created_at, T0);
+    s.create_deployment(&deployment("api", 2)).expect("create");
+    assert!(matches!(
+        s.create_deployment(&deployment("web", 3)),
+        Err(StoreError::DeploymentExists(n)) if n == "web"
+    ));
+    let mut bad = deployment("bad", 4);
+    bad.image.digest = "latest".into();
+    assert!(matches!(
+        s.create_deployment(&bad),
+        Err(StoreError::Invalid(_))
+    ));
+    assert_eq!(s.get_deployment("web").expect("get"), Some(d));
+    assert_eq!(s.get_deployment("nope").expect("get"), None);
+    let names: Vec<String> = s
+        .list_deployments()
+        .expect("list")
+        .into_iter()
+        .map(|d| d.spec.name)
+        .collect();
+    assert_eq!(names, ["api", "web"]);
+}
+
+/// A second submit with the same idempotency key returns the first run;
+/// the same key with another spec is refused; submits without a key are
+/// independent.
+pub fn idempotent_submit(h: &dyn Harness) {
+    let s = h.open(clock());
+    s.create_deployment(&deployment("web", 1)).expect("create");
+    let spec = RunSpec {
+        idempotency_key: Some("req-1".into()),
+        env: [("X".to_owned(), "1".to_owned())].into(),
+        ..of_deployment("web")
+    };
+    let first = s.submit_run(&spec).expect("submit");
+    assert!(first.created);
+    assert_eq!(first.run.state, RunState::Queued);
+    assert_eq!(
+        first.run.env.get("FROM").map(String::as_str),
+        Some("deployment")
+    );
+    assert_eq!(first.run.env.get("X").map(String::as_str), Some("1"));
+    // A retry from another replica, later: still the same run.
+    let s2 = h.open(clock());
+    let again = s2.submit_run(&spec).expect("resubmit");
+    assert!(!again.created);
+    assert_eq!(again.run, first.run);
+    let other = RunSpec {
+        command: vec!["other".into()],
+        ..spec.clone()
+    };
+    assert!(matches!(
+        s.submit_run(&other),
+        Err(StoreError::IdempotencyMismatch { existing, .. }) if existing == first.run.id
+    ));
+    let a = s.submit_run(&of_deployment("web")).expect("submit");
+    let b = s.submit_run(&of_deployment("web")).expect("submit");
+    assert_ne!(a.run.id, b.run.id);
+    assert_eq!(all_runs(&*s).len(), 3);
+}
+
+/// Malformed or dangling submits are refused and leave nothing behind.
+pub fn invalid_submit_writes_nothing(h: &dyn Harness) {
+    let s = h.open(clock());
+    s.create_deployment(&deployment("web", 1)).expect("create");
+    let both = RunSpec {
+        image: Some(image(1)),
+        ..of_deployment("web")
+    };
+    assert!(matches!(s.submit_run(&both), Err(StoreError::Invalid(_))));
+    assert!(matches!(
+        s.submit_run(&RunSpec::default()),
+        Err(StoreError::Invalid(_))
+    ));
+    let unpinned = RunSpec {
+        image: Some(PinnedImage {
+            reference: "x".into(),
+            digest: "sha256:short".into(),
+        }),
+        ..RunSpec::default()
+    };
+    assert!(matches!(
+        s.submit_run(&unpinned),
+        Err(StoreError::Invalid(_))
+    ));
+    let dangling = RunSpec {
+        idempotency_key: Some("k".into()),
+        ..of_deployment("missing")
+    };
+    assert!(matches!(
+        s.submit_run(&dangling),
+        Err(StoreError::DeploymentNotFound(_))
+    ));
+    assert!(all_runs(&*s).is_empty());
+    // The failed submit did not reserve its idempotency key.
+    let ok = RunSpec {
+        idempotency_key: Some("k".into()),
+        ..of_deployment("web")
+    };
+    assert!(s.submit_run(&ok).expect("submit").created);
+}
+
+/// Compare-and-set: of two replicas moving the same run from the same
+/// state, exactly one wins; the other gets a conflict naming the real state.
+pub fn cas_conflict(h: &dyn Harness) {
+    let c = clock();
+    let a = h.open(c.clone());
+    let b = h.open(c.clone());
+    let id = a
+        .submit_run(&RunSpec {
+            image: Some(image(1)),
+            ..RunSpec::default()
+        })
+        .expect("submit")
+        .run
+        .id;
+    let cancelled = a
+        .transition_run(id, RunState::Queued, RunState::Cancelled)
+        .expect("cancel");
+    assert_eq!(cancelled.state, RunState::Cancelled);
+    assert_eq!(cancelled.times.finished, Some(T0));
+    match b.transition_run(id, RunState::Queued, RunState::Cancelled) {
+        Err(StoreError::Conflict {
+            run,
+            expected,
+            actual,
+        }) => {
+            assert_eq!(
+                (run, expected, actual),
+                (id, RunState::Queued, RunState::Cancelled)
+            );
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    // A claim taken before a cancel cannot schedule the cancelled run.
+    a.upsert_node(&node("n1", 4)).expect("node");
+    let id2 = a
+        .submit_run(&RunSpec {
+            image: Some(image(1)),
+            ..RunSpec::default()
+        })
+        .expect("submit")
+        .run
+        .id;
+    assert_eq!(a.claim_runs(&claim("r1", 10)).expect("claim").len(), 1);
+    b.transition_run(id2, RunState::Queued, RunState::Cancelled)
+        .expect("cancel");
+    assert!(matches!(
+        a.assign_run("r1", id2, "n1"),
+        Err(StoreError::NotClaimed { .. } | StoreError::Conflict { .. })
+    ));
+    assert_eq!(
+        a.get_run(id2).expect("get").map(|r| r.state),
+        Some(RunState::Cancelled)
+    );
+    assert!(matches!(
+        a.transition_run(RunId(999_999), RunState::Queued, RunState::Cancelled),
+        Err(StoreError::RunNotFound(_))
+    ));
+}
+
+/// Illegal edges are refused with the typed error and change nothing.
+pub fn illegal_transitions_rejected(h: &dyn Harness) {
+    let s = h.open(clock());
+    let run = s
+        .submit_run(&RunSpec {
+            image: Some(image(1)),
+            ..RunSpec::default()
+        })
+        .expect("submit")
+        .run;
+    for to in [
+        RunState::Running,
+        RunState::Succeeded,
+        RunState::Lost,
+        RunState::Queued,
+    ] {
+        match s.transition_run(run.id, RunState::Queued, to) {
+            Err(StoreError::Transition {
+                source: TransitionError::Illegal { from, to: t },
+                ..
+            }) => assert_eq!((from, t), (RunState::Queued, to)),
+            other => panic!("queued -> {to} should be illegal, got {other:?}"),
+        }
+    }
+    assert_eq!(s.get_run(run.id).expect("get"), Some(run.clone()));
+    s.transition_run(run.id, RunState::Queued, RunState::Cancelled)
+        .expect("cancel");
+    assert!(matches!(
+        s.transition_run(run.id, RunState::Cancelled, RunState::Queued),
+        Err(StoreError::Transition { .. })
+    ));
+}
+
+/// A burst of 500 runs of deployment A submitted before B's one run delays
+/// B by at most one round: with one run claimed at a time, B's run is the
+/// second claimed; claimed in batches, it is in the first batch. Within A,
+/// runs come out in submission order.
+pub fn fair_claim_across_deployments(h: &dyn Harness) {
+    let s = h.open(clock());
+    s.create_deployment(&deployment("a", 1)).expect("create");
+    s.create_deployment(&deployment("b", 2)).expect("create");
+    let a_ids: Vec<RunId> = (0..500)
+        .map(|_| s.submit_run(&of_deployment("a")).expect("submit").run.id)
+        .collect();
+    let b_id = s.submit_run(&of_deployment("b")).expect("submit").run.id;
+
+    // Batches: the first batch of 8 holds B's run.
+    let first = s.claim_runs(&claim("x", 8)).expect("claim");
+    assert!(
+        first.iter().any(|r| r.id == b_id),
+        "B missing from first batch"
+    );
+    let ids: Vec<RunId> = first.iter().map(|r| r.id).collect();
+    s.release_claims("x", &ids).expect("release");
+
+    // One at a time: A's oldest, then B, then A in order.
+    let h2 = h.open(clock());
+    s.create_deployment(&deployment("c", 3)).expect("create");
+    let order: Vec<RunId> = (0..4)
+        .map(|_| {
+            let got = h2.claim_runs(&claim("y", 1)).expect("claim");
+            assert_eq!(got.len(), 1);
+            got[0].id
+        })
+        .collect();
+    // The batch above served A's oldest and B's run and then A five times
+    // more, so B's group is now the one served longest ago: it comes first
+    // here. In any order, B must be within the first two single claims.
+    assert!(
+        order[..2].contains(&b_id),
+        "B waited more than one round: {order:?}"
+    );
+    let a_order: Vec<RunId> = order.iter().copied().filter(|i| *i != b_id).collect();
+    assert_eq!(a_order[..], a_ids[..a_order.len()]);
+
+    // A newcomer joining mid-burst is served within one round too.
+    let c_id = s.submit_run(&of_deployment("c")).expect("submit").run.id;
+    let next: Vec<RunId> = (0..2)
+        .map(|_| h2.claim_runs(&claim("y", 1)).expect("claim")[0].id)
+        .collect();
+    assert!(
+        next.contains(&c_id),
+        "C waited more than one round: {next:?}"
+    );
+}
+
+/// A claim is exclusive while its lease runs; after it lapses another
+/// claimer may take the run and the first loses it; releasing makes it
+/// claimable at once.
+pub fn claim_leases(h: &dyn Harness) {
+    let c = clock();
+    let s = h.open(c.clone());
+    s.upsert_node(&node("n1", 4)).expect("node");
+    let id = s
+        .submit_run(&RunSpec {
+            image: Some(image(1)),
+            ..RunSpec::default()
+        })
+        .expect("submit")
+        .run
+        .id;
+    assert_eq!(s.claim_runs(&claim("a", 10)).expect("claim").len(), 1);
+    assert!(s.claim_runs(&claim("b", 10)).expect("claim").is_empty());
+    c.advance(LEASE);
+    let taken = s.claim_runs(&claim("b", 10)).expect("claim");
+    assert_eq!(taken.iter().map(|r| r.id).collect::<Vec<_>>(), [id]);
+    assert!(matches!(
+        s.assign_run("a", id, "n1"),
+        Err(StoreError::NotClaimed { .. })
+    ));
+    s.release_claims("b", &[id]).expect("release");
+    assert_eq!(s.claim_runs(&claim("a", 10)).expect("claim").len(), 1);
+    assert!(matches!(
+        s.assign_run("a", id, "ghost"),
+        Err(StoreError::NodeNotFound(_))
+    ));
+    let run = s.assign_run("a", id, "n1").expect("assign");
+    assert_eq!((run.state, run.attempts), (RunState::Scheduled, 1));
+    assert_eq!(run.node.as_deref(), Some("n1"));
+    assert!(s.claim_runs(&claim("b", 10)).expect("claim").is_empty());
+}
+
+/// Four threads, each with its own connection, claim 300 runs of three
+/// deployments at once, then assign them: every run is claimed exactly once.
+pub fn concurrent_claimers_never_share_a_run(h: &dyn Harness) {
+    let c = clock();
+    let setup = h.open(c.clone());
+    setup.upsert_node(&node("n1", 1_000)).expect("node");
+    for d in ["a", "b", "c"] {
+        setup.create_deployment(&deployment(d, 1)).expect("create");
+    }
+    for i in 0..300 {
+        setup
+            .submit_run(&of_deployment(["a", "b", "c"][i % 3]))
+            .expect("submit");
+    }
+    // Claim everything first and assign only after all threads are done
+    // claiming, so claims held by one thread are in the database while the
+    // others claim: any overlap shows up as a duplicate or a failed assign.
+    let barrier = std::sync::Barrier::new(4);
+    let per_thread: Vec<Vec<RunId>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let c = c.clone();
+                let barrier = &barrier;
+                scope.spawn(move || {
+                    let s = h.open(c);
+                    let owner = format!("replica-{t}");
+                    barrier.wait();
+                    // Errors are carried past the second barrier instead of
+                    // panicking before it, which would leave the other
+                    // threads waiting forever: a broken store must fail the
+                    // test, not hang it.
+                    let mut mine = Vec::new();
+                    let mut failure = None;
+                    // The bound stops a broken store that hands out claimed
+                    // runs again from looping forever.
+                    while mine.len() <= 300 {
+                        match s.claim_runs(&claim(&owner, 7)) {
+                            Ok(got) if got.is_empty() => break,
+                            Ok(got) => mine.extend(got.iter().map(|r| r.id)),
+                            Err(e) => {
+                                failure = Some(e);
+                                break;
+                            }
+                        }
+                        std::thread::yield_now();
+                    }
+                    barrier.wait();
+                    if let Some(e) = failure {
+                        panic!("{owner}: claim failed: {e}");
+                    }
+                    for id in &mine {
+                        s.assign_run(&owner, *id, "n1").expect("assign own claim");
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|j| j.join().expect("claimer thread"))
+            .collect()
+    });
+    let total: usize = per_thread.iter().map(Vec::len).sum();
+    let unique: BTreeSet<RunId> = per_thread.iter().flatten().copied().collect();
+    assert_eq!(total, 300, "claimed {total}");
+    assert_eq!(unique.len(), 300, "a run was claimed twice");
+    for run in all_runs(&*setup) {
+        assert_eq!(
+            (run.state, run.attempts),
+            (RunState::Scheduled, 1),
+            "{}",
+            run.id
+        );
+    }
+}
+
+/// Node reports drive the run through its states and stamp the start-time
+/// breakdown in order.
+pub fn node_reports_and_start_times(h: &dyn Harness) {
+    let c = clock();
+    let s = h.open(c.clone());
+    s.upsert_node(&node("n1", 2)).expect("node");
+    let id = s
+        .submit_run(&RunSpec {
+            image: Some(image(1)),
+            ..RunSpec::default()
+        })
+        .expect("submit")
+        .run
+        .id;
+    c.advance(1);
+    schedule(&*s, id, "n1");
+    let steps = [
+        (NodeReport::Accepted, RunState::Starting),
+        (NodeReport::ImageReady, RunState::Starting),
+        (NodeReport::RunnerReady, RunState::Starting),
+        (NodeReport::Started, RunState::Running),
+        (NodeReport::Exited { code: 0 }, RunState::Succeeded),
+    ];
+    for (report, state) in steps {
+        c.advance(10);
+        let run = s.report("n1", id, &report).expect("report");
+        assert_eq!(run.state, state, "after {report:?}");
+    }
+    let run = s.get_run(id).expect("get").expect("exists");
+    let t = &run.times;
+    assert_eq!(
+        [
+            t.queued,
+            t.scheduled,
+            t.image_ready,
+            t.runner_ready,
+            t.process_started,
+            t.finished
+        ],
+        [
+            Some(T0),
+            Some(T0 + 1),
+            Some(T0 + 21),
+            Some(T0 + 31),
+            Some(T0 + 41),
+            Some(T0 + 51)
+        ]
+    );
+    assert_eq!(run.exit_code, Some(0));
+
+    // Non-zero exit fails; a failure before start records why.
+    for (report, state) in [
+        (NodeReport::Exited { code: 3 }, RunState::Failed),
+        (
+            NodeReport::Failed {
+                error: "pull failed".into(),
+            },
+            RunState::Failed,
+        ),
+    ] {
+        let id = s
+            .submit_run(&RunSpec {
+                image: Some(image(1)),
+                ..RunSpec::default()
+            })
+            .expect("submit")
+            .run
+            .id;
+        schedule(&*s, id, "n1");
+        if matches!(report, NodeReport::Exited { .. }) {
+            s.report("n1", id, &NodeReport::Started).expect("started");
+        }
+        assert_eq!(s.report("n1", id, &report).expect("report").state, state);
+    }
+}
+
+/// Runs of a node that stops heartbeating become lost; a lost run with
+/// attempts left is requeued (a fresh attempt, no node), one without is not.
+pub fn lost_nodes_and_retries(h: &dyn Harness) {
+    let c = clock();
+    let s = h.open(c.clone());
+    s.upsert_node(&node("n1", 4)).expect("node");
+    s.upsert_node(&node("n2", 4)).expect("node");
+    let submit = |max_attempts| {
+        s.submit_run(&RunSpec {
+            image: Some(image(1)),
+            max_attempts,
+            ..RunSpec::default()
+        })
+        .expect("submit")
+        .run
+        .id
+    };
+    let retryable = submit(2);
+    let once = submit(1);
+    let elsewhere = submit(1);
+    schedule(&*s, retryable, "n1");
+    schedule(&*s, once, "n1");
+    schedule(&*s, elsewhere, "n2");
+    s.report("n1", retryable, &NodeReport::Started)
+        .expect("started");
+
+    c.advance(10_000);
+    s.upsert_node(&node("n2", 4)).expect("heartbeat");
+    assert!(s.mark_lost_runs(20_000).expect("sweep").is_empty());
+    let lost = s.mark_lost_runs(5_000).expect("sweep");
+    let lost_ids: Vec<RunId> = lost.iter().map(|r| r.id).collect();
+    assert_eq!(lost_ids, [retryable, once]);
+    assert!(lost.iter().all(|r| r.state == RunState::Lost));
+    assert!(
+        s.mark_lost_runs(5_000).expect("sweep").is_empty(),
+        "lost twice"
+    );
+    assert_eq!(
+        s.get_run(elsewhere).expect("get").map(|r| r.state),
+        Some(RunState::Scheduled)
+    );
+
+    let requeued = s
+        .transition_run(retryable, RunState::Lost, RunState::Queued)
+        .expect("retry");
+    assert_eq!(requeued.attempts, 1);
+    assert_eq!(requeued.node, None);
+    assert_eq!(requeued.times.queued, Some(T0 + 10_000));
+    assert_eq!(requeued.times.scheduled, None);
+    assert!(matches!(
+        s.transition_run(once, RunState::Lost, RunState::Queued),
+        Err(StoreError::Transition {
+            source: TransitionError::NoAttemptsLeft {
+                attempts: 1,
+                max_attempts: 1
+            },
+            ..
+        })
+    ));
+
+    schedule(&*s, retryable, "n2");
+    s.report("n2", retryable, &NodeReport::Started)
+        .expect("started");
+    c.advance(10_000);
+    s.upsert_node(&node("n1", 4)).expect("n1 is back");
+    let lost = s.mark_lost_runs(5_000).expect("sweep");
+    assert_eq!(
+        lost.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [retryable, elsewhere]
+    );
+    assert!(matches!(
+        s.transition_run(retryable, RunState::Lost, RunState::Queued),
+        Err(StoreError::Transition {
+            source: TransitionError::NoAttemptsLeft {
+                attempts: 2,
+                max_attempts: 2
+            },
+            ..
+        })
+    ));
+}
+
+/// Reports from a node for a run that is not (or no longer) its own are
+/// refused and change nothing: after a loss, after a reassignment, after a
+/// cancel, and from a node that never had it.
+pub fn late_reports_rejected(h: &dyn Harness) {
+    let c = clock();
+    let s = h.open(c.clone());
+    s.upsert_node(&node("n1", 4)).expect("node");
+    s.upsert_node(&node("n2", 4)).expect("node");
+    let id = s
+        .submit_run(&RunSpec {
+            image: Some(image(1)),
+            max_attempts: 3,
+            ..RunSpec::default()
+        })
+        .expect("submit")
+        .run
+        .id;
+    schedule(&*s, id, "n1");
+    assert!(matches!(
+        s.report("n2", id, &NodeReport::Accepted),
+        Err(StoreError::NotAssigned { .. })
+    ));
+    c.advance(60_000);
+    s.upsert_node(&node("n2", 4)).expect("heartbeat");
+    assert_eq!(s.mark_lost_runs(30_000).expect("sweep").len(), 1);
+    let late = NodeReport::Exited { code: 0 };
+    assert!(matches!(
+        s.report("n1", id, &late),
+        Err(StoreError::NotAssigned { run, node }) if run == id && node == "n1"
+    ));
+    s.transition_run(id, RunState::Lost, RunState::Queued)
+        .expect("retry");
+    assert!(matches!(
+        s.report("n1", id, &late),
+        Err(StoreError::NotAssigned { .. })
+    ));
+    schedule(&*s, id, "n2");
+    assert!(matches!(
+        s.report("n1", id, &late),
+        Err(StoreError::NotAssigned { .. })
+    ));
+    let run = s.get_run(id).expect("get").expect("exists");
+    assert_eq!(
+        (run.state, run.node.as_deref(), run.exit_code),
+        (RunState::Scheduled, Some("n2"), None),
+        "a rejected report changed the run"
+    );
+    s.transition_run(id, RunState::Scheduled, RunState::Cancelled)
+        .expect("cancel");
+    assert!(matches!(
+        s.report("n2", id, &NodeReport::Started),
+        Err(StoreError::NotAssigned { .. })
+    ));
+    assert_eq!(
+        s.get_run(id).expect("get").map(|r| r.state),
+        Some(RunState::Cancelled)
+    );
+}
+
+/// A runner freed on a node takes the oldest queued run with its key at
+/// once, skipping runs of other keys and runs whose selector the node
+/// fails, and never a run another replica has claimed.
+pub fn warm_handoff(h: &dyn Harness) {
+    let s = h.open(clock());
+    let mut n1 = node("n1", 4);
+    n1.labels.insert("zone".into(), "a".into());
+    s.upsert_node(&n1).expect("node");
+    s.create_deployment(&deployment("web", 1)).expect("create");
+    s.create_deployment(&deployment("api", 2)).expect("create");
+    let api = s.submit_run(&of_deployment("api")).expect("submit").run;
+    let elsewhere = s
+        .submit_run(&RunSpec {
+            node_selector: [("zone".to_owned(), "b".to_owned())].into(),
+            ..of_deployment("web")
+        })
+        .expect("submit")
+        .run;
+    let claimed = s.submit_run(&of_deployment("web")).expect("submit").run;
+    let first = s.submit_run(&of_deployment("web")).expect("submit").run;
+    let second = s.submit_run(&of_deployment("web")).expect("submit").run;
+    // Another replica holds `claimed`; the hand-off must not take it.
+    let got = s.claim_runs(&claim("other", 3)).expect("claim");
+    assert!(got.iter().any(|r| r.id == claimed.id), "{got:?}");
+    let ids: Vec<RunId> = got
+        .iter()
+        .map(|r| r.id)
+        .filter(|i| *i != claimed.id)
+        .collect();
+    s.release_claims("other", &ids).expect("release");
+
+    let key = first.warm_key();
+    assert_ne!(key, api.warm_key());
+    let run = s
+        .claim_for_runner("n1", &key)
+        .expect("hand-off")
+        .expect("a web run is queued");
+    assert_eq!(run.id, first.id);
+    assert_eq!((run.state, run.attempts), (RunState::Scheduled, 1));
+    assert_eq!(run.node.as_deref(), Some("n1"));
+    let run = s.claim_for_runner("n1", &key).expect("hand-off");
+    assert_eq!(run.map(|r| r.id), Some(second.id));
+    assert_eq!(s.claim_for_runner("n1", &key).expect("hand-off"), None);
+    assert_eq!(
+        s.get_run(elsewhere.id).expect("get").map(|r| r.state),
+        Some(RunState::Queued)
+    );
+    assert!(matches!(
+        s.claim_for_runner("ghost", &key),
+        Err(StoreError::NodeNotFound(_))
+    ));
+}
+
+/// `list_runs` filters by state, deployment and node, newest first, limited.
+pub fn list_filters(h: &dyn Harness) {
+    let s = h.open(clock());
+    s.upsert_node(&node("n1", 4)).expect("node");
+    s.create_deployment(&deployment("a", 1)).expect("create");
+    s.create_deployment(&deployment("b", 2)).expect("create");
+    let a1 = s.submit_run(&of_deployment("a")).expect("submit").run.id;
+    let b1 = s.submit_run(&of_deployment("b")).expect("submit").run.id;
+    let a2 = s.submit_run(&of_deployment("a")).expect("submit").run.id;
+    schedule(&*s, b1, "n1");
+    let ids = |f: RunFilter| -> Vec<RunId> {
+        s.list_runs(&f)
+            .expect("list")
+            .into_iter()
+            .map(|r| r.id)
+            .collect()
+    };
+    assert_eq!(ids(RunFilter::default()), [a2, b1, a1]);
+    assert_eq!(
+        ids(RunFilter {
+            deployment: Some("a".into()),
+            ..RunFilter::default()
+        }),
+        [a2, a1]
+    );
+    assert_eq!(
+        ids(RunFilter {
+            states: vec![RunState::Scheduled, RunState::Running],
+            ..RunFilter::default()
+        }),
+        [b1]
+    );
+    assert_eq!(
+        ids(RunFilter {
+            node: Some("n1".into()),
+            ..RunFilter::default()
+        }),
+        [b1]
+    );
+    assert_eq!(
+        ids(RunFilter {
+            limit: Some(1),
+            ..RunFilter::default()
+        }),
+        [a2]
+    );
+}
+
+/// Closing every connection and reopening loses nothing: deployments,
+/// nodes, queued, scheduled and running runs, claims (until their lease
+/// lapses) and the id sequence.
+pub fn restart_durability(h: &dyn Harness) {
+    let c = clock();
+    let (before, claimed, queued) = {
+        let s = h.open(c.clone());
+        s.create_deployment(&deployment("web", 1)).expect("create");
+        s.upsert_node(&node("n1", 4)).expect("node");
+        let ids: Vec<RunId> = (0..4)
+            .map(|_| s.submit_run(&of_deployment("web")).expect("submit").run.id)
+            .collect();
+        schedule(&*s, ids[0], "n1");
+        s.report("n1", ids[0], &NodeReport::Started)
+            .expect("started");
+        schedule(&*s, ids[1], "n1");
+        let claimed = s.claim_runs(&claim("old-replica", 1)).expect("claim");
+        assert_eq!(claimed.len(), 1);
+        (all_runs(&*s), claimed[0].id, ids[3])
+    };
+    let s = h.open(c.clone());
+    assert_eq!(all_runs(&*s), before);
+    assert_eq!(s.list_deployments().expect("list").len(), 1);
+    assert_eq!(s.list_nodes().expect("list").len(), 1);
+    let states: Vec<RunState> = before.iter().rev().map(|r| r.state).collect();
+    assert_eq!(
+        states,
+        [
+            RunState::Running,
+            RunState::Scheduled,
+            RunState::Queued,
+            RunState::Queued
+        ]
+    );
+    // The dead replica's claim holds until its lease lapses, then the run
+    // is claimable again.
+    let now: Vec<RunId> = s
+        .claim_runs(&claim("new", 10))
+        .expect("claim")
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(now, [queued]);
+    c.advance(LEASE);
+    let later: Vec<RunId> = s
+        .claim_runs(&claim("new", 10))
+        .expect("claim")
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert!(later.contains(&claimed), "{later:?}");
+    let newest = s.submit_run(&of_deployment("web")).expect("submit").run.id;
+    assert!(
+        before.iter().all(|r| r.id < newest),
+        "ids reused after restart"
+    );
+}

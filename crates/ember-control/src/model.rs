@@ -1,0 +1,667 @@
+//! The control plane's data: deployments, runs, nodes, and the run state
+//! machine.
+//!
+//! Every type here is plain data with serde derives, because the same
+//! structs are what the HTTP/JSON API will speak and what the stores
+//! persist. Times are [`Millis`] (milliseconds since the Unix epoch) taken
+//! from an injected [`Clock`](crate::Clock), never read here, so tests are
+//! deterministic.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = u64;
+
+/// A node's identity, chosen by the node (`ember node --id`, or its hostname).
+pub type NodeId = String;
+
+/// A run's identity: assigned by the store, increasing in submission order,
+/// which is what makes FIFO within one deployment cheap to query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RunId(pub i64);
+
+impl fmt::Display for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "run-{}", self.0)
+    }
+}
+
+/// Why some input to the model is not acceptable; a client error (4xx).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    /// The digest is not `sha256:` followed by 64 lowercase hex digits.
+    #[error("image {reference:?} is not pinned to a sha256 digest: {digest:?}")]
+    UnpinnedImage {
+        /// The reference as the user wrote it.
+        reference: String,
+        /// The digest that was given.
+        digest: String,
+    },
+    /// A run names both a deployment and an image, or neither.
+    #[error("a run needs exactly one of a deployment or an image")]
+    RunTarget,
+    /// A name that must be non-empty (deployment, node, key) is empty.
+    #[error("{what} must not be empty")]
+    Empty {
+        /// What was empty.
+        what: &'static str,
+    },
+}
+
+/// An image reference pinned to a manifest digest at deploy/submit time, so
+/// every node runs exactly the same bytes even if the tag moves later.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PinnedImage {
+    /// The reference as the user wrote it (kept for display and pulls through mirrors).
+    pub reference: String,
+    /// The manifest digest, `sha256:<64 hex>`.
+    pub digest: String,
+}
+
+impl PinnedImage {
+    /// Checks that `digest` really is a sha256 digest.
+    pub fn new(
+        reference: impl Into<String>,
+        digest: impl Into<String>,
+    ) -> Result<Self, ModelError> {
+        let image = PinnedImage {
+            reference: reference.into(),
+            digest: digest.into(),
+        };
+        image.validate()?;
+        Ok(image)
+    }
+
+    /// Checks the digest's form; called again on every submit because serde
+    /// deserialisation bypasses [`PinnedImage::new`].
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let ok = self.digest.strip_prefix("sha256:").is_some_and(|hex| {
+            hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(ModelError::UnpinnedImage {
+                reference: self.reference.clone(),
+                digest: self.digest.clone(),
+            })
+        }
+    }
+}
+
+/// What a run may use on its node. Zero means "no limit".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Resources {
+    /// CPU in thousandths of a core.
+    #[serde(default)]
+    pub cpu_millis: u32,
+    /// Memory limit in bytes.
+    #[serde(default)]
+    pub memory_bytes: u64,
+}
+
+/// What a user deploys: a named, reusable run template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentSpec {
+    /// Unique name; runs refer to it.
+    pub name: String,
+    /// The image, pinned at deploy time.
+    pub image: PinnedImage,
+    /// Command and arguments (empty: the image's entrypoint/cmd).
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Environment added to the image's.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Resource limits.
+    #[serde(default)]
+    pub resources: Resources,
+    /// Extra key that separates runners of the same image and shape
+    /// (`ember-pool` hashes it into the runner key); `None` shares runners
+    /// with every run of the same image and shape.
+    #[serde(default)]
+    pub recycle_key: Option<String>,
+    /// How many idle runners nodes should keep warm for this deployment.
+    #[serde(default)]
+    pub warm_runners: u32,
+    /// Node labels a node must carry to run this deployment.
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+}
+
+impl DeploymentSpec {
+    /// Checks the name and the image pin.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if self.name.is_empty() {
+            return Err(ModelError::Empty {
+                what: "deployment name",
+            });
+        }
+        self.image.validate()
+    }
+}
+
+/// A stored deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deployment {
+    /// What the user deployed.
+    #[serde(flatten)]
+    pub spec: DeploymentSpec,
+    /// When it was created.
+    pub created_at: Millis,
+}
+
+/// What a user submits.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSpec {
+    /// Run this deployment (its image, command, env, resources, key)...
+    #[serde(default)]
+    pub deployment: Option<String>,
+    /// ...or this image.
+    #[serde(default)]
+    pub image: Option<PinnedImage>,
+    /// Overrides the deployment's command when non-empty.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Added to (and overriding) the deployment's environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Kill the process after this long (milliseconds).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// A second submit with the same key returns the first run instead of
+    /// creating another, so clients can retry submits safely.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// How many times the run may be scheduled in total; a run lost with
+    /// attempts left goes back to the queue. `0` is read as 1.
+    #[serde(default)]
+    pub max_attempts: u32,
+    /// Node labels required (merged over the deployment's selector).
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+}
+
+/// Where a run is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Waiting for a node.
+    Queued,
+    /// Assigned to a node that has not acknowledged it yet.
+    Scheduled,
+    /// The node is preparing it: image, runner.
+    Starting,
+    /// The process runs.
+    Running,
+    /// Exited with status 0.
+    Succeeded,
+    /// Exited non-zero, timed out, or could not start.
+    Failed,
+    /// Cancelled by a user.
+    Cancelled,
+    /// Its node stopped heartbeating; may go back to `Queued` while attempts remain.
+    Lost,
+}
+
+impl RunState {
+    /// Every state, for iteration in tests and SQL.
+    pub const ALL: [RunState; 8] = [
+        RunState::Queued,
+        RunState::Scheduled,
+        RunState::Starting,
+        RunState::Running,
+        RunState::Succeeded,
+        RunState::Failed,
+        RunState::Cancelled,
+        RunState::Lost,
+    ];
+
+    /// The name used in storage and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Queued => "queued",
+            RunState::Scheduled => "scheduled",
+            RunState::Starting => "starting",
+            RunState::Running => "running",
+            RunState::Succeeded => "succeeded",
+            RunState::Failed => "failed",
+            RunState::Cancelled => "cancelled",
+            RunState::Lost => "lost",
+        }
+    }
+
+    /// Parses [`RunState::as_str`]'s output.
+    pub fn parse(s: &str) -> Option<RunState> {
+        RunState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// The run occupies a slot on its node.
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            RunState::Scheduled | RunState::Starting | RunState::Running
+        )
+    }
+
+    /// Nothing more will happen to the run (except `Lost → Queued`, a retry).
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            RunState::Succeeded | RunState::Failed | RunState::Cancelled | RunState::Lost
+        )
+    }
+}
+
+impl fmt::Display for RunState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a state change was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransitionError {
+    /// The state machine has no such edge.
+    #[error("illegal run transition {from} -> {to}")]
+    Illegal {
+        /// Current state.
+        from: RunState,
+        /// Requested state.
+        to: RunState,
+    },
+    /// `lost → queued` with every attempt used.
+    #[error("no attempts left ({attempts} of {max_attempts} used)")]
+    NoAttemptsLeft {
+        /// Attempts used.
+        attempts: u32,
+        /// Attempts allowed.
+        max_attempts: u32,
+    },
+}
+
+/// The run state machine, as one function so that every store and the API
+/// enforce the same edges:
+///
+/// ```text
+/// queued → scheduled → starting → running → succeeded | failed | cancelled | lost
+///   │          │  └──────────┴─→ failed | cancelled | lost
+///   └─→ cancelled
+/// lost → queued   (a retry, only while attempts < max_attempts)
+/// ```
+///
+/// `scheduled → failed` exists because a node may refuse a run before it
+/// acknowledges it (bad image, no space); `starting → failed` is a failed
+/// pull or runner start.
+pub fn check_transition(
+    from: RunState,
+    to: RunState,
+    attempts: u32,
+    max_attempts: u32,
+) -> Result<(), TransitionError> {
+    use RunState::*;
+    let legal = match (from, to) {
+        (Queued, Scheduled | Cancelled) => true,
+        (Scheduled, Starting | Failed | Cancelled | Lost) => true,
+        (Starting, Running | Failed | Cancelled | Lost) => true,
+        (Running, Succeeded | Failed | Cancelled | Lost) => true,
+        (Lost, Queued) => {
+            if attempts >= max_attempts {
+                return Err(TransitionError::NoAttemptsLeft {
+                    attempts,
+                    max_attempts,
+                });
+            }
+            true
+        }
+        _ => false,
+    };
+    if legal {
+        Ok(())
+    } else {
+        Err(TransitionError::Illegal { from, to })
+    }
+}
+
+/// When each phase of the current attempt's start happened; the difference
+/// between neighbours is what `ember runs --stats` will report (queue,
+/// placement, image, runner, process).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartTimes {
+    /// Entered the queue (submit, or re-queue after a loss).
+    pub queued: Option<Millis>,
+    /// Assigned to a node.
+    pub scheduled: Option<Millis>,
+    /// The node had the image's layers.
+    pub image_ready: Option<Millis>,
+    /// The node had a runner (warm or new) for it.
+    pub runner_ready: Option<Millis>,
+    /// The process started.
+    pub process_started: Option<Millis>,
+    /// It reached a final state.
+    pub finished: Option<Millis>,
+}
+
+/// A run as stored: the resolved spec (deployment fields copied in at
+/// submit, so later deployment edits don't change queued runs) and its state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run {
+    /// Identity.
+    pub id: RunId,
+    /// The deployment it came from, if any.
+    pub deployment: Option<String>,
+    /// The image to run.
+    pub image: PinnedImage,
+    /// Command and arguments.
+    pub command: Vec<String>,
+    /// Environment.
+    pub env: BTreeMap<String, String>,
+    /// Resource limits.
+    pub resources: Resources,
+    /// Recycling key (from the deployment).
+    pub recycle_key: Option<String>,
+    /// Node labels required.
+    pub node_selector: BTreeMap<String, String>,
+    /// Timeout in milliseconds.
+    pub timeout_ms: Option<u64>,
+    /// Client's idempotency key.
+    pub idempotency_key: Option<String>,
+    /// Times scheduled so far.
+    pub attempts: u32,
+    /// Times it may be scheduled.
+    pub max_attempts: u32,
+    /// Current state.
+    pub state: RunState,
+    /// The node of the current (or last) attempt.
+    pub node: Option<NodeId>,
+    /// Process exit code, once known.
+    pub exit_code: Option<i32>,
+    /// Why it failed, if it did without an exit code.
+    pub error: Option<String>,
+    /// When it was first submitted.
+    pub submitted_at: Millis,
+    /// The current attempt's start-time breakdown.
+    pub times: StartTimes,
+}
+
+impl Run {
+    /// The fairness group the run queues in: its deployment, or for ad-hoc
+    /// runs the image digest, so a burst of ad-hoc runs of one image is one
+    /// group like a deployment's burst is.
+    pub fn queue_key(&self) -> String {
+        match &self.deployment {
+            Some(d) => format!("d:{d}"),
+            None => format!("i:{}", self.image.digest),
+        }
+    }
+
+    /// The key of the warm runners that can serve this run. Two runs with the
+    /// same key are interchangeable for a runner: same image, command-independent
+    /// runtime shape and recycling key. (The node's pool hashes more of the
+    /// shape; this is the control plane's coarser view of it.)
+    pub fn warm_key(&self) -> String {
+        let mut key = format!(
+            "{}|cpu={}|mem={}",
+            self.image.digest, self.resources.cpu_millis, self.resources.memory_bytes
+        );
+        if let Some(k) = &self.recycle_key {
+            key.push_str("|key=");
+            key.push_str(k);
+        }
+        key
+    }
+
+    /// Moves the run to `to` if the state machine allows it, stamping the
+    /// phase time and resetting attempt-specific fields on a retry.
+    pub fn apply(&mut self, to: RunState, now: Millis) -> Result<(), TransitionError> {
+        check_transition(self.state, to, self.attempts, self.max_attempts)?;
+        match to {
+            RunState::Queued => {
+                // A retry starts a fresh attempt: its breakdown must not mix
+                // with the lost attempt's.
+                self.node = None;
+                self.exit_code = None;
+                self.error = None;
+                self.times = StartTimes {
+                    queued: Some(now),
+                    ..StartTimes::default()
+                };
+            }
+            RunState::Scheduled => {
+                self.attempts += 1;
+                self.times.scheduled = Some(now);
+            }
+            RunState::Starting => {}
+            RunState::Running => {
+                self.times.process_started = Some(now);
+            }
+            RunState::Succeeded | RunState::Failed | RunState::Cancelled | RunState::Lost => {
+                self.times.finished = Some(now);
+            }
+        }
+        self.state = to;
+        Ok(())
+    }
+}
+
+/// What a node has that matters for placement.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inventory {
+    /// Image manifest digest → bytes of its layers present on the node
+    /// (partially present images count what is there).
+    #[serde(default)]
+    pub images: BTreeMap<String, u64>,
+    /// Warm key ([`Run::warm_key`]) → idle runners with that key.
+    #[serde(default)]
+    pub idle_runners: BTreeMap<String, u32>,
+    /// Free bytes on the store's disk.
+    #[serde(default)]
+    pub free_disk_bytes: u64,
+}
+
+/// What a node says about itself when it registers or heartbeats.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSpec {
+    /// Identity.
+    pub id: NodeId,
+    /// How many runs it executes at once.
+    pub slots: u32,
+    /// Labels for node selectors.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Its images, runners and disk.
+    #[serde(default)]
+    pub inventory: Inventory,
+}
+
+/// A stored node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// What it last said.
+    #[serde(flatten)]
+    pub spec: NodeSpec,
+    /// When it last said it (control-plane clock, not the node's).
+    pub last_heartbeat: Millis,
+}
+
+/// What a node reports about a run assigned to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum NodeReport {
+    /// The node took the run (`scheduled → starting`).
+    Accepted,
+    /// The image is on the node (stamps `image_ready`).
+    ImageReady,
+    /// A runner is ready (stamps `runner_ready`).
+    RunnerReady,
+    /// The process started (`starting → running`).
+    Started,
+    /// The process exited (`running → succeeded | failed`).
+    Exited {
+        /// Exit status.
+        code: i32,
+    },
+    /// The run could not start or was killed (`→ failed`).
+    Failed {
+        /// Why.
+        error: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use RunState::*;
+
+    /// The complete edge list; every pair not in it must be refused.
+    const EDGES: &[(RunState, RunState)] = &[
+        (Queued, Scheduled),
+        (Queued, Cancelled),
+        (Scheduled, Starting),
+        (Scheduled, Failed),
+        (Scheduled, Cancelled),
+        (Scheduled, Lost),
+        (Starting, Running),
+        (Starting, Failed),
+        (Starting, Cancelled),
+        (Starting, Lost),
+        (Running, Succeeded),
+        (Running, Failed),
+        (Running, Cancelled),
+        (Running, Lost),
+        (Lost, Queued),
+    ];
+
+    #[test]
+    fn exactly_the_documented_edges_are_legal() {
+        for from in RunState::ALL {
+            for to in RunState::ALL {
+                let got = check_transition(from, to, 0, 1);
+                if EDGES.contains(&(from, to)) {
+                    assert_eq!(got, Ok(()), "{from} -> {to}");
+                } else {
+                    assert_eq!(got, Err(TransitionError::Illegal { from, to }));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn retry_needs_attempts_left() {
+        assert_eq!(check_transition(Lost, Queued, 1, 2), Ok(()));
+        assert_eq!(
+            check_transition(Lost, Queued, 2, 2),
+            Err(TransitionError::NoAttemptsLeft {
+                attempts: 2,
+                max_attempts: 2
+            })
+        );
+    }
+
+    #[test]
+    fn final_states_have_no_way_out_but_a_retry() {
+        for from in RunState::ALL.into_iter().filter(|s| s.is_final()) {
+            for to in RunState::ALL {
+                if (from, to) != (Lost, Queued) {
+                    assert!(check_transition(from, to, 0, 9).is_err(), "{from} -> {to}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn state_names_round_trip_in_storage_and_json() {
+        for st in RunState::ALL {
+            assert_eq!(RunState::parse(st.as_str()), Some(st));
+            let json = serde_json::to_string(&st).expect("serialise");
+            assert_eq!(json, format!("\"{}\"", st.as_str()));
+        }
+        assert_eq!(RunState::parse("paused"), None);
+    }
+
+    #[test]
+    fn images_must_be_pinned_to_a_sha256_digest() {
+        let hex = "0123456789abcdef".repeat(4);
+        assert!(PinnedImage::new("app", format!("sha256:{hex}")).is_ok());
+        for bad in [
+            "latest".to_owned(),
+            format!("sha512:{hex}"),
+            format!("sha256:{}", &hex[1..]),
+            format!("sha256:{}", hex.to_uppercase()),
+        ] {
+            assert!(PinnedImage::new("app", bad).is_err());
+        }
+    }
+
+    fn run() -> Run {
+        Run {
+            id: RunId(1),
+            deployment: None,
+            image: PinnedImage {
+                reference: "app".into(),
+                digest: "sha256:x".into(),
+            },
+            command: vec![],
+            env: BTreeMap::new(),
+            resources: Resources::default(),
+            recycle_key: None,
+            node_selector: BTreeMap::new(),
+            timeout_ms: None,
+            idempotency_key: None,
+            attempts: 0,
+            max_attempts: 2,
+            state: Queued,
+            node: None,
+            exit_code: None,
+            error: None,
+            submitted_at: 5,
+            times: StartTimes {
+                queued: Some(5),
+                ..StartTimes::default()
+            },
+        }
+    }
+
+    #[test]
+    fn apply_counts_attempts_and_a_retry_starts_a_fresh_breakdown() {
+        let mut r = run();
+        r.apply(Scheduled, 10).expect("schedule");
+        r.node = Some("n1".into());
+        r.apply(Starting, 11).expect("start");
+        r.apply(Running, 12).expect("run");
+        r.apply(Lost, 13).expect("lose");
+        assert_eq!(
+            (r.attempts, r.times.scheduled, r.times.finished),
+            (1, Some(10), Some(13))
+        );
+        r.apply(Queued, 20).expect("retry");
+        assert_eq!(r.node, None);
+        assert_eq!(
+            r.times,
+            StartTimes {
+                queued: Some(20),
+                ..StartTimes::default()
+            }
+        );
+        r.apply(Scheduled, 21).expect("schedule again");
+        assert_eq!(r.attempts, 2);
+        let before = r.clone();
+        assert!(r.apply(Succeeded, 22).is_err());
+        assert_eq!(r, before, "a refused transition changes nothing");
+    }
+
+    #[test]
+    fn ad_hoc_runs_queue_by_image_and_deployment_runs_by_deployment() {
+        let mut r = run();
+        assert_eq!(r.queue_key(), "i:sha256:x");
+        r.deployment = Some("web".into());
+        assert_eq!(r.queue_key(), "d:web");
+        let plain = r.warm_key();
+        r.recycle_key = Some("tenant-a".into());
+        assert_ne!(r.warm_key(), plain, "the recycling key separates runners");
+    }
+}

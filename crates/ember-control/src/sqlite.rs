@@ -1,0 +1,746 @@
+//! The embedded [`StateStore`]: one SQLite file in WAL mode.
+//!
+//! Rows keep the whole record as JSON in `body` plus the few columns queries
+//! filter on (`state`, `node`, `queue_key`, ...). Both are written by the
+//! same `UPDATE`, so they never disagree, and adding a field to the model
+//! needs no migration.
+//!
+//! Every write runs in a `BEGIN IMMEDIATE` transaction: SQLite then takes
+//! the database's write lock at the start, so a read-check-write sequence
+//! (compare-and-set, claiming) cannot interleave with another connection's,
+//! whether that connection is in this process or another one.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::types::Value;
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+
+use crate::model::{
+    Deployment, DeploymentSpec, Millis, ModelError, Node, NodeReport, NodeSpec, Run, RunId,
+    RunSpec, RunState, StartTimes,
+};
+use crate::store::{ClaimRequest, Clock, RunFilter, StateStore, StoreError, Submitted};
+
+/// Schema migrations; `PRAGMA user_version` is the number applied. Append
+/// only: a released migration is never edited.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE deployments (
+    name        TEXT PRIMARY KEY,
+    created_at  INTEGER NOT NULL,
+    body        TEXT NOT NULL
+);
+CREATE TABLE runs (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    state           TEXT NOT NULL,
+    queue_key       TEXT NOT NULL,
+    -- Run::warm_key, for the warm hand-off
+    warm_key        TEXT NOT NULL,
+    deployment      TEXT,
+    node            TEXT,
+    idempotency_key TEXT UNIQUE,
+    -- the spec as submitted, to tell a retried submit from a reused key
+    spec            TEXT NOT NULL,
+    claimed_by      TEXT,
+    claim_expires   INTEGER,
+    body            TEXT NOT NULL
+);
+-- claiming scans only queued runs, per group, in id order
+CREATE INDEX runs_queued ON runs (queue_key, id) WHERE state = 'queued';
+CREATE INDEX runs_warm ON runs (warm_key, id) WHERE state = 'queued';
+CREATE INDEX runs_node ON runs (node, state);
+CREATE INDEX runs_deployment ON runs (deployment, id);
+-- round-robin memory: the claim sequence number a group was last served at
+CREATE TABLE queues (
+    queue_key   TEXT PRIMARY KEY,
+    last_served INTEGER NOT NULL
+);
+CREATE TABLE nodes (
+    id              TEXT PRIMARY KEY,
+    last_heartbeat  INTEGER NOT NULL,
+    body            TEXT NOT NULL
+);
+"#];
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Backend(Box::new(e))
+    }
+}
+
+impl From<serde_json::Error> for StoreError {
+    fn from(e: serde_json::Error) -> Self {
+        StoreError::Backend(Box::new(e))
+    }
+}
+
+/// A [`StateStore`] on SQLite. One connection per `SqliteStore`; open one
+/// per thread (or process) for parallel writers, they coordinate through
+/// the file's locks.
+pub struct SqliteStore {
+    /// rusqlite connections are not `Sync`; the mutex makes the store
+    /// shareable, and holding it across a transaction is what keeps this
+    /// connection's transactions from nesting.
+    conn: Mutex<Connection>,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating if needed) the database file at `path`.
+    pub fn open(path: &Path, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        // Other connections (replicas, the claim threads in tests) hold the
+        // write lock briefly; wait for them rather than failing.
+        conn.busy_timeout(Duration::from_secs(30))?;
+        // WAL: readers don't block the writer, and a commit is one append.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: an acknowledged submit survives a power cut, not just a
+        // process crash; it costs one fsync of the WAL per commit.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        Self::init(conn, clock)
+    }
+
+    /// A private in-memory database, for tests; gone when dropped.
+    pub fn open_in_memory(clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        Self::init(Connection::open_in_memory()?, clock)
+    }
+
+    fn init(mut conn: Connection, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        migrate(&mut conn)?;
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+            clock,
+        })
+    }
+
+    /// Runs `f` in an immediate transaction; commits on `Ok`, rolls back
+    /// (by dropping the transaction) on `Err`.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>, Millis) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Read the clock after taking the write lock, so times stored by
+        // successive transactions never go backwards between replicas
+        // sharing one clock.
+        let now = self.clock.now();
+        let out = f(&tx, now)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>, StoreError> {
+        self.conn
+            .lock()
+            .map_err(|_| StoreError::Backend("sqlite connection mutex poisoned".into()))
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    // Immediate: two processes opening a fresh file at once must not both
+    // run migration 1.
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let applied: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let applied = usize::try_from(applied).unwrap_or(usize::MAX);
+    if applied > MIGRATIONS.len() {
+        return Err(StoreError::Backend(
+            format!(
+                "database schema version {applied} is newer than this ember ({})",
+                MIGRATIONS.len()
+            )
+            .into(),
+        ));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(
+            None,
+            "user_version",
+            i64::try_from(i + 1).unwrap_or(i64::MAX),
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn millis_sql(ms: Millis) -> i64 {
+    i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
+fn load_run(conn: &Connection, id: RunId) -> Result<Option<Run>, StoreError> {
+    let body: Option<String> = conn
+        .prepare_cached("SELECT body FROM runs WHERE id = ?1")?
+        .query_row([id.0], |r| r.get(0))
+        .optional()?;
+    body.map(|b| serde_json::from_str(&b).map_err(StoreError::from))
+        .transpose()
+}
+
+fn must_load_run(conn: &Connection, id: RunId) -> Result<Run, StoreError> {
+    load_run(conn, id)?.ok_or(StoreError::RunNotFound(id))
+}
+
+/// Writes the run's body and indexed columns; a run going back to the queue
+/// or leaving it also drops any claim on it.
+fn save_run(conn: &Connection, run: &Run) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE runs SET state = ?2, node = ?3, body = ?4, claimed_by = NULL, claim_expires = NULL
+         WHERE id = ?1",
+    )?
+    .execute(params![
+        run.id.0,
+        run.state.as_str(),
+        run.node,
+        serde_json::to_string(run)?
+    ])?;
+    Ok(())
+}
+
+fn apply(run: &mut Run, to: RunState, now: Millis) -> Result<(), StoreError> {
+    run.apply(to, now).map_err(|source| StoreError::Transition {
+        run: run.id,
+        source,
+    })
+}
+
+/// Records that `queue_key`'s group was served just now: it gets the next
+/// claim sequence number, which sends it to the back of the round-robin.
+fn mark_served(conn: &Connection, queue_key: &str) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO queues (queue_key, last_served)
+         VALUES (?1, (SELECT COALESCE(MAX(last_served), 0) + 1 FROM queues))
+         ON CONFLICT (queue_key) DO UPDATE SET last_served = excluded.last_served",
+    )?
+    .execute([queue_key])?;
+    Ok(())
+}
+
+fn load_deployment(conn: &Connection, name: &str) -> Result<Option<Deployment>, StoreError> {
+    let body: Option<String> = conn
+        .prepare_cached("SELECT body FROM deployments WHERE name = ?1")?
+        .query_row([name], |r| r.get(0))
+        .optional()?;
+    body.map(|b| serde_json::from_str(&b).map_err(StoreError::from))
+        .transpose()
+}
+
+/// Resolves a submitted spec into a run (without id): copies the
+/// deployment's fields in, so later changes to the deployment don't alter
+/// runs already queued.
+fn resolve(conn: &Connection, spec: &RunSpec, now: Millis) -> Result<Run, StoreError> {
+    let (deployment, image, mut command, mut env, resources, recycle_key, mut selector) =
+        match (&spec.deployment, &spec.image) {
+            (Some(name), None) => {
+                let d = load_deployment(conn, name)?
+                    .ok_or_else(|| StoreError::DeploymentNotFound(name.clone()))?;
+                let s = d.spec;
+                (
+                    Some(s.name),
+                    s.image,
+                    s.command,
+                    s.env,
+                    s.resources,
+                    s.recycle_key,
+                    s.node_selector,
+                )
+            }
+            (None, Some(image)) => {
+                image.validate()?;
+                (
+                    None,
+                    image.clone(),
+                    Vec::new(),
+                    Default::default(),
+                    Default::default(),
+                    None,
+                    Default::default(),
+                )
+            }
+            _ => return Err(ModelError::RunTarget.into()),
+        };
+    if !spec.command.is_empty() {
+        command = spec.command.clone();
+    }
+    env.extend(spec.env.clone());
+    selector.extend(spec.node_selector.clone());
+    Ok(Run {
+        id: RunId(0),
+        deployment,
+        image,
+        command,
+        env,
+        resources,
+        recycle_key,
+        node_selector: selector,
+        timeout_ms: spec.timeout_ms,
+        idempotency_key: spec.idempotency_key.clone(),
+        attempts: 0,
+        max_attempts: spec.max_attempts.max(1),
+        state: RunState::Queued,
+        node: None,
+        exit_code: None,
+        error: None,
+        submitted_at: now,
+        times: StartTimes {
+            queued: Some(now),
+            ..StartTimes::default()
+        },
+    })
+}
+
+fn query_runs(conn: &Connection, sql: &str, args: Vec<Value>) -> Result<Vec<Run>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let bodies = stmt
+        .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    bodies
+        .iter()
+        .map(|b| serde_json::from_str(b).map_err(StoreError::from))
+        .collect()
+}
+
+impl StateStore for SqliteStore {
+    fn create_deployment(&self, spec: &DeploymentSpec) -> Result<Deployment, StoreError> {
+        spec.validate()?;
+        self.write(|tx, now| {
+            if load_deployment(tx, &spec.name)?.is_some() {
+                return Err(StoreError::DeploymentExists(spec.name.clone()));
+            }
+            let d = Deployment {
+                spec: spec.clone(),
+                created_at: now,
+            };
+            tx.prepare_cached(
+                "INSERT INTO deployments (name, created_at, body) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![
+                d.spec.name,
+                millis_sql(now),
+                serde_json::to_string(&d)?
+            ])?;
+            Ok(d)
+        })
+    }
+
+    fn get_deployment(&self, name: &str) -> Result<Option<Deployment>, StoreError> {
+        let conn = self.lock()?;
+        load_deployment(&conn, name)
+    }
+
+    fn list_deployments(&self) -> Result<Vec<Deployment>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn.prepare_cached("SELECT body FROM deployments ORDER BY name")?;
+        let bodies = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        bodies
+            .iter()
+            .map(|b| serde_json::from_str(b).map_err(StoreError::from))
+            .collect()
+    }
+
+    fn submit_run(&self, spec: &RunSpec) -> Result<Submitted, StoreError> {
+        let spec_json = serde_json::to_string(spec)?;
+        self.write(|tx, now| {
+            if let Some(key) = &spec.idempotency_key {
+                let existing: Option<(i64, String)> = tx
+                    .prepare_cached("SELECT id, spec FROM runs WHERE idempotency_key = ?1")?
+                    .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                if let Some((id, existing_spec)) = existing {
+                    if existing_spec != spec_json {
+                        return Err(StoreError::IdempotencyMismatch {
+                            key: key.clone(),
+                            existing: RunId(id),
+                        });
+                    }
+                    return Ok(Submitted {
+                        run: must_load_run(tx, RunId(id))?,
+                        created: false,
+                    });
+                }
+            }
+            let mut run = resolve(tx, spec, now)?;
+            tx.prepare_cached(
+                "INSERT INTO runs (state, queue_key, warm_key, deployment, idempotency_key, spec, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, '')",
+            )?
+            .execute(params![
+                run.state.as_str(),
+                run.queue_key(),
+                run.warm_key(),
+                run.deployment,
+                run.idempotency_key,
+                spec_json
+            ])?;
+            run.id = RunId(tx.last_insert_rowid());
+            save_run(tx, &run)?;
+            Ok(Submitted { run, created: true })
+        })
+    }
+
+    fn get_run(&self, id: RunId) -> Result<Option<Run>, StoreError> {
+        let conn = self.lock()?;
+        load_run(&conn, id)
+    }
+
+    fn list_runs(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError> {
+        let mut sql = String::from("SELECT body FROM runs WHERE 1 = 1");
+        let mut args: Vec<Value> = Vec::new();
+        if !filter.states.is_empty() {
+            sql.push_str(" AND state IN (");
+            for (i, st) in filter.states.iter().enumerate() {
+                sql.push_str(if i == 0 { "?" } else { ", ?" });
+                args.push(Value::Text(st.as_str().to_owned()));
+            }
+            sql.push(')');
+        }
+        if let Some(d) = &filter.deployment {
+            sql.push_str(" AND deployment = ?");
+            args.push(Value::Text(d.clone()));
+        }
+        if let Some(n) = &filter.node {
+            sql.push_str(" AND node = ?");
+            args.push(Value::Text(n.clone()));
+        }
+        sql.push_str(" ORDER BY id DESC");
+        if let Some(limit) = filter.limit {
+            sql.push_str(" LIMIT ?");
+            args.push(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
+        }
+        let conn = self.lock()?;
+        query_runs(&conn, &sql, args)
+    }
+
+    fn transition_run(
+        &self,
+        id: RunId,
+        expected: RunState,
+        to: RunState,
+    ) -> Result<Run, StoreError> {
+        self.write(|tx, now| {
+            let mut run = must_load_run(tx, id)?;
+            if run.state != expected {
+                return Err(StoreError::Conflict {
+                    run: id,
+                    expected,
+                    actual: run.state,
+                });
+            }
+            apply(&mut run, to, now)?;
+            save_run(tx, &run)?;
+            Ok(run)
+        })
+    }
+
+    fn claim_runs(&self, req: &ClaimRequest) -> Result<Vec<Run>, StoreError> {
+        self.write(|tx, now| {
+            // Rank each queued run within its group (rn = 1 is the group's
+            // oldest), then take rank 1 of every group before rank 2 of any:
+            // that is the round-robin. Among equal ranks the group served
+            // longest ago goes first, so with limit 1 the groups alternate
+            // instead of the oldest run's group winning every time.
+            let ids: Vec<(i64, String)> = tx
+                .prepare_cached(
+                    "SELECT r.id, r.queue_key FROM (
+                         SELECT id, queue_key,
+                                ROW_NUMBER() OVER (PARTITION BY queue_key ORDER BY id) AS rn
+                         FROM runs
+                         WHERE state = 'queued'
+                           AND (claimed_by IS NULL OR claim_expires <= ?1)
+                     ) r
+                     LEFT JOIN queues q ON q.queue_key = r.queue_key
+                     ORDER BY r.rn, COALESCE(q.last_served, 0), r.id
+                     LIMIT ?2",
+                )?
+                .query_map(
+                    params![
+                        millis_sql(now),
+                        i64::try_from(req.limit).unwrap_or(i64::MAX)
+                    ],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?
+                .collect::<Result<_, _>>()?;
+            let expires = millis_sql(now.saturating_add(req.lease_ms));
+            let mut runs = Vec::with_capacity(ids.len());
+            for (id, key) in ids {
+                mark_served(tx, &key)?;
+                tx.prepare_cached(
+                    "UPDATE runs SET claimed_by = ?2, claim_expires = ?3 WHERE id = ?1",
+                )?
+                .execute(params![id, req.owner, expires])?;
+                runs.push(must_load_run(tx, RunId(id))?);
+            }
+            Ok(runs)
+        })
+    }
+
+    fn release_claims(&self, owner: &str, ids: &[RunId]) -> Result<(), StoreError> {
+        self.write(|tx, _| {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE runs SET claimed_by = NULL, claim_expires = NULL
+                 WHERE id = ?1 AND claimed_by = ?2",
+            )?;
+            for id in ids {
+                stmt.execute(params![id.0, owner])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn assign_run(&self, owner: &str, id: RunId, node: &str) -> Result<Run, StoreError> {
+        self.write(|tx, now| {
+            let claimed_by: Option<Option<String>> = tx
+                .prepare_cached("SELECT claimed_by FROM runs WHERE id = ?1")?
+                .query_row([id.0], |r| r.get(0))
+                .optional()?;
+            let claimed_by = claimed_by.ok_or(StoreError::RunNotFound(id))?;
+            // An expired lease still owned by us is fine: nobody else took it.
+            if claimed_by.as_deref() != Some(owner) {
+                return Err(StoreError::NotClaimed {
+                    run: id,
+                    owner: owner.to_owned(),
+                });
+            }
+            let node_known: bool = tx
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM nodes WHERE id = ?1)")?
+                .query_row([node], |r| r.get(0))?;
+            if !node_known {
+                return Err(StoreError::NodeNotFound(node.to_owned()));
+            }
+            let mut run = must_load_run(tx, id)?;
+            if run.state != RunState::Queued {
+                return Err(StoreError::Conflict {
+                    run: id,
+                    expected: RunState::Queued,
+                    actual: run.state,
+                });
+            }
+            apply(&mut run, RunState::Scheduled, now)?;
+            run.node = Some(node.to_owned());
+            save_run(tx, &run)?;
+            Ok(run)
+        })
+    }
+
+    fn claim_for_runner(&self, node: &str, warm_key: &str) -> Result<Option<Run>, StoreError> {
+        self.write(|tx, now| {
+            let body: Option<String> = tx
+                .prepare_cached("SELECT body FROM nodes WHERE id = ?1")?
+                .query_row([node], |r| r.get(0))
+                .optional()?;
+            let body = body.ok_or_else(|| StoreError::NodeNotFound(node.to_owned()))?;
+            let labels = serde_json::from_str::<Node>(&body)?.spec.labels;
+            // Oldest first; the bound keeps one call cheap when many queued
+            // runs of the key want labels this node lacks.
+            let candidates = query_runs(
+                tx,
+                "SELECT body FROM runs
+                 WHERE state = 'queued' AND warm_key = ?1
+                   AND (claimed_by IS NULL OR claim_expires <= ?2)
+                 ORDER BY id LIMIT 64",
+                vec![
+                    Value::Text(warm_key.to_owned()),
+                    Value::Integer(millis_sql(now)),
+                ],
+            )?;
+            let Some(mut run) = candidates.into_iter().find(|r| {
+                r.node_selector
+                    .iter()
+                    .all(|(k, v)| labels.get(k).is_some_and(|have| have == v))
+            }) else {
+                return Ok(None);
+            };
+            mark_served(tx, &run.queue_key())?;
+            apply(&mut run, RunState::Scheduled, now)?;
+            run.node = Some(node.to_owned());
+            save_run(tx, &run)?;
+            Ok(Some(run))
+        })
+    }
+
+    fn report(&self, node: &str, id: RunId, report: &NodeReport) -> Result<Run, StoreError> {
+        self.write(|tx, now| {
+            let mut run = must_load_run(tx, id)?;
+            if run.node.as_deref() != Some(node) || !run.state.is_active() {
+                return Err(StoreError::NotAssigned {
+                    run: id,
+                    node: node.to_owned(),
+                });
+            }
+            // Progress events imply acceptance: a node that reports its image
+            // ready has clearly taken the run, even if `Accepted` got lost.
+            let accept = |run: &mut Run| -> Result<(), StoreError> {
+                if run.state == RunState::Scheduled {
+                    apply(run, RunState::Starting, now)?;
+                }
+                Ok(())
+            };
+            match report {
+                NodeReport::Accepted => apply(&mut run, RunState::Starting, now)?,
+                NodeReport::ImageReady => {
+                    accept(&mut run)?;
+                    run.times.image_ready = Some(now);
+                }
+                NodeReport::RunnerReady => {
+                    accept(&mut run)?;
+                    run.times.runner_ready = Some(now);
+                }
+                NodeReport::Started => {
+                    accept(&mut run)?;
+                    apply(&mut run, RunState::Running, now)?;
+                }
+                NodeReport::Exited { code } => {
+                    let to = if *code == 0 {
+                        RunState::Succeeded
+                    } else {
+                        RunState::Failed
+                    };
+                    apply(&mut run, to, now)?;
+                    run.exit_code = Some(*code);
+                }
+                NodeReport::Failed { error } => {
+                    apply(&mut run, RunState::Failed, now)?;
+                    run.error = Some(error.clone());
+                }
+            }
+            save_run(tx, &run)?;
+            Ok(run)
+        })
+    }
+
+    fn upsert_node(&self, spec: &NodeSpec) -> Result<Node, StoreError> {
+        if spec.id.is_empty() {
+            return Err(ModelError::Empty { what: "node id" }.into());
+        }
+        self.write(|tx, now| {
+            let node = Node {
+                spec: spec.clone(),
+                last_heartbeat: now,
+            };
+            tx.prepare_cached(
+                "INSERT INTO nodes (id, last_heartbeat, body) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET last_heartbeat = excluded.last_heartbeat,
+                                                body = excluded.body",
+            )?
+            .execute(params![
+                spec.id,
+                millis_sql(now),
+                serde_json::to_string(&node)?
+            ])?;
+            Ok(node)
+        })
+    }
+
+    fn list_nodes(&self) -> Result<Vec<Node>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn.prepare_cached("SELECT body FROM nodes ORDER BY id")?;
+        let bodies = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        bodies
+            .iter()
+            .map(|b| serde_json::from_str(b).map_err(StoreError::from))
+            .collect()
+    }
+
+    fn mark_lost_runs(&self, stale_after_ms: Millis) -> Result<Vec<Run>, StoreError> {
+        self.write(|tx, now| {
+            let cutoff = millis_sql(now.saturating_sub(stale_after_ms));
+            let mut runs = query_runs(
+                tx,
+                "SELECT r.body FROM runs r JOIN nodes n ON n.id = r.node
+                 WHERE r.state IN ('scheduled', 'starting', 'running') AND n.last_heartbeat < ?1
+                 ORDER BY r.id",
+                vec![Value::Integer(cutoff)],
+            )?;
+            for run in &mut runs {
+                apply(run, RunState::Lost, now)?;
+                run.error = Some(format!(
+                    "node {:?} stopped heartbeating",
+                    run.node.as_deref().unwrap_or_default()
+                ));
+                save_run(tx, run)?;
+            }
+            Ok(runs)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::PinnedImage;
+    use crate::store::ManualClock;
+
+    fn clock() -> Arc<dyn Clock> {
+        ManualClock::new(1_000)
+    }
+
+    #[test]
+    fn in_memory_store_works_without_a_file() {
+        let s = SqliteStore::open_in_memory(clock()).expect("open");
+        let image = PinnedImage::new("app", format!("sha256:{}", "0".repeat(64))).expect("pin");
+        let sub = s
+            .submit_run(&RunSpec {
+                image: Some(image),
+                ..RunSpec::default()
+            })
+            .expect("submit");
+        assert_eq!(sub.run.id, RunId(1));
+        assert_eq!(s.get_run(RunId(1)).expect("get"), Some(sub.run));
+    }
+
+    #[test]
+    fn file_store_uses_wal_and_records_its_schema_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.db");
+        drop(SqliteStore::open(&path, clock()).expect("create"));
+        // Reopening must not re-run migration 1 (it would fail: tables exist).
+        let s = SqliteStore::open(&path, clock()).expect("reopen");
+        let conn = s.lock().expect("lock");
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .expect("journal_mode");
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .expect("user_version");
+        assert_eq!(mode, "wal");
+        assert_eq!(version, MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn a_database_from_a_newer_ember_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            conn.pragma_update(None, "user_version", 99)
+                .expect("set version");
+        }
+        let err = SqliteStore::open(&path, clock()).expect_err("newer schema");
+        assert!(err.to_string().contains("newer than this ember"), "{err}");
+    }
+
+    #[test]
+    fn a_failed_transaction_leaves_nothing_behind() {
+        let s = SqliteStore::open_in_memory(clock()).expect("open");
+        let res: Result<(), StoreError> = s.write(|tx, now| {
+            tx.execute(
+                "INSERT INTO nodes (id, last_heartbeat, body) VALUES ('n', ?1, '{}')",
+                [millis_sql(now)],
+            )?;
+            Err(StoreError::NodeNotFound("forced".into()))
+        });
+        assert!(res.is_err());
+        assert!(s.list_nodes().expect("list").is_empty());
+    }
+}

@@ -1,0 +1,262 @@
+//! The state-store seam: everything the control plane persists goes through
+//! [`StateStore`], so SQLite (embedded, the default) and PostgreSQL (several
+//! replicas) are interchangeable and pass the same
+//! [conformance suite](crate::conformance).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::model::{
+    Deployment, DeploymentSpec, Millis, ModelError, Node, NodeId, NodeReport, NodeSpec, Run, RunId,
+    RunSpec, RunState, TransitionError,
+};
+
+/// The time source of a store. Injected so tests can move time by hand:
+/// heartbeat expiry and claim leases are decided against it, never against
+/// the wall clock directly.
+pub trait Clock: Send + Sync {
+    /// Now, in milliseconds since the Unix epoch.
+    fn now(&self) -> Millis;
+}
+
+/// The real clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Millis {
+        // A clock before 1970 is a broken machine; 0 keeps the store usable.
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0)
+    }
+}
+
+/// A clock that only moves when told to; shared by `Arc` between a test and
+/// the stores under test.
+#[derive(Debug, Default)]
+pub struct ManualClock(AtomicU64);
+
+impl ManualClock {
+    /// A clock showing `start`.
+    pub fn new(start: Millis) -> Arc<Self> {
+        Arc::new(ManualClock(AtomicU64::new(start)))
+    }
+
+    /// Moves the clock forward.
+    pub fn advance(&self, ms: Millis) {
+        self.0.fetch_add(ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Millis {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Errors of a [`StateStore`]. Everything but [`StoreError::Backend`] is the
+/// client's or the caller's to handle; `Backend` is an internal fault whose
+/// detail must not reach API clients.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The input is not valid.
+    #[error(transparent)]
+    Invalid(#[from] ModelError),
+    /// A deployment with this name exists already.
+    #[error("deployment {0:?} already exists")]
+    DeploymentExists(String),
+    /// No such deployment.
+    #[error("deployment {0:?} not found")]
+    DeploymentNotFound(String),
+    /// No such run.
+    #[error("{0} not found")]
+    RunNotFound(RunId),
+    /// No such node.
+    #[error("node {0:?} not found")]
+    NodeNotFound(NodeId),
+    /// The same idempotency key was used with a different spec.
+    #[error("idempotency key {key:?} was used for a different run ({existing})")]
+    IdempotencyMismatch {
+        /// The key.
+        key: String,
+        /// The run it belongs to.
+        existing: RunId,
+    },
+    /// Compare-and-set failed: someone else (another replica, a node report,
+    /// a user's cancel) moved the run first.
+    #[error("{run} is {actual}, expected {expected}")]
+    Conflict {
+        /// The run.
+        run: RunId,
+        /// The state the caller expected.
+        expected: RunState,
+        /// The state it is in.
+        actual: RunState,
+    },
+    /// The state machine refuses the change.
+    #[error("{run}: {source}")]
+    Transition {
+        /// The run.
+        run: RunId,
+        /// The refused edge.
+        source: TransitionError,
+    },
+    /// The run is not (or no longer) this node's: a late report from a node
+    /// declared lost, or for a run cancelled or reassigned since.
+    #[error("{run} is not assigned to node {node:?}")]
+    NotAssigned {
+        /// The run.
+        run: RunId,
+        /// The reporting node.
+        node: NodeId,
+    },
+    /// The run is not claimed by this owner (its lease expired and another
+    /// replica took it, or it was never claimed).
+    #[error("{run} is not claimed by {owner:?}")]
+    NotClaimed {
+        /// The run.
+        run: RunId,
+        /// The would-be owner.
+        owner: String,
+    },
+    /// The database failed.
+    #[error("state store: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Which runs [`StateStore::list_runs`] returns, newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunFilter {
+    /// Only runs in one of these states (empty: any).
+    pub states: Vec<RunState>,
+    /// Only runs of this deployment.
+    pub deployment: Option<String>,
+    /// Only runs whose current attempt is on this node.
+    pub node: Option<NodeId>,
+    /// At most this many (`None`: all).
+    pub limit: Option<usize>,
+}
+
+/// The result of [`StateStore::submit_run`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submitted {
+    /// The run.
+    pub run: Run,
+    /// `false` when the idempotency key returned an existing run.
+    pub created: bool,
+}
+
+/// A claim on queued runs, held by one scheduler (one control-plane replica)
+/// until it assigns them, releases them or the lease runs out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRequest {
+    /// Who claims: unique per replica (e.g. hostname + pid + start time).
+    pub owner: String,
+    /// At most this many runs.
+    pub limit: usize,
+    /// The claim lapses after this long, so a replica that dies holding
+    /// claims does not strand them.
+    pub lease_ms: Millis,
+}
+
+/// The control plane's durable state.
+///
+/// Lifecycle of a run through the store:
+///
+/// ```text
+/// submit_run ─► queued ─ claim_runs (lease) ─► assign_run ─► scheduled
+///                  ▲         └─ release_claims / lease expiry ─┘ (back to claimable)
+///                  │
+/// scheduled ─ report(Accepted) ─► starting ─ report(Started) ─► running ─ report(Exited) ─► succeeded/failed
+/// any active ─ mark_lost_runs (stale heartbeat) ─► lost ─ transition_run(Lost→Queued) ─► queued (retry)
+/// ```
+///
+/// Every method is atomic: on error nothing is written. Implementations must
+/// be safe to use from several processes on one database at once (several
+/// `ember control` replicas): state changes are compare-and-set, and claims
+/// never hand one run to two claimers.
+pub trait StateStore: Send + Sync {
+    /// Stores a new deployment; [`StoreError::DeploymentExists`] if the name is taken.
+    fn create_deployment(&self, spec: &DeploymentSpec) -> Result<Deployment, StoreError>;
+
+    /// One deployment by name.
+    fn get_deployment(&self, name: &str) -> Result<Option<Deployment>, StoreError>;
+
+    /// All deployments, by name.
+    fn list_deployments(&self) -> Result<Vec<Deployment>, StoreError>;
+
+    /// Queues a run. With an idempotency key that was seen before, returns
+    /// that run (`created == false`) if the spec is the same, and
+    /// [`StoreError::IdempotencyMismatch`] if it is not.
+    fn submit_run(&self, spec: &RunSpec) -> Result<Submitted, StoreError>;
+
+    /// One run.
+    fn get_run(&self, id: RunId) -> Result<Option<Run>, StoreError>;
+
+    /// Runs matching `filter`, newest first.
+    fn list_runs(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError>;
+
+    /// Moves a run from `expected` to `to`: [`StoreError::Conflict`] if it is
+    /// not in `expected` any more, [`StoreError::Transition`] if the edge is
+    /// illegal. Returns the updated run. Used for cancels and retries
+    /// (`Lost → Queued`); node progress goes through [`StateStore::report`]
+    /// and scheduling through [`StateStore::assign_run`].
+    fn transition_run(
+        &self,
+        id: RunId,
+        expected: RunState,
+        to: RunState,
+    ) -> Result<Run, StoreError>;
+
+    /// Claims up to `limit` queued, unclaimed (or lease-expired) runs, fairly:
+    /// round-robin between queue groups (deployments; ad-hoc runs by image),
+    /// least recently served group first, FIFO within a group. So a burst of
+    /// one deployment delays another's first run by at most one round.
+    ///
+    /// Atomic across processes: two claimers never get the same run. SQLite
+    /// does it in one `BEGIN IMMEDIATE` transaction (one writer at a time);
+    /// PostgreSQL will select candidates with `FOR UPDATE SKIP LOCKED`
+    /// so replicas claim disjoint runs without waiting on each other
+    /// (PostgreSQL refuses `FOR UPDATE` next to a window function, so the
+    /// locking `SELECT` goes in a CTE and the per-group ranking outside it).
+    /// The claim is also a lease (`claimed_by`, `claim_expires` columns)
+    /// rather than a row lock held open, so a replica may take its time
+    /// placing runs without a transaction left open.
+    fn claim_runs(&self, req: &ClaimRequest) -> Result<Vec<Run>, StoreError>;
+
+    /// Gives up claims (runs the scheduler could not place now) so they can be
+    /// claimed again at once. Runs not claimed by `owner` are skipped.
+    fn release_claims(&self, owner: &str, ids: &[RunId]) -> Result<(), StoreError>;
+
+    /// `queued → scheduled` on `node`, for a run `owner` has claimed; counts
+    /// an attempt. [`StoreError::NotClaimed`] if the claim was lost.
+    fn assign_run(&self, owner: &str, id: RunId, node: &str) -> Result<Run, StoreError>;
+
+    /// Warm hand-off: a runner with `warm_key` just became idle on `node`;
+    /// atomically takes the oldest queued, unclaimed run with that key whose
+    /// node selector the node satisfies and schedules it there
+    /// (`queued → scheduled`, an attempt counted), so it reuses the runner
+    /// without a round through the claim/placement loop. `None` if there is
+    /// no such run. Fairness: only runs that key can serve compete, and
+    /// their group is recorded as served like a normal claim.
+    fn claim_for_runner(&self, node: &str, warm_key: &str) -> Result<Option<Run>, StoreError>;
+
+    /// A node's progress on a run. [`StoreError::NotAssigned`] if the run is
+    /// not active on that node, which is how late reports from a node that
+    /// was declared lost are rejected.
+    fn report(&self, node: &str, id: RunId, report: &NodeReport) -> Result<Run, StoreError>;
+
+    /// Registers a node or records its heartbeat and inventory; the
+    /// heartbeat time is the store's clock.
+    fn upsert_node(&self, spec: &NodeSpec) -> Result<Node, StoreError>;
+
+    /// All nodes, by id.
+    fn list_nodes(&self) -> Result<Vec<Node>, StoreError>;
+
+    /// Moves every active run on a node whose last heartbeat is older than
+    /// `stale_after_ms` to `lost`, and returns them (for retry).
+    fn mark_lost_runs(&self, stale_after_ms: Millis) -> Result<Vec<Run>, StoreError>;
+}
