@@ -316,7 +316,17 @@ impl Unpacker {
                 });
                 self.apply_xattrs(&self.dest.join(&rel), &xattrs)?;
             }
-            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+            tar::EntryType::GNUSparse => {
+                // The tar crate fills a sparse file's holes with zeros up to
+                // a size the header claims, not the bytes the layer carries:
+                // a 1.5 KiB entry could make us write the whole disk. Image
+                // builders do not produce sparse entries, so refuse them.
+                return Err(UnpackError::Hostile {
+                    path: raw_path.display().to_string(),
+                    why: "is a GNU sparse file (not supported in image layers)".into(),
+                });
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
                 // Create first and clear the way only if something is there:
                 // most entries are new, so this saves an lstat per file.
                 let open = || {
@@ -335,18 +345,15 @@ impl Unpacker {
                     }
                     Err(e) => return Err(io_err(&path, "create file")(e)),
                 };
-                let n = copy_entry(&mut entry, &mut f, &mut self.buf).map_err(|e| {
-                    // A read error is the stream's fault (download, inflate);
-                    // a write error the disk's.
-                    if e.kind() == io::ErrorKind::Other && e.to_string().starts_with("write") {
-                        UnpackError::Io {
-                            path: path.clone(),
-                            op: "write",
-                            source: e,
-                        }
-                    } else {
-                        UnpackError::Read(e)
-                    }
+                // A read error is the stream's fault (download, inflate); a
+                // write error the disk's (ENOSPC keeps its code).
+                let n = copy_entry(&mut entry, &mut f, &mut self.buf).map_err(|e| match e {
+                    CopyError::Read(e) => UnpackError::Read(e),
+                    CopyError::Write(source) => UnpackError::Io {
+                        path: path.clone(),
+                        op: "write",
+                        source,
+                    },
                 })?;
                 self.stats.bytes += n;
                 // Metadata through the open descriptor: no path lookups.
@@ -615,19 +622,28 @@ fn apply_dir_meta(d: &DirMeta) -> Result<(), UnpackError> {
     Ok(())
 }
 
-/// Copies an entry's contents; distinguishes write errors by message so the
-/// caller can tell a full disk from a broken stream.
-fn copy_entry<R: Read, W: io::Write>(r: &mut R, w: &mut W, buf: &mut [u8]) -> io::Result<u64> {
+/// Which side of a copy failed.
+enum CopyError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// Copies an entry's contents through `buf`, telling read errors (the
+/// stream) from write errors (the disk).
+fn copy_entry<R: Read, W: io::Write>(
+    r: &mut R,
+    w: &mut W,
+    buf: &mut [u8],
+) -> Result<u64, CopyError> {
     let mut total = 0u64;
     loop {
         let n = match r.read(buf) {
             Ok(0) => return Ok(total),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(CopyError::Read(e)),
         };
-        w.write_all(&buf[..n])
-            .map_err(|e| io::Error::other(format!("write: {e}")))?;
+        w.write_all(&buf[..n]).map_err(CopyError::Write)?;
         total += n as u64;
     }
 }

@@ -660,3 +660,26 @@ fn refusals_name_the_tar_entry() {
         unnamed.join("\n")
     );
 }
+
+/// Found by the `unpack_gen` fuzz target: a 1.5 KiB GNU sparse entry whose
+/// header claims 8 GiB made the tar crate fill the hole with real zeros. It
+/// must be refused before anything is written.
+#[test]
+fn gnu_sparse_bomb_is_refused() {
+    let tar = include_bytes!("data/gnu-sparse-hole-8GiB.tar");
+    for mode in [Mode::Overlay, Mode::Flatten] {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let dest = parent.path().join("dest");
+        std::fs::create_dir(&dest).expect("mkdir");
+        let err = ember_store::unpack::unpack(&tar[..], &dest, mode)
+            .expect_err("a sparse entry must be refused");
+        assert!(err.to_string().contains("sparse"), "{err}");
+        let written: u64 = std::fs::read_dir(&dest)
+            .expect("read dest")
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+        assert_eq!(written, 0, "bytes were written for a refused entry");
+    }
+}
