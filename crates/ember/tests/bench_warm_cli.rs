@@ -5,22 +5,6 @@
 mod common;
 
 use common::*;
-use ember_testkit::{fixtures, registry::Registry};
-use std::path::PathBuf;
-
-fn static_agent() -> Option<PathBuf> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let p = root.join("target/x86_64-unknown-linux-gnu/release/ember-agent");
-    if p.exists() {
-        return Some(p);
-    }
-    let out = std::process::Command::new(root.join("crates/ember-agent/build-static.sh"))
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-}
 
 #[test]
 fn bench_warm_reports_json() {
@@ -28,19 +12,7 @@ fn bench_warm_reports_json() {
         eprintln!("skipped: the static ember-agent could not be built");
         return;
     };
-    let registry = Registry::start().expect("registry");
-    let fx = fixtures::build_cached("busybox").expect("fixture");
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio")
-        .block_on(fixtures::push(
-            &fx,
-            &registry.url(),
-            "ember/busybox",
-            "latest",
-        ))
-        .expect("push");
+    let registry = registry_with(&["busybox"]);
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path().join("store");
     let image = format!("{}/ember/busybox:latest", registry.addr());

@@ -5,7 +5,6 @@
 mod common;
 
 use common::*;
-use ember_testkit::{fixtures, registry::Registry};
 use std::process::{Child, Command, Stdio};
 
 struct Killed(Child);
@@ -18,14 +17,7 @@ impl Drop for Killed {
 
 #[test]
 fn two_nodes_pull_through_the_cache_binary() {
-    let origin = Registry::start().expect("registry");
-    let fx = fixtures::build_cached("layers").expect("fixture");
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio")
-        .block_on(fixtures::push(&fx, &origin.url(), "ember/layers", "latest"))
-        .expect("push");
+    let origin = registry_with(&["layers"]);
     let tmp = tempfile::tempdir().expect("tempdir");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")

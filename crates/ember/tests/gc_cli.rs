@@ -4,26 +4,11 @@
 mod common;
 
 use common::*;
-use ember_testkit::{fixtures, registry::Registry};
 use std::process::{Command, Stdio};
 
 #[test]
 fn lru_gc_respects_budget_and_running_containers() {
-    let registry = Registry::start().expect("registry");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio");
-    for n in ["busybox", "layers", "index"] {
-        let fx = fixtures::build_cached(n).expect("fixture");
-        rt.block_on(fixtures::push(
-            &fx,
-            &registry.url(),
-            &format!("ember/{n}"),
-            "latest",
-        ))
-        .expect("push");
-    }
+    let registry = registry_with(&["busybox", "layers", "index"]);
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path().join("store");
     let r = |n: &str| format!("{}/ember/{n}:latest", registry.addr());
@@ -101,21 +86,7 @@ fn lru_gc_respects_budget_and_running_containers() {
 
 #[test]
 fn rmi_keeps_shared_layers_and_gc_honours_watermarks() {
-    let registry = Registry::start().expect("registry");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio");
-    for n in ["busybox", "layers"] {
-        let fx = fixtures::build_cached(n).expect("fixture");
-        rt.block_on(fixtures::push(
-            &fx,
-            &registry.url(),
-            &format!("ember/{n}"),
-            "latest",
-        ))
-        .expect("push");
-    }
+    let registry = registry_with(&["busybox", "layers"]);
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path().join("store");
     let r = |n: &str| format!("{}/ember/{n}:latest", registry.addr());

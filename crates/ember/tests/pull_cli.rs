@@ -3,25 +3,10 @@
 mod common;
 
 use common::*;
-use ember_testkit::{fixtures, registry::Registry};
 
 #[test]
 fn digests_tags_platforms_and_docker_media_types() {
-    let registry = Registry::start().expect("registry");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio");
-    for n in ["busybox", "index", "docker-list"] {
-        let fx = fixtures::build_cached(n).expect("fixture");
-        rt.block_on(fixtures::push(
-            &fx,
-            &registry.url(),
-            &format!("ember/{n}"),
-            "latest",
-        ))
-        .expect("push");
-    }
+    let registry = registry_with(&["busybox", "index", "docker-list"]);
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path().join("store");
     let a = registry.addr();

@@ -3,28 +3,13 @@
 mod common;
 
 use common::*;
-use ember_testkit::{fixtures, registry::Registry};
+use ember_testkit::registry::Registry;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn setup(names: &[&str]) -> (Registry, tempfile::TempDir) {
-    let registry = Registry::start().expect("start registry");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio");
-    for n in names {
-        let fx = fixtures::build_cached(n).expect("fixture");
-        rt.block_on(fixtures::push(
-            &fx,
-            &registry.url(),
-            &format!("ember/{n}"),
-            "latest",
-        ))
-        .expect("push");
-    }
-    (registry, tempfile::tempdir().expect("tempdir"))
+    (registry_with(names), tempfile::tempdir().expect("tempdir"))
 }
 
 /// Nothing of a container may outlive it: no mounts under the store, no

@@ -152,3 +152,40 @@ pub fn assert_same_tree(ours: &Path, theirs: &Path, what: &str) {
     );
     assert!(!a.is_empty(), "{what}: empty tree");
 }
+
+/// A real docker-registry on a free port with the named fixtures pushed as
+/// `ember/<name>:latest`.
+pub fn registry_with(names: &[&str]) -> ember_testkit::registry::Registry {
+    let registry = ember_testkit::registry::Registry::start().expect("start registry");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    for n in names {
+        let fx = ember_testkit::fixtures::build_cached(n).expect("build fixture");
+        rt.block_on(ember_testkit::fixtures::push(
+            &fx,
+            &registry.url(),
+            &format!("ember/{n}"),
+            "latest",
+        ))
+        .expect("push fixture");
+    }
+    registry
+}
+
+/// The static exec agent, built with its script if it is not there yet;
+/// `None` if it cannot be built here.
+pub fn static_agent() -> Option<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let p = root.join("target/x86_64-unknown-linux-gnu/release/ember-agent");
+    if p.exists() {
+        return Some(p);
+    }
+    let out = Command::new(root.join("crates/ember-agent/build-static.sh"))
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
