@@ -53,6 +53,24 @@ enum Command {
     /// Benchmarks against the reference tools, measured in the same run.
     #[command(subcommand)]
     Bench(cmd::bench::Command),
+    /// Run the control plane (HTTP/JSON API, durable queue, dispatcher).
+    Control(cmd::control::Args),
+    /// Run a node agent that executes the control plane's runs.
+    Node(cmd::node::Args),
+    /// Submit a run to the control plane.
+    Submit(cmd::submit::Args),
+    /// List runs, or their start-latency percentiles.
+    Runs(cmd::runs::Args),
+    /// List the cluster's nodes.
+    Nodes(cmd::nodes::Args),
+    /// Print a run's output.
+    Logs(cmd::logs::Args),
+    /// Create a deployment, or list them.
+    Deploy(cmd::deploy::Args),
+    /// Cancel a run.
+    Cancel(cmd::cancel::Args),
+    /// Control plane, cache and node agents on this machine.
+    Up(cmd::up::Args),
 }
 
 fn main() -> ExitCode {
@@ -89,6 +107,15 @@ fn main() -> ExitCode {
             Command::Image(c) => cmd::image::run(&cli.root, c),
             Command::Cache(a) => cmd::cache::run(a).await,
             Command::Bench(c) => cmd::bench::run(&cli.root, c).await,
+            Command::Control(a) => cmd::control::run(a).await,
+            Command::Node(a) => cmd::node::run(&cli.root, a).await,
+            Command::Submit(a) => cmd::submit::run(a).await,
+            Command::Runs(a) => cmd::runs::run(a).await,
+            Command::Nodes(a) => cmd::nodes::run(a).await,
+            Command::Logs(a) => cmd::logs::run(a).await,
+            Command::Deploy(a) => cmd::deploy::run(a).await,
+            Command::Cancel(a) => cmd::cancel::run(a).await,
+            Command::Up(a) => cmd::up::run(a).await,
         }
     });
     match result {

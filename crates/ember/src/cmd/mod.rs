@@ -2,9 +2,19 @@
 
 pub mod bench;
 pub mod cache;
+pub mod cancel;
+pub mod cluster;
+pub mod control;
+pub mod deploy;
 pub mod gc;
 pub mod image;
 pub mod images;
+pub mod logs;
+pub mod node;
+pub mod nodes;
 pub mod pull;
 pub mod rmi;
 pub mod run;
+pub mod runs;
+pub mod submit;
+pub mod up;

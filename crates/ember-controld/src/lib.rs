@@ -1,0 +1,17 @@
+//! Ember as a cluster: the `ember control` HTTP/JSON server over an
+//! [`ember_control::StateStore`], the HTTP client the CLI and nodes use to
+//! talk to it, and the `ember node` agent that executes runs through the
+//! warm pool.
+//!
+//! * [`api`]: the wire types only this layer adds (work-stream messages,
+//!   log records, error bodies).
+//! * [`server`]: the axum router, the event-driven dispatcher and the
+//!   lost-node reaper.
+//! * [`client`]: a small reqwest client for every endpoint.
+//! * [`node`]: registration, the persistent work stream, run execution and
+//!   heartbeats.
+
+pub mod api;
+pub mod client;
+pub mod node;
+pub mod server;

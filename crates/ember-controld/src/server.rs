@@ -1,0 +1,1000 @@
+//! `ember control`: the HTTP/JSON API over a [`StateStore`], the
+//! event-driven dispatcher and the lost-node reaper.
+//!
+//! Path of a run from submit to start, with no polling interval anywhere:
+//!
+//! ```text
+//! POST /v1/runs ─► submit_run ─► wake.notify_one()
+//! dispatcher (woken) ─► claim_runs ─► place (one run at a time) ─► assign_run
+//!                    ─► push {"type":"assign"} on the node's open work stream
+//! ```
+//!
+//! The dispatcher is also woken by node heartbeats (new capacity or warm
+//! runners) and by run exits (a free slot). On an exit the freed warm
+//! runner is first offered to a queued run with the same key
+//! ([`StateStore::claim_for_runner`]).
+//!
+//! The store is blocking (SQLite); every call goes through
+//! [`tokio::task::spawn_blocking`] so a slow commit never stalls the
+//! runtime's workers.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use bytes::Bytes;
+use ember_control::model::{
+    DeploymentSpec, NodeId, NodeReport, NodeSpec, Run, RunId, RunSpec, RunState,
+};
+use ember_control::schedule::{BatchScheduler, ClusterView, RunRequirements};
+use ember_control::store::{ClaimRequest, RunFilter};
+use ember_control::{Clock, StateStore, StoreError};
+use serde::Serialize;
+use tokio::sync::{Notify, broadcast, mpsc};
+
+use crate::api::{ErrorBody, LogRecord, LogStream, SubmitResponse, WorkMessage};
+
+/// How many queued runs one dispatcher round claims. Runs are placed and
+/// pushed one at a time within a round, so this bounds the claim
+/// transaction, not the latency of the first run.
+const CLAIM_BATCH: usize = 64;
+/// A claim's lease: a dispatcher that dies holding claims strands them for
+/// at most this long.
+const CLAIM_LEASE_MS: u64 = 30_000;
+
+/// Settings of the server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Bearer token clients must send; `None` accepts any client.
+    pub client_token: Option<String>,
+    /// Bearer token nodes must send; `None` accepts any node.
+    pub node_token: Option<String>,
+    /// Where run logs are kept (one file per run).
+    pub log_dir: PathBuf,
+    /// A node whose last heartbeat is older than this is lost, and so are
+    /// its runs.
+    pub heartbeat_timeout: Duration,
+    /// How often the reaper looks for lost nodes.
+    pub reap_interval: Duration,
+}
+
+impl ServerConfig {
+    /// Defaults: no tokens, 15 s heartbeat timeout checked every second.
+    pub fn new(log_dir: impl Into<PathBuf>) -> Self {
+        ServerConfig {
+            client_token: None,
+            node_token: None,
+            log_dir: log_dir.into(),
+            heartbeat_timeout: Duration::from_secs(15),
+            reap_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Errors starting or running the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Filesystem or socket failure.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The failure.
+        source: std::io::Error,
+    },
+}
+
+/// An API error: every handler's failure becomes one of these, and its one
+/// [`IntoResponse`] impl is the only place error bodies are made.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed or invalid (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// Missing or wrong bearer token (401).
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    /// No such resource (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with the current state (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// The server failed (500); the detail is logged, not sent.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if let ApiError::Internal(detail) = &self {
+            tracing::error!(%detail, "request failed");
+        }
+        let body = ErrorBody {
+            error: code.to_owned(),
+            message: self.to_string(),
+        };
+        let mut resp = json_response(status, &body);
+        if matches!(self, ApiError::Unauthorized) {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match &e {
+            StoreError::Invalid(_) => ApiError::BadRequest(e.to_string()),
+            StoreError::DeploymentNotFound(_)
+            | StoreError::RunNotFound(_)
+            | StoreError::NodeNotFound(_) => ApiError::NotFound(e.to_string()),
+            StoreError::DeploymentExists(_)
+            | StoreError::IdempotencyMismatch { .. }
+            | StoreError::Conflict { .. }
+            | StoreError::Transition { .. }
+            | StoreError::NotAssigned { .. }
+            | StoreError::NotClaimed { .. } => ApiError::Conflict(e.to_string()),
+            StoreError::Backend(_) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            Body::from(body),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("serialising the response: {e}"),
+        )
+            .into_response(),
+    }
+}
+
+/// One node's open work stream.
+struct WorkStream {
+    /// Distinguishes a reconnect from the stream it replaced, so the old
+    /// stream's teardown does not remove the new one.
+    conn: u64,
+    tx: mpsc::UnboundedSender<WorkMessage>,
+}
+
+struct AppState {
+    store: Arc<dyn StateStore>,
+    clock: Arc<dyn Clock>,
+    config: ServerConfig,
+    /// This replica's claim owner name.
+    owner: String,
+    /// Wakes the dispatcher. `Notify` keeps one permit, so a wake-up sent
+    /// while the dispatcher is busy is not lost.
+    wake: Notify,
+    streams: Mutex<HashMap<NodeId, WorkStream>>,
+    next_conn: AtomicU64,
+    /// A run id each time a run's log grows or the run changes state, for
+    /// log followers.
+    log_events: broadcast::Sender<RunId>,
+}
+
+type Shared = Arc<AppState>;
+
+impl AppState {
+    /// Runs a store call on the blocking pool.
+    async fn db<T, F>(self: &Arc<Self>, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn StateStore) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(store.as_ref()))
+            .await
+            .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))?
+            .map_err(ApiError::from)
+    }
+
+    fn push(&self, node: &str, msg: WorkMessage) -> bool {
+        let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams.get(node).is_some_and(|s| s.tx.send(msg).is_ok())
+    }
+
+    fn connected_nodes(&self) -> Vec<NodeId> {
+        let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams.keys().cloned().collect()
+    }
+
+    fn log_path(&self, id: RunId) -> PathBuf {
+        self.config.log_dir.join(format!("{}.ndjson", id.0))
+    }
+}
+
+fn check_token(headers: &HeaderMap, want: &Option<String>) -> Result<(), ApiError> {
+    let Some(want) = want else { return Ok(()) };
+    let got = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Constant-time comparison: the token is a secret.
+    let ok = got.is_some_and(|g| {
+        g.len() == want.len()
+            && g.bytes()
+                .zip(want.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+fn client_auth(s: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
+    check_token(headers, &s.config.client_token)
+}
+
+fn node_auth(s: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
+    check_token(headers, &s.config.node_token)
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::BadRequest(format!("missing JSON body ({what})")));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid {what} JSON: {e}")))
+}
+
+/// Parses `run-7` or `7`.
+pub fn parse_run_id(s: &str) -> Option<RunId> {
+    s.strip_prefix("run-").unwrap_or(s).parse().ok().map(RunId)
+}
+
+fn run_id(s: &str) -> Result<RunId, ApiError> {
+    parse_run_id(s).ok_or_else(|| ApiError::BadRequest(format!("invalid run id {s:?}")))
+}
+
+fn query_pairs(uri: &Uri) -> Vec<(String, String)> {
+    uri.query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (k.to_owned(), v.to_owned()),
+            None => (p.to_owned(), String::new()),
+        })
+        .collect()
+}
+
+/// Serves the API on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    store: Arc<dyn StateStore>,
+    clock: Arc<dyn Clock>,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    std::fs::create_dir_all(&config.log_dir).map_err(|source| ServerError::Io {
+        what: format!("creating {}", config.log_dir.display()),
+        source,
+    })?;
+    let (log_events, _) = broadcast::channel(1024);
+    let state = Arc::new(AppState {
+        store,
+        clock,
+        owner: format!("control-{}-{}", std::process::id(), ember_store::now_ms()),
+        config,
+        wake: Notify::new(),
+        streams: Mutex::new(HashMap::new()),
+        next_conn: AtomicU64::new(1),
+        log_events,
+    });
+    let dispatcher = tokio::spawn(dispatch_loop(state.clone()));
+    let reaper = tokio::spawn(reap_loop(state.clone()));
+    // Work left queued by an earlier run of the server is dispatched as
+    // soon as nodes connect; this first wake covers runs already placeable.
+    state.wake.notify_one();
+
+    let app = router(state);
+    let result = tokio::select! {
+        r = axum::serve(listener, app) => r.map_err(|source| ServerError::Io {
+            what: "serving HTTP".into(),
+            source,
+        }),
+        () = shutdown => Ok(()),
+    };
+    dispatcher.abort();
+    reaper.abort();
+    result
+}
+
+fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/v1/runs", post(submit_run).get(list_runs))
+        .route("/v1/runs/{id}", get(get_run))
+        .route("/v1/runs/{id}/cancel", post(cancel_run))
+        .route("/v1/runs/{id}/logs", get(get_logs))
+        .route(
+            "/v1/deployments",
+            post(create_deployment).get(list_deployments),
+        )
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{id}", put(put_node))
+        .route("/v1/nodes/{id}/work", get(work_stream))
+        .route("/v1/nodes/{id}/runs/{run}/events", post(node_event))
+        .route("/v1/nodes/{id}/runs/{run}/logs", post(node_logs))
+        .fallback(|uri: Uri| async move {
+            ApiError::NotFound(format!("no such endpoint: {}", uri.path()))
+        })
+        .with_state(state)
+}
+
+// ---- client endpoints ------------------------------------------------------
+
+async fn submit_run(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    client_auth(&s, &headers)?;
+    let mut spec: RunSpec = parse_json(&body, "run")?;
+    if let Some(key) = headers.get("idempotency-key") {
+        let key = key
+            .to_str()
+            .map_err(|_| ApiError::BadRequest("Idempotency-Key must be ASCII".into()))?;
+        if key.is_empty() {
+            return Err(ApiError::BadRequest("Idempotency-Key is empty".into()));
+        }
+        match &spec.idempotency_key {
+            Some(k) if k != key => {
+                return Err(ApiError::BadRequest(format!(
+                    "Idempotency-Key header {key:?} differs from the body's {k:?}"
+                )));
+            }
+            _ => spec.idempotency_key = Some(key.to_owned()),
+        }
+    }
+    let submitted = s.db(move |st| st.submit_run(&spec)).await?;
+    if submitted.created {
+        s.wake.notify_one();
+    }
+    let status = if submitted.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(json_response(
+        status,
+        &SubmitResponse {
+            run: submitted.run,
+            created: submitted.created,
+        },
+    ))
+}
+
+async fn list_runs(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    client_auth(&s, &headers)?;
+    let mut filter = RunFilter::default();
+    for (k, v) in query_pairs(&uri) {
+        match k.as_str() {
+            "state" => {
+                for st in v.split(',') {
+                    filter.states.push(RunState::parse(st).ok_or_else(|| {
+                        ApiError::BadRequest(format!("unknown run state {st:?}"))
+                    })?);
+                }
+            }
+            "deployment" => filter.deployment = Some(v),
+            "node" => filter.node = Some(v),
+            "limit" => {
+                filter.limit = Some(v.parse().map_err(|_| {
+                    ApiError::BadRequest(format!("limit must be a number, not {v:?}"))
+                })?)
+            }
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown query parameter {other:?}"
+                )));
+            }
+        }
+    }
+    let runs = s.db(move |st| st.list_runs(&filter)).await?;
+    Ok(json_response(StatusCode::OK, &runs))
+}
+
+async fn get_run(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    client_auth(&s, &headers)?;
+    let id = run_id(&id)?;
+    let run = s
+        .db(move |st| st.get_run(id))
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("{id} not found")))?;
+    Ok(json_response(StatusCode::OK, &run))
+}
+
+async fn cancel_run(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    client_auth(&s, &headers)?;
+    let id = run_id(&id)?;
+    // The run may move between the read and the compare-and-set (a node
+    // report); retry a few times against the fresh state.
+    for _ in 0..5 {
+        let run = s
+            .db(move |st| st.get_run(id))
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("{id} not found")))?;
+        if run.state.is_final() {
+            return Err(ApiError::Conflict(format!(
+                "{id} is already {}; nothing to cancel",
+                run.state
+            )));
+        }
+        let from = run.state;
+        match s
+            .db(move |st| st.transition_run(id, from, RunState::Cancelled))
+            .await
+        {
+            Ok(run) => {
+                if let Some(node) = &run.node
+                    && from.is_active()
+                {
+                    s.push(node, WorkMessage::Cancel { run: id });
+                }
+                let _ = s.log_events.send(id);
+                // The cancelled run's slot is free.
+                s.wake.notify_one();
+                return Ok(json_response(StatusCode::OK, &run));
+            }
+            Err(ApiError::Conflict(_)) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(ApiError::Conflict(format!(
+        "{id} kept changing state; try again"
+    )))
+}
+
+async fn get_logs(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    client_auth(&s, &headers)?;
+    let id = run_id(&id)?;
+    let mut follow = false;
+    for (k, v) in query_pairs(&uri) {
+        match (k.as_str(), v.as_str()) {
+            ("follow", "true" | "1" | "") => follow = true,
+            ("follow", "false" | "0") => follow = false,
+            _ => {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown query parameter {k}={v}"
+                )));
+            }
+        }
+    }
+    // Subscribe before the first read, so nothing appended in between is
+    // missed.
+    let rx = s.log_events.subscribe();
+    if s.db(move |st| st.get_run(id)).await?.is_none() {
+        return Err(ApiError::NotFound(format!("{id} not found")));
+    }
+    let path = s.log_path(id);
+    if !follow {
+        let data = match tokio::fs::read(&path).await {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                return Err(ApiError::Internal(format!(
+                    "reading {}: {e}",
+                    path.display()
+                )));
+            }
+        };
+        return Ok((
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/x-ndjson")],
+            Body::from(data),
+        )
+            .into_response());
+    }
+    struct Follow {
+        s: Shared,
+        id: RunId,
+        path: PathBuf,
+        offset: u64,
+        rx: broadcast::Receiver<RunId>,
+        done: bool,
+    }
+    let st = Follow {
+        s,
+        id,
+        path,
+        offset: 0,
+        rx,
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(st, |mut f| async move {
+        loop {
+            if f.done {
+                return None;
+            }
+            match read_from(&f.path, f.offset).await {
+                Ok(chunk) if !chunk.is_empty() => {
+                    f.offset += chunk.len() as u64;
+                    return Some((Ok::<Bytes, std::io::Error>(Bytes::from(chunk)), f));
+                }
+                Ok(_) => {}
+                Err(e) => return Some((Err(e), Follow { done: true, ..f })),
+            }
+            let id = f.id;
+            let finished = match f.s.db(move |st| st.get_run(id)).await {
+                Ok(Some(run)) => run.state.is_final(),
+                _ => true,
+            };
+            if finished {
+                // Nodes post all output before reporting the exit, so one
+                // last read after seeing the final state gets everything.
+                f.done = true;
+                continue;
+            }
+            loop {
+                match f.rx.recv().await {
+                    Ok(r) if r == f.id => break,
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        }
+    });
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// The complete lines of `path` after `offset` (a line being appended is
+/// left for the next read).
+async fn read_from(path: &std::path::Path, offset: u64) -> std::io::Result<Vec<u8>> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        f.seek(SeekFrom::Start(offset))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        let end = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        buf.truncate(end);
+        Ok(buf)
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+async fn create_deployment(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    client_auth(&s, &headers)?;
+    let spec: DeploymentSpec = parse_json(&body, "deployment")?;
+    let d = s.db(move |st| st.create_deployment(&spec)).await?;
+    Ok(json_response(StatusCode::CREATED, &d))
+}
+
+async fn list_deployments(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    client_auth(&s, &headers)?;
+    let ds = s.db(|st| st.list_deployments()).await?;
+    Ok(json_response(StatusCode::OK, &ds))
+}
+
+async fn list_nodes(State(s): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
+    client_auth(&s, &headers)?;
+    let nodes = s.db(|st| st.list_nodes()).await?;
+    Ok(json_response(StatusCode::OK, &nodes))
+}
+
+// ---- node endpoints --------------------------------------------------------
+
+async fn put_node(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    node_auth(&s, &headers)?;
+    let spec: NodeSpec = parse_json(&body, "node")?;
+    if spec.id != id {
+        return Err(ApiError::BadRequest(format!(
+            "node id in the body ({:?}) differs from the path ({id:?})",
+            spec.id
+        )));
+    }
+    let node = s.db(move |st| st.upsert_node(&spec)).await?;
+    // New capacity or new warm runners may make queued runs placeable.
+    s.wake.notify_one();
+    Ok(json_response(StatusCode::OK, &node))
+}
+
+async fn work_stream(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    node_auth(&s, &headers)?;
+    let node = id.clone();
+    let known = s
+        .db(move |st| Ok(st.list_nodes()?.into_iter().any(|n| n.spec.id == node)))
+        .await?;
+    if !known {
+        return Err(ApiError::NotFound(format!(
+            "node {id:?} is not registered (PUT /v1/nodes/{id} first)"
+        )));
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let conn = s.next_conn.fetch_add(1, Ordering::Relaxed);
+    // Runs assigned while the node was away (or before a control-plane
+    // restart) are sent again; the node ignores runs it already has.
+    let node = id.clone();
+    let mine = s
+        .db(move |st| {
+            st.list_runs(&RunFilter {
+                states: vec![RunState::Scheduled, RunState::Starting, RunState::Running],
+                node: Some(node),
+                ..RunFilter::default()
+            })
+        })
+        .await?;
+    let (pending, active): (Vec<Run>, Vec<Run>) = mine
+        .into_iter()
+        .rev()
+        .partition(|r| r.state == RunState::Scheduled);
+    let _ = tx.send(WorkMessage::Active {
+        runs: active.iter().map(|r| r.id).collect(),
+    });
+    for run in pending {
+        let _ = tx.send(WorkMessage::Assign { run: Box::new(run) });
+    }
+    {
+        let mut streams = s.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams.insert(id.clone(), WorkStream { conn, tx });
+    }
+    tracing::info!(node = %id, "work stream opened");
+    s.wake.notify_one();
+
+    /// Removes the stream from the table when the response body is dropped
+    /// (the node disconnected).
+    struct Guard {
+        s: Shared,
+        node: NodeId,
+        conn: u64,
+    }
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let mut streams = self.s.streams.lock().unwrap_or_else(|e| e.into_inner());
+            if streams.get(&self.node).is_some_and(|w| w.conn == self.conn) {
+                streams.remove(&self.node);
+                tracing::info!(node = %self.node, "work stream closed");
+            }
+        }
+    }
+    let guard = Guard { s, node: id, conn };
+    let stream = futures_util::stream::unfold((rx, guard), |(mut rx, guard)| async move {
+        let msg = rx.recv().await?;
+        let mut line = match serde_json::to_vec(&msg) {
+            Ok(l) => l,
+            Err(e) => return Some((Err(std::io::Error::other(e)), (rx, guard))),
+        };
+        line.push(b'\n');
+        Some((Ok::<Bytes, std::io::Error>(Bytes::from(line)), (rx, guard)))
+    });
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+async fn node_event(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path((node, id)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    node_auth(&s, &headers)?;
+    let id = run_id(&id)?;
+    let report: NodeReport = parse_json(&body, "run event")?;
+    let finished = matches!(
+        report,
+        NodeReport::Exited { .. } | NodeReport::Failed { .. }
+    );
+    let n = node.clone();
+    let run = s.db(move |st| st.report(&n, id, &report)).await?;
+    let _ = s.log_events.send(id);
+    if finished {
+        warm_handoff(&s, &node, &run).await;
+        s.wake.notify_one();
+    }
+    Ok(json_response(StatusCode::OK, &run))
+}
+
+/// A run just finished on `node`: if the node says it has an idle runner
+/// for that run's key, give it the oldest queued run with the same key at
+/// once, without a round through placement.
+async fn warm_handoff(s: &Shared, node: &str, finished: &Run) {
+    let key = finished.warm_key();
+    let n = node.to_owned();
+    let result = s
+        .db(move |st| {
+            let has_idle = st
+                .list_nodes()?
+                .iter()
+                .find(|x| x.spec.id == n)
+                .is_some_and(|x| {
+                    x.spec
+                        .inventory
+                        .idle_runners
+                        .get(&key)
+                        .copied()
+                        .unwrap_or(0)
+                        > 0
+                });
+            if !has_idle {
+                return Ok(None);
+            }
+            st.claim_for_runner(&n, &key)
+        })
+        .await;
+    match result {
+        Ok(Some(run)) => {
+            let id = run.id;
+            if !s.push(node, WorkMessage::Assign { run: Box::new(run) }) {
+                tracing::warn!(node, run = %id, "node disconnected before the warm hand-off");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(node, error = %e, "warm hand-off failed"),
+    }
+}
+
+async fn node_logs(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path((node, id)): Path<(String, String)>,
+    uri: Uri,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    node_auth(&s, &headers)?;
+    let id = run_id(&id)?;
+    let mut stream = LogStream::Stdout;
+    for (k, v) in query_pairs(&uri) {
+        match (k.as_str(), v.as_str()) {
+            ("stream", "stdout") => stream = LogStream::Stdout,
+            ("stream", "stderr") => stream = LogStream::Stderr,
+            _ => {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown query parameter {k}={v} (expected stream=stdout|stderr)"
+                )));
+            }
+        }
+    }
+    let run = s
+        .db(move |st| st.get_run(id))
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("{id} not found")))?;
+    if run.node.as_deref() != Some(node.as_str()) || !run.state.is_active() {
+        return Err(ApiError::Conflict(format!(
+            "{id} is not assigned to node {node:?}"
+        )));
+    }
+    let record = LogRecord {
+        stream,
+        data: String::from_utf8_lossy(&body).into_owned(),
+    };
+    let mut line = serde_json::to_vec(&record)
+        .map_err(|e| ApiError::Internal(format!("serialising a log record: {e}")))?;
+    line.push(b'\n');
+    let path = s.log_path(id);
+    tokio::task::spawn_blocking(move || {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        // One write of a whole line, so a reader never sees half a record
+        // (it only reads up to the last newline anyway).
+        f.write_all(&line)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("log task failed: {e}")))?
+    .map_err(|e| ApiError::Internal(format!("appending to the log of {id}: {e}")))?;
+    let _ = s.log_events.send(id);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+// ---- background tasks ------------------------------------------------------
+
+async fn dispatch_loop(s: Shared) {
+    loop {
+        s.wake.notified().await;
+        loop {
+            let st = s.clone();
+            let round = tokio::task::spawn_blocking(move || dispatch_round(&st)).await;
+            match round {
+                // More may be queued than one claim took: go again at once.
+                Ok(Ok(DispatchRound { claimed, assigned }))
+                    if claimed == CLAIM_BATCH && assigned > 0 => {}
+                Ok(Ok(_)) => break,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "dispatch failed");
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "dispatch task failed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+struct DispatchRound {
+    claimed: usize,
+    assigned: usize,
+}
+
+/// One claim → place → assign → push round. Each run is pushed to its node
+/// as soon as it is assigned, before the next one is placed.
+fn dispatch_round(s: &AppState) -> Result<DispatchRound, StoreError> {
+    let connected = s.connected_nodes();
+    if connected.is_empty() {
+        return Ok(DispatchRound {
+            claimed: 0,
+            assigned: 0,
+        });
+    }
+    let claimed = s.store.claim_runs(&ClaimRequest {
+        owner: s.owner.clone(),
+        limit: CLAIM_BATCH,
+        lease_ms: CLAIM_LEASE_MS,
+    })?;
+    if claimed.is_empty() {
+        return Ok(DispatchRound {
+            claimed: 0,
+            assigned: 0,
+        });
+    }
+    let nodes: Vec<_> = s
+        .store
+        .list_nodes()?
+        .into_iter()
+        .filter(|n| connected.contains(&n.spec.id))
+        .collect();
+    let active = s.store.list_runs(&RunFilter {
+        states: vec![RunState::Scheduled, RunState::Starting, RunState::Running],
+        ..RunFilter::default()
+    })?;
+    let stale = u64::try_from(s.config.heartbeat_timeout.as_millis()).unwrap_or(u64::MAX);
+    let view = ClusterView::build(&nodes, &active, s.clock.now(), stale);
+    let mut scheduler = BatchScheduler::new(view);
+    let mut unplaced = Vec::new();
+    let mut assigned = 0;
+    for run in &claimed {
+        let Some(p) = scheduler.place_next(&RunRequirements::from(run)) else {
+            unplaced.push(run.id);
+            continue;
+        };
+        match s.store.assign_run(&s.owner, run.id, &p.node) {
+            Ok(run) => {
+                assigned += 1;
+                let id = run.id;
+                tracing::debug!(run = %id, node = %p.node, reason = ?p.reason, "assigned");
+                if !s.push(&p.node, WorkMessage::Assign { run: Box::new(run) }) {
+                    // It stays scheduled there; the node gets it when it
+                    // reconnects, or it is lost with the node.
+                    tracing::warn!(run = %id, node = %p.node, "node disconnected after assignment");
+                }
+            }
+            // Cancelled meanwhile, or the claim lapsed: not ours any more.
+            Err(StoreError::NotClaimed { .. } | StoreError::Conflict { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if !unplaced.is_empty() {
+        s.store.release_claims(&s.owner, &unplaced)?;
+    }
+    Ok(DispatchRound {
+        claimed: claimed.len(),
+        assigned,
+    })
+}
+
+async fn reap_loop(s: Shared) {
+    // After a control-plane restart every node's last heartbeat is as old
+    // as the downtime: give them one timeout to reconnect before their
+    // runs are declared lost.
+    tokio::time::sleep(s.config.heartbeat_timeout).await;
+    let mut tick = tokio::time::interval(s.config.reap_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let stale = u64::try_from(s.config.heartbeat_timeout.as_millis()).unwrap_or(u64::MAX);
+        let result = s
+            .db(move |st| {
+                let lost = st.mark_lost_runs(stale)?;
+                let mut requeued = 0;
+                for run in &lost {
+                    if run.attempts < run.max_attempts.max(1)
+                        && st
+                            .transition_run(run.id, RunState::Lost, RunState::Queued)
+                            .is_ok()
+                    {
+                        requeued += 1;
+                    }
+                }
+                Ok((lost, requeued))
+            })
+            .await;
+        match result {
+            Ok((lost, requeued)) if !lost.is_empty() => {
+                tracing::warn!(lost = lost.len(), requeued, "runs lost with their nodes");
+                for r in &lost {
+                    let _ = s.log_events.send(r.id);
+                }
+                s.wake.notify_one();
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "reaping lost nodes failed"),
+        }
+    }
+}

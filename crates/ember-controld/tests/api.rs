@@ -1,0 +1,269 @@
+//! The API in process, against an in-memory SQLite store: submit and
+//! idempotency, the pushed work stream, node reports, cancel, logs, auth
+//! and error bodies. No runc needed: the test plays the node.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ember_control::model::{NodeReport, NodeSpec, PinnedImage, RunSpec, RunState};
+use ember_control::sqlite::SqliteStore;
+use ember_control::store::SystemClock;
+use ember_controld::api::{LogStream, WorkMessage};
+use ember_controld::client::ControlClient;
+use ember_controld::server::{ServerConfig, serve};
+
+struct Server {
+    url: String,
+    _tmp: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+async fn server() -> Server {
+    server_with(Duration::from_secs(15)).await
+}
+
+async fn server_with(heartbeat_timeout: Duration) -> Server {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(SqliteStore::open_in_memory(Arc::new(SystemClock)).expect("store"));
+    let mut config = ServerConfig::new(tmp.path().join("logs"));
+    config.client_token = Some("c".into());
+    config.node_token = Some("n".into());
+    config.heartbeat_timeout = heartbeat_timeout;
+    config.reap_interval = Duration::from_millis(100);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(serve(
+        listener,
+        store,
+        Arc::new(SystemClock),
+        config,
+        async {
+            let _ = rx.await;
+        },
+    ));
+    Server {
+        url,
+        _tmp: tmp,
+        stop: Some(tx),
+    }
+}
+
+fn image() -> PinnedImage {
+    PinnedImage::new("busybox", format!("sha256:{}", "ab".repeat(32))).expect("pin")
+}
+
+fn spec() -> RunSpec {
+    RunSpec {
+        image: Some(image()),
+        command: vec!["true".into()],
+        ..RunSpec::default()
+    }
+}
+
+/// Reads one work message from an open work stream.
+async fn next_msg(resp: &mut reqwest::Response, buf: &mut Vec<u8>) -> WorkMessage {
+    loop {
+        if let Some(i) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            return serde_json::from_slice(&line).expect("work message");
+        }
+        let chunk = tokio::time::timeout(Duration::from_secs(10), resp.chunk())
+            .await
+            .expect("a message within 10 s")
+            .expect("chunk")
+            .expect("stream open");
+        buf.extend_from_slice(&chunk);
+    }
+}
+
+#[tokio::test]
+async fn submit_push_report_logs_cancel() {
+    let s = server().await;
+    let c = ControlClient::new(&s.url, Some("c".into())).expect("client");
+    let n = ControlClient::new(&s.url, Some("n".into())).expect("node client");
+
+    n.put_node(&NodeSpec {
+        id: "n1".into(),
+        slots: 1,
+        labels: Default::default(),
+        inventory: Default::default(),
+    })
+    .await
+    .expect("register");
+    let mut work = n.work("n1").await.expect("work stream");
+    let mut buf = Vec::new();
+    assert_eq!(
+        next_msg(&mut work, &mut buf).await,
+        WorkMessage::Active { runs: vec![] }
+    );
+
+    // Submit: the run is pushed on the open stream, no polling.
+    let first = c.submit(&spec(), Some("key-1")).await.expect("submit");
+    assert!(first.created);
+    let again = c.submit(&spec(), Some("key-1")).await.expect("resubmit");
+    assert!(!again.created);
+    assert_eq!(again.run.id, first.run.id);
+    let WorkMessage::Assign { run } = next_msg(&mut work, &mut buf).await else {
+        panic!("expected an assignment");
+    };
+    assert_eq!(run.id, first.run.id);
+    assert_eq!(run.state, RunState::Scheduled);
+
+    // The node's progress, output and exit.
+    for r in [
+        NodeReport::Accepted,
+        NodeReport::ImageReady,
+        NodeReport::RunnerReady,
+        NodeReport::Started,
+    ] {
+        n.report("n1", run.id, &r).await.expect("report");
+    }
+    // A reconnect (node or control-plane restart) first lists the node's
+    // active runs, so a node that lost one can fail it.
+    drop(work);
+    work = n.work("n1").await.expect("work stream again");
+    buf.clear();
+    assert_eq!(
+        next_msg(&mut work, &mut buf).await,
+        WorkMessage::Active { runs: vec![run.id] }
+    );
+    n.append_log("n1", run.id, LogStream::Stdout, "out\n".into())
+        .await
+        .expect("log");
+    let done = n
+        .report("n1", run.id, &NodeReport::Exited { code: 0 })
+        .await
+        .expect("exit");
+    assert_eq!(done.state, RunState::Succeeded);
+    let logs = c.logs(run.id, true).await.expect("logs");
+    let body = logs.text().await.expect("log body");
+    assert_eq!(body, "{\"stream\":\"stdout\",\"data\":\"out\\n\"}\n");
+    // A late report and a late log are refused.
+    let late = n.report("n1", run.id, &NodeReport::Started).await;
+    assert_eq!(late.err().and_then(|e| e.status()), Some(409));
+    let late = n
+        .append_log("n1", run.id, LogStream::Stderr, "x".into())
+        .await;
+    assert_eq!(late.err().and_then(|e| e.status()), Some(409));
+
+    // Slot free again: the next run is pushed too, and a cancel follows it.
+    let second = c.submit(&spec(), None).await.expect("submit");
+    let WorkMessage::Assign { run } = next_msg(&mut work, &mut buf).await else {
+        panic!("expected an assignment");
+    };
+    assert_eq!(run.id, second.run.id);
+    let cancelled = c.cancel(run.id).await.expect("cancel");
+    assert_eq!(cancelled.state, RunState::Cancelled);
+    assert_eq!(
+        next_msg(&mut work, &mut buf).await,
+        WorkMessage::Cancel { run: run.id }
+    );
+    let again = c.cancel(run.id).await;
+    assert_eq!(again.err().and_then(|e| e.status()), Some(409));
+}
+
+#[tokio::test]
+async fn errors_are_json_and_4xx() {
+    let s = server().await;
+    // Installs the process's TLS crypto provider, which a bare
+    // `reqwest::Client::new()` needs (reqwest is built without a default).
+    let c = ControlClient::new(&s.url, Some("c".into())).expect("client");
+    let http = reqwest::Client::new();
+    let post = |body: &'static str, token: &'static str| {
+        http.post(format!("{}/v1/runs", s.url))
+            .bearer_auth(token)
+            .body(body)
+            .send()
+    };
+    for (body, status) in [
+        ("", 400),
+        ("{", 400),
+        (
+            "{\"image\":{\"reference\":\"x\",\"digest\":\"sha256:no\"}}",
+            400,
+        ),
+        ("{}", 400),
+    ] {
+        let resp = post(body, "c").await.expect("send");
+        assert_eq!(resp.status().as_u16(), status, "{body}");
+        let v: serde_json::Value =
+            serde_json::from_slice(&resp.bytes().await.expect("body")).expect("JSON error body");
+        assert_eq!(v["error"], "bad_request");
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    assert_eq!(post("{}", "n").await.expect("send").status().as_u16(), 401);
+    assert!(
+        c.runs().await.expect("runs").is_empty(),
+        "nothing half-written"
+    );
+    let missing = c.run(ember_control::model::RunId(99)).await;
+    assert_eq!(missing.err().and_then(|e| e.status()), Some(404));
+    let unknown = http
+        .get(format!("{}/v1/nope", s.url))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(unknown.status().as_u16(), 404);
+}
+
+#[tokio::test]
+async fn a_silent_node_loses_its_runs_and_late_reports_are_refused() {
+    let s = server_with(Duration::from_secs(1)).await;
+    let c = ControlClient::new(&s.url, Some("c".into())).expect("client");
+    let n = ControlClient::new(&s.url, Some("n".into())).expect("node client");
+    n.put_node(&NodeSpec {
+        id: "n1".into(),
+        slots: 1,
+        labels: Default::default(),
+        inventory: Default::default(),
+    })
+    .await
+    .expect("register");
+    let mut work = n.work("n1").await.expect("work stream");
+    let mut buf = Vec::new();
+    let _ = next_msg(&mut work, &mut buf).await;
+    let submitted = c
+        .submit(
+            &RunSpec {
+                max_attempts: 2,
+                ..spec()
+            },
+            None,
+        )
+        .await
+        .expect("submit");
+    let WorkMessage::Assign { run } = next_msg(&mut work, &mut buf).await else {
+        panic!("expected an assignment");
+    };
+    assert_eq!(run.id, submitted.run.id);
+    n.report("n1", run.id, &NodeReport::Accepted)
+        .await
+        .expect("accept");
+    // No more heartbeats: the run is lost, then queued again (attempts left).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = c.run(run.id).await.expect("run");
+        if r.state == RunState::Queued {
+            assert_eq!(r.attempts, 1);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never requeued: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let late = n.report("n1", run.id, &NodeReport::Started).await;
+    assert_eq!(late.err().and_then(|e| e.status()), Some(409));
+}

@@ -1,0 +1,76 @@
+//! `ember deploy`: create a deployment (a named run template), or list them.
+
+use crate::cmd::cluster::ControlArgs;
+use crate::cmd::submit::pin;
+use anyhow::{Context, bail};
+use ember_control::model::{DeploymentSpec, Resources};
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+/// Create a deployment pinned to the image's current digest; `ember submit
+/// --deployment NAME` then runs it.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub control: ControlArgs,
+    /// List the deployments instead.
+    #[arg(long, conflicts_with_all = ["name", "image"])]
+    pub list: bool,
+    /// Its name.
+    #[arg(value_name = "NAME", required_unless_present = "list")]
+    pub name: Option<String>,
+    /// Its image.
+    #[arg(value_name = "IMAGE", required_unless_present = "list")]
+    pub image: Option<String>,
+    /// Environment variable KEY=VALUE (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Separates its runners from other runs of the same image.
+    #[arg(long, value_name = "KEY")]
+    pub recycle_key: Option<String>,
+    /// Idle runners nodes should keep warm for it.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub warm: u32,
+    /// Command and arguments (default: the image's).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// Runs `ember deploy`.
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let client = args.control.client()?;
+    if args.list {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&client.deployments().await?)?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (Some(name), Some(image)) = (args.name, args.image) else {
+        bail!("NAME and IMAGE are required");
+    };
+    let mut env = BTreeMap::new();
+    for e in &args.env {
+        let (k, v) = e
+            .split_once('=')
+            .with_context(|| format!("invalid --env {e:?}: expected KEY=VALUE"))?;
+        env.insert(k.to_owned(), v.to_owned());
+    }
+    let d = client
+        .deploy(&DeploymentSpec {
+            name,
+            image: pin(&image).await?,
+            command: args.command,
+            env,
+            resources: Resources::default(),
+            recycle_key: args.recycle_key,
+            warm_runners: args.warm,
+            node_selector: BTreeMap::new(),
+        })
+        .await?;
+    println!(
+        "{} {}@{}",
+        d.spec.name, d.spec.image.reference, d.spec.image.digest
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,84 @@
+//! `ember node`: the node agent.
+
+use crate::cmd::cluster::{find_agent, hostname, stop_signal};
+use anyhow::{Context, bail};
+use ember_controld::node::{NodeConfig, run_node};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Run a node agent: register with the control plane and execute the runs
+/// it assigns, through the warm pool. The store is --root.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The control plane's URL.
+    #[arg(long, env = "EMBER_CONTROL", value_name = "URL")]
+    pub control: String,
+    /// The node bearer token.
+    #[arg(
+        long,
+        env = "EMBER_NODE_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// This node's id [default: the host name].
+    #[arg(long, value_name = "ID")]
+    pub id: Option<String>,
+    /// Runs executed at once.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub slots: u32,
+    /// Registry mirror (`ember cache`) to pull through.
+    #[arg(long, value_name = "URL")]
+    pub cache: Option<String>,
+    /// The static ember-agent binary [default: $EMBER_AGENT, or found next
+    /// to this executable].
+    #[arg(long, value_name = "PATH")]
+    pub agent: Option<PathBuf>,
+    /// A node label, KEY=VALUE (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Seconds between liveness heartbeats.
+    #[arg(long, default_value_t = 3, value_name = "SECONDS")]
+    pub heartbeat: u64,
+}
+
+/// Builds the node configuration; shared with `ember up`.
+pub fn config(root: &Path, args: Args) -> anyhow::Result<NodeConfig> {
+    if args.slots == 0 {
+        bail!("--slots must be at least 1");
+    }
+    let mut labels = BTreeMap::new();
+    for l in &args.labels {
+        let (k, v) = l
+            .split_once('=')
+            .with_context(|| format!("invalid --label {l:?}: expected KEY=VALUE"))?;
+        labels.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(NodeConfig {
+        control: args.control,
+        token: args.token.filter(|t| !t.is_empty()),
+        id: args.id.unwrap_or_else(hostname),
+        slots: args.slots,
+        root: root.to_path_buf(),
+        cache: args.cache,
+        agent: find_agent(args.agent)?,
+        labels,
+        heartbeat: Duration::from_secs(args.heartbeat.max(1)),
+    })
+}
+
+/// Runs `ember node` until SIGINT or SIGTERM; its runners are destroyed on
+/// the way out.
+pub async fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
+    let cfg = config(root, args)?;
+    eprintln!("ember node {}: connecting to {}", cfg.id, cfg.control);
+    let stop = async {
+        if let Err(e) = stop_signal().await {
+            tracing::error!(error = %e, "signal handling");
+        }
+    };
+    run_node(cfg, stop).await?;
+    Ok(ExitCode::SUCCESS)
+}

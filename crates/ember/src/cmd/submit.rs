@@ -1,0 +1,127 @@
+//! `ember submit`: queue a run on the control plane.
+
+use crate::cmd::cluster::ControlArgs;
+use crate::cmd::logs::print_logs;
+use anyhow::{Context, bail};
+use ember_control::model::{PinnedImage, RunSpec};
+use ember_oci::Reference;
+use ember_registry::{RegistryClient, RegistryOptions};
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+/// Submit a run of a deployment or an image.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "IMAGE is pinned to its current digest here, before the \
+run is queued, so every attempt runs the same bytes.\n\
+With --wait, the run's output is streamed and ember exits with its exit code.")]
+pub struct Args {
+    #[command(flatten)]
+    pub control: ControlArgs,
+    /// Run this deployment.
+    #[arg(long, value_name = "NAME", conflicts_with = "image")]
+    pub deployment: Option<String>,
+    /// Run this image.
+    #[arg(value_name = "IMAGE", required_unless_present = "deployment")]
+    pub image: Option<String>,
+    /// Stream the output and exit with the run's exit code.
+    #[arg(long)]
+    pub wait: bool,
+    /// Environment variable KEY=VALUE (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Kill the run after this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<u64>,
+    /// Times the run may be scheduled if its node is lost.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub attempts: u32,
+    /// Idempotency key: a second submit with it returns the first run.
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+    /// Print the run as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Command and arguments (default: the image's).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// Pins `image` to its manifest digest by asking its registry.
+pub async fn pin(image: &str) -> anyhow::Result<PinnedImage> {
+    let r: Reference = image.parse()?;
+    let digest = match r.digest() {
+        Some(d) => d.to_string(),
+        None => {
+            let client = RegistryClient::new(RegistryOptions::default())?;
+            client
+                .manifest(&r, &r.manifest_reference())
+                .await
+                .with_context(|| format!("resolving {image}"))?
+                .digest
+                .to_string()
+        }
+    };
+    Ok(PinnedImage::new(image, digest)?)
+}
+
+/// Runs `ember submit`.
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let client = args.control.client()?;
+    let mut env = BTreeMap::new();
+    for e in &args.env {
+        let (k, v) = e
+            .split_once('=')
+            .with_context(|| format!("invalid --env {e:?}: expected KEY=VALUE"))?;
+        env.insert(k.to_owned(), v.to_owned());
+    }
+    let image = match &args.image {
+        Some(i) => Some(pin(i).await?),
+        None => None,
+    };
+    let spec = RunSpec {
+        deployment: args.deployment.clone(),
+        image,
+        command: args.command.clone(),
+        env,
+        timeout_ms: args.timeout.map(|s| s.saturating_mul(1000)),
+        idempotency_key: None,
+        max_attempts: args.attempts,
+        node_selector: BTreeMap::new(),
+    };
+    let submitted = client
+        .submit(&spec, args.idempotency_key.as_deref())
+        .await?;
+    let run = submitted.run;
+    if args.json {
+        println!("{}", serde_json::to_string(&run)?);
+    } else if !args.wait {
+        println!("{}", run.id);
+    }
+    if !submitted.created {
+        eprintln!("{} already existed for this idempotency key", run.id);
+    }
+    if !args.wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!("{} queued", run.id);
+    // Ctrl-C while waiting cancels the run, as it would stop a local
+    // `ember run`.
+    tokio::select! {
+        r = print_logs(&client, run.id, true) => r?,
+        _ = tokio::signal::ctrl_c() => {
+            let run = client.cancel(run.id).await?;
+            eprintln!("{} {}", run.id, run.state);
+            return Ok(ExitCode::from(130));
+        }
+    }
+    let run = client.run(run.id).await?;
+    match run.exit_code {
+        Some(c) => Ok(ExitCode::from(u8::try_from(c.clamp(0, 255)).unwrap_or(255))),
+        None => bail!(
+            "{} ended {}{}",
+            run.id,
+            run.state,
+            run.error.map(|e| format!(": {e}")).unwrap_or_default()
+        ),
+    }
+}

@@ -1,0 +1,515 @@
+//! The cluster end to end with the real binaries: `ember control` and one
+//! `ember node` (real runc, the static agent, a real registry), driven by
+//! `ember submit`, `ember runs`, `ember nodes` and `ember logs`.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A child process killed (SIGTERM, then SIGKILL) when dropped, so a
+/// failing assertion leaves nothing running.
+struct Proc(Child);
+
+impl Proc {
+    fn stop(&mut self) {
+        // Never signal a pid already reaped: it may belong to someone else.
+        if let Ok(Some(_)) = self.0.try_wait() {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Starts a long-running ember command and returns it with the first line
+/// of its stderr (which names the address for `ember control`); the rest
+/// of stderr is copied to ours.
+fn start(root: &Path, args: &[&str]) -> (Proc, String) {
+    let mut child = Command::new(ember())
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ember");
+    let mut err = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut first = String::new();
+    err.read_line(&mut first).expect("first stderr line");
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        while err.read_line(&mut rest).is_ok_and(|n| n > 0) {
+            eprint!("{rest}");
+            rest.clear();
+        }
+    });
+    (Proc(child), first)
+}
+
+fn client(url: &str, args: &[&str]) -> Output {
+    Command::new(ember())
+        .args(args)
+        .env("EMBER_CONTROL", url)
+        .env("EMBER_TOKEN", "client-secret")
+        .output()
+        .expect("run ember")
+}
+
+fn client_ok(url: &str, args: &[&str]) -> String {
+    let out = client(url, args);
+    assert!(
+        out.status.success(),
+        "ember {args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One raw HTTP/1.1 request; returns the status and the body.
+fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+fn runners(node_root: &Path) -> usize {
+    std::fs::read_dir(node_root.join("pool/runners"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn submit_wait_warm_reuse_idempotency_and_errors() {
+    let Some(agent) = static_agent() else {
+        eprintln!("skipped: the static ember-agent could not be built");
+        return;
+    };
+    let registry = registry_with(&["busybox"]);
+    let image = format!("{}/ember/busybox:latest", registry.addr());
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let db = tmp.path().join("control.db");
+    let node_root = tmp.path().join("node");
+    let db_s = db.to_string_lossy().into_owned();
+    let (mut control, line) = start(
+        tmp.path(),
+        &[
+            "control",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            &db_s,
+            "--client-token",
+            "client-secret",
+            "--node-token",
+            "node-secret",
+        ],
+    );
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no URL in {line:?}"))
+        .to_owned();
+    let addr = url.trim_start_matches("http://").to_owned();
+
+    let agent_s = agent.to_string_lossy().into_owned();
+    let (mut node, _) = start(
+        &node_root,
+        &[
+            "node",
+            "--control",
+            &url,
+            "--token",
+            "node-secret",
+            "--id",
+            "n1",
+            "--slots",
+            "2",
+            "--agent",
+            &agent_s,
+        ],
+    );
+    // Wait for registration (this is the test waiting, not the system).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = client_ok(&url, &["nodes", "--json"]);
+        if out.contains("\"n1\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the node never registered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A cold run: its output comes back and its exit code is ours.
+    let out = client(
+        &url,
+        &[
+            "submit",
+            "--wait",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            "echo hi; exit 3",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+    assert_eq!(runners(&node_root), 1, "one runner after the first run");
+
+    // The same image again: served by the same (recycled) runner.
+    let out = client(
+        &url,
+        &[
+            "submit",
+            "--wait",
+            "--idempotency-key",
+            "k1",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            "echo again >&2",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("again"));
+    assert_eq!(runners(&node_root), 1, "the second run reused the runner");
+
+    let runs: serde_json::Value =
+        serde_json::from_str(&client_ok(&url, &["runs", "--json"])).expect("runs JSON");
+    let runs = runs.as_array().expect("array");
+    assert_eq!(runs.len(), 2);
+    for r in runs {
+        for phase in [
+            "queued",
+            "scheduled",
+            "image_ready",
+            "runner_ready",
+            "process_started",
+        ] {
+            assert!(r["times"][phase].is_u64(), "{phase} missing in {r}");
+        }
+        assert_eq!(r["node"], "n1");
+    }
+    assert_eq!(runs[1]["exit_code"], 3);
+    assert_eq!(runs[1]["state"], "failed");
+    assert_eq!(runs[0]["state"], "succeeded");
+    let nodes: serde_json::Value =
+        serde_json::from_str(&client_ok(&url, &["nodes", "--json"])).expect("nodes JSON");
+    let idle: u64 = nodes[0]["inventory"]["idle_runners"]
+        .as_object()
+        .expect("idle_runners")
+        .values()
+        .filter_map(|v| v.as_u64())
+        .sum();
+    assert_eq!(idle, 1, "one idle warm runner: {nodes}");
+
+    // Duplicate submit with the same idempotency key: the same run.
+    let dup = client_ok(
+        &url,
+        &[
+            "submit",
+            "--json",
+            "--idempotency-key",
+            "k1",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            "echo again >&2",
+        ],
+    );
+    let dup: serde_json::Value = serde_json::from_str(dup.trim()).expect("run JSON");
+    assert_eq!(dup["id"], runs[0]["id"]);
+
+    // Logs of a finished run; stats.
+    assert_eq!(client_ok(&url, &["logs", "run-1"]), "hi\n");
+    let stats = client_ok(&url, &["runs", "--stats"]);
+    assert!(stats.contains("runner"), "{stats}");
+
+    // Malformed and unauthorised requests; nothing half-written.
+    let (status, body) = http(
+        &addr,
+        "POST",
+        "/v1/runs",
+        Some("client-secret"),
+        "{\"image\": 5",
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("\"error\":\"bad_request\""), "{body}");
+    let (status, body) = http(
+        &addr,
+        "POST",
+        "/v1/runs",
+        Some("client-secret"),
+        r#"{"image":{"reference":"x","digest":"sha256:nope"}}"#,
+    );
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = http(&addr, "GET", "/v1/runs", None, "");
+    assert_eq!(status, 401);
+    let (status, _) = http(&addr, "GET", "/v1/runs", Some("node-secret"), "");
+    assert_eq!(status, 401, "the node token is not a client token");
+    let (status, _) = http(
+        &addr,
+        "POST",
+        "/v1/nodes/n1/runs/1/events",
+        Some("node-secret"),
+        r#"{"event":"started"}"#,
+    );
+    assert_eq!(status, 409, "a report for a finished run is refused");
+    let runs: serde_json::Value =
+        serde_json::from_str(&client_ok(&url, &["runs", "--json"])).expect("runs JSON");
+    assert_eq!(runs.as_array().map(Vec::len), Some(2));
+
+    // A deployment pins the image; its runs use its command.
+    client_ok(&url, &["deploy", "hello", &image, "--", "echo", "deployed"]);
+    let out = client(&url, &["submit", "--wait", "--deployment", "hello"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "deployed\n");
+    let list = client_ok(&url, &["deploy", "--list"]);
+    assert!(list.contains("\"hello\""), "{list}");
+
+    // A control-plane restart on the same database and address: nothing is
+    // forgotten, and the node reconnects on its own.
+    control.stop();
+    let (restarted, _) = start(
+        tmp.path(),
+        &[
+            "control",
+            "--listen",
+            &addr,
+            "--db",
+            &db_s,
+            "--client-token",
+            "client-secret",
+            "--node-token",
+            "node-secret",
+        ],
+    );
+    control = restarted;
+    let out = client(&url, &["submit", "--wait", &image, "--", "echo", "back"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "back\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(client_ok(&url, &["logs", "run-1"]), "hi\n");
+
+    // A small burst: every run finishes, on at most `--slots` runners.
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let out = client_ok(
+            &url,
+            &["submit", &image, "--", "sh", "-c", &format!("echo {i}")],
+        );
+        ids.push(out.trim().to_owned());
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let runs: serde_json::Value =
+            serde_json::from_str(&client_ok(&url, &["runs", "--json"])).expect("runs JSON");
+        let runs = runs.as_array().expect("array");
+        let burst: Vec<_> = runs
+            .iter()
+            .filter(|r| ids.contains(&format!("run-{}", r["id"])))
+            .collect();
+        assert_eq!(burst.len(), 20);
+        if burst.iter().all(|r| r["state"] == "succeeded") {
+            break;
+        }
+        assert!(
+            burst.iter().all(|r| r["state"] != "failed"),
+            "a burst run failed: {burst:?}"
+        );
+        assert!(Instant::now() < deadline, "the burst did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(runners(&node_root) <= 2, "more runners than slots");
+    assert_eq!(client_ok(&url, &["logs", &ids[7]]), "7\n");
+
+    // Cancel of a running run kills its process; the node carries on.
+    let id = client_ok(&url, &["submit", &image, "--", "sleep", "600"])
+        .trim()
+        .to_owned();
+    let state = |id: &str| -> String {
+        let v: serde_json::Value =
+            serde_json::from_str(&client_ok(&url, &["runs", "--json"])).expect("runs JSON");
+        v.as_array()
+            .expect("array")
+            .iter()
+            .find(|r| format!("run-{}", r["id"]) == id)
+            .map(|r| r["state"].as_str().unwrap_or_default().to_owned())
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while state(&id) != "running" {
+        assert!(Instant::now() < deadline, "never running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(client_ok(&url, &["cancel", &id]).contains("cancelled"));
+    assert_eq!(state(&id), "cancelled");
+    assert!(
+        !client(&url, &["cancel", &id]).status.success(),
+        "cancel twice"
+    );
+    let sleeping = || {
+        std::fs::read_dir("/proc")
+            .expect("/proc")
+            .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+            .any(|c| c == b"sleep\x00600\x00")
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sleeping() {
+        assert!(
+            Instant::now() < deadline,
+            "the cancelled process still runs"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = client(&url, &["submit", "--wait", &image, "--", "echo", "after"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "after\n");
+
+    // Stop everything we started; the node destroys its runners.
+    node.stop();
+    control.stop();
+    assert_eq!(runners(&node_root), 0, "runners left behind");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(
+        !mounts.contains(&*tmp.path().to_string_lossy()),
+        "mounts left under {}",
+        tmp.path().display()
+    );
+}
+
+/// `ember up`: control plane, cache in front of the registry and a node in
+/// one process; the env file it writes is all a client needs.
+#[test]
+fn up_runs_through_its_cache() {
+    let Some(agent) = static_agent() else {
+        eprintln!("skipped: the static ember-agent could not be built");
+        return;
+    };
+    let registry = registry_with(&["busybox"]);
+    let image = format!("{}/ember/busybox:latest", registry.addr());
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("up");
+    let data_s = data.to_string_lossy().into_owned();
+    let agent_s = agent.to_string_lossy().into_owned();
+    let upstream = registry.url();
+    let (mut up, line) = start(
+        tmp.path(),
+        &[
+            "up",
+            "--nodes",
+            "1",
+            "--data",
+            &data_s,
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &upstream,
+            "--agent",
+            &agent_s,
+        ],
+    );
+    assert!(line.contains("cache http://"), "{line}");
+    let env = std::fs::read_to_string(data.join("env")).expect("DATA/env");
+    let var = |name: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("export {name}=")))
+            .unwrap_or_else(|| panic!("{name} missing in {env}"))
+            .to_owned()
+    };
+    let (url, token) = (var("EMBER_CONTROL"), var("EMBER_TOKEN"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new(ember())
+            .args(["nodes", "--json", "--control", &url, "--token", &token])
+            .output()
+            .expect("ember nodes");
+        if String::from_utf8_lossy(&out.stdout).contains("\"node-0\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the node never registered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = Command::new(ember())
+        .args([
+            "submit",
+            "--wait",
+            &image,
+            "--",
+            "echo",
+            "through the cache",
+        ])
+        .env("EMBER_CONTROL", &url)
+        .env("EMBER_TOKEN", &token)
+        .output()
+        .expect("ember submit");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "through the cache\n");
+    let cached = std::fs::read_dir(data.join("cache/blobs/sha256"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert!(cached > 0, "the node did not pull through the cache");
+    // The wrong token is refused.
+    let out = Command::new(ember())
+        .args(["runs", "--control", &url, "--token", "wrong"])
+        .output()
+        .expect("ember runs");
+    assert!(!out.status.success());
+
+    up.stop();
+    assert_eq!(runners(&data.join("node-0")), 0, "runners left behind");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(!mounts.contains(&*tmp.path().to_string_lossy()));
+}
