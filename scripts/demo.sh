@@ -15,6 +15,7 @@ FIXTURES=$PWD/target/release/ember-fixtures
 
 WORK=$(mktemp -d /tmp/ember-demo.XXXXXX)
 cleanup() {
+  if [ -n "${UP_PID:-}" ]; then kill "$UP_PID" 2>/dev/null || true; wait "$UP_PID" 2>/dev/null || true; fi
   [ -n "${CACHE_PID:-}" ] && kill "$CACHE_PID" 2>/dev/null || true
   [ -n "${REGISTRY_PID:-}" ] && kill "$REGISTRY_PID" 2>/dev/null || true
   rm -rf "$WORK"
@@ -69,3 +70,22 @@ for node in node-a node-b; do
   time "$EMBER" --root "$WORK/$node" pull -q --mirror "http://127.0.0.1:$CACHE_PORT" "$BIG" >/dev/null
 done
 curl -fsS "http://127.0.0.1:$CACHE_PORT/metrics" | grep -E '^ember_cache_(hits|misses|upstream_bytes)' || true
+
+echo
+echo "== the cluster on one machine: ember up (control plane + cache + 1 node), runs cold, hot and warm"
+CONTROL_PORT=$(free_port)
+"$EMBER" up --nodes 1 --data "$WORK/up" --listen "127.0.0.1:$CONTROL_PORT" \
+  --upstream "http://$REGISTRY_ADDR" --agent "$AGENT" >"$WORK/up.log" 2>&1 &
+UP_PID=$!
+for _ in $(seq 200); do [ -s "$WORK/up/env" ] && break; sleep 0.1; done
+cat "$WORK/up/env"
+# shellcheck disable=SC1091
+source "$WORK/up/env"
+"$EMBER" nodes
+echo "-- first run: the node pulls $IMAGE through the cache and makes a runner"
+"$EMBER" submit --wait "$IMAGE" -- sh -c 'echo "hello from a cluster run"'
+echo "-- second run: the runner that just finished takes it"
+"$EMBER" submit --wait "$IMAGE" -- sh -c 'echo "hello again, same runner"'
+echo "-- 20 more warm runs"
+for _ in $(seq 20); do "$EMBER" submit --wait "$IMAGE" -- true; done
+"$EMBER" runs --stats
