@@ -152,52 +152,12 @@ fn loop_stats(mut samples: Vec<Duration>, wall: Duration) -> LoopStats {
     }
 }
 
-/// The agent binary: the flag, else next to this executable, else where
-/// `crates/ember-agent/build-static.sh` puts it.
-fn find_agent(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    if let Some(p) = flag {
-        return Ok(p);
-    }
-    let exe = std::env::current_exe().context("locating the ember binary")?;
-    let dir = exe.parent().unwrap_or(Path::new("."));
-    let mut candidates = vec![dir.join("ember-agent")];
-    // target/release/ember → target/x86_64-unknown-linux-gnu/release/ember-agent
-    if let (Some(profile), Some(target)) = (dir.file_name(), dir.parent()) {
-        candidates.push(
-            target
-                .join("x86_64-unknown-linux-gnu")
-                .join(profile)
-                .join("ember-agent"),
-        );
-        candidates.push(
-            target
-                .join("x86_64-unknown-linux-gnu/release")
-                .join("ember-agent"),
-        );
-    }
-    candidates.push("/usr/libexec/ember/ember-agent".into());
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .with_context(|| {
-            format!(
-                "no ember-agent found (looked at {}); build it with \
-                 crates/ember-agent/build-static.sh and pass --agent",
-                candidates
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })
-}
 
 async fn warm(root: &Path, args: WarmArgs) -> anyhow::Result<ExitCode> {
     if args.n == 0 || args.concurrency == 0 {
         bail!("--n and --concurrency must be at least 1");
     }
-    let agent = find_agent(args.agent.clone())?;
+    let agent = crate::cmd::cluster::find_agent(args.agent.clone())?;
     let store = Store::open(root).with_context(|| format!("opening store {}", root.display()))?;
     let local = {
         let index = store.read_index()?;
