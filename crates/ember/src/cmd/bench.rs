@@ -152,7 +152,6 @@ fn loop_stats(mut samples: Vec<Duration>, wall: Duration) -> LoopStats {
     }
 }
 
-
 async fn warm(root: &Path, args: WarmArgs) -> anyhow::Result<ExitCode> {
     if args.n == 0 || args.concurrency == 0 {
         bail!("--n and --concurrency must be at least 1");
