@@ -12,6 +12,7 @@
 //! lru/<hex>            empty marker per image; its mtime is the last use
 //! tmp/<pid>-<n>-...    in-progress work; removed when its pid is gone
 //! lock                 flock for index updates
+//! boot                 the boot id the unsynced-layer check last ran in
 //! ```
 //!
 //! Invariants: a path under `blobs/` or `layers/` exists only once its
@@ -142,10 +143,18 @@ impl Store {
     /// running may have lost data in a power cut: forget and delete them.
     /// Images that used them stay listed; their next pull or run fetches
     /// the missing layers again (see [`Store::missing_layers`]).
+    ///
+    /// `<root>/boot` remembers the boot this check last ran in, so every
+    /// later open in the same boot (each `ember run`) skips parsing the
+    /// index: unsynced layers of this boot are never stale.
     fn drop_unsynced_from_earlier_boots(&self) -> Result<(), StoreError> {
         let Some(boot) = boot_id() else {
             return Ok(());
         };
+        let marker = self.root.join("boot");
+        if fs::read_to_string(&marker).is_ok_and(|b| b == boot) {
+            return Ok(());
+        }
         let stale = |ix: &Index| {
             ix.layers
                 .iter()
@@ -154,7 +163,7 @@ impl Store {
                 .collect::<Vec<_>>()
         };
         if stale(&self.read_index()?).is_empty() {
-            return Ok(());
+            return fs::write(&marker, &boot).map_err(io("write", &marker));
         }
         let lock = self.lock()?;
         let mut ix = self.read_index()?;
@@ -166,7 +175,7 @@ impl Store {
         self.write_index(&lock, &ix)?;
         drop(lock);
         self.delete_layers(gone.iter().map(|d| self.layer_dir(d)).collect());
-        Ok(())
+        fs::write(&marker, &boot).map_err(io("write", &marker))
     }
 
     /// Layers of `image` that are not in the store (discarded after a

@@ -699,36 +699,35 @@ fn extract(
         done: false,
     };
     let (unpack, diff) = {
-        let decoder: Box<dyn Read + '_> = match compression {
-            Compression::None => Box::new(&mut cr),
-            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(
+        let decoder: std::io::Result<Box<dyn Read + '_>> = match compression {
+            Compression::None => Ok(Box::new(&mut cr)),
+            Compression::Gzip => Ok(Box::new(flate2::read::MultiGzDecoder::new(
                 std::io::BufReader::with_capacity(256 * 1024, &mut cr),
-            )),
-            Compression::Zstd => match zstd::stream::read::Decoder::new(&mut cr) {
-                Ok(d) => Box::new(d),
-                Err(e) => {
-                    return Extracted {
-                        compressed: Err(Digest::sha256_of(b"")),
-                        compressed_len: 0,
-                        diff_id: None,
-                        unpack: Err(UnpackError::Read(e)),
-                    };
-                }
-            },
+            ))),
+            Compression::Zstd => {
+                zstd::stream::read::Decoder::new(&mut cr).map(|d| Box::new(d) as Box<dyn Read + '_>)
+            }
         };
-        let mut hr = HashingReader {
-            inner: decoder,
-            verifier: Verifier::new(diff_id),
-        };
-        let unpack = unpack::unpack(&mut hr, dest, Mode::Overlay);
-        // The tar ends before the stream does (end-of-archive blocks,
-        // padding): read to the end so both digests cover every byte.
-        let drained = std::io::copy(&mut hr, &mut std::io::sink());
-        let diff = match (&unpack, drained) {
-            (Ok(_), Ok(_)) => Some(hr.verifier.finish()),
-            _ => None,
-        };
-        (unpack, diff)
+        match decoder {
+            // Still drained below, so the blob's real digest is reported.
+            Err(e) => (Err(UnpackError::Read(e)), None),
+            Ok(decoder) => {
+                let mut hr = HashingReader {
+                    inner: decoder,
+                    verifier: Verifier::new(diff_id),
+                };
+                let unpack = unpack::unpack(&mut hr, dest, Mode::Overlay);
+                // The tar ends before the stream does (end-of-archive
+                // blocks, padding): read to the end so both digests cover
+                // every byte.
+                let drained = std::io::copy(&mut hr, &mut std::io::sink());
+                let diff = match (&unpack, drained) {
+                    (Ok(_), Ok(_)) => Some(hr.verifier.finish()),
+                    _ => None,
+                };
+                (unpack, diff)
+            }
+        }
     };
     // Whatever happened above, hash the rest of the compressed stream so a
     // corrupt download is reported as a digest mismatch, not a tar error.

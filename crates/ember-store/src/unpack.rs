@@ -357,24 +357,9 @@ impl Unpacker {
                 })?;
                 self.stats.bytes += n;
                 // Metadata through the open descriptor: no path lookups.
-                let (u, g) = (u32::try_from(uid).ok(), u32::try_from(gid).ok());
-                std::os::unix::fs::fchown(&f, u, g).map_err(io_err(&path, "chown"))?;
-                // After chown: chown clears setuid/setgid bits.
-                f.set_permissions(fs::Permissions::from_mode(mode))
-                    .map_err(io_err(&path, "chmod"))?;
+                set_meta_fd(&f, &path, uid, gid, mode, mtime)?;
+                // Setting xattrs changes ctime only, so after the mtime is fine.
                 self.apply_xattrs(&path, &xattrs)?;
-                let ts = libc::timespec {
-                    tv_sec: mtime,
-                    tv_nsec: 0,
-                };
-                let times = [ts, ts];
-                // SAFETY: a descriptor we own and a two-element timespec
-                // array, as futimens requires.
-                if unsafe { libc::futimens(std::os::fd::AsRawFd::as_raw_fd(&f), times.as_ptr()) }
-                    != 0
-                {
-                    return Err(io_err(&path, "set mtime")(io::Error::last_os_error()));
-                }
             }
             tar::EntryType::Symlink => {
                 let target = link.ok_or_else(|| UnpackError::Hostile {
@@ -451,9 +436,25 @@ impl Unpacker {
     /// Makes sure every component of `rel` is a real directory inside dest
     /// (creating missing ones), and returns its absolute path.
     fn ensure_dir(&mut self, rel: &Path) -> Result<PathBuf, UnpackError> {
+        self.dir_chain(rel, true)
+    }
+
+    /// Like `ensure_dir` but never creates: for hardlink targets.
+    fn check_dir_chain(&mut self, rel: Option<&Path>) -> Result<PathBuf, UnpackError> {
+        self.dir_chain(rel.unwrap_or(Path::new("")), false)
+    }
+
+    /// Walks `rel` component by component with `lstat` (skipping what is
+    /// already known to be a real directory), creating missing directories
+    /// when `create`, and refusing symlinks and non-directories.
+    fn dir_chain(&mut self, rel: &Path, create: bool) -> Result<PathBuf, UnpackError> {
         if rel.as_os_str().is_empty() || self.known_dirs.contains(rel) {
             return Ok(self.dest.join(rel));
         }
+        let hostile = |why: &str| UnpackError::Hostile {
+            path: rel.display().to_string(),
+            why: why.into(),
+        };
         let mut cur_rel = PathBuf::new();
         for c in rel.components() {
             cur_rel.push(c);
@@ -463,18 +464,15 @@ impl Unpacker {
             let abs = self.dest.join(&cur_rel);
             match fs::symlink_metadata(&abs) {
                 Ok(m) if m.is_dir() => {}
+                _ if !create => {
+                    return Err(hostile(
+                        "is a hardlink whose target's directory is a symlink or missing",
+                    ));
+                }
                 Ok(m) if m.file_type().is_symlink() => {
-                    return Err(UnpackError::Hostile {
-                        path: rel.display().to_string(),
-                        why: "passes through a symlink".into(),
-                    });
+                    return Err(hostile("passes through a symlink"));
                 }
-                Ok(_) => {
-                    return Err(UnpackError::Hostile {
-                        path: rel.display().to_string(),
-                        why: "passes through a non-directory".into(),
-                    });
-                }
+                Ok(_) => return Err(hostile("passes through a non-directory")),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     mkdir(&abs)?;
                     // Implicit parents get the conventional 0755 root:root.
@@ -484,32 +482,6 @@ impl Unpacker {
                 Err(e) => return Err(io_err(&abs, "stat")(e)),
             }
             self.known_dirs.insert(cur_rel.clone());
-        }
-        Ok(self.dest.join(rel))
-    }
-
-    /// Like `ensure_dir` but never creates: for hardlink targets.
-    fn check_dir_chain(&mut self, rel: Option<&Path>) -> Result<PathBuf, UnpackError> {
-        let rel = rel.unwrap_or(Path::new(""));
-        let mut cur_rel = PathBuf::new();
-        for c in rel.components() {
-            cur_rel.push(c);
-            if self.known_dirs.contains(&cur_rel) {
-                continue;
-            }
-            let abs = self.dest.join(&cur_rel);
-            match fs::symlink_metadata(&abs) {
-                Ok(m) if m.is_dir() => {
-                    self.known_dirs.insert(cur_rel.clone());
-                }
-                _ => {
-                    return Err(UnpackError::Hostile {
-                        path: rel.display().to_string(),
-                        why: "is a hardlink whose target's directory is a symlink or missing"
-                            .into(),
-                    });
-                }
-            }
         }
         Ok(self.dest.join(rel))
     }
@@ -605,19 +577,33 @@ fn apply_dir_meta(d: &DirMeta) -> Result<(), UnpackError> {
         }
         Err(e) => return Err(io_err(&d.path, "open directory")(e)),
     };
-    let (uid, gid) = (u32::try_from(d.uid).ok(), u32::try_from(d.gid).ok());
-    std::os::unix::fs::fchown(&f, uid, gid).map_err(io_err(&d.path, "chown"))?;
-    // After chown: chown clears setgid.
-    f.set_permissions(fs::Permissions::from_mode(d.mode))
-        .map_err(io_err(&d.path, "chmod"))?;
+    set_meta_fd(&f, &d.path, d.uid, d.gid, d.mode, d.mtime)
+}
+
+/// Owner, mode and mtime through an open descriptor (`path` only names it
+/// in errors).
+fn set_meta_fd(
+    f: &fs::File,
+    path: &Path,
+    uid: u64,
+    gid: u64,
+    mode: u32,
+    mtime: i64,
+) -> Result<(), UnpackError> {
+    let (uid, gid) = (u32::try_from(uid).ok(), u32::try_from(gid).ok());
+    std::os::unix::fs::fchown(f, uid, gid).map_err(io_err(path, "chown"))?;
+    // After chown: chown clears setuid/setgid bits.
+    f.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(io_err(path, "chmod"))?;
     let ts = libc::timespec {
-        tv_sec: d.mtime,
+        tv_sec: mtime,
         tv_nsec: 0,
     };
     let times = [ts, ts];
-    // SAFETY: a descriptor we own and a two-element timespec array.
-    if unsafe { libc::futimens(std::os::fd::AsRawFd::as_raw_fd(&f), times.as_ptr()) } != 0 {
-        return Err(io_err(&d.path, "set mtime")(io::Error::last_os_error()));
+    // SAFETY: a descriptor we own and a two-element timespec array, as
+    // futimens requires.
+    if unsafe { libc::futimens(std::os::fd::AsRawFd::as_raw_fd(f), times.as_ptr()) } != 0 {
+        return Err(io_err(path, "set mtime")(io::Error::last_os_error()));
     }
     Ok(())
 }

@@ -168,7 +168,7 @@ async fn warm(root: &Path, args: WarmArgs) -> anyhow::Result<ExitCode> {
     let record = match local {
         Some(r) => r,
         None => {
-            pull_image(root, &args.image, &args.registry, args.json, false)
+            pull_image(&store, &args.image, &args.registry, args.json, false)
                 .await
                 .with_context(|| format!("pulling {}", args.image))?
                 .image

@@ -37,7 +37,7 @@ pub struct Args {
 
 /// Pulls `reference` with the given registry flags; shared with `ember run`.
 pub async fn pull_image(
-    root: &Path,
+    store: &Store,
     reference: &str,
     registry: &RegistryArgs,
     quiet: bool,
@@ -45,7 +45,6 @@ pub async fn pull_image(
 ) -> anyhow::Result<PullReport> {
     let r: Reference = reference.parse()?;
     let platform: Platform = registry.platform.parse()?;
-    let store = Store::open(root).with_context(|| format!("opening store {}", root.display()))?;
     let client = registry.client()?;
     let progress = Arc::new(Progress::new(quiet));
     let opts = PullOptions {
@@ -53,15 +52,16 @@ pub async fn pull_image(
         durable,
         ..Default::default()
     };
-    let result = ember_store::pull(&store, &client, &r, &opts, progress.clone()).await;
+    let result = ember_store::pull(store, &client, &r, &opts, progress.clone()).await;
     progress.finish();
     Ok(result?)
 }
 
 /// Runs `ember pull`.
 pub async fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
+    let store = Store::open(root).with_context(|| format!("opening store {}", root.display()))?;
     let report = pull_image(
-        root,
+        &store,
         &args.reference,
         &args.registry,
         args.quiet || args.json,

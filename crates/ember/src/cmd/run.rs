@@ -175,7 +175,7 @@ pub async fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
         Some(i) => i,
         None => {
             let report = pull_image(
-                root,
+                &store,
                 &args.image,
                 &args.registry,
                 args.timings.is_some(),
