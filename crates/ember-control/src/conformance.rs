@@ -507,8 +507,13 @@ pub fn node_reports_and_start_times(h: &dyn Harness) {
         .expect("submit")
         .run
         .id;
+    // Claimed at +1, placed at +3: the placement phase is visible.
     c.advance(1);
-    schedule(&*s, id, "n1");
+    let claimed = s.claim_runs(&claim("sched", 10)).expect("claim");
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].times.claimed, Some(T0 + 1));
+    c.advance(2);
+    s.assign_run("sched", id, "n1").expect("assign");
     let steps = [
         (NodeReport::Accepted, RunState::Starting),
         (NodeReport::ImageReady, RunState::Starting),
@@ -526,6 +531,7 @@ pub fn node_reports_and_start_times(h: &dyn Harness) {
     assert_eq!(
         [
             t.queued,
+            t.claimed,
             t.scheduled,
             t.image_ready,
             t.runner_ready,
@@ -535,10 +541,11 @@ pub fn node_reports_and_start_times(h: &dyn Harness) {
         [
             Some(T0),
             Some(T0 + 1),
-            Some(T0 + 21),
-            Some(T0 + 31),
-            Some(T0 + 41),
-            Some(T0 + 51)
+            Some(T0 + 3),
+            Some(T0 + 23),
+            Some(T0 + 33),
+            Some(T0 + 43),
+            Some(T0 + 53)
         ]
     );
     assert_eq!(run.exit_code, Some(0));
@@ -714,7 +721,8 @@ pub fn late_reports_rejected(h: &dyn Harness) {
 /// once, skipping runs of other keys and runs whose selector the node
 /// fails, and never a run another replica has claimed.
 pub fn warm_handoff(h: &dyn Harness) {
-    let s = h.open(clock());
+    let c = clock();
+    let s = h.open(c.clone());
     let mut n1 = node("n1", 4);
     n1.labels.insert("zone".into(), "a".into());
     s.upsert_node(&n1).expect("node");
@@ -740,6 +748,7 @@ pub fn warm_handoff(h: &dyn Harness) {
         .filter(|i| *i != claimed.id)
         .collect();
     s.release_claims("other", &ids).expect("release");
+    c.advance(5);
 
     let key = first.warm_key();
     assert_ne!(key, api.warm_key());
@@ -749,6 +758,10 @@ pub fn warm_handoff(h: &dyn Harness) {
         .expect("a web run is queued");
     assert_eq!(run.id, first.id);
     assert_eq!((run.state, run.attempts), (RunState::Scheduled, 1));
+    // The hand-off is the claim (the released one before it does not
+    // count): placement took no time.
+    assert_eq!(run.times.claimed, Some(T0 + 5));
+    assert_eq!(run.times.scheduled, Some(T0 + 5));
     assert_eq!(run.node.as_deref(), Some("n1"));
     let run = s.claim_for_runner("n1", &key).expect("hand-off");
     assert_eq!(run.map(|r| r.id), Some(second.id));

@@ -334,6 +334,10 @@ pub fn check_transition(
 pub struct StartTimes {
     /// Entered the queue (submit, or re-queue after a loss).
     pub queued: Option<Millis>,
+    /// Picked up by a scheduler (the last claim, if a claim was released
+    /// for lack of capacity and taken again): queue ends, placement begins.
+    /// A warm hand-off claims and schedules at once.
+    pub claimed: Option<Millis>,
     /// Assigned to a node.
     pub scheduled: Option<Millis>,
     /// The node had the image's layers.
@@ -433,6 +437,9 @@ impl Run {
             }
             RunState::Scheduled => {
                 self.attempts += 1;
+                // A warm hand-off never went through a claim: placement
+                // took no time.
+                self.times.claimed.get_or_insert(now);
                 self.times.scheduled = Some(now);
             }
             RunState::Starting => {}

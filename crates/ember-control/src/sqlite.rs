@@ -473,11 +473,18 @@ impl StateStore for SqliteStore {
             let mut runs = Vec::with_capacity(ids.len());
             for (id, key) in ids {
                 mark_served(tx, &key)?;
+                let mut run = must_load_run(tx, RunId(id))?;
+                run.times.claimed = Some(now);
                 tx.prepare_cached(
-                    "UPDATE runs SET claimed_by = ?2, claim_expires = ?3 WHERE id = ?1",
+                    "UPDATE runs SET claimed_by = ?2, claim_expires = ?3, body = ?4 WHERE id = ?1",
                 )?
-                .execute(params![id, req.owner, expires])?;
-                runs.push(must_load_run(tx, RunId(id))?);
+                .execute(params![
+                    id,
+                    req.owner,
+                    expires,
+                    serde_json::to_string(&run)?
+                ])?;
+                runs.push(run);
             }
             Ok(runs)
         })
@@ -560,6 +567,7 @@ impl StateStore for SqliteStore {
                 return Ok(None);
             };
             mark_served(tx, &run.queue_key())?;
+            run.times.claimed = Some(now);
             apply(&mut run, RunState::Scheduled, now)?;
             run.node = Some(node.to_owned());
             save_run(tx, &run)?;

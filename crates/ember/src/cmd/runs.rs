@@ -6,9 +6,10 @@ use std::process::ExitCode;
 
 /// List runs, newest first, or start-latency percentiles with --stats.
 #[derive(clap::Args, Debug)]
-#[command(after_help = "--stats phases: queue (submit → assigned to a node, \
-placement included), image (→ image on the node), runner (→ runner ready), \
-process (→ process started), total (submit → process started).")]
+#[command(after_help = "--stats phases: queue (submit → picked up by the \
+scheduler), placement (→ assigned to a node; 0 for a warm hand-off), image (→ image \
+on the node), runner (→ runner ready), process (→ process started), total (submit → \
+process started).")]
 pub struct Args {
     #[command(flatten)]
     pub control: ControlArgs,
@@ -28,8 +29,12 @@ fn span(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 }
 
 /// The phases `--stats` reports, in order.
-const PHASES: [Phase; 5] = [
-    ("queue", |r| span(r.times.queued, r.times.scheduled)),
+const PHASES: [Phase; 6] = [
+    // Runs stored before `claimed` existed count placement in the queue.
+    ("queue", |r| {
+        span(r.times.queued, r.times.claimed.or(r.times.scheduled))
+    }),
+    ("placement", |r| span(r.times.claimed, r.times.scheduled)),
     ("image", |r| span(r.times.scheduled, r.times.image_ready)),
     ("runner", |r| {
         span(r.times.image_ready, r.times.runner_ready)
@@ -60,7 +65,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         if !args.json {
             println!("{} runs started (of {})", started.len(), runs.len());
             println!(
-                "{:<8} {:>8} {:>8} {:>8} {:>8}",
+                "{:<10} {:>8} {:>8} {:>8} {:>8}",
                 "PHASE", "P50 ms", "P90 ms", "P99 ms", "MAX ms"
             );
         }
@@ -79,7 +84,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                     serde_json::json!({"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max, "n": v.len()}),
                 );
             } else {
-                println!("{name:<8} {p50:>8} {p90:>8} {p99:>8} {max:>8}");
+                println!("{name:<10} {p50:>8} {p90:>8} {p99:>8} {max:>8}");
             }
         }
         if args.json {
