@@ -50,6 +50,7 @@
 //! ```
 
 pub mod model;
+mod rules;
 pub mod schedule;
 pub mod sqlite;
 pub mod store;

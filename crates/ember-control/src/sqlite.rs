@@ -19,8 +19,9 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, 
 
 use crate::model::{
     Deployment, DeploymentSpec, Millis, ModelError, Node, NodeReport, NodeSpec, Run, RunId,
-    RunSpec, RunState, StartTimes,
+    RunSpec, RunState,
 };
+use crate::rules;
 use crate::store::{ClaimRequest, Clock, RunFilter, StateStore, StoreError, Submitted};
 
 /// Schema migrations; `PRAGMA user_version` is the number applied. Append
@@ -204,13 +205,6 @@ fn save_run(conn: &Connection, run: &Run) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn apply(run: &mut Run, to: RunState, now: Millis) -> Result<(), StoreError> {
-    run.apply(to, now).map_err(|source| StoreError::Transition {
-        run: run.id,
-        source,
-    })
-}
-
 /// Records that `queue_key`'s group was served just now: it gets the next
 /// claim sequence number, which sends it to the back of the round-robin.
 fn mark_served(conn: &Connection, queue_key: &str) -> Result<(), StoreError> {
@@ -230,70 +224,6 @@ fn load_deployment(conn: &Connection, name: &str) -> Result<Option<Deployment>, 
         .optional()?;
     body.map(|b| serde_json::from_str(&b).map_err(StoreError::from))
         .transpose()
-}
-
-/// Resolves a submitted spec into a run (without id): copies the
-/// deployment's fields in, so later changes to the deployment don't alter
-/// runs already queued.
-fn resolve(conn: &Connection, spec: &RunSpec, now: Millis) -> Result<Run, StoreError> {
-    let (deployment, image, mut command, mut env, resources, recycle_key, mut selector) =
-        match (&spec.deployment, &spec.image) {
-            (Some(name), None) => {
-                let d = load_deployment(conn, name)?
-                    .ok_or_else(|| StoreError::DeploymentNotFound(name.clone()))?;
-                let s = d.spec;
-                (
-                    Some(s.name),
-                    s.image,
-                    s.command,
-                    s.env,
-                    s.resources,
-                    s.recycle_key,
-                    s.node_selector,
-                )
-            }
-            (None, Some(image)) => {
-                image.validate()?;
-                (
-                    None,
-                    image.clone(),
-                    Vec::new(),
-                    Default::default(),
-                    Default::default(),
-                    None,
-                    Default::default(),
-                )
-            }
-            _ => return Err(ModelError::RunTarget.into()),
-        };
-    if !spec.command.is_empty() {
-        command = spec.command.clone();
-    }
-    env.extend(spec.env.clone());
-    selector.extend(spec.node_selector.clone());
-    Ok(Run {
-        id: RunId(0),
-        deployment,
-        image,
-        command,
-        env,
-        resources,
-        recycle_key,
-        node_selector: selector,
-        timeout_ms: spec.timeout_ms,
-        idempotency_key: spec.idempotency_key.clone(),
-        attempts: 0,
-        max_attempts: spec.max_attempts.max(1),
-        state: RunState::Queued,
-        node: None,
-        exit_code: None,
-        error: None,
-        submitted_at: now,
-        times: StartTimes {
-            queued: Some(now),
-            ..StartTimes::default()
-        },
-    })
 }
 
 fn query_runs(conn: &Connection, sql: &str, args: Vec<Value>) -> Result<Vec<Run>, StoreError> {
@@ -368,7 +298,11 @@ impl StateStore for SqliteStore {
                     });
                 }
             }
-            let mut run = resolve(tx, spec, now)?;
+            let deployment = match &spec.deployment {
+                Some(name) => load_deployment(tx, name)?,
+                None => None,
+            };
+            let mut run = rules::resolve(spec, deployment, now)?;
             tx.prepare_cached(
                 "INSERT INTO runs (state, queue_key, warm_key, deployment, idempotency_key, spec, body)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, '')",
@@ -428,14 +362,8 @@ impl StateStore for SqliteStore {
     ) -> Result<Run, StoreError> {
         self.write(|tx, now| {
             let mut run = must_load_run(tx, id)?;
-            if run.state != expected {
-                return Err(StoreError::Conflict {
-                    run: id,
-                    expected,
-                    actual: run.state,
-                });
-            }
-            apply(&mut run, to, now)?;
+            rules::expect_state(&run, expected)?;
+            rules::apply(&mut run, to, now)?;
             save_run(tx, &run)?;
             Ok(run)
         })
@@ -524,14 +452,8 @@ impl StateStore for SqliteStore {
                 return Err(StoreError::NodeNotFound(node.to_owned()));
             }
             let mut run = must_load_run(tx, id)?;
-            if run.state != RunState::Queued {
-                return Err(StoreError::Conflict {
-                    run: id,
-                    expected: RunState::Queued,
-                    actual: run.state,
-                });
-            }
-            apply(&mut run, RunState::Scheduled, now)?;
+            rules::expect_state(&run, RunState::Queued)?;
+            rules::apply(&mut run, RunState::Scheduled, now)?;
             run.node = Some(node.to_owned());
             save_run(tx, &run)?;
             Ok(run)
@@ -559,17 +481,14 @@ impl StateStore for SqliteStore {
                     Value::Integer(millis_sql(now)),
                 ],
             )?;
-            let Some(mut run) = candidates.into_iter().find(|r| {
-                r.node_selector
-                    .iter()
-                    .all(|(k, v)| labels.get(k).is_some_and(|have| have == v))
-            }) else {
+            let Some(mut run) = candidates
+                .into_iter()
+                .find(|r| rules::selector_matches(r, &labels))
+            else {
                 return Ok(None);
             };
             mark_served(tx, &run.queue_key())?;
-            run.times.claimed = Some(now);
-            apply(&mut run, RunState::Scheduled, now)?;
-            run.node = Some(node.to_owned());
+            rules::hand_off(&mut run, node, now)?;
             save_run(tx, &run)?;
             Ok(Some(run))
         })
@@ -578,48 +497,7 @@ impl StateStore for SqliteStore {
     fn report(&self, node: &str, id: RunId, report: &NodeReport) -> Result<Run, StoreError> {
         self.write(|tx, now| {
             let mut run = must_load_run(tx, id)?;
-            if run.node.as_deref() != Some(node) || !run.state.is_active() {
-                return Err(StoreError::NotAssigned {
-                    run: id,
-                    node: node.to_owned(),
-                });
-            }
-            // Progress events imply acceptance: a node that reports its image
-            // ready has clearly taken the run, even if `Accepted` got lost.
-            let accept = |run: &mut Run| -> Result<(), StoreError> {
-                if run.state == RunState::Scheduled {
-                    apply(run, RunState::Starting, now)?;
-                }
-                Ok(())
-            };
-            match report {
-                NodeReport::Accepted => apply(&mut run, RunState::Starting, now)?,
-                NodeReport::ImageReady => {
-                    accept(&mut run)?;
-                    run.times.image_ready = Some(now);
-                }
-                NodeReport::RunnerReady => {
-                    accept(&mut run)?;
-                    run.times.runner_ready = Some(now);
-                }
-                NodeReport::Started => {
-                    accept(&mut run)?;
-                    apply(&mut run, RunState::Running, now)?;
-                }
-                NodeReport::Exited { code } => {
-                    let to = if *code == 0 {
-                        RunState::Succeeded
-                    } else {
-                        RunState::Failed
-                    };
-                    apply(&mut run, to, now)?;
-                    run.exit_code = Some(*code);
-                }
-                NodeReport::Failed { error } => {
-                    apply(&mut run, RunState::Failed, now)?;
-                    run.error = Some(error.clone());
-                }
-            }
+            rules::apply_report(&mut run, node, report, now)?;
             save_run(tx, &run)?;
             Ok(run)
         })
@@ -671,11 +549,7 @@ impl StateStore for SqliteStore {
                 vec![Value::Integer(cutoff)],
             )?;
             for run in &mut runs {
-                apply(run, RunState::Lost, now)?;
-                run.error = Some(format!(
-                    "node {:?} stopped heartbeating",
-                    run.node.as_deref().unwrap_or_default()
-                ));
+                rules::mark_lost(run, now)?;
                 save_run(tx, run)?;
             }
             Ok(runs)

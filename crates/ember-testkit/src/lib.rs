@@ -1,12 +1,14 @@
 //! Test support for Ember: real registries and reproducible fixture images.
 //!
 //! Ember's tests run against the real thing wherever it can run here, so
-//! this crate provides three pieces:
+//! this crate provides four pieces:
 //!
 //! - [`registry`]: a real CNCF distribution registry (`docker-registry
 //!   serve`) on a free loopback port with throwaway storage, either as an
 //!   ordinary registry or as a pull-through proxy of another one; its access
 //!   log can be read back to count upstream requests.
+//! - [`postgres`]: a private PostgreSQL server from Debian's package on a
+//!   free loopback port, with a fresh database per test.
 //! - [`push`]: a small OCI distribution push client (blobs and manifests)
 //!   used to load fixtures into such a registry.
 //! - [`fixtures`]: byte-for-byte reproducible OCI images (busybox, layer
@@ -33,5 +35,6 @@
 
 pub mod digest;
 pub mod fixtures;
+pub mod postgres;
 pub mod push;
 pub mod registry;

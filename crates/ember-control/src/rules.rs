@@ -1,0 +1,179 @@
+//! What every [`StateStore`](crate::StateStore) does inside its
+//! transactions, apart from SQL: resolving a submit into a run, applying a
+//! node's report, declaring a run lost. Each backend reads the rows, calls
+//! these, and writes the result back, so SQLite and PostgreSQL cannot drift
+//! apart in behaviour.
+
+use std::collections::BTreeMap;
+
+use crate::model::{
+    Deployment, Millis, ModelError, NodeReport, Run, RunId, RunSpec, RunState, StartTimes,
+};
+use crate::store::StoreError;
+
+/// `run.apply`, with the error a store returns.
+pub(crate) fn apply(run: &mut Run, to: RunState, now: Millis) -> Result<(), StoreError> {
+    run.apply(to, now).map_err(|source| StoreError::Transition {
+        run: run.id,
+        source,
+    })
+}
+
+/// Resolves a submitted spec into a run (id 0 until the store assigns
+/// one): copies the deployment's fields in, so later changes to the
+/// deployment don't alter runs already queued. `deployment` is the one
+/// `spec.deployment` names, as the caller loaded it in its transaction.
+pub(crate) fn resolve(
+    spec: &RunSpec,
+    deployment: Option<Deployment>,
+    now: Millis,
+) -> Result<Run, StoreError> {
+    let (deployment, image, mut command, mut env, resources, recycle_key, mut selector) =
+        match (&spec.deployment, &spec.image) {
+            (Some(name), None) => {
+                let d = deployment.ok_or_else(|| StoreError::DeploymentNotFound(name.clone()))?;
+                let s = d.spec;
+                (
+                    Some(s.name),
+                    s.image,
+                    s.command,
+                    s.env,
+                    s.resources,
+                    s.recycle_key,
+                    s.node_selector,
+                )
+            }
+            (None, Some(image)) => {
+                image.validate()?;
+                (
+                    None,
+                    image.clone(),
+                    Vec::new(),
+                    Default::default(),
+                    Default::default(),
+                    None,
+                    Default::default(),
+                )
+            }
+            _ => return Err(ModelError::RunTarget.into()),
+        };
+    if !spec.command.is_empty() {
+        command = spec.command.clone();
+    }
+    env.extend(spec.env.clone());
+    selector.extend(spec.node_selector.clone());
+    Ok(Run {
+        id: RunId(0),
+        deployment,
+        image,
+        command,
+        env,
+        resources,
+        recycle_key,
+        node_selector: selector,
+        timeout_ms: spec.timeout_ms,
+        idempotency_key: spec.idempotency_key.clone(),
+        attempts: 0,
+        max_attempts: spec.max_attempts.max(1),
+        state: RunState::Queued,
+        node: None,
+        exit_code: None,
+        error: None,
+        submitted_at: now,
+        times: StartTimes {
+            queued: Some(now),
+            ..StartTimes::default()
+        },
+    })
+}
+
+/// Whether a node with `labels` satisfies the run's node selector.
+pub(crate) fn selector_matches(run: &Run, labels: &BTreeMap<String, String>) -> bool {
+    run.node_selector
+        .iter()
+        .all(|(k, v)| labels.get(k).is_some_and(|have| have == v))
+}
+
+/// Warm hand-off: `run` (queued, unclaimed) goes to `node` at once; the
+/// hand-off is its claim, so placement takes no time.
+pub(crate) fn hand_off(run: &mut Run, node: &str, now: Millis) -> Result<(), StoreError> {
+    run.times.claimed = Some(now);
+    apply(run, RunState::Scheduled, now)?;
+    run.node = Some(node.to_owned());
+    Ok(())
+}
+
+/// Applies a node's report to a run the caller has checked is `node`'s
+/// and active.
+pub(crate) fn apply_report(
+    run: &mut Run,
+    node: &str,
+    report: &NodeReport,
+    now: Millis,
+) -> Result<(), StoreError> {
+    if run.node.as_deref() != Some(node) || !run.state.is_active() {
+        return Err(StoreError::NotAssigned {
+            run: run.id,
+            node: node.to_owned(),
+        });
+    }
+    // Progress events imply acceptance: a node that reports its image ready
+    // has clearly taken the run, even if `Accepted` got lost.
+    let accept = |run: &mut Run| -> Result<(), StoreError> {
+        if run.state == RunState::Scheduled {
+            apply(run, RunState::Starting, now)?;
+        }
+        Ok(())
+    };
+    match report {
+        NodeReport::Accepted => apply(run, RunState::Starting, now)?,
+        NodeReport::ImageReady => {
+            accept(run)?;
+            run.times.image_ready = Some(now);
+        }
+        NodeReport::RunnerReady => {
+            accept(run)?;
+            run.times.runner_ready = Some(now);
+        }
+        NodeReport::Started => {
+            accept(run)?;
+            apply(run, RunState::Running, now)?;
+        }
+        NodeReport::Exited { code } => {
+            let to = if *code == 0 {
+                RunState::Succeeded
+            } else {
+                RunState::Failed
+            };
+            apply(run, to, now)?;
+            run.exit_code = Some(*code);
+        }
+        NodeReport::Failed { error } => {
+            apply(run, RunState::Failed, now)?;
+            run.error = Some(error.clone());
+        }
+    }
+    Ok(())
+}
+
+/// An active run on a node that stopped heartbeating becomes `lost`.
+pub(crate) fn mark_lost(run: &mut Run, now: Millis) -> Result<(), StoreError> {
+    apply(run, RunState::Lost, now)?;
+    run.error = Some(format!(
+        "node {:?} stopped heartbeating",
+        run.node.as_deref().unwrap_or_default()
+    ));
+    Ok(())
+}
+
+/// Compare-and-set check of [`StateStore::transition_run`](crate::StateStore::transition_run).
+pub(crate) fn expect_state(run: &Run, expected: RunState) -> Result<(), StoreError> {
+    if run.state != expected {
+        return Err(StoreError::Conflict {
+            run: run.id,
+            expected,
+            actual: run.state,
+        });
+    }
+    Ok(())
+}
