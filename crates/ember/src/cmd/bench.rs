@@ -27,8 +27,18 @@ pub enum Command {
     /// loops sequentially into one running container of the same image.
     /// Runners live in `<root>/bench/`, apart from a node's pool.
     Warm(WarmArgs),
-    // `burst` (queued runs through the control plane) joins when the
-    // control plane exists.
+    /// N no-op runs submitted at once to a running control plane, against
+    /// the node's raw warm-pool throughput measured in the same run.
+    ///
+    /// The runs (`true` in the image, one deployment with a recycling key
+    /// so runners are reused) are submitted concurrently; once all are
+    /// final their stored records give runs/s (first submit → last final
+    /// state), the time to the first start and submit → started
+    /// percentiles. Then the same action goes through a local warm pool
+    /// (under `<root>/bench/`, as in `bench warm`) with as many threads as
+    /// the cluster has slots, and the control plane's overhead is
+    /// 1 − burst runs/s ÷ raw runs/s.
+    Burst(crate::cmd::burst::Args),
 }
 
 /// Options of `ember bench warm`.
@@ -79,17 +89,18 @@ pub struct WarmArgs {
 pub async fn run(root: &Path, cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
         Command::Warm(args) => warm(root, args).await,
+        Command::Burst(args) => crate::cmd::burst::run(root, args).await,
     }
 }
 
 /// Latency figures of one loop, in milliseconds.
 #[derive(Debug, Clone, serde::Serialize)]
-struct LoopStats {
-    n: usize,
-    actions_per_s: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    mean_ms: f64,
+pub(crate) struct LoopStats {
+    pub n: usize,
+    pub actions_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub mean_ms: f64,
 }
 
 /// A peer's figures, or why it was skipped.
@@ -126,12 +137,12 @@ struct Report {
     cpus: usize,
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
 /// The `q` quantile (0..=1) of sorted durations.
-fn quantile(sorted: &[Duration], q: f64) -> Duration {
+pub(crate) fn quantile(sorted: &[Duration], q: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -139,7 +150,7 @@ fn quantile(sorted: &[Duration], q: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn loop_stats(mut samples: Vec<Duration>, wall: Duration) -> LoopStats {
+pub(crate) fn loop_stats(mut samples: Vec<Duration>, wall: Duration) -> LoopStats {
     samples.sort();
     let n = samples.len();
     let total: Duration = samples.iter().sum();
@@ -152,56 +163,91 @@ fn loop_stats(mut samples: Vec<Duration>, wall: Duration) -> LoopStats {
     }
 }
 
-async fn warm(root: &Path, args: WarmArgs) -> anyhow::Result<ExitCode> {
-    if args.n == 0 || args.concurrency == 0 {
-        bail!("--n and --concurrency must be at least 1");
-    }
-    let agent = crate::cmd::cluster::find_agent(args.agent.clone())?;
+/// Opens the store under `root` and returns it with `reference`'s image,
+/// pulled first if it is not complete in the store.
+pub(crate) async fn local_image(
+    root: &Path,
+    reference: &str,
+    registry: &RegistryArgs,
+    quiet: bool,
+) -> anyhow::Result<(Store, RunnerImage)> {
     let store = Store::open(root).with_context(|| format!("opening store {}", root.display()))?;
     let local = {
         let index = store.read_index()?;
         store
-            .resolve(&index, &args.image)
+            .resolve(&index, reference)
             .ok()
             .filter(|i| store.missing_layers(i).is_empty())
     };
     let record = match local {
         Some(r) => r,
         None => {
-            pull_image(&store, &args.image, &args.registry, args.json, false)
+            pull_image(&store, reference, registry, quiet, false)
                 .await
-                .with_context(|| format!("pulling {}", args.image))?
+                .with_context(|| format!("pulling {reference}"))?
                 .image
         }
     };
     let image = RunnerImage::from_store(&store, &record)?;
+    Ok((store, image))
+}
+
+async fn warm(root: &Path, args: WarmArgs) -> anyhow::Result<ExitCode> {
+    if args.n == 0 || args.concurrency == 0 {
+        bail!("--n and --concurrency must be at least 1");
+    }
+    let agent = crate::cmd::cluster::find_agent(args.agent.clone())?;
+    let (store, image) = local_image(root, &args.image, &args.registry, args.json).await?;
     let root = root.to_path_buf();
     tokio::task::spawn_blocking(move || warm_blocking(&root, store, image, agent, args))
         .await
         .context("benchmark thread failed")?
 }
 
-fn warm_blocking(
-    root: &Path,
-    store: Store,
-    image: RunnerImage,
-    agent: PathBuf,
-    args: WarmArgs,
-) -> anyhow::Result<ExitCode> {
-    let bench = root.join("bench");
-    let runc = Runc::new(bench.join("runc"));
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let say = |s: &str| {
-        if !args.json {
-            eprintln!("{s}");
-        }
-    };
+/// One pool action's timings.
+#[derive(Default)]
+pub(crate) struct Sample {
+    /// Acquire + exec + release.
+    pub total: Duration,
+    /// Acquire start → the agent reports the process started.
+    pub dispatch: Duration,
+    pub acquire: Duration,
+    /// The agent's own spawn time.
+    pub spawn: Duration,
+    /// The runner was frozen at acquire.
+    pub frozen: bool,
+}
 
-    // --- the pool ---------------------------------------------------------
-    let mut cfg = PoolConfig::new(bench.join("pool"), runc.clone(), &agent);
-    cfg.store = Some(store.clone());
-    cfg.max_runners = args.concurrency.max(1) * 2;
-    cfg.pause_after = if args.paused {
+/// What [`measure_pool`] measured.
+pub(crate) struct PoolMeasurement {
+    pub samples: Vec<Sample>,
+    /// Wall time of the timed loop (warm-up excluded).
+    pub wall: Duration,
+    /// Runners the pool created, warm-up included.
+    pub runners_created: u64,
+}
+
+/// Runs `n` no-op actions (`true` in `image`) through a fresh warm pool
+/// under `bench`, from `concurrency` threads each with its own runner,
+/// after a warm-up of 20 actions per thread; the pool is shut down (its
+/// runners destroyed) before this returns.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn measure_pool(
+    bench: &Path,
+    runc: &Runc,
+    store: Store,
+    image: &RunnerImage,
+    agent: &Path,
+    n: usize,
+    concurrency: usize,
+    paused: bool,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<PoolMeasurement> {
+    let concurrency = concurrency.max(1);
+    let mut cfg = PoolConfig::new(bench.join("pool"), runc.clone(), agent);
+    cfg.store = Some(store);
+    cfg.max_runners = concurrency * 2;
+    cfg.pause_after = if paused {
         Some(Duration::ZERO)
     } else {
         // Never during the run: the figures are for unfrozen runners.
@@ -215,18 +261,30 @@ fn warm_blocking(
             recovered.runners.len()
         ));
     }
-    let spec = RunnerSpec::new(image.clone(), RunnerShape::default(), Some("bench".into()));
+    let result = pool_loops(&pool, image, n, concurrency, paused, say);
+    let runners_created = pool.stats().created;
+    pool.shutdown();
+    drop(pool);
+    let (samples, wall) = result?;
+    Ok(PoolMeasurement {
+        samples,
+        wall,
+        runners_created,
+    })
+}
 
-    #[derive(Default)]
-    struct Sample {
-        total: Duration,
-        dispatch: Duration,
-        acquire: Duration,
-        spawn: Duration,
-        frozen: bool,
-    }
+/// The warm-up and timed loops of [`measure_pool`].
+fn pool_loops(
+    pool: &Pool,
+    image: &RunnerImage,
+    n: usize,
+    concurrency: usize,
+    paused: bool,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<(Vec<Sample>, Duration)> {
+    let spec = RunnerSpec::new(image.clone(), RunnerShape::default(), Some("bench".into()));
     let action = |pool: &Pool| -> anyhow::Result<Sample> {
-        if args.paused {
+        if paused {
             // Outside the timing: the point is what a frozen runner costs
             // to reuse, not what freezing costs.
             pool.freeze_idle();
@@ -258,17 +316,14 @@ fn warm_blocking(
 
     // Warm up: one runner per thread, created at once, then a few rounds
     // so caches and the allocator settle.
-    say(&format!(
-        "warming {} runner(s) of {} ...",
-        args.concurrency, args.image
-    ));
+    say(&format!("warming {concurrency} runner(s) ..."));
     let t = Instant::now();
     std::thread::scope(|s| -> anyhow::Result<()> {
-        let hs: Vec<_> = (0..args.concurrency)
+        let hs: Vec<_> = (0..concurrency)
             .map(|_| {
                 s.spawn(|| -> anyhow::Result<()> {
                     for _ in 0..20 {
-                        action(&pool)?;
+                        action(pool)?;
                     }
                     Ok(())
                 })
@@ -283,15 +338,15 @@ fn warm_blocking(
     say(&format!("warm after {:.0} ms", ms(t.elapsed())));
 
     let next = AtomicUsize::new(0);
-    let samples = Mutex::new(Vec::with_capacity(args.n));
+    let samples = Mutex::new(Vec::with_capacity(n));
     let t = Instant::now();
     std::thread::scope(|s| -> anyhow::Result<()> {
-        let hs: Vec<_> = (0..args.concurrency)
+        let hs: Vec<_> = (0..concurrency)
             .map(|_| {
                 s.spawn(|| -> anyhow::Result<()> {
-                    let mut mine = Vec::with_capacity(args.n / args.concurrency + 1);
-                    while next.fetch_add(1, Ordering::Relaxed) < args.n {
-                        mine.push(action(&pool)?);
+                    let mut mine = Vec::with_capacity(n / concurrency + 1);
+                    while next.fetch_add(1, Ordering::Relaxed) < n {
+                        mine.push(action(pool)?);
                     }
                     samples
                         .lock()
@@ -309,9 +364,45 @@ fn warm_blocking(
     })?;
     let wall = t.elapsed();
     let samples = samples.into_inner().unwrap_or_else(|p| p.into_inner());
-    let stats = pool.stats();
-    pool.shutdown();
-    drop(pool);
+    Ok((samples, wall))
+}
+
+fn warm_blocking(
+    root: &Path,
+    store: Store,
+    image: RunnerImage,
+    agent: PathBuf,
+    args: WarmArgs,
+) -> anyhow::Result<ExitCode> {
+    let bench = root.join("bench");
+    let runc = Runc::new(bench.join("runc"));
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let say = |s: &str| {
+        if !args.json {
+            eprintln!("{s}");
+        }
+    };
+
+    // --- the pool ---------------------------------------------------------
+    say(&format!(
+        "pool: {} actions of `true` in {}",
+        args.n, args.image
+    ));
+    let PoolMeasurement {
+        samples,
+        wall,
+        runners_created,
+    } = measure_pool(
+        &bench,
+        &runc,
+        store,
+        &image,
+        &agent,
+        args.n,
+        args.concurrency,
+        args.paused,
+        &say,
+    )?;
 
     let frozen_share =
         samples.iter().filter(|s| s.frozen).count() as f64 / samples.len().max(1) as f64;
@@ -392,7 +483,7 @@ fn warm_blocking(
         acquire_p50_ms: ms(quantile(&acquire, 0.5)),
         spawn_p50_ms: ms(quantile(&spawn, 0.5)),
         frozen_share,
-        runners_created: stats.created,
+        runners_created,
         ratio_vs_runc_exec: ratio(&runc_exec),
         ratio_vs_podman_exec: ratio(&podman_exec),
         runc_exec,
