@@ -6,6 +6,8 @@
 //! * [`store`]: the [`StateStore`] trait — the only way state is read or
 //!   written — with compare-and-set transitions and atomic, fair claiming.
 //! * [`sqlite`]: the embedded implementation (one file, WAL).
+//! * [`postgres`]: PostgreSQL, for several replicas on one database
+//!   (row locks, `FOR UPDATE SKIP LOCKED` claiming).
 //! * [`schedule`]: [`schedule::place`], a pure function from a cluster view
 //!   and a run to a node, preferring warm runners, then image locality with
 //!   a spread factor, then low load.
@@ -50,6 +52,7 @@
 //! ```
 
 pub mod model;
+pub mod postgres;
 mod rules;
 pub mod schedule;
 pub mod sqlite;

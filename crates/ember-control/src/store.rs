@@ -218,11 +218,9 @@ pub trait StateStore: Send + Sync {
     ///
     /// Atomic across processes: two claimers never get the same run. SQLite
     /// does it in one `BEGIN IMMEDIATE` transaction (one writer at a time);
-    /// PostgreSQL will select candidates with `FOR UPDATE SKIP LOCKED`
-    /// so replicas claim disjoint runs without waiting on each other
-    /// (PostgreSQL refuses `FOR UPDATE` next to a window function, so the
-    /// locking `SELECT` goes in a CTE and the per-group ranking outside it).
-    /// The claim is also a lease (`claimed_by`, `claim_expires` columns)
+    /// PostgreSQL takes each group's oldest runs with `FOR UPDATE SKIP
+    /// LOCKED`, so replicas claim disjoint runs without waiting on each
+    /// other. The claim is also a lease (`claimed_by`, `claim_expires` columns)
     /// rather than a row lock held open, so a replica may take its time
     /// placing runs without a transaction left open.
     fn claim_runs(&self, req: &ClaimRequest) -> Result<Vec<Run>, StoreError>;
@@ -259,4 +257,14 @@ pub trait StateStore: Send + Sync {
     /// Moves every active run on a node whose last heartbeat is older than
     /// `stale_after_ms` to `lost`, and returns them (for retry).
     fn mark_lost_runs(&self, stale_after_ms: Millis) -> Result<Vec<Run>, StoreError>;
+
+    /// Calls `wake` whenever another process sharing this database may have
+    /// made runs claimable (a submit, a retry, released claims), so a
+    /// replica's dispatcher hears of runs submitted through another replica
+    /// without polling. Stores that only one process uses need not do
+    /// anything (the default); `wake` may also be called spuriously.
+    fn watch(&self, wake: Box<dyn Fn() + Send + Sync>) -> Result<(), StoreError> {
+        let _ = wake;
+        Ok(())
+    }
 }

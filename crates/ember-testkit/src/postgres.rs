@@ -92,10 +92,15 @@ impl Postgres {
     }
 
     /// Runs one SQL command through `psql` as the superuser on database
-    /// `postgres`.
+    /// `postgres`; returns its unaligned output.
     pub fn psql(&self, sql: &str) -> anyhow::Result<String> {
+        self.psql_in("postgres", sql)
+    }
+
+    /// Runs one SQL command through `psql` as the superuser on `db`.
+    pub fn psql_in(&self, db: &str, sql: &str) -> anyhow::Result<String> {
         let out = Command::new(self.bindir.join("psql"))
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", db])
             .args(["-p", &self.port.to_string()])
             .args(["-v", "ON_ERROR_STOP=1", "-Atc", sql])
             .stdin(Stdio::null())

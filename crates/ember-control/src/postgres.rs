@@ -1,0 +1,969 @@
+//! The [`StateStore`] on PostgreSQL, for several `ember control` replicas
+//! sharing one database.
+//!
+//! Same row layout as [`sqlite`](crate::sqlite): the whole record as JSON
+//! in `body` plus the columns queries filter on, written together. What
+//! differs is concurrency. SQLite has one writer at a time; here replicas
+//! write at once, so:
+//!
+//! - a read-check-write on one run locks its row (`SELECT ... FOR UPDATE`)
+//!   for the rest of the transaction, which makes every state change a true
+//!   compare-and-set;
+//! - claiming takes each queue group's oldest runs with
+//!   `FOR UPDATE SKIP LOCKED` and interleaves the groups (the fair
+//!   round-robin): a row another replica is claiming is skipped, not
+//!   waited for, and one it claimed a moment ago fails the re-check
+//!   PostgreSQL makes on the locked row. Two replicas never get the same
+//!   run, never wait on each other, and one finds nothing only when every
+//!   claimable run is being claimed by others;
+//! - the round-robin counter is a sequence, so concurrent claims don't
+//!   compute the same "next" value;
+//! - a deadlock or serialization failure (PostgreSQL aborts one side) is
+//!   retried a few times, as the transaction had no effect.
+//!
+//! Connections come from a small pool; each `postgres::Client` runs its own
+//! single-threaded runtime, so methods must be called from blocking threads
+//! (the server uses `spawn_blocking`), never from async code directly.
+//! Connections are plain TCP or Unix socket (no TLS).
+
+use std::collections::{HashMap, VecDeque};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use postgres::error::SqlState;
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::types::ToSql;
+use postgres::{Client, Config, GenericClient, NoTls, Statement};
+
+use crate::model::{
+    Deployment, DeploymentSpec, Millis, ModelError, Node, NodeReport, NodeSpec, Run, RunId,
+    RunSpec, RunState,
+};
+use crate::rules;
+use crate::store::{ClaimRequest, Clock, RunFilter, StateStore, StoreError, Submitted};
+
+/// Schema migrations; `ember_schema.version` is the number applied. Append
+/// only: a released migration is never edited.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE deployments (
+    name        TEXT PRIMARY KEY,
+    created_at  BIGINT NOT NULL,
+    body        TEXT NOT NULL
+);
+CREATE SEQUENCE runs_id_seq;
+CREATE TABLE runs (
+    id              BIGINT PRIMARY KEY,
+    state           TEXT NOT NULL,
+    queue_key       TEXT NOT NULL,
+    warm_key        TEXT NOT NULL,
+    deployment      TEXT,
+    node            TEXT,
+    idempotency_key TEXT UNIQUE,
+    spec            TEXT NOT NULL,
+    claimed_by      TEXT,
+    claim_expires   BIGINT,
+    body            TEXT NOT NULL
+);
+CREATE INDEX runs_queued ON runs (queue_key, id) WHERE state = 'queued';
+CREATE INDEX runs_warm ON runs (warm_key, id) WHERE state = 'queued';
+CREATE INDEX runs_node ON runs (node, state);
+CREATE INDEX runs_deployment ON runs (deployment, id);
+CREATE SEQUENCE queue_serve_seq;
+CREATE TABLE queues (
+    queue_key   TEXT PRIMARY KEY,
+    last_served BIGINT NOT NULL
+);
+CREATE TABLE nodes (
+    id              TEXT PRIMARY KEY,
+    last_heartbeat  BIGINT NOT NULL,
+    body            TEXT NOT NULL
+);
+"#];
+
+/// Key of the advisory lock that serializes migrations between replicas
+/// starting at once ("ember" in ASCII).
+const MIGRATION_LOCK: i64 = 0x0065_6d62_6572;
+/// How often a transaction PostgreSQL aborted (deadlock, serialization
+/// failure) is tried again before the error is returned.
+const RETRIES: usize = 5;
+/// Connections per store; more callers wait for one to be returned.
+const DEFAULT_POOL: usize = 8;
+/// The channel replicas `NOTIFY` when runs become claimable.
+const CHANNEL: &str = "ember_queue";
+/// How often the listener thread checks whether its store was dropped,
+/// and how long it waits before reconnecting after an error.
+const LISTEN_TICK: Duration = Duration::from_secs(1);
+
+impl From<postgres::Error> for StoreError {
+    fn from(e: postgres::Error) -> Self {
+        StoreError::Backend(Box::new(e))
+    }
+}
+
+/// A [`StateStore`] on PostgreSQL.
+pub struct PostgresStore {
+    pool: Pool,
+    clock: Arc<dyn Clock>,
+    /// Tells [`StateStore::watch`]'s listener thread to stop.
+    closed: Arc<AtomicBool>,
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // No URL: it may hold a password.
+        f.debug_struct("PostgresStore").finish_non_exhaustive()
+    }
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://user[:password]@host[:port]/db`, or
+    /// the key=value form), creating or migrating the schema if needed.
+    pub fn open(url: &str, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        Self::open_with_pool(url, DEFAULT_POOL, clock)
+    }
+
+    /// [`PostgresStore::open`] with at most `size` connections.
+    pub fn open_with_pool(
+        url: &str,
+        size: usize,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StoreError> {
+        let config = Config::from_str(url)?;
+        let store = PostgresStore {
+            pool: Pool {
+                config,
+                size: size.max(1),
+                state: Mutex::new(PoolState {
+                    idle: Vec::new(),
+                    open: 0,
+                }),
+                returned: Condvar::new(),
+            },
+            clock,
+            closed: Arc::new(AtomicBool::new(false)),
+        };
+        {
+            let mut conn = store.pool.get()?;
+            migrate(&mut conn.client)?;
+        }
+        Ok(store)
+    }
+
+    /// Runs `f` in a transaction; commits on `Ok`, rolls back on `Err`, and
+    /// tries again when PostgreSQL aborted it to break a deadlock.
+    fn write<T>(
+        &self,
+        mut f: impl FnMut(&mut Db<'_, postgres::Transaction<'_>>, Millis) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.pool.get()?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let res = (|| {
+                let Conn { client, cache } = &mut *conn;
+                let mut tx = client.transaction()?;
+                let now = self.clock.now();
+                let out = f(&mut Db { c: &mut tx, cache }, now)?;
+                tx.commit()?;
+                Ok(out)
+            })();
+            match res {
+                Err(e) if attempt < RETRIES && retryable(&e) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Runs `f` outside a transaction (one statement reads a consistent
+    /// snapshot by itself).
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&mut Db<'_, Client>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.pool.get()?;
+        let Conn { client, cache } = &mut *conn;
+        f(&mut Db { c: client, cache })
+    }
+}
+
+/// Whether PostgreSQL aborted the transaction to resolve a conflict, so
+/// running it again may succeed.
+fn retryable(e: &StoreError) -> bool {
+    let StoreError::Backend(b) = e else {
+        return false;
+    };
+    b.downcast_ref::<postgres::Error>()
+        .and_then(|e| e.code())
+        .is_some_and(|c| {
+            *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+        })
+}
+
+/// A pooled connection with its prepared statements.
+struct Conn {
+    client: Client,
+    /// Statements are per connection; preparing once saves a round trip
+    /// per query.
+    cache: HashMap<&'static str, Statement>,
+}
+
+struct PoolState {
+    idle: Vec<Conn>,
+    /// Connections that exist, idle or lent out.
+    open: usize,
+}
+
+/// A fixed-size pool; a connection found closed is dropped and replaced
+/// on the next `get`, which is how the store survives a database restart.
+struct Pool {
+    config: Config,
+    size: usize,
+    state: Mutex<PoolState>,
+    returned: Condvar,
+}
+
+impl Pool {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, PoolState>, StoreError> {
+        self.state
+            .lock()
+            .map_err(|_| StoreError::Backend("postgres pool mutex poisoned".into()))
+    }
+
+    fn get(&self) -> Result<Lease<'_>, StoreError> {
+        let mut st = self.lock()?;
+        loop {
+            while let Some(conn) = st.idle.pop() {
+                if !conn.client.is_closed() {
+                    return Ok(Lease {
+                        pool: self,
+                        conn: Some(conn),
+                    });
+                }
+                st.open -= 1;
+            }
+            if st.open < self.size {
+                st.open += 1;
+                drop(st);
+                return match self.config.connect(NoTls) {
+                    Ok(client) => Ok(Lease {
+                        pool: self,
+                        conn: Some(Conn {
+                            client,
+                            cache: HashMap::new(),
+                        }),
+                    }),
+                    Err(e) => {
+                        self.lock()?.open -= 1;
+                        self.returned.notify_one();
+                        Err(e.into())
+                    }
+                };
+            }
+            st = self
+                .returned
+                .wait(st)
+                .map_err(|_| StoreError::Backend("postgres pool mutex poisoned".into()))?;
+        }
+    }
+}
+
+/// A connection lent out of the pool; going out of scope returns it.
+struct Lease<'a> {
+    pool: &'a Pool,
+    conn: Option<Conn>,
+}
+
+impl std::ops::Deref for Lease<'_> {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        self.conn
+            .as_ref()
+            .expect("a lease holds its connection until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Lease<'_> {
+    fn deref_mut(&mut self) -> &mut Conn {
+        self.conn
+            .as_mut()
+            .expect("a lease holds its connection until dropped")
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let (Some(conn), Ok(mut st)) = (self.conn.take(), self.pool.state.lock()) {
+            if conn.client.is_closed() {
+                st.open -= 1;
+            } else {
+                st.idle.push(conn);
+            }
+        }
+        self.pool.returned.notify_one();
+    }
+}
+
+/// A client or transaction with the connection's statement cache.
+struct Db<'a, C: GenericClient> {
+    c: &'a mut C,
+    cache: &'a mut HashMap<&'static str, Statement>,
+}
+
+impl<C: GenericClient> Db<'_, C> {
+    fn stmt(&mut self, sql: &'static str) -> Result<Statement, StoreError> {
+        if let Some(s) = self.cache.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.c.prepare(sql)?;
+        self.cache.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    fn query(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<postgres::Row>, StoreError> {
+        let s = self.stmt(sql)?;
+        Ok(self.c.query(&s, params)?)
+    }
+
+    fn query_opt(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<postgres::Row>, StoreError> {
+        let s = self.stmt(sql)?;
+        Ok(self.c.query_opt(&s, params)?)
+    }
+
+    fn execute(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, StoreError> {
+        let s = self.stmt(sql)?;
+        Ok(self.c.execute(&s, params)?)
+    }
+
+    /// Runs' bodies from a query returning `body` as its first column.
+    fn runs(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Run>, StoreError> {
+        self.query(sql, params)?
+            .iter()
+            .map(|r| parse(r.get::<_, &str>(0)))
+            .collect()
+    }
+
+    fn load_run(&mut self, id: RunId, lock: bool) -> Result<Run, StoreError> {
+        let row = if lock {
+            self.query_opt("SELECT body FROM runs WHERE id = $1 FOR UPDATE", &[&id.0])?
+        } else {
+            self.query_opt("SELECT body FROM runs WHERE id = $1", &[&id.0])?
+        };
+        let row = row.ok_or(StoreError::RunNotFound(id))?;
+        parse(row.get::<_, &str>(0))
+    }
+
+    /// Writes the run's body and indexed columns; a run going back to the
+    /// queue or leaving it also drops any claim on it.
+    fn save_run(&mut self, run: &Run) -> Result<(), StoreError> {
+        let body = serde_json::to_string(run)?;
+        self.execute(
+            "UPDATE runs SET state = $2, node = $3, body = $4, claimed_by = NULL,
+                             claim_expires = NULL
+             WHERE id = $1",
+            &[&run.id.0, &run.state.as_str(), &run.node, &body],
+        )?;
+        Ok(())
+    }
+
+    fn load_deployment(&mut self, name: &str) -> Result<Option<Deployment>, StoreError> {
+        self.query_opt("SELECT body FROM deployments WHERE name = $1", &[&name])?
+            .map(|r| parse(r.get::<_, &str>(0)))
+            .transpose()
+    }
+
+    /// Tells the other replicas' dispatchers (at commit) that runs may be
+    /// claimable.
+    fn notify(&mut self) -> Result<(), StoreError> {
+        self.execute("SELECT pg_notify($1, '')", &[&CHANNEL])?;
+        Ok(())
+    }
+
+    /// Sends `queue_key`'s group to the back of the round-robin.
+    fn mark_served(&mut self, queue_key: &str) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO queues (queue_key, last_served) VALUES ($1, nextval('queue_serve_seq'))
+             ON CONFLICT (queue_key) DO UPDATE SET last_served = excluded.last_served",
+            &[&queue_key],
+        )?;
+        Ok(())
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, StoreError> {
+    Ok(serde_json::from_str(body)?)
+}
+
+fn millis_sql(ms: Millis) -> i64 {
+    i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
+fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    let mut tx = client.transaction()?;
+    // Two replicas starting on a fresh database must not both run
+    // migration 1; the lock ends with the transaction.
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS ember_schema (version INTEGER NOT NULL)")?;
+    let applied = match tx.query_opt("SELECT version FROM ember_schema", &[])? {
+        Some(row) => row.get::<_, i32>(0),
+        None => {
+            tx.execute("INSERT INTO ember_schema (version) VALUES (0)", &[])?;
+            0
+        }
+    };
+    let applied = usize::try_from(applied).unwrap_or(usize::MAX);
+    if applied > MIGRATIONS.len() {
+        return Err(StoreError::Backend(
+            format!(
+                "database schema version {applied} is newer than this ember ({})",
+                MIGRATIONS.len()
+            )
+            .into(),
+        ));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        tx.batch_execute(sql)?;
+        let v = i32::try_from(i + 1).unwrap_or(i32::MAX);
+        tx.execute("UPDATE ember_schema SET version = $1", &[&v])?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+impl StateStore for PostgresStore {
+    fn create_deployment(&self, spec: &DeploymentSpec) -> Result<Deployment, StoreError> {
+        spec.validate()?;
+        self.write(|db, now| {
+            let d = Deployment {
+                spec: spec.clone(),
+                created_at: now,
+            };
+            let inserted = db.execute(
+                "INSERT INTO deployments (name, created_at, body) VALUES ($1, $2, $3)
+                 ON CONFLICT (name) DO NOTHING",
+                &[&d.spec.name, &millis_sql(now), &serde_json::to_string(&d)?],
+            )?;
+            if inserted == 0 {
+                return Err(StoreError::DeploymentExists(spec.name.clone()));
+            }
+            Ok(d)
+        })
+    }
+
+    fn get_deployment(&self, name: &str) -> Result<Option<Deployment>, StoreError> {
+        self.read(|db| db.load_deployment(name))
+    }
+
+    fn list_deployments(&self) -> Result<Vec<Deployment>, StoreError> {
+        self.read(|db| {
+            db.query("SELECT body FROM deployments ORDER BY name", &[])?
+                .iter()
+                .map(|r| parse(r.get::<_, &str>(0)))
+                .collect()
+        })
+    }
+
+    fn submit_run(&self, spec: &RunSpec) -> Result<Submitted, StoreError> {
+        let spec_json = serde_json::to_string(spec)?;
+        // An earlier submit with this key, or an error if the key was used
+        // for a different spec.
+        let existing = |db: &mut Db<'_, postgres::Transaction<'_>>,
+                        key: &String|
+         -> Result<Option<Submitted>, StoreError> {
+            let Some(row) = db.query_opt(
+                "SELECT id, spec FROM runs WHERE idempotency_key = $1",
+                &[key],
+            )?
+            else {
+                return Ok(None);
+            };
+            let id = RunId(row.get(0));
+            if row.get::<_, &str>(1) != spec_json {
+                return Err(StoreError::IdempotencyMismatch {
+                    key: key.clone(),
+                    existing: id,
+                });
+            }
+            Ok(Some(Submitted {
+                run: db.load_run(id, false)?,
+                created: false,
+            }))
+        };
+        self.write(|db, now| {
+            if let Some(key) = &spec.idempotency_key
+                && let Some(found) = existing(db, key)?
+            {
+                return Ok(found);
+            }
+            let deployment = match &spec.deployment {
+                Some(name) => db.load_deployment(name)?,
+                None => None,
+            };
+            let mut run = rules::resolve(spec, deployment, now)?;
+            let id: i64 = db.query("SELECT nextval('runs_id_seq')", &[])?[0].get(0);
+            run.id = RunId(id);
+            let inserted = db.execute(
+                "INSERT INTO runs (id, state, queue_key, warm_key, deployment, idempotency_key,
+                                   spec, body)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 ON CONFLICT (idempotency_key) DO NOTHING",
+                &[
+                    &id,
+                    &run.state.as_str(),
+                    &run.queue_key(),
+                    &run.warm_key(),
+                    &run.deployment,
+                    &run.idempotency_key,
+                    &spec_json,
+                    &serde_json::to_string(&run)?,
+                ],
+            )?;
+            if inserted == 0 {
+                // Another replica inserted the same key between our check
+                // and our insert (and has committed: the insert waited).
+                let key = spec
+                    .idempotency_key
+                    .as_ref()
+                    .ok_or_else(|| StoreError::Backend("insert without a key conflicted".into()))?;
+                return existing(db, key)?
+                    .ok_or_else(|| StoreError::Backend("conflicting run vanished".into()));
+            }
+            db.notify()?;
+            Ok(Submitted { run, created: true })
+        })
+    }
+
+    fn get_run(&self, id: RunId) -> Result<Option<Run>, StoreError> {
+        self.read(|db| match db.load_run(id, false) {
+            Ok(run) => Ok(Some(run)),
+            Err(StoreError::RunNotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        })
+    }
+
+    fn list_runs(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError> {
+        let states: Vec<&str> = filter.states.iter().map(|s| s.as_str()).collect();
+        let limit = filter.limit.map(|l| i64::try_from(l).unwrap_or(i64::MAX));
+        // NULL parameters switch a filter off, so one prepared statement
+        // serves every combination.
+        self.read(|db| {
+            db.runs(
+                "SELECT body FROM runs
+                 WHERE (cardinality($1::text[]) = 0 OR state = ANY($1))
+                   AND ($2::text IS NULL OR deployment = $2)
+                   AND ($3::text IS NULL OR node = $3)
+                 ORDER BY id DESC
+                 LIMIT $4",
+                &[&states, &filter.deployment, &filter.node, &limit],
+            )
+        })
+    }
+
+    fn transition_run(
+        &self,
+        id: RunId,
+        expected: RunState,
+        to: RunState,
+    ) -> Result<Run, StoreError> {
+        self.write(|db, now| {
+            let mut run = db.load_run(id, true)?;
+            rules::expect_state(&run, expected)?;
+            rules::apply(&mut run, to, now)?;
+            db.save_run(&run)?;
+            if to == RunState::Queued {
+                db.notify()?;
+            }
+            Ok(run)
+        })
+    }
+
+    fn claim_runs(&self, req: &ClaimRequest) -> Result<Vec<Run>, StoreError> {
+        if req.limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.write(|db, now| {
+            let now_sql = millis_sql(now);
+            let limit = i64::try_from(req.limit).unwrap_or(i64::MAX);
+            // The groups with claimable runs, the one served longest ago
+            // first (never served: oldest run first). At most `limit` of
+            // them can get a run this round.
+            let groups: Vec<String> = db
+                .query(
+                    "SELECT g.queue_key FROM (
+                         SELECT queue_key, MIN(id) AS first FROM runs
+                         WHERE state = 'queued' AND (claimed_by IS NULL OR claim_expires <= $1)
+                         GROUP BY queue_key
+                     ) g
+                     LEFT JOIN queues q ON q.queue_key = g.queue_key
+                     ORDER BY COALESCE(q.last_served, 0), g.first
+                     LIMIT $2",
+                    &[&now_sql, &limit],
+                )?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            // Lock each group's oldest claimable runs, skipping rows other
+            // replicas are claiming right now, a fair share per group;
+            // groups that run dry leave their share to the others.
+            let mut lists: Vec<VecDeque<Run>> = vec![VecDeque::new(); groups.len()];
+            let mut after = vec![0_i64; groups.len()];
+            let mut more = vec![true; groups.len()];
+            let mut locked = 0;
+            while locked < req.limit {
+                let open: Vec<usize> = (0..groups.len()).filter(|&i| more[i]).collect();
+                if open.is_empty() {
+                    break;
+                }
+                let share = (req.limit - locked).div_ceil(open.len());
+                let share_sql = i64::try_from(share).unwrap_or(i64::MAX);
+                for i in open {
+                    let got = db.query(
+                        "SELECT id, body FROM runs
+                         WHERE queue_key = $1 AND id > $2 AND state = 'queued'
+                           AND (claimed_by IS NULL OR claim_expires <= $3)
+                         ORDER BY id LIMIT $4
+                         FOR UPDATE SKIP LOCKED",
+                        &[&groups[i], &after[i], &now_sql, &share_sql],
+                    )?;
+                    if got.len() < share {
+                        more[i] = false;
+                    }
+                    for row in &got {
+                        after[i] = row.get(0);
+                        lists[i].push_back(parse(row.get::<_, &str>(1))?);
+                    }
+                    locked += got.len();
+                }
+            }
+            // Round-robin: every group's first run before anyone's second.
+            let mut runs = Vec::with_capacity(req.limit);
+            'fill: while runs.len() < req.limit {
+                let mut any = false;
+                for list in &mut lists {
+                    if let Some(run) = list.pop_front() {
+                        runs.push(run);
+                        any = true;
+                        if runs.len() == req.limit {
+                            break 'fill;
+                        }
+                    }
+                }
+                if !any {
+                    break;
+                }
+            }
+            // Queue rows in one order in every transaction: two claimers
+            // updating the same groups cannot deadlock.
+            let mut keys: Vec<String> = runs.iter().map(|r| r.queue_key()).collect();
+            keys.sort();
+            keys.dedup();
+            for key in &keys {
+                db.mark_served(key)?;
+            }
+            let expires = millis_sql(now.saturating_add(req.lease_ms));
+            for run in &mut runs {
+                run.times.claimed = Some(now);
+                db.execute(
+                    "UPDATE runs SET claimed_by = $2, claim_expires = $3, body = $4 WHERE id = $1",
+                    &[
+                        &run.id.0,
+                        &req.owner,
+                        &expires,
+                        &serde_json::to_string(&*run)?,
+                    ],
+                )?;
+            }
+            Ok(runs)
+        })
+    }
+
+    fn release_claims(&self, owner: &str, ids: &[RunId]) -> Result<(), StoreError> {
+        let ids: Vec<i64> = ids.iter().map(|i| i.0).collect();
+        self.write(|db, _| {
+            let released = db.execute(
+                "UPDATE runs SET claimed_by = NULL, claim_expires = NULL
+                 WHERE id = ANY($1) AND claimed_by = $2",
+                &[&ids, &owner],
+            )?;
+            // This replica could not place them; another one may.
+            if released > 0 {
+                db.notify()?;
+            }
+            Ok(())
+        })
+    }
+
+    fn assign_run(&self, owner: &str, id: RunId, node: &str) -> Result<Run, StoreError> {
+        self.write(|db, now| {
+            let row = db
+                .query_opt(
+                    "SELECT claimed_by, body FROM runs WHERE id = $1 FOR UPDATE",
+                    &[&id.0],
+                )?
+                .ok_or(StoreError::RunNotFound(id))?;
+            // An expired lease still owned by us is fine: nobody else took it.
+            if row.get::<_, Option<&str>>(0) != Some(owner) {
+                return Err(StoreError::NotClaimed {
+                    run: id,
+                    owner: owner.to_owned(),
+                });
+            }
+            let mut run: Run = parse(row.get::<_, &str>(1))?;
+            if db
+                .query_opt("SELECT 1 FROM nodes WHERE id = $1", &[&node])?
+                .is_none()
+            {
+                return Err(StoreError::NodeNotFound(node.to_owned()));
+            }
+            rules::expect_state(&run, RunState::Queued)?;
+            rules::apply(&mut run, RunState::Scheduled, now)?;
+            run.node = Some(node.to_owned());
+            db.save_run(&run)?;
+            Ok(run)
+        })
+    }
+
+    fn claim_for_runner(&self, node: &str, warm_key: &str) -> Result<Option<Run>, StoreError> {
+        self.write(|db, now| {
+            let row = db
+                .query_opt("SELECT body FROM nodes WHERE id = $1", &[&node])?
+                .ok_or_else(|| StoreError::NodeNotFound(node.to_owned()))?;
+            let labels = parse::<Node>(row.get::<_, &str>(0))?.spec.labels;
+            // Oldest first, skipping runs another replica is claiming; the
+            // bound keeps one call cheap when many queued runs of the key
+            // want labels this node lacks.
+            let candidates = db.runs(
+                "SELECT body FROM runs
+                 WHERE state = 'queued' AND warm_key = $1
+                   AND (claimed_by IS NULL OR claim_expires <= $2)
+                 ORDER BY id LIMIT 64
+                 FOR UPDATE SKIP LOCKED",
+                &[&warm_key, &millis_sql(now)],
+            )?;
+            let Some(mut run) = candidates
+                .into_iter()
+                .find(|r| rules::selector_matches(r, &labels))
+            else {
+                return Ok(None);
+            };
+            db.mark_served(&run.queue_key())?;
+            rules::hand_off(&mut run, node, now)?;
+            db.save_run(&run)?;
+            Ok(Some(run))
+        })
+    }
+
+    fn report(&self, node: &str, id: RunId, report: &NodeReport) -> Result<Run, StoreError> {
+        self.write(|db, now| {
+            let mut run = db.load_run(id, true)?;
+            rules::apply_report(&mut run, node, report, now)?;
+            db.save_run(&run)?;
+            Ok(run)
+        })
+    }
+
+    fn upsert_node(&self, spec: &NodeSpec) -> Result<Node, StoreError> {
+        if spec.id.is_empty() {
+            return Err(ModelError::Empty { what: "node id" }.into());
+        }
+        self.write(|db, now| {
+            let node = Node {
+                spec: spec.clone(),
+                last_heartbeat: now,
+            };
+            db.execute(
+                "INSERT INTO nodes (id, last_heartbeat, body) VALUES ($1, $2, $3)
+                 ON CONFLICT (id) DO UPDATE SET last_heartbeat = excluded.last_heartbeat,
+                                                body = excluded.body",
+                &[&spec.id, &millis_sql(now), &serde_json::to_string(&node)?],
+            )?;
+            Ok(node)
+        })
+    }
+
+    fn list_nodes(&self) -> Result<Vec<Node>, StoreError> {
+        self.read(|db| {
+            db.query("SELECT body FROM nodes ORDER BY id", &[])?
+                .iter()
+                .map(|r| parse(r.get::<_, &str>(0)))
+                .collect()
+        })
+    }
+
+    fn mark_lost_runs(&self, stale_after_ms: Millis) -> Result<Vec<Run>, StoreError> {
+        self.write(|db, now| {
+            let cutoff = millis_sql(now.saturating_sub(stale_after_ms));
+            // Waits for rows being reported on; PostgreSQL re-checks the
+            // state on the row version it locks, so a run that finished
+            // meanwhile drops out.
+            let mut runs = db.runs(
+                "SELECT r.body FROM runs r JOIN nodes n ON n.id = r.node
+                 WHERE r.state IN ('scheduled', 'starting', 'running') AND n.last_heartbeat < $1
+                 ORDER BY r.id
+                 FOR UPDATE OF r",
+                &[&cutoff],
+            )?;
+            for run in &mut runs {
+                rules::mark_lost(run, now)?;
+                db.save_run(run)?;
+            }
+            Ok(runs)
+        })
+    }
+
+    /// A thread with its own connection `LISTEN`s on the queue channel and
+    /// calls `wake` per notification — and once after every (re)connect,
+    /// for what it may have missed while disconnected. It ends soon after
+    /// the store is dropped.
+    fn watch(&self, wake: Box<dyn Fn() + Send + Sync>) -> Result<(), StoreError> {
+        let config = self.pool.config.clone();
+        let closed = self.closed.clone();
+        // Connect once here so a bad configuration is an error now, not a
+        // log line later.
+        let first = listen(&config)?;
+        std::thread::Builder::new()
+            .name("ember-pg-listen".into())
+            .spawn(move || {
+                let mut client = Some(first);
+                wake();
+                while !closed.load(Ordering::Relaxed) {
+                    let Some(c) = client.as_mut() else {
+                        std::thread::sleep(LISTEN_TICK);
+                        client = listen(&config).ok();
+                        if client.is_some() {
+                            wake();
+                        }
+                        continue;
+                    };
+                    let failed = {
+                        let mut notes = c.notifications();
+                        let mut it = notes.timeout_iter(LISTEN_TICK);
+                        loop {
+                            match it.next() {
+                                Ok(Some(_)) => wake(),
+                                Ok(None) => break false,
+                                Err(e) => {
+                                    tracing_free_log(&e);
+                                    break true;
+                                }
+                            }
+                        }
+                    };
+                    if failed || c.is_closed() {
+                        client = None;
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Backend(Box::new(e)))?;
+        Ok(())
+    }
+}
+
+/// A connection listening on the queue channel.
+fn listen(config: &Config) -> Result<Client, StoreError> {
+    let mut client = config.connect(NoTls)?;
+    client.batch_execute(&format!("LISTEN {CHANNEL}"))?;
+    Ok(client)
+}
+
+/// The listener has no logger of its own (the library does not depend on
+/// `tracing`); the error reaches stderr once per failure, and the thread
+/// reconnects.
+fn tracing_free_log(e: &postgres::Error) {
+    eprintln!("ember: postgres listener: {e}; reconnecting");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ManualClock;
+    use ember_testkit::postgres::Postgres;
+
+    fn clock() -> Arc<dyn Clock> {
+        ManualClock::new(1_000)
+    }
+
+    #[test]
+    fn reopening_does_not_migrate_twice_and_newer_schemas_are_refused() {
+        let pg = Postgres::shared().expect("postgres");
+        let url = pg.create_database().expect("database");
+        drop(PostgresStore::open(&url, clock()).expect("create"));
+        drop(PostgresStore::open(&url, clock()).expect("reopen"));
+        let db = url.rsplit('/').next().expect("db name");
+        pg.psql_in(db, "UPDATE ember_schema SET version = 99")
+            .expect("bump version");
+        let err = PostgresStore::open(&url, clock()).expect_err("newer schema");
+        assert!(err.to_string().contains("newer than this ember"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_url_or_unreachable_server_is_a_clear_error() {
+        let err = PostgresStore::open("postgres://u@127.0.0.1:1/x", clock()).expect_err("refused");
+        assert!(matches!(err, StoreError::Backend(_)), "{err}");
+        assert!(PostgresStore::open("not a url at all ::", clock()).is_err());
+    }
+
+    #[test]
+    fn a_submit_through_one_replica_wakes_the_others() {
+        use crate::model::PinnedImage;
+        let pg = Postgres::shared().expect("postgres");
+        let url = pg.create_database().expect("database");
+        let a = PostgresStore::open(&url, clock()).expect("replica a");
+        let b = PostgresStore::open(&url, clock()).expect("replica b");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = Mutex::new(tx);
+        a.watch(Box::new(move || {
+            let _ = tx.lock().map(|t| t.send(()));
+        }))
+        .expect("watch");
+        // The wake after connecting.
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("initial wake");
+        let image = PinnedImage::new("app", format!("sha256:{}", "1".repeat(64))).expect("pin");
+        b.submit_run(&RunSpec {
+            image: Some(image),
+            ..RunSpec::default()
+        })
+        .expect("submit");
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("replica a hears of b's submit");
+    }
+
+    #[test]
+    fn a_killed_connection_is_replaced() {
+        let pg = Postgres::shared().expect("postgres");
+        let url = pg.create_database().expect("database");
+        let s = PostgresStore::open_with_pool(&url, 1, clock()).expect("open");
+        let db = url.rsplit('/').next().expect("db name");
+        pg.psql(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"
+        ))
+        .expect("terminate");
+        // The first call may see the dead connection; the next gets a new one.
+        let _ = s.list_nodes();
+        assert!(s.list_nodes().expect("reconnected").is_empty());
+    }
+}
