@@ -1,7 +1,7 @@
 //! Wire types of the control-plane API beyond the model in
 //! [`ember_control::model`], which the API speaks directly.
 
-use ember_control::model::{Run, RunId};
+use ember_control::model::{PinnedImage, Resources, Run, RunId};
 use serde::{Deserialize, Serialize};
 
 /// One line of a node's work stream (`GET /v1/nodes/{id}/work`),
@@ -26,6 +26,37 @@ pub enum WorkMessage {
     Active {
         /// The runs.
         runs: Vec<RunId>,
+        /// The server sends a [`WorkMessage::Keepalive`] after this many
+        /// milliseconds without another message; a node that hears
+        /// nothing for three times as long treats the stream as dead and
+        /// reconnects. Absent: the server sends no keepalives.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        keepalive_ms: Option<u64>,
+    },
+    /// Nothing to do: sent when the stream has been idle for the keepalive
+    /// interval, so proxies and NATs keep the connection and the node can
+    /// tell a quiet stream from a dead one.
+    Keepalive,
+    /// Keep at least `count` idle runners of `key` on this node, creating
+    /// the missing ones (runners already idle or being created for the key
+    /// count). Idempotent: the control plane repeats it until the node's
+    /// inventory shows the runners, so it is safe to receive twice.
+    Prewarm {
+        /// The deployment that wants warm runners.
+        deployment: String,
+        /// The warm key ([`Run::warm_key`]) the node reports the runners
+        /// under in its inventory.
+        key: String,
+        /// The image, pulled first if the node lacks it.
+        image: PinnedImage,
+        /// The runners' resource limits (part of their key).
+        #[serde(default)]
+        resources: Resources,
+        /// The recycling key (part of their key).
+        #[serde(default)]
+        recycle_key: Option<String>,
+        /// Idle runners of the key wanted on this node.
+        count: u32,
     },
 }
 
@@ -50,13 +81,37 @@ impl LogStream {
 }
 
 /// One record of a run's log (`GET /v1/runs/{id}/logs`), one JSON object a
-/// line. Output is stored as text: bytes that are not UTF-8 are replaced.
+/// line: `{"stream":"stdout","data":"aGkK"}`.
+///
+/// `data` is the output's raw bytes in standard base64 (with padding), so
+/// any output survives byte for byte: invalid UTF-8, NULs, and multi-byte
+/// characters split between two records (the bytes of consecutive records
+/// of one stream concatenate to exactly what the process wrote).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogRecord {
     /// Which stream.
     pub stream: LogStream,
-    /// The output.
-    pub data: String,
+    /// The output's bytes (base64 on the wire).
+    #[serde(with = "base64_bytes")]
+    pub data: Vec<u8>,
+}
+
+/// Serde for `Vec<u8>` as a standard base64 string.
+mod base64_bytes {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        STANDARD
+            .decode(s.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// The body of every error response.
@@ -75,4 +130,57 @@ pub struct SubmitResponse {
     pub run: Run,
     /// `false` when an idempotency key returned an earlier run.
     pub created: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_records_carry_any_bytes_as_base64() {
+        let rec = LogRecord {
+            stream: LogStream::Stderr,
+            data: vec![0xff, 0x00, 0xfe, b'\n', 0xe2, 0x82],
+        };
+        let line = serde_json::to_string(&rec).expect("serialise");
+        assert_eq!(line, r#"{"stream":"stderr","data":"/wD+CuKC"}"#);
+        let back: LogRecord = serde_json::from_str(&line).expect("parse");
+        assert_eq!(back, rec);
+        assert!(
+            serde_json::from_str::<LogRecord>(r#"{"stream":"stdout","data":"not base64!"}"#)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn keepalive_and_prewarm_lines() {
+        assert_eq!(
+            serde_json::to_string(&WorkMessage::Keepalive).expect("serialise"),
+            r#"{"type":"keepalive"}"#
+        );
+        // A server that announces no interval leaves the field out, and a
+        // node reads an `active` line without it.
+        let m: WorkMessage =
+            serde_json::from_str(r#"{"type":"active","runs":[3]}"#).expect("parse");
+        assert_eq!(
+            m,
+            WorkMessage::Active {
+                runs: vec![RunId(3)],
+                keepalive_ms: None
+            }
+        );
+        let m: WorkMessage = serde_json::from_str(
+            r#"{"type":"prewarm","deployment":"web","key":"k","count":2,
+                "image":{"reference":"app","digest":"sha256:x"}}"#,
+        )
+        .expect("parse");
+        assert!(matches!(
+            m,
+            WorkMessage::Prewarm {
+                count: 2,
+                recycle_key: None,
+                ..
+            }
+        ));
+    }
 }

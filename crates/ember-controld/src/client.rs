@@ -57,6 +57,10 @@ impl ClientError {
     }
 }
 
+/// The longest an ordinary (non-streaming) request may take, answer
+/// included.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Serialises a request body. The model types always serialise.
 fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
@@ -117,7 +121,16 @@ impl ControlClient {
         format!("{}{path}", self.base)
     }
 
+    /// A request that must be answered within [`REQUEST_TIMEOUT`]: a
+    /// connection that went silent (a restarted NAT, a dead peer) fails it
+    /// instead of hanging a node's heartbeats or reports forever.
     fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.req_stream(method, path).timeout(REQUEST_TIMEOUT)
+    }
+
+    /// A request whose response may stay open indefinitely (work stream,
+    /// followed logs): no overall timeout; the reader watches for silence.
+    fn req_stream(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let r = self.http.request(method, self.url(path));
         match &self.token {
             Some(t) => r.bearer_auth(t),
@@ -217,7 +230,7 @@ impl ControlClient {
             id.0,
             if follow { "?follow=true" } else { "" }
         );
-        self.send(&path, self.req(reqwest::Method::GET, &path))
+        self.send(&path, self.req_stream(reqwest::Method::GET, &path))
             .await
     }
 
@@ -262,7 +275,7 @@ impl ControlClient {
     /// `GET /v1/nodes/{id}/work`: the open stream.
     pub async fn work(&self, node: &str) -> Result<reqwest::Response, ClientError> {
         let path = format!("/v1/nodes/{node}/work");
-        self.send(&path, self.req(reqwest::Method::GET, &path))
+        self.send(&path, self.req_stream(reqwest::Method::GET, &path))
             .await
     }
 
@@ -283,7 +296,8 @@ impl ControlClient {
         .await
     }
 
-    /// `POST /v1/nodes/{node}/runs/{run}/logs?stream=...`.
+    /// `POST /v1/nodes/{node}/runs/{run}/logs?stream=...`: `data` is the
+    /// raw output (any bytes), sent as the body unchanged.
     pub async fn append_log(
         &self,
         node: &str,
@@ -296,8 +310,13 @@ impl ControlClient {
             run.0,
             stream.as_str()
         );
-        self.send(&path, self.req(reqwest::Method::POST, &path).body(data))
-            .await
-            .map(|_| ())
+        self.send(
+            &path,
+            self.req(reqwest::Method::POST, &path)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(data),
+        )
+        .await
+        .map(|_| ())
     }
 }

@@ -5,13 +5,15 @@
 //!
 //! * [`api`]: the wire types only this layer adds (work-stream messages,
 //!   log records, error bodies).
-//! * [`server`]: the axum router, the event-driven dispatcher and the
-//!   lost-node reaper.
+//! * [`server`]: the axum router, the event-driven dispatcher, the
+//!   pre-warmer and the lost-node reaper.
 //! * [`client`]: a small reqwest client for every endpoint.
-//! * [`node`]: registration, the persistent work stream, run execution and
-//!   heartbeats.
+//! * [`node`]: registration, the persistent work stream, run execution,
+//!   pre-warmed runners and heartbeats.
+//! * [`prewarm`]: which nodes keep idle runners of which deployment.
 
 pub mod api;
 pub mod client;
 pub mod node;
+pub mod prewarm;
 pub mod server;

@@ -12,16 +12,26 @@
 //! The heartbeat goes out before the exit report so that when the control
 //! plane hears of the exit it already knows the runner is idle and can hand
 //! it the next run with the same key.
+//!
+//! A `prewarm` order (keep N idle runners of a deployment's key) pulls the
+//! image if needed and creates the missing runners idle in the pool
+//! ([`Pool::prewarm`]); the next heartbeat reports them.
+//!
+//! The work stream is watched for silence: the server announces its
+//! keepalive interval in the first line, and three intervals without a
+//! byte mean the connection is dead (a NAT or proxy dropped it without a
+//! reset). The node then reconnects with exponential backoff and the new
+//! stream's first line reconciles the runs, as after any reconnect.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ember_control::model::{Inventory, NodeReport, NodeSpec, Run, RunId};
+use ember_control::model::{Inventory, NodeReport, NodeSpec, PinnedImage, Resources, Run, RunId};
 use ember_oci::{Digest, Reference};
 use ember_pool::{Canceller, Outcome, Pool, PoolConfig, RunnerImage, RunnerShape, RunnerSpec};
 use ember_registry::{RegistryClient, RegistryOptions};
@@ -101,6 +111,24 @@ const SIGKILL: i32 = 9;
 /// unreachable (one second apart), so a control-plane restart loses none.
 const REPORT_ATTEMPTS: u32 = 60;
 
+/// How long a new work stream may stay silent before its first line (which
+/// the server sends at once) tells the keepalive interval.
+const FIRST_LINE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Silence on the work stream longer than this many keepalive intervals
+/// means the connection is dead.
+const KEEPALIVE_MISSES: u32 = 3;
+
+/// Reconnect backoff: the first retry after a second (as quick as a
+/// control-plane restart needs), doubling up to half a minute.
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// A pre-warm that failed (bad image, no space) is not tried again for
+/// this key until this has passed, though the control plane repeats the
+/// order at every heartbeat.
+const PREWARM_RETRY: Duration = Duration::from_secs(30);
+
 struct Agent {
     cfg: NodeConfig,
     client: ControlClient,
@@ -114,6 +142,11 @@ struct Agent {
     /// be reported in the control plane's terms.
     keys: Mutex<HashMap<String, String>>,
     runs: Mutex<HashMap<RunId, Arc<RunHandle>>>,
+    /// Warm key → runners being created for a pre-warm order, so a
+    /// repeated order does not create them twice.
+    prewarming: Mutex<HashMap<String, u32>>,
+    /// Warm key → when a pre-warm of it last failed.
+    prewarm_failed: Mutex<HashMap<String, Instant>>,
     slots: Arc<Semaphore>,
     inventory_changed: Notify,
 }
@@ -155,6 +188,8 @@ pub async fn run_node(
         images: Mutex::new(HashMap::new()),
         keys: Mutex::new(HashMap::new()),
         runs: Mutex::new(HashMap::new()),
+        prewarming: Mutex::new(HashMap::new()),
+        prewarm_failed: Mutex::new(HashMap::new()),
         inventory_changed: Notify::new(),
     });
     // Fail fast on a wrong URL or token, rather than retrying forever.
@@ -251,27 +286,67 @@ async fn heartbeat_loop(agent: Arc<Agent>) {
     }
 }
 
-/// Keeps the work stream open, reconnecting when it drops.
+/// Keeps the work stream open, reconnecting when it drops or goes silent.
 async fn work_loop(agent: Arc<Agent>) {
+    let mut backoff = BACKOFF_MIN;
     loop {
-        if let Err(e) = work_once(&agent).await {
+        let mut connected = false;
+        if let Err(e) = work_once(&agent, &mut connected).await {
             tracing::warn!(error = %e, "work stream ended");
         }
+        // A stream that delivered its first line was a working connection:
+        // the next failure starts the backoff over.
+        if connected {
+            backoff = BACKOFF_MIN;
+        }
         // Back off before reconnecting; this delay is only ever paid after
-        // a lost connection, never on the path of a run.
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // a lost connection, never on the path of a run. The jitter keeps
+        // a fleet of nodes from reconnecting in lockstep.
+        tokio::time::sleep(backoff + jitter(backoff / 5)).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
         if let Err(e) = agent.heartbeat().await {
             tracing::warn!(error = %e, "re-registering failed");
         }
     }
 }
 
-async fn work_once(agent: &Arc<Agent>) -> Result<(), ClientError> {
+/// Up to `max`, from the clock's low bits (no randomness crate for this).
+fn jitter(max: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let max_ms = u32::try_from(max.as_millis()).unwrap_or(u32::MAX).max(1);
+    Duration::from_millis(u64::from(nanos % max_ms))
+}
+
+/// Reads one work stream until it ends, fails or stays silent past three
+/// keepalive intervals; sets `connected` once its first line arrived.
+async fn work_once(agent: &Arc<Agent>, connected: &mut bool) -> Result<(), ClientError> {
     let mut resp = agent.client.work(&agent.cfg.id).await?;
     tracing::info!(node = %agent.cfg.id, "connected to the control plane");
     let mut buf: Vec<u8> = Vec::new();
+    // Until the first line says otherwise (a server without keepalives
+    // says nothing), no silence limit applies after it.
+    let mut silence = Some(FIRST_LINE_TIMEOUT);
     loop {
-        let chunk = resp.chunk().await.map_err(|e| ClientError::Http {
+        let next = resp.chunk();
+        let chunk = match silence {
+            Some(limit) => match tokio::time::timeout(limit, next).await {
+                Ok(c) => c,
+                Err(_) => {
+                    return Err(ClientError::Http {
+                        url: agent.client.base().to_owned(),
+                        detail: format!(
+                            "work stream silent for {} ms; reconnecting",
+                            limit.as_millis()
+                        ),
+                    });
+                }
+            },
+            None => next.await,
+        };
+        let chunk = chunk.map_err(|e| ClientError::Http {
             url: agent.client.base().to_owned(),
             detail: e.to_string(),
         })?;
@@ -280,7 +355,15 @@ async fn work_once(agent: &Arc<Agent>) -> Result<(), ClientError> {
         while let Some(i) = buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = buf.drain(..=i).collect();
             match serde_json::from_slice::<WorkMessage>(&line) {
-                Ok(msg) => handle(agent, msg),
+                Ok(msg) => {
+                    if let WorkMessage::Active { keepalive_ms, .. } = &msg {
+                        *connected = true;
+                        silence = keepalive_ms.map(|ms| {
+                            Duration::from_millis(ms.max(1)).saturating_mul(KEEPALIVE_MISSES)
+                        });
+                    }
+                    handle(agent, msg);
+                }
                 Err(e) => tracing::warn!(error = %e, "bad work message"),
             }
         }
@@ -312,7 +395,7 @@ fn handle(agent: &Arc<Agent>, msg: WorkMessage) {
                     .remove(&id);
             });
         }
-        WorkMessage::Active { runs } => {
+        WorkMessage::Active { runs, .. } => {
             let lost: Vec<RunId> = {
                 let mine = agent.runs.lock().unwrap_or_else(|e| e.into_inner());
                 runs.into_iter().filter(|r| !mine.contains_key(r)).collect()
@@ -337,7 +420,129 @@ fn handle(agent: &Arc<Agent>, msg: WorkMessage) {
                 tokio::task::spawn_blocking(move || h.cancel());
             }
         }
+        WorkMessage::Keepalive => {}
+        WorkMessage::Prewarm {
+            deployment,
+            key,
+            image,
+            resources,
+            recycle_key,
+            count,
+        } => {
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                let order = PrewarmOrder {
+                    key,
+                    image,
+                    resources,
+                    recycle_key,
+                    count,
+                };
+                match prewarm(&agent, &order).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(%deployment, n, "pre-warmed runners");
+                        agent.inventory_changed.notify_one();
+                    }
+                    Err(error) => {
+                        tracing::warn!(%deployment, %error, "pre-warming failed");
+                        agent
+                            .prewarm_failed
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(order.key, Instant::now());
+                    }
+                }
+            });
+        }
     }
+}
+
+/// A `prewarm` message's order.
+struct PrewarmOrder {
+    key: String,
+    image: PinnedImage,
+    resources: Resources,
+    recycle_key: Option<String>,
+    count: u32,
+}
+
+/// Creates the idle runners `order` is missing (counting those idle and
+/// those being created for its key); returns how many it created.
+async fn prewarm(agent: &Arc<Agent>, order: &PrewarmOrder) -> Result<u32, String> {
+    let failed_at = agent
+        .prewarm_failed
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&order.key)
+        .copied();
+    if failed_at.is_some_and(|t| t.elapsed() < PREWARM_RETRY) {
+        return Ok(0);
+    }
+    let record = ensure_image(agent, &order.image).await?;
+    let agent = agent.clone();
+    let key = order.key.clone();
+    let (resources, recycle_key, count) = (
+        order.resources.clone(),
+        order.recycle_key.clone(),
+        order.count,
+    );
+    tokio::task::spawn_blocking(move || {
+        let image = RunnerImage::from_store(&agent.store, &record)
+            .map_err(|e| format!("reading the image config: {e}"))?;
+        let spec = RunnerSpec::new(image, shape_of(&resources), recycle_key);
+        let pool_key = spec.key().as_str().to_owned();
+        agent
+            .keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pool_key.clone(), key.clone());
+        // Decided under the lock, so two copies of the order arriving
+        // together create the missing runners once.
+        let missing = {
+            let mut creating = agent.prewarming.lock().unwrap_or_else(|e| e.into_inner());
+            let idle = agent
+                .pool
+                .idle_runners()
+                .iter()
+                .filter(|r| r.key.as_str() == pool_key)
+                .count();
+            let have = u32::try_from(idle)
+                .unwrap_or(u32::MAX)
+                .saturating_add(creating.get(&key).copied().unwrap_or(0));
+            let missing = count.saturating_sub(have);
+            if missing > 0 {
+                *creating.entry(key.clone()).or_default() += missing;
+            }
+            missing
+        };
+        let mut created = 0;
+        let mut result = Ok(());
+        for _ in 0..missing {
+            // Once one fails, the rest would too: give up their share.
+            if result.is_ok() {
+                match agent.pool.prewarm(&spec) {
+                    Ok(id) => {
+                        tracing::debug!(%id, key = %key, "pre-warmed runner");
+                        created += 1;
+                    }
+                    Err(e) => result = Err(format!("creating a runner: {e}")),
+                }
+            }
+            // Only now that the runner is idle (and so counted there) does
+            // it stop counting as being created.
+            let mut creating = agent.prewarming.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = creating.get_mut(&key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    creating.remove(&key);
+                }
+            }
+        }
+        result.map(|()| created)
+    })
+    .await
+    .map_err(|e| format!("pre-warm task failed: {e}"))?
 }
 
 /// What the blocking executor tells the async side, in order.
@@ -350,7 +555,7 @@ enum Event {
 async fn execute(agent: &Arc<Agent>, run: Run, handle: Arc<RunHandle>) {
     let id = run.id;
     agent.report(id, NodeReport::Accepted).await;
-    let record = match ensure_image(agent, &run).await {
+    let record = match ensure_image(agent, &run.image).await {
         Ok(r) => r,
         Err(error) => {
             agent.report(id, NodeReport::Failed { error }).await;
@@ -398,30 +603,28 @@ async fn execute(agent: &Arc<Agent>, run: Run, handle: Arc<RunHandle>) {
     agent.report(id, report).await;
 }
 
-/// The image of `run` in the store, pulled (through the cache if any) when
-/// it is not there.
-async fn ensure_image(agent: &Arc<Agent>, run: &Run) -> Result<ImageRecord, String> {
+/// `image` in the store, pulled (through the cache if any) when it is not
+/// there.
+async fn ensure_image(agent: &Arc<Agent>, image: &PinnedImage) -> Result<ImageRecord, String> {
     let known = agent
         .images
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .get(&run.image.digest)
+        .get(&image.digest)
         .cloned();
     if let Some(rec) = known
         && agent.store.missing_layers(&rec).is_empty()
     {
         return Ok(rec);
     }
-    let reference: Reference = run
-        .image
+    let reference: Reference = image
         .reference
         .parse()
-        .map_err(|e| format!("image reference {:?}: {e}", run.image.reference))?;
-    let digest: Digest = run
-        .image
+        .map_err(|e| format!("image reference {:?}: {e}", image.reference))?;
+    let digest: Digest = image
         .digest
         .parse()
-        .map_err(|e| format!("image digest {:?}: {e}", run.image.digest))?;
+        .map_err(|e| format!("image digest {:?}: {e}", image.digest))?;
     let r = reference.with_digest(digest);
     let report = ember_store::pull(
         &agent.store,
@@ -436,7 +639,7 @@ async fn ensure_image(agent: &Arc<Agent>, run: &Run) -> Result<ImageRecord, Stri
         .images
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(run.image.digest.clone(), report.image.clone());
+        .insert(image.digest.clone(), report.image.clone());
     Ok(report.image)
 }
 
@@ -453,7 +656,7 @@ fn exec_blocking(
         .map_err(|e| format!("reading the image config: {e}"))?;
     let argv = ember_runtime::spec::process_args(&image.config, Some(&run.command))
         .map_err(|e| format!("command: {e}"))?;
-    let spec = RunnerSpec::new(image, shape_of(run), run.recycle_key.clone());
+    let spec = RunnerSpec::new(image, shape_of(&run.resources), run.recycle_key.clone());
     let mut lease = agent
         .pool
         .acquire(&spec)
@@ -525,14 +728,14 @@ fn exec_blocking(
     })
 }
 
-/// The runner shape for a run's resources.
-fn shape_of(run: &Run) -> RunnerShape {
+/// The runner shape for a run's (or a deployment's) resources.
+fn shape_of(resources: &Resources) -> RunnerShape {
     let mut shape = RunnerShape::default();
-    if run.resources.memory_bytes > 0 {
-        shape.memory_bytes = i64::try_from(run.resources.memory_bytes).ok();
+    if resources.memory_bytes > 0 {
+        shape.memory_bytes = i64::try_from(resources.memory_bytes).ok();
     }
-    if run.resources.cpu_millis > 0 {
-        shape.cpus = Some(f64::from(run.resources.cpu_millis) / 1000.0);
+    if resources.cpu_millis > 0 {
+        shape.cpus = Some(f64::from(resources.cpu_millis) / 1000.0);
     }
     shape
 }

@@ -14,6 +14,16 @@
 //! runner is first offered to a queued run with the same key
 //! ([`StateStore::claim_for_runner`]).
 //!
+//! Beside it, the pre-warmer (woken by deploys, node connects and
+//! heartbeats) compares each deployment's `warm_runners` with the idle
+//! runners nodes report and pushes `{"type":"prewarm"}` orders
+//! ([`crate::prewarm`]), so the first run of a deployment finds a warm
+//! runner too.
+//!
+//! A work stream idle for [`ServerConfig::keepalive`] gets a
+//! `{"type":"keepalive"}` line, so proxies and NATs keep it open and the
+//! node can tell a quiet stream from a dead one.
+//!
 //! The store is blocking (SQLite); every call goes through
 //! [`tokio::task::spawn_blocking`] so a slow commit never stalls the
 //! runtime's workers.
@@ -43,6 +53,7 @@ use serde::Serialize;
 use tokio::sync::{Notify, broadcast, mpsc};
 
 use crate::api::{ErrorBody, LogRecord, LogStream, SubmitResponse, WorkMessage};
+use crate::prewarm;
 
 /// How many queued runs one dispatcher round claims. Runs are placed and
 /// pushed one at a time within a round, so this bounds the claim
@@ -66,10 +77,14 @@ pub struct ServerConfig {
     pub heartbeat_timeout: Duration,
     /// How often the reaper looks for lost nodes.
     pub reap_interval: Duration,
+    /// A work stream with nothing to send for this long gets a keepalive
+    /// line; nodes treat three intervals of silence as a dead stream.
+    pub keepalive: Duration,
 }
 
 impl ServerConfig {
-    /// Defaults: no tokens, 15 s heartbeat timeout checked every second.
+    /// Defaults: no tokens, 15 s heartbeat timeout checked every second,
+    /// a keepalive after 10 s of silence on a work stream.
     pub fn new(log_dir: impl Into<PathBuf>) -> Self {
         ServerConfig {
             client_token: None,
@@ -77,6 +92,7 @@ impl ServerConfig {
             log_dir: log_dir.into(),
             heartbeat_timeout: Duration::from_secs(15),
             reap_interval: Duration::from_secs(1),
+            keepalive: Duration::from_secs(10),
         }
     }
 }
@@ -199,6 +215,8 @@ struct AppState {
     /// Wakes the dispatcher. `Notify` keeps one permit, so a wake-up sent
     /// while the dispatcher is busy is not lost.
     wake: Notify,
+    /// Wakes the pre-warmer (one permit, like `wake`).
+    prewarm: Notify,
     streams: Mutex<HashMap<NodeId, WorkStream>>,
     next_conn: AtomicU64,
     /// A run id each time a run's log grows or the run changes state, for
@@ -314,12 +332,14 @@ pub async fn serve(
         owner: format!("control-{}-{}", std::process::id(), ember_store::now_ms()),
         config,
         wake: Notify::new(),
+        prewarm: Notify::new(),
         streams: Mutex::new(HashMap::new()),
         next_conn: AtomicU64::new(1),
         log_events,
     });
     let dispatcher = tokio::spawn(dispatch_loop(state.clone()));
     let reaper = tokio::spawn(reap_loop(state.clone()));
+    let prewarmer = tokio::spawn(prewarm_loop(state.clone()));
     // Work left queued by an earlier run of the server is dispatched as
     // soon as nodes connect; this first wake covers runs already placeable.
     state.wake.notify_one();
@@ -334,6 +354,7 @@ pub async fn serve(
     };
     dispatcher.abort();
     reaper.abort();
+    prewarmer.abort();
     result
 }
 
@@ -626,6 +647,9 @@ async fn create_deployment(
     client_auth(&s, &headers)?;
     let spec: DeploymentSpec = parse_json(&body, "deployment")?;
     let d = s.db(move |st| st.create_deployment(&spec)).await?;
+    if d.spec.warm_runners > 0 {
+        s.prewarm.notify_one();
+    }
     Ok(json_response(StatusCode::CREATED, &d))
 }
 
@@ -663,6 +687,8 @@ async fn put_node(
     let node = s.db(move |st| st.upsert_node(&spec)).await?;
     // New capacity or new warm runners may make queued runs placeable.
     s.wake.notify_one();
+    // A heartbeat is where warm runners used up (or expired) show.
+    s.prewarm.notify_one();
     Ok(json_response(StatusCode::OK, &node))
 }
 
@@ -701,6 +727,7 @@ async fn work_stream(
         .partition(|r| r.state == RunState::Scheduled);
     let _ = tx.send(WorkMessage::Active {
         runs: active.iter().map(|r| r.id).collect(),
+        keepalive_ms: Some(u64::try_from(s.config.keepalive.as_millis()).unwrap_or(u64::MAX)),
     });
     for run in pending {
         let _ = tx.send(WorkMessage::Assign { run: Box::new(run) });
@@ -711,6 +738,7 @@ async fn work_stream(
     }
     tracing::info!(node = %id, "work stream opened");
     s.wake.notify_one();
+    s.prewarm.notify_one();
 
     /// Removes the stream from the table when the response body is dropped
     /// (the node disconnected).
@@ -728,9 +756,16 @@ async fn work_stream(
             }
         }
     }
+    let keepalive = s.config.keepalive;
     let guard = Guard { s, node: id, conn };
-    let stream = futures_util::stream::unfold((rx, guard), |(mut rx, guard)| async move {
-        let msg = rx.recv().await?;
+    let stream = futures_util::stream::unfold((rx, guard), move |(mut rx, guard)| async move {
+        let msg = match tokio::time::timeout(keepalive, rx.recv()).await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return None,
+            // Idle for a whole interval. A write to a peer that is gone
+            // also fails here, which closes the stream on this side.
+            Err(_) => WorkMessage::Keepalive,
+        };
         let mut line = match serde_json::to_vec(&msg) {
             Ok(l) => l,
             Err(e) => return Some((Err(std::io::Error::other(e)), (rx, guard))),
@@ -838,9 +873,14 @@ async fn node_logs(
             "{id} is not assigned to node {node:?}"
         )));
     }
+    if body.is_empty() {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    // The bytes as they came (base64 in the record): output need not be
+    // UTF-8, and a character may be split between two appends.
     let record = LogRecord {
         stream,
-        data: String::from_utf8_lossy(&body).into_owned(),
+        data: body.to_vec(),
     };
     let mut line = serde_json::to_vec(&record)
         .map_err(|e| ApiError::Internal(format!("serialising a log record: {e}")))?;
@@ -957,6 +997,54 @@ fn dispatch_round(s: &AppState) -> Result<DispatchRound, StoreError> {
         claimed: claimed.len(),
         assigned,
     })
+}
+
+/// Brings deployments up to their warm runners whenever woken: pushes the
+/// [`prewarm::plan`] orders on the nodes' streams. Orders are targets, so
+/// a wake-up that repeats one (the node has not reported the runners yet)
+/// creates nothing twice.
+async fn prewarm_loop(s: Shared) {
+    loop {
+        s.prewarm.notified().await;
+        let connected = s.connected_nodes();
+        if connected.is_empty() {
+            continue;
+        }
+        let stale = u64::try_from(s.config.heartbeat_timeout.as_millis()).unwrap_or(u64::MAX);
+        let now = s.clock.now();
+        let planned = s
+            .db(move |st| {
+                let deployments: Vec<_> = st
+                    .list_deployments()?
+                    .into_iter()
+                    .filter(|d| d.spec.warm_runners > 0)
+                    .collect();
+                if deployments.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let nodes: Vec<_> = st
+                    .list_nodes()?
+                    .into_iter()
+                    .filter(|n| connected.contains(&n.spec.id))
+                    .collect();
+                let active = st.list_runs(&RunFilter {
+                    states: vec![RunState::Scheduled, RunState::Starting, RunState::Running],
+                    ..RunFilter::default()
+                })?;
+                let view = ClusterView::build(&nodes, &active, now, stale);
+                Ok(prewarm::plan(&view, &deployments))
+            })
+            .await;
+        match planned {
+            Ok(orders) => {
+                for o in orders {
+                    tracing::debug!(node = %o.node, deployment = %o.deployment, count = o.count, "pre-warm");
+                    s.push(&o.node, o.message());
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "planning warm runners failed"),
+        }
+    }
 }
 
 async fn reap_loop(s: Shared) {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use ember_control::model::{NodeReport, NodeSpec, PinnedImage, RunSpec, RunState};
 use ember_control::sqlite::SqliteStore;
 use ember_control::store::SystemClock;
-use ember_controld::api::{LogStream, WorkMessage};
+use ember_controld::api::{LogRecord, LogStream, WorkMessage};
 use ember_controld::client::ControlClient;
 use ember_controld::server::{ServerConfig, serve};
 
@@ -31,13 +31,17 @@ async fn server() -> Server {
 }
 
 async fn server_with(heartbeat_timeout: Duration) -> Server {
+    server_config(|c| c.heartbeat_timeout = heartbeat_timeout).await
+}
+
+async fn server_config(tweak: impl FnOnce(&mut ServerConfig)) -> Server {
     let tmp = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(SqliteStore::open_in_memory(Arc::new(SystemClock)).expect("store"));
     let mut config = ServerConfig::new(tmp.path().join("logs"));
     config.client_token = Some("c".into());
     config.node_token = Some("n".into());
-    config.heartbeat_timeout = heartbeat_timeout;
     config.reap_interval = Duration::from_millis(100);
+    tweak(&mut config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -105,7 +109,10 @@ async fn submit_push_report_logs_cancel() {
     let mut buf = Vec::new();
     assert_eq!(
         next_msg(&mut work, &mut buf).await,
-        WorkMessage::Active { runs: vec![] }
+        WorkMessage::Active {
+            runs: vec![],
+            keepalive_ms: Some(10_000)
+        }
     );
 
     // Submit: the run is pushed on the open stream, no polling.
@@ -136,7 +143,10 @@ async fn submit_push_report_logs_cancel() {
     buf.clear();
     assert_eq!(
         next_msg(&mut work, &mut buf).await,
-        WorkMessage::Active { runs: vec![run.id] }
+        WorkMessage::Active {
+            runs: vec![run.id],
+            keepalive_ms: Some(10_000)
+        }
     );
     n.append_log("n1", run.id, LogStream::Stdout, "out\n".into())
         .await
@@ -148,7 +158,7 @@ async fn submit_push_report_logs_cancel() {
     assert_eq!(done.state, RunState::Succeeded);
     let logs = c.logs(run.id, true).await.expect("logs");
     let body = logs.text().await.expect("log body");
-    assert_eq!(body, "{\"stream\":\"stdout\",\"data\":\"out\\n\"}\n");
+    assert_eq!(body, "{\"stream\":\"stdout\",\"data\":\"b3V0Cg==\"}\n");
     // A late report and a late log are refused.
     let late = n.report("n1", run.id, &NodeReport::Started).await;
     assert_eq!(late.err().and_then(|e| e.status()), Some(409));
@@ -266,4 +276,106 @@ async fn a_silent_node_loses_its_runs_and_late_reports_are_refused() {
     }
     let late = n.report("n1", run.id, &NodeReport::Started).await;
     assert_eq!(late.err().and_then(|e| e.status()), Some(409));
+}
+
+#[tokio::test]
+async fn an_idle_work_stream_gets_keepalives() {
+    let s = server_config(|c| c.keepalive = Duration::from_millis(200)).await;
+    let c = ControlClient::new(&s.url, Some("c".into())).expect("client");
+    let n = ControlClient::new(&s.url, Some("n".into())).expect("node client");
+    n.put_node(&NodeSpec {
+        id: "n1".into(),
+        slots: 1,
+        labels: Default::default(),
+        inventory: Default::default(),
+    })
+    .await
+    .expect("register");
+    let mut work = n.work("n1").await.expect("work stream");
+    let mut buf = Vec::new();
+    assert_eq!(
+        next_msg(&mut work, &mut buf).await,
+        WorkMessage::Active {
+            runs: vec![],
+            keepalive_ms: Some(200)
+        },
+        "the first line announces the interval"
+    );
+    for _ in 0..3 {
+        assert_eq!(next_msg(&mut work, &mut buf).await, WorkMessage::Keepalive);
+    }
+    // Real messages still come through between keepalives.
+    let submitted = c.submit(&spec(), None).await.expect("submit");
+    loop {
+        match next_msg(&mut work, &mut buf).await {
+            WorkMessage::Keepalive => {}
+            WorkMessage::Assign { run } => {
+                assert_eq!(run.id, submitted.run.id);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(next_msg(&mut work, &mut buf).await, WorkMessage::Keepalive);
+}
+
+/// Output that is not text comes back byte for byte, streams apart, and a
+/// character split between two appends is whole again when concatenated.
+#[tokio::test]
+async fn logs_are_binary_safe() {
+    let s = server().await;
+    let c = ControlClient::new(&s.url, Some("c".into())).expect("client");
+    let n = ControlClient::new(&s.url, Some("n".into())).expect("node client");
+    n.put_node(&NodeSpec {
+        id: "n1".into(),
+        slots: 1,
+        labels: Default::default(),
+        inventory: Default::default(),
+    })
+    .await
+    .expect("register");
+    let mut work = n.work("n1").await.expect("work stream");
+    let mut buf = Vec::new();
+    let _ = next_msg(&mut work, &mut buf).await;
+    let submitted = c.submit(&spec(), None).await.expect("submit");
+    let WorkMessage::Assign { run } = next_msg(&mut work, &mut buf).await else {
+        panic!("expected an assignment");
+    };
+    assert_eq!(run.id, submitted.run.id);
+    for r in [NodeReport::Accepted, NodeReport::Started] {
+        n.report("n1", run.id, &r).await.expect("report");
+    }
+    let euro = "\u{20ac}".as_bytes(); // e2 82 ac
+    let appends: [(LogStream, &[u8]); 5] = [
+        (LogStream::Stdout, b"\xff\x00\xfe"),
+        (LogStream::Stderr, b"\xc0\n"),
+        (LogStream::Stdout, &euro[..2]),
+        (LogStream::Stdout, &euro[2..]),
+        (LogStream::Stderr, b"\x00"),
+    ];
+    for (stream, data) in appends {
+        n.append_log("n1", run.id, stream, data.to_vec().into())
+            .await
+            .expect("log");
+    }
+    n.report("n1", run.id, &NodeReport::Exited { code: 0 })
+        .await
+        .expect("exit");
+    let body = c
+        .logs(run.id, false)
+        .await
+        .expect("logs")
+        .bytes()
+        .await
+        .expect("log body");
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    for line in body.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let rec: LogRecord = serde_json::from_slice(line).expect("a JSON record");
+        match rec.stream {
+            LogStream::Stdout => out.extend_from_slice(&rec.data),
+            LogStream::Stderr => err.extend_from_slice(&rec.data),
+        }
+    }
+    assert_eq!(out, [b"\xff\x00\xfe".as_slice(), euro].concat());
+    assert_eq!(err, b"\xc0\n\x00");
 }

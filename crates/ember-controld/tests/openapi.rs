@@ -94,3 +94,218 @@ async fn every_documented_operation_is_served() {
     assert_eq!(operations, 12, "every route is documented once");
     let _ = tx.send(());
 }
+
+async fn json(resp: reqwest::Response) -> serde_json::Value {
+    serde_json::from_slice(&resp.bytes().await.expect("body")).expect("a JSON body")
+}
+
+/// The property names a schema documents (through `$ref` and `allOf`).
+fn documented(doc: &serde_json::Value, schema: &serde_json::Value) -> Vec<String> {
+    if let Some(r) = schema["$ref"].as_str() {
+        let name = r.trim_start_matches("#/components/schemas/");
+        return documented(doc, &doc["components"]["schemas"][name]);
+    }
+    let mut names: Vec<String> = schema["properties"]
+        .as_object()
+        .map(|p| p.keys().cloned().collect())
+        .unwrap_or_default();
+    for part in schema["allOf"].as_array().into_iter().flatten() {
+        names.extend(documented(doc, part));
+    }
+    names
+}
+
+/// Every field of `value` is a documented property of `schema`.
+fn assert_documented(
+    doc: &serde_json::Value,
+    what: &str,
+    schema: &serde_json::Value,
+    value: &serde_json::Value,
+) {
+    let names = documented(doc, schema);
+    for key in value.as_object().expect("an object").keys() {
+        assert!(
+            names.contains(key),
+            "{what}: field {key:?} is sent but not documented (documented: {names:?}); value {value}"
+        );
+    }
+}
+
+/// What the server really sends, field by field, against the document: a
+/// field added to the model (or a new work message) without documenting it
+/// fails here.
+#[tokio::test]
+async fn documented_schemas_cover_what_the_server_sends() {
+    let doc: serde_json::Value =
+        serde_json::from_str(include_str!("../openapi.json")).expect("openapi.json is JSON");
+    let schema = |name: &str| doc["components"]["schemas"][name].clone();
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(SqliteStore::open_in_memory(Arc::new(SystemClock)).expect("store"));
+    let mut config = ServerConfig::new(tmp.path().join("logs"));
+    config.keepalive = std::time::Duration::from_millis(100);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve(
+        listener,
+        store,
+        Arc::new(SystemClock),
+        config,
+        async {
+            let _ = rx.await;
+        },
+    ));
+    let _ = ember_controld::client::ControlClient::new(&base, None).expect("client");
+    let http = reqwest::Client::new();
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let send = |method: reqwest::Method, path: &str, body: serde_json::Value| {
+        http.request(method, format!("{base}{path}"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+    };
+    let get = |path: &str| http.get(format!("{base}{path}")).send();
+
+    let node = serde_json::json!({
+        "id": "n1", "slots": 2, "labels": {"zone": "a"},
+        "inventory": {"images": {}, "idle_runners": {}, "free_disk_bytes": 1}
+    });
+    let resp = send(reqwest::Method::PUT, "/v1/nodes/n1", node)
+        .await
+        .expect("put");
+    assert!(resp.status().is_success());
+    let mut work = get("/v1/nodes/n1/work").await.expect("work");
+    let mut buf = Vec::new();
+    let mut next_line = async || -> serde_json::Value {
+        loop {
+            if let Some(i) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=i).collect();
+                return serde_json::from_slice(&line).expect("a JSON line");
+            }
+            let chunk = tokio::time::timeout(std::time::Duration::from_secs(10), work.chunk())
+                .await
+                .expect("a line within 10 s")
+                .expect("chunk")
+                .expect("open");
+            buf.extend_from_slice(&chunk);
+        }
+    };
+    let types = doc["components"]["schemas"]["WorkMessage"]["properties"]["type"]["enum"].clone();
+    let mut seen = std::collections::BTreeSet::new();
+    let check_line = |line: &serde_json::Value| -> String {
+        assert!(
+            types.as_array().expect("enum").contains(&line["type"]),
+            "work message type {} is not documented",
+            line["type"]
+        );
+        assert_documented(&doc, "WorkMessage", &schema("WorkMessage"), line);
+        line["type"].as_str().expect("type").to_owned()
+    };
+
+    let deployment = serde_json::json!({
+        "name": "web", "image": {"reference": "app", "digest": digest},
+        "command": ["true"], "env": {"K": "V"},
+        "resources": {"cpu_millis": 500, "memory_bytes": 1048576},
+        "recycle_key": "k", "warm_runners": 1, "node_selector": {"zone": "a"}
+    });
+    let resp = send(reqwest::Method::POST, "/v1/deployments", deployment)
+        .await
+        .expect("deploy");
+    assert_eq!(resp.status().as_u16(), 201);
+    let d = json(resp).await;
+    assert_documented(&doc, "Deployment", &schema("Deployment"), &d);
+    assert_documented(
+        &doc,
+        "Resources",
+        &schema("DeploymentSpec")["properties"]["resources"],
+        &d["resources"],
+    );
+
+    let resp = send(
+        reqwest::Method::POST,
+        "/v1/runs",
+        serde_json::json!({"deployment": "web", "timeout_ms": 1000, "max_attempts": 2}),
+    )
+    .await
+    .expect("submit");
+    let submitted = json(resp).await;
+    assert_documented(
+        &doc,
+        "SubmitResponse",
+        &schema("SubmitResponse"),
+        &submitted,
+    );
+    let id = submitted["run"]["id"].as_i64().expect("id");
+
+    // active, prewarm (the node has room, the deployment wants one),
+    // assign, then keepalives while nothing happens.
+    while seen.len() < 4 {
+        let line = next_line().await;
+        seen.insert(check_line(&line));
+    }
+    for t in ["active", "prewarm", "assign", "keepalive"] {
+        assert!(seen.contains(t), "no {t} line among {seen:?}");
+    }
+    for event in [r#"{"event":"accepted"}"#, r#"{"event":"started"}"#] {
+        let resp = http
+            .post(format!("{base}/v1/nodes/n1/runs/{id}/events"))
+            .body(event)
+            .send()
+            .await
+            .expect("report");
+        assert!(resp.status().is_success());
+    }
+    let resp = http
+        .post(format!("{base}/v1/nodes/n1/runs/{id}/logs?stream=stderr"))
+        .body(vec![0u8, 0xff])
+        .send()
+        .await
+        .expect("log");
+    assert_eq!(resp.status().as_u16(), 204);
+    let resp = send(
+        reqwest::Method::POST,
+        &format!("/v1/runs/{id}/cancel"),
+        serde_json::json!({}),
+    )
+    .await
+    .expect("cancel");
+    assert!(resp.status().is_success());
+    loop {
+        let line = next_line().await;
+        check_line(&line);
+        if line["type"] == "cancel" {
+            break;
+        }
+    }
+
+    let run = json(get(&format!("/v1/runs/{id}")).await.expect("run")).await;
+    assert_documented(&doc, "Run", &schema("Run"), &run);
+    assert_documented(
+        &doc,
+        "Run.times",
+        &schema("Run")["properties"]["times"],
+        &run["times"],
+    );
+    let nodes = json(get("/v1/nodes").await.expect("nodes")).await;
+    assert_documented(&doc, "Node", &schema("Node"), &nodes[0]);
+    assert_documented(
+        &doc,
+        "Inventory",
+        &schema("Inventory"),
+        &nodes[0]["inventory"],
+    );
+    let logs = get(&format!("/v1/runs/{id}/logs"))
+        .await
+        .expect("logs")
+        .bytes()
+        .await
+        .expect("body");
+    let record: serde_json::Value =
+        serde_json::from_slice(logs.split(|&b| b == b'\n').next().expect("a line")).expect("JSON");
+    assert_documented(&doc, "LogRecord", &schema("LogRecord"), &record);
+    assert_eq!(record["data"], "AP8=", "raw bytes, base64");
+    let _ = tx.send(());
+}

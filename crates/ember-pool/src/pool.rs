@@ -201,6 +201,8 @@ pub struct PoolStats {
     pub unhealthy: u64,
     /// Releases that returned the runner to the pool.
     pub recycled: u64,
+    /// Runners created idle by [`Pool::prewarm`].
+    pub prewarmed: u64,
     /// Releases that discarded the runner.
     pub discarded: u64,
     /// Idle runners destroyed for the count budget.
@@ -401,7 +403,14 @@ impl Inner {
     }
 
     /// Ends a lease: recycles the runner unless `reason` says otherwise.
-    fn finish(self: &Arc<Self>, runner: Runner, reason: Option<DiscardReason>) -> Released {
+    /// `recycled` is false for a runner that served no run (pre-warmed),
+    /// which is not counted as a recycle.
+    fn finish(
+        self: &Arc<Self>,
+        runner: Runner,
+        reason: Option<DiscardReason>,
+        recycled: bool,
+    ) -> Released {
         let mut st = self.lock();
         st.leased -= 1;
         let reason = reason.or(st.shut_down.then_some(DiscardReason::ShutDown));
@@ -414,7 +423,9 @@ impl Inner {
                 Released::Discarded(r)
             }
             None => {
-                st.stats.recycled += 1;
+                if recycled {
+                    st.stats.recycled += 1;
+                }
                 st.idle.push(Idle {
                     runner,
                     since: Instant::now(),
@@ -718,6 +729,40 @@ impl Pool {
         }
     }
 
+    /// Creates a new runner idle in the pool, without serving a run: a
+    /// control plane keeps runners of a key ready before the first run of
+    /// it arrives ("pre-warming"). Returns the runner's id. The next
+    /// [`Pool::acquire`] of the key reuses it like any idle runner, so it
+    /// is subject to the same freezing, expiry and budgets.
+    ///
+    /// Counts against [`PoolConfig::max_runners`] like an acquire:
+    /// least-recently-used idle runners are evicted to make room.
+    pub fn prewarm(&self, spec: &RunnerSpec) -> Result<String, PoolError> {
+        let t0 = Instant::now();
+        {
+            let mut st = self.inner.lock();
+            if st.shut_down {
+                return Err(PoolError::ShutDown);
+            }
+            st.creating += 1;
+            let evicted = self.inner.over_count(&mut st, 0);
+            drop(st);
+            self.inner.destroy_later(evicted);
+        }
+        let mut lease = self.create(spec, t0, 0)?;
+        let Some(runner) = lease.runner.take() else {
+            // `create` always hands out a lease holding its runner.
+            return Err(PoolError::ShutDown);
+        };
+        let id = runner.id.clone();
+        self.inner.lock().stats.prewarmed += 1;
+        match self.inner.finish(runner, None, false) {
+            Released::Recycled => Ok(id),
+            // Shut down meanwhile.
+            Released::Discarded(_) => Err(PoolError::ShutDown),
+        }
+    }
+
     fn create(&self, spec: &RunnerSpec, t0: Instant, replaced: u32) -> Result<Lease, PoolError> {
         let inner = &self.inner;
         let id = inner.next_id();
@@ -781,7 +826,7 @@ impl Pool {
         if reason.is_none() {
             runner.runs += 1;
         }
-        self.inner.finish(runner, reason)
+        self.inner.finish(runner, reason, true)
     }
 
     fn verdict(&self, lease: &Lease, runner: &Runner, outcome: Outcome) -> Option<DiscardReason> {
@@ -1030,7 +1075,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(r) = self.runner.take() {
-            self.inner.finish(r, Some(DiscardReason::Abandoned));
+            self.inner.finish(r, Some(DiscardReason::Abandoned), true);
         }
     }
 }

@@ -492,3 +492,42 @@ fn read_only_root_and_host_network_shapes_work() {
     assert_eq!(released, Released::Recycled);
     tp.shutdown_and_check(&[id]);
 }
+
+#[test]
+fn a_prewarmed_runner_serves_the_first_run_of_its_key() {
+    let agent = agent_or_skip!();
+    let tp = TestPool::new(&agent, |_| {});
+    let (a, b) = (spec(None), spec(Some("tenant-b")));
+
+    let warm = tp.pool.prewarm(&a).unwrap();
+    let idle = tp.pool.idle_runners();
+    assert_eq!(idle.len(), 1, "{idle:?}");
+    assert_eq!(
+        (idle[0].id.as_str(), &idle[0].key),
+        (warm.as_str(), a.key())
+    );
+    assert_eq!(idle[0].runs, 0, "a pre-warmed runner has served nothing");
+
+    // Another key does not take it.
+    let (other, _, _) = run_sh(&tp.pool, &b, "true");
+    assert_ne!(other, warm);
+
+    let mut lease = tp.pool.acquire(&a).unwrap();
+    assert!(
+        lease.info().reused,
+        "the first run of the key found it idle"
+    );
+    assert_eq!(lease.id(), warm);
+    let (r, out) = exec(&mut lease, &["/bin/sh", "-c", "echo hi"]);
+    assert!(r.success(), "{r:?}");
+    assert_eq!(out, "hi\n");
+    assert_eq!(tp.pool.release(lease, Outcome::of(&r)), Released::Recycled);
+
+    let stats = tp.pool.stats();
+    assert_eq!(
+        (stats.prewarmed, stats.created, stats.reused, stats.recycled),
+        (1, 2, 1, 2),
+        "{stats:?}"
+    );
+    tp.shutdown_and_check(&[warm, other]);
+}

@@ -28,7 +28,8 @@ pub struct Args {
     /// Separates its runners from other runs of the same image.
     #[arg(long, value_name = "KEY")]
     pub recycle_key: Option<String>,
-    /// Idle runners nodes should keep warm for it.
+    /// Idle runners nodes should keep warm for it, created before any run
+    /// of it arrives (the control plane orders them from the nodes).
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub warm: u32,
     /// Command and arguments (default: the image's).

@@ -9,7 +9,7 @@ use ember_controld::server::parse_run_id;
 use std::io::Write;
 use std::process::ExitCode;
 
-/// Print a run's output (stdout to stdout, stderr to stderr).
+/// Print a run's output byte for byte (stdout to stdout, stderr to stderr).
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
@@ -31,17 +31,18 @@ pub async fn print_logs(client: &ControlClient, id: RunId, follow: bool) -> anyh
         while let Some(i) = buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = buf.drain(..=i).collect();
             let rec: LogRecord = serde_json::from_slice(&line).context("decoding a log record")?;
-            // Flushed per record so interleaved output keeps its order
-            // on a terminal.
+            // The raw bytes, whatever they are (binary output, invalid
+            // UTF-8, a character split between records), flushed per
+            // record so interleaved output keeps its order on a terminal.
             match rec.stream {
                 LogStream::Stdout => {
                     let mut o = std::io::stdout().lock();
-                    o.write_all(rec.data.as_bytes())?;
+                    o.write_all(&rec.data)?;
                     o.flush()?;
                 }
                 LogStream::Stderr => {
                     let mut e = std::io::stderr().lock();
-                    e.write_all(rec.data.as_bytes())?;
+                    e.write_all(&rec.data)?;
                     e.flush()?;
                 }
             }
