@@ -22,8 +22,9 @@
 //!   retried a few times, as the transaction had no effect.
 //!
 //! Connections come from a small pool; each `postgres::Client` runs its own
-//! single-threaded runtime, so methods must be called from blocking threads
-//! (the server uses `spawn_blocking`), never from async code directly.
+//! single-threaded runtime, so methods (and [`PostgresStore::open`]) must be
+//! called from blocking threads (the server uses `spawn_blocking`), never
+//! from async code directly. Dropping the store is safe anywhere.
 //! Connections are plain TCP or Unix socket (no TLS).
 
 use std::collections::{HashMap, VecDeque};
@@ -271,6 +272,22 @@ impl Pool {
                 .returned
                 .wait(st)
                 .map_err(|_| StoreError::Backend("postgres pool mutex poisoned".into()))?;
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Each `postgres::Client` owns a small tokio runtime, and tokio
+        // panics when a runtime is dropped on an async worker — which is
+        // where the last `Arc` of a server's store may go. A plain thread
+        // is always a fine place.
+        let idle = match self.state.get_mut() {
+            Ok(st) => std::mem::take(&mut st.idle),
+            Err(poisoned) => std::mem::take(&mut poisoned.into_inner().idle),
+        };
+        if !idle.is_empty() {
+            let _ = std::thread::spawn(move || drop(idle)).join();
         }
     }
 }

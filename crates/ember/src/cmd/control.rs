@@ -2,6 +2,8 @@
 
 use crate::cmd::cluster::stop_signal;
 use anyhow::Context;
+use ember_control::StateStore;
+use ember_control::postgres::PostgresStore;
 use ember_control::sqlite::SqliteStore;
 use ember_control::store::SystemClock;
 use ember_controld::server::{ServerConfig, serve};
@@ -17,14 +19,17 @@ pub struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7070", value_name = "ADDR")]
     pub listen: String,
-    /// The SQLite database file (created if missing).
+    /// The state store: a SQLite file (created if missing), or a
+    /// PostgreSQL URL `postgres://USER[:PASSWORD]@HOST[:PORT]/DB` (schema
+    /// created if missing; several replicas may share one database).
     #[arg(
         long,
         default_value = "/var/lib/ember-control/control.db",
-        value_name = "PATH"
+        value_name = "PATH|URL"
     )]
-    pub db: PathBuf,
-    /// Where run logs are kept [default: DB.logs].
+    pub db: String,
+    /// Where run logs are kept [default: PATH.logs for SQLite,
+    /// /var/lib/ember-control/logs for PostgreSQL].
     #[arg(long, value_name = "DIR")]
     pub logs: Option<PathBuf>,
     /// Bearer token clients must send (none: clients are not checked).
@@ -48,28 +53,62 @@ pub struct Args {
     pub heartbeat_timeout: u64,
 }
 
-/// Builds the server configuration and opens the store; shared with `ember up`.
-pub fn open(args: &Args) -> anyhow::Result<(Arc<SqliteStore>, ServerConfig)> {
-    if let Some(dir) = args.db.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+/// Whether `--db` names a PostgreSQL database rather than a SQLite file.
+fn is_postgres(db: &str) -> bool {
+    db.starts_with("postgres://") || db.starts_with("postgresql://")
+}
+
+/// `--db` for messages: a PostgreSQL URL without its password.
+fn redacted(db: &str) -> String {
+    match (db.find("://"), db.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &db[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &db[..scheme + 3], &db[at..]),
+                None => db.to_owned(),
+            }
+        }
+        _ => db.to_owned(),
     }
-    let store = SqliteStore::open(&args.db, Arc::new(SystemClock))
-        .with_context(|| format!("opening {}", args.db.display()))?;
-    let logs = args.logs.clone().unwrap_or_else(|| {
-        let mut p = args.db.clone().into_os_string();
-        p.push(".logs");
-        PathBuf::from(p)
-    });
-    let mut config = ServerConfig::new(logs);
+}
+
+/// Builds the server configuration and opens the store; shared with `ember up`.
+pub async fn open(args: &Args) -> anyhow::Result<(Arc<dyn StateStore>, ServerConfig)> {
+    let db = args.db.clone();
+    let (store, default_logs): (Arc<dyn StateStore>, PathBuf) = if is_postgres(&db) {
+        // The PostgreSQL client runs its own runtime per connection and
+        // must not be started on an async worker.
+        let store = tokio::task::spawn_blocking(move || {
+            PostgresStore::open(&db, Arc::new(SystemClock))
+                .with_context(|| format!("opening {}", redacted(&db)))
+        })
+        .await
+        .context("opening the PostgreSQL store")??;
+        (
+            Arc::new(store),
+            PathBuf::from("/var/lib/ember-control/logs"),
+        )
+    } else {
+        let path = PathBuf::from(&db);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let store = SqliteStore::open(&path, Arc::new(SystemClock))
+            .with_context(|| format!("opening {}", path.display()))?;
+        let mut logs = path.into_os_string();
+        logs.push(".logs");
+        (Arc::new(store), PathBuf::from(logs))
+    };
+    let mut config = ServerConfig::new(args.logs.clone().unwrap_or(default_logs));
     config.client_token = args.client_token.clone().filter(|t| !t.is_empty());
     config.node_token = args.node_token.clone().filter(|t| !t.is_empty());
     config.heartbeat_timeout = Duration::from_secs(args.heartbeat_timeout.max(1));
-    Ok((Arc::new(store), config))
+    Ok((store, config))
 }
 
 /// Runs `ember control` until SIGINT or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let (store, config) = open(&args)?;
+    let (store, config) = open(&args).await?;
     if config.client_token.is_none() || config.node_token.is_none() {
         tracing::warn!(
             "running without a client or node token: anyone who can connect may use the API"
@@ -91,4 +130,23 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     serve(listener, store, Arc::new(SystemClock), config, stop).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_not_printed() {
+        assert_eq!(
+            redacted("postgres://ember:s3cret@db:5432/ember"),
+            "postgres://ember:***@db:5432/ember"
+        );
+        assert_eq!(
+            redacted("postgres://ember@db/ember"),
+            "postgres://ember@db/ember"
+        );
+        assert_eq!(redacted("/var/lib/x.db"), "/var/lib/x.db");
+        assert!(is_postgres("postgresql://h/d") && !is_postgres("/tmp/postgres.db"));
+    }
 }

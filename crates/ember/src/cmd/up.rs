@@ -1,4 +1,5 @@
-//! `ember up`: a whole cluster on one machine — control plane (SQLite),
+//! `ember up`: a whole cluster on one machine — control plane (SQLite by
+//! default),
 //! an optional cache in front of a registry, and node agents — in one
 //! process, for trying Ember and for the demo.
 
@@ -45,6 +46,9 @@ pub struct Args {
     /// The static ember-agent binary.
     #[arg(long, value_name = "PATH")]
     pub agent: Option<PathBuf>,
+    /// The state store, as `ember control --db` [default: DATA/control.db].
+    #[arg(long, value_name = "PATH|URL")]
+    pub db: Option<String>,
 }
 
 /// Runs `ember up` until SIGINT or SIGTERM.
@@ -57,12 +61,16 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
 
     let (store, config) = control::open(&control::Args {
         listen: args.listen.clone(),
-        db: data.join("control.db"),
+        db: args
+            .db
+            .clone()
+            .unwrap_or_else(|| data.join("control.db").to_string_lossy().into_owned()),
         logs: Some(data.join("logs")),
         client_token: Some(client_token.clone()),
         node_token: Some(node_token.clone()),
         heartbeat_timeout: 15,
-    })?;
+    })
+    .await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
