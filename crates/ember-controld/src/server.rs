@@ -340,6 +340,22 @@ pub async fn serve(
     let dispatcher = tokio::spawn(dispatch_loop(state.clone()));
     let reaper = tokio::spawn(reap_loop(state.clone()));
     let prewarmer = tokio::spawn(prewarm_loop(state.clone()));
+    // Runs submitted through other replicas sharing the database wake this
+    // dispatcher too (PostgreSQL LISTEN/NOTIFY; a no-op for SQLite). Weak:
+    // the store's listener must not keep the server state alive.
+    let weak = Arc::downgrade(&state);
+    let st = state.clone();
+    let watched = tokio::task::spawn_blocking(move || {
+        st.store.watch(Box::new(move || {
+            if let Some(s) = weak.upgrade() {
+                s.wake.notify_one();
+            }
+        }))
+    })
+    .await;
+    if let Ok(Err(e)) | Err(e) = watched.map_err(|e| StoreError::Backend(Box::new(e))) {
+        tracing::warn!(error = %e, "not watching the database for other replicas' runs");
+    }
     // Work left queued by an earlier run of the server is dispatched as
     // soon as nodes connect; this first wake covers runs already placeable.
     state.wake.notify_one();
