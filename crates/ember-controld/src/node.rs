@@ -526,7 +526,9 @@ async fn prewarm(agent: &Arc<Agent>, order: &PrewarmOrder) -> Result<u32, String
                         tracing::debug!(%id, key = %key, "pre-warmed runner");
                         created += 1;
                     }
-                    Err(e) => result = Err(format!("creating a runner: {e}")),
+                    // The node is stopping: not a failure of the order.
+                    Err(ember_pool::PoolError::ShutDown) => result = Err(None),
+                    Err(e) => result = Err(Some(format!("creating a runner: {e}"))),
                 }
             }
             // Only now that the runner is idle (and so counted there) does
@@ -539,7 +541,10 @@ async fn prewarm(agent: &Arc<Agent>, order: &PrewarmOrder) -> Result<u32, String
                 }
             }
         }
-        result.map(|()| created)
+        match result {
+            Ok(()) | Err(None) => Ok(created),
+            Err(Some(e)) => Err(e),
+        }
     })
     .await
     .map_err(|e| format!("pre-warm task failed: {e}"))?

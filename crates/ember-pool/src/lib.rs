@@ -15,6 +15,8 @@
 //! * [`Pool::acquire`] lends a runner of the key ([`Lease`]): an idle one,
 //!   thawed if it was frozen and health-checked through its agent (a dead
 //!   one is destroyed and replaced without failing the run), else a new one.
+//! * [`Pool::prewarm`] creates an idle runner of a key before any run of
+//!   it arrives, so the first run starts warm too.
 //! * [`Lease::exec`] runs commands in it, streaming output.
 //! * [`Pool::release`] returns it with an emptied `/workspace` (and `/tmp`)
 //!   if the run succeeded and the runner looks healthy; failed, timed-out,

@@ -513,3 +513,174 @@ fn up_runs_through_its_cache() {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     assert!(!mounts.contains(&*tmp.path().to_string_lossy()));
 }
+
+/// `ember control` and one `ember node` (2 slots) on `tmp`; returns them
+/// and the control plane's URL once the node has registered.
+fn cluster(tmp: &Path, agent: &Path) -> (Proc, Proc, String) {
+    let db = tmp.join("control.db").to_string_lossy().into_owned();
+    let (control, line) = start(
+        tmp,
+        &[
+            "control",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            &db,
+            "--client-token",
+            "client-secret",
+            "--node-token",
+            "node-secret",
+        ],
+    );
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no URL in {line:?}"))
+        .to_owned();
+    let agent_s = agent.to_string_lossy().into_owned();
+    let (node, _) = start(
+        &tmp.join("node"),
+        &[
+            "node",
+            "--control",
+            &url,
+            "--token",
+            "node-secret",
+            "--id",
+            "n1",
+            "--slots",
+            "2",
+            "--agent",
+            &agent_s,
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !client_ok(&url, &["nodes", "--json"]).contains("\"n1\"") {
+        assert!(Instant::now() < deadline, "the node never registered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (control, node, url)
+}
+
+fn runner_ids(node_root: &Path) -> Vec<String> {
+    let mut ids: Vec<String> = std::fs::read_dir(node_root.join("pool/runners"))
+        .map(|d| {
+            d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
+/// Output that is not text (invalid UTF-8, NULs, a character split between
+/// two writes) comes back byte for byte through `submit --wait` and
+/// `ember logs`, stdout and stderr apart.
+#[test]
+fn binary_output_survives_byte_for_byte() {
+    let Some(agent) = static_agent() else {
+        eprintln!("skipped: the static ember-agent could not be built");
+        return;
+    };
+    let registry = registry_with(&["busybox"]);
+    let image = format!("{}/ember/busybox:latest", registry.addr());
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (mut control, mut node, url) = cluster(tmp.path(), &agent);
+
+    // The euro sign (e2 82 ac) is written in two parts with a pause
+    // between, so its bytes travel in different records.
+    let script = r"printf '\377\000\376'; printf '\300\000' >&2; printf '\342\202'; sleep 0.2; printf '\254'";
+    let out = client(
+        &url,
+        &["submit", "--wait", &image, "--", "sh", "-c", script],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want_out: &[u8] = b"\xff\x00\xfe\xe2\x82\xac";
+    let want_err: &[u8] = b"\xc0\x00";
+    assert_eq!(out.stdout, want_out);
+    assert!(
+        out.stderr.windows(want_err.len()).any(|w| w == want_err),
+        "{:?}",
+        out.stderr
+    );
+
+    let logs = client(&url, &["logs", "run-1"]);
+    assert!(logs.status.success());
+    assert_eq!(logs.stdout, want_out, "stdout of ember logs");
+    assert_eq!(logs.stderr, want_err, "stderr of ember logs");
+
+    node.stop();
+    control.stop();
+}
+
+/// A deployment with `--warm 1` gets an idle runner on the node before any
+/// run exists, and its first run starts on that runner.
+#[test]
+fn deployments_get_prewarmed_runners() {
+    let Some(agent) = static_agent() else {
+        eprintln!("skipped: the static ember-agent could not be built");
+        return;
+    };
+    let registry = registry_with(&["busybox"]);
+    let image = format!("{}/ember/busybox:latest", registry.addr());
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let node_root = tmp.path().join("node");
+    let (mut control, mut node, url) = cluster(tmp.path(), &agent);
+
+    // The run prints its container's hostname, which is its runner's id.
+    client_ok(
+        &url,
+        &["deploy", "--warm", "1", "warm", &image, "--", "hostname"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let nodes: serde_json::Value =
+            serde_json::from_str(&client_ok(&url, &["nodes", "--json"])).expect("nodes JSON");
+        let idle: u64 = nodes[0]["inventory"]["idle_runners"]
+            .as_object()
+            .map(|o| o.values().filter_map(|v| v.as_u64()).sum())
+            .unwrap_or(0);
+        if idle >= 1 {
+            assert_eq!(idle, 1, "one warm runner wanted: {nodes}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no warm runner appeared: {nodes}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let runs = client_ok(&url, &["runs", "--json"]);
+    assert_eq!(runs.trim(), "[]", "the runner was made before any run");
+    let warm = runner_ids(&node_root);
+    assert_eq!(warm.len(), 1, "{warm:?}");
+
+    let out = client(&url, &["submit", "--wait", "--deployment", "warm"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{}\n", warm[0]),
+        "the first run did not start on the pre-warmed runner"
+    );
+    let runs: serde_json::Value =
+        serde_json::from_str(&client_ok(&url, &["runs", "--json"])).expect("runs JSON");
+    let run = &runs[0];
+    assert_eq!(run["state"], "succeeded");
+    for phase in ["image_ready", "runner_ready", "process_started"] {
+        assert!(run["times"][phase].is_u64(), "{phase} missing in {run}");
+    }
+
+    node.stop();
+    control.stop();
+    assert_eq!(runners(&node_root), 0, "runners left behind");
+}
