@@ -725,6 +725,8 @@ async fn work_stream(
     }
     let (tx, rx) = mpsc::unbounded_channel();
     let conn = s.next_conn.fetch_add(1, Ordering::Relaxed);
+    // A zero interval would send keepalives in a busy loop.
+    let keepalive = s.config.keepalive.max(Duration::from_millis(10));
     // Runs assigned while the node was away (or before a control-plane
     // restart) are sent again; the node ignores runs it already has.
     let node = id.clone();
@@ -743,7 +745,7 @@ async fn work_stream(
         .partition(|r| r.state == RunState::Scheduled);
     let _ = tx.send(WorkMessage::Active {
         runs: active.iter().map(|r| r.id).collect(),
-        keepalive_ms: Some(u64::try_from(s.config.keepalive.as_millis()).unwrap_or(u64::MAX)),
+        keepalive_ms: Some(u64::try_from(keepalive.as_millis()).unwrap_or(u64::MAX)),
     });
     for run in pending {
         let _ = tx.send(WorkMessage::Assign { run: Box::new(run) });
@@ -772,7 +774,6 @@ async fn work_stream(
             }
         }
     }
-    let keepalive = s.config.keepalive;
     let guard = Guard { s, node: id, conn };
     let stream = futures_util::stream::unfold((rx, guard), move |(mut rx, guard)| async move {
         let msg = match tokio::time::timeout(keepalive, rx.recv()).await {
