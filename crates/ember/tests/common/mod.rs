@@ -1,6 +1,8 @@
 //! Shared helpers for the CLI's end-to-end tests.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use sha2::{Digest as _, Sha256};
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -1,0 +1,159 @@
+//! Long-running `ember control` / `ember node` processes for cluster tests.
+
+use super::ember;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The client token cluster tests give `ember control`.
+pub const CLIENT_TOKEN: &str = "client-secret";
+/// The node token cluster tests give `ember control` and `ember node`.
+pub const NODE_TOKEN: &str = "node-secret";
+
+/// A child process killed (SIGTERM, then SIGKILL) when dropped, so a
+/// failing assertion leaves nothing running.
+pub struct Proc(pub Child);
+
+impl Proc {
+    /// SIGTERM, then SIGKILL after a minute.
+    pub fn stop(&mut self) {
+        // Never signal a pid already reaped: it may belong to someone else.
+        if let Ok(Some(_)) = self.0.try_wait() {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Starts a long-running ember command and returns it with the first line
+/// of its stderr (which names the address for `ember control`); the rest
+/// of stderr is copied to ours.
+pub fn start(root: &Path, args: &[&str]) -> (Proc, String) {
+    let mut child = Command::new(ember())
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ember");
+    let mut err = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut first = String::new();
+    err.read_line(&mut first).expect("first stderr line");
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        while err.read_line(&mut rest).is_ok_and(|n| n > 0) {
+            eprint!("{rest}");
+            rest.clear();
+        }
+    });
+    (Proc(child), first)
+}
+
+/// `ember control --listen 127.0.0.1:0 --db DB` with the test tokens and
+/// extra `args`; returns it with its URL.
+pub fn start_control(root: &Path, db: &str, args: &[&str]) -> (Proc, String) {
+    let mut all = vec![
+        "control",
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        db,
+        "--client-token",
+        CLIENT_TOKEN,
+        "--node-token",
+        NODE_TOKEN,
+    ];
+    all.extend_from_slice(args);
+    let (proc, line) = start(root, &all);
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no URL in {line:?}"))
+        .to_owned();
+    (proc, url)
+}
+
+/// `ember node` with id `id` and `slots` slots against `control`, plus
+/// `extra` arguments; returns once the control plane lists it.
+pub fn start_node(
+    root: &Path,
+    control: &str,
+    id: &str,
+    slots: u32,
+    agent: &Path,
+    extra: &[&str],
+) -> Proc {
+    let slots = slots.to_string();
+    let agent = agent.to_string_lossy().into_owned();
+    let mut args = vec![
+        "node",
+        "--control",
+        control,
+        "--token",
+        NODE_TOKEN,
+        "--id",
+        id,
+        "--slots",
+        &slots,
+        "--agent",
+        &agent,
+    ];
+    args.extend_from_slice(extra);
+    let (node, _) = start(root, &args);
+    // This is the test waiting, not the system.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let quoted = format!("\"{id}\"");
+    while !client_ok(control, &["nodes", "--json"]).contains(&quoted) {
+        assert!(Instant::now() < deadline, "node {id} never registered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    node
+}
+
+/// A client command against `url` with the test client token.
+pub fn client(url: &str, args: &[&str]) -> Output {
+    Command::new(ember())
+        .args(args)
+        .env("EMBER_CONTROL", url)
+        .env("EMBER_TOKEN", CLIENT_TOKEN)
+        .output()
+        .expect("run ember")
+}
+
+/// [`client`], asserting success; returns stdout.
+pub fn client_ok(url: &str, args: &[&str]) -> String {
+    let out = client(url, args);
+    assert!(
+        out.status.success(),
+        "ember {args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// All runs as JSON (`ember runs --json`).
+pub fn runs_json(url: &str) -> Vec<serde_json::Value> {
+    let v: serde_json::Value =
+        serde_json::from_str(&client_ok(url, &["runs", "--json"])).expect("runs JSON");
+    v.as_array().expect("an array of runs").clone()
+}
