@@ -292,7 +292,7 @@ pub async fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
             format!(", {} submits failed (first: {})", errors.len(), errors[0])
         }
     ));
-    let runs = wait_final(&client, &ids, deadline, "burst").await?;
+    let runs = wait_final(&client, &ids, deadline, "runs").await?;
     let burst = burst_stats(&runs);
     say(&format!(
         "{} succeeded, {} failed, {} unfinished; {:.0} runs/s",
