@@ -134,6 +134,12 @@ pub struct DeploymentSpec {
 }
 
 impl DeploymentSpec {
+    /// The warm key of this deployment's runs ([`Run::warm_key`]; a run's
+    /// own overrides of command and env don't change it).
+    pub fn warm_key(&self) -> String {
+        warm_key(&self.image, &self.resources, self.recycle_key.as_deref())
+    }
+
     /// Checks the name and the image pin.
     pub fn validate(&self) -> Result<(), ModelError> {
         if self.name.is_empty() {
@@ -392,6 +398,20 @@ pub struct Run {
     pub times: StartTimes,
 }
 
+/// The warm key of runs of `image` with `resources` and `recycle_key`;
+/// see [`Run::warm_key`].
+fn warm_key(image: &PinnedImage, resources: &Resources, recycle_key: Option<&str>) -> String {
+    let mut key = format!(
+        "{}|cpu={}|mem={}",
+        image.digest, resources.cpu_millis, resources.memory_bytes
+    );
+    if let Some(k) = recycle_key {
+        key.push_str("|key=");
+        key.push_str(k);
+    }
+    key
+}
+
 impl Run {
     /// The fairness group the run queues in: its deployment, or for ad-hoc
     /// runs the image digest, so a burst of ad-hoc runs of one image is one
@@ -408,15 +428,7 @@ impl Run {
     /// runtime shape and recycling key. (The node's pool hashes more of the
     /// shape; this is the control plane's coarser view of it.)
     pub fn warm_key(&self) -> String {
-        let mut key = format!(
-            "{}|cpu={}|mem={}",
-            self.image.digest, self.resources.cpu_millis, self.resources.memory_bytes
-        );
-        if let Some(k) = &self.recycle_key {
-            key.push_str("|key=");
-            key.push_str(k);
-        }
-        key
+        warm_key(&self.image, &self.resources, self.recycle_key.as_deref())
     }
 
     /// Moves the run to `to` if the state machine allows it, stamping the

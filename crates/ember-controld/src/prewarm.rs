@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use ember_control::model::{Deployment, NodeId, PinnedImage, Resources, Run, RunId, RunState};
+use ember_control::model::{Deployment, NodeId, PinnedImage, Resources};
 use ember_control::schedule::{ClusterView, NodeView};
 
 use crate::api::WorkMessage;
@@ -59,30 +59,9 @@ impl Order {
     }
 }
 
-/// The warm key runs of `d` get ([`Run::warm_key`]). It is computed on a
-/// run made from the deployment, so the formula lives in one place.
+/// The warm key runs of `d` get ([`ember_control::model::Run::warm_key`]).
 pub fn warm_key(d: &Deployment) -> String {
-    Run {
-        id: RunId(0),
-        deployment: Some(d.spec.name.clone()),
-        image: d.spec.image.clone(),
-        command: d.spec.command.clone(),
-        env: d.spec.env.clone(),
-        resources: d.spec.resources.clone(),
-        recycle_key: d.spec.recycle_key.clone(),
-        node_selector: d.spec.node_selector.clone(),
-        timeout_ms: None,
-        idempotency_key: None,
-        attempts: 0,
-        max_attempts: 1,
-        state: RunState::Queued,
-        node: None,
-        exit_code: None,
-        error: None,
-        submitted_at: d.created_at,
-        times: Default::default(),
-    }
-    .warm_key()
+    d.spec.warm_key()
 }
 
 fn matches(n: &NodeView, selector: &BTreeMap<String, String>) -> bool {

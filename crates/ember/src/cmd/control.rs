@@ -51,6 +51,10 @@ pub struct Args {
     /// Seconds without a heartbeat after which a node and its runs are lost.
     #[arg(long, default_value_t = 15, value_name = "SECONDS")]
     pub heartbeat_timeout: u64,
+    /// Seconds of silence on a node's work stream after which the server
+    /// sends a keepalive line (nodes reconnect after three silent intervals).
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    pub keepalive: u64,
 }
 
 /// Whether `--db` names a PostgreSQL database rather than a SQLite file.
@@ -103,6 +107,7 @@ pub async fn open(args: &Args) -> anyhow::Result<(Arc<dyn StateStore>, ServerCon
     config.client_token = args.client_token.clone().filter(|t| !t.is_empty());
     config.node_token = args.node_token.clone().filter(|t| !t.is_empty());
     config.heartbeat_timeout = Duration::from_secs(args.heartbeat_timeout.max(1));
+    config.keepalive = Duration::from_secs(args.keepalive.max(1));
     Ok((store, config))
 }
 

@@ -69,6 +69,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         client_token: Some(client_token.clone()),
         node_token: Some(node_token.clone()),
         heartbeat_timeout: 15,
+        keepalive: 10,
     })
     .await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
