@@ -243,10 +243,26 @@ fn burst_of_500_starts_like_a_single_run() {
     );
     assert_eq!(num(&burst, "succeeded"), 500.0);
     assert_eq!(num(&burst, "failed"), 0.0);
+    // Where the first start's time went, for the message.
+    let earliest = mine
+        .iter()
+        .min_by_key(|r| field(r, &["times", "process_started"]))
+        .expect("runs");
+    let phases: Vec<String> = earliest["times"]
+        .as_object()
+        .expect("times")
+        .iter()
+        .filter_map(|(k, v)| Some(format!("{k} +{}", v.as_u64()?.checked_sub(first_submit)?)))
+        .collect();
     assert!(
         first <= bound,
         "the first of 500 started after {first} ms; a lone warm run after {baseline} ms \
-         (bound 3 × that + 300 ms = {bound} ms)"
+         (bound 3 × that + 300 ms = {bound} ms). The first to start was {} (submitted +{} ms): \
+         {}; all 500 submitted in {} ms",
+        earliest["id"],
+        field(earliest, &["submitted_at"]) - first_submit,
+        phases.join(", "),
+        burst["submit_ms"]
     );
 
     // The bench with its raw pool measurement, on 100 runs (4 warm-up runs,
