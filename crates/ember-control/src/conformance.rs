@@ -17,7 +17,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::model::{
-    DeploymentSpec, NodeReport, NodeSpec, PinnedImage, RunId, RunSpec, RunState, TransitionError,
+    DeploymentSpec, LogStream, NodeReport, NodeSpec, PinnedImage, RunId, RunSpec, RunState,
+    TransitionError,
 };
 use crate::store::{ClaimRequest, Clock, ManualClock, RunFilter, StateStore, StoreError};
 
@@ -48,7 +49,8 @@ macro_rules! state_store_conformance {
             late_reports_rejected,
             warm_handoff,
             list_filters,
-            restart_durability
+            restart_durability,
+            logs
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -880,4 +882,65 @@ pub fn restart_durability(h: &dyn Harness) {
         before.iter().all(|r| r.id < newest),
         "ids reused after restart"
     );
+}
+
+/// Run output: appended by the run's node only while the run is active,
+/// read back byte for byte in append order from any connection, paged by
+/// position.
+pub fn logs(h: &dyn Harness) {
+    let c = clock();
+    let s = h.open(c.clone());
+    s.upsert_node(&node("n1", 4)).expect("node");
+    s.upsert_node(&node("n2", 4)).expect("node");
+    let id = s
+        .submit_run(&RunSpec {
+            image: Some(image(1)),
+            ..RunSpec::default()
+        })
+        .expect("submit")
+        .run
+        .id;
+    assert!(s.read_log(id, 0, 10).expect("read").is_empty());
+    assert!(matches!(
+        s.append_log("n1", id, LogStream::Stdout, b"queued"),
+        Err(StoreError::NotAssigned { .. })
+    ));
+    schedule(&*s, id, "n1");
+    // Not UTF-8, a NUL, and a character split between two appends.
+    let parts: [(LogStream, &[u8]); 4] = [
+        (LogStream::Stdout, b"\xff\x00\xfe"),
+        (LogStream::Stderr, b"warn\n"),
+        (LogStream::Stdout, b"\xe2\x82"),
+        (LogStream::Stdout, b"\xac\n"),
+    ];
+    for (stream, data) in parts {
+        s.append_log("n1", id, stream, data).expect("append");
+    }
+    assert!(matches!(
+        s.append_log("n2", id, LogStream::Stdout, b"intruder"),
+        Err(StoreError::NotAssigned { .. })
+    ));
+    // Another connection sees the same, in order.
+    let other = h.open(c.clone());
+    let all = other.read_log(id, 0, 100).expect("read");
+    let got: Vec<(LogStream, &[u8])> = all.iter().map(|c| (c.stream, &c.data[..])).collect();
+    assert_eq!(got, parts.to_vec());
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq), "{all:?}");
+    // Paging: after the second chunk, one at a time.
+    let page = other.read_log(id, all[1].seq, 1).expect("page");
+    assert_eq!(page, vec![all[2].clone()]);
+    assert_eq!(other.read_log(id, all[3].seq, 10).expect("end"), Vec::new());
+    // A finished run takes no more output; what it had stays.
+    s.report("n1", id, &NodeReport::Started).expect("started");
+    s.report("n1", id, &NodeReport::Exited { code: 0 })
+        .expect("exit");
+    assert!(matches!(
+        s.append_log("n1", id, LogStream::Stdout, b"late"),
+        Err(StoreError::NotAssigned { .. })
+    ));
+    assert_eq!(s.read_log(id, 0, 100).expect("read").len(), 4);
+    assert!(matches!(
+        s.read_log(RunId(9_999), 0, 10),
+        Err(StoreError::RunNotFound(_))
+    ));
 }

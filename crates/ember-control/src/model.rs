@@ -531,6 +531,49 @@ pub enum NodeReport {
     },
 }
 
+/// Which output stream a log record came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+impl LogStream {
+    /// The name used in query strings.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+        }
+    }
+
+    /// The stream named `name` ([`LogStream::as_str`]).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "stdout" => Some(LogStream::Stdout),
+            "stderr" => Some(LogStream::Stderr),
+            _ => None,
+        }
+    }
+}
+
+/// A piece of a run's output as stored: what one append from the node
+/// carried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogChunk {
+    /// Position in the run's log: increasing, not necessarily contiguous;
+    /// pass the last one seen to [`StateStore::read_log`](crate::StateStore::read_log)
+    /// to continue after it.
+    pub seq: u64,
+    /// Which stream.
+    pub stream: LogStream,
+    /// The bytes exactly as the process wrote them.
+    pub data: Vec<u8>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

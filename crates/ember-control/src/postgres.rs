@@ -42,12 +42,14 @@ use crate::model::{
     Deployment, DeploymentSpec, Millis, ModelError, Node, NodeReport, NodeSpec, Run, RunId,
     RunSpec, RunState,
 };
+use crate::model::{LogChunk, LogStream};
 use crate::rules;
-use crate::store::{ClaimRequest, Clock, RunFilter, StateStore, StoreError, Submitted};
+use crate::store::{ClaimRequest, Clock, RunFilter, StateStore, StoreError, StoreEvent, Submitted};
 
 /// Schema migrations; `ember_schema.version` is the number applied. Append
 /// only: a released migration is never edited.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE deployments (
     name        TEXT PRIMARY KEY,
     created_at  BIGINT NOT NULL,
@@ -81,7 +83,17 @@ CREATE TABLE nodes (
     last_heartbeat  BIGINT NOT NULL,
     body            TEXT NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE run_logs (
+    seq     BIGSERIAL PRIMARY KEY,
+    run_id  BIGINT NOT NULL,
+    stream  TEXT NOT NULL,
+    data    BYTEA NOT NULL
+);
+CREATE INDEX run_logs_run ON run_logs (run_id, seq);
+"#,
+];
 
 /// Key of the advisory lock that serializes migrations between replicas
 /// starting at once ("ember" in ASCII).
@@ -93,6 +105,9 @@ const RETRIES: usize = 5;
 const DEFAULT_POOL: usize = 8;
 /// The channel replicas `NOTIFY` when runs become claimable.
 const CHANNEL: &str = "ember_queue";
+/// The channel replicas `NOTIFY` (payload: the run id) when a run's output
+/// was appended.
+const LOG_CHANNEL: &str = "ember_log";
 /// How often the listener thread checks whether its store was dropped,
 /// and how long it waits before reconnecting after an error.
 const LISTEN_TICK: Duration = Duration::from_secs(1);
@@ -851,11 +866,54 @@ impl StateStore for PostgresStore {
         })
     }
 
+    fn append_log(
+        &self,
+        node: &str,
+        id: RunId,
+        stream: LogStream,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
+        self.write(|db, _| {
+            // The run's row lock orders appends of one run: the sequence
+            // value is drawn after it, so commits come in `seq` order and a
+            // follower never finds an earlier chunk appear behind its cursor.
+            rules::check_assigned(&db.load_run(id, true)?, node)?;
+            db.execute(
+                "INSERT INTO run_logs (run_id, stream, data) VALUES ($1, $2, $3)",
+                &[&id.0, &stream.as_str(), &data],
+            )?;
+            db.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&LOG_CHANNEL, &id.0.to_string()],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn read_log(&self, id: RunId, after: u64, limit: usize) -> Result<Vec<LogChunk>, StoreError> {
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|db| {
+            let rows = db.query(
+                "SELECT seq, stream, data FROM run_logs WHERE run_id = $1 AND seq > $2
+                 ORDER BY seq LIMIT $3",
+                &[&id.0, &after, &limit],
+            )?;
+            if rows.is_empty() {
+                // Distinguish "no output yet" from "no such run".
+                db.load_run(id, false)?;
+            }
+            rows.iter()
+                .map(|r| rules::log_chunk(r.get(0), r.get(1), r.get(2)))
+                .collect()
+        })
+    }
+
     /// A thread with its own connection `LISTEN`s on the queue channel and
     /// calls `wake` per notification — and once after every (re)connect,
     /// for what it may have missed while disconnected. It ends soon after
     /// the store is dropped.
-    fn watch(&self, wake: Box<dyn Fn() + Send + Sync>) -> Result<(), StoreError> {
+    fn watch(&self, wake: Box<dyn Fn(StoreEvent) + Send + Sync>) -> Result<(), StoreError> {
         let config = self.pool.config.clone();
         let closed = self.closed.clone();
         // Connect once here so a bad configuration is an error now, not a
@@ -865,13 +923,13 @@ impl StateStore for PostgresStore {
             .name("ember-pg-listen".into())
             .spawn(move || {
                 let mut client = Some(first);
-                wake();
+                wake(StoreEvent::Queue);
                 while !closed.load(Ordering::Relaxed) {
                     let Some(c) = client.as_mut() else {
                         std::thread::sleep(LISTEN_TICK);
                         client = listen(&config).ok();
                         if client.is_some() {
-                            wake();
+                            wake(StoreEvent::Queue);
                         }
                         continue;
                     };
@@ -880,7 +938,7 @@ impl StateStore for PostgresStore {
                         let mut it = notes.timeout_iter(LISTEN_TICK);
                         loop {
                             match it.next() {
-                                Ok(Some(_)) => wake(),
+                                Ok(Some(n)) => wake(event(&n)),
                                 Ok(None) => break false,
                                 Err(e) => {
                                     tracing_free_log(&e);
@@ -899,10 +957,19 @@ impl StateStore for PostgresStore {
     }
 }
 
-/// A connection listening on the queue channel.
+/// What a notification means; anything unexpected counts as a queue
+/// change (a spurious wake-up is harmless).
+fn event(n: &postgres::Notification) -> StoreEvent {
+    match n.payload().parse() {
+        Ok(id) if n.channel() == LOG_CHANNEL => StoreEvent::Log(RunId(id)),
+        _ => StoreEvent::Queue,
+    }
+}
+
+/// A connection listening on the queue and log channels.
 fn listen(config: &Config) -> Result<Client, StoreError> {
     let mut client = config.connect(NoTls)?;
-    client.batch_execute(&format!("LISTEN {CHANNEL}"))?;
+    client.batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {LOG_CHANNEL}"))?;
     Ok(client)
 }
 
@@ -952,8 +1019,8 @@ mod tests {
         let b = PostgresStore::open(&url, clock()).expect("replica b");
         let (tx, rx) = std::sync::mpsc::channel();
         let tx = Mutex::new(tx);
-        a.watch(Box::new(move || {
-            let _ = tx.lock().map(|t| t.send(()));
+        a.watch(Box::new(move |e| {
+            let _ = tx.lock().map(|t| t.send(e));
         }))
         .expect("watch");
         // The wake after connecting.
@@ -965,8 +1032,11 @@ mod tests {
             ..RunSpec::default()
         })
         .expect("submit");
-        rx.recv_timeout(Duration::from_secs(10))
-            .expect("replica a hears of b's submit");
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10))
+                .expect("replica a hears of b's submit"),
+            StoreEvent::Queue
+        );
     }
 
     #[test]

@@ -7,7 +7,8 @@
 use std::collections::BTreeMap;
 
 use crate::model::{
-    Deployment, Millis, ModelError, NodeReport, Run, RunId, RunSpec, RunState, StartTimes,
+    Deployment, LogChunk, LogStream, Millis, ModelError, NodeReport, Run, RunId, RunSpec, RunState,
+    StartTimes,
 };
 use crate::store::StoreError;
 
@@ -103,20 +104,26 @@ pub(crate) fn hand_off(run: &mut Run, node: &str, now: Millis) -> Result<(), Sto
     Ok(())
 }
 
-/// Applies a node's report to a run the caller has checked is `node`'s
-/// and active.
-pub(crate) fn apply_report(
-    run: &mut Run,
-    node: &str,
-    report: &NodeReport,
-    now: Millis,
-) -> Result<(), StoreError> {
+/// Whether `node` may report on (or post output of) `run`: it must be
+/// active there. Late reports from a node declared lost fail here.
+pub(crate) fn check_assigned(run: &Run, node: &str) -> Result<(), StoreError> {
     if run.node.as_deref() != Some(node) || !run.state.is_active() {
         return Err(StoreError::NotAssigned {
             run: run.id,
             node: node.to_owned(),
         });
     }
+    Ok(())
+}
+
+/// Applies a node's report to a run, if it is `node`'s and active.
+pub(crate) fn apply_report(
+    run: &mut Run,
+    node: &str,
+    report: &NodeReport,
+    now: Millis,
+) -> Result<(), StoreError> {
+    check_assigned(run, node)?;
     // Progress events imply acceptance: a node that reports its image ready
     // has clearly taken the run, even if `Accepted` got lost.
     let accept = |run: &mut Run| -> Result<(), StoreError> {
@@ -176,4 +183,14 @@ pub(crate) fn expect_state(run: &Run, expected: RunState) -> Result<(), StoreErr
         });
     }
     Ok(())
+}
+
+/// A stored log row as a chunk.
+pub(crate) fn log_chunk(seq: i64, stream: &str, data: Vec<u8>) -> Result<LogChunk, StoreError> {
+    Ok(LogChunk {
+        seq: u64::try_from(seq).unwrap_or(0),
+        stream: LogStream::from_name(stream)
+            .ok_or_else(|| StoreError::Backend(format!("unknown log stream {stream:?}").into()))?,
+        data,
+    })
 }

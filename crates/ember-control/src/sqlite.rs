@@ -21,12 +21,14 @@ use crate::model::{
     Deployment, DeploymentSpec, Millis, ModelError, Node, NodeReport, NodeSpec, Run, RunId,
     RunSpec, RunState,
 };
+use crate::model::{LogChunk, LogStream};
 use crate::rules;
 use crate::store::{ClaimRequest, Clock, RunFilter, StateStore, StoreError, Submitted};
 
 /// Schema migrations; `PRAGMA user_version` is the number applied. Append
 /// only: a released migration is never edited.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE deployments (
     name        TEXT PRIMARY KEY,
     created_at  INTEGER NOT NULL,
@@ -62,7 +64,18 @@ CREATE TABLE nodes (
     last_heartbeat  INTEGER NOT NULL,
     body            TEXT NOT NULL
 );
-"#];
+"#,
+    r#"
+-- run output, in append order
+CREATE TABLE run_logs (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id  INTEGER NOT NULL,
+    stream  TEXT NOT NULL,
+    data    BLOB NOT NULL
+);
+CREATE INDEX run_logs_run ON run_logs (run_id, seq);
+"#,
+];
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
@@ -535,6 +548,45 @@ impl StateStore for SqliteStore {
         bodies
             .iter()
             .map(|b| serde_json::from_str(b).map_err(StoreError::from))
+            .collect()
+    }
+
+    fn append_log(
+        &self,
+        node: &str,
+        id: RunId,
+        stream: LogStream,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
+        self.write(|tx, _| {
+            rules::check_assigned(&must_load_run(tx, id)?, node)?;
+            tx.prepare_cached("INSERT INTO run_logs (run_id, stream, data) VALUES (?1, ?2, ?3)")?
+                .execute(params![id.0, stream.as_str(), data])?;
+            Ok(())
+        })
+    }
+
+    fn read_log(&self, id: RunId, after: u64, limit: usize) -> Result<Vec<LogChunk>, StoreError> {
+        let conn = self.lock()?;
+        let rows: Vec<(i64, String, Vec<u8>)> = conn
+            .prepare_cached(
+                "SELECT seq, stream, data FROM run_logs WHERE run_id = ?1 AND seq > ?2
+                 ORDER BY seq LIMIT ?3",
+            )?
+            .query_map(
+                params![
+                    id.0,
+                    i64::try_from(after).unwrap_or(i64::MAX),
+                    i64::try_from(limit).unwrap_or(i64::MAX)
+                ],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?
+            .collect::<Result<_, _>>()?;
+        if rows.is_empty() && load_run(&conn, id)?.is_none() {
+            return Err(StoreError::RunNotFound(id));
+        }
+        rows.into_iter()
+            .map(|(seq, stream, data)| rules::log_chunk(seq, &stream, data))
             .collect()
     }
 

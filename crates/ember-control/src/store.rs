@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::model::{
-    Deployment, DeploymentSpec, Millis, ModelError, Node, NodeId, NodeReport, NodeSpec, Run, RunId,
-    RunSpec, RunState, TransitionError,
+    Deployment, DeploymentSpec, LogChunk, LogStream, Millis, ModelError, Node, NodeId, NodeReport,
+    NodeSpec, Run, RunId, RunSpec, RunState, TransitionError,
 };
 
 /// The time source of a store. Injected so tests can move time by hand:
@@ -258,13 +258,40 @@ pub trait StateStore: Send + Sync {
     /// `stale_after_ms` to `lost`, and returns them (for retry).
     fn mark_lost_runs(&self, stale_after_ms: Millis) -> Result<Vec<Run>, StoreError>;
 
+    /// Appends output of run `id` from `node`: [`StoreError::NotAssigned`]
+    /// if the run is not active on that node (a late post from a node
+    /// declared lost). Appends of one run are ordered: a reader that saw a
+    /// chunk never later finds an earlier one appear.
+    fn append_log(
+        &self,
+        node: &str,
+        id: RunId,
+        stream: LogStream,
+        data: &[u8],
+    ) -> Result<(), StoreError>;
+
+    /// Up to `limit` chunks of run `id`'s output after position `after`
+    /// (0: from the start), oldest first. [`StoreError::RunNotFound`] if
+    /// there is no such run.
+    fn read_log(&self, id: RunId, after: u64, limit: usize) -> Result<Vec<LogChunk>, StoreError>;
+
     /// Calls `wake` whenever another process sharing this database may have
-    /// made runs claimable (a submit, a retry, released claims), so a
-    /// replica's dispatcher hears of runs submitted through another replica
-    /// without polling. Stores that only one process uses need not do
-    /// anything (the default); `wake` may also be called spuriously.
-    fn watch(&self, wake: Box<dyn Fn() + Send + Sync>) -> Result<(), StoreError> {
+    /// made runs claimable (a submit, a retry, released claims) or appended
+    /// a run's output, so a replica's dispatcher and log followers hear of
+    /// what happened through another replica without polling. Stores that
+    /// only one process uses need not do anything (the default); `wake`
+    /// may also be called spuriously.
+    fn watch(&self, wake: Box<dyn Fn(StoreEvent) + Send + Sync>) -> Result<(), StoreError> {
         let _ = wake;
         Ok(())
     }
+}
+
+/// What [`StateStore::watch`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// Runs may be claimable.
+    Queue,
+    /// Run output was appended.
+    Log(RunId),
 }

@@ -1,6 +1,7 @@
 //! Wire types of the control-plane API beyond the model in
 //! [`ember_control::model`], which the API speaks directly.
 
+pub use ember_control::model::LogStream;
 use ember_control::model::{PinnedImage, Resources, Run, RunId};
 use serde::{Deserialize, Serialize};
 
@@ -58,26 +59,6 @@ pub enum WorkMessage {
         /// Idle runners of the key wanted on this node.
         count: u32,
     },
-}
-
-/// Which output stream a log record came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LogStream {
-    /// Standard output.
-    Stdout,
-    /// Standard error.
-    Stderr,
-}
-
-impl LogStream {
-    /// The name used in query strings.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LogStream::Stdout => "stdout",
-            LogStream::Stderr => "stderr",
-        }
-    }
 }
 
 /// One record of a run's log (`GET /v1/runs/{id}/logs`), one JSON object a

@@ -30,8 +30,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,11 +42,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use bytes::Bytes;
 use ember_control::model::{
-    DeploymentSpec, NodeId, NodeReport, NodeSpec, Run, RunId, RunSpec, RunState,
+    DeploymentSpec, LogChunk, NodeId, NodeReport, NodeSpec, Run, RunId, RunSpec, RunState,
 };
 use ember_control::schedule::{BatchScheduler, ClusterView, RunRequirements};
 use ember_control::store::{ClaimRequest, RunFilter};
-use ember_control::{Clock, StateStore, StoreError};
+use ember_control::{Clock, StateStore, StoreError, StoreEvent};
 use serde::Serialize;
 use tokio::sync::{Notify, broadcast, mpsc};
 
@@ -62,6 +60,8 @@ const CLAIM_BATCH: usize = 64;
 /// A claim's lease: a dispatcher that dies holding claims strands them for
 /// at most this long.
 const CLAIM_LEASE_MS: u64 = 30_000;
+/// Log chunks read from the store at a time.
+const LOG_PAGE: usize = 256;
 
 /// Settings of the server.
 #[derive(Debug, Clone)]
@@ -70,8 +70,6 @@ pub struct ServerConfig {
     pub client_token: Option<String>,
     /// Bearer token nodes must send; `None` accepts any node.
     pub node_token: Option<String>,
-    /// Where run logs are kept (one file per run).
-    pub log_dir: PathBuf,
     /// A node whose last heartbeat is older than this is lost, and so are
     /// its runs.
     pub heartbeat_timeout: Duration,
@@ -85,15 +83,20 @@ pub struct ServerConfig {
 impl ServerConfig {
     /// Defaults: no tokens, 15 s heartbeat timeout checked every second,
     /// a keepalive after 10 s of silence on a work stream.
-    pub fn new(log_dir: impl Into<PathBuf>) -> Self {
+    pub fn new() -> Self {
         ServerConfig {
             client_token: None,
             node_token: None,
-            log_dir: log_dir.into(),
             heartbeat_timeout: Duration::from_secs(15),
             reap_interval: Duration::from_secs(1),
             keepalive: Duration::from_secs(10),
         }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -249,10 +252,6 @@ impl AppState {
         let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
         streams.keys().cloned().collect()
     }
-
-    fn log_path(&self, id: RunId) -> PathBuf {
-        self.config.log_dir.join(format!("{}.ndjson", id.0))
-    }
 }
 
 fn check_token(headers: &HeaderMap, want: &Option<String>) -> Result<(), ApiError> {
@@ -321,10 +320,6 @@ pub async fn serve(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    std::fs::create_dir_all(&config.log_dir).map_err(|source| ServerError::Io {
-        what: format!("creating {}", config.log_dir.display()),
-        source,
-    })?;
     let (log_events, _) = broadcast::channel(1024);
     let state = Arc::new(AppState {
         store,
@@ -340,15 +335,21 @@ pub async fn serve(
     let dispatcher = tokio::spawn(dispatch_loop(state.clone()));
     let reaper = tokio::spawn(reap_loop(state.clone()));
     let prewarmer = tokio::spawn(prewarm_loop(state.clone()));
-    // Runs submitted through other replicas sharing the database wake this
-    // dispatcher too (PostgreSQL LISTEN/NOTIFY; a no-op for SQLite). Weak:
+    // Runs submitted and output appended through other replicas sharing the
+    // database wake this dispatcher and these log followers too
+    // (PostgreSQL LISTEN/NOTIFY; a no-op for SQLite). Weak:
     // the store's listener must not keep the server state alive.
     let weak = Arc::downgrade(&state);
     let st = state.clone();
     let watched = tokio::task::spawn_blocking(move || {
-        st.store.watch(Box::new(move || {
+        st.store.watch(Box::new(move |event| {
             if let Some(s) = weak.upgrade() {
-                s.wake.notify_one();
+                match event {
+                    StoreEvent::Queue => s.wake.notify_one(),
+                    StoreEvent::Log(id) => {
+                        let _ = s.log_events.send(id);
+                    }
+                }
             }
         }))
     })
@@ -557,38 +558,33 @@ async fn get_logs(
     if s.db(move |st| st.get_run(id)).await?.is_none() {
         return Err(ApiError::NotFound(format!("{id} not found")));
     }
-    let path = s.log_path(id);
     if !follow {
-        let data = match tokio::fs::read(&path).await {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => {
-                return Err(ApiError::Internal(format!(
-                    "reading {}: {e}",
-                    path.display()
-                )));
-            }
-        };
+        let mut body = Vec::new();
+        let mut after = 0;
+        loop {
+            let chunks = s.db(move |st| st.read_log(id, after, LOG_PAGE)).await?;
+            let Some(last) = chunks.last() else { break };
+            after = last.seq;
+            records(&chunks, &mut body)?;
+        }
         return Ok((
             StatusCode::OK,
             [(header::CONTENT_TYPE, "application/x-ndjson")],
-            Body::from(data),
+            Body::from(body),
         )
             .into_response());
     }
     struct Follow {
         s: Shared,
         id: RunId,
-        path: PathBuf,
-        offset: u64,
+        after: u64,
         rx: broadcast::Receiver<RunId>,
         done: bool,
     }
     let st = Follow {
         s,
         id,
-        path,
-        offset: 0,
+        after: 0,
         rx,
         done: false,
     };
@@ -597,15 +593,27 @@ async fn get_logs(
             if f.done {
                 return None;
             }
-            match read_from(&f.path, f.offset).await {
-                Ok(chunk) if !chunk.is_empty() => {
-                    f.offset += chunk.len() as u64;
-                    return Some((Ok::<Bytes, std::io::Error>(Bytes::from(chunk)), f));
+            let (id, after) = (f.id, f.after);
+            match f.s.db(move |st| st.read_log(id, after, LOG_PAGE)).await {
+                Ok(chunks) if !chunks.is_empty() => {
+                    f.after = chunks.last().map_or(f.after, |c| c.seq);
+                    let mut out = Vec::new();
+                    return match records(&chunks, &mut out) {
+                        Ok(()) => Some((Ok::<Bytes, std::io::Error>(Bytes::from(out)), f)),
+                        Err(e) => Some((
+                            Err(std::io::Error::other(e.to_string())),
+                            Follow { done: true, ..f },
+                        )),
+                    };
                 }
                 Ok(_) => {}
-                Err(e) => return Some((Err(e), Follow { done: true, ..f })),
+                Err(e) => {
+                    return Some((
+                        Err(std::io::Error::other(e.to_string())),
+                        Follow { done: true, ..f },
+                    ));
+                }
             }
-            let id = f.id;
             let finished = match f.s.db(move |st| st.get_run(id)).await {
                 Ok(Some(run)) => run.state.is_final(),
                 _ => true,
@@ -634,25 +642,18 @@ async fn get_logs(
         .into_response())
 }
 
-/// The complete lines of `path` after `offset` (a line being appended is
-/// left for the next read).
-async fn read_from(path: &std::path::Path, offset: u64) -> std::io::Result<Vec<u8>> {
-    let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        let mut f = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
+/// Appends `chunks` to `out` as NDJSON [`LogRecord`] lines.
+fn records(chunks: &[LogChunk], out: &mut Vec<u8>) -> Result<(), ApiError> {
+    for c in chunks {
+        let record = LogRecord {
+            stream: c.stream,
+            data: c.data.clone(),
         };
-        f.seek(SeekFrom::Start(offset))?;
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf)?;
-        let end = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        buf.truncate(end);
-        Ok(buf)
-    })
-    .await
-    .map_err(std::io::Error::other)?
+        serde_json::to_writer(&mut *out, &record)
+            .map_err(|e| ApiError::Internal(format!("serialising a log record: {e}")))?;
+        out.push(b'\n');
+    }
+    Ok(())
 }
 
 async fn create_deployment(
@@ -881,40 +882,24 @@ async fn node_logs(
             }
         }
     }
-    let run = s
-        .db(move |st| st.get_run(id))
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("{id} not found")))?;
-    if run.node.as_deref() != Some(node.as_str()) || !run.state.is_active() {
-        return Err(ApiError::Conflict(format!(
-            "{id} is not assigned to node {node:?}"
-        )));
-    }
     if body.is_empty() {
+        // Nothing to store; a stale node still learns that it is stale.
+        let run = s
+            .db(move |st| st.get_run(id))
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("{id} not found")))?;
+        if run.node.as_deref() != Some(node.as_str()) || !run.state.is_active() {
+            return Err(ApiError::Conflict(format!(
+                "{id} is not assigned to node {node:?}"
+            )));
+        }
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
-    // The bytes as they came (base64 in the record): output need not be
-    // UTF-8, and a character may be split between two appends.
-    let record = LogRecord {
-        stream,
-        data: body.to_vec(),
-    };
-    let mut line = serde_json::to_vec(&record)
-        .map_err(|e| ApiError::Internal(format!("serialising a log record: {e}")))?;
-    line.push(b'\n');
-    let path = s.log_path(id);
-    tokio::task::spawn_blocking(move || {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)?;
-        // One write of a whole line, so a reader never sees half a record
-        // (it only reads up to the last newline anyway).
-        f.write_all(&line)
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("log task failed: {e}")))?
-    .map_err(|e| ApiError::Internal(format!("appending to the log of {id}: {e}")))?;
+    // The bytes as they came (base64 only in the records clients read):
+    // output need not be UTF-8, and a character may be split between two
+    // appends. The store checks the run is this node's and active.
+    s.db(move |st| st.append_log(&node, id, stream, &body))
+        .await?;
     let _ = s.log_events.send(id);
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -14,7 +14,6 @@ use ember_controld::server::{ServerConfig, serve};
 
 struct Server {
     url: String,
-    _tmp: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -35,9 +34,8 @@ async fn server_with(heartbeat_timeout: Duration) -> Server {
 }
 
 async fn server_config(tweak: impl FnOnce(&mut ServerConfig)) -> Server {
-    let tmp = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(SqliteStore::open_in_memory(Arc::new(SystemClock)).expect("store"));
-    let mut config = ServerConfig::new(tmp.path().join("logs"));
+    let mut config = ServerConfig::new();
     config.client_token = Some("c".into());
     config.node_token = Some("n".into());
     config.reap_interval = Duration::from_millis(100);
@@ -58,7 +56,6 @@ async fn server_config(tweak: impl FnOnce(&mut ServerConfig)) -> Server {
     ));
     Server {
         url,
-        _tmp: tmp,
         stop: Some(tx),
     }
 }

@@ -126,7 +126,7 @@ async fn a_silent_work_stream_is_replaced_and_missed_work_arrives() {
     };
     let tmp = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(SqliteStore::open_in_memory(Arc::new(SystemClock)).expect("store"));
-    let mut config = ServerConfig::new(tmp.path().join("logs"));
+    let mut config = ServerConfig::new();
     config.keepalive = Duration::from_millis(200);
     // Long enough that the node is never declared lost in this test: the
     // run must reach it through a new stream, not a re-queue.

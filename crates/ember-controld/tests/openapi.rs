@@ -15,9 +15,8 @@ async fn every_documented_operation_is_served() {
         serde_json::from_str(include_str!("../openapi.json")).expect("openapi.json is JSON");
     assert_eq!(doc["openapi"], "3.0.3");
 
-    let tmp = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(SqliteStore::open_in_memory(Arc::new(SystemClock)).expect("store"));
-    let mut config = ServerConfig::new(tmp.path().join("logs"));
+    let mut config = ServerConfig::new();
     config.client_token = Some("c".into());
     config.node_token = Some("n".into());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -140,9 +139,8 @@ async fn documented_schemas_cover_what_the_server_sends() {
         serde_json::from_str(include_str!("../openapi.json")).expect("openapi.json is JSON");
     let schema = |name: &str| doc["components"]["schemas"][name].clone();
 
-    let tmp = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(SqliteStore::open_in_memory(Arc::new(SystemClock)).expect("store"));
-    let mut config = ServerConfig::new(tmp.path().join("logs"));
+    let mut config = ServerConfig::new();
     config.keepalive = std::time::Duration::from_millis(100);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

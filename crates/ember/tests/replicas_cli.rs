@@ -1,8 +1,9 @@
 //! Two `ember control` replicas on one PostgreSQL database (a private
 //! server from Debian's package), each with its own `ember node`: a run
 //! submitted through one replica is dispatched by the other when only the
-//! other has a node (LISTEN/NOTIFY, no polling), and a burst submitted
-//! through both at once runs every run exactly once.
+//! other has a node (LISTEN/NOTIFY, no polling), its output is served by
+//! either, and a burst submitted through both at once runs every run
+//! exactly once.
 
 mod common;
 
@@ -50,21 +51,11 @@ fn two_replicas_share_one_postgres_without_double_dispatch() {
     let image = format!("{}/ember/busybox:latest", registry.addr());
     let tmp = tempfile::tempdir().expect("tempdir");
 
-    let logs_a = tmp.path().join("logs-a").to_string_lossy().into_owned();
-    let logs_b = tmp.path().join("logs-b").to_string_lossy().into_owned();
     // Heartbeats also wake a dispatcher; with one a minute (and a timeout
     // long enough for that), only the database notification can make A
     // start B's run within the deadline below.
-    let (_a, url_a) = start_control(
-        &tmp.path().join("a"),
-        &db,
-        &["--logs", &logs_a, "--heartbeat-timeout", "600"],
-    );
-    let (_b, url_b) = start_control(
-        &tmp.path().join("b"),
-        &db,
-        &["--logs", &logs_b, "--heartbeat-timeout", "600"],
-    );
+    let (_a, url_a) = start_control(&tmp.path().join("a"), &db, &["--heartbeat-timeout", "600"]);
+    let (_b, url_b) = start_control(&tmp.path().join("b"), &db, &["--heartbeat-timeout", "600"]);
     let slow_heartbeat = ["--heartbeat", "120"];
     let _n1 = start_node(
         &tmp.path().join("n1"),
@@ -79,7 +70,7 @@ fn two_replicas_share_one_postgres_without_double_dispatch() {
     // start: B cannot place it, and A hears of it through the database.
     let sub: serde_json::Value = serde_json::from_str(&client_ok(
         &url_b,
-        &["submit", "--json", &image, "--", "true"],
+        &["submit", "--json", &image, "--", "sh", "-c", "echo from-n1"],
     ))
     .expect("submit JSON");
     let first = sub["id"].as_u64().or_else(|| sub["run"]["id"].as_u64());
@@ -89,6 +80,9 @@ fn two_replicas_share_one_postgres_without_double_dispatch() {
     if let Some(id) = first {
         assert_eq!(runs[0]["id"].as_u64(), Some(id));
     }
+    // n1 posted the output to A; B serves it (logs live in the database).
+    let id = runs[0]["id"].as_u64().expect("run id").to_string();
+    assert_eq!(client_ok(&url_b, &["logs", &id]), "from-n1\n");
 
     // Both replicas with a node; 40 runs submitted through both at once.
     let _n2 = start_node(

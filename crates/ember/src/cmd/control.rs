@@ -28,9 +28,9 @@ pub struct Args {
         value_name = "PATH|URL"
     )]
     pub db: String,
-    /// Where run logs are kept [default: PATH.logs for SQLite,
-    /// /var/lib/ember-control/logs for PostgreSQL].
-    #[arg(long, value_name = "DIR")]
+    /// Ignored: run logs are kept in the state store now (so every replica
+    /// serves every run's logs). Accepted so old command lines still start.
+    #[arg(long, value_name = "DIR", hide = true)]
     pub logs: Option<PathBuf>,
     /// Bearer token clients must send (none: clients are not checked).
     #[arg(
@@ -79,7 +79,10 @@ fn redacted(db: &str) -> String {
 /// Builds the server configuration and opens the store; shared with `ember up`.
 pub async fn open(args: &Args) -> anyhow::Result<(Arc<dyn StateStore>, ServerConfig)> {
     let db = args.db.clone();
-    let (store, default_logs): (Arc<dyn StateStore>, PathBuf) = if is_postgres(&db) {
+    if args.logs.is_some() {
+        tracing::warn!("--logs is ignored: run logs are kept in the state store");
+    }
+    let store: Arc<dyn StateStore> = if is_postgres(&db) {
         // The PostgreSQL client runs its own runtime per connection and
         // must not be started on an async worker.
         let store = tokio::task::spawn_blocking(move || {
@@ -88,10 +91,7 @@ pub async fn open(args: &Args) -> anyhow::Result<(Arc<dyn StateStore>, ServerCon
         })
         .await
         .context("opening the PostgreSQL store")??;
-        (
-            Arc::new(store),
-            PathBuf::from("/var/lib/ember-control/logs"),
-        )
+        Arc::new(store)
     } else {
         let path = PathBuf::from(&db);
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -99,11 +99,9 @@ pub async fn open(args: &Args) -> anyhow::Result<(Arc<dyn StateStore>, ServerCon
         }
         let store = SqliteStore::open(&path, Arc::new(SystemClock))
             .with_context(|| format!("opening {}", path.display()))?;
-        let mut logs = path.into_os_string();
-        logs.push(".logs");
-        (Arc::new(store), PathBuf::from(logs))
+        Arc::new(store)
     };
-    let mut config = ServerConfig::new(args.logs.clone().unwrap_or(default_logs));
+    let mut config = ServerConfig::new();
     config.client_token = args.client_token.clone().filter(|t| !t.is_empty());
     config.node_token = args.node_token.clone().filter(|t| !t.is_empty());
     config.heartbeat_timeout = Duration::from_secs(args.heartbeat_timeout.max(1));

@@ -30,7 +30,7 @@ pub struct Args {
     /// Slots per node.
     #[arg(long, default_value_t = 4, value_name = "N")]
     pub slots: u32,
-    /// Directory for the database, logs, cache and the nodes' stores.
+    /// Directory for the database, the cache and the nodes' stores.
     #[arg(long, default_value = "/var/lib/ember-up", value_name = "DIR")]
     pub data: PathBuf,
     /// The control plane's address.
@@ -65,7 +65,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .db
             .clone()
             .unwrap_or_else(|| data.join("control.db").to_string_lossy().into_owned()),
-        logs: Some(data.join("logs")),
+        logs: None,
         client_token: Some(client_token.clone()),
         node_token: Some(node_token.clone()),
         heartbeat_timeout: 15,
