@@ -4,87 +4,12 @@
 
 mod common;
 
+use common::cluster::*;
 use common::*;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// A child process killed (SIGTERM, then SIGKILL) when dropped, so a
-/// failing assertion leaves nothing running.
-struct Proc(Child);
-
-impl Proc {
-    fn stop(&mut self) {
-        // Never signal a pid already reaped: it may belong to someone else.
-        if let Ok(Some(_)) = self.0.try_wait() {
-            return;
-        }
-        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// Starts a long-running ember command and returns it with the first line
-/// of its stderr (which names the address for `ember control`); the rest
-/// of stderr is copied to ours.
-fn start(root: &Path, args: &[&str]) -> (Proc, String) {
-    let mut child = Command::new(ember())
-        .arg("--root")
-        .arg(root)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ember");
-    let mut err = BufReader::new(child.stderr.take().expect("stderr"));
-    let mut first = String::new();
-    err.read_line(&mut first).expect("first stderr line");
-    std::thread::spawn(move || {
-        let mut rest = String::new();
-        while err.read_line(&mut rest).is_ok_and(|n| n > 0) {
-            eprint!("{rest}");
-            rest.clear();
-        }
-    });
-    (Proc(child), first)
-}
-
-fn client(url: &str, args: &[&str]) -> Output {
-    Command::new(ember())
-        .args(args)
-        .env("EMBER_CONTROL", url)
-        .env("EMBER_TOKEN", "client-secret")
-        .output()
-        .expect("run ember")
-}
-
-fn client_ok(url: &str, args: &[&str]) -> String {
-    let out = client(url, args);
-    assert!(
-        out.status.success(),
-        "ember {args:?} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// One raw HTTP/1.1 request; returns the status and the body.
 fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
