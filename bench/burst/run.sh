@@ -54,6 +54,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+
 # ---------------------------------------------------------------- build
 if [ -z "${NO_BUILD:-}" ]; then
   log "building release binaries and the static agent"
@@ -170,7 +172,7 @@ done
 mkdir -p "$OUT"
 cpu=$(lscpu | awk -F: '/Model name/ {gsub(/^ +/,"",$2); print $2; exit}')
 conditions="$(date -u +%Y-%m-%dT%H:%MZ), Linux $(uname -r), $(nproc) CPUs ($cpu), $(free -g | awk '/Mem/ {print $2}') GiB; \
-load average $(cut -d' ' -f1-3 /proc/loadavg) at the end; $(df --output=fstype "$W" | tail -n 1) work dir; \
+load average $LOAD_START at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end; $(df --output=fstype "$W" | tail -n 1) work dir; \
 ember $("$EMBER" --version | awk '{print $2}') (git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)); \
 one node with $SLOTS slots and the control plane on loopback; $RUNS runs of \`true\` in the busybox fixture per burst, \
 $SUBMITTERS submits in flight, $REPS bursts per store${PG_VERSION:+; $PG_VERSION}"
