@@ -50,7 +50,8 @@ macro_rules! state_store_conformance {
             warm_handoff,
             list_filters,
             restart_durability,
-            logs
+            logs,
+            batch_submit
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -943,4 +944,55 @@ pub fn logs(h: &dyn Harness) {
         s.read_log(RunId(9_999), 0, 10),
         Err(StoreError::RunNotFound(_))
     ));
+}
+
+/// A batch of submits commits together, each getting what a lone submit
+/// would: bad ones fail alone and write nothing, a repeated idempotency key
+/// within the batch returns the run the batch just made.
+pub fn batch_submit(h: &dyn Harness) {
+    let s = h.open(clock());
+    s.create_deployment(&deployment("web", 1)).expect("create");
+    let keyed = RunSpec {
+        idempotency_key: Some("k".into()),
+        ..of_deployment("web")
+    };
+    let other_spec_same_key = RunSpec {
+        command: vec!["other".into()],
+        ..keyed.clone()
+    };
+    let results = s
+        .submit_runs(&[
+            of_deployment("web"),
+            of_deployment("missing"),
+            keyed.clone(),
+            RunSpec::default(),
+            keyed.clone(),
+            other_spec_same_key,
+            of_deployment("web"),
+        ])
+        .expect("batch");
+    assert_eq!(results.len(), 7);
+    let ok = |i: usize| results[i].as_ref().expect("submitted");
+    assert!(ok(0).created);
+    assert!(matches!(results[1], Err(StoreError::DeploymentNotFound(_))));
+    assert!(ok(2).created);
+    assert!(matches!(results[3], Err(StoreError::Invalid(_))));
+    assert!(!ok(4).created);
+    assert_eq!(ok(4).run.id, ok(2).run.id);
+    assert!(matches!(
+        results[5],
+        Err(StoreError::IdempotencyMismatch { .. })
+    ));
+    assert!(ok(6).created);
+    let ids: BTreeSet<RunId> = [0, 2, 6].iter().map(|&i| ok(i).run.id).collect();
+    assert_eq!(ids.len(), 3);
+    let stored: BTreeSet<RunId> = s
+        .list_runs(&RunFilter::default())
+        .expect("list")
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(stored, ids, "exactly the good submits are stored");
+    // They are claimable like any other.
+    assert_eq!(s.claim_runs(&claim("a", 10)).expect("claim").len(), 3);
 }

@@ -43,7 +43,7 @@ use crate::model::{
     RunSpec, RunState,
 };
 use crate::model::{LogChunk, LogStream};
-use crate::rules;
+use crate::rules::{self, Commit};
 use crate::store::{ClaimRequest, Clock, RunFilter, StateStore, StoreError, StoreEvent, Submitted};
 
 /// Schema migrations; `ember_schema.version` is the number applied. Append
@@ -92,6 +92,8 @@ CREATE TABLE run_logs (
     data    BYTEA NOT NULL
 );
 CREATE INDEX run_logs_run ON run_logs (run_id, seq);
+-- the dispatcher counts active runs every round
+CREATE INDEX runs_active ON runs (state) WHERE state IN ('scheduled', 'starting', 'running');
 "#,
 ];
 
@@ -175,8 +177,11 @@ impl PostgresStore {
 
     /// Runs `f` in a transaction; commits on `Ok`, rolls back on `Err`, and
     /// tries again when PostgreSQL aborted it to break a deadlock.
+    /// `Relaxed` commits run with `synchronous_commit = off`: PostgreSQL
+    /// acknowledges before its WAL is flushed.
     fn write<T>(
         &self,
+        commit: Commit,
         mut f: impl FnMut(&mut Db<'_, postgres::Transaction<'_>>, Millis) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let mut conn = self.pool.get()?;
@@ -186,8 +191,12 @@ impl PostgresStore {
             let res = (|| {
                 let Conn { client, cache } = &mut *conn;
                 let mut tx = client.transaction()?;
+                let mut db = Db { c: &mut tx, cache };
+                if commit == Commit::Relaxed {
+                    db.execute("SET LOCAL synchronous_commit TO OFF", &[])?;
+                }
                 let now = self.clock.now();
-                let out = f(&mut Db { c: &mut tx, cache }, now)?;
+                let out = f(&mut db, now)?;
                 tx.commit()?;
                 Ok(out)
             })();
@@ -434,6 +443,80 @@ impl<C: GenericClient> Db<'_, C> {
         Ok(())
     }
 
+    /// One submit inside the caller's transaction. Errors other than
+    /// [`StoreError::Backend`] happen before anything is written, so a batch
+    /// can report them per run and still commit the others.
+    fn submit(&mut self, spec: &RunSpec, now: Millis) -> Result<Submitted, StoreError> {
+        let spec_json = serde_json::to_string(spec)?;
+        if let Some(key) = &spec.idempotency_key
+            && let Some(found) = self.earlier_submit(key, &spec_json)?
+        {
+            return Ok(found);
+        }
+        let deployment = match &spec.deployment {
+            Some(name) => self.load_deployment(name)?,
+            None => None,
+        };
+        let mut run = rules::resolve(spec, deployment, now)?;
+        let id: i64 = self.query("SELECT nextval('runs_id_seq')", &[])?[0].get(0);
+        run.id = RunId(id);
+        let inserted = self.execute(
+            "INSERT INTO runs (id, state, queue_key, warm_key, deployment, idempotency_key,
+                               spec, body)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (idempotency_key) DO NOTHING",
+            &[
+                &id,
+                &run.state.as_str(),
+                &run.queue_key(),
+                &run.warm_key(),
+                &run.deployment,
+                &run.idempotency_key,
+                &spec_json,
+                &serde_json::to_string(&run)?,
+            ],
+        )?;
+        if inserted == 0 {
+            // Another replica inserted the same key between our check and
+            // our insert (and has committed: the insert waited for it).
+            let key = spec
+                .idempotency_key
+                .as_ref()
+                .ok_or_else(|| StoreError::Backend("insert without a key conflicted".into()))?;
+            return self
+                .earlier_submit(key, &spec_json)?
+                .ok_or_else(|| StoreError::Backend("conflicting run vanished".into()));
+        }
+        Ok(Submitted { run, created: true })
+    }
+
+    /// The run an earlier submit with idempotency key `key` made, or an
+    /// error if the key was used for a different spec.
+    fn earlier_submit(
+        &mut self,
+        key: &String,
+        spec_json: &str,
+    ) -> Result<Option<Submitted>, StoreError> {
+        let Some(row) = self.query_opt(
+            "SELECT id, spec FROM runs WHERE idempotency_key = $1",
+            &[key],
+        )?
+        else {
+            return Ok(None);
+        };
+        let id = RunId(row.get(0));
+        if row.get::<_, &str>(1) != spec_json {
+            return Err(StoreError::IdempotencyMismatch {
+                key: key.clone(),
+                existing: id,
+            });
+        }
+        Ok(Some(Submitted {
+            run: self.load_run(id, false)?,
+            created: false,
+        }))
+    }
+
     /// Sends `queue_key`'s group to the back of the round-robin.
     fn mark_served(&mut self, queue_key: &str) -> Result<(), StoreError> {
         self.execute(
@@ -488,7 +571,7 @@ fn migrate(client: &mut Client) -> Result<(), StoreError> {
 impl StateStore for PostgresStore {
     fn create_deployment(&self, spec: &DeploymentSpec) -> Result<Deployment, StoreError> {
         spec.validate()?;
-        self.write(|db, now| {
+        self.write(Commit::Synced, |db, now| {
             let d = Deployment {
                 spec: spec.clone(),
                 created_at: now,
@@ -519,72 +602,31 @@ impl StateStore for PostgresStore {
     }
 
     fn submit_run(&self, spec: &RunSpec) -> Result<Submitted, StoreError> {
-        let spec_json = serde_json::to_string(spec)?;
-        // An earlier submit with this key, or an error if the key was used
-        // for a different spec.
-        let existing = |db: &mut Db<'_, postgres::Transaction<'_>>,
-                        key: &String|
-         -> Result<Option<Submitted>, StoreError> {
-            let Some(row) = db.query_opt(
-                "SELECT id, spec FROM runs WHERE idempotency_key = $1",
-                &[key],
-            )?
-            else {
-                return Ok(None);
-            };
-            let id = RunId(row.get(0));
-            if row.get::<_, &str>(1) != spec_json {
-                return Err(StoreError::IdempotencyMismatch {
-                    key: key.clone(),
-                    existing: id,
-                });
+        self.write(Commit::Synced, |db, now| {
+            let submitted = db.submit(spec, now)?;
+            if submitted.created {
+                db.notify()?;
             }
-            Ok(Some(Submitted {
-                run: db.load_run(id, false)?,
-                created: false,
-            }))
-        };
-        self.write(|db, now| {
-            if let Some(key) = &spec.idempotency_key
-                && let Some(found) = existing(db, key)?
-            {
-                return Ok(found);
+            Ok(submitted)
+        })
+    }
+
+    fn submit_runs(
+        &self,
+        specs: &[RunSpec],
+    ) -> Result<Vec<Result<Submitted, StoreError>>, StoreError> {
+        self.write(Commit::Synced, |db, now| {
+            let mut out = Vec::with_capacity(specs.len());
+            for spec in specs {
+                match db.submit(spec, now) {
+                    Err(e @ StoreError::Backend(_)) => return Err(e),
+                    other => out.push(other),
+                }
             }
-            let deployment = match &spec.deployment {
-                Some(name) => db.load_deployment(name)?,
-                None => None,
-            };
-            let mut run = rules::resolve(spec, deployment, now)?;
-            let id: i64 = db.query("SELECT nextval('runs_id_seq')", &[])?[0].get(0);
-            run.id = RunId(id);
-            let inserted = db.execute(
-                "INSERT INTO runs (id, state, queue_key, warm_key, deployment, idempotency_key,
-                                   spec, body)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                 ON CONFLICT (idempotency_key) DO NOTHING",
-                &[
-                    &id,
-                    &run.state.as_str(),
-                    &run.queue_key(),
-                    &run.warm_key(),
-                    &run.deployment,
-                    &run.idempotency_key,
-                    &spec_json,
-                    &serde_json::to_string(&run)?,
-                ],
-            )?;
-            if inserted == 0 {
-                // Another replica inserted the same key between our check
-                // and our insert (and has committed: the insert waited).
-                let key = spec
-                    .idempotency_key
-                    .as_ref()
-                    .ok_or_else(|| StoreError::Backend("insert without a key conflicted".into()))?;
-                return existing(db, key)?
-                    .ok_or_else(|| StoreError::Backend("conflicting run vanished".into()));
+            if out.iter().any(|r| r.as_ref().is_ok_and(|s| s.created)) {
+                db.notify()?;
             }
-            db.notify()?;
-            Ok(Submitted { run, created: true })
+            Ok(out)
         })
     }
 
@@ -620,7 +662,7 @@ impl StateStore for PostgresStore {
         expected: RunState,
         to: RunState,
     ) -> Result<Run, StoreError> {
-        self.write(|db, now| {
+        self.write(Commit::Synced, |db, now| {
             let mut run = db.load_run(id, true)?;
             rules::expect_state(&run, expected)?;
             rules::apply(&mut run, to, now)?;
@@ -636,7 +678,7 @@ impl StateStore for PostgresStore {
         if req.limit == 0 {
             return Ok(Vec::new());
         }
-        self.write(|db, now| {
+        self.write(Commit::Relaxed, |db, now| {
             let now_sql = millis_sql(now);
             let limit = i64::try_from(req.limit).unwrap_or(i64::MAX);
             // The groups with claimable runs, the one served longest ago
@@ -734,7 +776,7 @@ impl StateStore for PostgresStore {
 
     fn release_claims(&self, owner: &str, ids: &[RunId]) -> Result<(), StoreError> {
         let ids: Vec<i64> = ids.iter().map(|i| i.0).collect();
-        self.write(|db, _| {
+        self.write(Commit::Relaxed, |db, _| {
             let released = db.execute(
                 "UPDATE runs SET claimed_by = NULL, claim_expires = NULL
                  WHERE id = ANY($1) AND claimed_by = $2",
@@ -749,7 +791,7 @@ impl StateStore for PostgresStore {
     }
 
     fn assign_run(&self, owner: &str, id: RunId, node: &str) -> Result<Run, StoreError> {
-        self.write(|db, now| {
+        self.write(Commit::Relaxed, |db, now| {
             let row = db
                 .query_opt(
                     "SELECT claimed_by, body FROM runs WHERE id = $1 FOR UPDATE",
@@ -779,7 +821,7 @@ impl StateStore for PostgresStore {
     }
 
     fn claim_for_runner(&self, node: &str, warm_key: &str) -> Result<Option<Run>, StoreError> {
-        self.write(|db, now| {
+        self.write(Commit::Relaxed, |db, now| {
             let row = db
                 .query_opt("SELECT body FROM nodes WHERE id = $1", &[&node])?
                 .ok_or_else(|| StoreError::NodeNotFound(node.to_owned()))?;
@@ -809,7 +851,7 @@ impl StateStore for PostgresStore {
     }
 
     fn report(&self, node: &str, id: RunId, report: &NodeReport) -> Result<Run, StoreError> {
-        self.write(|db, now| {
+        self.write(Commit::Relaxed, |db, now| {
             let mut run = db.load_run(id, true)?;
             rules::apply_report(&mut run, node, report, now)?;
             db.save_run(&run)?;
@@ -821,7 +863,7 @@ impl StateStore for PostgresStore {
         if spec.id.is_empty() {
             return Err(ModelError::Empty { what: "node id" }.into());
         }
-        self.write(|db, now| {
+        self.write(Commit::Relaxed, |db, now| {
             let node = Node {
                 spec: spec.clone(),
                 last_heartbeat: now,
@@ -846,7 +888,7 @@ impl StateStore for PostgresStore {
     }
 
     fn mark_lost_runs(&self, stale_after_ms: Millis) -> Result<Vec<Run>, StoreError> {
-        self.write(|db, now| {
+        self.write(Commit::Relaxed, |db, now| {
             let cutoff = millis_sql(now.saturating_sub(stale_after_ms));
             // Waits for rows being reported on; PostgreSQL re-checks the
             // state on the row version it locks, so a run that finished
@@ -873,7 +915,7 @@ impl StateStore for PostgresStore {
         stream: LogStream,
         data: &[u8],
     ) -> Result<(), StoreError> {
-        self.write(|db, _| {
+        self.write(Commit::Relaxed, |db, _| {
             // The run's row lock orders appends of one run: the sequence
             // value is drawn after it, so commits come in `seq` order and a
             // follower never finds an earlier chunk appear behind its cursor.

@@ -12,6 +12,23 @@ use crate::model::{
 };
 use crate::store::StoreError;
 
+/// How far a write must have reached the disk before it is acknowledged.
+///
+/// What a user was told is stored — a submit, a cancel, a deployment — is
+/// `Synced`. The run's progress through the machinery (claims, placement,
+/// node reports, heartbeats, output) is `Relaxed`: it survives a crash of
+/// the control-plane process, and an OS crash or power cut loses at most
+/// the last moments of it, which nodes re-report when they reconnect (a run
+/// assigned in those moments may be dispatched again: at-least-once). That
+/// takes several fsyncs off every run's path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Commit {
+    /// On disk before the call returns.
+    Synced,
+    /// Ordered and crash-consistent, flushed shortly after.
+    Relaxed,
+}
+
 /// `run.apply`, with the error a store returns.
 pub(crate) fn apply(run: &mut Run, to: RunState, now: Millis) -> Result<(), StoreError> {
     run.apply(to, now).map_err(|source| StoreError::Transition {

@@ -5,12 +5,17 @@
 //! same `UPDATE`, so they never disagree, and adding a field to the model
 //! needs no migration.
 //!
+//! Submits, cancels and deployments are fsynced before they are
+//! acknowledged (`synchronous=FULL`); the run's progress through claims,
+//! placement and node reports is not (`NORMAL`: see [`Commit`]).
+//!
 //! Every write runs in a `BEGIN IMMEDIATE` transaction: SQLite then takes
 //! the database's write lock at the start, so a read-check-write sequence
 //! (compare-and-set, claiming) cannot interleave with another connection's,
 //! whether that connection is in this process or another one.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,7 +27,7 @@ use crate::model::{
     RunSpec, RunState,
 };
 use crate::model::{LogChunk, LogStream};
-use crate::rules;
+use crate::rules::{self, Commit};
 use crate::store::{ClaimRequest, Clock, RunFilter, StateStore, StoreError, Submitted};
 
 /// Schema migrations; `PRAGMA user_version` is the number applied. Append
@@ -74,6 +79,8 @@ CREATE TABLE run_logs (
     data    BLOB NOT NULL
 );
 CREATE INDEX run_logs_run ON run_logs (run_id, seq);
+-- the dispatcher counts active runs every round
+CREATE INDEX runs_active ON runs (state) WHERE state IN ('scheduled', 'starting', 'running');
 "#,
 ];
 
@@ -98,6 +105,11 @@ pub struct SqliteStore {
     /// connection's transactions from nesting.
     conn: Mutex<Connection>,
     clock: Arc<dyn Clock>,
+    /// Whether the connection is at `synchronous=FULL` now (changed only
+    /// while holding `conn`).
+    sync_full: AtomicBool,
+    /// `false` for in-memory databases, where syncing means nothing.
+    durable: bool,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -118,29 +130,49 @@ impl SqliteStore {
         // FULL: an acknowledged submit survives a power cut, not just a
         // process crash; it costs one fsync of the WAL per commit.
         conn.pragma_update(None, "synchronous", "FULL")?;
-        Self::init(conn, clock)
+        Self::init(conn, clock, true)
     }
 
     /// A private in-memory database, for tests; gone when dropped.
     pub fn open_in_memory(clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
-        Self::init(Connection::open_in_memory()?, clock)
+        Self::init(Connection::open_in_memory()?, clock, false)
     }
 
-    fn init(mut conn: Connection, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+    fn init(
+        mut conn: Connection,
+        clock: Arc<dyn Clock>,
+        durable: bool,
+    ) -> Result<Self, StoreError> {
         migrate(&mut conn)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
             clock,
+            sync_full: AtomicBool::new(durable),
+            durable,
         })
     }
 
     /// Runs `f` in an immediate transaction; commits on `Ok`, rolls back
-    /// (by dropping the transaction) on `Err`.
+    /// (by dropping the transaction) on `Err`. `Relaxed` commits run with
+    /// `synchronous=NORMAL` (WAL appended, not fsynced; the next `Synced`
+    /// commit's fsync covers them too).
     fn write<T>(
         &self,
+        commit: Commit,
         f: impl FnOnce(&Transaction<'_>, Millis) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let mut conn = self.lock()?;
+        // The pragma only changes between transactions; remember the mode
+        // so most writes need no extra statement.
+        let want_full = commit == Commit::Synced && self.durable;
+        if want_full != self.sync_full.load(Ordering::Relaxed) {
+            conn.pragma_update(
+                None,
+                "synchronous",
+                if want_full { "FULL" } else { "NORMAL" },
+            )?;
+            self.sync_full.store(want_full, Ordering::Relaxed);
+        }
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         // Read the clock after taking the write lock, so times stored by
         // successive transactions never go backwards between replicas
@@ -239,6 +271,51 @@ fn load_deployment(conn: &Connection, name: &str) -> Result<Option<Deployment>, 
         .transpose()
 }
 
+/// One submit inside the caller's transaction. Errors other than
+/// [`StoreError::Backend`] happen before anything is written, so a batch can
+/// report them per run and still commit the others.
+fn submit_in(tx: &Transaction<'_>, spec: &RunSpec, now: Millis) -> Result<Submitted, StoreError> {
+    let spec_json = serde_json::to_string(spec)?;
+    if let Some(key) = &spec.idempotency_key {
+        let existing: Option<(i64, String)> = tx
+            .prepare_cached("SELECT id, spec FROM runs WHERE idempotency_key = ?1")?
+            .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        if let Some((id, existing_spec)) = existing {
+            if existing_spec != spec_json {
+                return Err(StoreError::IdempotencyMismatch {
+                    key: key.clone(),
+                    existing: RunId(id),
+                });
+            }
+            return Ok(Submitted {
+                run: must_load_run(tx, RunId(id))?,
+                created: false,
+            });
+        }
+    }
+    let deployment = match &spec.deployment {
+        Some(name) => load_deployment(tx, name)?,
+        None => None,
+    };
+    let mut run = rules::resolve(spec, deployment, now)?;
+    tx.prepare_cached(
+        "INSERT INTO runs (state, queue_key, warm_key, deployment, idempotency_key, spec, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, '')",
+    )?
+    .execute(params![
+        run.state.as_str(),
+        run.queue_key(),
+        run.warm_key(),
+        run.deployment,
+        run.idempotency_key,
+        spec_json
+    ])?;
+    run.id = RunId(tx.last_insert_rowid());
+    save_run(tx, &run)?;
+    Ok(Submitted { run, created: true })
+}
+
 fn query_runs(conn: &Connection, sql: &str, args: Vec<Value>) -> Result<Vec<Run>, StoreError> {
     let mut stmt = conn.prepare_cached(sql)?;
     let bodies = stmt
@@ -253,7 +330,7 @@ fn query_runs(conn: &Connection, sql: &str, args: Vec<Value>) -> Result<Vec<Run>
 impl StateStore for SqliteStore {
     fn create_deployment(&self, spec: &DeploymentSpec) -> Result<Deployment, StoreError> {
         spec.validate()?;
-        self.write(|tx, now| {
+        self.write(Commit::Synced, |tx, now| {
             if load_deployment(tx, &spec.name)?.is_some() {
                 return Err(StoreError::DeploymentExists(spec.name.clone()));
             }
@@ -291,46 +368,21 @@ impl StateStore for SqliteStore {
     }
 
     fn submit_run(&self, spec: &RunSpec) -> Result<Submitted, StoreError> {
-        let spec_json = serde_json::to_string(spec)?;
-        self.write(|tx, now| {
-            if let Some(key) = &spec.idempotency_key {
-                let existing: Option<(i64, String)> = tx
-                    .prepare_cached("SELECT id, spec FROM runs WHERE idempotency_key = ?1")?
-                    .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()?;
-                if let Some((id, existing_spec)) = existing {
-                    if existing_spec != spec_json {
-                        return Err(StoreError::IdempotencyMismatch {
-                            key: key.clone(),
-                            existing: RunId(id),
-                        });
-                    }
-                    return Ok(Submitted {
-                        run: must_load_run(tx, RunId(id))?,
-                        created: false,
-                    });
-                }
-            }
-            let deployment = match &spec.deployment {
-                Some(name) => load_deployment(tx, name)?,
-                None => None,
-            };
-            let mut run = rules::resolve(spec, deployment, now)?;
-            tx.prepare_cached(
-                "INSERT INTO runs (state, queue_key, warm_key, deployment, idempotency_key, spec, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, '')",
-            )?
-            .execute(params![
-                run.state.as_str(),
-                run.queue_key(),
-                run.warm_key(),
-                run.deployment,
-                run.idempotency_key,
-                spec_json
-            ])?;
-            run.id = RunId(tx.last_insert_rowid());
-            save_run(tx, &run)?;
-            Ok(Submitted { run, created: true })
+        self.write(Commit::Synced, |tx, now| submit_in(tx, spec, now))
+    }
+
+    fn submit_runs(
+        &self,
+        specs: &[RunSpec],
+    ) -> Result<Vec<Result<Submitted, StoreError>>, StoreError> {
+        self.write(Commit::Synced, |tx, now| {
+            specs
+                .iter()
+                .map(|spec| match submit_in(tx, spec, now) {
+                    Err(e @ StoreError::Backend(_)) => Err(e),
+                    other => Ok(other),
+                })
+                .collect()
         })
     }
 
@@ -373,7 +425,7 @@ impl StateStore for SqliteStore {
         expected: RunState,
         to: RunState,
     ) -> Result<Run, StoreError> {
-        self.write(|tx, now| {
+        self.write(Commit::Synced, |tx, now| {
             let mut run = must_load_run(tx, id)?;
             rules::expect_state(&run, expected)?;
             rules::apply(&mut run, to, now)?;
@@ -383,7 +435,7 @@ impl StateStore for SqliteStore {
     }
 
     fn claim_runs(&self, req: &ClaimRequest) -> Result<Vec<Run>, StoreError> {
-        self.write(|tx, now| {
+        self.write(Commit::Relaxed, |tx, now| {
             // Rank each queued run within its group (rn = 1 is the group's
             // oldest), then take rank 1 of every group before rank 2 of any:
             // that is the round-robin. Among equal ranks the group served
@@ -432,7 +484,7 @@ impl StateStore for SqliteStore {
     }
 
     fn release_claims(&self, owner: &str, ids: &[RunId]) -> Result<(), StoreError> {
-        self.write(|tx, _| {
+        self.write(Commit::Relaxed, |tx, _| {
             let mut stmt = tx.prepare_cached(
                 "UPDATE runs SET claimed_by = NULL, claim_expires = NULL
                  WHERE id = ?1 AND claimed_by = ?2",
@@ -445,7 +497,7 @@ impl StateStore for SqliteStore {
     }
 
     fn assign_run(&self, owner: &str, id: RunId, node: &str) -> Result<Run, StoreError> {
-        self.write(|tx, now| {
+        self.write(Commit::Relaxed, |tx, now| {
             let claimed_by: Option<Option<String>> = tx
                 .prepare_cached("SELECT claimed_by FROM runs WHERE id = ?1")?
                 .query_row([id.0], |r| r.get(0))
@@ -474,7 +526,7 @@ impl StateStore for SqliteStore {
     }
 
     fn claim_for_runner(&self, node: &str, warm_key: &str) -> Result<Option<Run>, StoreError> {
-        self.write(|tx, now| {
+        self.write(Commit::Relaxed, |tx, now| {
             let body: Option<String> = tx
                 .prepare_cached("SELECT body FROM nodes WHERE id = ?1")?
                 .query_row([node], |r| r.get(0))
@@ -508,7 +560,7 @@ impl StateStore for SqliteStore {
     }
 
     fn report(&self, node: &str, id: RunId, report: &NodeReport) -> Result<Run, StoreError> {
-        self.write(|tx, now| {
+        self.write(Commit::Relaxed, |tx, now| {
             let mut run = must_load_run(tx, id)?;
             rules::apply_report(&mut run, node, report, now)?;
             save_run(tx, &run)?;
@@ -520,7 +572,7 @@ impl StateStore for SqliteStore {
         if spec.id.is_empty() {
             return Err(ModelError::Empty { what: "node id" }.into());
         }
-        self.write(|tx, now| {
+        self.write(Commit::Relaxed, |tx, now| {
             let node = Node {
                 spec: spec.clone(),
                 last_heartbeat: now,
@@ -558,7 +610,7 @@ impl StateStore for SqliteStore {
         stream: LogStream,
         data: &[u8],
     ) -> Result<(), StoreError> {
-        self.write(|tx, _| {
+        self.write(Commit::Relaxed, |tx, _| {
             rules::check_assigned(&must_load_run(tx, id)?, node)?;
             tx.prepare_cached("INSERT INTO run_logs (run_id, stream, data) VALUES (?1, ?2, ?3)")?
                 .execute(params![id.0, stream.as_str(), data])?;
@@ -591,7 +643,7 @@ impl StateStore for SqliteStore {
     }
 
     fn mark_lost_runs(&self, stale_after_ms: Millis) -> Result<Vec<Run>, StoreError> {
-        self.write(|tx, now| {
+        self.write(Commit::Relaxed, |tx, now| {
             let cutoff = millis_sql(now.saturating_sub(stale_after_ms));
             let mut runs = query_runs(
                 tx,
@@ -667,7 +719,7 @@ mod tests {
     #[test]
     fn a_failed_transaction_leaves_nothing_behind() {
         let s = SqliteStore::open_in_memory(clock()).expect("open");
-        let res: Result<(), StoreError> = s.write(|tx, now| {
+        let res: Result<(), StoreError> = s.write(Commit::Synced, |tx, now| {
             tx.execute(
                 "INSERT INTO nodes (id, last_heartbeat, body) VALUES ('n', ?1, '{}')",
                 [millis_sql(now)],

@@ -193,6 +193,17 @@ pub trait StateStore: Send + Sync {
     /// [`StoreError::IdempotencyMismatch`] if it is not.
     fn submit_run(&self, spec: &RunSpec) -> Result<Submitted, StoreError>;
 
+    /// Queues several runs in one transaction (one commit, one fsync): how
+    /// the server absorbs a burst of concurrent submits. Each run gets the
+    /// result [`StateStore::submit_run`] would give it; only a database
+    /// failure fails them all (and then none is stored).
+    fn submit_runs(
+        &self,
+        specs: &[RunSpec],
+    ) -> Result<Vec<Result<Submitted, StoreError>>, StoreError> {
+        Ok(specs.iter().map(|s| self.submit_run(s)).collect())
+    }
+
     /// One run.
     fn get_run(&self, id: RunId) -> Result<Option<Run>, StoreError>;
 

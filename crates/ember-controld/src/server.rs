@@ -4,7 +4,7 @@
 //! Path of a run from submit to start, with no polling interval anywhere:
 //!
 //! ```text
-//! POST /v1/runs ─► submit_run ─► wake.notify_one()
+//! POST /v1/runs ─► submit batcher (group commit) ─► wake.notify_one()
 //! dispatcher (woken) ─► claim_runs ─► place (one run at a time) ─► assign_run
 //!                    ─► push {"type":"assign"} on the node's open work stream
 //! ```
@@ -45,7 +45,7 @@ use ember_control::model::{
     DeploymentSpec, LogChunk, NodeId, NodeReport, NodeSpec, Run, RunId, RunSpec, RunState,
 };
 use ember_control::schedule::{BatchScheduler, ClusterView, RunRequirements};
-use ember_control::store::{ClaimRequest, RunFilter};
+use ember_control::store::{ClaimRequest, RunFilter, Submitted};
 use ember_control::{Clock, StateStore, StoreError, StoreEvent};
 use serde::Serialize;
 use tokio::sync::{Notify, broadcast, mpsc};
@@ -225,7 +225,15 @@ struct AppState {
     /// A run id each time a run's log grows or the run changes state, for
     /// log followers.
     log_events: broadcast::Sender<RunId>,
+    /// Submits waiting for the submit batcher.
+    submits: mpsc::UnboundedSender<PendingSubmit>,
 }
+
+/// A submit handed to [`submit_loop`], with where its answer goes.
+type PendingSubmit = (
+    RunSpec,
+    tokio::sync::oneshot::Sender<Result<Submitted, StoreError>>,
+);
 
 type Shared = Arc<AppState>;
 
@@ -321,6 +329,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     let (log_events, _) = broadcast::channel(1024);
+    let (submits, submits_rx) = mpsc::unbounded_channel();
     let state = Arc::new(AppState {
         store,
         clock,
@@ -331,8 +340,10 @@ pub async fn serve(
         streams: Mutex::new(HashMap::new()),
         next_conn: AtomicU64::new(1),
         log_events,
+        submits,
     });
     let dispatcher = tokio::spawn(dispatch_loop(state.clone()));
+    let submitter = tokio::spawn(submit_loop(state.clone(), submits_rx));
     let reaper = tokio::spawn(reap_loop(state.clone()));
     let prewarmer = tokio::spawn(prewarm_loop(state.clone()));
     // Runs submitted and output appended through other replicas sharing the
@@ -370,6 +381,7 @@ pub async fn serve(
         () = shutdown => Ok(()),
     };
     dispatcher.abort();
+    submitter.abort();
     reaper.abort();
     prewarmer.abort();
     result
@@ -421,10 +433,13 @@ async fn submit_run(
             _ => spec.idempotency_key = Some(key.to_owned()),
         }
     }
-    let submitted = s.db(move |st| st.submit_run(&spec)).await?;
-    if submitted.created {
-        s.wake.notify_one();
-    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    s.submits
+        .send((spec, tx))
+        .map_err(|_| ApiError::Internal("the submit batcher stopped".into()))?;
+    let submitted = rx
+        .await
+        .map_err(|_| ApiError::Internal("the submit batcher dropped a submit".into()))??;
     let status = if submitted.created {
         StatusCode::CREATED
     } else {
@@ -906,6 +921,50 @@ async fn node_logs(
 
 // ---- background tasks ------------------------------------------------------
 
+/// The most submits committed in one transaction.
+const SUBMIT_BATCH: usize = 256;
+
+/// Group commit for submits: takes every submit waiting, stores them in
+/// one transaction (one fsync), answers each, wakes the dispatcher, and
+/// goes again. A lone submit is a batch of one; under a burst the batches
+/// grow while the previous one commits, so the database sees a few
+/// transactions instead of one per run, and the dispatcher's claims and
+/// the nodes' reports are not queued behind hundreds of them.
+async fn submit_loop(s: Shared, mut rx: mpsc::UnboundedReceiver<PendingSubmit>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < SUBMIT_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let specs: Vec<RunSpec> = batch.iter().map(|(spec, _)| spec.clone()).collect();
+        let store = s.store.clone();
+        let results = tokio::task::spawn_blocking(move || store.submit_runs(&specs))
+            .await
+            .map_err(|e| StoreError::Backend(format!("submit task failed: {e}").into()))
+            .and_then(|r| r);
+        match results {
+            Ok(results) => {
+                if results.iter().any(|r| r.as_ref().is_ok_and(|x| x.created)) {
+                    s.wake.notify_one();
+                }
+                for ((_, tx), r) in batch.into_iter().zip(results) {
+                    let _ = tx.send(r);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, runs = batch.len(), "storing submits failed");
+                let msg = e.to_string();
+                for (_, tx) in batch {
+                    let _ = tx.send(Err(StoreError::Backend(msg.clone().into())));
+                }
+            }
+        }
+    }
+}
+
 async fn dispatch_loop(s: Shared) {
     loop {
         s.wake.notified().await;
@@ -914,8 +973,11 @@ async fn dispatch_loop(s: Shared) {
             let round = tokio::task::spawn_blocking(move || dispatch_round(&st)).await;
             match round {
                 // More may be queued than one claim took: go again at once.
-                Ok(Ok(DispatchRound { claimed, assigned }))
-                    if claimed == CLAIM_BATCH && assigned > 0 => {}
+                Ok(Ok(DispatchRound {
+                    took_limit: true,
+                    assigned,
+                    ..
+                })) if assigned > 0 => {}
                 Ok(Ok(_)) => break,
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "dispatch failed");
@@ -931,30 +993,21 @@ async fn dispatch_loop(s: Shared) {
 }
 
 struct DispatchRound {
-    claimed: usize,
     assigned: usize,
+    /// The claim got as many runs as it asked for (there may be more).
+    took_limit: bool,
 }
 
 /// One claim → place → assign → push round. Each run is pushed to its node
 /// as soon as it is assigned, before the next one is placed.
 fn dispatch_round(s: &AppState) -> Result<DispatchRound, StoreError> {
+    let idle = DispatchRound {
+        assigned: 0,
+        took_limit: false,
+    };
     let connected = s.connected_nodes();
     if connected.is_empty() {
-        return Ok(DispatchRound {
-            claimed: 0,
-            assigned: 0,
-        });
-    }
-    let claimed = s.store.claim_runs(&ClaimRequest {
-        owner: s.owner.clone(),
-        limit: CLAIM_BATCH,
-        lease_ms: CLAIM_LEASE_MS,
-    })?;
-    if claimed.is_empty() {
-        return Ok(DispatchRound {
-            claimed: 0,
-            assigned: 0,
-        });
+        return Ok(idle);
     }
     let nodes: Vec<_> = s
         .store
@@ -968,6 +1021,22 @@ fn dispatch_round(s: &AppState) -> Result<DispatchRound, StoreError> {
     })?;
     let stale = u64::try_from(s.config.heartbeat_timeout.as_millis()).unwrap_or(u64::MAX);
     let view = ClusterView::build(&nodes, &active, s.clock.now(), stale);
+    // Claim no more than could be placed now: in a burst every exit wakes
+    // a round, and claiming a full batch only to release it again would
+    // cost a write per queued run per freed slot.
+    let free: usize = view.nodes.iter().map(|n| n.free() as usize).sum();
+    if free == 0 {
+        return Ok(idle);
+    }
+    let limit = free.min(CLAIM_BATCH);
+    let claimed = s.store.claim_runs(&ClaimRequest {
+        owner: s.owner.clone(),
+        limit,
+        lease_ms: CLAIM_LEASE_MS,
+    })?;
+    if claimed.is_empty() {
+        return Ok(idle);
+    }
     let mut scheduler = BatchScheduler::new(view);
     let mut unplaced = Vec::new();
     let mut assigned = 0;
@@ -996,8 +1065,8 @@ fn dispatch_round(s: &AppState) -> Result<DispatchRound, StoreError> {
         s.store.release_claims(&s.owner, &unplaced)?;
     }
     Ok(DispatchRound {
-        claimed: claimed.len(),
         assigned,
+        took_limit: claimed.len() == limit,
     })
 }
 
