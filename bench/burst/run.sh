@@ -80,7 +80,7 @@ run_backend() {
   mkdir -p "$d"
   port=$(free_port)
   url=http://127.0.0.1:$port
-  "$EMBER" --log warn control --listen "127.0.0.1:$port" --db "$db" --logs "$d/logs" \
+  "$EMBER" --log warn control --listen "127.0.0.1:$port" --db "$db" \
     --client-token bench-client --node-token bench-node 2>"$d/control.log" &
   RUNNING=("$!")
   export EMBER_CONTROL=$url EMBER_TOKEN=bench-client

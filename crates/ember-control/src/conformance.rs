@@ -522,7 +522,13 @@ pub fn node_reports_and_start_times(h: &dyn Harness) {
         (NodeReport::ImageReady, RunState::Starting),
         (NodeReport::RunnerReady, RunState::Starting),
         (NodeReport::Started, RunState::Running),
-        (NodeReport::Exited { code: 0 }, RunState::Succeeded),
+        (
+            NodeReport::Exited {
+                code: 0,
+                runner_idle: false,
+            },
+            RunState::Succeeded,
+        ),
     ];
     for (report, state) in steps {
         c.advance(10);
@@ -555,7 +561,13 @@ pub fn node_reports_and_start_times(h: &dyn Harness) {
 
     // Non-zero exit fails; a failure before start records why.
     for (report, state) in [
-        (NodeReport::Exited { code: 3 }, RunState::Failed),
+        (
+            NodeReport::Exited {
+                code: 3,
+                runner_idle: false,
+            },
+            RunState::Failed,
+        ),
         (
             NodeReport::Failed {
                 error: "pull failed".into(),
@@ -686,7 +698,10 @@ pub fn late_reports_rejected(h: &dyn Harness) {
     c.advance(60_000);
     s.upsert_node(&node("n2", 4)).expect("heartbeat");
     assert_eq!(s.mark_lost_runs(30_000).expect("sweep").len(), 1);
-    let late = NodeReport::Exited { code: 0 };
+    let late = NodeReport::Exited {
+        code: 0,
+        runner_idle: false,
+    };
     assert!(matches!(
         s.report("n1", id, &late),
         Err(StoreError::NotAssigned { run, node }) if run == id && node == "n1"
@@ -933,8 +948,15 @@ pub fn logs(h: &dyn Harness) {
     assert_eq!(other.read_log(id, all[3].seq, 10).expect("end"), Vec::new());
     // A finished run takes no more output; what it had stays.
     s.report("n1", id, &NodeReport::Started).expect("started");
-    s.report("n1", id, &NodeReport::Exited { code: 0 })
-        .expect("exit");
+    s.report(
+        "n1",
+        id,
+        &NodeReport::Exited {
+            code: 0,
+            runner_idle: false,
+        },
+    )
+    .expect("exit");
     assert!(matches!(
         s.append_log("n1", id, LogStream::Stdout, b"late"),
         Err(StoreError::NotAssigned { .. })

@@ -523,6 +523,10 @@ pub enum NodeReport {
     Exited {
         /// Exit status.
         code: i32,
+        /// The runner that ran it is idle again on the node (recycled), so
+        /// a queued run with the same warm key can go to it at once.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        runner_idle: bool,
     },
     /// The run could not start or was killed (`→ failed`).
     Failed {

@@ -163,7 +163,7 @@ pub(crate) fn apply_report(
             accept(run)?;
             apply(run, RunState::Running, now)?;
         }
-        NodeReport::Exited { code } => {
+        NodeReport::Exited { code, .. } => {
             let to = if *code == 0 {
                 RunState::Succeeded
             } else {

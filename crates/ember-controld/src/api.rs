@@ -2,7 +2,7 @@
 //! [`ember_control::model`], which the API speaks directly.
 
 pub use ember_control::model::LogStream;
-use ember_control::model::{PinnedImage, Resources, Run, RunId};
+use ember_control::model::{NodeReport, PinnedImage, Resources, Run, RunId};
 use serde::{Deserialize, Serialize};
 
 /// One line of a node's work stream (`GET /v1/nodes/{id}/work`),
@@ -164,4 +164,16 @@ mod tests {
             }
         ));
     }
+}
+
+/// Body of `POST /v1/nodes/{id}/runs/{run}/events`: one report, or several
+/// in the order they happened (a node sends what piled up while its last
+/// request was in flight as one request).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum NodeEvents {
+    /// One report.
+    One(NodeReport),
+    /// Several, applied in order.
+    Many(Vec<NodeReport>),
 }

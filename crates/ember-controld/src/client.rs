@@ -9,7 +9,7 @@ use ember_control::model::{
 };
 use serde::de::DeserializeOwned;
 
-use crate::api::{ErrorBody, LogStream, SubmitResponse};
+use crate::api::{ErrorBody, LogStream, NodeEvents, SubmitResponse};
 
 /// Errors talking to the control plane.
 #[derive(Debug, thiserror::Error)]
@@ -285,6 +285,18 @@ impl ControlClient {
         node: &str,
         run: RunId,
         report: &NodeReport,
+    ) -> Result<Run, ClientError> {
+        self.report_events(node, run, &NodeEvents::One(report.clone()))
+            .await
+    }
+
+    /// `POST /v1/nodes/{node}/runs/{run}/events` with one report or several
+    /// in order.
+    pub async fn report_events(
+        &self,
+        node: &str,
+        run: RunId,
+        report: &NodeEvents,
     ) -> Result<Run, ClientError> {
         let path = format!("/v1/nodes/{node}/runs/{}/events", run.0);
         self.json(

@@ -4,14 +4,17 @@
 //! Per run:
 //!
 //! ```text
-//! Assign ─► report Accepted ─► pull (skipped if the image is present) ─► ImageReady
+//! Assign ─► [Accepted ─► pull, only if the image is not here] ─► ImageReady
 //!        ─► pool.acquire(key) ─► RunnerReady ─► exec ─► Started ─► output → logs endpoint
-//!        ─► release (runner back to idle) ─► heartbeat (inventory) ─► Exited { code }
+//!        ─► release (runner back to idle) ─► Exited { code, runner_idle }
 //! ```
 //!
-//! The heartbeat goes out before the exit report so that when the control
-//! plane hears of the exit it already knows the runner is idle and can hand
-//! it the next run with the same key.
+//! Reports and output go out in order from one loop; reports that pile up
+//! while a request is in flight go out together as one request (a no-op
+//! run's RunnerReady, Started and Exited are often one request). The exit
+//! report says whether the runner is idle again, which is what lets the
+//! control plane hand it the next queued run with the same key at once;
+//! the heartbeat with the new inventory follows off the run's path.
 //!
 //! A `prewarm` order (keep N idle runners of a deployment's key) pulls the
 //! image if needed and creates the missing runners idle in the pool
@@ -39,7 +42,7 @@ use ember_runtime::Runc;
 use ember_store::{ImageRecord, PullOptions, SilentProgress, Store};
 use tokio::sync::{Notify, Semaphore, mpsc};
 
-use crate::api::{LogStream, WorkMessage};
+use crate::api::{LogStream, NodeEvents, WorkMessage};
 use crate::client::{ClientError, ControlClient};
 
 /// Settings of a node agent.
@@ -254,12 +257,22 @@ impl Agent {
     }
 
     async fn report(&self, run: RunId, r: NodeReport) {
+        self.report_all(run, vec![r]).await;
+    }
+
+    /// Posts `reports` (in order) in one request.
+    async fn report_all(&self, run: RunId, mut reports: Vec<NodeReport>) {
+        let events = if reports.len() == 1 {
+            NodeEvents::One(reports.remove(0))
+        } else {
+            NodeEvents::Many(reports)
+        };
         // A control plane that is restarting must still hear how the run
         // went, or it would stay active forever: retry while it is
         // unreachable. An answer (e.g. 409: cancelled or reassigned
         // meanwhile) is final.
         for attempt in 0..REPORT_ATTEMPTS {
-            match self.client.report(&self.cfg.id, run, &r).await {
+            match self.client.report_events(&self.cfg.id, run, &events).await {
                 Ok(_) => return,
                 Err(e @ ClientError::Http { .. }) if attempt + 1 < REPORT_ATTEMPTS => {
                     tracing::warn!(run = %run, error = %e, "report failed; retrying");
@@ -552,14 +565,23 @@ async fn prewarm(agent: &Arc<Agent>, order: &PrewarmOrder) -> Result<u32, String
 
 /// What the blocking executor tells the async side, in order.
 enum Event {
-    RunnerReady,
-    Started,
+    Report(NodeReport),
     Output(LogStream, Vec<u8>),
 }
 
 async fn execute(agent: &Arc<Agent>, run: Run, handle: Arc<RunHandle>) {
     let id = run.id;
-    agent.report(id, NodeReport::Accepted).await;
+    let cached = agent
+        .images
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains_key(&run.image.digest);
+    // With the image at hand, `ImageReady` follows at once and implies
+    // acceptance: one request per run fewer. A pull may take seconds, so
+    // then the control plane hears first that the run was taken.
+    if !cached {
+        agent.report(id, NodeReport::Accepted).await;
+    }
     let record = match ensure_image(agent, &run.image).await {
         Ok(r) => r,
         Err(error) => {
@@ -567,45 +589,67 @@ async fn execute(agent: &Arc<Agent>, run: Run, handle: Arc<RunHandle>) {
             return;
         }
     };
-    agent.report(id, NodeReport::ImageReady).await;
-    agent.inventory_changed.notify_one();
+    if !cached {
+        // New layers: the placement's image locality should know.
+        agent.inventory_changed.notify_one();
+    }
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+    let _ = tx.send(Event::Report(NodeReport::ImageReady));
     let exec = {
         let agent = agent.clone();
         let run = run.clone();
-        tokio::task::spawn_blocking(move || exec_blocking(&agent, &run, &record, &handle, &tx))
+        tokio::task::spawn_blocking(move || {
+            let last = match exec_blocking(&agent, &run, &record, &handle, &tx) {
+                Ok((code, runner_idle)) => NodeReport::Exited { code, runner_idle },
+                Err(error) => NodeReport::Failed { error },
+            };
+            let _ = tx.send(Event::Report(last));
+        })
     };
     // Events are posted in order, so every byte of output is stored before
-    // the exit is reported (log followers stop at the final state).
+    // the exit is reported (log followers stop at the final state). What
+    // arrived while the last request was in flight goes out together.
+    let mut pending = Vec::new();
     while let Some(ev) = rx.recv().await {
-        match ev {
-            Event::RunnerReady => agent.report(id, NodeReport::RunnerReady).await,
-            Event::Started => agent.report(id, NodeReport::Started).await,
-            Event::Output(stream, data) => {
-                if let Err(e) = agent
-                    .client
-                    .append_log(&agent.cfg.id, id, stream, Bytes::from(data))
-                    .await
-                {
-                    tracing::debug!(run = %id, error = %e, "log append refused");
+        pending.push(ev);
+        while let Ok(ev) = rx.try_recv() {
+            pending.push(ev);
+        }
+        let mut reports = Vec::new();
+        for ev in pending.drain(..) {
+            match ev {
+                Event::Report(r) => reports.push(r),
+                Event::Output(stream, data) => {
+                    if !reports.is_empty() {
+                        agent.report_all(id, std::mem::take(&mut reports)).await;
+                    }
+                    if let Err(e) = agent
+                        .client
+                        .append_log(&agent.cfg.id, id, stream, Bytes::from(data))
+                        .await
+                    {
+                        tracing::debug!(run = %id, error = %e, "log append refused");
+                    }
                 }
             }
         }
+        if !reports.is_empty() {
+            agent.report_all(id, reports).await;
+        }
     }
-    let result = match exec.await {
-        Ok(r) => r,
-        Err(e) => Err(format!("executor failed: {e}")),
-    };
-    // The runner is idle again (if it was recycled): say so first.
-    if let Err(e) = agent.heartbeat().await {
-        tracing::warn!(error = %e, "heartbeat failed");
+    if let Err(e) = exec.await {
+        agent
+            .report(
+                id,
+                NodeReport::Failed {
+                    error: format!("executor failed: {e}"),
+                },
+            )
+            .await;
     }
-    let report = match result {
-        Ok(code) => NodeReport::Exited { code },
-        Err(error) => NodeReport::Failed { error },
-    };
-    agent.report(id, report).await;
+    // The runner's idle again (or gone): the next heartbeat says so.
+    agent.inventory_changed.notify_one();
 }
 
 /// `image` in the store, pulled (through the cache if any) when it is not
@@ -649,14 +693,15 @@ async fn ensure_image(agent: &Arc<Agent>, image: &PinnedImage) -> Result<ImageRe
 }
 
 /// Acquires a runner, runs the process and releases the runner; returns
-/// the exit code (128+N for signal N) or why the run could not run.
+/// the exit code (128+N for signal N) and whether the runner is idle in
+/// the pool again, or why the run could not run.
 fn exec_blocking(
     agent: &Agent,
     run: &Run,
     record: &ImageRecord,
     handle: &RunHandle,
     tx: &mpsc::UnboundedSender<Event>,
-) -> Result<i32, String> {
+) -> Result<(i32, bool), String> {
     let image = RunnerImage::from_store(&agent.store, record)
         .map_err(|e| format!("reading the image config: {e}"))?;
     let argv = ember_runtime::spec::process_args(&image.config, Some(&run.command))
@@ -671,7 +716,7 @@ fn exec_blocking(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(lease.key().as_str().to_owned(), run.warm_key());
-    let _ = tx.send(Event::RunnerReady);
+    let _ = tx.send(Event::Report(NodeReport::RunnerReady));
     if handle.cancelled.load(Ordering::SeqCst) {
         agent.pool.release(lease, Outcome::Succeeded);
         return Err("cancelled before it started".into());
@@ -688,7 +733,7 @@ fn exec_blocking(
         &mut |started| {
             *handle.exec.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some((canceller.clone(), started.exec_id));
-            let _ = tx.send(Event::Started);
+            let _ = tx.send(Event::Report(NodeReport::Started));
             // A cancel that arrived between the check above and now.
             if handle.cancelled.load(Ordering::SeqCst) {
                 let _ = canceller.cancel(started.exec_id, SIGKILL);
@@ -722,15 +767,20 @@ fn exec_blocking(
     } else {
         Outcome::Failed
     };
+    let key = lease.key().clone();
     agent.pool.release(lease, outcome);
     if let Some(e) = result.spawn_error {
         return Err(format!("starting the process: {e}"));
     }
-    Ok(match (result.exit_code, result.signal) {
+    // Kept (not discarded for its outcome or over the pool's budget).
+    let runner_idle =
+        outcome == Outcome::Succeeded && agent.pool.idle_runners().iter().any(|r| r.key == key);
+    let code = match (result.exit_code, result.signal) {
         (Some(c), _) => c,
         (None, Some(s)) => 128 + s,
         (None, None) => 255,
-    })
+    };
+    Ok((code, runner_idle))
 }
 
 /// The runner shape for a run's (or a deployment's) resources.

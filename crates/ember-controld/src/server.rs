@@ -50,7 +50,7 @@ use ember_control::{Clock, StateStore, StoreError, StoreEvent};
 use serde::Serialize;
 use tokio::sync::{Notify, broadcast, mpsc};
 
-use crate::api::{ErrorBody, LogRecord, LogStream, SubmitResponse, WorkMessage};
+use crate::api::{ErrorBody, LogRecord, LogStream, NodeEvents, SubmitResponse, WorkMessage};
 use crate::prewarm;
 
 /// How many queued runs one dispatcher round claims. Runs are placed and
@@ -822,48 +822,55 @@ async fn node_event(
 ) -> Result<Response, ApiError> {
     node_auth(&s, &headers)?;
     let id = run_id(&id)?;
-    let report: NodeReport = parse_json(&body, "run event")?;
-    let finished = matches!(
-        report,
-        NodeReport::Exited { .. } | NodeReport::Failed { .. }
-    );
+    let reports = match parse_json::<NodeEvents>(&body, "run event")? {
+        NodeEvents::One(r) => vec![r],
+        NodeEvents::Many(rs) => rs,
+    };
+    if reports.is_empty() {
+        return Err(ApiError::BadRequest("an empty list of run events".into()));
+    }
+    // The runner is idle again: a queued run with its key can have it.
+    let idle_runner = reports.iter().any(|r| {
+        matches!(
+            r,
+            NodeReport::Exited {
+                runner_idle: true,
+                ..
+            }
+        )
+    });
+    let finished = reports
+        .iter()
+        .any(|r| matches!(r, NodeReport::Exited { .. } | NodeReport::Failed { .. }));
     let n = node.clone();
-    let run = s.db(move |st| st.report(&n, id, &report)).await?;
+    // In order, each its own compare-and-set; a refused one ends the list
+    // (what came before it stands).
+    let run = s
+        .db(move |st| {
+            let mut last = None;
+            for r in &reports {
+                last = Some(st.report(&n, id, r)?);
+            }
+            last.ok_or(StoreError::RunNotFound(id))
+        })
+        .await?;
     let _ = s.log_events.send(id);
     if finished {
-        warm_handoff(&s, &node, &run).await;
+        if idle_runner {
+            warm_handoff(&s, &node, &run).await;
+        }
         s.wake.notify_one();
     }
     Ok(json_response(StatusCode::OK, &run))
 }
 
-/// A run just finished on `node`: if the node says it has an idle runner
-/// for that run's key, give it the oldest queued run with the same key at
-/// once, without a round through placement.
+/// A run just finished on `node` and left its runner idle: give that
+/// runner the oldest queued run with the same key at once, without a round
+/// through placement.
 async fn warm_handoff(s: &Shared, node: &str, finished: &Run) {
     let key = finished.warm_key();
     let n = node.to_owned();
-    let result = s
-        .db(move |st| {
-            let has_idle = st
-                .list_nodes()?
-                .iter()
-                .find(|x| x.spec.id == n)
-                .is_some_and(|x| {
-                    x.spec
-                        .inventory
-                        .idle_runners
-                        .get(&key)
-                        .copied()
-                        .unwrap_or(0)
-                        > 0
-                });
-            if !has_idle {
-                return Ok(None);
-            }
-            st.claim_for_runner(&n, &key)
-        })
-        .await;
+    let result = s.db(move |st| st.claim_for_runner(&n, &key)).await;
     match result {
         Ok(Some(run)) => {
             let id = run.id;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use ember_control::model::{NodeReport, NodeSpec, PinnedImage, RunSpec, RunState};
 use ember_control::sqlite::SqliteStore;
 use ember_control::store::SystemClock;
-use ember_controld::api::{LogRecord, LogStream, WorkMessage};
+use ember_controld::api::{LogRecord, LogStream, NodeEvents, WorkMessage};
 use ember_controld::client::ControlClient;
 use ember_controld::server::{ServerConfig, serve};
 
@@ -124,15 +124,30 @@ async fn submit_push_report_logs_cancel() {
     assert_eq!(run.id, first.run.id);
     assert_eq!(run.state, RunState::Scheduled);
 
-    // The node's progress, output and exit.
-    for r in [
-        NodeReport::Accepted,
-        NodeReport::ImageReady,
-        NodeReport::RunnerReady,
-        NodeReport::Started,
-    ] {
-        n.report("n1", run.id, &r).await.expect("report");
-    }
+    // The node's progress (one report, then several in one request),
+    // output and exit.
+    n.report("n1", run.id, &NodeReport::Accepted)
+        .await
+        .expect("report");
+    let empty = n
+        .report_events("n1", run.id, &NodeEvents::Many(Vec::new()))
+        .await
+        .expect_err("an empty list");
+    assert_eq!(empty.status(), Some(400));
+    let running = n
+        .report_events(
+            "n1",
+            run.id,
+            &NodeEvents::Many(vec![
+                NodeReport::ImageReady,
+                NodeReport::RunnerReady,
+                NodeReport::Started,
+            ]),
+        )
+        .await
+        .expect("reports");
+    assert_eq!(running.state, RunState::Running);
+    assert!(running.times.image_ready.is_some() && running.times.runner_ready.is_some());
     // A reconnect (node or control-plane restart) first lists the node's
     // active runs, so a node that lost one can fail it.
     drop(work);
@@ -149,7 +164,14 @@ async fn submit_push_report_logs_cancel() {
         .await
         .expect("log");
     let done = n
-        .report("n1", run.id, &NodeReport::Exited { code: 0 })
+        .report(
+            "n1",
+            run.id,
+            &NodeReport::Exited {
+                code: 0,
+                runner_idle: false,
+            },
+        )
         .await
         .expect("exit");
     assert_eq!(done.state, RunState::Succeeded);
@@ -355,9 +377,16 @@ async fn logs_are_binary_safe() {
             .await
             .expect("log");
     }
-    n.report("n1", run.id, &NodeReport::Exited { code: 0 })
-        .await
-        .expect("exit");
+    n.report(
+        "n1",
+        run.id,
+        &NodeReport::Exited {
+            code: 0,
+            runner_idle: false,
+        },
+    )
+    .await
+    .expect("exit");
     let body = c
         .logs(run.id, false)
         .await
