@@ -121,6 +121,12 @@ pub fn spawn(
     let router = server::router(cache.clone());
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
+        // No Nagle: a response's head and a small body are separate
+        // writes, and Nagle would hold the second until the client's
+        // delayed ACK.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, router)
             .with_graceful_shutdown(async move {
                 let _ = stopped.await;

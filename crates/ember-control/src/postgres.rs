@@ -826,21 +826,34 @@ impl StateStore for PostgresStore {
                 .query_opt("SELECT body FROM nodes WHERE id = $1", &[&node])?
                 .ok_or_else(|| StoreError::NodeNotFound(node.to_owned()))?;
             let labels = parse::<Node>(row.get::<_, &str>(0))?.spec.labels;
-            // Oldest first, skipping runs another replica is claiming; the
-            // bound keeps one call cheap when many queued runs of the key
-            // want labels this node lacks.
-            let candidates = db.runs(
-                "SELECT body FROM runs
-                 WHERE state = 'queued' AND warm_key = $1
-                   AND (claimed_by IS NULL OR claim_expires <= $2)
-                 ORDER BY id LIMIT 64
-                 FOR UPDATE SKIP LOCKED",
-                &[&warm_key, &millis_sql(now)],
-            )?;
-            let Some(mut run) = candidates
-                .into_iter()
-                .find(|r| rules::selector_matches(r, &labels))
-            else {
+            // Oldest first, skipping runs another replica is claiming, parsed
+            // one at a time (usually the first fits; this runs once per
+            // finished run in a burst). A few rows are locked first; only if
+            // none fits the node's labels does a wider look follow.
+            let mut after = 0_i64;
+            let mut found = None;
+            for page in [4_i64, 60] {
+                let rows = db.query(
+                    "SELECT id, body FROM runs
+                     WHERE state = 'queued' AND warm_key = $1 AND id > $2
+                       AND (claimed_by IS NULL OR claim_expires <= $3)
+                     ORDER BY id LIMIT $4
+                     FOR UPDATE SKIP LOCKED",
+                    &[&warm_key, &after, &millis_sql(now), &page],
+                )?;
+                for row in &rows {
+                    after = row.get(0);
+                    let run: Run = parse(row.get::<_, &str>(1))?;
+                    if rules::selector_matches(&run, &labels) {
+                        found = Some(run);
+                        break;
+                    }
+                }
+                if found.is_some() || rows.len() < usize::try_from(page).unwrap_or(0) {
+                    break;
+                }
+            }
+            let Some(mut run) = found else {
                 return Ok(None);
             };
             db.mark_served(&run.queue_key())?;

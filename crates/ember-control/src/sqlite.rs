@@ -533,23 +533,28 @@ impl StateStore for SqliteStore {
                 .optional()?;
             let body = body.ok_or_else(|| StoreError::NodeNotFound(node.to_owned()))?;
             let labels = serde_json::from_str::<Node>(&body)?.spec.labels;
-            // Oldest first; the bound keeps one call cheap when many queued
-            // runs of the key want labels this node lacks.
-            let candidates = query_runs(
-                tx,
+            // Oldest first, parsed one at a time: usually the first fits, and
+            // this runs once per finished run in a burst. The bound keeps one
+            // call cheap when many queued runs of the key want labels this
+            // node lacks.
+            let mut stmt = tx.prepare_cached(
                 "SELECT body FROM runs
                  WHERE state = 'queued' AND warm_key = ?1
                    AND (claimed_by IS NULL OR claim_expires <= ?2)
                  ORDER BY id LIMIT 64",
-                vec![
-                    Value::Text(warm_key.to_owned()),
-                    Value::Integer(millis_sql(now)),
-                ],
             )?;
-            let Some(mut run) = candidates
-                .into_iter()
-                .find(|r| rules::selector_matches(r, &labels))
-            else {
+            let mut rows = stmt.query(params![warm_key, millis_sql(now)])?;
+            let mut found = None;
+            while let Some(row) = rows.next()? {
+                let run: Run = serde_json::from_str(&row.get::<_, String>(0)?)?;
+                if rules::selector_matches(&run, &labels) {
+                    found = Some(run);
+                    break;
+                }
+            }
+            drop(rows);
+            drop(stmt);
+            let Some(mut run) = found else {
                 return Ok(None);
             };
             mark_served(tx, &run.queue_key())?;

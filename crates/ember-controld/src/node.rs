@@ -262,6 +262,7 @@ impl Agent {
 
     /// Posts `reports` (in order) in one request.
     async fn report_all(&self, run: RunId, mut reports: Vec<NodeReport>) {
+        tracing::debug!(run = %run, ?reports, "reporting");
         let events = if reports.len() == 1 {
             NodeEvents::One(reports.remove(0))
         } else {
@@ -396,9 +397,11 @@ fn handle(agent: &Arc<Agent>, msg: WorkMessage) {
                 runs.insert(run.id, handle.clone());
             }
             let agent = agent.clone();
+            tracing::debug!(run = %run.id, "assigned");
             tokio::spawn(async move {
                 let id = run.id;
                 let permit = agent.slots.clone().acquire_owned().await;
+                tracing::debug!(run = %id, "slot taken");
                 execute(&agent, *run, handle).await;
                 drop(permit);
                 agent

@@ -373,6 +373,11 @@ pub async fn serve(
     state.wake.notify_one();
 
     let app = router(state);
+    // No Nagle: an assignment is one small write on a long-lived stream,
+    // and Nagle would hold it until the node's delayed ACK (~40 ms).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let result = tokio::select! {
         r = axum::serve(listener, app) => r.map_err(|source| ServerError::Io {
             what: "serving HTTP".into(),
@@ -843,10 +848,12 @@ async fn node_event(
         .iter()
         .any(|r| matches!(r, NodeReport::Exited { .. } | NodeReport::Failed { .. }));
     let n = node.clone();
+    let t0 = std::time::Instant::now();
     // In order, each its own compare-and-set; a refused one ends the list
     // (what came before it stands).
     let run = s
         .db(move |st| {
+            tracing::debug!(run = %id, waited_us = t0.elapsed().as_micros() as u64, "applying reports");
             let mut last = None;
             for r in &reports {
                 last = Some(st.report(&n, id, r)?);
@@ -854,11 +861,11 @@ async fn node_event(
             last.ok_or(StoreError::RunNotFound(id))
         })
         .await?;
+    tracing::debug!(run = %id, took_us = t0.elapsed().as_micros() as u64, "reports applied");
     let _ = s.log_events.send(id);
-    if finished {
-        if idle_runner {
-            warm_handoff(&s, &node, &run).await;
-        }
+    // A slot freed up, unless the runner went straight to the next run of
+    // its key (then the dispatcher has nothing new to place).
+    if finished && !(idle_runner && warm_handoff(&s, &node, &run).await) {
         s.wake.notify_one();
     }
     Ok(json_response(StatusCode::OK, &run))
@@ -866,8 +873,8 @@ async fn node_event(
 
 /// A run just finished on `node` and left its runner idle: give that
 /// runner the oldest queued run with the same key at once, without a round
-/// through placement.
-async fn warm_handoff(s: &Shared, node: &str, finished: &Run) {
+/// through placement. Whether a run was handed over.
+async fn warm_handoff(s: &Shared, node: &str, finished: &Run) -> bool {
     let key = finished.warm_key();
     let n = node.to_owned();
     let result = s.db(move |st| st.claim_for_runner(&n, &key)).await;
@@ -877,9 +884,13 @@ async fn warm_handoff(s: &Shared, node: &str, finished: &Run) {
             if !s.push(node, WorkMessage::Assign { run: Box::new(run) }) {
                 tracing::warn!(node, run = %id, "node disconnected before the warm hand-off");
             }
+            true
         }
-        Ok(None) => {}
-        Err(e) => tracing::warn!(node, error = %e, "warm hand-off failed"),
+        Ok(None) => false,
+        Err(e) => {
+            tracing::warn!(node, error = %e, "warm hand-off failed");
+            false
+        }
     }
 }
 
