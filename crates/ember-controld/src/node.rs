@@ -288,15 +288,22 @@ impl Agent {
     }
 }
 
+/// Inventory changes are sent at most this often: under a burst every run
+/// changes the idle-runner count, and nothing on a run's path waits for
+/// the heartbeat (the exit report carries what the warm hand-off needs).
+const INVENTORY_MIN_GAP: Duration = Duration::from_millis(100);
+
 async fn heartbeat_loop(agent: Arc<Agent>) {
     loop {
         tokio::select! {
             () = tokio::time::sleep(agent.cfg.heartbeat) => {}
             () = agent.inventory_changed.notified() => {}
         }
+        let sent = tokio::time::Instant::now();
         if let Err(e) = agent.heartbeat().await {
             tracing::warn!(error = %e, "heartbeat failed");
         }
+        tokio::time::sleep_until(sent + INVENTORY_MIN_GAP).await;
     }
 }
 
