@@ -6,73 +6,20 @@
 
 mod common;
 
+use common::cluster::{Proc, runners, start};
 use common::*;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// A child process stopped (SIGTERM, then SIGKILL) when dropped, so a
-/// failing assertion leaves nothing running.
-struct Proc(Child);
-
-impl Proc {
-    fn stop(&mut self) {
-        // Never signal a pid already reaped: it may belong to someone else.
-        if let Ok(Some(_)) = self.0.try_wait() {
-            return;
-        }
-        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// Starts `ember up` and waits for its first stderr line (printed once
 /// everything listens); the rest of its stderr is copied to ours.
 fn start_up(root: &Path, args: &[&str]) -> Proc {
-    let mut child = Command::new(ember())
-        .arg("--root")
-        .arg(root)
-        .arg("up")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ember up");
-    let mut err = BufReader::new(child.stderr.take().expect("stderr"));
-    let mut first = String::new();
-    err.read_line(&mut first).expect("first stderr line");
+    let mut all = vec!["up"];
+    all.extend_from_slice(args);
+    let (up, first) = start(root, &all);
     assert!(first.contains("control plane http://"), "{first}");
-    std::thread::spawn(move || {
-        let mut rest = String::new();
-        while err.read_line(&mut rest).is_ok_and(|n| n > 0) {
-            eprint!("{rest}");
-            rest.clear();
-        }
-    });
-    Proc(child)
-}
-
-fn runners(dir: &Path) -> usize {
-    std::fs::read_dir(dir.join("pool/runners"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    up
 }
 
 fn num(v: &serde_json::Value, field: &str) -> f64 {

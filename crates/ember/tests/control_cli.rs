@@ -35,12 +35,6 @@ fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -
     (status, body)
 }
 
-fn runners(node_root: &Path) -> usize {
-    std::fs::read_dir(node_root.join("pool/runners"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
 #[test]
 fn submit_wait_warm_reuse_idempotency_and_errors() {
     let Some(agent) = static_agent() else {
@@ -163,15 +157,27 @@ fn submit_wait_warm_reuse_idempotency_and_errors() {
     assert_eq!(runs[1]["exit_code"], 3);
     assert_eq!(runs[1]["state"], "failed");
     assert_eq!(runs[0]["state"], "succeeded");
-    let nodes: serde_json::Value =
-        serde_json::from_str(&client_ok(&url, &["nodes", "--json"])).expect("nodes JSON");
-    let idle: u64 = nodes[0]["inventory"]["idle_runners"]
-        .as_object()
-        .expect("idle_runners")
-        .values()
-        .filter_map(|v| v.as_u64())
-        .sum();
-    assert_eq!(idle, 1, "one idle warm runner: {nodes}");
+    // The inventory follows the exit report in the node's next heartbeat
+    // (the warm hand-off does not wait for it); wait for that.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let nodes: serde_json::Value =
+            serde_json::from_str(&client_ok(&url, &["nodes", "--json"])).expect("nodes JSON");
+        let idle: u64 = nodes[0]["inventory"]["idle_runners"]
+            .as_object()
+            .expect("idle_runners")
+            .values()
+            .filter_map(|v| v.as_u64())
+            .sum();
+        if idle == 1 {
+            break;
+        }
+        assert!(
+            idle == 0 && Instant::now() < deadline,
+            "expected one idle warm runner: {nodes}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // Duplicate submit with the same idempotency key: the same run.
     let dup = client_ok(

@@ -157,3 +157,10 @@ pub fn runs_json(url: &str) -> Vec<serde_json::Value> {
         serde_json::from_str(&client_ok(url, &["runs", "--json"])).expect("runs JSON");
     v.as_array().expect("an array of runs").clone()
 }
+
+/// How many runners a node's pool holds (idle or busy).
+pub fn runners(node_root: &Path) -> usize {
+    std::fs::read_dir(node_root.join("pool/runners"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
