@@ -223,7 +223,10 @@ pub async fn run_node(
 
 impl Agent {
     fn inventory(&self) -> Inventory {
-        let mut inv = Inventory::default();
+        let mut inv = Inventory {
+            free_disk_bytes: self.store.free_bytes().unwrap_or(0),
+            ..Inventory::default()
+        };
         if let Ok(ix) = self.store.read_index() {
             for rec in ix.images.values() {
                 let bytes = ix.bytes_of([rec]);

@@ -195,6 +195,14 @@ impl Store {
         &self.root
     }
 
+    /// Bytes an unprivileged writer could still put on the store's
+    /// filesystem (`statvfs`: available blocks × fragment size), for the
+    /// inventory a node reports. `None` if the filesystem cannot be asked.
+    pub fn free_bytes(&self) -> Option<u64> {
+        let st = nix::sys::statvfs::statvfs(&self.root).ok()?;
+        st.blocks_available().checked_mul(st.fragment_size())
+    }
+
     /// Where an unpacked layer lives.
     pub fn layer_dir(&self, diff_id: &Digest) -> PathBuf {
         self.root.join("layers").join(diff_id.hex())

@@ -170,6 +170,16 @@ fn submit_wait_warm_reuse_idempotency_and_errors() {
             .filter_map(|v| v.as_u64())
             .sum();
         if idle == 1 {
+            // Free disk is the store filesystem's, as `statvfs` sees it.
+            let free = nodes[0]["inventory"]["free_disk_bytes"]
+                .as_u64()
+                .expect("free_disk_bytes");
+            let st = nix::sys::statvfs::statvfs(&node_root).expect("statvfs");
+            let now = st.blocks_available() * st.fragment_size();
+            assert!(
+                free > 0 && free.abs_diff(now) < 1 << 30,
+                "free_disk_bytes {free}, statvfs says {now}"
+            );
             break;
         }
         assert!(
