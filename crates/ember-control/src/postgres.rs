@@ -940,6 +940,9 @@ impl StateStore for PostgresStore {
             // value is drawn after it, so commits come in `seq` order and a
             // follower never finds an earlier chunk appear behind its cursor.
             rules::check_assigned(&db.load_run(id, true)?, node)?;
+            if data.is_empty() {
+                return Ok(());
+            }
             db.execute(
                 "INSERT INTO run_logs (run_id, stream, data) VALUES ($1, $2, $3)",
                 &[&id.0, &stream.as_str(), &data],

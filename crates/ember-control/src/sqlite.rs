@@ -617,6 +617,9 @@ impl StateStore for SqliteStore {
     ) -> Result<(), StoreError> {
         self.write(Commit::Relaxed, |tx, _| {
             rules::check_assigned(&must_load_run(tx, id)?, node)?;
+            if data.is_empty() {
+                return Ok(());
+            }
             tx.prepare_cached("INSERT INTO run_logs (run_id, stream, data) VALUES (?1, ?2, ?3)")?
                 .execute(params![id.0, stream.as_str(), data])?;
             Ok(())

@@ -272,7 +272,8 @@ pub trait StateStore: Send + Sync {
     /// Appends output of run `id` from `node`: [`StoreError::NotAssigned`]
     /// if the run is not active on that node (a late post from a node
     /// declared lost). Appends of one run are ordered: a reader that saw a
-    /// chunk never later finds an earlier one appear.
+    /// chunk never later finds an earlier one appear. Empty `data` is only
+    /// checked, not stored.
     fn append_log(
         &self,
         node: &str,

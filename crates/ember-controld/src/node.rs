@@ -36,7 +36,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ember_control::model::{Inventory, NodeReport, NodeSpec, PinnedImage, Resources, Run, RunId};
 use ember_oci::{Digest, Reference};
-use ember_pool::{Canceller, Outcome, Pool, PoolConfig, RunnerImage, RunnerShape, RunnerSpec};
+use ember_pool::{
+    Canceller, Outcome, Pool, PoolConfig, Released, RunnerImage, RunnerShape, RunnerSpec,
+};
 use ember_registry::{RegistryClient, RegistryOptions};
 use ember_runtime::Runc;
 use ember_store::{ImageRecord, PullOptions, SilentProgress, Store};
@@ -780,14 +782,12 @@ fn exec_blocking(
     } else {
         Outcome::Failed
     };
-    let key = lease.key().clone();
-    agent.pool.release(lease, outcome);
+    // Recycled: back in the pool idle (not discarded for its outcome, a
+    // failed reset or the pool's budget).
+    let runner_idle = matches!(agent.pool.release(lease, outcome), Released::Recycled);
     if let Some(e) = result.spawn_error {
         return Err(format!("starting the process: {e}"));
     }
-    // Kept (not discarded for its outcome or over the pool's budget).
-    let runner_idle =
-        outcome == Outcome::Succeeded && agent.pool.idle_runners().iter().any(|r| r.key == key);
     let code = match (result.exit_code, result.signal) {
         (Some(c), _) => c,
         (None, Some(s)) => 128 + s,

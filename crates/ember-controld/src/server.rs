@@ -853,7 +853,6 @@ async fn node_event(
     // (what came before it stands).
     let run = s
         .db(move |st| {
-            tracing::debug!(run = %id, waited_us = t0.elapsed().as_micros() as u64, "applying reports");
             let mut last = None;
             for r in &reports {
                 last = Some(st.report(&n, id, r)?);
@@ -915,25 +914,16 @@ async fn node_logs(
             }
         }
     }
-    if body.is_empty() {
-        // Nothing to store; a stale node still learns that it is stale.
-        let run = s
-            .db(move |st| st.get_run(id))
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("{id} not found")))?;
-        if run.node.as_deref() != Some(node.as_str()) || !run.state.is_active() {
-            return Err(ApiError::Conflict(format!(
-                "{id} is not assigned to node {node:?}"
-            )));
-        }
-        return Ok(StatusCode::NO_CONTENT.into_response());
-    }
     // The bytes as they came (base64 only in the records clients read):
     // output need not be UTF-8, and a character may be split between two
-    // appends. The store checks the run is this node's and active.
+    // appends. The store checks the run is this node's and active, so a
+    // stale node learns it is stale even from an empty post.
+    let appended = !body.is_empty();
     s.db(move |st| st.append_log(&node, id, stream, &body))
         .await?;
-    let _ = s.log_events.send(id);
+    if appended {
+        let _ = s.log_events.send(id);
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -957,7 +947,7 @@ async fn submit_loop(s: Shared, mut rx: mpsc::UnboundedReceiver<PendingSubmit>) 
                 Err(_) => break,
             }
         }
-        let specs: Vec<RunSpec> = batch.iter().map(|(spec, _)| spec.clone()).collect();
+        let (specs, answers): (Vec<RunSpec>, Vec<_>) = batch.into_iter().unzip();
         let store = s.store.clone();
         let results = tokio::task::spawn_blocking(move || store.submit_runs(&specs))
             .await
@@ -968,14 +958,14 @@ async fn submit_loop(s: Shared, mut rx: mpsc::UnboundedReceiver<PendingSubmit>) 
                 if results.iter().any(|r| r.as_ref().is_ok_and(|x| x.created)) {
                     s.wake.notify_one();
                 }
-                for ((_, tx), r) in batch.into_iter().zip(results) {
+                for (tx, r) in answers.into_iter().zip(results) {
                     let _ = tx.send(r);
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, runs = batch.len(), "storing submits failed");
+                tracing::error!(error = %e, runs = answers.len(), "storing submits failed");
                 let msg = e.to_string();
-                for (_, tx) in batch {
+                for tx in answers {
                     let _ = tx.send(Err(StoreError::Backend(msg.clone().into())));
                 }
             }

@@ -2,7 +2,7 @@
 //! the same run on the same machine.
 
 use crate::cmd::pull::pull_image;
-use crate::util::RegistryArgs;
+use crate::util::{RegistryArgs, quantile};
 use anyhow::{Context, bail};
 use ember_pool::{Outcome, Pool, PoolConfig, RunnerImage, RunnerShape, RunnerSpec};
 use ember_runtime::{Container, ContainerStdio, RunOptions, RunSpec, Runc};
@@ -139,15 +139,6 @@ struct Report {
 
 pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-/// The `q` quantile (0..=1) of sorted durations.
-pub(crate) fn quantile(sorted: &[Duration], q: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 pub(crate) fn loop_stats(mut samples: Vec<Duration>, wall: Duration) -> LoopStats {
@@ -722,7 +713,7 @@ mod tests {
         assert_eq!(quantile(&v, 0.5), Duration::from_millis(51));
         assert_eq!(quantile(&v, 0.99), Duration::from_millis(99));
         assert_eq!(quantile(&v, 1.0), Duration::from_millis(100));
-        assert_eq!(quantile(&[], 0.5), Duration::ZERO);
+        assert_eq!(quantile::<Duration>(&[], 0.5), Duration::ZERO);
         let s = loop_stats(v, Duration::from_secs(2));
         assert_eq!(s.n, 100);
         assert!((s.actions_per_s - 50.0).abs() < 1e-9);

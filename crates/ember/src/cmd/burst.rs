@@ -10,7 +10,7 @@
 use crate::cmd::bench::{PoolMeasurement, local_image, loop_stats, measure_pool};
 use crate::cmd::cluster::{ControlArgs, find_agent};
 use crate::cmd::submit::pin;
-use crate::util::RegistryArgs;
+use crate::util::{RegistryArgs, quantile, span};
 use anyhow::{Context, bail};
 use ember_control::model::{DeploymentSpec, Millis, PinnedImage, Run, RunId, RunSpec, RunState};
 use ember_controld::client::ControlClient;
@@ -115,19 +115,8 @@ pub(crate) struct BurstStats {
     pub node_p99_ms: Millis,
 }
 
-/// Nearest-rank quantile of sorted values (the same rule as `bench warm`
-/// and `runs --stats`).
-fn quantile(sorted: &[Millis], q: f64) -> Millis {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 /// Figures of a burst from its runs' records.
 pub(crate) fn burst_stats(runs: &[Run]) -> BurstStats {
-    let span = |a: Option<Millis>, b: Option<Millis>| Some(b?.saturating_sub(a?));
     let sorted = |f: &dyn Fn(&Run) -> Option<Millis>| {
         let mut v: Vec<Millis> = runs.iter().filter_map(f).collect();
         v.sort_unstable();

@@ -1,6 +1,7 @@
 //! `ember runs`: runs and their start-time breakdown.
 
 use crate::cmd::cluster::ControlArgs;
+use crate::util::{quantile, span};
 use ember_control::model::Run;
 use std::process::ExitCode;
 
@@ -24,10 +25,6 @@ pub struct Args {
 /// One phase of the start: its name and how to get its duration.
 type Phase = (&'static str, fn(&Run) -> Option<u64>);
 
-fn span(a: Option<u64>, b: Option<u64>) -> Option<u64> {
-    Some(b?.saturating_sub(a?))
-}
-
 /// The phases `--stats` reports, in order.
 const PHASES: [Phase; 6] = [
     // Runs stored before `claimed` existed count placement in the queue.
@@ -44,14 +41,6 @@ const PHASES: [Phase; 6] = [
     }),
     ("total", |r| span(r.times.queued, r.times.process_started)),
 ];
-
-fn percentile(sorted: &[u64], q: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
 
 /// Runs `ember runs`.
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -73,9 +62,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             let mut v: Vec<u64> = started.iter().filter_map(|r| f(r)).collect();
             v.sort_unstable();
             let (p50, p90, p99, max) = (
-                percentile(&v, 0.5),
-                percentile(&v, 0.9),
-                percentile(&v, 0.99),
+                quantile(&v, 0.5),
+                quantile(&v, 0.9),
+                quantile(&v, 0.99),
                 v.last().copied().unwrap_or(0),
             );
             if args.json {
