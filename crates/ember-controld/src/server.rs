@@ -600,6 +600,9 @@ async fn get_logs(
         after: u64,
         rx: broadcast::Receiver<RunId>,
         done: bool,
+        /// The run was seen final: what the next read finds is all
+        /// there will be.
+        final_seen: bool,
     }
     let st = Follow {
         s,
@@ -607,6 +610,7 @@ async fn get_logs(
         after: 0,
         rx,
         done: false,
+        final_seen: false,
     };
     let stream = futures_util::stream::unfold(st, |mut f| async move {
         loop {
@@ -626,6 +630,7 @@ async fn get_logs(
                         )),
                     };
                 }
+                Ok(_) if f.final_seen => return None,
                 Ok(_) => {}
                 Err(e) => {
                     return Some((
@@ -639,9 +644,11 @@ async fn get_logs(
                 _ => true,
             };
             if finished {
-                // Nodes post all output before reporting the exit, so one
-                // last read after seeing the final state gets everything.
-                f.done = true;
+                // Nodes post all output before reporting the exit, so
+                // reading on after seeing the final state (until a read
+                // comes back empty) gets everything, including output
+                // appended between the last read and that check.
+                f.final_seen = true;
                 continue;
             }
             loop {
