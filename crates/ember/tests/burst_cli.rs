@@ -127,6 +127,11 @@ fn burst_of_500_starts_like_a_single_run() {
         })
         .collect();
     let baseline = median(single.clone());
+    // The bound scales with the slowest lone run: when the machine stalls
+    // (an fsync behind a build's writeback took 350 ms in one CI run), it
+    // stalls the burst too, and the test is about the burst's runs not
+    // delaying the first one, not about this machine's disk.
+    let slowest = single.iter().copied().fold(baseline, f64::max);
     let before: serde_json::Value = json(&["runs", "--json"]);
     let max_before = before
         .as_array()
@@ -142,9 +147,9 @@ fn burst_of_500_starts_like_a_single_run() {
     let burst = bench("500", &["--warmup", "0", "--no-raw"]);
     let burst_wall = t.elapsed();
     let first = num(&burst, "first_start_ms");
-    let bound = 3.0 * baseline + 300.0;
+    let bound = 3.0 * slowest + 300.0;
     eprintln!(
-        "single run (submit → process started): cold {} ms, warm {single:?} ms, median {baseline} ms; \
+        "single run (submit → process started): cold {} ms, warm {single:?} ms, median {baseline} ms, slowest {slowest} ms; \
          burst of 500: first start {first} ms (bound {bound} ms), p50 {} ms, p99 {} ms, \
          {:.0} runs/s, {:.1} s in all",
         cold["first_start_ms"],
@@ -203,8 +208,8 @@ fn burst_of_500_starts_like_a_single_run() {
         .collect();
     assert!(
         first <= bound,
-        "the first of 500 started after {first} ms; a lone warm run after {baseline} ms \
-         (bound 3 × that + 300 ms = {bound} ms). The first to start was {} (submitted +{} ms): \
+        "the first of 500 started after {first} ms; a lone warm run after {baseline} ms, \
+         {slowest} ms at the slowest (bound 3 × that + 300 ms = {bound} ms). The first to start was {} (submitted +{} ms): \
          {}; all 500 submitted in {} ms",
         earliest["id"],
         field(earliest, &["submitted_at"]) - first_submit,
