@@ -51,7 +51,8 @@ macro_rules! state_store_conformance {
             list_filters,
             restart_durability,
             logs,
-            batch_submit
+            batch_submit,
+            batch_reports
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -1017,4 +1018,105 @@ pub fn batch_submit(h: &dyn Harness) {
     assert_eq!(stored, ids, "exactly the good submits are stored");
     // They are claimable like any other.
     assert_eq!(s.claim_runs(&claim("a", 10)).expect("claim").len(), 3);
+}
+
+/// A node's reports on several runs in one call: each run's list applied
+/// in order, a refused report ending only its own run's list (what came
+/// before it stands), other nodes' runs and unknown runs refused one by
+/// one, and the batch's results in the batch's order.
+pub fn batch_reports(h: &dyn Harness) {
+    use crate::store::RunReports;
+    let c = clock();
+    let s = h.open(c.clone());
+    s.upsert_node(&node("n1", 4)).expect("node");
+    s.upsert_node(&node("n2", 4)).expect("node");
+    let submit = || {
+        s.submit_run(&RunSpec {
+            image: Some(image(1)),
+            ..RunSpec::default()
+        })
+        .expect("submit")
+        .run
+        .id
+    };
+    let (a, b, other, cancelled) = (submit(), submit(), submit(), submit());
+    for id in [a, b, cancelled] {
+        schedule(&*s, id, "n1");
+    }
+    schedule(&*s, other, "n2");
+    s.transition_run(cancelled, RunState::Scheduled, RunState::Cancelled)
+        .expect("cancel");
+    c.advance(5);
+    let exited = NodeReport::Exited {
+        code: 3,
+        runner_idle: true,
+    };
+    let batch = vec![
+        RunReports {
+            run: a,
+            reports: vec![
+                NodeReport::ImageReady,
+                NodeReport::RunnerReady,
+                NodeReport::Started,
+                exited.clone(),
+            ],
+        },
+        // Started twice: the second is refused, the first stands.
+        RunReports {
+            run: b,
+            reports: vec![NodeReport::Started, NodeReport::Started, exited.clone()],
+        },
+        RunReports {
+            run: other,
+            reports: vec![NodeReport::Started],
+        },
+        RunReports {
+            run: cancelled,
+            reports: vec![NodeReport::Started],
+        },
+        RunReports {
+            run: RunId(999_999),
+            reports: vec![NodeReport::Started],
+        },
+        RunReports {
+            run: a,
+            reports: Vec::new(),
+        },
+    ];
+    let out = s.report_batch("n1", &batch).expect("batch");
+    assert_eq!(out.len(), batch.len());
+    let ra = out[0].as_ref().expect("run a's reports apply");
+    assert_eq!(
+        (ra.id, ra.state, ra.exit_code),
+        (a, RunState::Failed, Some(3))
+    );
+    assert_eq!(ra.times.image_ready, Some(T0 + 5));
+    assert_eq!(ra.times.process_started, Some(T0 + 5));
+    assert!(
+        matches!(out[1], Err(StoreError::Transition { run, .. }) if run == b),
+        "{:?}",
+        out[1]
+    );
+    assert!(matches!(out[2], Err(StoreError::NotAssigned { run, .. }) if run == other));
+    assert!(matches!(out[3], Err(StoreError::NotAssigned { run, .. }) if run == cancelled));
+    assert!(matches!(
+        out[4],
+        Err(StoreError::RunNotFound(RunId(999_999)))
+    ));
+    assert!(
+        matches!(out[5], Err(StoreError::Invalid(_))),
+        "{:?}",
+        out[5]
+    );
+
+    let get = |id| s.get_run(id).expect("get").expect("exists");
+    assert_eq!(get(a).state, RunState::Failed);
+    let rb = get(b);
+    assert_eq!(
+        (rb.state, rb.exit_code),
+        (RunState::Running, None),
+        "b's first report stands, its list ends at the refused one"
+    );
+    assert_eq!(get(other).state, RunState::Scheduled);
+    assert_eq!(get(cancelled).state, RunState::Cancelled);
 }

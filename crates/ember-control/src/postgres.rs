@@ -44,7 +44,9 @@ use crate::model::{
 };
 use crate::model::{LogChunk, LogStream};
 use crate::rules::{self, Commit};
-use crate::store::{ClaimRequest, Clock, RunFilter, StateStore, StoreError, StoreEvent, Submitted};
+use crate::store::{
+    ClaimRequest, Clock, RunFilter, RunReports, StateStore, StoreError, StoreEvent, Submitted,
+};
 
 /// Schema migrations; `ember_schema.version` is the number applied. Append
 /// only: a released migration is never edited.
@@ -876,6 +878,33 @@ impl StateStore for PostgresStore {
             rules::apply_report(&mut run, node, report, now)?;
             db.save_run(&run)?;
             Ok(run)
+        })
+    }
+
+    fn report_batch(
+        &self,
+        node: &str,
+        batch: &[RunReports],
+    ) -> Result<Vec<Result<Run, StoreError>>, StoreError> {
+        // Rows are locked in the batch's order; another transaction that
+        // locks several of them in another order (mark_lost_runs) may
+        // deadlock with this one, and then `write` retries it.
+        self.write(Commit::Relaxed, |db, now| {
+            batch
+                .iter()
+                .map(|b| {
+                    let mut run = match db.load_run(b.run, true) {
+                        Ok(run) => run,
+                        Err(e @ StoreError::RunNotFound(_)) => return Ok(Err(e)),
+                        Err(e) => return Err(e),
+                    };
+                    let (changed, res) = rules::apply_reports(&mut run, node, &b.reports, now);
+                    if changed {
+                        db.save_run(&run)?;
+                    }
+                    Ok(res.map(|()| run))
+                })
+                .collect()
         })
     }
 

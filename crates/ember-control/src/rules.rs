@@ -180,6 +180,30 @@ pub(crate) fn apply_report(
     Ok(())
 }
 
+/// Applies a node's reports on `run` in order, each all or nothing: the
+/// first refused one ends the list and what came before it stands. Returns
+/// whether `run` changed (and so must be saved), and the refusal if any.
+pub(crate) fn apply_reports(
+    run: &mut Run,
+    node: &str,
+    reports: &[NodeReport],
+    now: Millis,
+) -> (bool, Result<(), StoreError>) {
+    if reports.is_empty() {
+        return (false, Err(ModelError::Empty { what: "reports" }.into()));
+    }
+    for (i, report) in reports.iter().enumerate() {
+        // A report that fails half-way (accepted, then refused to run)
+        // must leave no trace, as its own transaction would.
+        let mut next = run.clone();
+        if let Err(e) = apply_report(&mut next, node, report, now) {
+            return (i > 0, Err(e));
+        }
+        *run = next;
+    }
+    (true, Ok(()))
+}
+
 /// An active run on a node that stopped heartbeating becomes `lost`.
 pub(crate) fn mark_lost(run: &mut Run, now: Millis) -> Result<(), StoreError> {
     apply(run, RunState::Lost, now)?;

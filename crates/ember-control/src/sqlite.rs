@@ -28,7 +28,7 @@ use crate::model::{
 };
 use crate::model::{LogChunk, LogStream};
 use crate::rules::{self, Commit};
-use crate::store::{ClaimRequest, Clock, RunFilter, StateStore, StoreError, Submitted};
+use crate::store::{ClaimRequest, Clock, RunFilter, RunReports, StateStore, StoreError, Submitted};
 
 /// Schema migrations; `PRAGMA user_version` is the number applied. Append
 /// only: a released migration is never edited.
@@ -570,6 +570,28 @@ impl StateStore for SqliteStore {
             rules::apply_report(&mut run, node, report, now)?;
             save_run(tx, &run)?;
             Ok(run)
+        })
+    }
+
+    fn report_batch(
+        &self,
+        node: &str,
+        batch: &[RunReports],
+    ) -> Result<Vec<Result<Run, StoreError>>, StoreError> {
+        self.write(Commit::Relaxed, |tx, now| {
+            batch
+                .iter()
+                .map(|b| {
+                    let Some(mut run) = load_run(tx, b.run)? else {
+                        return Ok(Err(StoreError::RunNotFound(b.run)));
+                    };
+                    let (changed, res) = rules::apply_reports(&mut run, node, &b.reports, now);
+                    if changed {
+                        save_run(tx, &run)?;
+                    }
+                    Ok(res.map(|()| run))
+                })
+                .collect()
         })
     }
 

@@ -258,6 +258,36 @@ pub trait StateStore: Send + Sync {
     /// was declared lost are rejected.
     fn report(&self, node: &str, id: RunId, report: &NodeReport) -> Result<Run, StoreError>;
 
+    /// Reports of one node on several runs, in one transaction (one commit):
+    /// how a node's reports during a burst cost one write instead of one
+    /// per report. Each run's reports are applied in order, as
+    /// [`StateStore::report`] would, and a refused one ends that run's list
+    /// (what came before it stands); the runs are independent of each other.
+    /// The answer has one entry per entry of `batch`, in order. Only a
+    /// database failure fails the call (and then nothing is written).
+    fn report_batch(
+        &self,
+        node: &str,
+        batch: &[RunReports],
+    ) -> Result<Vec<Result<Run, StoreError>>, StoreError> {
+        batch
+            .iter()
+            .map(|b| {
+                let mut last = Err(StoreError::RunNotFound(b.run));
+                for r in &b.reports {
+                    last = self.report(node, b.run, r);
+                    if last.is_err() {
+                        break;
+                    }
+                }
+                match last {
+                    Err(e @ StoreError::Backend(_)) => Err(e),
+                    other => Ok(other),
+                }
+            })
+            .collect()
+    }
+
     /// Registers a node or records its heartbeat and inventory; the
     /// heartbeat time is the store's clock.
     fn upsert_node(&self, spec: &NodeSpec) -> Result<Node, StoreError>;
@@ -297,6 +327,15 @@ pub trait StateStore: Send + Sync {
         let _ = wake;
         Ok(())
     }
+}
+
+/// One run's reports in a [`StateStore::report_batch`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunReports {
+    /// The run.
+    pub run: RunId,
+    /// Its reports, oldest first.
+    pub reports: Vec<NodeReport>,
 }
 
 /// What [`StateStore::watch`] reports.
