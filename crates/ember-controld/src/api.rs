@@ -1,8 +1,9 @@
 //! Wire types of the control-plane API beyond the model in
 //! [`ember_control::model`], which the API speaks directly.
 
+pub use ember_control::RunReports;
 pub use ember_control::model::LogStream;
-use ember_control::model::{NodeReport, PinnedImage, Resources, Run, RunId};
+use ember_control::model::{NodeReport, PinnedImage, Resources, Run, RunId, RunState};
 use serde::{Deserialize, Serialize};
 
 /// One line of a node's work stream (`GET /v1/nodes/{id}/work`),
@@ -176,4 +177,30 @@ pub enum NodeEvents {
     One(NodeReport),
     /// Several, applied in order.
     Many(Vec<NodeReport>),
+}
+
+/// Largest batch `POST /v1/nodes/{id}/events` takes: a node never has more
+/// runs than slots, so a bigger batch is a bug or an attack.
+pub const MAX_EVENT_BATCH: usize = 4096;
+
+/// Answer of `POST /v1/nodes/{id}/events` (the body is a list of
+/// [`RunReports`]): one result per entry of the request, in its order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventResults {
+    /// The results.
+    pub results: Vec<EventResult>,
+}
+
+/// How one run's reports in a batch went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventResult {
+    /// The run.
+    pub run: RunId,
+    /// Its state after the reports, when all of them applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<RunState>,
+    /// Why one was refused (the reports before it stand), as the per-run
+    /// endpoint would have answered it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
 }

@@ -9,7 +9,7 @@ use ember_control::model::{
 };
 use serde::de::DeserializeOwned;
 
-use crate::api::{ErrorBody, LogStream, NodeEvents, SubmitResponse};
+use crate::api::{ErrorBody, EventResults, LogStream, NodeEvents, RunReports, SubmitResponse};
 
 /// Errors talking to the control plane.
 #[derive(Debug, thiserror::Error)]
@@ -304,6 +304,23 @@ impl ControlClient {
             self.req(reqwest::Method::POST, &path)
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(to_json(report)),
+        )
+        .await
+    }
+
+    /// `POST /v1/nodes/{node}/events`: reports on several runs in one
+    /// request; one result per entry, in order.
+    pub async fn report_batch(
+        &self,
+        node: &str,
+        batch: &[RunReports],
+    ) -> Result<EventResults, ClientError> {
+        let path = format!("/v1/nodes/{node}/events");
+        self.json(
+            &path,
+            self.req(reqwest::Method::POST, &path)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(to_json(&batch)),
         )
         .await
     }

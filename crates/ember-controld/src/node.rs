@@ -9,9 +9,12 @@
 //!        ─► release (runner back to idle) ─► Exited { code, runner_idle }
 //! ```
 //!
-//! Reports and output go out in order from one loop; reports that pile up
-//! while a request is in flight go out together as one request (a no-op
-//! run's RunnerReady, Started and Exited are often one request). The exit
+//! Each run's reports and output go out in order from one loop per run.
+//! Reports of all runs go through the node's one reporter, which posts
+//! whatever is queued as one request (`POST /v1/nodes/{id}/events`) while
+//! its previous request is in flight: at low load a report goes out at
+//! once; under a burst the reports of many runs share one request and one
+//! store transaction. The exit
 //! report says whether the runner is idle again, which is what lets the
 //! control plane hand it the next queued run with the same key at once;
 //! the heartbeat with the new inventory follows off the run's path.
@@ -42,9 +45,9 @@ use ember_pool::{
 use ember_registry::{RegistryClient, RegistryOptions};
 use ember_runtime::Runc;
 use ember_store::{ImageRecord, PullOptions, SilentProgress, Store};
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 
-use crate::api::{LogStream, NodeEvents, WorkMessage};
+use crate::api::{LogStream, RunReports, WorkMessage};
 use crate::client::{ClientError, ControlClient};
 
 /// Settings of a node agent.
@@ -154,6 +157,8 @@ struct Agent {
     prewarm_failed: Mutex<HashMap<String, Instant>>,
     slots: Arc<Semaphore>,
     inventory_changed: Notify,
+    /// Queue of the node's reporter ([`report_loop`]).
+    reporter: mpsc::UnboundedSender<ReportJob>,
 }
 
 /// Runs the node agent until `shutdown` completes; then destroys its
@@ -183,7 +188,9 @@ pub async fn run_node(
         ..Default::default()
     })?);
     let client = ControlClient::new(&cfg.control, cfg.token.clone())?;
+    let (reporter, reports) = mpsc::unbounded_channel();
     let agent = Arc::new(Agent {
+        reporter,
         slots: Arc::new(Semaphore::new(cfg.slots.max(1) as usize)),
         cfg,
         client,
@@ -200,11 +207,13 @@ pub async fn run_node(
     // Fail fast on a wrong URL or token, rather than retrying forever.
     agent.heartbeat().await?;
 
+    let reporter = tokio::spawn(report_loop(agent.clone(), reports));
     let hb = tokio::spawn(heartbeat_loop(agent.clone()));
     let work = tokio::spawn(work_loop(agent.clone()));
     shutdown.await;
     hb.abort();
     work.abort();
+    reporter.abort();
     // Runs in flight are cancelled: their runners are destroyed on release.
     let handles: Vec<_> = agent
         .runs
@@ -265,30 +274,79 @@ impl Agent {
         self.report_all(run, vec![r]).await;
     }
 
-    /// Posts `reports` (in order) in one request.
-    async fn report_all(&self, run: RunId, mut reports: Vec<NodeReport>) {
+    /// Hands `reports` (in order) to the reporter and waits until they are
+    /// through (applied, refused, or given up on), so what the caller sends
+    /// next reaches the control plane after them.
+    async fn report_all(&self, run: RunId, reports: Vec<NodeReport>) {
         tracing::debug!(run = %run, ?reports, "reporting");
-        let events = if reports.len() == 1 {
-            NodeEvents::One(reports.remove(0))
-        } else {
-            NodeEvents::Many(reports)
+        let (done, through) = oneshot::channel();
+        let job = ReportJob {
+            reports: RunReports { run, reports },
+            done,
         };
-        // A control plane that is restarting must still hear how the run
-        // went, or it would stay active forever: retry while it is
-        // unreachable. An answer (e.g. 409: cancelled or reassigned
-        // meanwhile) is final.
+        if self.reporter.send(job).is_ok() {
+            let _ = through.await;
+        }
+    }
+
+    /// Posts one batch of reports, retrying while the control plane is
+    /// unreachable: a control plane that is restarting must still hear how
+    /// the runs went, or they would stay active forever. An answer (say a
+    /// run cancelled or reassigned meanwhile) is final.
+    async fn post_reports(&self, batch: &[RunReports]) {
         for attempt in 0..REPORT_ATTEMPTS {
-            match self.client.report_events(&self.cfg.id, run, &events).await {
-                Ok(_) => return,
+            match self.client.report_batch(&self.cfg.id, batch).await {
+                Ok(answer) => {
+                    for r in answer.results {
+                        if let Some(e) = r.error {
+                            tracing::debug!(run = %r.run, error = %e.message, "report refused");
+                        }
+                    }
+                    return;
+                }
                 Err(e @ ClientError::Http { .. }) if attempt + 1 < REPORT_ATTEMPTS => {
-                    tracing::warn!(run = %run, error = %e, "report failed; retrying");
+                    tracing::warn!(runs = batch.len(), error = %e, "report failed; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 Err(e) => {
-                    tracing::debug!(run = %run, error = %e, "report refused");
+                    tracing::warn!(runs = batch.len(), error = %e, "reports refused");
                     return;
                 }
             }
+        }
+    }
+}
+
+/// One run's reports queued for the reporter, and whom to tell when they
+/// are through.
+struct ReportJob {
+    reports: RunReports,
+    done: oneshot::Sender<()>,
+}
+
+/// Most runs' reports in one request.
+const REPORT_BATCH: usize = 256;
+
+/// The node's one reporter: posts whatever reports are queued as one
+/// request, one request at a time. At low load that is a request per
+/// report, sent at once; under a burst, the reports of every run that
+/// moved while a request was in flight share the next one (and its
+/// transaction in the store), which is what keeps the control plane's
+/// work per run small.
+async fn report_loop(agent: Arc<Agent>, mut rx: mpsc::UnboundedReceiver<ReportJob>) {
+    let (mut batch, mut waiters) = (Vec::new(), Vec::new());
+    while let Some(job) = rx.recv().await {
+        batch.push(job.reports);
+        waiters.push(job.done);
+        while batch.len() < REPORT_BATCH {
+            let Ok(job) = rx.try_recv() else { break };
+            batch.push(job.reports);
+            waiters.push(job.done);
+        }
+        agent.post_reports(&batch).await;
+        batch.clear();
+        for w in waiters.drain(..) {
+            let _ = w.send(());
         }
     }
 }

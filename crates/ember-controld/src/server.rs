@@ -50,7 +50,10 @@ use ember_control::{Clock, StateStore, StoreError, StoreEvent};
 use serde::Serialize;
 use tokio::sync::{Notify, broadcast, mpsc};
 
-use crate::api::{ErrorBody, LogRecord, LogStream, NodeEvents, SubmitResponse, WorkMessage};
+use crate::api::{
+    ErrorBody, EventResult, EventResults, LogRecord, LogStream, MAX_EVENT_BATCH, NodeEvents,
+    RunReports, SubmitResponse, WorkMessage,
+};
 use crate::prewarm;
 
 /// How many queued runs one dispatcher round claims. Runs are placed and
@@ -146,17 +149,24 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, code) = self.status_and_code();
-        if let ApiError::Internal(detail) = &self {
+impl ApiError {
+    /// What a client is told: the code and, except for internal faults
+    /// (logged here), the message.
+    fn body(&self) -> ErrorBody {
+        if let ApiError::Internal(detail) = self {
             tracing::error!(%detail, "request failed");
         }
-        let body = ErrorBody {
-            error: code.to_owned(),
+        ErrorBody {
+            error: self.status_and_code().1.to_owned(),
             message: self.to_string(),
-        };
-        let mut resp = json_response(status, &body);
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status_and_code().0;
+        let mut resp = json_response(status, &self.body());
         if matches!(self, ApiError::Unauthorized) {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -405,6 +415,7 @@ fn router(state: Shared) -> Router {
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", put(put_node))
         .route("/v1/nodes/{id}/work", get(work_stream))
+        .route("/v1/nodes/{id}/events", post(node_events))
         .route("/v1/nodes/{id}/runs/{run}/events", post(node_event))
         .route("/v1/nodes/{id}/runs/{run}/logs", post(node_logs))
         .fallback(|uri: Uri| async move {
@@ -880,6 +891,101 @@ async fn node_event(
 /// A run just finished on `node` and left its runner idle: give that
 /// runner the oldest queued run with the same key at once, without a round
 /// through placement. Whether a run was handed over.
+/// A node's reports on several runs in one request and one transaction:
+/// what a node sends once reports pile up, so that a burst costs a request
+/// per batch rather than per report. Idle runners are handed their next
+/// runs in the same trip to the store.
+async fn node_events(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path(node): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    node_auth(&s, &headers)?;
+    let batch = parse_json::<Vec<RunReports>>(&body, "run events")?;
+    if batch.is_empty() {
+        return Err(ApiError::BadRequest("an empty list of run events".into()));
+    }
+    if batch.len() > MAX_EVENT_BATCH {
+        return Err(ApiError::BadRequest(format!(
+            "{} runs' events in one request; at most {MAX_EVENT_BATCH}",
+            batch.len()
+        )));
+    }
+    let ids: Vec<RunId> = batch.iter().map(|b| b.run).collect();
+    let n = node.clone();
+    let (out, handed) = s
+        .db(move |st| {
+            let out = st.report_batch(&n, &batch)?;
+            // A run that ended with its runner idle again: a queued run
+            // with its key can have the runner at once.
+            let mut handed = Vec::new();
+            let mut freed = 0usize;
+            for (b, r) in batch.iter().zip(&out) {
+                let Ok(run) = r else { continue };
+                if !run.state.is_final() {
+                    continue;
+                }
+                let idle = b.reports.iter().any(|r| {
+                    matches!(
+                        r,
+                        NodeReport::Exited {
+                            runner_idle: true,
+                            ..
+                        }
+                    )
+                });
+                let next = if idle {
+                    st.claim_for_runner(&n, &run.warm_key())
+                        .unwrap_or_else(|e| {
+                            tracing::warn!(node = %n, error = %e, "warm hand-off failed");
+                            None
+                        })
+                } else {
+                    None
+                };
+                match next {
+                    Some(next) => handed.push(next),
+                    None => freed += 1,
+                }
+            }
+            Ok((out, (handed, freed)))
+        })
+        .await?;
+    let (handed, freed) = handed;
+    for run in handed {
+        let id = run.id;
+        if !s.push(&node, WorkMessage::Assign { run: Box::new(run) }) {
+            tracing::warn!(node, run = %id, "node disconnected before the warm hand-off");
+        }
+    }
+    // A slot freed up that no hand-off took: the dispatcher may place.
+    if freed > 0 {
+        s.wake.notify_one();
+    }
+    let results = ids
+        .into_iter()
+        .zip(out)
+        .map(|(run, r)| match r {
+            Ok(after) => {
+                // Log followers stop at a final state.
+                let _ = s.log_events.send(run);
+                EventResult {
+                    run,
+                    state: Some(after.state),
+                    error: None,
+                }
+            }
+            Err(e) => EventResult {
+                run,
+                state: None,
+                error: Some(ApiError::from(e).body()),
+            },
+        })
+        .collect();
+    Ok(json_response(StatusCode::OK, &EventResults { results }))
+}
+
 async fn warm_handoff(s: &Shared, node: &str, finished: &Run) -> bool {
     let key = finished.warm_key();
     let n = node.to_owned();

@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ember_control::model::{NodeReport, NodeSpec, PinnedImage, RunSpec, RunState};
+use ember_control::RunReports;
+use ember_control::model::{NodeReport, NodeSpec, PinnedImage, RunId, RunSpec, RunState};
 use ember_control::sqlite::SqliteStore;
 use ember_control::store::SystemClock;
 use ember_controld::api::{LogRecord, LogStream, NodeEvents, WorkMessage};
@@ -200,6 +201,112 @@ async fn submit_push_report_logs_cancel() {
     );
     let again = c.cancel(run.id).await;
     assert_eq!(again.err().and_then(|e| e.status()), Some(409));
+}
+
+/// A node's reports on several runs in one request: per-run results in
+/// order, a refusal confined to its run, and a runner freed by one of the
+/// runs handed the next queued run of its key on the way.
+#[tokio::test]
+async fn reports_on_many_runs_in_one_request() {
+    let s = server().await;
+    let c = ControlClient::new(&s.url, Some("c".into())).expect("client");
+    let n = ControlClient::new(&s.url, Some("n".into())).expect("node client");
+    n.put_node(&NodeSpec {
+        id: "n1".into(),
+        slots: 2,
+        labels: Default::default(),
+        inventory: Default::default(),
+    })
+    .await
+    .expect("register");
+    let mut work = n.work("n1").await.expect("work stream");
+    let mut buf = Vec::new();
+    assert!(matches!(
+        next_msg(&mut work, &mut buf).await,
+        WorkMessage::Active { .. }
+    ));
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(c.submit(&spec(), None).await.expect("submit").run.id);
+    }
+    let (a, b, third) = (ids[0], ids[1], ids[2]);
+    for want in [a, b] {
+        let WorkMessage::Assign { run } = next_msg(&mut work, &mut buf).await else {
+            panic!("expected an assignment");
+        };
+        assert_eq!(run.id, want);
+    }
+    let batch = vec![
+        RunReports {
+            run: a,
+            reports: vec![
+                NodeReport::ImageReady,
+                NodeReport::RunnerReady,
+                NodeReport::Started,
+                NodeReport::Exited {
+                    code: 0,
+                    runner_idle: true,
+                },
+            ],
+        },
+        RunReports {
+            run: b,
+            reports: vec![NodeReport::Started, NodeReport::Started],
+        },
+        RunReports {
+            run: RunId(999_999),
+            reports: vec![NodeReport::Started],
+        },
+    ];
+    let answer = n.report_batch("n1", &batch).await.expect("batch");
+    let got: Vec<_> = answer
+        .results
+        .iter()
+        .map(|r| (r.run, r.state, r.error.as_ref().map(|e| e.error.as_str())))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (a, Some(RunState::Succeeded), None),
+            (b, None, Some("conflict")),
+            (RunId(999_999), None, Some("not_found")),
+        ]
+    );
+    assert_eq!(
+        c.run(b).await.expect("b").state,
+        RunState::Running,
+        "b's first report stands"
+    );
+    // a's runner is idle again: the queued run of its key goes to it.
+    let WorkMessage::Assign { run } = next_msg(&mut work, &mut buf).await else {
+        panic!("expected the warm hand-off");
+    };
+    assert_eq!((run.id, run.state), (third, RunState::Scheduled));
+
+    // Bad batches are refused whole, and only nodes may post.
+    let http = reqwest::Client::new();
+    let post = |token: &str, body: &str| {
+        http.post(format!("{}/v1/nodes/n1/events", s.url))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+    };
+    for bad in ["[]", "{", r#"[{"run": 1}]"#, r#"{"run": 1, "reports": []}"#] {
+        let resp = post("n", bad).await.expect("post");
+        assert_eq!(resp.status(), 400, "{bad}");
+        let body: serde_json::Value =
+            serde_json::from_slice(&resp.bytes().await.expect("body")).expect("json error");
+        assert_eq!(body["error"], "bad_request", "{bad}");
+    }
+    let resp = post("c", r#"[{"run": 1, "reports": [{"event": "started"}]}]"#)
+        .await
+        .expect("post");
+    assert_eq!(resp.status(), 401);
+    assert_eq!(
+        c.run(third).await.expect("third").state,
+        RunState::Scheduled
+    );
 }
 
 #[tokio::test]

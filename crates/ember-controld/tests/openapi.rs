@@ -90,7 +90,7 @@ async fn every_documented_operation_is_served() {
             }
         }
     }
-    assert_eq!(operations, 12, "every route is documented once");
+    assert_eq!(operations, 13, "every route is documented once");
     let _ = tx.send(());
 }
 
@@ -278,6 +278,26 @@ async fn documented_schemas_cover_what_the_server_sends() {
             break;
         }
     }
+
+    // The batch endpoint: the cancelled run's report is refused, in its
+    // result.
+    let resp = send(
+        reqwest::Method::POST,
+        "/v1/nodes/n1/events",
+        serde_json::json!([{"run": id, "reports": [{"event": "started"}]}]),
+    )
+    .await
+    .expect("batch");
+    assert!(resp.status().is_success());
+    let results = json(resp).await;
+    assert_documented(&doc, "EventResults", &schema("EventResults"), &results);
+    assert_documented(
+        &doc,
+        "EventResult",
+        &schema("EventResult"),
+        &results["results"][0],
+    );
+    assert_eq!(results["results"][0]["error"]["error"], "conflict");
 
     let run = json(get(&format!("/v1/runs/{id}")).await.expect("run")).await;
     assert_documented(&doc, "Run", &schema("Run"), &run);
