@@ -52,7 +52,8 @@ macro_rules! state_store_conformance {
             restart_durability,
             logs,
             batch_submit,
-            batch_reports
+            batch_reports,
+            batch_handoff
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -1119,4 +1120,52 @@ pub fn batch_reports(h: &dyn Harness) {
     );
     assert_eq!(get(other).state, RunState::Scheduled);
     assert_eq!(get(cancelled).state, RunState::Cancelled);
+}
+
+/// Several runners freed at once: each key takes its oldest queued run,
+/// a repeated key the next one, and a key with nothing queued gets
+/// nothing; all of it in one call.
+pub fn batch_handoff(h: &dyn Harness) {
+    let c = clock();
+    let s = h.open(c.clone());
+    s.upsert_node(&node("n1", 4)).expect("node");
+    s.create_deployment(&deployment("web", 1)).expect("create");
+    s.create_deployment(&deployment("api", 2)).expect("create");
+    let web: Vec<_> = (0..3)
+        .map(|_| s.submit_run(&of_deployment("web")).expect("submit").run)
+        .collect();
+    let api = s.submit_run(&of_deployment("api")).expect("submit").run;
+    c.advance(5);
+    let keys = vec![
+        web[0].warm_key(),
+        "nothing-queued".to_owned(),
+        api.warm_key(),
+        web[0].warm_key(),
+        api.warm_key(),
+    ];
+    let got: Vec<Option<RunId>> = s
+        .claim_for_runners("n1", &keys)
+        .expect("hand-offs")
+        .into_iter()
+        .map(|r| r.map(|r| r.id))
+        .collect();
+    assert_eq!(
+        got,
+        vec![Some(web[0].id), None, Some(api.id), Some(web[1].id), None]
+    );
+    for id in [web[0].id, web[1].id, api.id] {
+        let run = s.get_run(id).expect("get").expect("exists");
+        assert_eq!(
+            (run.state, run.node.as_deref(), run.times.scheduled),
+            (RunState::Scheduled, Some("n1"), Some(T0 + 5))
+        );
+    }
+    assert_eq!(
+        s.get_run(web[2].id).expect("get").map(|r| r.state),
+        Some(RunState::Queued)
+    );
+    assert!(matches!(
+        s.claim_for_runners("ghost", &keys),
+        Err(StoreError::NodeNotFound(_))
+    ));
 }

@@ -27,7 +27,7 @@
 //! from async code directly. Dropping the store is safe anywhere.
 //! Connections are plain TCP or Unix socket (no TLS).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -424,6 +424,59 @@ impl<C: GenericClient> Db<'_, C> {
         };
         let row = row.ok_or(StoreError::RunNotFound(id))?;
         parse(row.get::<_, &str>(0))
+    }
+
+    /// A node's labels, for matching runs' selectors.
+    fn node_labels(&mut self, node: &str) -> Result<BTreeMap<String, String>, StoreError> {
+        let row = self
+            .query_opt("SELECT body FROM nodes WHERE id = $1", &[&node])?
+            .ok_or_else(|| StoreError::NodeNotFound(node.to_owned()))?;
+        Ok(parse::<Node>(row.get::<_, &str>(0))?.spec.labels)
+    }
+
+    /// The warm hand-off of [`StateStore::claim_for_runner`], inside a
+    /// write transaction.
+    fn hand_off(
+        &mut self,
+        node: &str,
+        labels: &BTreeMap<String, String>,
+        warm_key: &str,
+        now: Millis,
+    ) -> Result<Option<Run>, StoreError> {
+        // Oldest first, skipping runs another replica is claiming, parsed
+        // one at a time (usually the first fits; this runs once per
+        // finished run in a burst). A few rows are locked first; only if
+        // none fits the node's labels does a wider look follow.
+        let mut after = 0_i64;
+        let mut found = None;
+        for page in [4_i64, 60] {
+            let rows = self.query(
+                "SELECT id, body FROM runs
+                 WHERE state = 'queued' AND warm_key = $1 AND id > $2
+                   AND (claimed_by IS NULL OR claim_expires <= $3)
+                 ORDER BY id LIMIT $4
+                 FOR UPDATE SKIP LOCKED",
+                &[&warm_key, &after, &millis_sql(now), &page],
+            )?;
+            for row in &rows {
+                after = row.get(0);
+                let run: Run = parse(row.get::<_, &str>(1))?;
+                if rules::selector_matches(&run, labels) {
+                    found = Some(run);
+                    break;
+                }
+            }
+            if found.is_some() || rows.len() < usize::try_from(page).unwrap_or(0) {
+                break;
+            }
+        }
+        let Some(mut run) = found else {
+            return Ok(None);
+        };
+        self.mark_served(&run.queue_key())?;
+        rules::hand_off(&mut run, node, now)?;
+        self.save_run(&run)?;
+        Ok(Some(run))
     }
 
     /// Writes the run's body and indexed columns; a run going back to the
@@ -831,44 +884,22 @@ impl StateStore for PostgresStore {
 
     fn claim_for_runner(&self, node: &str, warm_key: &str) -> Result<Option<Run>, StoreError> {
         self.write(Commit::Relaxed, |db, now| {
-            let row = db
-                .query_opt("SELECT body FROM nodes WHERE id = $1", &[&node])?
-                .ok_or_else(|| StoreError::NodeNotFound(node.to_owned()))?;
-            let labels = parse::<Node>(row.get::<_, &str>(0))?.spec.labels;
-            // Oldest first, skipping runs another replica is claiming, parsed
-            // one at a time (usually the first fits; this runs once per
-            // finished run in a burst). A few rows are locked first; only if
-            // none fits the node's labels does a wider look follow.
-            let mut after = 0_i64;
-            let mut found = None;
-            for page in [4_i64, 60] {
-                let rows = db.query(
-                    "SELECT id, body FROM runs
-                     WHERE state = 'queued' AND warm_key = $1 AND id > $2
-                       AND (claimed_by IS NULL OR claim_expires <= $3)
-                     ORDER BY id LIMIT $4
-                     FOR UPDATE SKIP LOCKED",
-                    &[&warm_key, &after, &millis_sql(now), &page],
-                )?;
-                for row in &rows {
-                    after = row.get(0);
-                    let run: Run = parse(row.get::<_, &str>(1))?;
-                    if rules::selector_matches(&run, &labels) {
-                        found = Some(run);
-                        break;
-                    }
-                }
-                if found.is_some() || rows.len() < usize::try_from(page).unwrap_or(0) {
-                    break;
-                }
-            }
-            let Some(mut run) = found else {
-                return Ok(None);
-            };
-            db.mark_served(&run.queue_key())?;
-            rules::hand_off(&mut run, node, now)?;
-            db.save_run(&run)?;
-            Ok(Some(run))
+            let labels = db.node_labels(node)?;
+            db.hand_off(node, &labels, warm_key, now)
+        })
+    }
+
+    fn claim_for_runners(
+        &self,
+        node: &str,
+        warm_keys: &[String],
+    ) -> Result<Vec<Option<Run>>, StoreError> {
+        self.write(Commit::Relaxed, |db, now| {
+            let labels = db.node_labels(node)?;
+            warm_keys
+                .iter()
+                .map(|k| db.hand_off(node, &labels, k, now))
+                .collect()
         })
     }
 

@@ -14,6 +14,7 @@
 //! (compare-and-set, claiming) cannot interleave with another connection's,
 //! whether that connection is in this process or another one.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -219,6 +220,54 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 
 fn millis_sql(ms: Millis) -> i64 {
     i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
+/// A node's labels, for matching runs' selectors.
+fn node_labels(conn: &Connection, node: &str) -> Result<BTreeMap<String, String>, StoreError> {
+    let body: Option<String> = conn
+        .prepare_cached("SELECT body FROM nodes WHERE id = ?1")?
+        .query_row([node], |r| r.get(0))
+        .optional()?;
+    let body = body.ok_or_else(|| StoreError::NodeNotFound(node.to_owned()))?;
+    Ok(serde_json::from_str::<Node>(&body)?.spec.labels)
+}
+
+/// The warm hand-off of [`StateStore::claim_for_runner`], inside a write
+/// transaction.
+fn hand_off_in(
+    tx: &Transaction<'_>,
+    node: &str,
+    labels: &BTreeMap<String, String>,
+    warm_key: &str,
+    now: Millis,
+) -> Result<Option<Run>, StoreError> {
+    // Oldest first, parsed one at a time: usually the first fits, and this
+    // runs once per finished run in a burst. The bound keeps one call cheap
+    // when many queued runs of the key want labels this node lacks.
+    let mut stmt = tx.prepare_cached(
+        "SELECT body FROM runs
+         WHERE state = 'queued' AND warm_key = ?1
+           AND (claimed_by IS NULL OR claim_expires <= ?2)
+         ORDER BY id LIMIT 64",
+    )?;
+    let mut rows = stmt.query(params![warm_key, millis_sql(now)])?;
+    let mut found = None;
+    while let Some(row) = rows.next()? {
+        let run: Run = serde_json::from_str(&row.get::<_, String>(0)?)?;
+        if rules::selector_matches(&run, labels) {
+            found = Some(run);
+            break;
+        }
+    }
+    drop(rows);
+    drop(stmt);
+    let Some(mut run) = found else {
+        return Ok(None);
+    };
+    mark_served(tx, &run.queue_key())?;
+    rules::hand_off(&mut run, node, now)?;
+    save_run(tx, &run)?;
+    Ok(Some(run))
 }
 
 fn load_run(conn: &Connection, id: RunId) -> Result<Option<Run>, StoreError> {
@@ -527,40 +576,22 @@ impl StateStore for SqliteStore {
 
     fn claim_for_runner(&self, node: &str, warm_key: &str) -> Result<Option<Run>, StoreError> {
         self.write(Commit::Relaxed, |tx, now| {
-            let body: Option<String> = tx
-                .prepare_cached("SELECT body FROM nodes WHERE id = ?1")?
-                .query_row([node], |r| r.get(0))
-                .optional()?;
-            let body = body.ok_or_else(|| StoreError::NodeNotFound(node.to_owned()))?;
-            let labels = serde_json::from_str::<Node>(&body)?.spec.labels;
-            // Oldest first, parsed one at a time: usually the first fits, and
-            // this runs once per finished run in a burst. The bound keeps one
-            // call cheap when many queued runs of the key want labels this
-            // node lacks.
-            let mut stmt = tx.prepare_cached(
-                "SELECT body FROM runs
-                 WHERE state = 'queued' AND warm_key = ?1
-                   AND (claimed_by IS NULL OR claim_expires <= ?2)
-                 ORDER BY id LIMIT 64",
-            )?;
-            let mut rows = stmt.query(params![warm_key, millis_sql(now)])?;
-            let mut found = None;
-            while let Some(row) = rows.next()? {
-                let run: Run = serde_json::from_str(&row.get::<_, String>(0)?)?;
-                if rules::selector_matches(&run, &labels) {
-                    found = Some(run);
-                    break;
-                }
-            }
-            drop(rows);
-            drop(stmt);
-            let Some(mut run) = found else {
-                return Ok(None);
-            };
-            mark_served(tx, &run.queue_key())?;
-            rules::hand_off(&mut run, node, now)?;
-            save_run(tx, &run)?;
-            Ok(Some(run))
+            let labels = node_labels(tx, node)?;
+            hand_off_in(tx, node, &labels, warm_key, now)
+        })
+    }
+
+    fn claim_for_runners(
+        &self,
+        node: &str,
+        warm_keys: &[String],
+    ) -> Result<Vec<Option<Run>>, StoreError> {
+        self.write(Commit::Relaxed, |tx, now| {
+            let labels = node_labels(tx, node)?;
+            warm_keys
+                .iter()
+                .map(|k| hand_off_in(tx, node, &labels, k, now))
+                .collect()
         })
     }
 

@@ -253,6 +253,21 @@ pub trait StateStore: Send + Sync {
     /// their group is recorded as served like a normal claim.
     fn claim_for_runner(&self, node: &str, warm_key: &str) -> Result<Option<Run>, StoreError>;
 
+    /// [`StateStore::claim_for_runner`] for several runners freed on `node`
+    /// at once (one warm key each; a key may repeat), in one transaction:
+    /// the runs handed off, one entry per key in order, `None` where
+    /// nothing waits for that runner.
+    fn claim_for_runners(
+        &self,
+        node: &str,
+        warm_keys: &[String],
+    ) -> Result<Vec<Option<Run>>, StoreError> {
+        warm_keys
+            .iter()
+            .map(|k| self.claim_for_runner(node, k))
+            .collect()
+    }
+
     /// A node's progress on a run. [`StoreError::NotAssigned`] if the run is
     /// not active on that node, which is how late reports from a node that
     /// was declared lost are rejected.

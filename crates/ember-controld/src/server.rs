@@ -918,8 +918,9 @@ async fn node_events(
         .db(move |st| {
             let out = st.report_batch(&n, &batch)?;
             // A run that ended with its runner idle again: a queued run
-            // with its key can have the runner at once.
-            let mut handed = Vec::new();
+            // with its key can have the runner at once. All such runners
+            // of the batch are handed their runs in one more transaction.
+            let mut keys = Vec::new();
             let mut freed = 0usize;
             for (b, r) in batch.iter().zip(&out) {
                 let Ok(run) = r else { continue };
@@ -935,18 +936,27 @@ async fn node_events(
                         }
                     )
                 });
-                let next = if idle {
-                    st.claim_for_runner(&n, &run.warm_key())
-                        .unwrap_or_else(|e| {
-                            tracing::warn!(node = %n, error = %e, "warm hand-off failed");
-                            None
-                        })
+                if idle {
+                    keys.push(run.warm_key());
                 } else {
-                    None
-                };
-                match next {
-                    Some(next) => handed.push(next),
-                    None => freed += 1,
+                    freed += 1;
+                }
+            }
+            let mut handed = Vec::new();
+            if !keys.is_empty() {
+                match st.claim_for_runners(&n, &keys) {
+                    Ok(next) => {
+                        for run in next {
+                            match run {
+                                Some(run) => handed.push(run),
+                                None => freed += 1,
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = %n, error = %e, "warm hand-off failed");
+                        freed += keys.len();
+                    }
                 }
             }
             Ok((out, (handed, freed)))
