@@ -22,6 +22,18 @@ BACKENDS=${BACKENDS:-sqlite postgres}
 # PostgreSQL settings beyond the defaults (which fsync every commit, like
 # the SQLite store's synchronous=FULL).
 PG_OPTS=${PG_OPTS:-}
+# PIN=NODE_CPUS/CONTROL_CPUS (e.g. 0/1): the node, its containers and the
+# raw pool measurement on NODE_CPUS; the control plane, PostgreSQL and the
+# bench client on CONTROL_CPUS. Stands in for a control plane on its own
+# machine, so the overhead is what the control plane costs the node and
+# not the CPU it takes from the containers. Empty: no pinning.
+PIN=${PIN:-}
+NODE_RUN=() CONTROL_RUN=() RAW_CPUS=()
+if [ -n "$PIN" ]; then
+  NODE_RUN=(taskset -c "${PIN%/*}")
+  CONTROL_RUN=(taskset -c "${PIN#*/}")
+  RAW_CPUS=(--raw-cpus "${PIN%/*}")
+fi
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 EMBER=${EMBER:-$ROOT/target/release/ember}
@@ -80,12 +92,12 @@ run_backend() {
   mkdir -p "$d"
   port=$(free_port)
   url=http://127.0.0.1:$port
-  "$EMBER" --log warn control --listen "127.0.0.1:$port" --db "$db" \
+  "${CONTROL_RUN[@]}" "$EMBER" --log warn control --listen "127.0.0.1:$port" --db "$db" \
     --client-token bench-client --node-token bench-node 2>"$d/control.log" &
   RUNNING=("$!")
   export EMBER_CONTROL=$url EMBER_TOKEN=bench-client
   for _ in $(seq 100); do "$EMBER" nodes >/dev/null 2>&1 && break; sleep 0.1; done
-  "$EMBER" --log warn --root "$d/node" node --control "$url" --token bench-node --id node-1 \
+  "${NODE_RUN[@]}" "$EMBER" --log warn --root "$d/node" node --control "$url" --token bench-node --id node-1 \
     --slots "$SLOTS" --agent "$AGENT" 2>"$d/node.log" &
   RUNNING+=("$!")
   local nodes=
@@ -98,8 +110,8 @@ run_backend() {
   for i in $(seq "$REPS"); do
     log "$name: burst $i/$REPS ($RUNS runs, $SLOTS slots)"
     # The bench's store and raw pool live apart from the node's.
-    if ! "$EMBER" --log warn --root "$W/bench-root" bench burst --image "$IMAGE" --runs "$RUNS" \
-      --submitters "$SUBMITTERS" --json >"$d/run-$i.json" 2>"$d/run-$i.err"; then
+    if ! "${CONTROL_RUN[@]}" "$EMBER" --log warn --root "$W/bench-root" bench burst --image "$IMAGE" --runs "$RUNS" \
+      --submitters "$SUBMITTERS" "${RAW_CPUS[@]}" --json >"$d/run-$i.json" 2>"$d/run-$i.err"; then
       echo "ember bench burst exited non-zero; its stderr:" >&2
       tail -n 20 "$d/run-$i.err" >&2
     fi
@@ -131,7 +143,7 @@ start_postgres() {
     -E UTF8 --locale=C >"$W/initdb.log" 2>&1
   port=$(free_port)
   # shellcheck disable=SC2086 # PG_OPTS is a list of -c options
-  runuser -u postgres -- "$bin/postgres" -D "$PG_DIR/data" -p "$port" -k "$PG_DIR" \
+  "${CONTROL_RUN[@]}" runuser -u postgres -- "$bin/postgres" -D "$PG_DIR/data" -p "$port" -k "$PG_DIR" \
     -c listen_addresses=127.0.0.1 -c max_connections=200 $PG_OPTS >"$W/postgres.log" 2>&1 &
   for _ in $(seq 100); do
     runuser -u postgres -- "$bin/pg_isready" -q -h 127.0.0.1 -p "$port" && break
@@ -174,7 +186,7 @@ cpu=$(lscpu | awk -F: '/Model name/ {gsub(/^ +/,"",$2); print $2; exit}')
 conditions="$(date -u +%Y-%m-%dT%H:%MZ), Linux $(uname -r), $(nproc) CPUs ($cpu), $(free -g | awk '/Mem/ {print $2}') GiB; \
 load average $LOAD_START at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end; $(df --output=fstype "$W" | tail -n 1) work dir; \
 ember $("$EMBER" --version | awk '{print $2}') (git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)); \
-one node with $SLOTS slots and the control plane on loopback; $RUNS runs of \`true\` in the busybox fixture per burst, \
+one node with $SLOTS slots and the control plane on loopback${PIN:+, pinned: node, containers and raw pool on CPU ${PIN%/*}, control plane, client and PostgreSQL on CPU ${PIN#*/}}; $RUNS runs of \`true\` in the busybox fixture per burst, \
 $SUBMITTERS submits in flight, $REPS bursts per store${PG_VERSION:+; $PG_VERSION}"
 python3 - "$W" "$OUT" "$conditions" "${DONE[@]}" <<'PY'
 import json, statistics, sys

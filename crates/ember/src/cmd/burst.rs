@@ -70,6 +70,11 @@ pub struct Args {
     /// Skip the raw pool measurement (and so the overhead).
     #[arg(long)]
     pub no_raw: bool,
+    /// CPUs the raw pool measurement may use (e.g. `0` or `0,1`), so it
+    /// can be given the same CPUs as the node when the node is pinned
+    /// (`taskset`) apart from the control plane [default: any].
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub raw_cpus: Vec<usize>,
     /// Give up waiting for the runs after this many seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 600)]
     pub timeout: u64,
@@ -301,7 +306,11 @@ pub async fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
                 root.join("bench").display()
             ));
             let bench = root.join("bench");
+            let cpus = args.raw_cpus.clone();
             let measured = tokio::task::spawn_blocking(move || {
+                // The pool's threads and the runtimes they start inherit
+                // this thread's CPUs; the thread gets its own back after.
+                let _pinned = Pinned::to(&cpus)?;
                 let runc = Runc::new(bench.join("runc"));
                 measure_pool(
                     &bench,
@@ -482,6 +491,37 @@ async fn submit_all(
     }
     ids.sort_unstable();
     (ids, errors, t.elapsed())
+}
+
+/// The calling thread restricted to some CPUs until this is dropped.
+struct Pinned(Option<nix::sched::CpuSet>);
+
+impl Pinned {
+    /// Pins the calling thread to `cpus` (none: leaves it alone).
+    fn to(cpus: &[usize]) -> anyhow::Result<Pinned> {
+        use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+        use nix::unistd::Pid;
+        if cpus.is_empty() {
+            return Ok(Pinned(None));
+        }
+        let before = sched_getaffinity(Pid::from_raw(0)).context("reading this thread's CPUs")?;
+        let mut set = CpuSet::new();
+        for &c in cpus {
+            set.set(c)
+                .with_context(|| format!("CPU {c} is out of range"))?;
+        }
+        sched_setaffinity(Pid::from_raw(0), &set)
+            .with_context(|| format!("pinning the raw pool to CPUs {cpus:?}"))?;
+        Ok(Pinned(Some(before)))
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        if let Some(before) = &self.0 {
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), before);
+        }
+    }
 }
 
 /// Fetches the records of `ids`, 64 requests in flight.
