@@ -50,6 +50,11 @@ source "$ROOT/scripts/lib.sh"
 
 log() { echo "== $*" >&2; }
 
+# cpu_ms PID: CPU time (user + system) the process has used, in ms.
+cpu_ms() {
+  awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); print int(($12 + $13) * 1000 / hz) }' "/proc/$1/stat"
+}
+
 # stop PID...: SIGTERM, then wait (the node destroys its runners on the way out).
 stop() {
   for p in "$@"; do kill "$p" 2>/dev/null || true; done
@@ -109,13 +114,25 @@ run_backend() {
   case $nodes in *'"node-1"'*) ;; *) echo "the node did not register:" >&2; cat "$d/node.log" >&2; return 1 ;; esac
   for i in $(seq "$REPS"); do
     log "$name: burst $i/$REPS ($RUNS runs, $SLOTS slots)"
+    local c0 n0 c1 n1
+    c0=$(cpu_ms "${RUNNING[0]}") n0=$(cpu_ms "${RUNNING[1]}")
     # The bench's store and raw pool live apart from the node's.
     if ! "${CONTROL_RUN[@]}" "$EMBER" --log warn --root "$W/bench-root" bench burst --image "$IMAGE" --runs "$RUNS" \
       --submitters "$SUBMITTERS" "${RAW_CPUS[@]}" --json >"$d/run-$i.json" 2>"$d/run-$i.err"; then
       echo "ember bench burst exited non-zero; its stderr:" >&2
       tail -n 20 "$d/run-$i.err" >&2
     fi
-    jq -r '"   \(.runs_per_s|floor) runs/s, first start \(.first_start_ms) ms, p50 \(.p50_ms) ms, p99 \(.p99_ms) ms, failed \(.failed); raw \(.raw_runs_per_s // 0|floor) runs/s, overhead \((.overhead // 0) * 100 | floor) %"' \
+    # CPU the control plane and the node used per run of the burst (the
+    # node's figure leaves out the containers; the control plane's leaves
+    # out PostgreSQL's own processes). Read after the raw measurement, when
+    # both are idle again, so it is the burst's and the warm-up's.
+    c1=$(cpu_ms "${RUNNING[0]}") n1=$(cpu_ms "${RUNNING[1]}")
+    if [ -s "$d/run-$i.json" ]; then
+      jq -c --argjson c $((c1 - c0)) --argjson n $((n1 - n0)) \
+        '. + {control_cpu_ms_per_run: ($c / (.runs + .warmup)), node_cpu_ms_per_run: ($n / (.runs + .warmup))}' \
+        "$d/run-$i.json" >"$d/run-$i.json.tmp" && mv "$d/run-$i.json.tmp" "$d/run-$i.json"
+    fi
+    jq -r '"   \(.runs_per_s|floor) runs/s, first start \(.first_start_ms) ms, p50 \(.p50_ms) ms, p99 \(.p99_ms) ms, failed \(.failed); raw \(.raw_runs_per_s // 0|floor) runs/s, overhead \((.overhead // 0) * 100 | floor) %; CPU per run: control \(.control_cpu_ms_per_run // 0 | . * 100 | floor / 100) ms, node \(.node_cpu_ms_per_run // 0 | . * 100 | floor / 100) ms"' \
       "$d/run-$i.json" >&2 || true
   done
   # The node first, so it reports and destroys its runners while the
@@ -192,7 +209,8 @@ python3 - "$W" "$OUT" "$conditions" "${DONE[@]}" <<'PY'
 import json, statistics, sys
 w, out, conditions, backends = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 fields = ["runs_per_s", "first_start_ms", "p50_ms", "p99_ms", "failed",
-          "raw_runs_per_s", "overhead", "submit_ms", "queue_p50_ms", "node_p50_ms"]
+          "raw_runs_per_s", "overhead", "submit_ms", "queue_p50_ms", "node_p50_ms",
+          "control_cpu_ms_per_run", "node_cpu_ms_per_run"]
 result = {"conditions": conditions, "backends": {}}
 for b in backends:
     runs = []
@@ -219,8 +237,8 @@ def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 lines = [f"# ember bench burst ({conditions.split(',')[0]})", "",
-         "| store | runs/s | first start | p50 / p99 submit → started | failed | raw pool runs/s | overhead |",
-         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+         "| store | runs/s | first start | p50 / p99 submit → started | failed | raw pool runs/s | overhead | CPU per run: control / node |",
+         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
 for b, r in result["backends"].items():
     m = r["median"]
     lines.append(
@@ -228,9 +246,12 @@ for b, r in result["backends"].items():
         f"| {fmt(m['first_start_ms'], '.0f')} ms | {fmt(m['p50_ms'], '.0f')} / {fmt(m['p99_ms'], '.0f')} ms "
         f"| {fmt(m['failed'], '.0f')} | {fmt(m['raw_runs_per_s'], ',.0f')} "
         f"| {fmt(None if m['overhead'] is None else m['overhead'] * 100, '.0f')} % "
-        f"({', '.join(format(v * 100, '.0f') for v in m['overhead_all'])}) |")
+        f"({', '.join(format(v * 100, '.0f') for v in m['overhead_all'])}) "
+        f"| {fmt(m['control_cpu_ms_per_run'], '.2f')} / {fmt(m['node_cpu_ms_per_run'], '.2f')} ms |")
 lines += ["", "Medians of the bursts (each value in parentheses); overhead = 1 - burst runs/s / raw runs/s, "
-          "per burst, the raw pool measured right after it in the same invocation (target ≤ 20 %).",
+          "per burst, the raw pool measured right after it in the same invocation (target ≤ 20 %). "
+          "CPU per run: user + system time of the `ember control` and `ember node` processes over the burst "
+          "and its warm-up (PostgreSQL's processes and the containers not included).",
           "", "Conditions: " + conditions + "."]
 with open(f"{out}/latest.md", "w") as f:
     f.write("\n".join(lines) + "\n")

@@ -131,6 +131,11 @@ impl SqliteStore {
         // FULL: an acknowledged submit survives a power cut, not just a
         // process crash; it costs one fsync of the WAL per commit.
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // A 64 MiB page cache (the default is 2 MiB) and reads through
+        // mmap: under a burst the control plane spent a sixth of its CPU
+        // refilling the page cache (malloc and first-touch page faults);
+        // with these a run cost 0.75 instead of 0.86 ms of its CPU.
+        conn.execute_batch("PRAGMA cache_size = -65536; PRAGMA mmap_size = 268435456;")?;
         Self::init(conn, clock, true)
     }
 

@@ -146,6 +146,10 @@ struct Agent {
     /// Images pulled by this process, by the digest the control plane
     /// pinned (which may be an index's), so repeat runs skip the registry.
     images: Mutex<HashMap<String, ImageRecord>>,
+    /// Images as the pool runs them, by manifest digest: content-addressed,
+    /// so never stale, and a warm run need not read and parse the image
+    /// config again.
+    runner_images: Mutex<HashMap<Digest, RunnerImage>>,
     /// Pool runner key → the control plane's warm key, so idle runners can
     /// be reported in the control plane's terms.
     keys: Mutex<HashMap<String, String>>,
@@ -198,6 +202,7 @@ pub async fn run_node(
         registry,
         pool: pool.clone(),
         images: Mutex::new(HashMap::new()),
+        runner_images: Mutex::new(HashMap::new()),
         keys: Mutex::new(HashMap::new()),
         runs: Mutex::new(HashMap::new()),
         prewarming: Mutex::new(HashMap::new()),
@@ -254,6 +259,25 @@ impl Agent {
             }
         }
         inv
+    }
+
+    /// `record` as the pool runs it, read from the store the first time.
+    fn runner_image(&self, record: &ImageRecord) -> Result<RunnerImage, String> {
+        if let Some(image) = self
+            .runner_images
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&record.manifest)
+        {
+            return Ok(image.clone());
+        }
+        let image = RunnerImage::from_store(&self.store, record)
+            .map_err(|e| format!("reading the image config: {e}"))?;
+        self.runner_images
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(record.manifest.clone(), image.clone());
+        Ok(image)
     }
 
     async fn heartbeat(self: &Arc<Self>) -> Result<(), ClientError> {
@@ -775,8 +799,7 @@ fn exec_blocking(
     handle: &RunHandle,
     tx: &mpsc::UnboundedSender<Event>,
 ) -> Result<(i32, bool), String> {
-    let image = RunnerImage::from_store(&agent.store, record)
-        .map_err(|e| format!("reading the image config: {e}"))?;
+    let image = agent.runner_image(record)?;
     let argv = ember_runtime::spec::process_args(&image.config, Some(&run.command))
         .map_err(|e| format!("command: {e}"))?;
     let spec = RunnerSpec::new(image, shape_of(&run.resources), run.recycle_key.clone());
