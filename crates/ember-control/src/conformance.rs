@@ -1053,7 +1053,9 @@ pub fn batch_reports(h: &dyn Harness) {
         runner_idle: true,
     };
     let batch = vec![
+        // Dated by the node: 3, 2, 1 and 0 ms before the call.
         RunReports {
+            ages_ms: vec![3, 2, 1, 0],
             run: a,
             reports: vec![
                 NodeReport::ImageReady,
@@ -1062,24 +1064,30 @@ pub fn batch_reports(h: &dyn Harness) {
                 exited.clone(),
             ],
         },
-        // Started twice: the second is refused, the first stands.
+        // Started twice: the second is refused, the first stands. Its age
+        // would date it before the run was scheduled: it is not.
         RunReports {
+            ages_ms: vec![100],
             run: b,
             reports: vec![NodeReport::Started, NodeReport::Started, exited.clone()],
         },
         RunReports {
+            ages_ms: Vec::new(),
             run: other,
             reports: vec![NodeReport::Started],
         },
         RunReports {
+            ages_ms: Vec::new(),
             run: cancelled,
             reports: vec![NodeReport::Started],
         },
         RunReports {
+            ages_ms: Vec::new(),
             run: RunId(999_999),
             reports: vec![NodeReport::Started],
         },
         RunReports {
+            ages_ms: Vec::new(),
             run: a,
             reports: Vec::new(),
         },
@@ -1091,8 +1099,11 @@ pub fn batch_reports(h: &dyn Harness) {
         (ra.id, ra.state, ra.exit_code),
         (a, RunState::Failed, Some(3))
     );
-    assert_eq!(ra.times.image_ready, Some(T0 + 5));
-    assert_eq!(ra.times.process_started, Some(T0 + 5));
+    let t = &ra.times;
+    assert_eq!(
+        (t.image_ready, t.runner_ready, t.process_started, t.finished),
+        (Some(T0 + 2), Some(T0 + 3), Some(T0 + 4), Some(T0 + 5))
+    );
     assert!(
         matches!(out[1], Err(StoreError::Transition { run, .. }) if run == b),
         "{:?}",
@@ -1118,6 +1129,7 @@ pub fn batch_reports(h: &dyn Harness) {
         (RunState::Running, None),
         "b's first report stands, its list ends at the refused one"
     );
+    assert_eq!(rb.times.process_started, rb.times.scheduled);
     assert_eq!(get(other).state, RunState::Scheduled);
     assert_eq!(get(cancelled).state, RunState::Cancelled);
 }

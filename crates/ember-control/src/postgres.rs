@@ -929,7 +929,8 @@ impl StateStore for PostgresStore {
                         Err(e @ StoreError::RunNotFound(_)) => return Ok(Err(e)),
                         Err(e) => return Err(e),
                     };
-                    let (changed, res) = rules::apply_reports(&mut run, node, &b.reports, now);
+                    let (changed, res) =
+                        rules::apply_reports(&mut run, node, &b.reports, &b.ages_ms, now);
                     if changed {
                         db.save_run(&run)?;
                     }

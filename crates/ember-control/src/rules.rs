@@ -183,20 +183,42 @@ pub(crate) fn apply_report(
 /// Applies a node's reports on `run` in order, each all or nothing: the
 /// first refused one ends the list and what came before it stands. Returns
 /// whether `run` changed (and so must be saved), and the refusal if any.
+///
+/// `ages_ms[i]` dates report `i` that long before `now` (see
+/// [`RunReports::ages_ms`](crate::RunReports::ages_ms)), but never before
+/// the run's latest recorded time nor before the report ahead of it.
 pub(crate) fn apply_reports(
     run: &mut Run,
     node: &str,
     reports: &[NodeReport],
+    ages_ms: &[Millis],
     now: Millis,
 ) -> (bool, Result<(), StoreError>) {
     if reports.is_empty() {
         return (false, Err(ModelError::Empty { what: "reports" }.into()));
     }
+    let t = &run.times;
+    let mut floor = [
+        t.queued,
+        t.claimed,
+        t.scheduled,
+        t.image_ready,
+        t.runner_ready,
+        t.process_started,
+    ]
+    .into_iter()
+    .flatten()
+    .max()
+    .unwrap_or(0)
+    .min(now);
     for (i, report) in reports.iter().enumerate() {
+        let age = ages_ms.get(i).copied().unwrap_or(0);
+        let at = now.saturating_sub(age).max(floor);
+        floor = at;
         // A report that fails half-way (accepted, then refused to run)
         // must leave no trace, as its own transaction would.
         let mut next = run.clone();
-        if let Err(e) = apply_report(&mut next, node, report, now) {
+        if let Err(e) = apply_report(&mut next, node, report, at) {
             return (i > 0, Err(e));
         }
         *run = next;

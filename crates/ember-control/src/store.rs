@@ -351,6 +351,25 @@ pub struct RunReports {
     pub run: RunId,
     /// Its reports, oldest first.
     pub reports: Vec<NodeReport>,
+    /// How long before the request each report happened, in ms, as the
+    /// node measured it (missing entries: 0). A node that holds a report
+    /// back to send it with the next one, or that queued it behind a
+    /// request in flight, still gets the report's time recorded, not the
+    /// time it arrived. The store never dates a report before the run's
+    /// previous one nor after now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ages_ms: Vec<Millis>,
+}
+
+impl RunReports {
+    /// `reports` of `run`, all as of now.
+    pub fn new(run: RunId, reports: Vec<NodeReport>) -> Self {
+        RunReports {
+            run,
+            reports,
+            ages_ms: Vec::new(),
+        }
+    }
 }
 
 /// What [`StateStore::watch`] reports.

@@ -295,17 +295,19 @@ impl Agent {
     }
 
     async fn report(&self, run: RunId, r: NodeReport) {
-        self.report_all(run, vec![r]).await;
+        self.report_all(run, vec![(r, Instant::now())]).await;
     }
 
     /// Hands `reports` (in order) to the reporter and waits until they are
     /// through (applied, refused, or given up on), so what the caller sends
     /// next reaches the control plane after them.
-    async fn report_all(&self, run: RunId, reports: Vec<NodeReport>) {
+    async fn report_all(&self, run: RunId, reports: Vec<(NodeReport, Instant)>) {
         tracing::debug!(run = %run, ?reports, "reporting");
         let (done, through) = oneshot::channel();
+        let (reports, at): (Vec<_>, Vec<_>) = reports.into_iter().unzip();
         let job = ReportJob {
-            reports: RunReports { run, reports },
+            reports: RunReports::new(run, reports),
+            at,
             done,
         };
         if self.reporter.send(job).is_ok() {
@@ -345,7 +347,25 @@ impl Agent {
 /// are through.
 struct ReportJob {
     reports: RunReports,
+    /// When each report happened, for its age at sending.
+    at: Vec<Instant>,
     done: oneshot::Sender<()>,
+}
+
+impl ReportJob {
+    /// The reports, dated relative to now.
+    fn dated(self) -> (RunReports, oneshot::Sender<()>) {
+        let mut reports = self.reports;
+        let ages: Vec<u64> = self
+            .at
+            .iter()
+            .map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX))
+            .collect();
+        if ages.iter().any(|&a| a > 0) {
+            reports.ages_ms = ages;
+        }
+        (reports, self.done)
+    }
 }
 
 /// Most runs' reports in one request.
@@ -360,12 +380,15 @@ const REPORT_BATCH: usize = 256;
 async fn report_loop(agent: Arc<Agent>, mut rx: mpsc::UnboundedReceiver<ReportJob>) {
     let (mut batch, mut waiters) = (Vec::new(), Vec::new());
     while let Some(job) = rx.recv().await {
-        batch.push(job.reports);
-        waiters.push(job.done);
-        while batch.len() < REPORT_BATCH {
+        let mut jobs = vec![job];
+        while jobs.len() < REPORT_BATCH {
             let Ok(job) = rx.try_recv() else { break };
-            batch.push(job.reports);
-            waiters.push(job.done);
+            jobs.push(job);
+        }
+        for job in jobs {
+            let (reports, done) = job.dated();
+            batch.push(reports);
+            waiters.push(done);
         }
         agent.post_reports(&batch).await;
         batch.clear();
@@ -662,9 +685,32 @@ async fn prewarm(agent: &Arc<Agent>, order: &PrewarmOrder) -> Result<u32, String
 
 /// What the blocking executor tells the async side, in order.
 enum Event {
-    Report(NodeReport),
+    /// A report, and when it happened.
+    Report(NodeReport, Instant),
     Output(LogStream, Vec<u8>),
 }
+
+impl Event {
+    fn report(r: NodeReport) -> Event {
+        Event::Report(r, Instant::now())
+    }
+
+    /// Image and runner ready: progress worth a request of its own only
+    /// when the process does not follow at once.
+    fn is_milestone(&self) -> bool {
+        matches!(
+            self,
+            Event::Report(NodeReport::ImageReady | NodeReport::RunnerReady, _)
+        )
+    }
+}
+
+/// How long a run's image-ready and runner-ready reports wait for the
+/// next report to travel with. On a warm start the process starts well
+/// within it, so a run costs the control plane one request and one row
+/// update fewer; a cold runner (hundreds of ms) still shows its progress.
+/// The reports keep their own times either way.
+const MILESTONE_HOLD: Duration = Duration::from_millis(20);
 
 async fn execute(agent: &Arc<Agent>, run: Run, handle: Arc<RunHandle>) {
     let id = run.id;
@@ -692,7 +738,7 @@ async fn execute(agent: &Arc<Agent>, run: Run, handle: Arc<RunHandle>) {
     }
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
-    let _ = tx.send(Event::Report(NodeReport::ImageReady));
+    let _ = tx.send(Event::report(NodeReport::ImageReady));
     let exec = {
         let agent = agent.clone();
         let run = run.clone();
@@ -701,7 +747,7 @@ async fn execute(agent: &Arc<Agent>, run: Run, handle: Arc<RunHandle>) {
                 Ok((code, runner_idle)) => NodeReport::Exited { code, runner_idle },
                 Err(error) => NodeReport::Failed { error },
             };
-            let _ = tx.send(Event::Report(last));
+            let _ = tx.send(Event::report(last));
         })
     };
     // Events are posted in order, so every byte of output is stored before
@@ -713,10 +759,20 @@ async fn execute(agent: &Arc<Agent>, run: Run, handle: Arc<RunHandle>) {
         while let Ok(ev) = rx.try_recv() {
             pending.push(ev);
         }
+        if pending.iter().all(Event::is_milestone) {
+            let until = tokio::time::Instant::now() + MILESTONE_HOLD;
+            while let Ok(Some(ev)) = tokio::time::timeout_at(until, rx.recv()).await {
+                let last = !ev.is_milestone();
+                pending.push(ev);
+                if last {
+                    break;
+                }
+            }
+        }
         let mut reports = Vec::new();
         for ev in pending.drain(..) {
             match ev {
-                Event::Report(r) => reports.push(r),
+                Event::Report(r, at) => reports.push((r, at)),
                 Event::Output(stream, data) => {
                     if !reports.is_empty() {
                         agent.report_all(id, std::mem::take(&mut reports)).await;
@@ -812,7 +868,7 @@ fn exec_blocking(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(lease.key().as_str().to_owned(), run.warm_key());
-    let _ = tx.send(Event::Report(NodeReport::RunnerReady));
+    let _ = tx.send(Event::report(NodeReport::RunnerReady));
     if handle.cancelled.load(Ordering::SeqCst) {
         agent.pool.release(lease, Outcome::Succeeded);
         return Err("cancelled before it started".into());
@@ -829,7 +885,7 @@ fn exec_blocking(
         &mut |started| {
             *handle.exec.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some((canceller.clone(), started.exec_id));
-            let _ = tx.send(Event::Report(NodeReport::Started));
+            let _ = tx.send(Event::report(NodeReport::Started));
             // A cancel that arrived between the check above and now.
             if handle.cancelled.load(Ordering::SeqCst) {
                 let _ = canceller.cancel(started.exec_id, SIGKILL);

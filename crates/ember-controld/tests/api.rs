@@ -238,6 +238,7 @@ async fn reports_on_many_runs_in_one_request() {
     }
     let batch = vec![
         RunReports {
+            ages_ms: Vec::new(),
             run: a,
             reports: vec![
                 NodeReport::ImageReady,
@@ -250,10 +251,12 @@ async fn reports_on_many_runs_in_one_request() {
             ],
         },
         RunReports {
+            ages_ms: Vec::new(),
             run: b,
             reports: vec![NodeReport::Started, NodeReport::Started],
         },
         RunReports {
+            ages_ms: Vec::new(),
             run: RunId(999_999),
             reports: vec![NodeReport::Started],
         },
