@@ -695,22 +695,27 @@ impl Event {
         Event::Report(r, Instant::now())
     }
 
-    /// Image and runner ready: progress worth a request of its own only
-    /// when the process does not follow at once.
+    /// Image ready, runner ready, process started: progress worth a
+    /// request of its own only when the next report does not follow at
+    /// once.
     fn is_milestone(&self) -> bool {
         matches!(
             self,
-            Event::Report(NodeReport::ImageReady | NodeReport::RunnerReady, _)
+            Event::Report(
+                NodeReport::ImageReady | NodeReport::RunnerReady | NodeReport::Started,
+                _
+            )
         )
     }
 }
 
-/// How long a run's image-ready and runner-ready reports wait for the
-/// next report to travel with. On a warm start the process starts well
-/// within it, so a run costs the control plane one request and one row
-/// update fewer; a cold runner (hundreds of ms) still shows its progress.
-/// The reports keep their own times either way.
-const MILESTONE_HOLD: Duration = Duration::from_millis(20);
+/// How long a run's progress reports wait for the next report to travel
+/// with. On a warm start the process starts well within it, and a short
+/// one exits within it too, so such a run costs the control plane one
+/// report row update instead of two or three; a cold runner (hundreds of
+/// ms) or a longer process still shows its progress this much later. The
+/// reports keep their own times either way, and output is never held.
+const MILESTONE_HOLD: Duration = Duration::from_millis(5);
 
 async fn execute(agent: &Arc<Agent>, run: Run, handle: Arc<RunHandle>) {
     let id = run.id;
