@@ -888,9 +888,6 @@ async fn node_event(
     Ok(json_response(StatusCode::OK, &run))
 }
 
-/// A run just finished on `node` and left its runner idle: give that
-/// runner the oldest queued run with the same key at once, without a round
-/// through placement. Whether a run was handed over.
 /// A node's reports on several runs in one request and one transaction:
 /// what a node sends once reports pile up, so that a burst costs a request
 /// per batch rather than per report. Idle runners are handed their next
@@ -996,6 +993,9 @@ async fn node_events(
     Ok(json_response(StatusCode::OK, &EventResults { results }))
 }
 
+/// A run just finished on `node` and left its runner idle: give that
+/// runner the oldest queued run with the same key at once, without a round
+/// through placement. Whether a run was handed over.
 async fn warm_handoff(s: &Shared, node: &str, finished: &Run) -> bool {
     let key = finished.warm_key();
     let n = node.to_owned();

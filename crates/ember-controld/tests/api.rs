@@ -73,6 +73,18 @@ fn spec() -> RunSpec {
     }
 }
 
+/// Registers node `n1` with `slots` slots through the node client `n`.
+async fn register(n: &ControlClient, slots: u32) {
+    n.put_node(&NodeSpec {
+        id: "n1".into(),
+        slots,
+        labels: Default::default(),
+        inventory: Default::default(),
+    })
+    .await
+    .expect("register");
+}
+
 /// Reads one work message from an open work stream.
 async fn next_msg(resp: &mut reqwest::Response, buf: &mut Vec<u8>) -> WorkMessage {
     loop {
@@ -95,14 +107,7 @@ async fn submit_push_report_logs_cancel() {
     let c = ControlClient::new(&s.url, Some("c".into())).expect("client");
     let n = ControlClient::new(&s.url, Some("n".into())).expect("node client");
 
-    n.put_node(&NodeSpec {
-        id: "n1".into(),
-        slots: 1,
-        labels: Default::default(),
-        inventory: Default::default(),
-    })
-    .await
-    .expect("register");
+    register(&n, 1).await;
     let mut work = n.work("n1").await.expect("work stream");
     let mut buf = Vec::new();
     assert_eq!(
@@ -211,14 +216,7 @@ async fn reports_on_many_runs_in_one_request() {
     let s = server().await;
     let c = ControlClient::new(&s.url, Some("c".into())).expect("client");
     let n = ControlClient::new(&s.url, Some("n".into())).expect("node client");
-    n.put_node(&NodeSpec {
-        id: "n1".into(),
-        slots: 2,
-        labels: Default::default(),
-        inventory: Default::default(),
-    })
-    .await
-    .expect("register");
+    register(&n, 2).await;
     let mut work = n.work("n1").await.expect("work stream");
     let mut buf = Vec::new();
     assert!(matches!(
@@ -361,14 +359,7 @@ async fn a_silent_node_loses_its_runs_and_late_reports_are_refused() {
     let s = server_with(Duration::from_secs(1)).await;
     let c = ControlClient::new(&s.url, Some("c".into())).expect("client");
     let n = ControlClient::new(&s.url, Some("n".into())).expect("node client");
-    n.put_node(&NodeSpec {
-        id: "n1".into(),
-        slots: 1,
-        labels: Default::default(),
-        inventory: Default::default(),
-    })
-    .await
-    .expect("register");
+    register(&n, 1).await;
     let mut work = n.work("n1").await.expect("work stream");
     let mut buf = Vec::new();
     let _ = next_msg(&mut work, &mut buf).await;
@@ -412,14 +403,7 @@ async fn an_idle_work_stream_gets_keepalives() {
     let s = server_config(|c| c.keepalive = Duration::from_millis(200)).await;
     let c = ControlClient::new(&s.url, Some("c".into())).expect("client");
     let n = ControlClient::new(&s.url, Some("n".into())).expect("node client");
-    n.put_node(&NodeSpec {
-        id: "n1".into(),
-        slots: 1,
-        labels: Default::default(),
-        inventory: Default::default(),
-    })
-    .await
-    .expect("register");
+    register(&n, 1).await;
     let mut work = n.work("n1").await.expect("work stream");
     let mut buf = Vec::new();
     assert_eq!(
@@ -455,14 +439,7 @@ async fn logs_are_binary_safe() {
     let s = server().await;
     let c = ControlClient::new(&s.url, Some("c".into())).expect("client");
     let n = ControlClient::new(&s.url, Some("n".into())).expect("node client");
-    n.put_node(&NodeSpec {
-        id: "n1".into(),
-        slots: 1,
-        labels: Default::default(),
-        inventory: Default::default(),
-    })
-    .await
-    .expect("register");
+    register(&n, 1).await;
     let mut work = n.work("n1").await.expect("work stream");
     let mut buf = Vec::new();
     let _ = next_msg(&mut work, &mut buf).await;
