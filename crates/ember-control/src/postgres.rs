@@ -1175,6 +1175,16 @@ mod tests {
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"
         ))
         .expect("terminate");
+        // Termination is asynchronous: wait until the backend is gone, or
+        // the first call below could still succeed on it and the second
+        // find it dead.
+        let count = format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}'");
+        for _ in 0..200 {
+            if pg.psql(&count).expect("count").trim() == "0" {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
         // The first call may see the dead connection; the next gets a new one.
         let _ = s.list_nodes();
         assert!(s.list_nodes().expect("reconnected").is_empty());
