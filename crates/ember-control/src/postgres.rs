@@ -39,8 +39,7 @@ use postgres::types::ToSql;
 use postgres::{Client, Config, GenericClient, NoTls, Statement};
 
 use crate::model::{
-    Deployment, DeploymentSpec, Millis, ModelError, Node, NodeReport, NodeSpec, Run, RunId,
-    RunSpec, RunState,
+    Deployment, DeploymentSpec, Millis, ModelError, Node, NodeSpec, Run, RunId, RunSpec, RunState,
 };
 use crate::model::{LogChunk, LogStream};
 use crate::rules::{self, Commit};
@@ -663,16 +662,6 @@ impl StateStore for PostgresStore {
         })
     }
 
-    fn submit_run(&self, spec: &RunSpec) -> Result<Submitted, StoreError> {
-        self.write(Commit::Synced, |db, now| {
-            let submitted = db.submit(spec, now)?;
-            if submitted.created {
-                db.notify()?;
-            }
-            Ok(submitted)
-        })
-    }
-
     fn submit_runs(
         &self,
         specs: &[RunSpec],
@@ -882,13 +871,6 @@ impl StateStore for PostgresStore {
         })
     }
 
-    fn claim_for_runner(&self, node: &str, warm_key: &str) -> Result<Option<Run>, StoreError> {
-        self.write(Commit::Relaxed, |db, now| {
-            let labels = db.node_labels(node)?;
-            db.hand_off(node, &labels, warm_key, now)
-        })
-    }
-
     fn claim_for_runners(
         &self,
         node: &str,
@@ -900,15 +882,6 @@ impl StateStore for PostgresStore {
                 .iter()
                 .map(|k| db.hand_off(node, &labels, k, now))
                 .collect()
-        })
-    }
-
-    fn report(&self, node: &str, id: RunId, report: &NodeReport) -> Result<Run, StoreError> {
-        self.write(Commit::Relaxed, |db, now| {
-            let mut run = db.load_run(id, true)?;
-            rules::apply_report(&mut run, node, report, now)?;
-            db.save_run(&run)?;
-            Ok(run)
         })
     }
 

@@ -5,9 +5,10 @@
 //! same `UPDATE`, so they never disagree, and adding a field to the model
 //! needs no migration.
 //!
-//! Submits, cancels and deployments are fsynced before they are
-//! acknowledged (`synchronous=FULL`); the run's progress through claims,
-//! placement and node reports is not (`NORMAL`: see [`Commit`]).
+//! Every commit appends to the WAL without an fsync (`synchronous=NORMAL`);
+//! submits, cancels and deployments then fsync the WAL before they are
+//! acknowledged, the run's progress through claims, placement and node
+//! reports does not (see [`Commit`] and `SqliteStore::write`).
 //!
 //! Every write runs in a `BEGIN IMMEDIATE` transaction: SQLite then takes
 //! the database's write lock at the start, so a read-check-write sequence
@@ -23,8 +24,7 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
 use crate::model::{
-    Deployment, DeploymentSpec, Millis, ModelError, Node, NodeReport, NodeSpec, Run, RunId,
-    RunSpec, RunState,
+    Deployment, DeploymentSpec, Millis, ModelError, Node, NodeSpec, Run, RunId, RunSpec, RunState,
 };
 use crate::model::{LogChunk, LogStream};
 use crate::rules::{self, Commit};
@@ -451,10 +451,6 @@ impl StateStore for SqliteStore {
             .collect()
     }
 
-    fn submit_run(&self, spec: &RunSpec) -> Result<Submitted, StoreError> {
-        self.write(Commit::Synced, |tx, now| submit_in(tx, spec, now))
-    }
-
     fn submit_runs(
         &self,
         specs: &[RunSpec],
@@ -609,13 +605,6 @@ impl StateStore for SqliteStore {
         })
     }
 
-    fn claim_for_runner(&self, node: &str, warm_key: &str) -> Result<Option<Run>, StoreError> {
-        self.write(Commit::Relaxed, |tx, now| {
-            let labels = node_labels(tx, node)?;
-            hand_off_in(tx, node, &labels, warm_key, now)
-        })
-    }
-
     fn claim_for_runners(
         &self,
         node: &str,
@@ -627,15 +616,6 @@ impl StateStore for SqliteStore {
                 .iter()
                 .map(|k| hand_off_in(tx, node, &labels, k, now))
                 .collect()
-        })
-    }
-
-    fn report(&self, node: &str, id: RunId, report: &NodeReport) -> Result<Run, StoreError> {
-        self.write(Commit::Relaxed, |tx, now| {
-            let mut run = must_load_run(tx, id)?;
-            rules::apply_report(&mut run, node, report, now)?;
-            save_run(tx, &run)?;
-            Ok(run)
         })
     }
 

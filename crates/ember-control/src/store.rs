@@ -190,8 +190,11 @@ pub trait StateStore: Send + Sync {
 
     /// Queues a run. With an idempotency key that was seen before, returns
     /// that run (`created == false`) if the spec is the same, and
-    /// [`StoreError::IdempotencyMismatch`] if it is not.
-    fn submit_run(&self, spec: &RunSpec) -> Result<Submitted, StoreError>;
+    /// [`StoreError::IdempotencyMismatch`] if it is not. A batch of one
+    /// [`StateStore::submit_runs`].
+    fn submit_run(&self, spec: &RunSpec) -> Result<Submitted, StoreError> {
+        only(self.submit_runs(std::slice::from_ref(spec))?)
+    }
 
     /// Queues several runs in one transaction (one commit, one fsync): how
     /// the server absorbs a burst of concurrent submits. Each run gets the
@@ -200,9 +203,7 @@ pub trait StateStore: Send + Sync {
     fn submit_runs(
         &self,
         specs: &[RunSpec],
-    ) -> Result<Vec<Result<Submitted, StoreError>>, StoreError> {
-        Ok(specs.iter().map(|s| self.submit_run(s)).collect())
-    }
+    ) -> Result<Vec<Result<Submitted, StoreError>>, StoreError>;
 
     /// One run.
     fn get_run(&self, id: RunId) -> Result<Option<Run>, StoreError>;
@@ -250,8 +251,14 @@ pub trait StateStore: Send + Sync {
     /// (`queued → scheduled`, an attempt counted), so it reuses the runner
     /// without a round through the claim/placement loop. `None` if there is
     /// no such run. Fairness: only runs that key can serve compete, and
-    /// their group is recorded as served like a normal claim.
-    fn claim_for_runner(&self, node: &str, warm_key: &str) -> Result<Option<Run>, StoreError>;
+    /// their group is recorded as served like a normal claim. A batch of
+    /// one [`StateStore::claim_for_runners`].
+    fn claim_for_runner(&self, node: &str, warm_key: &str) -> Result<Option<Run>, StoreError> {
+        Ok(self
+            .claim_for_runners(node, &[warm_key.to_owned()])?
+            .pop()
+            .flatten())
+    }
 
     /// [`StateStore::claim_for_runner`] for several runners freed on `node`
     /// at once (one warm key each; a key may repeat), in one transaction:
@@ -261,17 +268,15 @@ pub trait StateStore: Send + Sync {
         &self,
         node: &str,
         warm_keys: &[String],
-    ) -> Result<Vec<Option<Run>>, StoreError> {
-        warm_keys
-            .iter()
-            .map(|k| self.claim_for_runner(node, k))
-            .collect()
-    }
+    ) -> Result<Vec<Option<Run>>, StoreError>;
 
     /// A node's progress on a run. [`StoreError::NotAssigned`] if the run is
     /// not active on that node, which is how late reports from a node that
-    /// was declared lost are rejected.
-    fn report(&self, node: &str, id: RunId, report: &NodeReport) -> Result<Run, StoreError>;
+    /// was declared lost are rejected. A batch of one
+    /// [`StateStore::report_batch`].
+    fn report(&self, node: &str, id: RunId, report: &NodeReport) -> Result<Run, StoreError> {
+        only(self.report_batch(node, &[RunReports::new(id, vec![report.clone()])])?)
+    }
 
     /// Reports of one node on several runs, in one transaction (one commit):
     /// how a node's reports during a burst cost one write instead of one
@@ -284,24 +289,7 @@ pub trait StateStore: Send + Sync {
         &self,
         node: &str,
         batch: &[RunReports],
-    ) -> Result<Vec<Result<Run, StoreError>>, StoreError> {
-        batch
-            .iter()
-            .map(|b| {
-                let mut last = Err(StoreError::RunNotFound(b.run));
-                for r in &b.reports {
-                    last = self.report(node, b.run, r);
-                    if last.is_err() {
-                        break;
-                    }
-                }
-                match last {
-                    Err(e @ StoreError::Backend(_)) => Err(e),
-                    other => Ok(other),
-                }
-            })
-            .collect()
-    }
+    ) -> Result<Vec<Result<Run, StoreError>>, StoreError>;
 
     /// Registers a node or records its heartbeat and inventory; the
     /// heartbeat time is the store's clock.
@@ -370,6 +358,13 @@ impl RunReports {
             ages_ms: Vec::new(),
         }
     }
+}
+
+/// The one answer of a batch of one.
+fn only<T>(mut answers: Vec<Result<T, StoreError>>) -> Result<T, StoreError> {
+    answers
+        .pop()
+        .unwrap_or_else(|| Err(StoreError::Backend("a batch of one got no answer".into())))
 }
 
 /// What [`StateStore::watch`] reports.

@@ -14,10 +14,10 @@
 //! whatever is queued as one request (`POST /v1/nodes/{id}/events`) while
 //! its previous request is in flight: at low load a report goes out at
 //! once; under a burst the reports of many runs share one request and one
-//! store transaction. The exit
-//! report says whether the runner is idle again, which is what lets the
-//! control plane hand it the next queued run with the same key at once;
-//! the heartbeat with the new inventory follows off the run's path.
+//! store transaction. The exit report says whether the runner is idle
+//! again, which is what lets the control plane hand it the next queued run
+//! with the same key at once; the heartbeat with the new inventory follows
+//! off the run's path.
 //!
 //! A `prewarm` order (keep N idle runners of a deployment's key) pulls the
 //! image if needed and creates the missing runners idle in the pool
@@ -379,16 +379,17 @@ const REPORT_BATCH: usize = 256;
 /// work per run small.
 async fn report_loop(agent: Arc<Agent>, mut rx: mpsc::UnboundedReceiver<ReportJob>) {
     let (mut batch, mut waiters) = (Vec::new(), Vec::new());
-    while let Some(job) = rx.recv().await {
-        let mut jobs = vec![job];
-        while jobs.len() < REPORT_BATCH {
-            let Ok(job) = rx.try_recv() else { break };
-            jobs.push(job);
-        }
-        for job in jobs {
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(job) = next {
             let (reports, done) = job.dated();
             batch.push(reports);
             waiters.push(done);
+            next = if batch.len() < REPORT_BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
         }
         agent.post_reports(&batch).await;
         batch.clear();

@@ -11,8 +11,8 @@
 //!
 //! The dispatcher is also woken by node heartbeats (new capacity or warm
 //! runners) and by run exits (a free slot). On an exit the freed warm
-//! runner is first offered to a queued run with the same key
-//! ([`StateStore::claim_for_runner`]).
+//! runner is first offered to a queued run with the same key, for all the
+//! exits of one report batch at once ([`StateStore::claim_for_runners`]).
 //!
 //! Beside it, the pre-warmer (woken by deploys, node connects and
 //! heartbeats) compares each deployment's `warm_runners` with the idle
@@ -852,46 +852,17 @@ async fn node_event(
     if reports.is_empty() {
         return Err(ApiError::BadRequest("an empty list of run events".into()));
     }
-    // The runner is idle again: a queued run with its key can have it.
-    let idle_runner = reports.iter().any(|r| {
-        matches!(
-            r,
-            NodeReport::Exited {
-                runner_idle: true,
-                ..
-            }
-        )
-    });
-    let finished = reports
-        .iter()
-        .any(|r| matches!(r, NodeReport::Exited { .. } | NodeReport::Failed { .. }));
-    let n = node.clone();
-    let t0 = std::time::Instant::now();
-    // In order, each its own compare-and-set; a refused one ends the list
-    // (what came before it stands).
-    let run = s
-        .db(move |st| {
-            let mut last = None;
-            for r in &reports {
-                last = Some(st.report(&n, id, r)?);
-            }
-            last.ok_or(StoreError::RunNotFound(id))
-        })
-        .await?;
-    tracing::debug!(run = %id, took_us = t0.elapsed().as_micros() as u64, "reports applied");
-    let _ = s.log_events.send(id);
-    // A slot freed up, unless the runner went straight to the next run of
-    // its key (then the dispatcher has nothing new to place).
-    if finished && !(idle_runner && warm_handoff(&s, &node, &run).await) {
-        s.wake.notify_one();
-    }
+    // In order; a refused one ends the list (what came before it stands).
+    let run = apply_reports(&s, &node, vec![RunReports::new(id, reports)])
+        .await?
+        .pop()
+        .unwrap_or(Err(StoreError::RunNotFound(id)))?;
     Ok(json_response(StatusCode::OK, &run))
 }
 
 /// A node's reports on several runs in one request and one transaction:
 /// what a node sends once reports pile up, so that a burst costs a request
-/// per batch rather than per report. Idle runners are handed their next
-/// runs in the same trip to the store.
+/// per batch rather than per report.
 async fn node_events(
     State(s): State<Shared>,
     headers: HeaderMap,
@@ -910,13 +881,41 @@ async fn node_events(
         )));
     }
     let ids: Vec<RunId> = batch.iter().map(|b| b.run).collect();
-    let n = node.clone();
-    let (out, handed) = s
+    let out = apply_reports(&s, &node, batch).await?;
+    let results = ids
+        .into_iter()
+        .zip(out)
+        .map(|(run, r)| match r {
+            Ok(after) => EventResult {
+                run,
+                state: Some(after.state),
+                error: None,
+            },
+            Err(e) => EventResult {
+                run,
+                state: None,
+                error: Some(ApiError::from(e).body()),
+            },
+        })
+        .collect();
+    Ok(json_response(StatusCode::OK, &EventResults { results }))
+}
+
+/// Applies `node`'s reports in one transaction (one answer per entry of
+/// `batch`), then hands every runner a finished run left idle the oldest
+/// queued run with its key, in one more transaction and without a round
+/// through placement, and pushes those runs to the node. The dispatcher
+/// is woken for the slots no hand-off took; log followers hear of every
+/// run that moved (they stop at a final state).
+async fn apply_reports(
+    s: &Shared,
+    node: &str,
+    batch: Vec<RunReports>,
+) -> Result<Vec<Result<Run, StoreError>>, ApiError> {
+    let n = node.to_owned();
+    let (out, handed, mut freed) = s
         .db(move |st| {
             let out = st.report_batch(&n, &batch)?;
-            // A run that ended with its runner idle again: a queued run
-            // with its key can have the runner at once. All such runners
-            // of the batch are handed their runs in one more transaction.
             let mut keys = Vec::new();
             let mut freed = 0usize;
             for (b, r) in batch.iter().zip(&out) {
@@ -939,81 +938,34 @@ async fn node_events(
                     freed += 1;
                 }
             }
-            let mut handed = Vec::new();
-            if !keys.is_empty() {
-                match st.claim_for_runners(&n, &keys) {
-                    Ok(next) => {
-                        for run in next {
-                            match run {
-                                Some(run) => handed.push(run),
-                                None => freed += 1,
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(node = %n, error = %e, "warm hand-off failed");
-                        freed += keys.len();
-                    }
-                }
-            }
-            Ok((out, (handed, freed)))
+            let handed = if keys.is_empty() {
+                Vec::new()
+            } else {
+                st.claim_for_runners(&n, &keys).unwrap_or_else(|e| {
+                    tracing::warn!(node = %n, error = %e, "warm hand-off failed");
+                    vec![None; keys.len()]
+                })
+            };
+            Ok((out, handed, freed))
         })
         .await?;
-    let (handed, freed) = handed;
-    for run in handed {
+    for next in handed {
+        let Some(run) = next else {
+            freed += 1;
+            continue;
+        };
         let id = run.id;
-        if !s.push(&node, WorkMessage::Assign { run: Box::new(run) }) {
+        if !s.push(node, WorkMessage::Assign { run: Box::new(run) }) {
             tracing::warn!(node, run = %id, "node disconnected before the warm hand-off");
         }
     }
-    // A slot freed up that no hand-off took: the dispatcher may place.
     if freed > 0 {
         s.wake.notify_one();
     }
-    let results = ids
-        .into_iter()
-        .zip(out)
-        .map(|(run, r)| match r {
-            Ok(after) => {
-                // Log followers stop at a final state.
-                let _ = s.log_events.send(run);
-                EventResult {
-                    run,
-                    state: Some(after.state),
-                    error: None,
-                }
-            }
-            Err(e) => EventResult {
-                run,
-                state: None,
-                error: Some(ApiError::from(e).body()),
-            },
-        })
-        .collect();
-    Ok(json_response(StatusCode::OK, &EventResults { results }))
-}
-
-/// A run just finished on `node` and left its runner idle: give that
-/// runner the oldest queued run with the same key at once, without a round
-/// through placement. Whether a run was handed over.
-async fn warm_handoff(s: &Shared, node: &str, finished: &Run) -> bool {
-    let key = finished.warm_key();
-    let n = node.to_owned();
-    let result = s.db(move |st| st.claim_for_runner(&n, &key)).await;
-    match result {
-        Ok(Some(run)) => {
-            let id = run.id;
-            if !s.push(node, WorkMessage::Assign { run: Box::new(run) }) {
-                tracing::warn!(node, run = %id, "node disconnected before the warm hand-off");
-            }
-            true
-        }
-        Ok(None) => false,
-        Err(e) => {
-            tracing::warn!(node, error = %e, "warm hand-off failed");
-            false
-        }
+    for run in out.iter().flatten() {
+        let _ = s.log_events.send(run.id);
     }
+    Ok(out)
 }
 
 async fn node_logs(
