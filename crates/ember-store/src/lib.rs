@@ -7,6 +7,7 @@
 //! ```text
 //! blobs/sha256/<hex>   manifests, indexes and configs, verified, immutable
 //! layers/<hex>/        one unpacked layer per diff_id, overlayfs whiteouts
+//! trees/<hex>          the record of a layer's tree, written at commit (see `tree`)
 //! index.json           images, names, layers, LRU clock (see `index`)
 //! users/<id>.json      containers using an image, with their owner pid
 //! lru/<hex>            empty marker per image; its mtime is the last use
@@ -18,16 +19,21 @@
 //! Invariants: a path under `blobs/` or `layers/` exists only once its
 //! content was verified against its digest (it is built under `tmp/` and
 //! renamed into place). The index only names layers and blobs that exist.
-//! GC never removes an image whose user is alive.
+//! GC never removes an image whose user is alive. The root is mode 0700:
+//! layers hold device nodes and setuid files as the image has them, and no
+//! unprivileged host user may reach them.
 
 mod error;
 pub mod index;
 mod pull;
+pub mod tree;
 pub mod unpack;
+mod verify;
 
 pub use error::StoreError;
 pub use index::{ImageRecord, Index, LayerRecord, LayerRef};
 pub use pull::{PullOptions, PullProgress, PullReport, PullTimings, SilentProgress, pull};
+pub use verify::{Problem, ProblemKind, VerifyReport};
 
 use ember_oci::{Digest, Reference};
 use std::fs;
@@ -133,6 +139,7 @@ impl Store {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(io("create", &p))?;
         }
+        restrict_root(&root)?;
         let store = Store { root };
         store.clean_tmp()?;
         store.drop_unsynced_from_earlier_boots()?;
@@ -206,6 +213,12 @@ impl Store {
     /// Where an unpacked layer lives.
     pub fn layer_dir(&self, diff_id: &Digest) -> PathBuf {
         self.root.join("layers").join(diff_id.hex())
+    }
+
+    /// Where the record of a layer's tree lives (beside, not inside, the
+    /// layer directory, so overlay stacking sees only the layer).
+    pub fn tree_path(&self, diff_id: &Digest) -> PathBuf {
+        self.root.join("trees").join(diff_id.hex())
     }
 
     /// Where a blob lives.
@@ -548,6 +561,15 @@ impl Store {
                 }
             }
         }
+        // Records of layers that are gone or going.
+        if let Ok(rd) = fs::read_dir(self.root.join("trees")) {
+            for e in rd.flatten() {
+                let layer = self.root.join("layers").join(e.file_name());
+                if !layer.is_dir() || dirs.contains(&layer) {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
         // Blobs: keep manifests, indexes and configs of remaining images.
         let mut keep_blobs = std::collections::BTreeSet::new();
         for i in ix.images.values() {
@@ -580,6 +602,11 @@ impl Store {
 
     fn delete_layers(&self, dirs: Vec<PathBuf>) {
         for d in dirs {
+            // The record goes first: a record without its layer is
+            // harmless, a layer without its record would fail verify.
+            if let Some(name) = d.file_name() {
+                let _ = fs::remove_file(self.root.join("trees").join(name));
+            }
             // Rename first so a half-deleted layer is never visible under its
             // digest name, then delete at leisure.
             let t = self.tmp_path("gc");
@@ -698,6 +725,20 @@ fn copy_layer_onto(layer: &Path, dest: &Path) -> std::io::Result<()> {
                 std::os::unix::fs::symlink(fs::read_link(e.path())?, &target)?;
             } else if ft.is_file() {
                 fs::copy(e.path(), &target)?;
+            } else if ft.is_char_device() || ft.is_block_device() {
+                let kind = if ft.is_char_device() {
+                    libc::S_IFCHR
+                } else {
+                    libc::S_IFBLK
+                };
+                let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(
+                    target.as_os_str(),
+                ))
+                .map_err(|_| std::io::Error::other("NUL in path"))?;
+                // SAFETY: valid NUL-terminated path.
+                if unsafe { libc::mknod(c.as_ptr(), kind | (m.mode() & 0o777), m.rdev()) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             } else if ft.is_fifo() {
                 let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(
                     target.as_os_str(),
@@ -723,7 +764,17 @@ fn copy_layer_onto(layer: &Path, dest: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn is_opaque(dir: &Path) -> bool {
+/// Makes the store root 0700 (creating it if needed). Layers hold device
+/// nodes and setuid files exactly as images have them; only root may walk
+/// into them. Containers see layers through overlay mounts, which do not
+/// check the permissions of the directories above the layers.
+fn restrict_root(root: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(root).map_err(io("create", root))?;
+    fs::set_permissions(root, fs::Permissions::from_mode(0o700)).map_err(io("chmod", root))
+}
+
+pub(crate) fn is_opaque(dir: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dir.as_os_str()))
     else {
         return false;

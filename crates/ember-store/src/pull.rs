@@ -335,11 +335,27 @@ pub async fn pull(
     };
     let bytes_downloaded = fetched.iter().map(|f| f.compressed).sum();
     let layers_fetched = fetched.len();
+    // Each layer's tree record, written before the lock is taken and
+    // renamed into `trees/` just before its layer goes into `layers/`.
+    let records = fetched
+        .iter()
+        .map(|f| stage_record(store, &f.stats, opts.durable))
+        .collect::<Result<Vec<_>, _>>()?;
     {
         let lock = store.lock()?;
         let mut ix = store.read_index()?;
-        for f in fetched {
+        for (f, record) in fetched.into_iter().zip(records) {
             let dest = store.layer_dir(&f.diff_id);
+            // Record first: a crash between the renames leaves a record
+            // without a layer (harmless), never a layer without a record.
+            let put_record = || -> Result<(), StoreError> {
+                if let Some(r) = &record {
+                    let p = store.tree_path(&f.diff_id);
+                    std::fs::rename(r.path(), &p).map_err(io("rename", &p))?;
+                    r.keep();
+                }
+                Ok(())
+            };
             if dest.exists() {
                 if ix.layers.contains_key(&f.diff_id) {
                     // Another pull committed the same layer first; theirs
@@ -349,10 +365,12 @@ pub async fn pull(
                     let old = store.tmp_path("orphan");
                     std::fs::rename(&dest, &old).map_err(io("rename", &dest))?;
                     let _ = remove_any(&old);
+                    put_record()?;
                     std::fs::rename(f.tmp.path(), &dest).map_err(io("rename", &dest))?;
                     f.tmp.keep();
                 }
             } else {
+                put_record()?;
                 std::fs::rename(f.tmp.path(), &dest).map_err(io("rename", &dest))?;
                 f.tmp.keep();
             }
@@ -391,6 +409,30 @@ pub async fn pull(
         layers_present: present,
         layers_fetched,
     })
+}
+
+/// Writes a fetched layer's tree record to a temporary file (synced when
+/// the pull is durable), to be renamed into `trees/` at commit.
+fn stage_record(
+    store: &Store,
+    stats: &UnpackStats,
+    durable: bool,
+) -> Result<Option<TmpGuard>, StoreError> {
+    let Some(tree) = &stats.tree else {
+        return Ok(None);
+    };
+    let dir = store.root().join("trees");
+    std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+    let guard = TmpGuard {
+        path: store.tmp_path("tree"),
+        keep: std::sync::atomic::AtomicBool::new(false),
+    };
+    let mut f = std::fs::File::create(guard.path()).map_err(io("create", guard.path()))?;
+    std::io::Write::write_all(&mut f, &tree.to_bytes()).map_err(io("write", guard.path()))?;
+    if durable {
+        f.sync_all().map_err(io("fsync", guard.path()))?;
+    }
+    Ok(Some(guard))
 }
 
 /// A temporary directory removed when dropped unless kept: a layer task

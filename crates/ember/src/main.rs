@@ -48,6 +48,9 @@ enum Command {
     /// Image operations.
     #[command(subcommand)]
     Image(cmd::image::Command),
+    /// Store maintenance (verify, repair).
+    #[command(subcommand)]
+    Store(cmd::store::Command),
     /// Run the cluster image cache: a pull-through registry mirror.
     Cache(cmd::cache::Args),
     /// Benchmarks against the reference tools, measured in the same run.
@@ -105,6 +108,7 @@ fn main() -> ExitCode {
             Command::Rmi(a) => cmd::rmi::run(&cli.root, a),
             Command::Gc(a) => cmd::gc::run(&cli.root, a),
             Command::Image(c) => cmd::image::run(&cli.root, c),
+            Command::Store(c) => cmd::store::run(&cli.root, c),
             Command::Cache(a) => cmd::cache::run(a).await,
             Command::Bench(c) => cmd::bench::run(&cli.root, c).await,
             Command::Control(a) => cmd::control::run(a).await,
