@@ -11,6 +11,7 @@ PKGS=(
   containerd          # ctr: a real client of the cache in its tests
   nginx-light         # static-file baseline in the cache benchmark
   busybox-static      # contents of the fixture images
+  debootstrap         # the Debian root filesystem of the `debian` fixture
   libc6-dev           # libc.a for the statically linked exec agent
   hyperfine           # repeated timing in benchmarks
   iproute2 jq curl    # test and benchmark plumbing
@@ -32,3 +33,7 @@ if ((${#missing[@]})); then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# The `debian` fixture's root filesystem, built once from apt's Debian mirror
+# and cached (see the script).
+"$(dirname "$0")/debian-rootfs.sh" >/dev/null
