@@ -244,15 +244,7 @@ impl TreeRecord {
             out.extend_from_slice(
                 format!(
                     "{} {:o} {} {} {} {} {} {} {:016x} ",
-                    e.kind as char,
-                    e.mode,
-                    e.uid,
-                    e.gid,
-                    e.size,
-                    e.nlink,
-                    e.mtime,
-                    e.rdev,
-                    e.xxh3
+                    e.kind as char, e.mode, e.uid, e.gid, e.size, e.nlink, e.mtime, e.rdev, e.xxh3
                 )
                 .as_bytes(),
             );

@@ -174,7 +174,8 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, mode: Mode) -> Result<UnpackStats
     if let Some(sums) = &u.sums {
         // One lstat per entry while the inodes are still cached: the data
         // was checksummed on its way through.
-        u.stats.tree = Some(crate::tree::scan(dest, Some(sums)).map_err(io_err(dest, "record tree"))?);
+        u.stats.tree =
+            Some(crate::tree::scan(dest, Some(sums)).map_err(io_err(dest, "record tree"))?);
     }
     Ok(u.stats)
 }
@@ -376,14 +377,16 @@ impl Unpacker {
                 // A read error is the stream's fault (download, inflate); a
                 // write error the disk's (ENOSPC keeps its code).
                 let mut hasher = self.sums.as_ref().map(|_| ContentHasher::new());
-                let n = copy_entry(&mut entry, &mut f, &mut self.buf, hasher.as_mut()).map_err(|e| match e {
-                    CopyError::Read(e) => UnpackError::Read(e),
-                    CopyError::Write(source) => UnpackError::Io {
-                        path: path.clone(),
-                        op: "write",
-                        source,
+                let n = copy_entry(&mut entry, &mut f, &mut self.buf, hasher.as_mut()).map_err(
+                    |e| match e {
+                        CopyError::Read(e) => UnpackError::Read(e),
+                        CopyError::Write(source) => UnpackError::Io {
+                            path: path.clone(),
+                            op: "write",
+                            source,
+                        },
                     },
-                })?;
+                )?;
                 self.stats.bytes += n;
                 if let (Some(sums), Some(h)) = (&mut self.sums, hasher) {
                     sums.insert(rel.clone(), h.finish());
@@ -467,7 +470,11 @@ impl Unpacker {
                     });
                 }
                 self.remove_existing(&rel, &path)?;
-                let kind_bits = if is_char { libc::S_IFCHR } else { libc::S_IFBLK };
+                let kind_bits = if is_char {
+                    libc::S_IFCHR
+                } else {
+                    libc::S_IFBLK
+                };
                 let dev = libc::makedev(dev_major, dev_minor);
                 mknod(&path, kind_bits | (mode & 0o777), dev)
                     .map_err(io_err(&path, "create device node"))?;

@@ -175,16 +175,16 @@ impl Store {
         for s in suspects {
             let p = match &s {
                 Object::Blob(name) => self.check_blob(&ix, name)?,
-                Object::ImageBlob(d) => (image_blobs(&ix).contains(d)
-                    && !self.blob_path(d).exists())
-                .then(|| Problem {
-                    kind: ProblemKind::BlobMissing,
-                    object: d.to_string(),
-                    detail: Vec::new(),
-                    images: images_with_blob(&ix, d),
-                    repaired: false,
-                    not_repaired: None,
-                }),
+                Object::ImageBlob(d) => {
+                    (image_blobs(&ix).contains(d) && !self.blob_path(d).exists()).then(|| Problem {
+                        kind: ProblemKind::BlobMissing,
+                        object: d.to_string(),
+                        detail: Vec::new(),
+                        images: images_with_blob(&ix, d),
+                        repaired: false,
+                        not_repaired: None,
+                    })
+                }
                 Object::Layer(d) => self.check_layer(&ix, d)?,
                 Object::OrphanLayer(name) => (!in_index(&ix, name)
                     && fs::symlink_metadata(self.root().join("layers").join(name)).is_ok())

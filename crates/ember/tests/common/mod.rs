@@ -98,7 +98,10 @@ pub fn snapshot(root: &Path) -> (BTreeMap<String, Entry>, Vec<Vec<String>>) {
                 )
             } else if ft.is_char_device() || ft.is_block_device() {
                 let kind = if ft.is_char_device() { "char" } else { "block" };
-                (kind, format!("{}:{}", libc::major(m.rdev()), libc::minor(m.rdev())))
+                (
+                    kind,
+                    format!("{}:{}", libc::major(m.rdev()), libc::minor(m.rdev())),
+                )
             } else {
                 ("other", format!("{:o}", m.mode()))
             };
