@@ -273,7 +273,10 @@ impl BlobStream {
                     {
                         err = RegistryError::Invalid {
                             what: self.what.clone(),
-                            detail: format!("{} says {b} bytes, {} said {a}", ep.base, self.endpoint),
+                            detail: format!(
+                                "{} says {b} bytes, {} said {a}",
+                                ep.base, self.endpoint
+                            ),
                         };
                         continue;
                     }
@@ -778,10 +781,14 @@ impl Inner {
         // A reference that looks like a digest but is not one is refused
         // here: sent as a tag it would come back unverified.
         let by_digest = if reference.contains(':') {
-            Some(reference.parse::<Digest>().map_err(|e| RegistryError::Invalid {
-                what: what.to_string(),
-                detail: e.to_string(),
-            })?)
+            Some(
+                reference
+                    .parse::<Digest>()
+                    .map_err(|e| RegistryError::Invalid {
+                        what: what.to_string(),
+                        detail: e.to_string(),
+                    })?,
+            )
         } else {
             None
         };
