@@ -944,7 +944,7 @@ fn manifest_what(registry: &str, repo: &str, reference: &str) -> String {
 /// document when the registry's type is not one.
 fn readable_manifest(mut m: FetchedManifest, what: &str) -> Result<FetchedManifest, RegistryError> {
     if media::manifest_kind(&m.media_type).is_none() {
-        m.media_type = sniff_media_type(&m.bytes).ok_or_else(|| RegistryError::Invalid {
+        m.media_type = readable_media_type(&m.bytes).ok_or_else(|| RegistryError::Invalid {
             what: what.to_string(),
             detail: "not an OCI or Docker schema 2 manifest or index".into(),
         })?;
@@ -1030,9 +1030,11 @@ fn oci_error_detail(body: &str) -> Option<String> {
     Some(format!("{code}: {msg}"))
 }
 
-/// Media type from the document itself, for registries that send a generic
-/// `Content-Type`.
-fn sniff_media_type(body: &[u8]) -> Option<String> {
+/// A manifest or index type Ember reads, from the document itself, for
+/// registries that send a generic or wrong `Content-Type`. Stricter than
+/// [`ember_oci::manifest::sniff_media_type`] (which keeps whatever type a
+/// document declares, as a cache must): a pull needs a type it can read.
+fn readable_media_type(body: &[u8]) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
     if let Some(t) = v.get("mediaType").and_then(|t| t.as_str())
         && media::manifest_kind(t).is_some()
@@ -1118,7 +1120,7 @@ mod tests {
         );
         assert_eq!(oci_error_detail("<html>"), None);
         assert_eq!(
-            sniff_media_type(br#"{"schemaVersion":2,"manifests":[]}"#).as_deref(),
+            readable_media_type(br#"{"schemaVersion":2,"manifests":[]}"#).as_deref(),
             Some(media::OCI_INDEX)
         );
     }
