@@ -13,10 +13,10 @@ use crate::index::{ImageRecord, LayerRecord, LayerRef};
 use crate::unpack::{self, Mode, UnpackError, UnpackStats};
 use crate::{Store, now_ms, remove_any};
 use bytes::Bytes;
+use ember_oci::manifest::{ConfigDoc, IndexDoc, ManifestDoc};
 use ember_oci::media::{self, Compression, ManifestKind};
 use ember_oci::{Digest, Platform, Reference, Verifier};
 use ember_registry::{RegistryClient, RegistryError};
-use serde::Deserialize;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -102,43 +102,6 @@ pub struct PullReport {
     pub layers_present: usize,
     /// Layers downloaded.
     pub layers_fetched: usize,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Descriptor {
-    media_type: String,
-    digest: Digest,
-    size: u64,
-    platform: Option<DescPlatform>,
-}
-
-#[derive(Deserialize)]
-struct DescPlatform {
-    os: String,
-    architecture: String,
-    variant: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct ManifestDoc {
-    config: Descriptor,
-    layers: Vec<Descriptor>,
-}
-
-#[derive(Deserialize)]
-struct IndexDoc {
-    manifests: Vec<Descriptor>,
-}
-
-#[derive(Deserialize)]
-struct ConfigDoc {
-    rootfs: RootFs,
-}
-
-#[derive(Deserialize)]
-struct RootFs {
-    diff_ids: Vec<Digest>,
 }
 
 /// Pulls `reference` into `store`.
