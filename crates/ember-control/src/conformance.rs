@@ -46,6 +46,7 @@ macro_rules! state_store_conformance {
             concurrent_claimers_never_share_a_run,
             node_reports_and_start_times,
             lost_nodes_and_retries,
+            runs_a_node_lost_are_retried_at_once,
             late_reports_rejected,
             warm_handoff,
             list_filters,
@@ -673,6 +674,91 @@ pub fn lost_nodes_and_retries(h: &dyn Harness) {
             ..
         })
     ));
+}
+
+/// A node that restarted reports the runs it no longer has as lost: each
+/// goes back to the queue in the same transaction while attempts remain
+/// (however recently the node heartbeated), counts its attempt, and can be
+/// scheduled again, on the same node too; with no attempts left it stays
+/// lost with the node's reason. Another node cannot lose a run for it.
+pub fn runs_a_node_lost_are_retried_at_once(h: &dyn Harness) {
+    let c = clock();
+    let s = h.open(c.clone());
+    s.upsert_node(&node("n1", 4)).expect("node");
+    s.upsert_node(&node("n2", 4)).expect("node");
+    let submit = |max_attempts| {
+        s.submit_run(&RunSpec {
+            image: Some(image(1)),
+            max_attempts,
+            ..RunSpec::default()
+        })
+        .expect("submit")
+        .run
+        .id
+    };
+    let retryable = submit(3);
+    let once = submit(1);
+    schedule(&*s, retryable, "n1");
+    schedule(&*s, once, "n1");
+    s.report("n1", retryable, &NodeReport::Started)
+        .expect("started");
+    s.report("n1", once, &NodeReport::Accepted)
+        .expect("accepted");
+    let lost = |error: &str| NodeReport::Lost {
+        error: error.to_owned(),
+    };
+
+    assert!(matches!(
+        s.report("n2", retryable, &lost("not mine")),
+        Err(StoreError::NotAssigned { .. })
+    ));
+    c.advance(100);
+    s.upsert_node(&node("n1", 4))
+        .expect("heartbeat: the node is back");
+    let requeued = s
+        .report("n1", retryable, &lost("the node restarted"))
+        .expect("lost");
+    assert_eq!(requeued.state, RunState::Queued);
+    assert_eq!((requeued.attempts, requeued.node.as_deref()), (1, None));
+    assert_eq!(requeued.times.queued, Some(T0 + 100));
+    assert_eq!(requeued.times.scheduled, None);
+    assert_eq!(s.get_run(retryable).expect("get"), Some(requeued));
+
+    let gone = s
+        .report("n1", once, &lost("the node restarted"))
+        .expect("lost");
+    assert_eq!(gone.state, RunState::Lost);
+    assert_eq!(gone.error.as_deref(), Some("the node restarted"));
+    assert!(
+        s.mark_lost_runs(0).expect("sweep").is_empty(),
+        "nothing left active to lose"
+    );
+
+    // The retry is an ordinary queued run: claimed, scheduled on the
+    // restarted node, finished there, with its attempts counted.
+    schedule(&*s, retryable, "n1");
+    let done = s
+        .report_batch(
+            "n1",
+            &[crate::store::RunReports::new(
+                retryable,
+                vec![
+                    NodeReport::Started,
+                    NodeReport::Exited {
+                        code: 0,
+                        runner_idle: false,
+                    },
+                ],
+            )],
+        )
+        .expect("reports")
+        .pop()
+        .expect("one answer")
+        .expect("applied");
+    assert_eq!(
+        (done.state, done.attempts, done.node.as_deref()),
+        (RunState::Succeeded, 2, Some("n1"))
+    );
 }
 
 /// Reports from a node for a run that is not (or no longer) its own are

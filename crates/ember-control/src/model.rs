@@ -533,6 +533,15 @@ pub enum NodeReport {
         /// Why.
         error: String,
     },
+    /// The node no longer has the run: its agent restarted (and its
+    /// runners with it) while the run was active. The run is lost through
+    /// no fault of its own, as if the node had stopped heartbeating
+    /// (`→ lost`), and goes back to the queue at once, in the same
+    /// transaction, while attempts remain (`lost → queued`).
+    Lost {
+        /// Why.
+        error: String,
+    },
 }
 
 /// Which output stream a log record came from.

@@ -894,7 +894,8 @@ impl StateStore for PostgresStore {
         // locks several of them in another order (mark_lost_runs) may
         // deadlock with this one, and then `write` retries it.
         self.write(Commit::Relaxed, |db, now| {
-            batch
+            let mut requeued = false;
+            let out = batch
                 .iter()
                 .map(|b| {
                     let mut run = match db.load_run(b.run, true) {
@@ -906,10 +907,17 @@ impl StateStore for PostgresStore {
                         rules::apply_reports(&mut run, node, &b.reports, &b.ages_ms, now);
                     if changed {
                         db.save_run(&run)?;
+                        // A run its node lost is queued again: other
+                        // replicas' dispatchers may place it.
+                        requeued |= run.state == RunState::Queued;
                     }
                     Ok(res.map(|()| run))
                 })
-                .collect()
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            if requeued {
+                db.notify()?;
+            }
+            Ok(out)
         })
     }
 

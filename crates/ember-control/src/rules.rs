@@ -176,6 +176,23 @@ pub(crate) fn apply_report(
             apply(run, RunState::Failed, now)?;
             run.error = Some(error.clone());
         }
+        NodeReport::Lost { error } => {
+            apply(run, RunState::Lost, now)?;
+            run.error = Some(error.clone());
+            // Retried at once, in the same transaction: a node that comes
+            // back within a second of a crash must not leave its runs lost
+            // (nothing else re-queues a run that is already lost), and a
+            // run with no attempts left stays lost with the reason.
+            retry_if_attempts_left(run, now)?;
+        }
+    }
+    Ok(())
+}
+
+/// `lost → queued` when the run has attempts left; nothing otherwise.
+pub(crate) fn retry_if_attempts_left(run: &mut Run, now: Millis) -> Result<(), StoreError> {
+    if run.state == RunState::Lost && run.attempts < run.max_attempts.max(1) {
+        apply(run, RunState::Queued, now)?;
     }
     Ok(())
 }

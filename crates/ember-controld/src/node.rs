@@ -31,7 +31,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -72,6 +72,23 @@ pub struct NodeConfig {
     /// Interval of the liveness heartbeat (inventory changes are sent at
     /// once regardless).
     pub heartbeat: Duration,
+    /// How to start this node's watchdog ([`watch_node`] in a process of
+    /// its own), which destroys the runners if this process dies without
+    /// shutting down; `None`: no watchdog (runners of a killed node then
+    /// stay until the next node process starts on the root).
+    pub watchdog: Option<WatchdogCommand>,
+}
+
+/// The command line that runs [`watch_node`] for a node's root (the
+/// `ember` binary knows its own subcommand for it). It is started with
+/// its standard input the read end of a pipe whose write end only the
+/// node process holds.
+#[derive(Debug, Clone)]
+pub struct WatchdogCommand {
+    /// The executable.
+    pub program: PathBuf,
+    /// Its arguments.
+    pub args: Vec<std::ffi::OsString>,
 }
 
 /// Errors that stop the node agent.
@@ -89,6 +106,162 @@ pub enum NodeError {
     /// The control plane refused us.
     #[error(transparent)]
     Control(#[from] ClientError),
+    /// The node's root could not be locked, or the watchdog started.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The failure.
+        source: std::io::Error,
+    },
+    /// Another node agent is running on this root.
+    #[error("another node agent holds {}", .0.display())]
+    RootInUse(PathBuf),
+}
+
+/// `<root>/node.lock`: `flock`ed by the node agent for its whole life (and
+/// briefly by a watchdog cleaning up after a dead one), so one root has
+/// one node agent at a time and a watchdog can tell whether a new agent
+/// has taken over.
+const NODE_LOCK: &str = "node.lock";
+
+/// How long a starting node waits for the root's lock: a dead
+/// predecessor's watchdog holds it while it destroys the old runners.
+const ROOT_LOCK_WAIT: Duration = Duration::from_secs(60);
+
+/// Tries to take `<root>/node.lock` without waiting; `Ok(None)` if another
+/// process holds it. The descriptor is close-on-exec (std's default), so
+/// runc and the containers never hold it after this process dies.
+fn try_lock_root(root: &Path) -> Result<Option<std::fs::File>, NodeError> {
+    std::fs::create_dir_all(root).map_err(|source| NodeError::Io {
+        what: "creating",
+        path: root.to_path_buf(),
+        source,
+    })?;
+    let path = root.join(NODE_LOCK);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| NodeError::Io {
+            what: "opening",
+            path: path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(source)) => Err(NodeError::Io {
+            what: "locking",
+            path,
+            source,
+        }),
+    }
+}
+
+/// Takes `<root>/node.lock`, waiting up to [`ROOT_LOCK_WAIT`] for a
+/// watchdog that is still cleaning up after a dead predecessor.
+async fn lock_root(root: &Path) -> Result<std::fs::File, NodeError> {
+    let deadline = Instant::now() + ROOT_LOCK_WAIT;
+    loop {
+        if let Some(f) = try_lock_root(root)? {
+            return Ok(f);
+        }
+        if Instant::now() >= deadline {
+            return Err(NodeError::RootInUse(root.join(NODE_LOCK)));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The pool's configuration for a node root; the same for the node and
+/// for its watchdog, so both see the same runners.
+fn pool_config(root: &Path, agent: &Path, store: Store, slots: u32) -> PoolConfig {
+    let mut pool_cfg = PoolConfig::new(root.join("pool"), Runc::new(root.join("runc")), agent);
+    pool_cfg.store = Some(store);
+    pool_cfg.max_runners = (slots as usize * 2).max(4);
+    pool_cfg
+}
+
+/// Starts `cmd` with its stdin the read end of a new pipe; returns the
+/// write end, which the node keeps (close-on-exec) until it returns.
+fn spawn_watchdog(cmd: &WatchdogCommand) -> Result<std::io::PipeWriter, NodeError> {
+    use std::os::unix::process::CommandExt;
+    let err = |what| {
+        let path = cmd.program.clone();
+        move |source| NodeError::Io { what, path, source }
+    };
+    let (reader, writer) = std::io::pipe().map_err(err("making a pipe for"))?;
+    let mut child = std::process::Command::new(&cmd.program)
+        .args(&cmd.args)
+        .stdin(reader)
+        .stdout(std::process::Stdio::null())
+        // Its own process group: a Ctrl-C meant for the node (which then
+        // cleans up itself) or a signal to the node's group leaves it be.
+        .process_group(0)
+        .spawn()
+        .map_err(err("starting the watchdog"))?;
+    // Reaped when it ends (after this process's runners are gone).
+    std::thread::spawn(move || child.wait());
+    Ok(writer)
+}
+
+/// What [`watch_node`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WatchReport {
+    /// A new node agent had the root already: it cleans up itself.
+    pub taken_over: bool,
+    /// Runners of the dead node destroyed.
+    pub runners: Vec<String>,
+}
+
+/// The watchdog of a node agent: blocks until `stdin` reaches its end (the
+/// node process has exited, however it exited: the kernel closes its end
+/// of the pipe even after `kill -9`), then, unless a new node agent holds
+/// the root already, destroys every runner the dead one left (thawing
+/// frozen ones first: a frozen task ignores even SIGKILL) and removes its
+/// store's temporary work, under the root's lock so a node starting
+/// meanwhile waits for it. After a clean shutdown there is nothing left to
+/// destroy. Runs in a process of its own (`ember node` starts it), never
+/// inside the node.
+///
+/// There is no grace period: nothing adopts a dead node's runners (a
+/// restarted node destroys them at start too), so a run whose node agent
+/// died is over, and its container is stopped as soon as that is known;
+/// the control plane retries the run.
+pub fn watch_node(
+    root: &Path,
+    agent: &Path,
+    mut stdin: impl std::io::Read,
+) -> Result<WatchReport, NodeError> {
+    let mut buf = [0u8; 64];
+    loop {
+        match stdin.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // A broken pipe is an ended one.
+            Err(_) => break,
+        }
+    }
+    let Some(lock) = try_lock_root(root)? else {
+        return Ok(WatchReport {
+            taken_over: true,
+            runners: Vec::new(),
+        });
+    };
+    let store = Store::open(root)?;
+    let pool = Pool::new(pool_config(root, agent, store, 1))?;
+    let recovered = pool.recover();
+    pool.shutdown();
+    drop(lock);
+    Ok(WatchReport {
+        taken_over: false,
+        runners: recovered?.runners,
+    })
 }
 
 /// Cancellation state of one run on this node.
@@ -171,14 +344,13 @@ pub async fn run_node(
     cfg: NodeConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), NodeError> {
+    // One agent per root, and never beside a watchdog still cleaning up
+    // after a dead predecessor: held until this function returns.
+    let _root_lock = lock_root(&cfg.root).await?;
+    // Its end of the pipe closes when this process ends, however it ends.
+    let _watchdog = cfg.watchdog.as_ref().map(spawn_watchdog).transpose()?;
     let store = Store::open(&cfg.root)?;
-    let mut pool_cfg = PoolConfig::new(
-        cfg.root.join("pool"),
-        Runc::new(cfg.root.join("runc")),
-        &cfg.agent,
-    );
-    pool_cfg.store = Some(store.clone());
-    pool_cfg.max_runners = (cfg.slots as usize * 2).max(4);
+    let pool_cfg = pool_config(&cfg.root, &cfg.agent, store.clone(), cfg.slots);
     let pool = Arc::new(Pool::new(pool_cfg)?);
     let recovered = pool.recover()?;
     if !recovered.runners.is_empty() {
@@ -537,9 +709,13 @@ fn handle(agent: &Arc<Agent>, msg: WorkMessage) {
             for id in lost {
                 let agent = agent.clone();
                 tokio::spawn(async move {
-                    tracing::warn!(run = %id, "the control plane has a run this node does not know; failing it");
+                    // Its process went with an earlier node process (whose
+                    // runners this one destroyed at start): the run is lost,
+                    // not failed, and the control plane retries it at once
+                    // while attempts remain.
+                    tracing::warn!(run = %id, "the control plane has a run this node does not know; reporting it lost");
                     let error = "the node restarted while the run was active".to_owned();
-                    agent.report(id, NodeReport::Failed { error }).await;
+                    agent.report(id, NodeReport::Lost { error }).await;
                 });
             }
         }

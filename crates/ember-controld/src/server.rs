@@ -920,6 +920,14 @@ async fn apply_reports(
             let mut freed = 0usize;
             for (b, r) in batch.iter().zip(&out) {
                 let Ok(run) = r else { continue };
+                // A run its node lost went back to the queue (or stayed
+                // lost): either way its slot is free, and the dispatcher
+                // must hear of a queued run.
+                if b.reports.iter().any(|r| matches!(r, NodeReport::Lost { .. })) {
+                    tracing::warn!(node = %n, run = %run.id, state = %run.state, "run lost by its node");
+                    freed += 1;
+                    continue;
+                }
                 if !run.state.is_final() {
                     continue;
                 }

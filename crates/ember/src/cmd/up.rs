@@ -122,6 +122,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             agent: agent.clone(),
             labels: BTreeMap::new(),
             heartbeat: Duration::from_secs(3),
+            watchdog: Some(crate::cmd::node::watchdog(
+                &data.join(format!("node-{i}")),
+                &agent,
+            )?),
         };
         nodes.spawn(run_node(cfg, stopped(stop_rx.clone())));
     }
