@@ -54,7 +54,8 @@ macro_rules! state_store_conformance {
             logs,
             batch_submit,
             batch_reports,
-            batch_handoff
+            batch_handoff,
+            node_credentials
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -1266,4 +1267,45 @@ pub fn batch_handoff(h: &dyn Harness) {
         s.claim_for_runners("ghost", &keys),
         Err(StoreError::NodeNotFound(_))
     ));
+}
+
+/// Node credentials: stored by hash for one node each, listed, a duplicate
+/// hash refused, malformed ones refused, revoked per node (only that
+/// node's), and durable across a reopen.
+pub fn node_credentials(h: &dyn Harness) {
+    let s = h.open(clock());
+    let hash = |n: u8| format!("{:064x}", n);
+    assert!(s.node_credentials().expect("list").is_empty());
+    s.add_node_credential("a", &hash(1)).expect("a's first");
+    s.add_node_credential("a", &hash(2)).expect("a's second");
+    s.add_node_credential("b", &hash(3)).expect("b's");
+    assert!(
+        s.add_node_credential("b", &hash(1)).is_err(),
+        "one token, two nodes"
+    );
+    for (node, bad) in [
+        ("", hash(4)),
+        ("c", "ab".to_owned()),
+        ("c", hash(0xab).to_uppercase()),
+    ] {
+        assert!(matches!(
+            s.add_node_credential(node, &bad),
+            Err(StoreError::Invalid(_))
+        ));
+    }
+    let want = |pairs: &[(u8, &str)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(n, node)| (hash(*n), (*node).to_owned()))
+            .collect()
+    };
+    assert_eq!(
+        s.node_credentials().expect("list"),
+        want(&[(1, "a"), (2, "a"), (3, "b")])
+    );
+    drop(s);
+    let s = h.open(clock());
+    assert_eq!(s.revoke_node_credentials("a").expect("revoke"), 2);
+    assert_eq!(s.revoke_node_credentials("a").expect("revoke again"), 0);
+    assert_eq!(s.node_credentials().expect("list"), want(&[(3, "b")]));
 }

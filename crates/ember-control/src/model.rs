@@ -44,6 +44,9 @@ pub enum ModelError {
     /// A run names both a deployment and an image, or neither.
     #[error("a run needs exactly one of a deployment or an image")]
     RunTarget,
+    /// A node credential's hash is not a SHA-256 in lower-case hex.
+    #[error("a node credential's hash must be 64 lower-case hex digits")]
+    CredentialHash,
     /// A name that must be non-empty (deployment, node, key) is empty.
     #[error("{what} must not be empty")]
     Empty {

@@ -274,3 +274,18 @@ pub(crate) fn log_chunk(seq: i64, stream: &str, data: Vec<u8>) -> Result<LogChun
         data,
     })
 }
+
+/// A credential must name a node and carry a SHA-256 in lower-case hex.
+pub(crate) fn check_credential(node: &str, token_sha256: &str) -> Result<(), StoreError> {
+    if node.is_empty() {
+        return Err(ModelError::Empty { what: "node id" }.into());
+    }
+    if token_sha256.len() != 64
+        || !token_sha256
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return Err(ModelError::CredentialHash.into());
+    }
+    Ok(())
+}
