@@ -23,8 +23,8 @@ pub enum WorkMessage {
     },
     /// Sent first on every new stream: the runs the control plane believes
     /// are starting or running on this node. A node that does not have one
-    /// (it restarted and lost it) reports it failed, so it does not stay
-    /// `running` forever.
+    /// (it restarted and lost it) reports it lost, so it does not stay
+    /// `running` forever and is retried at once while attempts remain.
     Active {
         /// The runs.
         runs: Vec<RunId>,
@@ -203,4 +203,24 @@ pub struct EventResult {
     /// endpoint would have answered it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorBody>,
+}
+
+/// A credential just issued to a node (`POST /v1/nodes/{id}/credentials`):
+/// the token is shown this once (the control plane keeps only its
+/// SHA-256); it opens that node's endpoints and no other node's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCredential {
+    /// The node it is for.
+    pub node: String,
+    /// The bearer token, for `ember node --token`.
+    pub token: String,
+}
+
+/// The answer to `DELETE /v1/nodes/{id}/credentials`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedCredentials {
+    /// The node.
+    pub node: String,
+    /// How many credentials it had (all revoked now).
+    pub revoked: usize,
 }
