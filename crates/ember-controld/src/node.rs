@@ -177,6 +177,9 @@ async fn lock_root(root: &Path) -> Result<std::fs::File, NodeError> {
     }
 }
 
+/// How long a watchdog waits for a dead agent's root lock to be free.
+const WATCHDOG_LOCK_WAIT: Duration = Duration::from_secs(2);
+
 /// The pool's configuration for a node root; the same for the node and
 /// for its watchdog, so both see the same runners.
 fn pool_config(root: &Path, agent: &Path, store: Store, slots: u32) -> PoolConfig {
@@ -247,11 +250,21 @@ pub fn watch_node(
             Err(_) => break,
         }
     }
-    let Some(lock) = try_lock_root(root)? else {
-        return Ok(WatchReport {
-            taken_over: true,
-            runners: Vec::new(),
-        });
+    // The dying agent closes its descriptors one by one: the pipe may end
+    // a moment before its lock is let go. Still held after a while, the
+    // lock is a new agent's, which recovers the leftovers itself.
+    let deadline = Instant::now() + WATCHDOG_LOCK_WAIT;
+    let lock = loop {
+        if let Some(lock) = try_lock_root(root)? {
+            break lock;
+        }
+        if Instant::now() >= deadline {
+            return Ok(WatchReport {
+                taken_over: true,
+                runners: Vec::new(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
     };
     let store = Store::open(root)?;
     let pool = Pool::new(pool_config(root, agent, store, 1))?;
