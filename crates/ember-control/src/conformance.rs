@@ -47,6 +47,7 @@ macro_rules! state_store_conformance {
             node_reports_and_start_times,
             lost_nodes_and_retries,
             runs_a_node_lost_are_retried_at_once,
+            stale_attempts_are_fenced,
             late_reports_rejected,
             warm_handoff,
             list_filters,
@@ -762,6 +763,67 @@ pub fn runs_a_node_lost_are_retried_at_once(h: &dyn Harness) {
     );
 }
 
+/// Reports carrying the attempt they are about are refused for any other
+/// attempt: when a lost attempt's retry comes back to the same node, the
+/// old attempt's late exit is not recorded for the new one.
+pub fn stale_attempts_are_fenced(h: &dyn Harness) {
+    let s = h.open(clock());
+    s.upsert_node(&node("n1", 4)).expect("node");
+    let id = s
+        .submit_run(&RunSpec {
+            image: Some(image(1)),
+            max_attempts: 2,
+            ..RunSpec::default()
+        })
+        .expect("submit")
+        .run
+        .id;
+    let of = |attempt: u32, reports: Vec<NodeReport>| crate::store::RunReports {
+        attempt: Some(attempt),
+        ..crate::store::RunReports::new(id, reports)
+    };
+    let one = |b: crate::store::RunReports| {
+        s.report_batch("n1", &[b])
+            .expect("batch")
+            .pop()
+            .expect("one answer")
+    };
+    schedule(&*s, id, "n1");
+    assert_eq!(
+        one(of(1, vec![NodeReport::Started]))
+            .expect("first attempt runs")
+            .state,
+        RunState::Running
+    );
+    let lost = NodeReport::Lost {
+        error: "gone".into(),
+    };
+    assert_eq!(
+        s.report("n1", id, &lost).expect("lost").state,
+        RunState::Queued
+    );
+    schedule(&*s, id, "n1");
+    let exited = NodeReport::Exited {
+        code: 137,
+        runner_idle: false,
+    };
+    assert!(matches!(
+        one(of(1, vec![exited.clone()])),
+        Err(StoreError::NotAssigned { .. })
+    ));
+    let run = s.get_run(id).expect("get").expect("run");
+    assert_eq!(
+        (run.state, run.attempts, run.exit_code),
+        (RunState::Scheduled, 2, None)
+    );
+    assert_eq!(
+        one(of(2, vec![NodeReport::Started]))
+            .expect("second attempt")
+            .state,
+        RunState::Running
+    );
+}
+
 /// Reports from a node for a run that is not (or no longer) its own are
 /// refused and change nothing: after a loss, after a reassignment, after a
 /// cancel, and from a node that never had it.
@@ -1142,6 +1204,7 @@ pub fn batch_reports(h: &dyn Harness) {
     let batch = vec![
         // Dated by the node: 3, 2, 1 and 0 ms before the call.
         RunReports {
+            attempt: None,
             ages_ms: vec![3, 2, 1, 0],
             run: a,
             reports: vec![
@@ -1154,26 +1217,31 @@ pub fn batch_reports(h: &dyn Harness) {
         // Started twice: the second is refused, the first stands. Its age
         // would date it before the run was scheduled: it is not.
         RunReports {
+            attempt: None,
             ages_ms: vec![100],
             run: b,
             reports: vec![NodeReport::Started, NodeReport::Started, exited.clone()],
         },
         RunReports {
+            attempt: None,
             ages_ms: Vec::new(),
             run: other,
             reports: vec![NodeReport::Started],
         },
         RunReports {
+            attempt: None,
             ages_ms: Vec::new(),
             run: cancelled,
             reports: vec![NodeReport::Started],
         },
         RunReports {
+            attempt: None,
             ages_ms: Vec::new(),
             run: RunId(999_999),
             reports: vec![NodeReport::Started],
         },
         RunReports {
+            attempt: None,
             ages_ms: Vec::new(),
             run: a,
             reports: Vec::new(),

@@ -913,8 +913,7 @@ impl StateStore for PostgresStore {
                         Err(e @ StoreError::RunNotFound(_)) => return Ok(Err(e)),
                         Err(e) => return Err(e),
                     };
-                    let (changed, res) =
-                        rules::apply_reports(&mut run, node, &b.reports, &b.ages_ms, now);
+                    let (changed, res) = rules::apply_reports(&mut run, node, b, now);
                     if changed {
                         db.save_run(&run)?;
                         // A run its node lost is queued again: other

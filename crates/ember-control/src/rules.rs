@@ -207,12 +207,23 @@ pub(crate) fn retry_if_attempts_left(run: &mut Run, now: Millis) -> Result<(), S
 pub(crate) fn apply_reports(
     run: &mut Run,
     node: &str,
-    reports: &[NodeReport],
-    ages_ms: &[Millis],
+    batch: &crate::store::RunReports,
     now: Millis,
 ) -> (bool, Result<(), StoreError>) {
+    let (reports, ages_ms) = (&batch.reports, &batch.ages_ms);
     if reports.is_empty() {
         return (false, Err(ModelError::Empty { what: "reports" }.into()));
+    }
+    // Fencing: a report of an earlier attempt (lost, then retried) is
+    // stale whatever node it comes from.
+    if batch.attempt.is_some_and(|a| a != run.attempts) {
+        return (
+            false,
+            Err(StoreError::NotAssigned {
+                run: run.id,
+                node: node.to_owned(),
+            }),
+        );
     }
     let t = &run.times;
     let mut floor = [

@@ -641,8 +641,7 @@ impl StateStore for SqliteStore {
                     let Some(mut run) = load_run(tx, b.run)? else {
                         return Ok(Err(StoreError::RunNotFound(b.run)));
                     };
-                    let (changed, res) =
-                        rules::apply_reports(&mut run, node, &b.reports, &b.ages_ms, now);
+                    let (changed, res) = rules::apply_reports(&mut run, node, b, now);
                     if changed {
                         save_run(tx, &run)?;
                     }

@@ -363,6 +363,14 @@ pub struct RunReports {
     /// previous one nor after now.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ages_ms: Vec<Millis>,
+    /// The attempt the reports are about (the run's `attempts` in the
+    /// assignment the node executes). Reports of another attempt than the
+    /// run's current one are refused ([`StoreError::NotAssigned`]): a node
+    /// cut off while its attempt was declared lost and retried must not
+    /// have its late result recorded for the retry, even when the retry
+    /// came back to the same node. `None`: not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
 }
 
 impl RunReports {
@@ -372,6 +380,7 @@ impl RunReports {
             run,
             reports,
             ages_ms: Vec::new(),
+            attempt: None,
         }
     }
 }

@@ -280,6 +280,8 @@ pub fn watch_node(
 /// Cancellation state of one run on this node.
 #[derive(Default)]
 struct RunHandle {
+    /// The attempt being executed (the assignment's `attempts`).
+    attempt: u32,
     cancelled: AtomicBool,
     /// The exec to signal, once started.
     exec: Mutex<Option<(Canceller, u64)>>,
@@ -479,19 +481,30 @@ impl Agent {
         self.client.put_node(&spec).await.map(|_| ())
     }
 
-    async fn report(&self, run: RunId, r: NodeReport) {
-        self.report_all(run, vec![(r, Instant::now())]).await;
+    /// Reports on `run`; `attempt` (the assignment's `attempts`) fences
+    /// the report against a later attempt of the same run.
+    async fn report(&self, run: RunId, attempt: Option<u32>, r: NodeReport) {
+        self.report_all(run, attempt, vec![(r, Instant::now())])
+            .await;
     }
 
     /// Hands `reports` (in order) to the reporter and waits until they are
     /// through (applied, refused, or given up on), so what the caller sends
     /// next reaches the control plane after them.
-    async fn report_all(&self, run: RunId, reports: Vec<(NodeReport, Instant)>) {
+    async fn report_all(
+        &self,
+        run: RunId,
+        attempt: Option<u32>,
+        reports: Vec<(NodeReport, Instant)>,
+    ) {
         tracing::debug!(run = %run, ?reports, "reporting");
         let (done, through) = oneshot::channel();
         let (reports, at): (Vec<_>, Vec<_>) = reports.into_iter().unzip();
         let job = ReportJob {
-            reports: RunReports::new(run, reports),
+            reports: RunReports {
+                attempt,
+                ..RunReports::new(run, reports)
+            },
             at,
             done,
         };
@@ -690,12 +703,24 @@ async fn work_once(agent: &Arc<Agent>, connected: &mut bool) -> Result<(), Clien
 fn handle(agent: &Arc<Agent>, msg: WorkMessage) {
     match msg {
         WorkMessage::Assign { run } => {
-            let handle = Arc::new(RunHandle::default());
+            let handle = Arc::new(RunHandle {
+                attempt: run.attempts,
+                ..RunHandle::default()
+            });
             {
                 let mut runs = agent.runs.lock().unwrap_or_else(|e| e.into_inner());
-                if runs.contains_key(&run.id) {
-                    // Sent again after a reconnect; already ours.
-                    return;
+                if let Some(old) = runs.get(&run.id) {
+                    if old.attempt == run.attempts {
+                        // Sent again after a reconnect; already ours.
+                        return;
+                    }
+                    // An earlier attempt, which the control plane gave up
+                    // on (lost while this node was cut off) and retried
+                    // here: stop it (its reports are refused by now) and
+                    // run the new one.
+                    tracing::warn!(run = %run.id, old = old.attempt, new = run.attempts, "a new attempt of a run still executing here; stopping the old one");
+                    let old = old.clone();
+                    tokio::task::spawn_blocking(move || old.cancel());
                 }
                 runs.insert(run.id, handle.clone());
             }
@@ -705,20 +730,39 @@ fn handle(agent: &Arc<Agent>, msg: WorkMessage) {
                 let id = run.id;
                 let permit = agent.slots.clone().acquire_owned().await;
                 tracing::debug!(run = %id, "slot taken");
-                execute(&agent, *run, handle).await;
+                execute(&agent, *run, handle.clone()).await;
                 drop(permit);
-                agent
-                    .runs
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
+                let mut runs = agent.runs.lock().unwrap_or_else(|e| e.into_inner());
+                // Not a newer attempt's entry.
+                if runs.get(&id).is_some_and(|h| Arc::ptr_eq(h, &handle)) {
+                    runs.remove(&id);
+                }
             });
         }
-        WorkMessage::Active { runs, .. } => {
-            let lost: Vec<RunId> = {
+        WorkMessage::Active {
+            runs, scheduled, ..
+        } => {
+            let (lost, stale): (Vec<RunId>, Vec<(RunId, Arc<RunHandle>)>) = {
                 let mine = agent.runs.lock().unwrap_or_else(|e| e.into_inner());
-                runs.into_iter().filter(|r| !mine.contains_key(r)).collect()
+                // Everything here came before this stream: what the control
+                // plane no longer gives this node (lost while it was cut
+                // off, and retried elsewhere) must stop, not run on beside
+                // the retry.
+                let stale = match &scheduled {
+                    Some(scheduled) => mine
+                        .iter()
+                        .filter(|(id, _)| !runs.contains(id) && !scheduled.contains(id))
+                        .map(|(id, h)| (*id, h.clone()))
+                        .collect(),
+                    None => Vec::new(),
+                };
+                let lost = runs.into_iter().filter(|r| !mine.contains_key(r)).collect();
+                (lost, stale)
             };
+            for (id, h) in stale {
+                tracing::warn!(run = %id, "the control plane no longer gives this node the run; stopping it");
+                tokio::task::spawn_blocking(move || h.cancel());
+            }
             for id in lost {
                 let agent = agent.clone();
                 tokio::spawn(async move {
@@ -728,16 +772,17 @@ fn handle(agent: &Arc<Agent>, msg: WorkMessage) {
                     // while attempts remain.
                     tracing::warn!(run = %id, "the control plane has a run this node does not know; reporting it lost");
                     let error = "the node restarted while the run was active".to_owned();
-                    agent.report(id, NodeReport::Lost { error }).await;
+                    agent.report(id, None, NodeReport::Lost { error }).await;
                 });
             }
         }
-        WorkMessage::Cancel { run } => {
+        WorkMessage::Cancel { run, attempt } => {
             let h = agent
                 .runs
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .get(&run)
+                .filter(|h| attempt.is_none_or(|a| a == h.attempt))
                 .cloned();
             if let Some(h) = h {
                 tokio::task::spawn_blocking(move || h.cancel());
@@ -909,6 +954,7 @@ const MILESTONE_HOLD: Duration = Duration::from_millis(5);
 
 async fn execute(agent: &Arc<Agent>, run: Run, handle: Arc<RunHandle>) {
     let id = run.id;
+    let at = Some(run.attempts);
     let cached = agent
         .images
         .lock()
@@ -918,12 +964,12 @@ async fn execute(agent: &Arc<Agent>, run: Run, handle: Arc<RunHandle>) {
     // acceptance: one request per run fewer. A pull may take seconds, so
     // then the control plane hears first that the run was taken.
     if !cached {
-        agent.report(id, NodeReport::Accepted).await;
+        agent.report(id, at, NodeReport::Accepted).await;
     }
     let record = match ensure_image(agent, &run.image).await {
         Ok(r) => r,
         Err(error) => {
-            agent.report(id, NodeReport::Failed { error }).await;
+            agent.report(id, at, NodeReport::Failed { error }).await;
             return;
         }
     };
@@ -970,7 +1016,7 @@ async fn execute(agent: &Arc<Agent>, run: Run, handle: Arc<RunHandle>) {
                 Event::Report(r, at) => reports.push((r, at)),
                 Event::Output(stream, data) => {
                     if !reports.is_empty() {
-                        agent.report_all(id, std::mem::take(&mut reports)).await;
+                        agent.report_all(id, at, std::mem::take(&mut reports)).await;
                     }
                     if let Err(e) = agent
                         .client
@@ -983,13 +1029,14 @@ async fn execute(agent: &Arc<Agent>, run: Run, handle: Arc<RunHandle>) {
             }
         }
         if !reports.is_empty() {
-            agent.report_all(id, reports).await;
+            agent.report_all(id, at, reports).await;
         }
     }
     if let Err(e) = exec.await {
         agent
             .report(
                 id,
+                at,
                 NodeReport::Failed {
                     error: format!("executor failed: {e}"),
                 },

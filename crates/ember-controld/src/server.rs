@@ -640,7 +640,13 @@ async fn cancel_run(
                 if let Some(node) = &run.node
                     && from.is_active()
                 {
-                    s.push(node, WorkMessage::Cancel { run: id });
+                    s.push(
+                        node,
+                        WorkMessage::Cancel {
+                            run: id,
+                            attempt: None,
+                        },
+                    );
                 }
                 let _ = s.log_events.send(id);
                 // The cancelled run's slot is free.
@@ -917,6 +923,7 @@ async fn work_stream(
     let _ = tx.send(WorkMessage::Active {
         runs: active.iter().map(|r| r.id).collect(),
         keepalive_ms: Some(u64::try_from(keepalive.as_millis()).unwrap_or(u64::MAX)),
+        scheduled: Some(pending.iter().map(|r| r.id).collect()),
     });
     for run in pending {
         let _ = tx.send(WorkMessage::Assign { run: Box::new(run) });
@@ -1401,6 +1408,18 @@ async fn reap_lost_nodes(s: Shared) {
                 tracing::warn!(lost = lost.len(), requeued, "runs lost with their nodes");
                 for r in &lost {
                     let _ = s.log_events.send(r.id);
+                    // A node that is only cut off, its stream still open
+                    // here, hears this once its link is back (or sees the
+                    // run missing from its next stream's first line).
+                    if let Some(node) = &r.node {
+                        s.push(
+                            node,
+                            WorkMessage::Cancel {
+                                run: r.id,
+                                attempt: Some(r.attempts),
+                            },
+                        );
+                    }
                 }
                 s.wake.notify_one();
             }

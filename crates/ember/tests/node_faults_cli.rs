@@ -133,7 +133,7 @@ fn a_node_restarted_at_once_retries_its_runs() {
 
     let retried = client_ok(
         &url,
-        &["submit", "--attempts", "3", &image, "--", "sleep", "5"],
+        &["submit", "--attempts", "3", &image, "--", "sleep", "15"],
     );
     let once = client_ok(&url, &["submit", &image, "--", "sleep", "1236"]);
     for id in [&retried, &once] {
