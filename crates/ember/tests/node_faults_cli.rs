@@ -371,3 +371,149 @@ fn node_credentials_open_only_their_own_node() {
     }
     control.stop();
 }
+
+/// A TCP proxy in front of the control plane for one node that can cut
+/// the node off: while cut, bytes on open connections are dropped (as on
+/// a dead link, nothing is closed) and new connections are refused; when
+/// the link comes back, the connections that lived through the cut are
+/// closed (their bytes are lost) and new ones pass.
+struct CutProxy {
+    addr: String,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl CutProxy {
+    fn start(upstream: &str) -> CutProxy {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, t, up) = (cut.clone(), conns.clone(), upstream.to_owned());
+        std::thread::spawn(move || {
+            for down in listener.incoming().flatten() {
+                if c.load(Ordering::SeqCst) {
+                    drop(down);
+                    continue;
+                }
+                let Ok(upc) = std::net::TcpStream::connect(&up) else {
+                    continue;
+                };
+                let mut table = t.lock().expect("table");
+                table.push(down.try_clone().expect("clone"));
+                table.push(upc.try_clone().expect("clone"));
+                for (mut from, mut to) in [
+                    (
+                        down.try_clone().expect("clone"),
+                        upc.try_clone().expect("clone"),
+                    ),
+                    (upc, down),
+                ] {
+                    let c = c.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                            if !c.load(Ordering::SeqCst) && to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        if !c.load(Ordering::SeqCst) {
+                            let _ = to.shutdown(std::net::Shutdown::Write);
+                        }
+                    });
+                }
+            }
+        });
+        CutProxy { addr, cut, conns }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn heal(&self) {
+        let mut conns = self.conns.lock().expect("table");
+        for c in conns.drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A partition (issue 10): node n1 is cut off from the control plane for
+/// longer than the heartbeat timeout while it runs a run; the run is lost
+/// and retried on node n2; when n1's link comes back, n1 stops its copy
+/// (its runner is destroyed, which a finished run's would not be), and the
+/// run's result is n2's alone (n1's late exit is refused).
+#[test]
+fn a_cut_off_node_stops_the_runs_retried_elsewhere() {
+    let Some(agent) = static_agent() else {
+        eprintln!("skipped: the static ember-agent could not be built");
+        return;
+    };
+    let registry = registry_with(&["busybox"]);
+    let image = format!("{}/ember/busybox:latest", registry.addr());
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let db = tmp.path().join("control.db").to_string_lossy().into_owned();
+    let (mut control, url) = start_control(
+        tmp.path(),
+        &db,
+        // Heartbeats every second (below) against a 5 s timeout.
+        &["--heartbeat-timeout", "5", "--keepalive", "1"],
+    );
+    let proxy = CutProxy::start(url.trim_start_matches("http://"));
+    let n1_root = tmp.path().join("n1");
+    let mut n1 = start_node(
+        &n1_root,
+        &format!("http://{}", proxy.addr),
+        "n1",
+        1,
+        &agent,
+        &["--heartbeat", "1"],
+    );
+    // Long enough that n1's copy is still running when its link is back.
+    let id = client_ok(
+        &url,
+        &["submit", "--attempts", "2", &image, "--", "sleep", "40"],
+    );
+    let r = wait_run(&url, &id, "ran", |r| r["state"] == "running");
+    assert_eq!(r["node"], "n1", "{r}");
+    assert_eq!(runners(&n1_root), 1);
+
+    proxy.cut();
+    let mut n2 = start_node(
+        &tmp.path().join("n2"),
+        &url,
+        "n2",
+        1,
+        &agent,
+        &["--heartbeat", "1"],
+    );
+    let r = wait_run(&url, &id, "was retried on n2", |r| {
+        r["state"] == "running" && r["node"] == "n2"
+    });
+    assert_eq!(r["attempts"], 2, "{r}");
+    assert_eq!(runners(&n1_root), 1, "n1 still runs its copy, cut off");
+
+    proxy.heal();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while runners(&n1_root) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "n1 never stopped the run it no longer owns"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = wait_run(&url, &id, "finished", |r| r["state"] != "running");
+    assert_eq!(r["state"], "succeeded", "{r}");
+    assert_eq!(r["node"], "n2", "{r}");
+    assert_eq!(r["attempts"], 2, "{r}");
+    assert_eq!(r["exit_code"], 0, "{r}");
+    n1.stop();
+    n2.stop();
+    control.stop();
+}
