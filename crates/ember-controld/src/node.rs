@@ -27,7 +27,16 @@
 //! keepalive interval in the first line, and three intervals without a
 //! byte mean the connection is dead (a NAT or proxy dropped it without a
 //! reset). The node then reconnects with exponential backoff and the new
-//! stream's first line reconciles the runs, as after any reconnect.
+//! stream's first line reconciles the runs, as after any reconnect: runs
+//! the control plane has active here that this process does not know (an
+//! earlier process had them) are reported lost, and runs this process
+//! executes that are no longer its own (lost and retried while it was cut
+//! off) are stopped. Reports carry the attempt they are about, so a stale
+//! attempt's are refused.
+//!
+//! One node agent runs per root (`<root>/node.lock`), and each starts a
+//! watchdog process ([`watch_node`]) that destroys the runners if the
+//! agent dies without shutting down.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
