@@ -160,3 +160,54 @@ fn remove_all(paths: &[PathBuf], removed: &mut Vec<PathBuf>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .expect("read tmp")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A live owner's entries stay (its lock is held, in this very
+    /// process too: flock locks belong to the open file); once it is
+    /// dropped its entries and its lock file go, and ownerless or legacy
+    /// dead-pid entries go; the cleaner's own are never judged.
+    #[test]
+    fn entries_go_with_their_owners_lock() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tmp = dir.path();
+        let live = TmpOwner::new(tmp).expect("live owner");
+        let dead = TmpOwner::new(tmp).expect("dead owner");
+        let mine = TmpOwner::new(tmp).expect("cleaner");
+        for (owner, what) in [(&live, "layer"), (&dead, "layer"), (&mine, "blob")] {
+            fs::create_dir(tmp.join(format!("{}-1-0-{what}", owner.token))).expect("entry");
+        }
+        fs::write(tmp.join("nobody.99-1-0-index"), b"").expect("ownerless");
+        // Above any pid_max: no such process.
+        fs::write(tmp.join("99999999-1-0-index"), b"").expect("legacy");
+        let dead_token = dead.token.clone();
+        drop(dead);
+
+        let removed = clean(tmp, &mine.token).expect("clean");
+        assert_eq!(removed.len(), 4, "{removed:?}");
+        let left = names(tmp);
+        let want = {
+            let mut w = vec![
+                format!("{}-1-0-layer", live.token),
+                format!("{}-lock", live.token),
+                format!("{}-1-0-blob", mine.token),
+                format!("{}-lock", mine.token),
+            ];
+            w.sort();
+            w
+        };
+        assert_eq!(left, want);
+        assert!(!left.iter().any(|n| n.starts_with(&dead_token)));
+    }
+}
