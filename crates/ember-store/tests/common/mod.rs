@@ -256,6 +256,15 @@ pub fn file_sha256(path: &Path) -> String {
 }
 
 /// Names in a directory, sorted; empty if it does not exist.
+/// The work in `<root>/tmp/`: its entries but the `<owner>-lock` files
+/// every open store holds there (see `ember_store`'s tmp module).
+pub fn tmp_work(root: &Path) -> Vec<String> {
+    names(&root.join("tmp"))
+        .into_iter()
+        .filter(|n| !n.ends_with("-lock"))
+        .collect()
+}
+
 pub fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = match fs::read_dir(dir) {
         Ok(rd) => rd
@@ -437,7 +446,7 @@ impl StoreDir {
     }
 
     pub fn tmp_entries(&self) -> Vec<String> {
-        names(&self.root().join("tmp"))
+        tmp_work(self.root())
     }
 
     /// After a failed operation: the store is exactly `before`, nothing is
