@@ -923,7 +923,7 @@ pub fn logs(h: &dyn Harness) {
         .expect("submit")
         .run
         .id;
-    assert!(s.read_log(id, 0, 10).expect("read").is_empty());
+    assert!(s.read_log(id, 0, 10, usize::MAX).expect("read").is_empty());
     assert!(matches!(
         s.append_log("n1", id, LogStream::Stdout, b"queued", u64::MAX),
         Err(StoreError::NotAssigned { .. })
@@ -946,14 +946,28 @@ pub fn logs(h: &dyn Harness) {
     ));
     // Another connection sees the same, in order.
     let other = h.open(c.clone());
-    let all = other.read_log(id, 0, 100).expect("read");
+    let all = other.read_log(id, 0, 100, usize::MAX).expect("read");
     let got: Vec<(LogStream, &[u8])> = all.iter().map(|c| (c.stream, &c.data[..])).collect();
     assert_eq!(got, parts.to_vec());
     assert!(all.windows(2).all(|w| w[0].seq < w[1].seq), "{all:?}");
     // Paging: after the second chunk, one at a time.
-    let page = other.read_log(id, all[1].seq, 1).expect("page");
+    let page = other.read_log(id, all[1].seq, 1, usize::MAX).expect("page");
     assert_eq!(page, vec![all[2].clone()]);
-    assert_eq!(other.read_log(id, all[3].seq, 10).expect("end"), Vec::new());
+    assert_eq!(
+        other.read_log(id, all[3].seq, 10, usize::MAX).expect("end"),
+        Vec::new()
+    );
+    // A byte budget ends the page after the chunk that reaches it (3 + 5
+    // bytes for a budget of 4), and never returns nothing when there is
+    // something.
+    assert_eq!(
+        other.read_log(id, 0, 100, 4).expect("budget"),
+        all[..2].to_vec()
+    );
+    assert_eq!(
+        other.read_log(id, 0, 100, 1).expect("budget"),
+        all[..1].to_vec()
+    );
     // A finished run takes no more output; what it had stays.
     s.report("n1", id, &NodeReport::Started).expect("started");
     s.report(
@@ -969,9 +983,9 @@ pub fn logs(h: &dyn Harness) {
         s.append_log("n1", id, LogStream::Stdout, b"late", u64::MAX),
         Err(StoreError::NotAssigned { .. })
     ));
-    assert_eq!(s.read_log(id, 0, 100).expect("read").len(), 4);
+    assert_eq!(s.read_log(id, 0, 100, usize::MAX).expect("read").len(), 4);
     assert!(matches!(
-        s.read_log(RunId(9_999), 0, 10),
+        s.read_log(RunId(9_999), 0, 10, usize::MAX),
         Err(StoreError::RunNotFound(_))
     ));
 }
@@ -1277,7 +1291,7 @@ pub fn log_limit(h: &dyn Harness) {
         s.append_log("n2", id, LogStream::Stdout, b"x", max),
         Err(StoreError::NotAssigned { .. })
     ));
-    let chunks = s.read_log(id, 0, 100).expect("read");
+    let chunks = s.read_log(id, 0, 100, usize::MAX).expect("read");
     let output: Vec<u8> = chunks
         .iter()
         .filter(|c| !c.marker)
@@ -1289,7 +1303,10 @@ pub fn log_limit(h: &dyn Harness) {
     assert!(std::ptr::eq(markers[0], chunks.last().expect("a chunk")));
     assert_eq!(markers[0].stream, LogStream::Stderr);
     let text = String::from_utf8_lossy(&markers[0].data).into_owned();
-    assert!(text.contains("truncated") && text.contains("10 bytes"), "{text}");
+    assert!(
+        text.contains("truncated") && text.contains("10 bytes"),
+        "{text}"
+    );
     // Reaching the limit exactly stores everything; the next append gets
     // the notice (and nothing else).
     let id2 = s
@@ -1311,7 +1328,7 @@ pub fn log_limit(h: &dyn Harness) {
             .expect("append"),
         Appended::Truncated
     );
-    let chunks = s.read_log(id2, 0, 100).expect("read");
+    let chunks = s.read_log(id2, 0, 100, usize::MAX).expect("read");
     assert_eq!(chunks.len(), 2);
     assert!(!chunks[0].marker && chunks[1].marker);
 }
@@ -1353,7 +1370,7 @@ pub fn log_pruning(h: &dyn Harness) {
         .expect("exit");
     }
     let output = |id: RunId| -> Vec<u8> {
-        s.read_log(id, 0, 100)
+        s.read_log(id, 0, 100, usize::MAX)
             .expect("read")
             .iter()
             .filter(|c| !c.marker)
@@ -1371,7 +1388,7 @@ pub fn log_pruning(h: &dyn Harness) {
         .expect("prune");
     assert_eq!((by_age.runs, by_age.bytes), (2, 200));
     assert!(output(runs[0]).is_empty() && output(runs[1]).is_empty());
-    let notice = s.read_log(runs[0], 0, 100).expect("read");
+    let notice = s.read_log(runs[0], 0, 100, usize::MAX).expect("read");
     assert_eq!(notice.len(), 1);
     assert!(notice[0].marker);
     assert!(String::from_utf8_lossy(&notice[0].data).contains("pruned"));
@@ -1394,6 +1411,12 @@ pub fn log_pruning(h: &dyn Harness) {
             max_total_bytes: Some(0),
         })
         .expect("prune");
-    assert_eq!(again.runs, 0, "pruned logs and live runs are not pruned again");
-    assert_eq!(s.read_log(runs[1], 0, 100).expect("read").len(), 1);
+    assert_eq!(
+        again.runs, 0,
+        "pruned logs and live runs are not pruned again"
+    );
+    assert_eq!(
+        s.read_log(runs[1], 0, 100, usize::MAX).expect("read").len(),
+        1
+    );
 }

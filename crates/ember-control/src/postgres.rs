@@ -1098,14 +1098,30 @@ impl StateStore for PostgresStore {
         })
     }
 
-    fn read_log(&self, id: RunId, after: u64, limit: usize) -> Result<Vec<LogChunk>, StoreError> {
+    fn read_log(
+        &self,
+        id: RunId,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<LogChunk>, StoreError> {
         let after = i64::try_from(after).unwrap_or(i64::MAX);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let max_bytes = i64::try_from(max_bytes).unwrap_or(i64::MAX);
         self.read(|db| {
+            // The running total stops the page at the byte budget in the
+            // server, so the rows past it never cross the wire.
             let rows = db.query(
-                "SELECT seq, stream, data FROM run_logs WHERE run_id = $1 AND seq > $2
-                 ORDER BY seq LIMIT $3",
-                &[&id.0, &after, &limit],
+                "SELECT seq, stream, data FROM (
+                     SELECT seq, stream, data,
+                            SUM(octet_length(data)) OVER (ORDER BY seq) - octet_length(data)
+                                AS before_it
+                     FROM run_logs WHERE run_id = $1 AND seq > $2
+                     ORDER BY seq LIMIT $3
+                 ) page
+                 WHERE before_it < $4
+                 ORDER BY seq",
+                &[&id.0, &after, &limit, &max_bytes],
             )?;
             if rows.is_empty() {
                 // Distinguish "no output yet" from "no such run".

@@ -337,9 +337,7 @@ pub(crate) fn prune_victims(
     retention: &LogRetention,
     now: Millis,
 ) -> Vec<(i64, u64)> {
-    let cutoff = retention
-        .max_age_ms
-        .map(|age| now.saturating_sub(age));
+    let cutoff = retention.max_age_ms.map(|age| now.saturating_sub(age));
     let mut left = total;
     let mut out = Vec::new();
     for &(id, bytes, at) in candidates {
@@ -361,15 +359,27 @@ mod tests {
     #[test]
     fn appends_keep_what_fits_then_one_notice_then_nothing() {
         let fits = plan_append(0, false, 10, 100);
-        assert_eq!((fits.keep, fits.notice, fits.outcome), (10, false, Appended::Stored));
+        assert_eq!(
+            (fits.keep, fits.notice, fits.outcome),
+            (10, false, Appended::Stored)
+        );
         let exact = plan_append(90, false, 10, 100);
         assert_eq!((exact.keep, exact.notice), (10, false));
         let cut = plan_append(95, false, 10, 100);
-        assert_eq!((cut.keep, cut.notice, cut.outcome), (5, true, Appended::Truncated));
+        assert_eq!(
+            (cut.keep, cut.notice, cut.outcome),
+            (5, true, Appended::Truncated)
+        );
         // Full to the byte but the notice not written yet: it is written now.
         let full = plan_append(100, false, 1, 100);
-        assert_eq!((full.keep, full.notice, full.outcome), (0, true, Appended::Truncated));
+        assert_eq!(
+            (full.keep, full.notice, full.outcome),
+            (0, true, Appended::Truncated)
+        );
         let after = plan_append(100, true, 1, 100);
-        assert_eq!((after.keep, after.notice, after.outcome), (0, false, Appended::Dropped));
+        assert_eq!(
+            (after.keep, after.notice, after.outcome),
+            (0, false, Appended::Dropped)
+        );
     }
 }

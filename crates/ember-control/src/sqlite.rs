@@ -795,7 +795,11 @@ impl StateStore for SqliteStore {
                 tx.prepare_cached(
                     "INSERT INTO run_logs (run_id, stream, data) VALUES (?1, ?2, ?3)",
                 )?
-                .execute(params![id, rules::MARKER_STREAM, rules::PRUNED_NOTICE])?;
+                .execute(params![
+                    id,
+                    rules::MARKER_STREAM,
+                    rules::PRUNED_NOTICE
+                ])?;
                 tx.prepare_cached(
                     "UPDATE run_log_sizes SET bytes = 0, pruned = 1 WHERE run_id = ?1",
                 )?
@@ -807,28 +811,44 @@ impl StateStore for SqliteStore {
         })
     }
 
-    fn read_log(&self, id: RunId, after: u64, limit: usize) -> Result<Vec<LogChunk>, StoreError> {
+    fn read_log(
+        &self,
+        id: RunId,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<LogChunk>, StoreError> {
         let conn = self.lock()?;
-        let rows: Vec<(i64, String, Vec<u8>)> = conn
-            .prepare_cached(
-                "SELECT seq, stream, data FROM run_logs WHERE run_id = ?1 AND seq > ?2
-                 ORDER BY seq LIMIT ?3",
-            )?
-            .query_map(
-                params![
-                    id.0,
-                    i64::try_from(after).unwrap_or(i64::MAX),
-                    i64::try_from(limit).unwrap_or(i64::MAX)
-                ],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )?
-            .collect::<Result<_, _>>()?;
-        if rows.is_empty() && load_run(&conn, id)?.is_none() {
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, stream, data FROM run_logs WHERE run_id = ?1 AND seq > ?2
+             ORDER BY seq LIMIT ?3",
+        )?;
+        let mut rows = stmt.query(params![
+            id.0,
+            i64::try_from(after).unwrap_or(i64::MAX),
+            i64::try_from(limit).unwrap_or(i64::MAX)
+        ])?;
+        // Rows are stepped one at a time: stopping at the byte budget
+        // leaves the rest unread.
+        let mut chunks = Vec::new();
+        let mut bytes = 0usize;
+        while bytes < max_bytes
+            && let Some(row) = rows.next()?
+        {
+            let data: Vec<u8> = row.get(2)?;
+            bytes = bytes.saturating_add(data.len());
+            chunks.push(rules::log_chunk(
+                row.get(0)?,
+                &row.get::<_, String>(1)?,
+                data,
+            )?);
+        }
+        drop(rows);
+        drop(stmt);
+        if chunks.is_empty() && load_run(&conn, id)?.is_none() {
             return Err(StoreError::RunNotFound(id));
         }
-        rows.into_iter()
-            .map(|(seq, stream, data)| rules::log_chunk(seq, &stream, data))
-            .collect()
+        Ok(chunks)
     }
 
     fn mark_lost_runs(&self, stale_after_ms: Millis) -> Result<Vec<Run>, StoreError> {

@@ -362,9 +362,17 @@ pub trait StateStore: Send + Sync {
     fn prune_logs(&self, retention: &LogRetention) -> Result<Pruned, StoreError>;
 
     /// Up to `limit` chunks of run `id`'s output after position `after`
-    /// (0: from the start), oldest first. [`StoreError::RunNotFound`] if
-    /// there is no such run.
-    fn read_log(&self, id: RunId, after: u64, limit: usize) -> Result<Vec<LogChunk>, StoreError>;
+    /// (0: from the start), oldest first, and no more chunks once they
+    /// hold `max_bytes` (the chunk that crosses it is the last; at least
+    /// one is returned when there is one), so a reader's page is bounded
+    /// in bytes too. [`StoreError::RunNotFound`] if there is no such run.
+    fn read_log(
+        &self,
+        id: RunId,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<LogChunk>, StoreError>;
 
     /// Calls `wake` whenever another process sharing this database may have
     /// made runs claimable (a submit, a retry, released claims) or appended
