@@ -218,14 +218,17 @@ impl ControlClient {
         limit: Option<usize>,
         cursor: Option<&str>,
     ) -> Result<RunPage, ClientError> {
-        let mut q = form_urlencoded::Serializer::new(String::new());
-        if let Some(l) = limit {
-            q.append_pair("limit", &l.to_string());
-        }
-        if let Some(c) = cursor {
-            q.append_pair("cursor", c);
-        }
-        let q = q.finish();
+        // The serializer is not Send: finish it before any await.
+        let q = {
+            let mut q = form_urlencoded::Serializer::new(String::new());
+            if let Some(l) = limit {
+                q.append_pair("limit", &l.to_string());
+            }
+            if let Some(c) = cursor {
+                q.append_pair("cursor", c);
+            }
+            q.finish()
+        };
         let path = if q.is_empty() {
             "/v1/runs".to_owned()
         } else {

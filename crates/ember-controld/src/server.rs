@@ -564,8 +564,10 @@ async fn submit_run(
             )));
         }
         match &spec.idempotency_key {
+            // Two different keys for one request: a conflict, like a key
+            // reused for another spec.
             Some(k) if k != key => {
-                return Err(ApiError::BadRequest(format!(
+                return Err(ApiError::Conflict(format!(
                     "Idempotency-Key header {key:?} differs from the body's {k:?}"
                 )));
             }

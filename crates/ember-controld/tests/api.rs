@@ -521,7 +521,14 @@ async fn run_lists_are_paged() {
     let small = c.runs_page(Some(3), None).await.expect("page");
     assert_eq!(small.runs.len(), 3);
     assert_eq!(c.runs().await.expect("all").len(), total);
-    for bad in ["limit=0", "limit=1001", "limit=x", "cursor=-1", "cursor=run-x", "state="] {
+    for bad in [
+        "limit=0",
+        "limit=1001",
+        "limit=x",
+        "cursor=-1",
+        "cursor=run-x",
+        "state=",
+    ] {
         let err = c
             .send(
                 "/v1/runs",
@@ -564,7 +571,11 @@ async fn query_values_are_percent_decoded() {
         .await
         .expect("submit");
     c.submit(&spec(), None).await.expect("another");
-    for q in ["deployment=x%20y", "deployment=x+y", "state=queued&deployment=x%20y"] {
+    for q in [
+        "deployment=x%20y",
+        "deployment=x+y",
+        "state=queued&deployment=x%20y",
+    ] {
         let page: ember_controld::api::RunPage = reqwest::Client::new()
             .get(format!("{}/v1/runs?{q}", s.url))
             .bearer_auth("c")
@@ -595,7 +606,13 @@ async fn oversized_submits_get_a_json_413() {
     let mut big = spec();
     big.env.insert("BIG".into(), "x".repeat(1000));
     let err = c.submit(&big, None).await.expect_err("over the env limit");
-    let ember_controld::client::ClientError::Api { status, error, message, .. } = &err else {
+    let ember_controld::client::ClientError::Api {
+        status,
+        error,
+        message,
+        ..
+    } = &err
+    else {
         panic!("{err}");
     };
     assert_eq!((*status, error.as_str()), (413, "too_large"), "{err}");
@@ -623,7 +640,8 @@ async fn oversized_submits_get_a_json_413() {
             .expect("send");
         assert_eq!(resp.status().as_u16(), 413, "{path}");
         assert_eq!(
-            resp.headers()["content-type"], "application/json",
+            resp.headers()["content-type"],
+            "application/json",
             "{path}: the documented error object"
         );
         let v: serde_json::Value =
@@ -639,9 +657,13 @@ async fn oversized_submits_get_a_json_413() {
         .expect("send");
     assert_eq!(resp.status().as_u16(), 405);
     let v: serde_json::Value =
-            serde_json::from_slice(&resp.bytes().await.expect("body")).expect("JSON");
+        serde_json::from_slice(&resp.bytes().await.expect("body")).expect("JSON");
     assert_eq!(v["error"], "method_not_allowed");
-    assert_eq!(c.runs().await.expect("runs").len(), 1, "only the one that fitted");
+    assert_eq!(
+        c.runs().await.expect("runs").len(),
+        1,
+        "only the one that fitted"
+    );
     // Run ids are digits, as the document's pattern says.
     for bad in ["+1", "-1", "run-", "1.0", "%201"] {
         let resp = http
@@ -713,7 +735,10 @@ async fn logs_stop_at_the_limit_with_a_marker() {
             }
         }
         assert_eq!(out.len() as u64, max, "follow={follow}");
-        assert!(out == all[..max as usize], "follow={follow}: the first bytes, in order");
+        assert!(
+            out == all[..max as usize],
+            "follow={follow}: the first bytes, in order"
+        );
         assert_eq!(markers.len(), 1, "follow={follow}");
         assert_eq!(markers[0].stream, LogStream::Stderr);
         let text = String::from_utf8_lossy(&markers[0].data).into_owned();
