@@ -557,6 +557,13 @@ async fn submit_run(
         if key.is_empty() {
             return Err(ApiError::BadRequest("Idempotency-Key is empty".into()));
         }
+        // Printable ASCII, as the document's pattern says (to_str lets a
+        // tab through).
+        if !key.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+            return Err(ApiError::BadRequest(
+                "Idempotency-Key must be printable ASCII".into(),
+            ));
+        }
         if key.len() > MAX_IDEMPOTENCY_KEY {
             return Err(ApiError::BadRequest(format!(
                 "Idempotency-Key is {} bytes; at most {MAX_IDEMPOTENCY_KEY}",

@@ -195,12 +195,14 @@ fn big_environments_and_concurrent_lists_keep_the_control_plane_bounded() {
     );
 }
 
-/// A run that prints 200 MB while three clients read its log over and over
-/// and a fourth follows it: the control plane keeps exactly 64 MiB of it,
-/// then the truncation marker, and its resident set stays bounded (before
-/// streamed reads, a 200 MB log and three readers took it to 1.59 GB).
+/// A run that prints 100 MB while three clients read its log over and over
+/// and a fourth follows it: the control plane keeps exactly 32 MiB of it
+/// (`--max-log-bytes 32M`; the default is 64M), then the truncation
+/// marker, and its resident set stays bounded (before streamed reads, a
+/// 200 MB log and three readers took it to 1.59 GB). Scaled down from the
+/// issue's 200 MB to keep the test short in a debug build.
 #[test]
-fn a_run_printing_200_mb_is_cut_at_the_limit_and_log_reads_stay_bounded() {
+fn a_run_printing_100_mb_is_cut_at_the_limit_and_log_reads_stay_bounded() {
     let Some(agent) = static_agent() else {
         eprintln!("skipped: the static ember-agent could not be built");
         return;
@@ -209,7 +211,7 @@ fn a_run_printing_200_mb_is_cut_at_the_limit_and_log_reads_stay_bounded() {
     let image = format!("{}/ember/busybox:latest", registry.addr());
     let tmp = tempfile::tempdir().expect("tempdir");
     let db = tmp.path().join("control.db").to_string_lossy().into_owned();
-    let (control, url) = start_control(tmp.path(), &db, &["--max-log-bytes", "64M"]);
+    let (control, url) = start_control(tmp.path(), &db, &["--max-log-bytes", "32M"]);
     let pid = control.0.id();
     let _node = start_node(&tmp.path().join("node"), &url, "n1", 2, &agent, &[]);
     let start_rss = rss(pid);
@@ -225,7 +227,7 @@ fn a_run_printing_200_mb_is_cut_at_the_limit_and_log_reads_stay_bounded() {
             "--",
             "sh",
             "-c",
-            "yes 0123456789abcdef | head -c 200000000",
+            "yes 0123456789abcdef | head -c 100000000",
         ],
     );
     let id = ember_controld::server::parse_run_id(id.trim()).expect("run id");
@@ -242,6 +244,9 @@ fn a_run_printing_200_mb_is_cut_at_the_limit_and_log_reads_stay_bounded() {
                     let mut resp = c.logs(id, false).await.expect("logs");
                     while resp.chunk().await.expect("chunk").is_some() {}
                     reads += 1;
+                    // Back to back, the readers would mostly measure how
+                    // they slow the node's appends down.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 reads
             });
@@ -287,15 +292,16 @@ fn a_run_printing_200_mb_is_cut_at_the_limit_and_log_reads_stay_bounded() {
         start_rss / MIB,
         peak / MIB
     );
-    assert_eq!(output, 64 * MIB, "exactly the limit is kept");
+    assert_eq!(output, 32 * MIB, "exactly the limit is kept");
     assert_eq!(markers.len(), 1, "{markers:?}");
     assert!(markers[0].contains("truncated"), "{}", markers[0]);
     let run = rt.block_on(c.run(id)).expect("run");
     assert_eq!(run.exit_code, Some(0), "{run:?}");
-    // The store's 64 MiB page cache and the log file's mapped pages count
-    // here too; three readers each building the 85 MB body were far above.
+    // The store's 64 MiB page cache, the log file's mapped pages and the
+    // binary's count here too; three readers each building the 43 MB body
+    // of the whole log, plus its chunks, were above this.
     assert!(
-        peak < 320 * MIB,
+        peak < 256 * MIB,
         "control plane RSS peaked at {} MiB",
         peak / MIB
     );
