@@ -17,6 +17,7 @@ PKGS=(
   apache2-utils       # htpasswd (bcrypt) for the registry auth tests
   openssl             # certificates and JWT signatures for the token-auth test
   postgresql          # the control plane's PostgreSQL store: tests start private servers from its binaries
+  python3-venv        # the virtualenv schemathesis (the API fuzzer) is installed into
   ca-certificates
 )
 
@@ -32,3 +33,7 @@ if ((${#missing[@]})); then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# The control plane's API-agreement test runs schemathesis (from PyPI,
+# pinned) out of /opt/ember-venv.
+"$(dirname "$0")/install-schemathesis.sh"
