@@ -746,3 +746,80 @@ async fn logs_stop_at_the_limit_with_a_marker() {
         assert!(chunks > 1, "follow={follow}: streamed, not one body");
     }
 }
+
+/// The pruner: a finished run's log over the budget is replaced by one
+/// marker record saying it was pruned; a running run's log stays.
+#[tokio::test]
+async fn finished_runs_logs_are_pruned_over_the_budget() {
+    let s = server_config(|c| {
+        c.log_retention = ember_control::LogRetention {
+            max_age_ms: None,
+            max_total_bytes: Some(10),
+        };
+        c.prune_interval = Duration::from_millis(50);
+    })
+    .await;
+    let c = ControlClient::new(&s.url, Some("c".into())).expect("client");
+    let n = ControlClient::new(&s.url, Some("n".into())).expect("node client");
+    register(&n, 2).await;
+    let mut work = n.work("n1").await.expect("work stream");
+    let mut buf = Vec::new();
+    let _ = next_msg(&mut work, &mut buf).await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        c.submit(&spec(), None).await.expect("submit");
+        let WorkMessage::Assign { run } = next_msg(&mut work, &mut buf).await else {
+            panic!("expected an assignment");
+        };
+        for r in [NodeReport::Accepted, NodeReport::Started] {
+            n.report("n1", run.id, &r).await.expect("report");
+        }
+        n.append_log("n1", run.id, LogStream::Stdout, vec![b'x'; 100].into())
+            .await
+            .expect("append");
+        ids.push(run.id);
+    }
+    n.report(
+        "n1",
+        ids[0],
+        &NodeReport::Exited {
+            code: 0,
+            runner_idle: false,
+        },
+    )
+    .await
+    .expect("exit");
+    let records = async |id| -> Vec<LogRecord> {
+        let body = c
+            .logs(id, false)
+            .await
+            .expect("logs")
+            .bytes()
+            .await
+            .expect("body");
+        body.split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).expect("record"))
+            .collect()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let recs = records(ids[0]).await;
+        if recs.len() == 1 && recs[0].marker {
+            assert!(String::from_utf8_lossy(&recs[0].data).contains("pruned"));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never pruned: {recs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let running = records(ids[1]).await;
+    assert_eq!(running.len(), 1);
+    assert_eq!(
+        running[0].data,
+        vec![b'x'; 100],
+        "a running run's log stays"
+    );
+}
