@@ -636,10 +636,11 @@ async fn oversized_submits_get_a_json_413() {
     fits.env.insert("OK".into(), "x".repeat(900));
     c.submit(&fits, None).await.expect("under the limit");
 
-    let http = reqwest::Client::new();
     for path in ["/v1/runs", "/v1/deployments"] {
         let body = format!(r#"{{"junk":"{}"}}"#, "z".repeat(100 << 10));
-        let resp = http
+        // A client of its own: the server closes a connection whose body it
+        // refused unread, and a pooled one might be picked up again.
+        let resp = reqwest::Client::new()
             .post(format!("{}{path}", s.url))
             .bearer_auth("c")
             .header("content-type", "application/json")
@@ -658,6 +659,7 @@ async fn oversized_submits_get_a_json_413() {
         assert_eq!(v["error"], "too_large", "{v}");
         assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
+    let http = reqwest::Client::new();
     let resp = http
         .delete(format!("{}/v1/runs", s.url))
         .bearer_auth("c")
