@@ -19,6 +19,7 @@ PKGS=(
   openssl             # certificates and JWT signatures for the token-auth test
   python3             # the token server of the bearer-auth tests (ember-testkit/token_server.py)
   postgresql          # the control plane's PostgreSQL store: tests start private servers from its binaries
+  python3-venv        # the virtualenv schemathesis (the API fuzzer) is installed into
   ca-certificates
 )
 
@@ -38,3 +39,7 @@ fi
 # The `debian` fixture's root filesystem, built once from apt's Debian mirror
 # and cached (see the script).
 "$(dirname "$0")/debian-rootfs.sh" >/dev/null
+
+# The control plane's API-agreement test runs schemathesis (from PyPI,
+# pinned) out of /opt/ember-venv.
+"$(dirname "$0")/install-schemathesis.sh"

@@ -20,7 +20,9 @@ use crate::model::{
     DeploymentSpec, LogStream, NodeReport, NodeSpec, PinnedImage, RunId, RunSpec, RunState,
     TransitionError,
 };
-use crate::store::{ClaimRequest, Clock, ManualClock, RunFilter, StateStore, StoreError};
+use crate::store::{
+    Appended, ClaimRequest, Clock, LogRetention, ManualClock, RunFilter, StateStore, StoreError,
+};
 
 /// One fresh database for one test.
 pub trait Harness: Sync {
@@ -56,6 +58,9 @@ macro_rules! state_store_conformance {
             batch_submit,
             batch_reports,
             batch_handoff,
+            list_pages,
+            log_limit,
+            log_pruning,
             node_credentials
         );
     };
@@ -1067,9 +1072,9 @@ pub fn logs(h: &dyn Harness) {
         .expect("submit")
         .run
         .id;
-    assert!(s.read_log(id, 0, 10).expect("read").is_empty());
+    assert!(s.read_log(id, 0, 10, usize::MAX).expect("read").is_empty());
     assert!(matches!(
-        s.append_log("n1", id, LogStream::Stdout, b"queued"),
+        s.append_log("n1", id, LogStream::Stdout, b"queued", u64::MAX),
         Err(StoreError::NotAssigned { .. })
     ));
     schedule(&*s, id, "n1");
@@ -1081,22 +1086,37 @@ pub fn logs(h: &dyn Harness) {
         (LogStream::Stdout, b"\xac\n"),
     ];
     for (stream, data) in parts {
-        s.append_log("n1", id, stream, data).expect("append");
+        s.append_log("n1", id, stream, data, u64::MAX)
+            .expect("append");
     }
     assert!(matches!(
-        s.append_log("n2", id, LogStream::Stdout, b"intruder"),
+        s.append_log("n2", id, LogStream::Stdout, b"intruder", u64::MAX),
         Err(StoreError::NotAssigned { .. })
     ));
     // Another connection sees the same, in order.
     let other = h.open(c.clone());
-    let all = other.read_log(id, 0, 100).expect("read");
+    let all = other.read_log(id, 0, 100, usize::MAX).expect("read");
     let got: Vec<(LogStream, &[u8])> = all.iter().map(|c| (c.stream, &c.data[..])).collect();
     assert_eq!(got, parts.to_vec());
     assert!(all.windows(2).all(|w| w[0].seq < w[1].seq), "{all:?}");
     // Paging: after the second chunk, one at a time.
-    let page = other.read_log(id, all[1].seq, 1).expect("page");
+    let page = other.read_log(id, all[1].seq, 1, usize::MAX).expect("page");
     assert_eq!(page, vec![all[2].clone()]);
-    assert_eq!(other.read_log(id, all[3].seq, 10).expect("end"), Vec::new());
+    assert_eq!(
+        other.read_log(id, all[3].seq, 10, usize::MAX).expect("end"),
+        Vec::new()
+    );
+    // A byte budget ends the page after the chunk that reaches it (3 + 5
+    // bytes for a budget of 4), and never returns nothing when there is
+    // something.
+    assert_eq!(
+        other.read_log(id, 0, 100, 4).expect("budget"),
+        all[..2].to_vec()
+    );
+    assert_eq!(
+        other.read_log(id, 0, 100, 1).expect("budget"),
+        all[..1].to_vec()
+    );
     // A finished run takes no more output; what it had stays.
     s.report("n1", id, &NodeReport::Started).expect("started");
     s.report(
@@ -1109,12 +1129,12 @@ pub fn logs(h: &dyn Harness) {
     )
     .expect("exit");
     assert!(matches!(
-        s.append_log("n1", id, LogStream::Stdout, b"late"),
+        s.append_log("n1", id, LogStream::Stdout, b"late", u64::MAX),
         Err(StoreError::NotAssigned { .. })
     ));
-    assert_eq!(s.read_log(id, 0, 100).expect("read").len(), 4);
+    assert_eq!(s.read_log(id, 0, 100, usize::MAX).expect("read").len(), 4);
     assert!(matches!(
-        s.read_log(RunId(9_999), 0, 10),
+        s.read_log(RunId(9_999), 0, 10, usize::MAX),
         Err(StoreError::RunNotFound(_))
     ));
 }
@@ -1376,4 +1396,223 @@ pub fn node_credentials(h: &dyn Harness) {
     assert_eq!(s.revoke_node_credentials("a").expect("revoke"), 2);
     assert_eq!(s.revoke_node_credentials("a").expect("revoke again"), 0);
     assert_eq!(s.node_credentials().expect("list"), want(&[(3, "b")]));
+}
+
+/// Paging newest first with `before`: every run exactly once, in order,
+/// with the other filters applying within each page.
+pub fn list_pages(h: &dyn Harness) {
+    let s = h.open(clock());
+    s.create_deployment(&deployment("a", 1)).expect("create");
+    let mut all: Vec<RunId> = Vec::new();
+    for i in 0..7 {
+        let spec = if i % 2 == 0 {
+            of_deployment("a")
+        } else {
+            RunSpec {
+                image: Some(image(2)),
+                ..RunSpec::default()
+            }
+        };
+        all.push(s.submit_run(&spec).expect("submit").run.id);
+    }
+    all.reverse();
+    let page = |before: Option<RunId>, deployment: Option<&str>| -> Vec<RunId> {
+        s.list_runs(&RunFilter {
+            limit: Some(3),
+            before,
+            deployment: deployment.map(str::to_owned),
+            ..RunFilter::default()
+        })
+        .expect("list")
+        .iter()
+        .map(|r| r.id)
+        .collect()
+    };
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let p = page(cursor, None);
+        assert!(p.len() <= 3);
+        let Some(last) = p.last().copied() else { break };
+        seen.extend(p);
+        cursor = Some(last);
+    }
+    assert_eq!(seen, all, "pages cover every run once, newest first");
+    let of_a: Vec<RunId> = all.iter().copied().step_by(2).collect();
+    let first = page(None, Some("a"));
+    assert_eq!(first, of_a[..3]);
+    assert_eq!(page(first.last().copied(), Some("a")), of_a[3..]);
+    assert!(page(Some(RunId(1)), None).is_empty());
+}
+
+/// The per-run log limit: what fits is stored, the append that crosses it
+/// keeps its prefix and is followed by exactly one truncation notice,
+/// later appends are dropped; the limit counts across streams and
+/// connections.
+pub fn log_limit(h: &dyn Harness) {
+    let c = clock();
+    let s = h.open(c.clone());
+    s.upsert_node(&node("n1", 4)).expect("node");
+    let id = s
+        .submit_run(&RunSpec {
+            image: Some(image(1)),
+            ..RunSpec::default()
+        })
+        .expect("submit")
+        .run
+        .id;
+    schedule(&*s, id, "n1");
+    let max = 10;
+    assert_eq!(
+        s.append_log("n1", id, LogStream::Stdout, b"123456", max)
+            .expect("append"),
+        Appended::Stored
+    );
+    let other = h.open(c.clone());
+    assert_eq!(
+        other
+            .append_log("n1", id, LogStream::Stderr, b"7890abc", max)
+            .expect("append"),
+        Appended::Truncated
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            s.append_log("n1", id, LogStream::Stdout, b"more", max)
+                .expect("append"),
+            Appended::Dropped
+        );
+    }
+    // Still checked for the node: a stranger is refused, not "dropped".
+    assert!(matches!(
+        s.append_log("n2", id, LogStream::Stdout, b"x", max),
+        Err(StoreError::NotAssigned { .. })
+    ));
+    let chunks = s.read_log(id, 0, 100, usize::MAX).expect("read");
+    let output: Vec<u8> = chunks
+        .iter()
+        .filter(|c| !c.marker)
+        .flat_map(|c| c.data.clone())
+        .collect();
+    assert_eq!(output, b"1234567890", "exactly the limit is kept");
+    let markers: Vec<_> = chunks.iter().filter(|c| c.marker).collect();
+    assert_eq!(markers.len(), 1, "{chunks:?}");
+    assert!(std::ptr::eq(markers[0], chunks.last().expect("a chunk")));
+    assert_eq!(markers[0].stream, LogStream::Stderr);
+    let text = String::from_utf8_lossy(&markers[0].data).into_owned();
+    assert!(
+        text.contains("truncated") && text.contains("10 bytes"),
+        "{text}"
+    );
+    // Reaching the limit exactly stores everything; the next append gets
+    // the notice (and nothing else).
+    let id2 = s
+        .submit_run(&RunSpec {
+            image: Some(image(1)),
+            ..RunSpec::default()
+        })
+        .expect("submit")
+        .run
+        .id;
+    schedule(&*s, id2, "n1");
+    assert_eq!(
+        s.append_log("n1", id2, LogStream::Stdout, b"0123456789", max)
+            .expect("append"),
+        Appended::Stored
+    );
+    assert_eq!(
+        s.append_log("n1", id2, LogStream::Stdout, b"x", max)
+            .expect("append"),
+        Appended::Truncated
+    );
+    let chunks = s.read_log(id2, 0, 100, usize::MAX).expect("read");
+    assert_eq!(chunks.len(), 2);
+    assert!(!chunks[0].marker && chunks[1].marker);
+}
+
+/// Finished runs' logs are pruned by age and by a total budget, least
+/// recently appended first, each leaving one notice; active runs' logs
+/// are never pruned; pruning twice removes nothing more.
+pub fn log_pruning(h: &dyn Harness) {
+    let c = clock();
+    let s = h.open(c.clone());
+    s.upsert_node(&node("n1", 8)).expect("node");
+    let mut runs = Vec::new();
+    for i in 0..4u8 {
+        let id = s
+            .submit_run(&RunSpec {
+                image: Some(image(1)),
+                ..RunSpec::default()
+            })
+            .expect("submit")
+            .run
+            .id;
+        schedule(&*s, id, "n1");
+        s.report("n1", id, &NodeReport::Started).expect("started");
+        s.append_log("n1", id, LogStream::Stdout, &[b'a' + i; 100], u64::MAX)
+            .expect("append");
+        runs.push(id);
+        c.advance(60_000);
+    }
+    // runs[3] stays running; the others finish.
+    for &id in &runs[..3] {
+        s.report(
+            "n1",
+            id,
+            &NodeReport::Exited {
+                code: 0,
+                runner_idle: false,
+            },
+        )
+        .expect("exit");
+    }
+    let output = |id: RunId| -> Vec<u8> {
+        s.read_log(id, 0, 100, usize::MAX)
+            .expect("read")
+            .iter()
+            .filter(|c| !c.marker)
+            .flat_map(|c| c.data.clone())
+            .collect()
+    };
+    // Now = T0 + 4 min; runs appended at T0, +1, +2, +3 min.
+    let nothing = s.prune_logs(&LogRetention::default()).expect("prune");
+    assert_eq!(nothing.runs, 0);
+    let by_age = s
+        .prune_logs(&LogRetention {
+            max_age_ms: Some(150_000),
+            max_total_bytes: None,
+        })
+        .expect("prune");
+    assert_eq!((by_age.runs, by_age.bytes), (2, 200));
+    assert!(output(runs[0]).is_empty() && output(runs[1]).is_empty());
+    let notice = s.read_log(runs[0], 0, 100, usize::MAX).expect("read");
+    assert_eq!(notice.len(), 1);
+    assert!(notice[0].marker);
+    assert!(String::from_utf8_lossy(&notice[0].data).contains("pruned"));
+    assert_eq!(output(runs[2]), vec![b'c'; 100]);
+    // A budget of 150 bytes: 200 are left (runs 2 and 3); run 2 goes,
+    // run 3 is running and stays even though the budget is still exceeded.
+    let by_size = s
+        .prune_logs(&LogRetention {
+            max_age_ms: None,
+            max_total_bytes: Some(50),
+        })
+        .expect("prune");
+    assert_eq!((by_size.runs, by_size.bytes), (1, 100));
+    assert!(output(runs[2]).is_empty());
+    assert_eq!(output(runs[3]), vec![b'd'; 100]);
+    let again = h
+        .open(c.clone())
+        .prune_logs(&LogRetention {
+            max_age_ms: Some(0),
+            max_total_bytes: Some(0),
+        })
+        .expect("prune");
+    assert_eq!(
+        again.runs, 0,
+        "pruned logs and live runs are not pruned again"
+    );
+    assert_eq!(
+        s.read_log(runs[1], 0, 100, usize::MAX).expect("read").len(),
+        1
+    );
 }

@@ -82,6 +82,11 @@ impl PinnedImage {
     /// Checks the digest's form; called again on every submit because serde
     /// deserialisation bypasses [`PinnedImage::new`].
     pub fn validate(&self) -> Result<(), ModelError> {
+        if self.reference.is_empty() {
+            return Err(ModelError::Empty {
+                what: "image reference",
+            });
+        }
         let ok = self.digest.strip_prefix("sha256:").is_some_and(|hex| {
             hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
         });
@@ -586,8 +591,13 @@ pub struct LogChunk {
     pub seq: u64,
     /// Which stream.
     pub stream: LogStream,
-    /// The bytes exactly as the process wrote them.
+    /// The bytes exactly as the process wrote them, or (with `marker`)
+    /// Ember's own notice.
     pub data: Vec<u8>,
+    /// `true` for a notice the control plane wrote itself, not the process:
+    /// that the run's output reached the per-run limit and the rest was
+    /// dropped, or that its log was pruned. Its `stream` is stderr.
+    pub marker: bool,
 }
 
 #[cfg(test)]

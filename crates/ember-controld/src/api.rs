@@ -88,6 +88,11 @@ pub struct LogRecord {
     /// The output's bytes (base64 on the wire).
     #[serde(with = "base64_bytes")]
     pub data: Vec<u8>,
+    /// `true` for a notice the control plane wrote, not the process: the
+    /// run's output reached the per-run limit and the rest was dropped, or
+    /// the log was pruned. Such a record's stream is stderr.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub marker: bool,
 }
 
 /// Serde for `Vec<u8>` as a standard base64 string.
@@ -135,6 +140,7 @@ mod tests {
         let rec = LogRecord {
             stream: LogStream::Stderr,
             data: vec![0xff, 0x00, 0xfe, b'\n', 0xe2, 0x82],
+            marker: false,
         };
         let line = serde_json::to_string(&rec).expect("serialise");
         assert_eq!(line, r#"{"stream":"stderr","data":"/wD+CuKC"}"#);
@@ -236,4 +242,16 @@ pub struct RevokedCredentials {
     pub node: String,
     /// How many credentials it had (all revoked now).
     pub revoked: usize,
+}
+
+/// One page of `GET /v1/runs`: runs newest first, and where the next page
+/// starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunPage {
+    /// The runs, newest first.
+    pub runs: Vec<Run>,
+    /// Pass as `cursor` to get the next (older) page; absent on the last
+    /// page. Opaque: it is not a run id a client should rely on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }

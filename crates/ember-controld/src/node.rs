@@ -1155,7 +1155,10 @@ fn exec_blocking(
         Ok(r) => r,
         Err(e) => {
             agent.pool.release(lease, Outcome::Failed);
-            return Err(format!("exec: {e}"));
+            // The whole chain: "exec in runner ..." alone hides why the
+            // agent refused (a bad environment entry, an argv it cannot
+            // pass on).
+            return Err(format!("exec: {}", crate::client::error_chain(&e)));
         }
     };
     // A non-zero exit is the program's answer, not a sign the runner is

@@ -48,13 +48,13 @@ use ember_control::model::{
 };
 use ember_control::schedule::{BatchScheduler, ClusterView, RunRequirements};
 use ember_control::store::{ClaimRequest, RunFilter, Submitted};
-use ember_control::{Clock, StateStore, StoreError, StoreEvent};
+use ember_control::{Appended, Clock, LogRetention, StateStore, StoreError, StoreEvent};
 use serde::Serialize;
 use tokio::sync::{Notify, broadcast, mpsc};
 
 use crate::api::{
     ErrorBody, EventResult, EventResults, LogRecord, LogStream, MAX_EVENT_BATCH, NodeCredential,
-    NodeEvents, RevokedCredentials, RunReports, SubmitResponse, WorkMessage,
+    NodeEvents, RevokedCredentials, RunPage, RunReports, SubmitResponse, WorkMessage,
 };
 use crate::prewarm;
 
@@ -65,8 +65,15 @@ const CLAIM_BATCH: usize = 64;
 /// A claim's lease: a dispatcher that dies holding claims strands them for
 /// at most this long.
 const CLAIM_LEASE_MS: u64 = 30_000;
-/// Log chunks read from the store at a time.
+/// Log chunks read from the store at a time, at most...
 const LOG_PAGE: usize = 256;
+/// ...and about this many bytes of output (one chunk more at most): a log
+/// read holds one page at a time, however long the log is.
+const LOG_PAGE_BYTES: usize = 1 << 20;
+/// Runs in a `GET /v1/runs` page when the client does not say.
+pub const DEFAULT_PAGE: usize = 100;
+/// The most runs one `GET /v1/runs` page may ask for.
+pub const MAX_PAGE: usize = 1000;
 
 /// Settings of the server.
 #[derive(Debug, Clone)]
@@ -89,11 +96,30 @@ pub struct ServerConfig {
     /// A work stream with nothing to send for this long gets a keepalive
     /// line; nodes treat three intervals of silence as a dead stream.
     pub keepalive: Duration,
+    /// The most bytes one run (or deployment) may carry in its environment
+    /// and command line together (every key, value and argument): a
+    /// bigger submit is refused with 413 `too_large`. Every list page
+    /// holds whole runs, so this is what bounds a page's size.
+    pub max_env_bytes: usize,
+    /// The largest request body of `POST /v1/runs` and
+    /// `POST /v1/deployments`; a bigger one is answered 413 `too_large`
+    /// before it is read whole.
+    pub max_request_bytes: usize,
+    /// The most output the control plane keeps of one run; what comes
+    /// after is dropped and the log ends with a truncation notice.
+    pub max_log_bytes: u64,
+    /// Which finished runs' logs the pruner removes.
+    pub log_retention: LogRetention,
+    /// How often the pruner applies `log_retention`.
+    pub prune_interval: Duration,
 }
 
 impl ServerConfig {
     /// Defaults: no tokens, 15 s heartbeat timeout checked every second,
-    /// a keepalive after 10 s of silence on a work stream.
+    /// a keepalive after 10 s of silence on a work stream; 64 KiB of
+    /// environment and command per run, 1 MiB request bodies, 64 MiB of
+    /// output per run, logs of finished runs kept 7 days and 8 GiB in
+    /// all, pruned every minute.
     pub fn new() -> Self {
         ServerConfig {
             client_token: None,
@@ -102,6 +128,14 @@ impl ServerConfig {
             heartbeat_timeout: Duration::from_secs(15),
             reap_interval: Duration::from_secs(1),
             keepalive: Duration::from_secs(10),
+            max_env_bytes: 64 << 10,
+            max_request_bytes: 1 << 20,
+            max_log_bytes: 64 << 20,
+            log_retention: LogRetention {
+                max_age_ms: Some(7 * 24 * 3600 * 1000),
+                max_total_bytes: Some(8 << 30),
+            },
+            prune_interval: Duration::from_secs(60),
         }
     }
 }
@@ -144,6 +178,9 @@ pub enum ApiError {
     /// The request conflicts with the current state (409).
     #[error("{0}")]
     Conflict(String),
+    /// The request, or what it would store, is over a limit (413).
+    #[error("{0}")]
+    TooLarge(String),
     /// The server failed (500); the detail is logged, not sent.
     #[error("internal error")]
     Internal(String),
@@ -157,6 +194,7 @@ impl ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -397,25 +435,97 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result
         .map_err(|e| ApiError::BadRequest(format!("invalid {what} JSON: {e}")))
 }
 
-/// Parses `run-7` or `7`.
+/// Parses `run-7` or `7`: decimal digits only (no sign, no spaces), at
+/// most 18 of them, as the OpenAPI document's pattern says.
 pub fn parse_run_id(s: &str) -> Option<RunId> {
-    s.strip_prefix("run-").unwrap_or(s).parse().ok().map(RunId)
+    let digits = s.strip_prefix("run-").unwrap_or(s);
+    if digits.is_empty() || digits.len() > 18 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().map(RunId)
 }
 
 fn run_id(s: &str) -> Result<RunId, ApiError> {
     parse_run_id(s).ok_or_else(|| ApiError::BadRequest(format!("invalid run id {s:?}")))
 }
 
+/// The query's `key=value` pairs, percent-decoded (and `+` read as a
+/// space), as `application/x-www-form-urlencoded` says: `?deployment=x%20y`
+/// names the deployment `x y`.
 fn query_pairs(uri: &Uri) -> Vec<(String, String)> {
-    uri.query()
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) => (k.to_owned(), v.to_owned()),
-            None => (p.to_owned(), String::new()),
-        })
+    form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+        .into_owned()
         .collect()
+}
+
+/// Bytes of a run's or deployment's environment and command line: what
+/// [`ServerConfig::max_env_bytes`] limits.
+fn env_bytes<'a>(
+    env: &std::collections::BTreeMap<String, String>,
+    command: impl IntoIterator<Item = &'a String>,
+) -> usize {
+    env.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        + command.into_iter().map(String::len).sum::<usize>()
+}
+
+fn check_env_size(s: &Shared, what: &str, bytes: usize) -> Result<(), ApiError> {
+    let max = s.config.max_env_bytes;
+    if bytes > max {
+        return Err(ApiError::TooLarge(format!(
+            "the {what}'s environment and command line are {bytes} bytes; at most {max} are accepted"
+        )));
+    }
+    Ok(())
+}
+
+/// Answers every error that did not come from a handler (a body over the
+/// limit, a wrong method, a panic caught by the framework) with the
+/// documented `{error, message}` object instead of the framework's plain
+/// text, so clients parse one error shape.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_owned();
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::CONFLICT => "conflict",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let message = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => format!("request body too large ({text})"),
+        _ if text.is_empty() => status
+            .canonical_reason()
+            .unwrap_or("request failed")
+            .to_owned(),
+        _ => text,
+    };
+    let mut out = json_response(
+        status,
+        &ErrorBody {
+            error: code.to_owned(),
+            message,
+        },
+    );
+    // Keep what the framework said beyond the body (`Allow` on a 405).
+    for (k, v) in &parts.headers {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
 }
 
 /// Serves the API on `listener` until `shutdown` completes.
@@ -492,14 +602,20 @@ pub async fn serve(
 }
 
 fn router(state: Shared) -> Router {
+    let body_limit = axum::extract::DefaultBodyLimit::max(state.config.max_request_bytes);
     Router::new()
-        .route("/v1/runs", post(submit_run).get(list_runs))
+        .route(
+            "/v1/runs",
+            post(submit_run).layer(body_limit).get(list_runs),
+        )
         .route("/v1/runs/{id}", get(get_run))
         .route("/v1/runs/{id}/cancel", post(cancel_run))
         .route("/v1/runs/{id}/logs", get(get_logs))
         .route(
             "/v1/deployments",
-            post(create_deployment).get(list_deployments),
+            post(create_deployment)
+                .layer(body_limit)
+                .get(list_deployments),
         )
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", put(put_node))
@@ -514,6 +630,7 @@ fn router(state: Shared) -> Router {
         .fallback(|uri: Uri| async move {
             ApiError::NotFound(format!("no such endpoint: {}", uri.path()))
         })
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
 }
 
@@ -526,6 +643,7 @@ async fn submit_run(
 ) -> Result<Response, ApiError> {
     client_auth(&s, &headers)?;
     let mut spec: RunSpec = parse_json(&body, "run")?;
+    check_env_size(&s, "run", env_bytes(&spec.env, &spec.command))?;
     if let Some(key) = headers.get("idempotency-key") {
         let key = key
             .to_str()
@@ -533,9 +651,24 @@ async fn submit_run(
         if key.is_empty() {
             return Err(ApiError::BadRequest("Idempotency-Key is empty".into()));
         }
+        // Printable ASCII, as the document's pattern says (to_str lets a
+        // tab through).
+        if !key.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+            return Err(ApiError::BadRequest(
+                "Idempotency-Key must be printable ASCII".into(),
+            ));
+        }
+        if key.len() > MAX_IDEMPOTENCY_KEY {
+            return Err(ApiError::BadRequest(format!(
+                "Idempotency-Key is {} bytes; at most {MAX_IDEMPOTENCY_KEY}",
+                key.len()
+            )));
+        }
         match &spec.idempotency_key {
+            // Two different keys for one request: a conflict, like a key
+            // reused for another spec.
             Some(k) if k != key => {
-                return Err(ApiError::BadRequest(format!(
+                return Err(ApiError::Conflict(format!(
                     "Idempotency-Key header {key:?} differs from the body's {k:?}"
                 )));
             }
@@ -563,13 +696,19 @@ async fn submit_run(
     ))
 }
 
+/// `GET /v1/runs`: one page of runs, newest first, at most `limit`
+/// ([`DEFAULT_PAGE`], at most [`MAX_PAGE`]), with the cursor of the next
+/// page when there may be one.
 async fn list_runs(
     State(s): State<Shared>,
     headers: HeaderMap,
     uri: Uri,
 ) -> Result<Response, ApiError> {
     client_auth(&s, &headers)?;
-    let mut filter = RunFilter::default();
+    let mut filter = RunFilter {
+        limit: Some(DEFAULT_PAGE),
+        ..RunFilter::default()
+    };
     for (k, v) in query_pairs(&uri) {
         match k.as_str() {
             "state" => {
@@ -582,9 +721,23 @@ async fn list_runs(
             "deployment" => filter.deployment = Some(v),
             "node" => filter.node = Some(v),
             "limit" => {
-                filter.limit = Some(v.parse().map_err(|_| {
-                    ApiError::BadRequest(format!("limit must be a number, not {v:?}"))
-                })?)
+                let n: usize = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::BadRequest(format!(
+                            "limit must be a number from 1 to {MAX_PAGE}, not {v:?}"
+                        ))
+                    })?;
+                filter.limit = Some(n);
+            }
+            "cursor" => {
+                filter.before = Some(parse_run_id(&v).ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "invalid cursor {v:?} (pass next_cursor of the previous page)"
+                    ))
+                })?);
             }
             other => {
                 return Err(ApiError::BadRequest(format!(
@@ -593,8 +746,17 @@ async fn list_runs(
             }
         }
     }
+    let limit = filter.limit.unwrap_or(DEFAULT_PAGE);
     let runs = s.db(move |st| st.list_runs(&filter)).await?;
-    Ok(json_response(StatusCode::OK, &runs))
+    // A full page may have more behind it; the cursor is the last run's id
+    // (the next page holds older runs), opaque to clients.
+    let next_cursor = (runs.len() == limit)
+        .then(|| runs.last().map(|r| r.id.0.to_string()))
+        .flatten();
+    Ok(json_response(
+        StatusCode::OK,
+        &RunPage { runs, next_cursor },
+    ))
 }
 
 async fn get_run(
@@ -688,22 +850,6 @@ async fn get_logs(
     if s.db(move |st| st.get_run(id)).await?.is_none() {
         return Err(ApiError::NotFound(format!("{id} not found")));
     }
-    if !follow {
-        let mut body = Vec::new();
-        let mut after = 0;
-        loop {
-            let chunks = s.db(move |st| st.read_log(id, after, LOG_PAGE)).await?;
-            let Some(last) = chunks.last() else { break };
-            after = last.seq;
-            records(&chunks, &mut body)?;
-        }
-        return Ok((
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/x-ndjson")],
-            Body::from(body),
-        )
-            .into_response());
-    }
     struct Follow {
         s: Shared,
         id: RunId,
@@ -711,16 +857,20 @@ async fn get_logs(
         rx: broadcast::Receiver<RunId>,
         done: bool,
         /// The run was seen final: what the next read finds is all
-        /// there will be.
+        /// there will be. A read without `follow` starts so: it ends at
+        /// the first empty page.
         final_seen: bool,
     }
+    // Both kinds of read stream the log a page at a time (at most
+    // LOG_PAGE_BYTES held per reader), so a long log is never built in
+    // memory whole.
     let st = Follow {
         s,
         id,
         after: 0,
         rx,
         done: false,
-        final_seen: false,
+        final_seen: !follow,
     };
     let stream = futures_util::stream::unfold(st, |mut f| async move {
         loop {
@@ -728,7 +878,11 @@ async fn get_logs(
                 return None;
             }
             let (id, after) = (f.id, f.after);
-            match f.s.db(move |st| st.read_log(id, after, LOG_PAGE)).await {
+            match f
+                .s
+                .db(move |st| st.read_log(id, after, LOG_PAGE, LOG_PAGE_BYTES))
+                .await
+            {
                 Ok(chunks) if !chunks.is_empty() => {
                     f.after = chunks.last().map_or(f.after, |c| c.seq);
                     let mut out = Vec::new();
@@ -785,6 +939,7 @@ fn records(chunks: &[LogChunk], out: &mut Vec<u8>) -> Result<(), ApiError> {
         let record = LogRecord {
             stream: c.stream,
             data: c.data.clone(),
+            marker: c.marker,
         };
         serde_json::to_writer(&mut *out, &record)
             .map_err(|e| ApiError::Internal(format!("serialising a log record: {e}")))?;
@@ -800,6 +955,7 @@ async fn create_deployment(
 ) -> Result<Response, ApiError> {
     client_auth(&s, &headers)?;
     let spec: DeploymentSpec = parse_json(&body, "deployment")?;
+    check_env_size(&s, "deployment", env_bytes(&spec.env, &spec.command))?;
     let d = s.db(move |st| st.create_deployment(&spec)).await?;
     if d.spec.warm_runners > 0 {
         s.prewarm.notify_one();
@@ -1143,20 +1299,25 @@ async fn node_logs(
             }
         }
     }
+    let body_was_empty = body.is_empty();
     // The bytes as they came (base64 only in the records clients read):
     // output need not be UTF-8, and a character may be split between two
     // appends. The store checks the run is this node's and active, so a
     // stale node learns it is stale even from an empty post.
-    let appended = !body.is_empty();
-    s.db(move |st| st.append_log(&node, id, stream, &body))
+    let max = s.config.max_log_bytes;
+    let appended = s
+        .db(move |st| st.append_log(&node, id, stream, &body, max))
         .await?;
-    if appended {
+    if !body_was_empty && appended != Appended::Dropped {
         let _ = s.log_events.send(id);
     }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 // ---- background tasks ------------------------------------------------------
+
+/// The longest `Idempotency-Key` accepted (it is stored with the run).
+const MAX_IDEMPOTENCY_KEY: usize = 256;
 
 /// The most submits committed in one transaction.
 const SUBMIT_BATCH: usize = 256;
@@ -1371,10 +1532,37 @@ async fn credentials_loop(s: Shared) {
     }
 }
 
-/// The lost-node reaper and the credential reloads (one task, so the
-/// server stops both by stopping it).
+/// Applies [`ServerConfig::log_retention`] every
+/// [`ServerConfig::prune_interval`] (first right away). Several replicas
+/// may prune at once; the store's transactions keep them apart.
+async fn prune_loop(s: Shared) {
+    let retention = s.config.log_retention;
+    if retention == LogRetention::default() {
+        return;
+    }
+    let mut tick = tokio::time::interval(s.config.prune_interval.max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match s.db(move |st| st.prune_logs(&retention)).await {
+            Ok(p) if p.runs > 0 => {
+                tracing::info!(runs = p.runs, bytes = p.bytes, "pruned run logs");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pruning run logs failed"),
+        }
+    }
+}
+
+/// The lost-node reaper, the credential reloads and the log pruner (one
+/// task, so the server stops all three by stopping it; each store call
+/// runs on the blocking pool, so a long prune delays neither of the others).
 async fn reap_loop(s: Shared) {
-    tokio::join!(reap_lost_nodes(s.clone()), credentials_loop(s));
+    tokio::join!(
+        reap_lost_nodes(s.clone()),
+        credentials_loop(s.clone()),
+        prune_loop(s)
+    );
 }
 
 async fn reap_lost_nodes(s: Shared) {

@@ -72,6 +72,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         require_node_credentials: false,
         heartbeat_timeout: 15,
         keepalive: 10,
+        limits: control::LimitArgs::default(),
     })
     .await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
