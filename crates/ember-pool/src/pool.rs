@@ -863,6 +863,7 @@ impl Pool {
             let Some(mut runner) = taken else {
                 return self.inner.create(spec, t0, replaced);
             };
+            runner.lease_started = std::time::SystemTime::now();
             let was_frozen = runner.frozen;
             let healthy = (if was_frozen { runner.thaw() } else { Ok(()) })
                 .and_then(|()| runner.health_check(inner.health_timeout));
@@ -941,6 +942,7 @@ impl Pool {
         let Some(runner) = lease.runner.take() else {
             return Released::Discarded(DiscardReason::Abandoned);
         };
+        let mut runner = runner;
         let reason = self.verdict(&lease, &runner, outcome);
         let reason = match reason {
             Some(r) => Some(r),
@@ -949,7 +951,6 @@ impl Pool {
                 Err(e) => Some(DiscardReason::ResetFailed(e.to_string())),
             },
         };
-        let mut runner = runner;
         if reason.is_none() {
             runner.runs += 1;
         }

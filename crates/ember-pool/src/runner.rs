@@ -40,7 +40,7 @@ use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{PermissionsExt, chown};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use ember_agent_proto::{AgentClient, ClientError, ExecRequest, Pong};
 use ember_runtime::mount::MountError;
@@ -86,6 +86,12 @@ const SHM_OPTIONS: &str = "mode=1777,size=65536k";
 const AGENT_LOG: &str = "agent.log";
 /// Longest path `connect(2)` takes for a Unix socket (`sun_path` less NUL).
 const SUN_PATH_MAX: usize = 107;
+/// How long before a run's start a scratch directory's last change must
+/// be for its unchanged ctime to prove that the run did not touch it.
+/// Timestamps come from the kernel's coarse clock (one tick, up to 10 ms),
+/// so a change within the tick of the previous one may leave the ctime as
+/// it was; a directory changed that recently is emptied regardless.
+const CTIME_MARGIN: Duration = Duration::from_millis(50);
 /// How long destroying waits for `runc run` to return after the kill.
 const EXIT_WAIT: Duration = Duration::from_secs(5);
 
@@ -264,6 +270,11 @@ pub(crate) struct Runner {
     pub single_use: bool,
     /// `shm/` is mounted (a tmpfs) and must be unmounted on destroy.
     shm_mounted: bool,
+    /// When the current lease began (for the reset's ctime check).
+    pub lease_started: SystemTime,
+    /// The ctime of `workspace/` and each [`SCRATCH`] directory right
+    /// after the last reset emptied it.
+    reset_ctimes: [Option<(i64, i64)>; 1 + SCRATCH.len()],
     client: Option<AgentClient>,
     process: Option<RuncProcess>,
     init: Option<PidFd>,
@@ -306,6 +317,8 @@ impl Runner {
             reset_scratch: env.reset_scratch,
             single_use: !spec.recyclable(),
             shm_mounted: false,
+            lease_started: SystemTime::now(),
+            reset_ctimes: [None; 1 + SCRATCH.len()],
             client: None,
             process: None,
             init: None,
@@ -640,16 +653,31 @@ impl Runner {
     /// Empties `/workspace` and the scratch directories (`/tmp`,
     /// `/var/tmp`, `/run` but `/run/ember`, `/dev/shm`) and restores their
     /// owner and mode for the next run.
-    pub fn reset_scratch(&self) -> io::Result<()> {
-        let owner = (self.user.uid, self.user.gid);
-        empty_dir(&self.dir.join(WORKSPACE_DIR), None)?;
-        restore_dir(&self.dir.join(WORKSPACE_DIR), 0o755, owner)?;
+    ///
+    /// A directory whose ctime is still the one it had right after the
+    /// previous reset, from well before this lease began, is skipped: it
+    /// was empty then, and adding, removing or renaming an entry, or
+    /// changing its mode, owner or times, would have moved its ctime (which
+    /// a run cannot set back). That keeps the reset after a run that wrote
+    /// nothing at one `lstat` per directory.
+    pub fn reset_scratch(&mut self) -> io::Result<()> {
+        let user = (self.user.uid, self.user.gid);
+        let mut dirs = vec![(WORKSPACE_DIR, 0o755, user, None)];
         if self.reset_scratch {
-            for s in SCRATCH {
-                let path = self.dir.join(s.host);
-                empty_dir(&path, s.keep)?;
-                restore_dir(&path, s.mode, (0, 0))?;
+            dirs.extend(SCRATCH.iter().map(|s| (s.host, s.mode, (0, 0), s.keep)));
+        }
+        let settled = self.lease_started.checked_sub(CTIME_MARGIN);
+        for (i, (name, mode, owner, keep)) in dirs.into_iter().enumerate() {
+            let path = self.dir.join(name);
+            let now = ctime_of(&path)?;
+            let untouched =
+                self.reset_ctimes[i] == Some(now) && settled.is_some_and(|t| system_time(now) < t);
+            if untouched {
+                continue;
             }
+            empty_dir(&path, keep)?;
+            restore_dir(&path, mode, owner)?;
+            self.reset_ctimes[i] = Some(ctime_of(&path)?);
         }
         Ok(())
     }
@@ -816,6 +844,23 @@ fn make_dir(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> io::Result<()>
         chown(path, Some(uid), Some(gid))?;
     }
     Ok(())
+}
+
+/// The ctime of `path` itself (not followed), seconds and nanoseconds.
+fn ctime_of(path: &Path) -> io::Result<(i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(path)?;
+    Ok((meta.ctime(), meta.ctime_nsec()))
+}
+
+/// A `(seconds, nanoseconds)` timestamp as a `SystemTime`.
+fn system_time((secs, nanos): (i64, i64)) -> SystemTime {
+    let d = Duration::new(secs.unsigned_abs(), nanos.clamp(0, 999_999_999) as u32);
+    if secs >= 0 {
+        SystemTime::UNIX_EPOCH + d
+    } else {
+        SystemTime::UNIX_EPOCH - d
+    }
 }
 
 fn restore_dir(path: &Path, mode: u32, (uid, gid): (u32, u32)) -> io::Result<()> {

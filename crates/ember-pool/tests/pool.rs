@@ -163,6 +163,35 @@ fn within_a_key_only_the_root_filesystem_persists() {
     tp.shutdown_and_check(&[id, other]);
 }
 
+/// The reset skips a directory whose ctime says nothing changed since the
+/// last reset; whatever the timing between runs, a write is never missed.
+#[test]
+fn the_reset_never_misses_a_write_whatever_the_timing() {
+    let agent = require_agent!();
+    let tp = TestPool::new(&agent, |_| {});
+    let s = spec(Some("k"));
+    let (id, _, _) = run_sh(&tp.pool, &s, "true");
+    for pause in [0, 0, 0, 120, 0, 120] {
+        // An idle run, then (at once or after the ctimes have settled) one
+        // that writes: into each directory, or only a mode change.
+        run_sh(&tp.pool, &s, "true");
+        std::thread::sleep(Duration::from_millis(pause));
+        let (again, out, _) = run_sh(&tp.pool, &s, WRITE_EVERYWHERE);
+        assert_eq!((again.as_str(), out.as_str()), (id.as_str(), "wrote\n"));
+        let (_, out, _) = run_sh(&tp.pool, &s, READ_EVERYWHERE);
+        assert_eq!(
+            out,
+            "/etc\n/root\nember\n/workspace 755\n/tmp 1777\n/var/tmp 1777\n/dev/shm 1777\n/run 755\nagent-socket\n",
+            "after a pause of {pause} ms"
+        );
+        std::thread::sleep(Duration::from_millis(pause));
+        run_sh(&tp.pool, &s, "chmod 700 /tmp /dev/shm");
+        let (_, out, _) = run_sh(&tp.pool, &s, "stat -c %a /tmp /dev/shm");
+        assert_eq!(out, "1777\n1777\n", "after a pause of {pause} ms");
+    }
+    tp.shutdown_and_check(&[id]);
+}
+
 #[test]
 fn single_use_runs_take_never_used_spares() {
     let agent = require_agent!();
