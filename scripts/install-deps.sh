@@ -16,6 +16,7 @@ PKGS=(
   iproute2 jq curl    # test and benchmark plumbing
   apache2-utils       # htpasswd (bcrypt) for the registry auth tests
   openssl             # certificates and JWT signatures for the token-auth test
+  python3             # the token server of the bearer-auth tests (ember-testkit/token_server.py)
   postgresql          # the control plane's PostgreSQL store: tests start private servers from its binaries
   ca-certificates
 )

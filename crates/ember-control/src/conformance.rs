@@ -46,6 +46,8 @@ macro_rules! state_store_conformance {
             concurrent_claimers_never_share_a_run,
             node_reports_and_start_times,
             lost_nodes_and_retries,
+            runs_a_node_lost_are_retried_at_once,
+            stale_attempts_are_fenced,
             late_reports_rejected,
             warm_handoff,
             list_filters,
@@ -53,7 +55,8 @@ macro_rules! state_store_conformance {
             logs,
             batch_submit,
             batch_reports,
-            batch_handoff
+            batch_handoff,
+            node_credentials
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -676,6 +679,152 @@ pub fn lost_nodes_and_retries(h: &dyn Harness) {
     ));
 }
 
+/// A node that restarted reports the runs it no longer has as lost: each
+/// goes back to the queue in the same transaction while attempts remain
+/// (however recently the node heartbeated), counts its attempt, and can be
+/// scheduled again, on the same node too; with no attempts left it stays
+/// lost with the node's reason. Another node cannot lose a run for it.
+pub fn runs_a_node_lost_are_retried_at_once(h: &dyn Harness) {
+    let c = clock();
+    let s = h.open(c.clone());
+    s.upsert_node(&node("n1", 4)).expect("node");
+    s.upsert_node(&node("n2", 4)).expect("node");
+    let submit = |max_attempts| {
+        s.submit_run(&RunSpec {
+            image: Some(image(1)),
+            max_attempts,
+            ..RunSpec::default()
+        })
+        .expect("submit")
+        .run
+        .id
+    };
+    let retryable = submit(3);
+    let once = submit(1);
+    schedule(&*s, retryable, "n1");
+    schedule(&*s, once, "n1");
+    s.report("n1", retryable, &NodeReport::Started)
+        .expect("started");
+    s.report("n1", once, &NodeReport::Accepted)
+        .expect("accepted");
+    let lost = |error: &str| NodeReport::Lost {
+        error: error.to_owned(),
+    };
+
+    assert!(matches!(
+        s.report("n2", retryable, &lost("not mine")),
+        Err(StoreError::NotAssigned { .. })
+    ));
+    c.advance(100);
+    s.upsert_node(&node("n1", 4))
+        .expect("heartbeat: the node is back");
+    let requeued = s
+        .report("n1", retryable, &lost("the node restarted"))
+        .expect("lost");
+    assert_eq!(requeued.state, RunState::Queued);
+    assert_eq!((requeued.attempts, requeued.node.as_deref()), (1, None));
+    assert_eq!(requeued.times.queued, Some(T0 + 100));
+    assert_eq!(requeued.times.scheduled, None);
+    assert_eq!(s.get_run(retryable).expect("get"), Some(requeued));
+
+    let gone = s
+        .report("n1", once, &lost("the node restarted"))
+        .expect("lost");
+    assert_eq!(gone.state, RunState::Lost);
+    assert_eq!(gone.error.as_deref(), Some("the node restarted"));
+    assert!(
+        s.mark_lost_runs(0).expect("sweep").is_empty(),
+        "nothing left active to lose"
+    );
+
+    // The retry is an ordinary queued run: claimed, scheduled on the
+    // restarted node, finished there, with its attempts counted.
+    schedule(&*s, retryable, "n1");
+    let done = s
+        .report_batch(
+            "n1",
+            &[crate::store::RunReports::new(
+                retryable,
+                vec![
+                    NodeReport::Started,
+                    NodeReport::Exited {
+                        code: 0,
+                        runner_idle: false,
+                    },
+                ],
+            )],
+        )
+        .expect("reports")
+        .pop()
+        .expect("one answer")
+        .expect("applied");
+    assert_eq!(
+        (done.state, done.attempts, done.node.as_deref()),
+        (RunState::Succeeded, 2, Some("n1"))
+    );
+}
+
+/// Reports carrying the attempt they are about are refused for any other
+/// attempt: when a lost attempt's retry comes back to the same node, the
+/// old attempt's late exit is not recorded for the new one.
+pub fn stale_attempts_are_fenced(h: &dyn Harness) {
+    let s = h.open(clock());
+    s.upsert_node(&node("n1", 4)).expect("node");
+    let id = s
+        .submit_run(&RunSpec {
+            image: Some(image(1)),
+            max_attempts: 2,
+            ..RunSpec::default()
+        })
+        .expect("submit")
+        .run
+        .id;
+    let of = |attempt: u32, reports: Vec<NodeReport>| crate::store::RunReports {
+        attempt: Some(attempt),
+        ..crate::store::RunReports::new(id, reports)
+    };
+    let one = |b: crate::store::RunReports| {
+        s.report_batch("n1", &[b])
+            .expect("batch")
+            .pop()
+            .expect("one answer")
+    };
+    schedule(&*s, id, "n1");
+    assert_eq!(
+        one(of(1, vec![NodeReport::Started]))
+            .expect("first attempt runs")
+            .state,
+        RunState::Running
+    );
+    let lost = NodeReport::Lost {
+        error: "gone".into(),
+    };
+    assert_eq!(
+        s.report("n1", id, &lost).expect("lost").state,
+        RunState::Queued
+    );
+    schedule(&*s, id, "n1");
+    let exited = NodeReport::Exited {
+        code: 137,
+        runner_idle: false,
+    };
+    assert!(matches!(
+        one(of(1, vec![exited.clone()])),
+        Err(StoreError::NotAssigned { .. })
+    ));
+    let run = s.get_run(id).expect("get").expect("run");
+    assert_eq!(
+        (run.state, run.attempts, run.exit_code),
+        (RunState::Scheduled, 2, None)
+    );
+    assert_eq!(
+        one(of(2, vec![NodeReport::Started]))
+            .expect("second attempt")
+            .state,
+        RunState::Running
+    );
+}
+
 /// Reports from a node for a run that is not (or no longer) its own are
 /// refused and change nothing: after a loss, after a reassignment, after a
 /// cancel, and from a node that never had it.
@@ -1056,6 +1205,7 @@ pub fn batch_reports(h: &dyn Harness) {
     let batch = vec![
         // Dated by the node: 3, 2, 1 and 0 ms before the call.
         RunReports {
+            attempt: None,
             ages_ms: vec![3, 2, 1, 0],
             run: a,
             reports: vec![
@@ -1068,26 +1218,31 @@ pub fn batch_reports(h: &dyn Harness) {
         // Started twice: the second is refused, the first stands. Its age
         // would date it before the run was scheduled: it is not.
         RunReports {
+            attempt: None,
             ages_ms: vec![100],
             run: b,
             reports: vec![NodeReport::Started, NodeReport::Started, exited.clone()],
         },
         RunReports {
+            attempt: None,
             ages_ms: Vec::new(),
             run: other,
             reports: vec![NodeReport::Started],
         },
         RunReports {
+            attempt: None,
             ages_ms: Vec::new(),
             run: cancelled,
             reports: vec![NodeReport::Started],
         },
         RunReports {
+            attempt: None,
             ages_ms: Vec::new(),
             run: RunId(999_999),
             reports: vec![NodeReport::Started],
         },
         RunReports {
+            attempt: None,
             ages_ms: Vec::new(),
             run: a,
             reports: Vec::new(),
@@ -1181,4 +1336,45 @@ pub fn batch_handoff(h: &dyn Harness) {
         s.claim_for_runners("ghost", &keys),
         Err(StoreError::NodeNotFound(_))
     ));
+}
+
+/// Node credentials: stored by hash for one node each, listed, a duplicate
+/// hash refused, malformed ones refused, revoked per node (only that
+/// node's), and durable across a reopen.
+pub fn node_credentials(h: &dyn Harness) {
+    let s = h.open(clock());
+    let hash = |n: u8| format!("{:064x}", n);
+    assert!(s.node_credentials().expect("list").is_empty());
+    s.add_node_credential("a", &hash(1)).expect("a's first");
+    s.add_node_credential("a", &hash(2)).expect("a's second");
+    s.add_node_credential("b", &hash(3)).expect("b's");
+    assert!(
+        s.add_node_credential("b", &hash(1)).is_err(),
+        "one token, two nodes"
+    );
+    for (node, bad) in [
+        ("", hash(4)),
+        ("c", "ab".to_owned()),
+        ("c", hash(0xab).to_uppercase()),
+    ] {
+        assert!(matches!(
+            s.add_node_credential(node, &bad),
+            Err(StoreError::Invalid(_))
+        ));
+    }
+    let want = |pairs: &[(u8, &str)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(n, node)| (hash(*n), (*node).to_owned()))
+            .collect()
+    };
+    assert_eq!(
+        s.node_credentials().expect("list"),
+        want(&[(1, "a"), (2, "a"), (3, "b")])
+    );
+    drop(s);
+    let s = h.open(clock());
+    assert_eq!(s.revoke_node_credentials("a").expect("revoke"), 2);
+    assert_eq!(s.revoke_node_credentials("a").expect("revoke again"), 0);
+    assert_eq!(s.node_credentials().expect("list"), want(&[(3, "b")]));
 }

@@ -44,6 +44,9 @@ pub enum ModelError {
     /// A run names both a deployment and an image, or neither.
     #[error("a run needs exactly one of a deployment or an image")]
     RunTarget,
+    /// A node credential's hash is not a SHA-256 in lower-case hex.
+    #[error("a node credential's hash must be 64 lower-case hex digits")]
+    CredentialHash,
     /// A name that must be non-empty (deployment, node, key) is empty.
     #[error("{what} must not be empty")]
     Empty {
@@ -602,6 +605,15 @@ pub enum NodeReport {
     },
     /// The run could not start or was killed (`→ failed`).
     Failed {
+        /// Why.
+        error: String,
+    },
+    /// The node no longer has the run: its agent restarted (and its
+    /// runners with it) while the run was active. The run is lost through
+    /// no fault of its own, as if the node had stopped heartbeating
+    /// (`→ lost`), and goes back to the queue at once, in the same
+    /// transaction, while attempts remain (`lost → queued`).
+    Lost {
         /// Why.
         error: String,
     },

@@ -39,7 +39,8 @@ use postgres::types::ToSql;
 use postgres::{Client, Config, GenericClient, NoTls, Statement};
 
 use crate::model::{
-    Deployment, DeploymentSpec, Millis, ModelError, Node, NodeSpec, Run, RunId, RunSpec, RunState,
+    Deployment, DeploymentSpec, Millis, ModelError, Node, NodeId, NodeSpec, Run, RunId, RunSpec,
+    RunState,
 };
 use crate::model::{LogChunk, LogStream};
 use crate::rules::{self, Commit};
@@ -95,6 +96,15 @@ CREATE TABLE run_logs (
 CREATE INDEX run_logs_run ON run_logs (run_id, seq);
 -- the dispatcher counts active runs every round
 CREATE INDEX runs_active ON runs (state) WHERE state IN ('scheduled', 'starting', 'running');
+"#,
+    r#"
+-- per-node credentials: the SHA-256 of each bearer token, never the token
+CREATE TABLE node_credentials (
+    token_sha256    TEXT PRIMARY KEY,
+    node            TEXT NOT NULL,
+    created_at      BIGINT NOT NULL
+);
+CREATE INDEX node_credentials_node ON node_credentials (node);
 "#,
 ];
 
@@ -894,7 +904,8 @@ impl StateStore for PostgresStore {
         // locks several of them in another order (mark_lost_runs) may
         // deadlock with this one, and then `write` retries it.
         self.write(Commit::Relaxed, |db, now| {
-            batch
+            let mut requeued = false;
+            let out = batch
                 .iter()
                 .map(|b| {
                     let mut run = match db.load_run(b.run, true) {
@@ -902,14 +913,20 @@ impl StateStore for PostgresStore {
                         Err(e @ StoreError::RunNotFound(_)) => return Ok(Err(e)),
                         Err(e) => return Err(e),
                     };
-                    let (changed, res) =
-                        rules::apply_reports(&mut run, node, &b.reports, &b.ages_ms, now);
+                    let (changed, res) = rules::apply_reports(&mut run, node, b, now);
                     if changed {
                         db.save_run(&run)?;
+                        // A run its node lost is queued again: other
+                        // replicas' dispatchers may place it.
+                        requeued |= run.state == RunState::Queued;
                     }
                     Ok(res.map(|()| run))
                 })
-                .collect()
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            if requeued {
+                db.notify()?;
+            }
+            Ok(out)
         })
     }
 
@@ -938,6 +955,37 @@ impl StateStore for PostgresStore {
                 .iter()
                 .map(|r| parse(r.get::<_, &str>(0)))
                 .collect()
+        })
+    }
+
+    fn add_node_credential(&self, node: &str, token_sha256: &str) -> Result<(), StoreError> {
+        rules::check_credential(node, token_sha256)?;
+        self.write(Commit::Synced, |db, now| {
+            db.execute(
+                "INSERT INTO node_credentials (token_sha256, node, created_at) VALUES ($1, $2, $3)",
+                &[&token_sha256, &node, &millis_sql(now)],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn revoke_node_credentials(&self, node: &str) -> Result<usize, StoreError> {
+        self.write(Commit::Synced, |db, _| {
+            let n = db.execute("DELETE FROM node_credentials WHERE node = $1", &[&node])?;
+            Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        })
+    }
+
+    fn node_credentials(&self) -> Result<Vec<(String, NodeId)>, StoreError> {
+        self.read(|db| {
+            Ok(db
+                .query(
+                    "SELECT token_sha256, node FROM node_credentials ORDER BY token_sha256",
+                    &[],
+                )?
+                .iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect())
         })
     }
 

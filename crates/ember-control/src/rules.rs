@@ -179,6 +179,23 @@ pub(crate) fn apply_report(
             apply(run, RunState::Failed, now)?;
             run.error = Some(error.clone());
         }
+        NodeReport::Lost { error } => {
+            apply(run, RunState::Lost, now)?;
+            run.error = Some(error.clone());
+            // Retried at once, in the same transaction: a node that comes
+            // back within a second of a crash must not leave its runs lost
+            // (nothing else re-queues a run that is already lost), and a
+            // run with no attempts left stays lost with the reason.
+            retry_if_attempts_left(run, now)?;
+        }
+    }
+    Ok(())
+}
+
+/// `lost → queued` when the run has attempts left; nothing otherwise.
+pub(crate) fn retry_if_attempts_left(run: &mut Run, now: Millis) -> Result<(), StoreError> {
+    if run.state == RunState::Lost && run.attempts < run.max_attempts.max(1) {
+        apply(run, RunState::Queued, now)?;
     }
     Ok(())
 }
@@ -193,12 +210,23 @@ pub(crate) fn apply_report(
 pub(crate) fn apply_reports(
     run: &mut Run,
     node: &str,
-    reports: &[NodeReport],
-    ages_ms: &[Millis],
+    batch: &crate::store::RunReports,
     now: Millis,
 ) -> (bool, Result<(), StoreError>) {
+    let (reports, ages_ms) = (&batch.reports, &batch.ages_ms);
     if reports.is_empty() {
         return (false, Err(ModelError::Empty { what: "reports" }.into()));
+    }
+    // Fencing: a report of an earlier attempt (lost, then retried) is
+    // stale whatever node it comes from.
+    if batch.attempt.is_some_and(|a| a != run.attempts) {
+        return (
+            false,
+            Err(StoreError::NotAssigned {
+                run: run.id,
+                node: node.to_owned(),
+            }),
+        );
     }
     let t = &run.times;
     let mut floor = [
@@ -259,6 +287,21 @@ pub(crate) fn log_chunk(seq: i64, stream: &str, data: Vec<u8>) -> Result<LogChun
             .ok_or_else(|| StoreError::Backend(format!("unknown log stream {stream:?}").into()))?,
         data,
     })
+}
+
+/// A credential must name a node and carry a SHA-256 in lower-case hex.
+pub(crate) fn check_credential(node: &str, token_sha256: &str) -> Result<(), StoreError> {
+    if node.is_empty() {
+        return Err(ModelError::Empty { what: "node id" }.into());
+    }
+    if token_sha256.len() != 64
+        || !token_sha256
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return Err(ModelError::CredentialHash.into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -24,7 +24,8 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
 use crate::model::{
-    Deployment, DeploymentSpec, Millis, ModelError, Node, NodeSpec, Run, RunId, RunSpec, RunState,
+    Deployment, DeploymentSpec, Millis, ModelError, Node, NodeId, NodeSpec, Run, RunId, RunSpec,
+    RunState,
 };
 use crate::model::{LogChunk, LogStream};
 use crate::rules::{self, Commit};
@@ -81,6 +82,15 @@ CREATE TABLE run_logs (
 CREATE INDEX run_logs_run ON run_logs (run_id, seq);
 -- the dispatcher counts active runs every round
 CREATE INDEX runs_active ON runs (state) WHERE state IN ('scheduled', 'starting', 'running');
+"#,
+    r#"
+-- per-node credentials: the SHA-256 of each bearer token, never the token
+CREATE TABLE node_credentials (
+    token_sha256    TEXT PRIMARY KEY,
+    node            TEXT NOT NULL,
+    created_at      INTEGER NOT NULL
+);
+CREATE INDEX node_credentials_node ON node_credentials (node);
 "#,
 ];
 
@@ -631,8 +641,7 @@ impl StateStore for SqliteStore {
                     let Some(mut run) = load_run(tx, b.run)? else {
                         return Ok(Err(StoreError::RunNotFound(b.run)));
                     };
-                    let (changed, res) =
-                        rules::apply_reports(&mut run, node, &b.reports, &b.ages_ms, now);
+                    let (changed, res) = rules::apply_reports(&mut run, node, b, now);
                     if changed {
                         save_run(tx, &run)?;
                     }
@@ -717,6 +726,36 @@ impl StateStore for SqliteStore {
         rows.into_iter()
             .map(|(seq, stream, data)| rules::log_chunk(seq, &stream, data))
             .collect()
+    }
+
+    fn add_node_credential(&self, node: &str, token_sha256: &str) -> Result<(), StoreError> {
+        rules::check_credential(node, token_sha256)?;
+        self.write(Commit::Synced, |tx, now| {
+            tx.prepare_cached(
+                "INSERT INTO node_credentials (token_sha256, node, created_at) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![token_sha256, node, millis_sql(now)])?;
+            Ok(())
+        })
+    }
+
+    fn revoke_node_credentials(&self, node: &str) -> Result<usize, StoreError> {
+        self.write(Commit::Synced, |tx, _| {
+            Ok(tx
+                .prepare_cached("DELETE FROM node_credentials WHERE node = ?1")?
+                .execute(params![node])?)
+        })
+    }
+
+    fn node_credentials(&self) -> Result<Vec<(String, NodeId)>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT token_sha256, node FROM node_credentials ORDER BY token_sha256",
+        )?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
     }
 
     fn mark_lost_runs(&self, stale_after_ms: Millis) -> Result<Vec<Run>, StoreError> {

@@ -320,6 +320,22 @@ pub trait StateStore: Send + Sync {
     /// there is no such run.
     fn read_log(&self, id: RunId, after: u64, limit: usize) -> Result<Vec<LogChunk>, StoreError>;
 
+    /// Stores a credential of `node`: the SHA-256 (lower-case hex) of a
+    /// bearer token that opens that node's endpoints and no other node's.
+    /// The token itself is never stored. Synced: an issued credential
+    /// survives a crash. An empty node id or hash is refused.
+    fn add_node_credential(&self, node: &str, token_sha256: &str) -> Result<(), StoreError>;
+
+    /// Revokes every credential of `node`; returns how many there were.
+    /// Synced.
+    fn revoke_node_credentials(&self, node: &str) -> Result<usize, StoreError>;
+
+    /// Every credential: (token SHA-256 hex, node id), by hash. What the
+    /// server checks node requests against (it keeps a copy, reloaded
+    /// every second, so revocations through any replica take effect
+    /// everywhere within that).
+    fn node_credentials(&self) -> Result<Vec<(String, NodeId)>, StoreError>;
+
     /// Calls `wake` whenever another process sharing this database may have
     /// made runs claimable (a submit, a retry, released claims) or appended
     /// a run's output, so a replica's dispatcher and log followers hear of
@@ -347,6 +363,14 @@ pub struct RunReports {
     /// previous one nor after now.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ages_ms: Vec<Millis>,
+    /// The attempt the reports are about (the run's `attempts` in the
+    /// assignment the node executes). Reports of another attempt than the
+    /// run's current one are refused ([`StoreError::NotAssigned`]): a node
+    /// cut off while its attempt was declared lost and retried must not
+    /// have its late result recorded for the retry, even when the retry
+    /// came back to the same node. `None`: not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
 }
 
 impl RunReports {
@@ -356,6 +380,7 @@ impl RunReports {
             run,
             reports,
             ages_ms: Vec::new(),
+            attempt: None,
         }
     }
 }

@@ -260,6 +260,26 @@ impl ControlClient {
         .await
     }
 
+    /// `POST /v1/nodes/{id}/credentials`: a new credential for node `id`.
+    pub async fn issue_node_credential(
+        &self,
+        node: &str,
+    ) -> Result<crate::api::NodeCredential, ClientError> {
+        let path = format!("/v1/nodes/{node}/credentials");
+        self.json(&path, self.req(reqwest::Method::POST, &path))
+            .await
+    }
+
+    /// `DELETE /v1/nodes/{id}/credentials`: revokes all of node `id`'s.
+    pub async fn revoke_node_credentials(
+        &self,
+        node: &str,
+    ) -> Result<crate::api::RevokedCredentials, ClientError> {
+        let path = format!("/v1/nodes/{node}/credentials");
+        self.json(&path, self.req(reqwest::Method::DELETE, &path))
+            .await
+    }
+
     /// `PUT /v1/nodes/{id}`: register or heartbeat.
     pub async fn put_node(&self, spec: &NodeSpec) -> Result<Node, ClientError> {
         let path = format!("/v1/nodes/{}", spec.id);

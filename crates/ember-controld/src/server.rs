@@ -40,6 +40,8 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+
+use crate::credentials::{self, Credentials};
 use bytes::Bytes;
 use ember_control::model::{
     DeploymentSpec, LogChunk, NodeId, NodeReport, NodeSpec, Run, RunId, RunSpec, RunState,
@@ -51,8 +53,8 @@ use serde::Serialize;
 use tokio::sync::{Notify, broadcast, mpsc};
 
 use crate::api::{
-    ErrorBody, EventResult, EventResults, LogRecord, LogStream, MAX_EVENT_BATCH, NodeEvents,
-    RunReports, SubmitResponse, WorkMessage,
+    ErrorBody, EventResult, EventResults, LogRecord, LogStream, MAX_EVENT_BATCH, NodeCredential,
+    NodeEvents, RevokedCredentials, RunReports, SubmitResponse, WorkMessage,
 };
 use crate::prewarm;
 
@@ -71,8 +73,14 @@ const LOG_PAGE: usize = 256;
 pub struct ServerConfig {
     /// Bearer token clients must send; `None` accepts any client.
     pub client_token: Option<String>,
-    /// Bearer token nodes must send; `None` accepts any node.
+    /// A bearer token any node may send (one secret for every node: for
+    /// `ember up` and single-machine setups); `None`: no shared token.
     pub node_token: Option<String>,
+    /// Node requests must carry a credential issued to that node
+    /// (`POST /v1/nodes/{id}/credentials`) or the shared `node_token`.
+    /// Without this and without `node_token` any node is accepted. Either
+    /// way an issued credential only ever opens its own node's endpoints.
+    pub require_node_credentials: bool,
     /// A node whose last heartbeat is older than this is lost, and so are
     /// its runs.
     pub heartbeat_timeout: Duration,
@@ -90,6 +98,7 @@ impl ServerConfig {
         ServerConfig {
             client_token: None,
             node_token: None,
+            require_node_credentials: false,
             heartbeat_timeout: Duration::from_secs(15),
             reap_interval: Duration::from_secs(1),
             keepalive: Duration::from_secs(10),
@@ -126,6 +135,9 @@ pub enum ApiError {
     /// Missing or wrong bearer token (401).
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    /// A valid credential used for something it does not cover (403).
+    #[error("{0}")]
+    Forbidden(String),
     /// No such resource (404).
     #[error("{0}")]
     NotFound(String),
@@ -142,6 +154,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -217,6 +230,9 @@ struct WorkStream {
     /// stream's teardown does not remove the new one.
     conn: u64,
     tx: mpsc::UnboundedSender<WorkMessage>,
+    /// The hash of the node credential that opened it, if one did: the
+    /// stream is closed when that credential is revoked.
+    credential: Option<String>,
 }
 
 struct AppState {
@@ -232,6 +248,8 @@ struct AppState {
     prewarm: Notify,
     streams: Mutex<HashMap<NodeId, WorkStream>>,
     next_conn: AtomicU64,
+    /// Per-node credentials, as of the last reload.
+    credentials: Credentials,
     /// A run id each time a run's log grows or the run changes state, for
     /// log followers.
     log_events: broadcast::Sender<RunId>,
@@ -272,21 +290,26 @@ impl AppState {
     }
 }
 
-fn check_token(headers: &HeaderMap, want: &Option<String>) -> Result<(), ApiError> {
-    let Some(want) = want else { return Ok(()) };
-    let got = headers
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    // Constant-time comparison: the token is a secret.
-    let ok = got.is_some_and(|g| {
-        g.len() == want.len()
-            && g.bytes()
-                .zip(want.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    });
-    if ok {
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// Constant-time comparison: the token is a secret.
+fn same_secret(got: &str, want: &str) -> bool {
+    got.len() == want.len()
+        && got
+            .bytes()
+            .zip(want.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+fn check_token(headers: &HeaderMap, want: &Option<String>) -> Result<(), ApiError> {
+    let Some(want) = want else { return Ok(()) };
+    if bearer(headers).is_some_and(|g| same_secret(g, want)) {
         Ok(())
     } else {
         Err(ApiError::Unauthorized)
@@ -297,8 +320,73 @@ fn client_auth(s: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
     check_token(headers, &s.config.client_token)
 }
 
-fn node_auth(s: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
-    check_token(headers, &s.config.node_token)
+/// Checks a request on `node`'s endpoints: the shared node token (any
+/// node), else a credential issued to `node` (one issued to another node
+/// is 403), else nothing only when neither is configured. Returns the hash
+/// of the credential used, if one was.
+async fn node_auth(
+    s: &Shared,
+    headers: &HeaderMap,
+    node: &str,
+) -> Result<Option<String>, ApiError> {
+    let got = bearer(headers);
+    if let (Some(want), Some(got)) = (&s.config.node_token, got)
+        && same_secret(got, want)
+    {
+        return Ok(None);
+    }
+    if let Some(got) = got {
+        let h = credentials::hash(got);
+        let mut owner = s.credentials.owner(&h);
+        // Issued through another replica since the last reload, perhaps.
+        if owner.is_none() && s.credentials.may_reload() {
+            reload_credentials(s).await?;
+            owner = s.credentials.owner(&h);
+        }
+        match owner {
+            Some(o) if o == node => return Ok(Some(h)),
+            Some(o) => {
+                tracing::warn!(credential_of = %o, path_node = %node, "a node credential used for another node");
+                return Err(ApiError::Forbidden(format!(
+                    "this credential is not node {node:?}'s"
+                )));
+            }
+            None => {}
+        }
+    }
+    if s.config.node_token.is_none() && !s.config.require_node_credentials {
+        return Ok(None);
+    }
+    Err(ApiError::Unauthorized)
+}
+
+/// Reloads the credential table from the store and closes the work
+/// streams whose credential is gone (revoked, through any replica).
+async fn reload_credentials(s: &Shared) -> Result<(), ApiError> {
+    let rows = s.db(|st| st.node_credentials()).await?;
+    s.credentials.replace(rows);
+    let revoked: Vec<NodeId> = {
+        let streams = s.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams
+            .iter()
+            .filter(|(_, w)| {
+                w.credential
+                    .as_ref()
+                    .is_some_and(|h| s.credentials.owner(h).is_none())
+            })
+            .map(|(n, _)| n.clone())
+            .collect()
+    };
+    if !revoked.is_empty() {
+        let mut streams = s.streams.lock().unwrap_or_else(|e| e.into_inner());
+        for n in revoked {
+            // Dropping the sender ends the stream.
+            if streams.remove(&n).is_some() {
+                tracing::warn!(node = %n, "closed a work stream: its credential was revoked");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
@@ -349,6 +437,7 @@ pub async fn serve(
         prewarm: Notify::new(),
         streams: Mutex::new(HashMap::new()),
         next_conn: AtomicU64::new(1),
+        credentials: Credentials::default(),
         log_events,
         submits,
     });
@@ -414,6 +503,10 @@ fn router(state: Shared) -> Router {
         )
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", put(put_node))
+        .route(
+            "/v1/nodes/{id}/credentials",
+            post(issue_credential).delete(revoke_credentials),
+        )
         .route("/v1/nodes/{id}/work", get(work_stream))
         .route("/v1/nodes/{id}/events", post(node_events))
         .route("/v1/nodes/{id}/runs/{run}/events", post(node_event))
@@ -547,7 +640,13 @@ async fn cancel_run(
                 if let Some(node) = &run.node
                     && from.is_active()
                 {
-                    s.push(node, WorkMessage::Cancel { run: id });
+                    s.push(
+                        node,
+                        WorkMessage::Cancel {
+                            run: id,
+                            attempt: None,
+                        },
+                    );
                 }
                 let _ = s.log_events.send(id);
                 // The cancelled run's slot is free.
@@ -723,6 +822,45 @@ async fn list_nodes(State(s): State<Shared>, headers: HeaderMap) -> Result<Respo
     Ok(json_response(StatusCode::OK, &nodes))
 }
 
+/// Issues a new credential for node `id` (which need not have registered
+/// yet); the token is in the answer and nowhere else.
+async fn issue_credential(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    client_auth(&s, &headers)?;
+    let token =
+        credentials::new_token().map_err(|e| ApiError::Internal(format!("making a token: {e}")))?;
+    let h = credentials::hash(&token);
+    let (node, hash) = (id.clone(), h.clone());
+    s.db(move |st| st.add_node_credential(&node, &hash)).await?;
+    s.credentials.insert(h, id.clone());
+    tracing::info!(node = %id, "issued a node credential");
+    Ok(json_response(
+        StatusCode::CREATED,
+        &NodeCredential { node: id, token },
+    ))
+}
+
+/// Revokes every credential of node `id`; its work stream, if one of them
+/// opened it, is closed here at once and on other replicas within a second.
+async fn revoke_credentials(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    client_auth(&s, &headers)?;
+    let node = id.clone();
+    let revoked = s.db(move |st| st.revoke_node_credentials(&node)).await?;
+    reload_credentials(&s).await?;
+    tracing::info!(node = %id, revoked, "revoked node credentials");
+    Ok(json_response(
+        StatusCode::OK,
+        &RevokedCredentials { node: id, revoked },
+    ))
+}
+
 // ---- node endpoints --------------------------------------------------------
 
 async fn put_node(
@@ -731,7 +869,7 @@ async fn put_node(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    node_auth(&s, &headers)?;
+    node_auth(&s, &headers, &id).await?;
     let spec: NodeSpec = parse_json(&body, "node")?;
     if spec.id != id {
         return Err(ApiError::BadRequest(format!(
@@ -752,7 +890,7 @@ async fn work_stream(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    node_auth(&s, &headers)?;
+    let credential = node_auth(&s, &headers, &id).await?;
     let node = id.clone();
     let known = s
         .db(move |st| Ok(st.list_nodes()?.into_iter().any(|n| n.spec.id == node)))
@@ -785,13 +923,21 @@ async fn work_stream(
     let _ = tx.send(WorkMessage::Active {
         runs: active.iter().map(|r| r.id).collect(),
         keepalive_ms: Some(u64::try_from(keepalive.as_millis()).unwrap_or(u64::MAX)),
+        scheduled: Some(pending.iter().map(|r| r.id).collect()),
     });
     for run in pending {
         let _ = tx.send(WorkMessage::Assign { run: Box::new(run) });
     }
     {
         let mut streams = s.streams.lock().unwrap_or_else(|e| e.into_inner());
-        streams.insert(id.clone(), WorkStream { conn, tx });
+        streams.insert(
+            id.clone(),
+            WorkStream {
+                conn,
+                tx,
+                credential,
+            },
+        );
     }
     tracing::info!(node = %id, "work stream opened");
     s.wake.notify_one();
@@ -843,7 +989,7 @@ async fn node_event(
     Path((node, id)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    node_auth(&s, &headers)?;
+    node_auth(&s, &headers, &node).await?;
     let id = run_id(&id)?;
     let reports = match parse_json::<NodeEvents>(&body, "run event")? {
         NodeEvents::One(r) => vec![r],
@@ -869,7 +1015,7 @@ async fn node_events(
     Path(node): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    node_auth(&s, &headers)?;
+    node_auth(&s, &headers, &node).await?;
     let batch = parse_json::<Vec<RunReports>>(&body, "run events")?;
     if batch.is_empty() {
         return Err(ApiError::BadRequest("an empty list of run events".into()));
@@ -920,6 +1066,14 @@ async fn apply_reports(
             let mut freed = 0usize;
             for (b, r) in batch.iter().zip(&out) {
                 let Ok(run) = r else { continue };
+                // A run its node lost went back to the queue (or stayed
+                // lost): either way its slot is free, and the dispatcher
+                // must hear of a queued run.
+                if b.reports.iter().any(|r| matches!(r, NodeReport::Lost { .. })) {
+                    tracing::warn!(node = %n, run = %run.id, state = %run.state, "run lost by its node");
+                    freed += 1;
+                    continue;
+                }
                 if !run.state.is_final() {
                     continue;
                 }
@@ -975,7 +1129,7 @@ async fn node_logs(
     uri: Uri,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    node_auth(&s, &headers)?;
+    node_auth(&s, &headers, &node).await?;
     let id = run_id(&id)?;
     let mut stream = LogStream::Stdout;
     for (k, v) in query_pairs(&uri) {
@@ -1201,7 +1355,29 @@ async fn prewarm_loop(s: Shared) {
     }
 }
 
+/// How often the credential table is reloaded, so revocations through
+/// other replicas take effect here.
+const CREDENTIALS_RELOAD: Duration = Duration::from_secs(1);
+
+/// Reloads the credential table every [`CREDENTIALS_RELOAD`].
+async fn credentials_loop(s: Shared) {
+    let mut tick = tokio::time::interval(CREDENTIALS_RELOAD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = reload_credentials(&s).await {
+            tracing::warn!(error = %e, "reloading node credentials failed");
+        }
+    }
+}
+
+/// The lost-node reaper and the credential reloads (one task, so the
+/// server stops both by stopping it).
 async fn reap_loop(s: Shared) {
+    tokio::join!(reap_lost_nodes(s.clone()), credentials_loop(s));
+}
+
+async fn reap_lost_nodes(s: Shared) {
     // After a control-plane restart every node's last heartbeat is as old
     // as the downtime: give them one timeout to reconnect before their
     // runs are declared lost.
@@ -1232,6 +1408,18 @@ async fn reap_loop(s: Shared) {
                 tracing::warn!(lost = lost.len(), requeued, "runs lost with their nodes");
                 for r in &lost {
                     let _ = s.log_events.send(r.id);
+                    // A node that is only cut off, its stream still open
+                    // here, hears this once its link is back (or sees the
+                    // run missing from its next stream's first line).
+                    if let Some(node) = &r.node {
+                        s.push(
+                            node,
+                            WorkMessage::Cancel {
+                                run: r.id,
+                                attempt: Some(r.attempts),
+                            },
+                        );
+                    }
                 }
                 s.wake.notify_one();
             }

@@ -114,7 +114,8 @@ async fn submit_push_report_logs_cancel() {
         next_msg(&mut work, &mut buf).await,
         WorkMessage::Active {
             runs: vec![],
-            keepalive_ms: Some(10_000)
+            keepalive_ms: Some(10_000),
+            scheduled: Some(vec![])
         }
     );
 
@@ -163,7 +164,8 @@ async fn submit_push_report_logs_cancel() {
         next_msg(&mut work, &mut buf).await,
         WorkMessage::Active {
             runs: vec![run.id],
-            keepalive_ms: Some(10_000)
+            keepalive_ms: Some(10_000),
+            scheduled: Some(vec![])
         }
     );
     n.append_log("n1", run.id, LogStream::Stdout, "out\n".into())
@@ -202,7 +204,10 @@ async fn submit_push_report_logs_cancel() {
     assert_eq!(cancelled.state, RunState::Cancelled);
     assert_eq!(
         next_msg(&mut work, &mut buf).await,
-        WorkMessage::Cancel { run: run.id }
+        WorkMessage::Cancel {
+            run: run.id,
+            attempt: None
+        }
     );
     let again = c.cancel(run.id).await;
     assert_eq!(again.err().and_then(|e| e.status()), Some(409));
@@ -236,6 +241,7 @@ async fn reports_on_many_runs_in_one_request() {
     }
     let batch = vec![
         RunReports {
+            attempt: None,
             ages_ms: Vec::new(),
             run: a,
             reports: vec![
@@ -249,11 +255,13 @@ async fn reports_on_many_runs_in_one_request() {
             ],
         },
         RunReports {
+            attempt: None,
             ages_ms: Vec::new(),
             run: b,
             reports: vec![NodeReport::Started, NodeReport::Started],
         },
         RunReports {
+            attempt: None,
             ages_ms: Vec::new(),
             run: RunId(999_999),
             reports: vec![NodeReport::Started],
@@ -410,7 +418,8 @@ async fn an_idle_work_stream_gets_keepalives() {
         next_msg(&mut work, &mut buf).await,
         WorkMessage::Active {
             runs: vec![],
-            keepalive_ms: Some(200)
+            keepalive_ms: Some(200),
+            scheduled: Some(vec![])
         },
         "the first line announces the interval"
     );

@@ -10,7 +10,8 @@
 //! index.json           images, names, layers, LRU clock (see `index`)
 //! users/<id>.json      containers using an image, with their owner pid
 //! lru/<hex>            empty marker per image; its mtime is the last use
-//! tmp/<pid>-<n>-...    in-progress work; removed when its pid is gone
+//! tmp/<owner>-...      in-progress work; removed once its owner's lock is free
+//! tmp/<owner>-lock     flock'ed by the open store that owns `tmp/<owner>-...` (see `tmp`)
 //! lock                 flock for index updates
 //! boot                 the boot id the unsynced-layer check last ran in
 //! ```
@@ -23,6 +24,7 @@
 mod error;
 pub mod index;
 mod pull;
+mod tmp;
 pub mod unpack;
 
 pub use error::StoreError;
@@ -45,6 +47,9 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// This open's claim on its `tmp/` entries; shared by clones, released
+    /// when the last one is dropped (or the process dies).
+    owner: std::sync::Arc<tmp::TmpOwner>,
 }
 
 /// An exclusive hold on the store's index; released on drop.
@@ -126,14 +131,17 @@ fn pid_alive(pid: u32) -> bool {
 
 impl Store {
     /// Opens (creating if needed) the store at `root`, and removes work left
-    /// in `tmp/` by processes that no longer exist (a `kill -9` mid-pull).
+    /// in `tmp/` by processes that no longer exist (a `kill -9` mid-pull):
+    /// each open holds a lock that its process's death releases, so this
+    /// holds however soon the next process comes and whatever its pid.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store, StoreError> {
         let root = root.into();
         for d in ["blobs/sha256", "layers", "tmp", "users", "lru"] {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(io("create", &p))?;
         }
-        let store = Store { root };
+        let owner = std::sync::Arc::new(tmp::TmpOwner::new(&root.join("tmp"))?);
+        let store = Store { root, owner };
         store.clean_tmp()?;
         store.drop_unsynced_from_earlier_boots()?;
         Ok(store)
@@ -216,31 +224,18 @@ impl Store {
             .join(digest.hex())
     }
 
-    /// A fresh path under `tmp/` tagged with this process's pid, so a later
-    /// process can tell it is abandoned once this one is gone.
+    /// A fresh path under `tmp/` tagged with this store's owner token, so a
+    /// later process can tell it is abandoned once this store's lock is
+    /// free (see the `tmp` module).
     pub fn tmp_path(&self, what: &str) -> PathBuf {
         let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         self.root
             .join("tmp")
-            .join(format!("{}-{}-{}-{what}", std::process::id(), now_ms(), n))
+            .join(format!("{}-{}-{}-{what}", self.owner.token, now_ms(), n))
     }
 
     fn clean_tmp(&self) -> Result<(), StoreError> {
-        let tmp = self.root.join("tmp");
-        let rd = fs::read_dir(&tmp).map_err(io("read", &tmp))?;
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let pid = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
-            let abandoned = match pid {
-                Some(pid) => pid != std::process::id() && !pid_alive(pid),
-                None => true,
-            };
-            if abandoned {
-                tracing::info!(path = %e.path().display(), "removing abandoned temporary data");
-                let _ = remove_any(&e.path());
-            }
-        }
-        Ok(())
+        tmp::clean(&self.root.join("tmp"), &self.owner.token).map(|_| ())
     }
 
     /// Takes the index lock (blocking until other processes release it).

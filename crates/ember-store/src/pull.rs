@@ -13,10 +13,10 @@ use crate::index::{ImageRecord, LayerRecord, LayerRef};
 use crate::unpack::{self, Mode, UnpackError, UnpackStats};
 use crate::{Store, now_ms, remove_any};
 use bytes::Bytes;
+use ember_oci::manifest::{ConfigDoc, IndexDoc, ManifestDoc};
 use ember_oci::media::{self, Compression, ManifestKind};
 use ember_oci::{Digest, Platform, Reference, Verifier};
 use ember_registry::{RegistryClient, RegistryError};
-use serde::Deserialize;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -102,43 +102,6 @@ pub struct PullReport {
     pub layers_present: usize,
     /// Layers downloaded.
     pub layers_fetched: usize,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Descriptor {
-    media_type: String,
-    digest: Digest,
-    size: u64,
-    platform: Option<DescPlatform>,
-}
-
-#[derive(Deserialize)]
-struct DescPlatform {
-    os: String,
-    architecture: String,
-    variant: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct ManifestDoc {
-    config: Descriptor,
-    layers: Vec<Descriptor>,
-}
-
-#[derive(Deserialize)]
-struct IndexDoc {
-    manifests: Vec<Descriptor>,
-}
-
-#[derive(Deserialize)]
-struct ConfigDoc {
-    rootfs: RootFs,
-}
-
-#[derive(Deserialize)]
-struct RootFs {
-    diff_ids: Vec<Digest>,
 }
 
 /// Pulls `reference` into `store`.
@@ -609,16 +572,33 @@ async fn fetch_layer_once(
             ));
         }
     };
-    if let Some(Err(actual)) = ex.diff_id {
-        return Err(cleanup(
-            StoreError::DiffIdMismatch {
-                reference: refname,
-                digest: layer.digest.clone(),
-                diff_id: layer.diff_id.clone(),
-                actual,
-            },
-            false,
-        ));
+    // Only a diff_id computed over every decompressed byte vouches for the
+    // layer: layers are shared by diff_id, so accepting an unverified one
+    // would let one image's layer stand in for another image's.
+    match ex.diff_id {
+        DiffCheck::Match => {}
+        DiffCheck::Mismatch(actual) => {
+            return Err(cleanup(
+                StoreError::DiffIdMismatch {
+                    reference: refname,
+                    digest: layer.digest.clone(),
+                    diff_id: layer.diff_id.clone(),
+                    actual,
+                },
+                false,
+            ));
+        }
+        DiffCheck::Incomplete(detail) => {
+            return Err(cleanup(
+                StoreError::Decompress {
+                    reference: refname,
+                    digest: layer.digest.clone(),
+                    compression: compression.name(),
+                    detail,
+                },
+                false,
+            ));
+        }
     }
     Ok(FetchedLayer {
         diff_id: layer.diff_id.clone(),
@@ -627,6 +607,23 @@ async fn fetch_layer_once(
         compressed: ex.compressed_len,
         last_byte_at,
     })
+}
+
+/// Says what a decoder error after the tar's end means: the decoders'
+/// own messages ("invalid gzip header", "Unknown frame descriptor") do
+/// not say that the tar had already ended.
+fn describe_decode_error(compression: Compression, e: &std::io::Error) -> String {
+    match compression {
+        Compression::None => format!("reading after the tar's end: {e}"),
+        Compression::Gzip | Compression::Zstd => format!(
+            "after the tar's end: {e} (bytes after the last {unit}, a bad trailer or a cut stream)",
+            unit = if compression == Compression::Gzip {
+                "gzip member"
+            } else {
+                "zstd frame"
+            },
+        ),
+    }
 }
 
 /// Reads chunks from the network task, hashing every byte it hands out.
@@ -677,11 +674,22 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
+/// The outcome of the diff_id check.
+enum DiffCheck {
+    /// Every decompressed byte was hashed and the digest is the config's.
+    Match,
+    /// Every byte was hashed and the digest is this one instead.
+    Mismatch(Digest),
+    /// The stream could not be decompressed to its end (a decoder error,
+    /// bytes after the last gzip member or zstd frame, a short stream), so
+    /// no diff_id was computed. Never a pass.
+    Incomplete(String),
+}
+
 struct Extracted {
     compressed: Result<Digest, Digest>,
     compressed_len: u64,
-    /// `None` when the stream could not be fully decompressed.
-    diff_id: Option<Result<Digest, Digest>>,
+    diff_id: DiffCheck,
     unpack: Result<UnpackStats, UnpackError>,
 }
 
@@ -710,20 +718,31 @@ fn extract(
         };
         match decoder {
             // Still drained below, so the blob's real digest is reported.
-            Err(e) => (Err(UnpackError::Read(e)), None),
+            Err(e) => {
+                let detail = e.to_string();
+                (Err(UnpackError::Read(e)), DiffCheck::Incomplete(detail))
+            }
             Ok(decoder) => {
                 let mut hr = HashingReader {
                     inner: decoder,
                     verifier: Verifier::new(diff_id),
                 };
                 let unpack = unpack::unpack(&mut hr, dest, Mode::Overlay);
-                // The tar ends before the stream does (end-of-archive
-                // blocks, padding): read to the end so both digests cover
-                // every byte.
-                let drained = std::io::copy(&mut hr, &mut std::io::sink());
-                let diff = match (&unpack, drained) {
-                    (Ok(_), Ok(_)) => Some(hr.verifier.finish()),
-                    _ => None,
+                let diff = match &unpack {
+                    // The tar ends before the stream does (end-of-archive
+                    // blocks, padding, a gzip trailer not read yet): read
+                    // to the end so the diff_id covers every byte and the
+                    // decoder checks its trailer and what follows it.
+                    Ok(_) => match std::io::copy(&mut hr, &mut std::io::sink()) {
+                        Ok(_) => match hr.verifier.finish() {
+                            Ok(_) => DiffCheck::Match,
+                            Err(actual) => DiffCheck::Mismatch(actual),
+                        },
+                        Err(e) => DiffCheck::Incomplete(describe_decode_error(compression, &e)),
+                    },
+                    // The unpack error is what gets reported; decompressing
+                    // the rest would only spend CPU on a stream we refuse.
+                    Err(e) => DiffCheck::Incomplete(e.to_string()),
                 };
                 (unpack, diff)
             }

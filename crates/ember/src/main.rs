@@ -71,6 +71,9 @@ enum Command {
     Cancel(cmd::cancel::Args),
     /// Control plane, cache and node agents on this machine.
     Up(cmd::up::Args),
+    /// Started by `ember node`: cleans up after it if it dies.
+    #[command(hide = true)]
+    NodeWatchdog(cmd::node::WatchdogArgs),
 }
 
 fn main() -> ExitCode {
@@ -116,6 +119,7 @@ fn main() -> ExitCode {
             Command::Deploy(a) => cmd::deploy::run(a).await,
             Command::Cancel(a) => cmd::cancel::run(a).await,
             Command::Up(a) => cmd::up::run(a).await,
+            Command::NodeWatchdog(a) => cmd::node::run_watchdog(&cli.root, a),
         }
     });
     match result {

@@ -40,7 +40,8 @@ pub struct Args {
         hide_env_values = true
     )]
     pub client_token: Option<String>,
-    /// Bearer token nodes must send (none: nodes are not checked).
+    /// A bearer token every node may send, for any node id (one shared
+    /// secret; prefer per-node credentials, `ember nodes token issue`).
     #[arg(
         long,
         env = "EMBER_NODE_TOKEN",
@@ -48,6 +49,12 @@ pub struct Args {
         hide_env_values = true
     )]
     pub node_token: Option<String>,
+    /// Nodes must send a credential issued to them (`ember nodes token
+    /// issue ID`), or the shared --node-token if one is given. Without this
+    /// and without --node-token nodes are not checked. An issued credential
+    /// opens only its own node's endpoints either way.
+    #[arg(long)]
+    pub require_node_credentials: bool,
     /// Seconds without a heartbeat after which a node and its runs are lost.
     #[arg(long, default_value_t = 15, value_name = "SECONDS")]
     pub heartbeat_timeout: u64,
@@ -104,6 +111,7 @@ pub async fn open(args: &Args) -> anyhow::Result<(Arc<dyn StateStore>, ServerCon
     let mut config = ServerConfig::new();
     config.client_token = args.client_token.clone().filter(|t| !t.is_empty());
     config.node_token = args.node_token.clone().filter(|t| !t.is_empty());
+    config.require_node_credentials = args.require_node_credentials;
     config.heartbeat_timeout = Duration::from_secs(args.heartbeat_timeout.max(1));
     config.keepalive = Duration::from_secs(args.keepalive.max(1));
     Ok((store, config))
@@ -112,7 +120,9 @@ pub async fn open(args: &Args) -> anyhow::Result<(Arc<dyn StateStore>, ServerCon
 /// Runs `ember control` until SIGINT or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let (store, config) = open(&args).await?;
-    if config.client_token.is_none() || config.node_token.is_none() {
+    if config.client_token.is_none()
+        || (config.node_token.is_none() && !config.require_node_credentials)
+    {
         tracing::warn!(
             "running without a client or node token: anyone who can connect may use the API"
         );
