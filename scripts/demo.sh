@@ -82,10 +82,12 @@ cat "$WORK/up/env"
 # shellcheck disable=SC1091
 source "$WORK/up/env"
 "$EMBER" nodes
+# Runners are shared only by runs that ask (a deployment or a recycling
+# key); a plain submit would get a fresh runner of its own.
 echo "-- first run: the node pulls $IMAGE through the cache and makes a runner"
-"$EMBER" submit --wait "$IMAGE" -- sh -c 'echo "hello from a cluster run"'
-echo "-- second run: the runner that just finished takes it"
-"$EMBER" submit --wait "$IMAGE" -- sh -c 'echo "hello again, same runner"'
+"$EMBER" submit --wait --recycle-key demo "$IMAGE" -- sh -c 'echo "hello from a cluster run"'
+echo "-- second run, same recycling key: the runner that just finished takes it"
+"$EMBER" submit --wait --recycle-key demo "$IMAGE" -- sh -c 'echo "hello again, same runner"'
 echo "-- 20 more warm runs"
-for _ in $(seq 20); do "$EMBER" submit --wait "$IMAGE" -- true; done
+for _ in $(seq 20); do "$EMBER" submit --wait --recycle-key demo "$IMAGE" -- true; done
 "$EMBER" runs --stats

@@ -101,6 +101,7 @@ fn deployment(name: &str, n: u64) -> DeploymentSpec {
         env: [("FROM".to_owned(), "deployment".to_owned())].into(),
         resources: Default::default(),
         recycle_key: None,
+        readonly_rootfs: false,
         warm_runners: 1,
         node_selector: Default::default(),
     }

@@ -128,11 +128,16 @@ pub struct DeploymentSpec {
     /// Resource limits.
     #[serde(default)]
     pub resources: Resources,
-    /// Extra key that separates runners of the same image and shape
-    /// (`ember-pool` hashes it into the runner key); `None` shares runners
-    /// with every run of the same image and shape.
+    /// The recycling key its runs share runners under (with runs of other
+    /// deployments and plain runs that name the same key, and the same
+    /// image and shape); `None`: the runs of this deployment share runners
+    /// only with each other. See [`recycle_scope`].
     #[serde(default)]
     pub recycle_key: Option<String>,
+    /// Run its runners with a read-only root filesystem (`/workspace`,
+    /// `/tmp`, `/var/tmp`, `/run` and `/dev/shm` stay writable).
+    #[serde(default)]
+    pub readonly_rootfs: bool,
     /// How many idle runners nodes should keep warm for this deployment.
     #[serde(default)]
     pub warm_runners: u32,
@@ -145,7 +150,17 @@ impl DeploymentSpec {
     /// The warm key of this deployment's runs ([`Run::warm_key`]; a run's
     /// own overrides of command and env don't change it).
     pub fn warm_key(&self) -> String {
-        warm_key(&self.image, &self.resources, self.recycle_key.as_deref())
+        warm_key(
+            &self.image,
+            &self.resources,
+            self.readonly_rootfs,
+            self.recycle_scope().as_deref(),
+        )
+    }
+
+    /// The scope its runs recycle runners in ([`recycle_scope`]).
+    pub fn recycle_scope(&self) -> Option<String> {
+        recycle_scope(Some(&self.name), self.recycle_key.as_deref())
     }
 
     /// Checks the name and the image pin.
@@ -198,6 +213,31 @@ pub struct RunSpec {
     /// Node labels required (merged over the deployment's selector).
     #[serde(default)]
     pub node_selector: BTreeMap<String, String>,
+    /// Share runners with the other runs that name this key (overrides a
+    /// deployment's). A run of an image without one (and without a
+    /// deployment) gets a runner no run has used, destroyed after it.
+    #[serde(default)]
+    pub recycle_key: Option<String>,
+    /// Run with a read-only root filesystem (or'ed with the
+    /// deployment's).
+    #[serde(default)]
+    pub readonly_rootfs: bool,
+}
+
+/// The scope in which runs share (recycle) runners: runs share a runner
+/// only when they have the same scope (and the same image and runtime
+/// shape). A recycling key, when given, is the scope; else a deployment's
+/// runs share among themselves; a plain run of an image with neither has
+/// no scope, and its runner serves it alone (`ember-pool`'s single-use
+/// runners). Reuse is something a run opts into by naming a deployment or
+/// a key, so runs that never asked never see each other's files.
+pub fn recycle_scope(deployment: Option<&str>, recycle_key: Option<&str>) -> Option<String> {
+    // Tagged, so a key and a deployment of the same name stay apart.
+    match (recycle_key, deployment) {
+        (Some(k), _) => Some(format!("key:{k}")),
+        (None, Some(d)) => Some(format!("deployment:{d}")),
+        (None, None) => None,
+    }
 }
 
 /// Where a run is in its life.
@@ -380,8 +420,11 @@ pub struct Run {
     pub env: BTreeMap<String, String>,
     /// Resource limits.
     pub resources: Resources,
-    /// Recycling key (from the deployment).
+    /// Recycling key (the run's own, else the deployment's).
     pub recycle_key: Option<String>,
+    /// Read-only root filesystem.
+    #[serde(default)]
+    pub readonly_rootfs: bool,
     /// Node labels required.
     pub node_selector: BTreeMap<String, String>,
     /// Timeout in milliseconds.
@@ -406,16 +449,28 @@ pub struct Run {
     pub times: StartTimes,
 }
 
-/// The warm key of runs of `image` with `resources` and `recycle_key`;
-/// see [`Run::warm_key`].
-fn warm_key(image: &PinnedImage, resources: &Resources, recycle_key: Option<&str>) -> String {
+/// The warm key of runs of `image` with `resources`, `readonly_rootfs`
+/// and recycling `scope`; see [`Run::warm_key`].
+fn warm_key(
+    image: &PinnedImage,
+    resources: &Resources,
+    readonly_rootfs: bool,
+    scope: Option<&str>,
+) -> String {
     let mut key = format!(
         "{}|cpu={}|mem={}",
         image.digest, resources.cpu_millis, resources.memory_bytes
     );
-    if let Some(k) = recycle_key {
-        key.push_str("|key=");
-        key.push_str(k);
+    if readonly_rootfs {
+        key.push_str("|ro");
+    }
+    match scope {
+        Some(s) => {
+            key.push_str("|scope=");
+            key.push_str(s);
+        }
+        // Never the key of an idle runner: nodes keep none for such runs.
+        None => key.push_str("|single-use"),
     }
     key
 }
@@ -433,10 +488,27 @@ impl Run {
 
     /// The key of the warm runners that can serve this run. Two runs with the
     /// same key are interchangeable for a runner: same image, command-independent
-    /// runtime shape and recycling key. (The node's pool hashes more of the
-    /// shape; this is the control plane's coarser view of it.)
+    /// runtime shape and recycling scope. (The node's pool hashes more of the
+    /// shape; this is the control plane's coarser view of it.) A run without
+    /// a scope ([`Run::recyclable`] false) has a key no idle runner carries.
     pub fn warm_key(&self) -> String {
-        warm_key(&self.image, &self.resources, self.recycle_key.as_deref())
+        warm_key(
+            &self.image,
+            &self.resources,
+            self.readonly_rootfs,
+            self.recycle_scope().as_deref(),
+        )
+    }
+
+    /// The scope its runner is recycled in ([`recycle_scope`]); `None`
+    /// for a plain run, whose runner serves it alone.
+    pub fn recycle_scope(&self) -> Option<String> {
+        recycle_scope(self.deployment.as_deref(), self.recycle_key.as_deref())
+    }
+
+    /// Whether its runner may serve other runs (it has a scope).
+    pub fn recyclable(&self) -> bool {
+        self.recycle_scope().is_some()
     }
 
     /// Moves the run to `to` if the state machine allows it, stamping the
@@ -697,6 +769,7 @@ mod tests {
             env: BTreeMap::new(),
             resources: Resources::default(),
             recycle_key: None,
+            readonly_rootfs: false,
             node_selector: BTreeMap::new(),
             timeout_ms: None,
             idempotency_key: None,
@@ -751,5 +824,34 @@ mod tests {
         let plain = r.warm_key();
         r.recycle_key = Some("tenant-a".into());
         assert_ne!(r.warm_key(), plain, "the recycling key separates runners");
+    }
+
+    #[test]
+    fn reuse_is_opt_in_by_deployment_or_recycling_key() {
+        let mut r = run();
+        assert!(!r.recyclable(), "a plain run shares its runner with nobody");
+        assert_eq!(r.recycle_scope(), None);
+        assert!(r.warm_key().ends_with("|single-use"));
+
+        r.deployment = Some("web".into());
+        let web = r.warm_key();
+        assert!(r.recyclable());
+        r.deployment = Some("api".into());
+        assert_ne!(
+            r.warm_key(),
+            web,
+            "two deployments share nothing by default"
+        );
+
+        // A key is shared by whoever names it, deployment or not.
+        r.recycle_key = Some("web".into());
+        let keyed = r.warm_key();
+        r.deployment = None;
+        assert_eq!(r.warm_key(), keyed);
+        // ...and never meets the deployment of the same name.
+        assert_ne!(keyed, web);
+
+        r.readonly_rootfs = true;
+        assert_ne!(r.warm_key(), keyed, "a read-only root is another shape");
     }
 }

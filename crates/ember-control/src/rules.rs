@@ -46,7 +46,7 @@ pub(crate) fn resolve(
     deployment: Option<Deployment>,
     now: Millis,
 ) -> Result<Run, StoreError> {
-    let (deployment, image, mut command, mut env, resources, recycle_key, mut selector) =
+    let (deployment, image, mut command, mut env, resources, recycle_key, readonly, mut selector) =
         match (&spec.deployment, &spec.image) {
             (Some(name), None) => {
                 let d = deployment.ok_or_else(|| StoreError::DeploymentNotFound(name.clone()))?;
@@ -58,6 +58,7 @@ pub(crate) fn resolve(
                     s.env,
                     s.resources,
                     s.recycle_key,
+                    s.readonly_rootfs,
                     s.node_selector,
                 )
             }
@@ -70,6 +71,7 @@ pub(crate) fn resolve(
                     Default::default(),
                     Default::default(),
                     None,
+                    false,
                     Default::default(),
                 )
             }
@@ -87,7 +89,8 @@ pub(crate) fn resolve(
         command,
         env,
         resources,
-        recycle_key,
+        recycle_key: spec.recycle_key.clone().or(recycle_key),
+        readonly_rootfs: readonly || spec.readonly_rootfs,
         node_selector: selector,
         timeout_ms: spec.timeout_ms,
         idempotency_key: spec.idempotency_key.clone(),
@@ -424,5 +427,73 @@ mod tests {
             (after.keep, after.notice, after.outcome),
             (0, false, Appended::Dropped)
         );
+    }
+
+    use crate::model::{DeploymentSpec, PinnedImage};
+
+    fn image() -> PinnedImage {
+        PinnedImage::new("app", format!("sha256:{}", "a".repeat(64))).expect("pin")
+    }
+
+    #[test]
+    fn resolve_carries_the_recycling_key_and_read_only_root() {
+        let plain = resolve(
+            &RunSpec {
+                image: Some(image()),
+                ..RunSpec::default()
+            },
+            None,
+            1,
+        )
+        .expect("plain");
+        assert!(!plain.recyclable() && !plain.readonly_rootfs);
+
+        let keyed = resolve(
+            &RunSpec {
+                image: Some(image()),
+                recycle_key: Some("ci".into()),
+                readonly_rootfs: true,
+                ..RunSpec::default()
+            },
+            None,
+            1,
+        )
+        .expect("keyed");
+        assert_eq!(
+            (keyed.recycle_key.as_deref(), keyed.readonly_rootfs),
+            (Some("ci"), true)
+        );
+
+        let d = Deployment {
+            spec: DeploymentSpec {
+                name: "web".into(),
+                image: image(),
+                command: vec![],
+                env: Default::default(),
+                resources: Default::default(),
+                recycle_key: Some("shared".into()),
+                readonly_rootfs: true,
+                warm_runners: 0,
+                node_selector: Default::default(),
+            },
+            created_at: 0,
+        };
+        let from_d = |spec: RunSpec| resolve(&spec, Some(d.clone()), 1).expect("deployment run");
+        let r = from_d(RunSpec {
+            deployment: Some("web".into()),
+            ..RunSpec::default()
+        });
+        assert_eq!(
+            (r.recycle_key.as_deref(), r.readonly_rootfs),
+            (Some("shared"), true)
+        );
+        assert_eq!(r.warm_key(), d.spec.warm_key());
+        // The run's own key overrides the deployment's.
+        let r = from_d(RunSpec {
+            deployment: Some("web".into()),
+            recycle_key: Some("mine".into()),
+            ..RunSpec::default()
+        });
+        assert_eq!(r.recycle_key.as_deref(), Some("mine"));
     }
 }

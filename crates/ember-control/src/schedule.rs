@@ -128,7 +128,8 @@ impl From<&Run> for RunRequirements {
         RunRequirements {
             image_digest: run.image.digest.clone(),
             image_bytes: None,
-            warm_key: Some(run.warm_key()),
+            // A plain run has no warm runner to prefer: its runner must be fresh.
+            warm_key: run.recyclable().then(|| run.warm_key()),
             node_selector: run.node_selector.clone(),
         }
     }
@@ -600,7 +601,8 @@ mod tests {
             command: vec![],
             env: BTreeMap::new(),
             resources: Default::default(),
-            recycle_key: None,
+            recycle_key: Some("k".into()),
+            readonly_rootfs: false,
             node_selector: BTreeMap::new(),
             timeout_ms: None,
             idempotency_key: None,
@@ -630,6 +632,11 @@ mod tests {
         // A run's own warm key is what the inventory is matched against.
         let req = RunRequirements::from(&runs[0]);
         assert_eq!(req.warm_key.as_deref(), Some(runs[0].warm_key().as_str()));
+        // A plain run (no deployment, no recycling key) prefers no warm
+        // runner: it must get one nobody used.
+        let mut plain = runs[0].clone();
+        plain.recycle_key = None;
+        assert_eq!(RunRequirements::from(&plain).warm_key, None);
     }
 
     #[test]

@@ -66,9 +66,13 @@ pub enum WorkMessage {
         /// The runners' resource limits (part of their key).
         #[serde(default)]
         resources: Resources,
-        /// The recycling key (part of their key).
+        /// The deployment's recycling key; with `deployment`, the runners'
+        /// recycling scope ([`ember_control::model::recycle_scope`]).
         #[serde(default)]
         recycle_key: Option<String>,
+        /// The runners' root filesystem is read-only (part of their key).
+        #[serde(default)]
+        readonly_rootfs: bool,
         /// Idle runners of the key wanted on this node.
         count: u32,
     },

@@ -804,6 +804,7 @@ fn handle(agent: &Arc<Agent>, msg: WorkMessage) {
             image,
             resources,
             recycle_key,
+            readonly_rootfs,
             count,
         } => {
             let agent = agent.clone();
@@ -811,8 +812,13 @@ fn handle(agent: &Arc<Agent>, msg: WorkMessage) {
                 let order = PrewarmOrder {
                     key,
                     image,
-                    resources,
-                    recycle_key,
+                    shape: shape_of(&resources, readonly_rootfs),
+                    // The scope the deployment's runs recycle in, so that
+                    // they find these runners.
+                    scope: ember_control::model::recycle_scope(
+                        Some(&deployment),
+                        recycle_key.as_deref(),
+                    ),
                     count,
                 };
                 match prewarm(&agent, &order).await {
@@ -839,8 +845,9 @@ fn handle(agent: &Arc<Agent>, msg: WorkMessage) {
 struct PrewarmOrder {
     key: String,
     image: PinnedImage,
-    resources: Resources,
-    recycle_key: Option<String>,
+    shape: RunnerShape,
+    /// The recycling scope: the pool's recycling key.
+    scope: Option<String>,
     count: u32,
 }
 
@@ -859,15 +866,11 @@ async fn prewarm(agent: &Arc<Agent>, order: &PrewarmOrder) -> Result<u32, String
     let record = ensure_image(agent, &order.image).await?;
     let agent = agent.clone();
     let key = order.key.clone();
-    let (resources, recycle_key, count) = (
-        order.resources.clone(),
-        order.recycle_key.clone(),
-        order.count,
-    );
+    let (shape, scope, count) = (order.shape.clone(), order.scope.clone(), order.count);
     tokio::task::spawn_blocking(move || {
         let image = RunnerImage::from_store(&agent.store, &record)
             .map_err(|e| format!("reading the image config: {e}"))?;
-        let spec = RunnerSpec::new(image, shape_of(&resources), recycle_key);
+        let spec = RunnerSpec::new(image, shape, scope);
         let pool_key = spec.key().as_str().to_owned();
         agent
             .keys
@@ -1109,16 +1112,25 @@ fn exec_blocking(
     let image = agent.runner_image(record)?;
     let argv = ember_runtime::spec::process_args(&image.config, Some(&run.command))
         .map_err(|e| format!("command: {e}"))?;
-    let spec = RunnerSpec::new(image, shape_of(&run.resources), run.recycle_key.clone());
+    // Runners are shared only within the run's recycling scope (its
+    // deployment or recycling key); a plain run's spec has none, so the
+    // pool gives it a never-used runner and destroys it afterwards.
+    let spec = RunnerSpec::new(
+        image,
+        shape_of(&run.resources, run.readonly_rootfs),
+        run.recycle_scope(),
+    );
     let mut lease = agent
         .pool
         .acquire(&spec)
         .map_err(|e| format!("starting a runner: {e}"))?;
-    agent
-        .keys
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(lease.key().as_str().to_owned(), run.warm_key());
+    if spec.recyclable() {
+        agent
+            .keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(lease.key().as_str().to_owned(), run.warm_key());
+    }
     let _ = tx.send(Event::report(NodeReport::RunnerReady));
     if handle.cancelled.load(Ordering::SeqCst) {
         agent.pool.release(lease, Outcome::Succeeded);
@@ -1187,9 +1199,13 @@ fn exec_blocking(
     Ok((code, runner_idle))
 }
 
-/// The runner shape for a run's (or a deployment's) resources.
-fn shape_of(resources: &Resources) -> RunnerShape {
-    let mut shape = RunnerShape::default();
+/// The runner shape for a run's (or a deployment's) resources and root
+/// filesystem.
+fn shape_of(resources: &Resources, readonly_rootfs: bool) -> RunnerShape {
+    let mut shape = RunnerShape {
+        readonly_rootfs,
+        ..RunnerShape::default()
+    };
     if resources.memory_bytes > 0 {
         shape.memory_bytes = i64::try_from(resources.memory_bytes).ok();
     }

@@ -43,6 +43,8 @@ pub struct Order {
     pub resources: Resources,
     /// The deployment's recycling key.
     pub recycle_key: Option<String>,
+    /// The deployment's read-only root filesystem.
+    pub readonly_rootfs: bool,
 }
 
 impl Order {
@@ -54,6 +56,7 @@ impl Order {
             image: self.image.clone(),
             resources: self.resources.clone(),
             recycle_key: self.recycle_key.clone(),
+            readonly_rootfs: self.readonly_rootfs,
             count: self.count,
         }
     }
@@ -134,6 +137,7 @@ pub fn plan(view: &ClusterView, deployments: &[Deployment]) -> Vec<Order> {
                     image: d.spec.image.clone(),
                     resources: d.spec.resources.clone(),
                     recycle_key: d.spec.recycle_key.clone(),
+                    readonly_rootfs: d.spec.readonly_rootfs,
                 });
             }
         }
@@ -159,6 +163,7 @@ mod tests {
                 env: BTreeMap::new(),
                 resources: Resources::default(),
                 recycle_key: None,
+                readonly_rootfs: false,
                 warm_runners: warm,
                 node_selector: BTreeMap::new(),
             },

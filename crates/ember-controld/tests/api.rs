@@ -564,6 +564,7 @@ async fn query_values_are_percent_decoded() {
         env: Default::default(),
         resources: Default::default(),
         recycle_key: None,
+        readonly_rootfs: false,
         warm_runners: 0,
         node_selector: Default::default(),
     })

@@ -1,13 +1,17 @@
 //! What makes two runs interchangeable: [`RunnerKey`].
 //!
 //! A runner is a container started for one image with one runtime shape
-//! (resources, mounts, user, network). The next run may use it only if it
-//! asks for exactly the same: the same image manifest, the same shape, and
-//! the same optional recycling key the user chose (to keep, say, two
-//! tenants' runs apart even when they use the same image). The key is a
-//! SHA-256 over a canonical encoding of all three, so it is stable across
-//! processes and can be reported to a scheduler that prefers nodes with a
-//! warm runner of the key.
+//! (resources, mounts, user, network, read-only root). Reuse is opt-in: a
+//! runner serves another run only if both runs named the same recycling
+//! key (a control plane uses the deployment's name, or a key the user
+//! gave) and asked for exactly the same image manifest and shape. A spec
+//! without a recycling key is *single-use*: its run gets a runner nobody
+//! has used (new, or a never-used spare) and the runner is destroyed after
+//! it, so runs that never asked to share never see each other's files.
+//!
+//! The key is a SHA-256 over a canonical encoding of all three, so it is
+//! stable across processes and can be reported to a scheduler that prefers
+//! nodes with a warm runner of the key.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -156,8 +160,9 @@ pub struct RunnerSpec {
 }
 
 impl RunnerSpec {
-    /// A spec for `image` with `shape`; `recycle_key` further splits the
-    /// runners of otherwise identical specs.
+    /// A spec for `image` with `shape`. With a `recycle_key`, runs of
+    /// specs equal in all three share runners; without one, the spec is
+    /// single-use (see the [module docs](self)).
     pub fn new(image: RunnerImage, shape: RunnerShape, recycle_key: Option<String>) -> RunnerSpec {
         let key = RunnerKey::new(&image.manifest, &shape, recycle_key.as_deref());
         RunnerSpec {
@@ -186,6 +191,12 @@ impl RunnerSpec {
     /// The user's recycling key.
     pub fn recycle_key(&self) -> Option<&str> {
         self.recycle_key.as_deref()
+    }
+
+    /// Whether runs of this spec may share runners: it has a recycling
+    /// key. A single-use spec's runner serves one run and is destroyed.
+    pub fn recyclable(&self) -> bool {
+        self.recycle_key.is_some()
     }
 }
 

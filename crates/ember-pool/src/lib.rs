@@ -9,19 +9,24 @@
 //! a warm runner costs a fork and an exec inside the container.
 //!
 //! * [`RunnerKey`] says which runs are interchangeable: image manifest,
-//!   runtime shape ([`RunnerShape`]: resources, mounts, user, network) and
-//!   an optional user-given recycling key. A runner never serves a run of
-//!   another key.
+//!   runtime shape ([`RunnerShape`]: resources, mounts, user, network,
+//!   read-only root) and a recycling key. A runner never serves a run of
+//!   another key, and reuse is opt-in: a spec without a recycling key is
+//!   single-use (a never-used runner, destroyed after the run).
 //! * [`Pool::acquire`] lends a runner of the key ([`Lease`]): an idle one,
 //!   thawed if it was frozen and health-checked through its agent (a dead
 //!   one is destroyed and replaced without failing the run), else a new one.
 //! * [`Pool::prewarm`] creates an idle runner of a key before any run of
 //!   it arrives, so the first run starts warm too.
 //! * [`Lease::exec`] runs commands in it, streaming output.
-//! * [`Pool::release`] returns it with an emptied `/workspace` (and `/tmp`)
-//!   if the run succeeded and the runner looks healthy; failed, timed-out,
-//!   memory-limited and `no_recycle` runs discard it. See
+//! * [`Pool::release`] returns it with emptied `/workspace`, `/tmp`,
+//!   `/var/tmp`, `/run` and `/dev/shm` if it has a recycling key, the run
+//!   succeeded and the runner looks healthy; single-use, failed,
+//!   timed-out, memory-limited and `no_recycle` runs discard it. See
 //!   [`Pool::release`] for exactly what is and is not reset.
+//! * Single-use keys get a few never-used spares made in the background
+//!   ([`PoolConfig::fresh_spares`]), so plain runs start without waiting
+//!   for a container either.
 //! * A reaper thread freezes runners idle for [`PoolConfig::pause_after`]
 //!   (default 3 s) through the cgroup v1 freezer, destroys those idle for
 //!   [`PoolConfig::idle_ttl`], and destroys least-recently-used idle runners
@@ -37,7 +42,8 @@
 //!
 //! ```text
 //! <root>/runners/<id>/   one runner: lock, runner.json, config.json, rootfs
-//!                        (overlay), run/agent.sock, workspace/, tmp/, agent.log
+//!                        (overlay), run/agent.sock, workspace/, tmp/, var-tmp/,
+//!                        runfs/, shm/ (tmpfs), agent.log
 //! ```
 //!
 //! # Example
@@ -50,7 +56,8 @@
 //! let store = Store::open("/var/lib/ember")?;
 //! let record = store.resolve(&store.read_index()?, "busybox")?;
 //! let image = RunnerImage::from_store(&store, &record)?;
-//! let spec = RunnerSpec::new(image, RunnerShape::default(), None);
+//! // Runs that name the same recycling key share runners.
+//! let spec = RunnerSpec::new(image, RunnerShape::default(), Some("ci-team-a".into()));
 //!
 //! let mut config = PoolConfig::new(
 //!     "/var/lib/ember/pool",

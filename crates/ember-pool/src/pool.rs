@@ -76,9 +76,18 @@ pub struct PoolConfig {
     /// How long a reused runner's agent has to answer the health check.
     /// Default 500 ms.
     pub health_timeout: Duration,
-    /// Also give every runner a host directory at `/tmp`, emptied after
-    /// every run like `/workspace`. Default true.
-    pub reset_tmp: bool,
+    /// Give every runner host directories at `/tmp`, `/var/tmp` and `/run`
+    /// and a tmpfs at `/dev/shm`, emptied after every run like
+    /// `/workspace` (see [`Pool::release`]). Default true.
+    pub reset_scratch: bool,
+    /// Never-used runners to keep ready per single-use key (a spec without
+    /// a recycling key): after an acquire of such a key takes one (or
+    /// creates a runner), a background thread creates spares up to this
+    /// many, so the next run of the same image and shape starts on a fresh
+    /// runner without waiting for its creation. Spares are idle runners:
+    /// frozen, expired and evicted like the others. Default 1; 0 makes
+    /// every single-use run create its runner.
+    pub fresh_spares: usize,
 }
 
 impl PoolConfig {
@@ -100,7 +109,8 @@ impl PoolConfig {
             budget_interval: Duration::from_secs(1),
             create_timeout: Duration::from_secs(30),
             health_timeout: Duration::from_millis(500),
-            reset_tmp: true,
+            reset_scratch: true,
+            fresh_spares: 1,
         }
     }
 }
@@ -136,6 +146,8 @@ pub enum DiscardReason {
     Failed,
     /// The caller reported [`Outcome::NoRecycle`].
     NoRecycle,
+    /// The runner's spec has no recycling key: it serves one run only.
+    SingleUse,
     /// An exec timed out (its process tree was killed).
     TimedOut,
     /// An exec was cancelled.
@@ -203,6 +215,9 @@ pub struct PoolStats {
     pub recycled: u64,
     /// Runners created idle by [`Pool::prewarm`].
     pub prewarmed: u64,
+    /// Never-used spares created for single-use keys
+    /// ([`PoolConfig::fresh_spares`]).
+    pub spares: u64,
     /// Releases that discarded the runner.
     pub discarded: u64,
     /// Idle runners destroyed for the count budget.
@@ -263,6 +278,8 @@ struct State {
     /// Cgroups of every live runner (idle or leased), for the memory
     /// budget.
     live: std::collections::HashMap<String, Cgroups>,
+    /// Spares being created, by single-use key.
+    spares_creating: std::collections::HashMap<RunnerKey, usize>,
     shut_down: bool,
     /// When the reaper will wake up next (`None`: not until notified).
     reaper_wake_at: Option<Instant>,
@@ -278,6 +295,7 @@ struct Inner {
     max_memory_bytes: Option<u64>,
     budget_interval: Duration,
     health_timeout: Duration,
+    fresh_spares: usize,
     state: Mutex<State>,
     /// Wakes the reaper (new deadlines, shutdown) and shutdown (destroys
     /// finished).
@@ -437,6 +455,138 @@ impl Inner {
                 self.destroy_later(evicted);
                 Released::Recycled
             }
+        }
+    }
+
+    /// Creates a runner for `spec` and lends it; the caller has counted
+    /// it in `creating`.
+    fn create(
+        self: &Arc<Self>,
+        spec: &RunnerSpec,
+        t0: Instant,
+        replaced: u32,
+    ) -> Result<Lease, PoolError> {
+        let id = self.next_id();
+        let created = Runner::create(&self.env, &id, spec);
+        let mut st = self.lock();
+        let mut runner = match created {
+            Ok(r) => r,
+            Err(e) => {
+                st.creating -= 1;
+                self.changed.notify_all();
+                return Err(PoolError::Create(Box::new(e)));
+            }
+        };
+        if st.shut_down {
+            // Still counted as creating, so that shutdown waits for this
+            // runner to be gone.
+            drop(st);
+            if let Err(e) = runner.destroy() {
+                tracing::warn!(id = %runner.id, error = %e, "destroying runner");
+            }
+            let mut st = self.lock();
+            st.creating -= 1;
+            self.changed.notify_all();
+            return Err(PoolError::ShutDown);
+        }
+        st.creating -= 1;
+        st.stats.created += 1;
+        st.live.insert(runner.id.clone(), runner.cgroups.clone());
+        st.leased += 1;
+        drop(st);
+        tracing::debug!(id = %runner.id, key = runner.key.short(), ms = t0.elapsed().as_secs_f64() * 1e3, "created runner");
+        Ok(Lease {
+            runner: Some(runner),
+            inner: Arc::clone(self),
+            info: LeaseInfo {
+                reused: false,
+                was_frozen: false,
+                replaced,
+                acquire: t0.elapsed(),
+            },
+            broken: false,
+            timed_out: false,
+            cancelled: false,
+        })
+    }
+
+    /// Creates a runner for `spec` straight into the idle list (counted in
+    /// `creating` by the caller); returns its id.
+    fn create_idle(self: &Arc<Self>, spec: &RunnerSpec) -> Result<String, PoolError> {
+        let mut lease = self.create(spec, Instant::now(), 0)?;
+        let Some(runner) = lease.runner.take() else {
+            // `create` always hands out a lease holding its runner.
+            return Err(PoolError::ShutDown);
+        };
+        let id = runner.id.clone();
+        match self.finish(runner, None, false) {
+            Released::Recycled => Ok(id),
+            // Shut down meanwhile.
+            Released::Discarded(_) => Err(PoolError::ShutDown),
+        }
+    }
+
+    /// Starts creating never-used spares of single-use `spec` until
+    /// `fresh_spares` of them are idle or being created.
+    fn replenish(self: &Arc<Self>, spec: &RunnerSpec) {
+        if self.fresh_spares == 0 {
+            return;
+        }
+        let missing = {
+            let mut st = self.lock();
+            if st.shut_down {
+                return;
+            }
+            let idle = st
+                .idle
+                .iter()
+                .filter(|i| i.runner.key == *spec.key())
+                .count();
+            let creating = st.spares_creating.get(spec.key()).copied().unwrap_or(0);
+            let missing = self.fresh_spares.saturating_sub(idle + creating);
+            if missing == 0 {
+                return;
+            }
+            *st.spares_creating.entry(spec.key().clone()).or_default() += missing;
+            missing
+        };
+        let inner = Arc::clone(self);
+        let key = spec.key().clone();
+        let spec = spec.clone();
+        let spawned = std::thread::Builder::new()
+            .name("ember-pool-spare".into())
+            .spawn(move || {
+                for _ in 0..missing {
+                    let made = {
+                        let mut st = inner.lock();
+                        if st.shut_down {
+                            None
+                        } else {
+                            st.creating += 1;
+                            let evicted = inner.over_count(&mut st, 0);
+                            drop(st);
+                            inner.destroy_later(evicted);
+                            Some(inner.create_idle(&spec))
+                        }
+                    };
+                    let mut st = inner.lock();
+                    match made {
+                        Some(Ok(_)) => st.stats.spares += 1,
+                        Some(Err(PoolError::ShutDown)) | None => {}
+                        Some(Err(e)) => tracing::warn!(key = spec.key().short(), error = %e, "creating a spare runner"),
+                    }
+                    if let Some(n) = st.spares_creating.get_mut(spec.key()) {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            st.spares_creating.remove(spec.key());
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no thread for creating spare runners");
+            let mut st = self.lock();
+            st.spares_creating.remove(&key);
         }
     }
 
@@ -627,7 +777,7 @@ impl Pool {
                 agent_binary,
                 store: config.store,
                 create_timeout: config.create_timeout,
-                reset_tmp: config.reset_tmp,
+                reset_scratch: config.reset_scratch,
             },
             pause_after: config.pause_after,
             idle_ttl: config.idle_ttl,
@@ -635,6 +785,7 @@ impl Pool {
             max_memory_bytes: config.max_memory_bytes,
             budget_interval: config.budget_interval,
             health_timeout: config.health_timeout,
+            fresh_spares: config.fresh_spares,
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             seq: AtomicU64::new(0),
@@ -661,10 +812,21 @@ impl Pool {
     /// Lends a runner with `spec`'s key: the most recently used idle one
     /// (thawed if frozen, health-checked through its agent; a dead or
     /// unhealthy one is destroyed and the next tried), else a new one.
+    /// For a single-use spec (no recycling key) the idle one can only be a
+    /// never-used spare, and the pool then starts making the next spare
+    /// ([`PoolConfig::fresh_spares`]).
     ///
     /// Never waits for other acquires: runs of other keys, and concurrent
     /// runs of the same key, proceed in parallel.
     pub fn acquire(&self, spec: &RunnerSpec) -> Result<Lease, PoolError> {
+        let lease = self.acquire_runner(spec)?;
+        if !spec.recyclable() {
+            self.inner.replenish(spec);
+        }
+        Ok(lease)
+    }
+
+    fn acquire_runner(&self, spec: &RunnerSpec) -> Result<Lease, PoolError> {
         let t0 = Instant::now();
         let inner = &self.inner;
         let mut replaced = 0;
@@ -674,7 +836,12 @@ impl Pool {
                 if st.shut_down {
                     return Err(PoolError::ShutDown);
                 }
-                match st.idle.iter().rposition(|i| i.runner.key == *spec.key()) {
+                // A single-use runner is never put back after a run, so
+                // every idle one is unused; `runs == 0` says so again.
+                let fits = |i: &Idle| {
+                    i.runner.key == *spec.key() && (spec.recyclable() || i.runner.runs == 0)
+                };
+                match st.idle.iter().rposition(fits) {
                     Some(pos) => {
                         let idle = st.idle.remove(pos);
                         st.leased += 1;
@@ -694,8 +861,9 @@ impl Pool {
                 }
             };
             let Some(mut runner) = taken else {
-                return self.create(spec, t0, replaced);
+                return self.inner.create(spec, t0, replaced);
             };
+            runner.lease_started = std::time::SystemTime::now();
             let was_frozen = runner.frozen;
             let healthy = (if was_frozen { runner.thaw() } else { Ok(()) })
                 .and_then(|()| runner.health_check(inner.health_timeout));
@@ -738,7 +906,6 @@ impl Pool {
     /// Counts against [`PoolConfig::max_runners`] like an acquire:
     /// least-recently-used idle runners are evicted to make room.
     pub fn prewarm(&self, spec: &RunnerSpec) -> Result<String, PoolError> {
-        let t0 = Instant::now();
         {
             let mut st = self.inner.lock();
             if st.shut_down {
@@ -749,71 +916,33 @@ impl Pool {
             drop(st);
             self.inner.destroy_later(evicted);
         }
-        let mut lease = self.create(spec, t0, 0)?;
-        let Some(runner) = lease.runner.take() else {
-            // `create` always hands out a lease holding its runner.
-            return Err(PoolError::ShutDown);
-        };
-        let id = runner.id.clone();
+        let id = self.inner.create_idle(spec)?;
         self.inner.lock().stats.prewarmed += 1;
-        match self.inner.finish(runner, None, false) {
-            Released::Recycled => Ok(id),
-            // Shut down meanwhile.
-            Released::Discarded(_) => Err(PoolError::ShutDown),
-        }
+        Ok(id)
     }
 
-    fn create(&self, spec: &RunnerSpec, t0: Instant, replaced: u32) -> Result<Lease, PoolError> {
-        let inner = &self.inner;
-        let id = inner.next_id();
-        let created = Runner::create(&inner.env, &id, spec);
-        let mut st = inner.lock();
-        st.creating -= 1;
-        let runner = match created {
-            Ok(r) => r,
-            Err(e) => return Err(PoolError::Create(Box::new(e))),
-        };
-        st.stats.created += 1;
-        st.live.insert(runner.id.clone(), runner.cgroups.clone());
-        st.leased += 1;
-        let shut_down = st.shut_down;
-        drop(st);
-        tracing::debug!(id = %runner.id, key = runner.key.short(), ms = t0.elapsed().as_secs_f64() * 1e3, "created runner");
-        let lease = Lease {
-            runner: Some(runner),
-            inner: Arc::clone(inner),
-            info: LeaseInfo {
-                reused: false,
-                was_frozen: false,
-                replaced,
-                acquire: t0.elapsed(),
-            },
-            broken: false,
-            timed_out: false,
-            cancelled: false,
-        };
-        if shut_down {
-            // Shut down while creating: the lease's drop destroys it.
-            return Err(PoolError::ShutDown);
-        }
-        Ok(lease)
-    }
-
-    /// Ends a lease. The runner goes back to the pool, with an emptied
-    /// workspace, when the run succeeded and nothing during the lease
-    /// suggests the runner is damaged; otherwise it is destroyed.
+    /// Ends a lease. The runner goes back to the pool, with emptied
+    /// scratch directories, when its spec has a recycling key, the run
+    /// succeeded and nothing during the lease suggests the runner is
+    /// damaged; otherwise it is destroyed (a single-use runner always is).
     ///
     /// What a recycled runner keeps, and the next run of the same key sees:
-    /// writes to its root filesystem outside `/workspace` and `/tmp` (the
-    /// overlay's upper directory is not reset), and the agent itself. What
-    /// it does not keep: processes (the agent kills an exec's whole tree
-    /// when its main process ends, and the pool checks that nothing runs
-    /// before reuse), environment and working directory (per exec), and
-    /// the contents, owner and mode of `/workspace` and `/tmp`.
+    /// writes to its root filesystem outside the reset directories (`/etc`,
+    /// `/root`, `/home`, `/usr`, `/var` but `/var/tmp`, ...: the overlay's
+    /// upper directory is not reset; a read-only root filesystem has
+    /// none), System V IPC objects and POSIX message queues in its IPC
+    /// namespace, its hostname, and the agent itself. What it does not
+    /// keep: processes (the agent kills an exec's whole tree when its main
+    /// process ends, and the pool checks that nothing runs before reuse),
+    /// environment and working directory (per exec), and the contents,
+    /// owner and mode of `/workspace`, `/tmp`, `/var/tmp`, `/run` (but
+    /// the agent's `/run/ember`) and `/dev/shm` (with
+    /// [`PoolConfig::reset_scratch`], the default).
     pub fn release(&self, mut lease: Lease, outcome: Outcome) -> Released {
         let Some(runner) = lease.runner.take() else {
             return Released::Discarded(DiscardReason::Abandoned);
         };
+        let mut runner = runner;
         let reason = self.verdict(&lease, &runner, outcome);
         let reason = match reason {
             Some(r) => Some(r),
@@ -822,7 +951,6 @@ impl Pool {
                 Err(e) => Some(DiscardReason::ResetFailed(e.to_string())),
             },
         };
-        let mut runner = runner;
         if reason.is_none() {
             runner.runs += 1;
         }
@@ -834,6 +962,9 @@ impl Pool {
             Outcome::Failed => return Some(DiscardReason::Failed),
             Outcome::NoRecycle => return Some(DiscardReason::NoRecycle),
             Outcome::Succeeded => {}
+        }
+        if runner.single_use {
+            return Some(DiscardReason::SingleUse);
         }
         if lease.broken {
             return Some(DiscardReason::AgentLost);
@@ -963,7 +1094,16 @@ impl Pool {
                 });
             }
         });
-        self.wait_destroyed(Duration::from_secs(60));
+        // Runners being created (spares, other threads' acquires) are
+        // destroyed by their creator once it sees the shutdown.
+        let st = self.inner.lock();
+        let _ = self
+            .inner
+            .changed
+            .wait_timeout_while(st, Duration::from_secs(60), |s| {
+                s.destroying > 0 || s.creating > 0
+            })
+            .unwrap_or_else(|p| p.into_inner());
     }
 }
 

@@ -9,8 +9,20 @@
 //!     run/          mode 0700 root, bind-mounted at /run/ember: agent.sock
 //!     workspace/    bind-mounted at /workspace, emptied after every run
 //!     tmp/          bind-mounted at /tmp (mode 1777), emptied after every run
+//!     var-tmp/      bind-mounted at /var/tmp (mode 1777), emptied after every run
+//!     runfs/        bind-mounted at /run (mode 0755), emptied after every run
+//!                   except `ember`, the mount point of /run/ember
+//!     shm/          a tmpfs (64 MiB, mode 1777) bind-mounted at /dev/shm,
+//!                   emptied after every run
 //!     agent.log     the agent's (and runc's container) stdout and stderr
 //! ```
+//!
+//! The scratch directories (all but `run/`) exist only when
+//! [`PoolConfig::reset_scratch`](crate::PoolConfig::reset_scratch) is on
+//! (the default); they live on the host so that the pool can empty them
+//! between runs with a few syscalls, without reaching into the overlay
+//! (whose upper directory must not change under a mounted overlayfs).
+//! They hide whatever the image has at those paths, as a tmpfs would.
 //!
 //! The layout is the one `ember_runtime::Container` uses (a `lock` file and
 //! `config.json` at the top), so `ember_runtime::recover` cleans up the
@@ -28,7 +40,7 @@ use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{PermissionsExt, chown};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use ember_agent_proto::{AgentClient, ClientError, ExecRequest, Pong};
 use ember_runtime::mount::MountError;
@@ -61,9 +73,25 @@ pub const RECORD_FILE: &str = "runner.json";
 const RUN_DIR: &str = "run";
 const WORKSPACE_DIR: &str = "workspace";
 const TMP_DIR: &str = "tmp";
+const VAR_TMP_DIR: &str = "var-tmp";
+const RUNFS_DIR: &str = "runfs";
+const SHM_DIR: &str = "shm";
+/// The name of `/run/ember`'s mount point inside `runfs/`: kept by the
+/// reset (removing it on the host would detach the agent's socket
+/// directory inside the container).
+const RUNFS_KEEP: &str = "ember";
+/// Options of the runner's `/dev/shm` tmpfs: the size runc's default
+/// `/dev/shm` has.
+const SHM_OPTIONS: &str = "mode=1777,size=65536k";
 const AGENT_LOG: &str = "agent.log";
 /// Longest path `connect(2)` takes for a Unix socket (`sun_path` less NUL).
 const SUN_PATH_MAX: usize = 107;
+/// How long before a run's start a scratch directory's last change must
+/// be for its unchanged ctime to prove that the run did not touch it.
+/// Timestamps come from the kernel's coarse clock (one tick, up to 10 ms),
+/// so a change within the tick of the previous one may leave the ctime as
+/// it was; a directory changed that recently is emptied regardless.
+const CTIME_MARGIN: Duration = Duration::from_millis(50);
 /// How long destroying waits for `runc run` to return after the kill.
 const EXIT_WAIT: Duration = Duration::from_secs(5);
 
@@ -170,7 +198,7 @@ pub(crate) struct Env {
     pub agent_binary: PathBuf,
     pub store: Option<Store>,
     pub create_timeout: Duration,
-    pub reset_tmp: bool,
+    pub reset_scratch: bool,
 }
 
 /// Defaults of an exec in this runner: the image's environment, working
@@ -237,7 +265,16 @@ pub(crate) struct Runner {
     /// Path to connect to the agent (possibly via `/proc/self/fd`).
     pub socket: PathBuf,
     user: ResolvedUser,
-    reset_tmp: bool,
+    reset_scratch: bool,
+    /// Serves one run only (its spec has no recycling key).
+    pub single_use: bool,
+    /// `shm/` is mounted (a tmpfs) and must be unmounted on destroy.
+    shm_mounted: bool,
+    /// When the current lease began (for the reset's ctime check).
+    pub lease_started: SystemTime,
+    /// The ctime of `workspace/` and each [`SCRATCH`] directory right
+    /// after the last reset emptied it.
+    reset_ctimes: [Option<(i64, i64)>; 1 + SCRATCH.len()],
     client: Option<AgentClient>,
     process: Option<RuncProcess>,
     init: Option<PidFd>,
@@ -277,7 +314,11 @@ impl Runner {
             mem_baseline: MemoryEvents::default(),
             socket: PathBuf::new(),
             user: ResolvedUser::root(),
-            reset_tmp: env.reset_tmp,
+            reset_scratch: env.reset_scratch,
+            single_use: !spec.recyclable(),
+            shm_mounted: false,
+            lease_started: SystemTime::now(),
+            reset_ctimes: [None; 1 + SCRATCH.len()],
             client: None,
             process: None,
             init: None,
@@ -342,13 +383,27 @@ impl Runner {
         // Host directories the container sees.
         let run_dir = self.dir.join(RUN_DIR);
         let workspace = self.dir.join(WORKSPACE_DIR);
-        let tmp = self.dir.join(TMP_DIR);
         // Private to the node: only root on the host may reach the socket.
         make_dir(&run_dir, 0o700, None).map_err(self.dir_err(&run_dir))?;
         make_dir(&workspace, 0o755, Some((self.user.uid, self.user.gid)))
             .map_err(self.dir_err(&workspace))?;
-        if env.reset_tmp {
-            make_dir(&tmp, 0o1777, None).map_err(self.dir_err(&tmp))?;
+        if env.reset_scratch {
+            for s in SCRATCH {
+                let path = self.dir.join(s.host);
+                make_dir(&path, s.mode, None).map_err(self.dir_err(&path))?;
+            }
+            let shm = self.dir.join(SHM_DIR);
+            nix::mount::mount(
+                Some("shm"),
+                &shm,
+                Some("tmpfs"),
+                nix::mount::MsFlags::MS_NOSUID
+                    | nix::mount::MsFlags::MS_NODEV
+                    | nix::mount::MsFlags::MS_NOEXEC,
+                Some(SHM_OPTIONS),
+            )
+            .map_err(|e| self.dir_err(&shm)(e.into()))?;
+            self.shm_mounted = true;
         }
 
         let mut mounts = shape.mounts.clone();
@@ -357,6 +412,16 @@ impl Runner {
             destination: AGENT_PATH.into(),
             readonly: true,
         });
+        if env.reset_scratch {
+            // Before /run/ember, which is mounted inside /run.
+            for s in SCRATCH {
+                mounts.push(BindMount {
+                    source: self.dir.join(s.host),
+                    destination: s.container.into(),
+                    readonly: false,
+                });
+            }
+        }
         mounts.push(BindMount {
             source: run_dir.clone(),
             destination: SOCKET_DIR.into(),
@@ -367,13 +432,6 @@ impl Runner {
             destination: WORKSPACE.into(),
             readonly: false,
         });
-        if env.reset_tmp {
-            mounts.push(BindMount {
-                source: tmp,
-                destination: "/tmp".into(),
-                readonly: false,
-            });
-        }
         let run = RunSpec {
             args: Some(agent_argv()),
             memory_bytes: shape.memory_bytes,
@@ -592,15 +650,34 @@ impl Runner {
         Ok(())
     }
 
-    /// Empties `/workspace` (and `/tmp`) and restores their owner and mode
-    /// for the next run.
-    pub fn reset_scratch(&self) -> io::Result<()> {
-        let owner = (self.user.uid, self.user.gid);
-        empty_dir(&self.dir.join(WORKSPACE_DIR))?;
-        restore_dir(&self.dir.join(WORKSPACE_DIR), 0o755, owner)?;
-        if self.reset_tmp {
-            empty_dir(&self.dir.join(TMP_DIR))?;
-            restore_dir(&self.dir.join(TMP_DIR), 0o1777, (0, 0))?;
+    /// Empties `/workspace` and the scratch directories (`/tmp`,
+    /// `/var/tmp`, `/run` but `/run/ember`, `/dev/shm`) and restores their
+    /// owner and mode for the next run.
+    ///
+    /// A directory whose ctime is still the one it had right after the
+    /// previous reset, from well before this lease began, is skipped: it
+    /// was empty then, and adding, removing or renaming an entry, or
+    /// changing its mode, owner or times, would have moved its ctime (which
+    /// a run cannot set back). That keeps the reset after a run that wrote
+    /// nothing at one `lstat` per directory.
+    pub fn reset_scratch(&mut self) -> io::Result<()> {
+        let user = (self.user.uid, self.user.gid);
+        let mut dirs = vec![(WORKSPACE_DIR, 0o755, user, None)];
+        if self.reset_scratch {
+            dirs.extend(SCRATCH.iter().map(|s| (s.host, s.mode, (0, 0), s.keep)));
+        }
+        let settled = self.lease_started.checked_sub(CTIME_MARGIN);
+        for (i, (name, mode, owner, keep)) in dirs.into_iter().enumerate() {
+            let path = self.dir.join(name);
+            let now = ctime_of(&path)?;
+            let untouched =
+                self.reset_ctimes[i] == Some(now) && settled.is_some_and(|t| system_time(now) < t);
+            if untouched {
+                continue;
+            }
+            empty_dir(&path, keep)?;
+            restore_dir(&path, mode, owner)?;
+            self.reset_ctimes[i] = Some(ctime_of(&path)?);
         }
         Ok(())
     }
@@ -664,6 +741,24 @@ impl Runner {
                     what: "remove",
                     source: e,
                 });
+            }
+        }
+        if self.shm_mounted {
+            // Detached: the container's bind of it is gone with its mount
+            // namespace, but a lazy unmount never fails for a busy one.
+            match nix::mount::umount2(&self.dir.join(SHM_DIR), nix::mount::MntFlags::MNT_DETACH) {
+                Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {
+                    self.shm_mounted = false
+                }
+                Err(e) => {
+                    // Keep the directory: removing it would empty the
+                    // still-mounted tmpfs and then fail.
+                    return Err(first.unwrap_or(RunnerError::Dir {
+                        id: self.id.clone(),
+                        path: self.dir.join(SHM_DIR),
+                        source: e.into(),
+                    }));
+                }
             }
         }
         if let Some(mut rootfs) = self.rootfs.take()
@@ -751,6 +846,23 @@ fn make_dir(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> io::Result<()>
     Ok(())
 }
 
+/// The ctime of `path` itself (not followed), seconds and nanoseconds.
+fn ctime_of(path: &Path) -> io::Result<(i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(path)?;
+    Ok((meta.ctime(), meta.ctime_nsec()))
+}
+
+/// A `(seconds, nanoseconds)` timestamp as a `SystemTime`.
+fn system_time((secs, nanos): (i64, i64)) -> SystemTime {
+    let d = Duration::new(secs.unsigned_abs(), nanos.clamp(0, 999_999_999) as u32);
+    if secs >= 0 {
+        SystemTime::UNIX_EPOCH + d
+    } else {
+        SystemTime::UNIX_EPOCH - d
+    }
+}
+
 fn restore_dir(path: &Path, mode: u32, (uid, gid): (u32, u32)) -> io::Result<()> {
     // lchown/chmod of the directory itself: a run cannot replace the
     // directory (it is a mount point), only change its owner or mode.
@@ -765,10 +877,55 @@ fn restore_dir(path: &Path, mode: u32, (uid, gid): (u32, u32)) -> io::Result<()>
     Ok(())
 }
 
-/// Removes everything inside `dir` without following symlinks.
-fn empty_dir(dir: &Path) -> io::Result<()> {
+/// A scratch directory: a host directory bind-mounted into the runner and
+/// emptied after every run.
+struct Scratch {
+    /// Its name in the runner directory.
+    host: &'static str,
+    /// Where the runner sees it.
+    container: &'static str,
+    /// Its mode (root-owned).
+    mode: u32,
+    /// An entry the reset keeps.
+    keep: Option<&'static str>,
+}
+
+/// The scratch directories, in mount order (`/run` before `/run/ember`).
+const SCRATCH: [Scratch; 4] = [
+    Scratch {
+        host: TMP_DIR,
+        container: "/tmp",
+        mode: 0o1777,
+        keep: None,
+    },
+    Scratch {
+        host: VAR_TMP_DIR,
+        container: "/var/tmp",
+        mode: 0o1777,
+        keep: None,
+    },
+    Scratch {
+        host: RUNFS_DIR,
+        container: "/run",
+        mode: 0o755,
+        keep: Some(RUNFS_KEEP),
+    },
+    Scratch {
+        host: SHM_DIR,
+        container: "/dev/shm",
+        mode: 0o1777,
+        keep: None,
+    },
+];
+
+/// Removes everything inside `dir` but the entry named `keep`, without
+/// following symlinks.
+fn empty_dir(dir: &Path, keep: Option<&str>) -> io::Result<()> {
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
+        if keep.is_some_and(|k| entry.file_name() == k) {
+            continue;
+        }
         let path = entry.path();
         // file_type() does not follow symlinks, and remove_dir_all does
         // not either, so a link the run left cannot point the deletion
@@ -880,7 +1037,7 @@ mod tests {
         fs::write(ws.join("a/b/f"), b"x").unwrap();
         std::os::unix::fs::symlink(&outside, ws.join("link")).unwrap();
         std::os::unix::fs::symlink(&outside, ws.join("a/link")).unwrap();
-        empty_dir(&ws).unwrap();
+        empty_dir(&ws, None).unwrap();
         assert_eq!(fs::read_dir(&ws).unwrap().count(), 0);
         assert!(outside.join("keep").exists());
     }

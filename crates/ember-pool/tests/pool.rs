@@ -13,9 +13,9 @@ use nix::sys::signal::Signal;
 
 #[test]
 fn same_key_reuses_the_runner_and_other_keys_get_their_own() {
-    let agent = agent_or_skip!();
+    let agent = require_agent!();
     let tp = TestPool::new(&agent, |_| {});
-    let (a, b) = (spec(None), spec(Some("tenant-b")));
+    let (a, b) = (spec(Some("tenant-a")), spec(Some("tenant-b")));
     assert_ne!(a.key(), b.key());
 
     let mut lease = tp.pool.acquire(&a).unwrap();
@@ -48,7 +48,7 @@ fn same_key_reuses_the_runner_and_other_keys_get_their_own() {
             memory_bytes: Some(256 << 20),
             ..RunnerShape::default()
         },
-        None,
+        Some("tenant-a"),
     );
     let (third, _, _) = run_sh(&tp.pool, &c, "true");
     assert!(third != first && third != other);
@@ -64,7 +64,7 @@ fn same_key_reuses_the_runner_and_other_keys_get_their_own() {
 
 #[test]
 fn execs_get_the_image_defaults_and_the_users_workspace() {
-    let agent = agent_or_skip!();
+    let agent = require_agent!();
     let tp = TestPool::new(&agent, |_| {});
     let s = common::spec_with(
         RunnerShape {
@@ -95,35 +95,154 @@ fn execs_get_the_image_defaults_and_the_users_workspace() {
     tp.shutdown_and_check(&[id]);
 }
 
+/// Writes a marker into every directory the issue names (and one the
+/// documentation says persists), with a `chmod` of the scratch ones.
+const WRITE_EVERYWHERE: &str = "for d in /etc /root /run /var/tmp /dev/shm /tmp /workspace; do \
+     echo secret > $d/marker || exit 1; done; mkdir -p /run/sub /dev/shm/d/e && echo x > /dev/shm/d/e/f \
+     && ln -s /etc /workspace/link && chmod 700 /workspace /tmp && echo wrote";
+
+/// Prints which of the directories hold a marker, and the modes of the
+/// scratch ones.
+const READ_EVERYWHERE: &str = "for d in /etc /root /run /var/tmp /dev/shm /tmp /workspace; do \
+     [ -e $d/marker ] && echo \"$d\"; done; for d in /run /var/tmp /dev/shm /tmp /workspace; do ls -A $d; done; \
+     stat -c '%n %a' /workspace /tmp /var/tmp /dev/shm /run; test -S /run/ember/agent.sock && echo agent-socket";
+
 #[test]
-fn workspace_and_tmp_are_emptied_between_runs() {
-    let agent = agent_or_skip!();
+fn plain_runs_never_share_a_runner_or_its_files() {
+    let agent = require_agent!();
     let tp = TestPool::new(&agent, |_| {});
-    let s = spec(None);
-    let (id, _, released) = run_sh(
-        &tp.pool,
-        &s,
-        "mkdir -p /workspace/d/e && echo x > /workspace/d/e/f && echo y > /workspace/top \
-         && ln -s /etc /workspace/link && echo z > /tmp/t && chmod 700 /workspace && echo w > /rootfs-file",
+    let plain = spec(None);
+    let (id, out, released) = run_sh(&tp.pool, &plain, WRITE_EVERYWHERE);
+    assert_eq!(out, "wrote\n");
+    assert_eq!(released, Released::Discarded(DiscardReason::SingleUse));
+    let (id2, out, released) = run_sh(&tp.pool, &plain, READ_EVERYWHERE);
+    assert_ne!(id2, id, "two plain runs shared a runner");
+    assert_eq!(released, Released::Discarded(DiscardReason::SingleUse));
+    assert!(!out.contains("marker") && !out.starts_with('/'), "{out}");
+    assert_eq!(
+        out,
+        "ember\n/workspace 755\n/tmp 1777\n/var/tmp 1777\n/dev/shm 1777\n/run 755\nagent-socket\n"
     );
+    // Even a run that succeeds leaves nothing behind.
+    assert!(tp.pool.wait_destroyed(Duration::from_secs(30)));
+    assert_eq!(tp.pool.stats().idle, 0);
+    assert!(!tp.root().join("runners").join(&id).exists());
+    tp.shutdown_and_check(&[id, id2]);
+}
+
+#[test]
+fn within_a_key_only_the_root_filesystem_persists() {
+    let agent = require_agent!();
+    let tp = TestPool::new(&agent, |_| {});
+    let s = spec(Some("team-a"));
+    let (id, out, released) = run_sh(&tp.pool, &s, WRITE_EVERYWHERE);
+    assert_eq!((out.as_str(), &released), ("wrote\n", &Released::Recycled));
+    let (id2, out, released) = run_sh(&tp.pool, &s, READ_EVERYWHERE);
+    assert_eq!(id2, id, "the same key got another runner");
     assert_eq!(released, Released::Recycled);
-    let (id2, out, _) = run_sh(
+    // /etc and /root are in the root filesystem, which persists within a
+    // key (documented on Pool::release); /run (but the agent's socket
+    // directory), /var/tmp, /dev/shm, /tmp and /workspace are empty and
+    // back to their modes.
+    assert_eq!(
+        out,
+        "/etc\n/root\nember\n/workspace 755\n/tmp 1777\n/var/tmp 1777\n/dev/shm 1777\n/run 755\nagent-socket\n"
+    );
+    // /dev/shm is still a tmpfs (POSIX shared memory needs one), and
+    // usable by the next run.
+    let (_, out, _) = run_sh(
         &tp.pool,
         &s,
-        "ls -A /workspace; ls -A /tmp; stat -c %a /workspace; cat /rootfs-file",
+        "stat -f -c %T /dev/shm; echo y > /dev/shm/again && cat /dev/shm/again",
     );
-    assert_eq!(id2, id);
-    // Workspace and /tmp are empty and back to 755; the root filesystem
-    // outside them is not reset (documented on Pool::release).
-    assert_eq!(out, "755\nw\n");
+    assert_eq!(out, "tmpfs\ny\n");
+    // Another key sees none of it.
+    let (other, out, _) = run_sh(&tp.pool, &spec(Some("team-b")), READ_EVERYWHERE);
+    assert_ne!(other, id);
+    assert!(!out.contains("/etc\n"), "{out}");
+    tp.shutdown_and_check(&[id, other]);
+}
+
+/// The reset skips a directory whose ctime says nothing changed since the
+/// last reset; whatever the timing between runs, a write is never missed.
+#[test]
+fn the_reset_never_misses_a_write_whatever_the_timing() {
+    let agent = require_agent!();
+    let tp = TestPool::new(&agent, |_| {});
+    let s = spec(Some("k"));
+    let (id, _, _) = run_sh(&tp.pool, &s, "true");
+    for pause in [0, 0, 0, 120, 0, 120] {
+        // An idle run, then (at once or after the ctimes have settled) one
+        // that writes: into each directory, or only a mode change.
+        run_sh(&tp.pool, &s, "true");
+        std::thread::sleep(Duration::from_millis(pause));
+        let (again, out, _) = run_sh(&tp.pool, &s, WRITE_EVERYWHERE);
+        assert_eq!((again.as_str(), out.as_str()), (id.as_str(), "wrote\n"));
+        let (_, out, _) = run_sh(&tp.pool, &s, READ_EVERYWHERE);
+        assert_eq!(
+            out,
+            "/etc\n/root\nember\n/workspace 755\n/tmp 1777\n/var/tmp 1777\n/dev/shm 1777\n/run 755\nagent-socket\n",
+            "after a pause of {pause} ms"
+        );
+        std::thread::sleep(Duration::from_millis(pause));
+        run_sh(&tp.pool, &s, "chmod 700 /tmp /dev/shm");
+        let (_, out, _) = run_sh(&tp.pool, &s, "stat -c %a /tmp /dev/shm");
+        assert_eq!(out, "1777\n1777\n", "after a pause of {pause} ms");
+    }
     tp.shutdown_and_check(&[id]);
 }
 
 #[test]
+fn single_use_runs_take_never_used_spares() {
+    let agent = require_agent!();
+    let tp = TestPool::new(&agent, |c| c.fresh_spares = 1);
+    let plain = spec(None);
+    let (first, _, released) = run_sh(&tp.pool, &plain, "echo x > /etc/marker");
+    assert_eq!(released, Released::Discarded(DiscardReason::SingleUse));
+    // A spare is made in the background after the acquire.
+    assert!(wait_until(Duration::from_secs(30), || tp
+        .pool
+        .stats()
+        .spares
+        == 1
+        && tp.pool.stats().idle == 1));
+    let spare = tp.pool.idle_runners()[0].clone();
+    assert_eq!((spare.runs, &spare.key), (0, plain.key()));
+
+    // A key that asked to recycle never takes it.
+    let (keyed, _, _) = run_sh(&tp.pool, &spec(Some("k")), "true");
+    assert_ne!(keyed, spare.id);
+
+    let mut lease = tp.pool.acquire(&plain).unwrap();
+    assert_eq!(lease.id(), spare.id);
+    assert!(lease.info().reused && lease.runs() == 0);
+    let (r, out) = exec(
+        &mut lease,
+        &["/bin/sh", "-c", "cat /etc/marker 2>/dev/null || echo fresh"],
+    );
+    assert_eq!(out, "fresh\n");
+    assert_eq!(
+        tp.pool.release(lease, Outcome::of(&r)),
+        Released::Discarded(DiscardReason::SingleUse)
+    );
+    // And the next spare follows.
+    assert!(wait_until(Duration::from_secs(30), || tp
+        .pool
+        .stats()
+        .spares
+        == 2));
+    let ids: Vec<String> = [first, spare.id, keyed]
+        .into_iter()
+        .chain(tp.pool.idle_runners().into_iter().map(|r| r.id))
+        .collect();
+    tp.shutdown_and_check(&ids);
+}
+
+#[test]
 fn failed_timed_out_cancelled_and_no_recycle_runs_discard_their_runner() {
-    let agent = agent_or_skip!();
+    let agent = require_agent!();
     let tp = TestPool::new(&agent, |_| {});
-    let s = spec(None);
+    let s = spec(Some("k"));
     let mut ids = Vec::new();
 
     // Exit 1.
@@ -193,14 +312,14 @@ fn failed_timed_out_cancelled_and_no_recycle_runs_discard_their_runner() {
 
 #[test]
 fn a_run_that_hits_its_memory_limit_discards_the_runner() {
-    let agent = agent_or_skip!();
+    let agent = require_agent!();
     let tp = TestPool::new(&agent, |_| {});
     let s = common::spec_with(
         RunnerShape {
             memory_bytes: Some(32 << 20),
             ..RunnerShape::default()
         },
-        None,
+        Some("k"),
     );
     // A small run first: recycled, so the counters start from the
     // runner's own baseline.
@@ -231,9 +350,9 @@ fn a_run_that_hits_its_memory_limit_discards_the_runner() {
 
 #[test]
 fn idle_runners_freeze_use_no_cpu_and_thaw_on_reuse() {
-    let agent = agent_or_skip!();
+    let agent = require_agent!();
     let tp = TestPool::new(&agent, |c| c.pause_after = Some(Duration::from_millis(100)));
-    let s = spec(None);
+    let s = spec(Some("k"));
     let (id, _, _) = run_sh(&tp.pool, &s, "true");
     assert_eq!(freezer_state(&id), "THAWED");
     assert!(
@@ -269,9 +388,9 @@ fn idle_runners_freeze_use_no_cpu_and_thaw_on_reuse() {
 
 #[test]
 fn pause_after_zero_freezes_at_release() {
-    let agent = agent_or_skip!();
+    let agent = require_agent!();
     let tp = TestPool::new(&agent, |c| c.pause_after = Some(Duration::ZERO));
-    let s = spec(None);
+    let s = spec(Some("k"));
     let (id, _, _) = run_sh(&tp.pool, &s, "true");
     assert!(wait_until(Duration::from_secs(2), || freezer_state(&id) == "FROZEN"));
     for _ in 0..5 {
@@ -290,9 +409,9 @@ fn pause_after_zero_freezes_at_release() {
 
 #[test]
 fn a_dead_agent_is_replaced_without_failing_the_run() {
-    let agent = agent_or_skip!();
+    let agent = require_agent!();
     let tp = TestPool::new(&agent, |_| {});
-    let s = spec(None);
+    let s = spec(Some("k"));
     let (id, _, _) = run_sh(&tp.pool, &s, "true");
     // PID 1 ignores `kill -9 1` from inside; from the host it dies.
     tp.runc.kill(&id, Signal::SIGKILL, false).unwrap();
@@ -325,7 +444,7 @@ fn a_dead_agent_is_replaced_without_failing_the_run() {
 
 #[test]
 fn the_count_budget_evicts_least_recently_used_idle_runners() {
-    let agent = agent_or_skip!();
+    let agent = require_agent!();
     let tp = TestPool::new(&agent, |c| c.max_runners = 2);
     let (a, b, c) = (spec(Some("a")), spec(Some("b")), spec(Some("c")));
     let (ia, _, _) = run_sh(&tp.pool, &a, "true");
@@ -356,13 +475,13 @@ fn the_count_budget_evicts_least_recently_used_idle_runners() {
 
 #[test]
 fn the_memory_budget_evicts_idle_runners() {
-    let agent = agent_or_skip!();
+    let agent = require_agent!();
     let tp = TestPool::new(&agent, |c| {
         // Any runner uses more than a byte.
         c.max_memory_bytes = Some(1);
         c.budget_interval = Duration::from_millis(50);
     });
-    let (id, _, released) = run_sh(&tp.pool, &spec(None), "true");
+    let (id, _, released) = run_sh(&tp.pool, &spec(Some("k")), "true");
     assert_eq!(released, Released::Recycled);
     assert!(wait_until(Duration::from_secs(5), || tp
         .pool
@@ -376,14 +495,14 @@ fn the_memory_budget_evicts_idle_runners() {
 
 #[test]
 fn idle_runners_expire_after_the_ttl() {
-    let agent = agent_or_skip!();
+    let agent = require_agent!();
     // Without delayed pause: regression for a reaper that was only woken
     // for freezes, so a lone idle runner never expired.
     let tp = TestPool::new(&agent, |c| {
         c.idle_ttl = Duration::from_millis(200);
         c.pause_after = None;
     });
-    let (id, _, _) = run_sh(&tp.pool, &spec(None), "true");
+    let (id, _, _) = run_sh(&tp.pool, &spec(Some("k")), "true");
     assert!(wait_until(Duration::from_secs(5), || tp
         .pool
         .stats()
@@ -396,7 +515,7 @@ fn idle_runners_expire_after_the_ttl() {
 
 #[test]
 fn keys_do_not_wait_for_each_other() {
-    let agent = agent_or_skip!();
+    let agent = require_agent!();
     let tp = TestPool::new(&agent, |_| {});
     let (a, b) = (spec(Some("slow")), spec(Some("fast")));
     let (warm, _, _) = run_sh(&tp.pool, &b, "true");
@@ -450,9 +569,9 @@ fn keys_do_not_wait_for_each_other() {
 
 #[test]
 fn leftover_processes_do_not_reach_the_next_run() {
-    let agent = agent_or_skip!();
+    let agent = require_agent!();
     let tp = TestPool::new(&agent, |_| {});
-    let s = spec(None);
+    let s = spec(Some("k"));
     // A daemonising command: the shell exits at once, its child lives on.
     let (id, out, released) = run_sh(
         &tp.pool,
@@ -471,7 +590,7 @@ fn leftover_processes_do_not_reach_the_next_run() {
 
 #[test]
 fn read_only_root_and_host_network_shapes_work() {
-    let agent = agent_or_skip!();
+    let agent = require_agent!();
     let tp = TestPool::new(&agent, |_| {});
     let s = common::spec_with(
         RunnerShape {
@@ -481,23 +600,31 @@ fn read_only_root_and_host_network_shapes_work() {
             pids_limit: Some(64),
             ..RunnerShape::default()
         },
-        None,
+        Some("k"),
     );
+    // The scratch directories stay writable; /etc and / do not.
     let (id, out, released) = run_sh(
         &tp.pool,
         &s,
-        "touch /workspace/ok /tmp/ok && echo writable; touch /nope 2>/dev/null || echo read-only",
+        "touch /workspace/ok /tmp/ok /var/tmp/ok /run/ok /dev/shm/ok && echo writable; \
+         touch /nope 2>/dev/null || echo read-only; \
+         (echo x > /etc/marker) 2>/dev/null || echo etc-read-only; \
+         (echo x > /root/marker) 2>/dev/null || echo root-read-only",
     );
-    assert_eq!(out, "writable\nread-only\n");
+    assert_eq!(out, "writable\nread-only\netc-read-only\nroot-read-only\n");
     assert_eq!(released, Released::Recycled);
+    // So nothing persists within its key but what the image has.
+    let (again, out, _) = run_sh(&tp.pool, &s, "ls -A /workspace /tmp /etc/marker 2>&1; true");
+    assert_eq!(again, id);
+    assert!(out.contains("No such file"), "{out}");
     tp.shutdown_and_check(&[id]);
 }
 
 #[test]
 fn a_prewarmed_runner_serves_the_first_run_of_its_key() {
-    let agent = agent_or_skip!();
+    let agent = require_agent!();
     let tp = TestPool::new(&agent, |_| {});
-    let (a, b) = (spec(None), spec(Some("tenant-b")));
+    let (a, b) = (spec(Some("tenant-a")), spec(Some("tenant-b")));
 
     let warm = tp.pool.prewarm(&a).unwrap();
     let idle = tp.pool.idle_runners();

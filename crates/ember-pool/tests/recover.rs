@@ -21,7 +21,7 @@ fn recover_child_helper() {
     let Ok(dir) = std::env::var(CHILD_ENV) else {
         return;
     };
-    let agent = common::agent().unwrap();
+    let agent = common::agent();
     let dir = PathBuf::from(dir);
     let runc = ember_runtime::Runc::new(dir.join("runc"));
     let mut cfg = ember_pool::PoolConfig::new(dir.join("pool"), runc, &agent);
@@ -54,7 +54,7 @@ fn runner_ids(runners: &Path) -> Vec<String> {
 
 #[test]
 fn recover_removes_everything_a_killed_pool_left() {
-    let agent = agent_or_skip!();
+    let agent = require_agent!();
     // Build the store before the child needs it, so the child starts fast.
     common::store();
     let tmp = tempfile::tempdir().unwrap();
@@ -110,7 +110,7 @@ fn recover_removes_everything_a_killed_pool_left() {
     cfg.store = Some(common::store().0.clone());
     let pool = ember_pool::Pool::new(cfg).unwrap();
     let live = {
-        let mut lease = pool.acquire(&common::spec(None)).unwrap();
+        let mut lease = pool.acquire(&common::spec(Some("live"))).unwrap();
         let id = lease.id().to_owned();
         let (r, _) = common::exec(&mut lease, &["true"]);
         pool.release(lease, Outcome::of(&r));
@@ -154,7 +154,7 @@ fn recover_removes_everything_a_killed_pool_left() {
     );
 
     // The live runner is untouched and still works.
-    let mut lease = pool.acquire(&common::spec(None)).unwrap();
+    let mut lease = pool.acquire(&common::spec(Some("live"))).unwrap();
     assert_eq!(lease.id(), live);
     let (r, _) = common::exec(&mut lease, &["true"]);
     assert!(r.success());

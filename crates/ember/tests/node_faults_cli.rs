@@ -195,7 +195,20 @@ fn a_dead_nodes_containers_are_destroyed_by_its_watchdog() {
 
     // A duration no other test uses, to find the process by.
     let argv = ["sleep", "1237"];
-    let id = client_ok(&url, &["submit", &image, "--", argv[0], argv[1]]);
+    // With a recycling key: a plain run's node would also make a
+    // never-used spare runner, and this test counts runners.
+    let id = client_ok(
+        &url,
+        &[
+            "submit",
+            "--recycle-key",
+            "faults",
+            &image,
+            "--",
+            argv[0],
+            argv[1],
+        ],
+    );
     wait_run(&url, &id, "ran", |r| r["state"] == "running");
     assert_eq!(processes(&argv).len(), 1, "the run's process");
     assert_eq!(runners(&node_root), 1);
@@ -478,7 +491,19 @@ fn a_cut_off_node_stops_the_runs_retried_elsewhere() {
     // Long enough that n1's copy is still running when its link is back.
     let id = client_ok(
         &url,
-        &["submit", "--attempts", "2", &image, "--", "sleep", "40"],
+        // A recycling key, so that n1 makes no spare runner (the test
+        // counts runners).
+        &[
+            "submit",
+            "--attempts",
+            "2",
+            "--recycle-key",
+            "faults",
+            &image,
+            "--",
+            "sleep",
+            "40",
+        ],
     );
     let r = wait_run(&url, &id, "ran", |r| r["state"] == "running");
     assert_eq!(r["node"], "n1", "{r}");

@@ -4,8 +4,9 @@
 //!
 //! These tests need root, overlayfs, the cgroup v1 freezer and runc, which
 //! this machine has, and the static agent binary, which is built once with
-//! `crates/ember-agent/build-static.sh` when missing. Without it, tests
-//! print why and pass without checking anything.
+//! `crates/ember-agent/build-static.sh` when missing. Without it, every
+//! test fails and says why: a test that passes without checking anything
+//! hides a broken build (CI builds the agent first, in scripts/test.sh).
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -25,56 +26,61 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// The static agent, built if missing; `None` (with a message) if it
-/// cannot be had.
-pub fn agent() -> Option<PathBuf> {
-    static AGENT: OnceLock<Option<PathBuf>> = OnceLock::new();
-    AGENT
-        .get_or_init(|| {
-            if let Ok(p) = std::env::var("EMBER_AGENT") {
-                return Some(PathBuf::from(p));
-            }
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| workspace_root().join("target"));
-            let path = target.join("x86_64-unknown-linux-gnu/release/ember-agent");
-            if path.exists() {
-                return Some(path);
-            }
-            eprintln!("building the static agent with build-static.sh (once)");
-            let script = workspace_root().join("crates/ember-agent/build-static.sh");
-            match Command::new(&script).output() {
-                Ok(out) if out.status.success() => {
-                    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-                    p.exists().then_some(p)
+/// The static agent, built if missing; panics, saying why, when it cannot
+/// be had.
+pub fn agent() -> PathBuf {
+    static AGENT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let found = AGENT.get_or_init(|| {
+        if let Ok(p) = std::env::var("EMBER_AGENT") {
+            let p = PathBuf::from(p);
+            return if p.exists() {
+                Ok(p)
+            } else {
+                Err(format!("EMBER_AGENT={} does not exist", p.display()))
+            };
+        }
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("target"));
+        let path = target.join("x86_64-unknown-linux-gnu/release/ember-agent");
+        if path.exists() {
+            return Ok(path);
+        }
+        eprintln!("building the static agent with build-static.sh (once)");
+        let script = workspace_root().join("crates/ember-agent/build-static.sh");
+        match Command::new(&script).output() {
+            Ok(out) if out.status.success() => {
+                let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+                if p.exists() {
+                    Ok(p)
+                } else {
+                    Err(format!(
+                        "build-static.sh printed {}, which does not exist",
+                        p.display()
+                    ))
                 }
-                Ok(out) => {
-                    eprintln!(
-                        "SKIP: building the static agent failed: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                    None
-                }
-                Err(e) => {
-                    eprintln!("SKIP: cannot run {}: {e}", script.display());
-                    None
-                }
             }
-        })
-        .clone()
+            Ok(out) => Err(format!(
+                "building the static agent failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )),
+            Err(e) => Err(format!("cannot run {}: {e}", script.display())),
+        }
+    });
+    match found {
+        Ok(p) => p.clone(),
+        Err(why) => panic!(
+            "the pool tests need the static ember-agent \
+             (crates/ember-agent/build-static.sh, or EMBER_AGENT=PATH): {why}"
+        ),
+    }
 }
 
-/// Returns the agent or prints why the test is skipped.
+/// The static agent, or a failed test saying why it is missing.
 #[macro_export]
-macro_rules! agent_or_skip {
+macro_rules! require_agent {
     () => {
-        match common::agent() {
-            Some(a) => a,
-            None => {
-                eprintln!("SKIP: no static ember-agent");
-                return;
-            }
-        }
+        common::agent()
     };
 }
 
@@ -169,6 +175,9 @@ impl TestPool {
         let mut cfg = PoolConfig::new(tmp.path().join("pool"), runc.clone(), agent);
         cfg.store = Some(store().0.clone());
         cfg.create_timeout = Duration::from_secs(20);
+        // Spares would make the runner counts of most tests depend on
+        // timing; the tests of spares turn them on.
+        cfg.fresh_spares = 0;
         tweak(&mut cfg);
         let pool = Pool::new(cfg).unwrap();
         TestPool { pool, tmp, runc }

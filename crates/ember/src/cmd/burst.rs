@@ -413,6 +413,7 @@ async fn ensure_deployment(client: &ControlClient, image: &PinnedImage) -> anyho
         env: BTreeMap::new(),
         resources: Default::default(),
         recycle_key: Some(RECYCLE_KEY.into()),
+        readonly_rootfs: false,
         warm_runners: 0,
         node_selector: BTreeMap::new(),
     };
@@ -685,6 +686,7 @@ mod tests {
             env: BTreeMap::new(),
             resources: Resources::default(),
             recycle_key: None,
+            readonly_rootfs: false,
             node_selector: BTreeMap::new(),
             timeout_ms: None,
             idempotency_key: None,

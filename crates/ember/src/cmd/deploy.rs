@@ -25,9 +25,16 @@ pub struct Args {
     /// Environment variable KEY=VALUE (repeatable).
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
-    /// Separates its runners from other runs of the same image.
+    /// The recycling key its runs share runners under, with every run and
+    /// deployment that names it [default: runs of this deployment share
+    /// runners only with each other].
     #[arg(long, value_name = "KEY")]
     pub recycle_key: Option<String>,
+    /// Its runners get a read-only root filesystem (/workspace, /tmp,
+    /// /var/tmp, /run and /dev/shm stay writable), so nothing persists
+    /// between its runs but what the image has.
+    #[arg(long)]
+    pub read_only: bool,
     /// Idle runners nodes should keep warm for it, created before any run
     /// of it arrives (the control plane orders them from the nodes).
     #[arg(long, default_value_t = 0, value_name = "N")]
@@ -65,6 +72,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             env,
             resources: Resources::default(),
             recycle_key: args.recycle_key,
+            readonly_rootfs: args.read_only,
             warm_runners: args.warm,
             node_selector: BTreeMap::new(),
         })

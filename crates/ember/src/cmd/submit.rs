@@ -38,6 +38,15 @@ pub struct Args {
     /// Idempotency key: a second submit with it returns the first run.
     #[arg(long, value_name = "KEY")]
     pub idempotency_key: Option<String>,
+    /// Share runners with the runs (and deployments) that name the same
+    /// recycling key; without it (or --deployment) the run gets a runner
+    /// no run has used, destroyed after it.
+    #[arg(long, value_name = "KEY")]
+    pub recycle_key: Option<String>,
+    /// Run with a read-only root filesystem (/workspace, /tmp, /var/tmp,
+    /// /run and /dev/shm stay writable).
+    #[arg(long)]
+    pub read_only: bool,
     /// Print the run as JSON.
     #[arg(long)]
     pub json: bool,
@@ -87,6 +96,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         idempotency_key: None,
         max_attempts: args.attempts,
         node_selector: BTreeMap::new(),
+        recycle_key: args.recycle_key.clone(),
+        readonly_rootfs: args.read_only,
     };
     let submitted = client
         .submit(&spec, args.idempotency_key.as_deref())
