@@ -65,6 +65,9 @@ const CLAIM_BATCH: usize = 64;
 const CLAIM_LEASE_MS: u64 = 30_000;
 /// Log chunks read from the store at a time.
 const LOG_PAGE: usize = 256;
+/// How long a stopping server lets requests in flight finish before it
+/// closes their connections (work streams would never finish).
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
 
 /// Settings of the server.
 #[derive(Debug, Clone)]
@@ -81,11 +84,16 @@ pub struct ServerConfig {
     /// A work stream with nothing to send for this long gets a keepalive
     /// line; nodes treat three intervals of silence as a dead stream.
     pub keepalive: Duration,
+    /// Header and idle timeouts and the connection cap of the HTTP server
+    /// ([`ember_http`]). Work streams and log follows have a request in
+    /// flight, so the idle timeout never cuts them.
+    pub http: ember_http::Limits,
 }
 
 impl ServerConfig {
     /// Defaults: no tokens, 15 s heartbeat timeout checked every second,
-    /// a keepalive after 10 s of silence on a work stream.
+    /// a keepalive after 10 s of silence on a work stream, and
+    /// [`ember_http::Limits::new`].
     pub fn new() -> Self {
         ServerConfig {
             client_token: None,
@@ -93,6 +101,7 @@ impl ServerConfig {
             heartbeat_timeout: Duration::from_secs(15),
             reap_interval: Duration::from_secs(1),
             keepalive: Duration::from_secs(10),
+            http: ember_http::Limits::new(),
         }
     }
 }
@@ -330,7 +339,9 @@ fn query_pairs(uri: &Uri) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Serves the API on `listener` until `shutdown` completes.
+/// Serves the API on `listener` until `shutdown` completes; then requests
+/// in flight get a second to finish before every connection is closed.
+/// Connections are bounded by [`ServerConfig::http`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     store: Arc<dyn StateStore>,
@@ -382,24 +393,21 @@ pub async fn serve(
     // soon as nodes connect; this first wake covers runs already placeable.
     state.wake.notify_one();
 
+    let http = ember_http::Server::new(state.config.http.clone())
+        // Work streams never end by themselves: on a stop, requests in
+        // flight get this long, then every connection is closed.
+        .drain(Some(SHUTDOWN_DRAIN))
+        .refusal(
+            "application/json",
+            r#"{"error":"unavailable","message":"the control plane is at its connection limit"}"#,
+        );
     let app = router(state);
-    // No Nagle: an assignment is one small write on a long-lived stream,
-    // and Nagle would hold it until the node's delayed ACK (~40 ms).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let result = tokio::select! {
-        r = axum::serve(listener, app) => r.map_err(|source| ServerError::Io {
-            what: "serving HTTP".into(),
-            source,
-        }),
-        () = shutdown => Ok(()),
-    };
+    http.serve(listener, app, shutdown).await;
     dispatcher.abort();
     submitter.abort();
     reaper.abort();
     prewarmer.abort();
-    result
+    Ok(())
 }
 
 fn router(state: Shared) -> Router {

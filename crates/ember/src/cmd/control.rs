@@ -1,6 +1,7 @@
 //! `ember control`: the control-plane server.
 
 use crate::cmd::cluster::stop_signal;
+use crate::cmd::serving::ServerLimits;
 use anyhow::Context;
 use ember_control::StateStore;
 use ember_control::postgres::PostgresStore;
@@ -55,6 +56,8 @@ pub struct Args {
     /// sends a keepalive line (nodes reconnect after three silent intervals).
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
     pub keepalive: u64,
+    #[command(flatten)]
+    pub limits: ServerLimits,
 }
 
 /// Whether `--db` names a PostgreSQL database rather than a SQLite file.
@@ -106,6 +109,7 @@ pub async fn open(args: &Args) -> anyhow::Result<(Arc<dyn StateStore>, ServerCon
     config.node_token = args.node_token.clone().filter(|t| !t.is_empty());
     config.heartbeat_timeout = Duration::from_secs(args.heartbeat_timeout.max(1));
     config.keepalive = Duration::from_secs(args.keepalive.max(1));
+    config.http = args.limits.limits();
     Ok((store, config))
 }
 

@@ -17,5 +17,6 @@ pub mod pull;
 pub mod rmi;
 pub mod run;
 pub mod runs;
+pub mod serving;
 pub mod submit;
 pub mod up;

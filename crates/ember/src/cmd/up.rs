@@ -70,6 +70,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         node_token: Some(node_token.clone()),
         heartbeat_timeout: 15,
         keepalive: 10,
+        limits: Default::default(),
     })
     .await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
