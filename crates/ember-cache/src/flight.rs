@@ -21,6 +21,7 @@
 
 use crate::error::CacheError;
 use crate::metrics::Metrics;
+use crate::negative::NotFound;
 use crate::storage::{Meta, Pinned, Store};
 use crate::upstream::Upstream;
 use bytes::{Bytes, BytesMut};
@@ -126,15 +127,19 @@ pub struct Flights {
     map: Mutex<HashMap<Digest, Arc<Flight>>>,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
+    /// Upstream 404s, remembered briefly; a flight records its 404 there
+    /// before it leaves the map.
+    negative: Arc<NotFound>,
 }
 
 impl Flights {
     /// No flights yet.
-    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, negative: Arc<NotFound>) -> Arc<Self> {
         Arc::new(Flights {
             map: Mutex::new(HashMap::new()),
             store,
             metrics,
+            negative,
         })
     }
 
@@ -171,6 +176,14 @@ impl Flights {
         }
         if let Some(p) = self.store.get(digest)? {
             return Ok(Lookup::Hit(p));
+        }
+        // Checked under the flights lock, like the store: a flight that
+        // just failed with a 404 recorded it before leaving the map.
+        if let Some(e) =
+            self.negative
+                .get(&NotFound::key(&upstream.name, repo, &digest.to_string()))
+        {
+            return Err(e);
         }
         let path = self.store.partial_path(digest);
         let file = std::fs::OpenOptions::new()
@@ -250,7 +263,12 @@ impl Flights {
                 if !keep_partial || flight.file.metadata().map(|md| md.len()).unwrap_or(0) == 0 {
                     let _ = std::fs::remove_file(&path);
                 }
-                let _ = tx.send(FlightState::Failed(Arc::new(e)));
+                let e = Arc::new(e);
+                self.negative.put(
+                    NotFound::key(&flight.upstream.name, &repo, &digest.to_string()),
+                    &e,
+                );
+                let _ = tx.send(FlightState::Failed(e));
             }
         }
         m.inflight.fetch_sub(1, Ordering::Relaxed);

@@ -50,6 +50,7 @@ pub mod config;
 pub mod error;
 pub mod flight;
 pub mod metrics;
+pub mod negative;
 pub mod peers;
 pub mod route;
 pub mod server;

@@ -32,6 +32,10 @@ const IDLE: u8 = 1;
 const HEAD: u8 = 2;
 /// A request in flight (no deadline unless the client stalls it).
 const BUSY: u8 = 3;
+/// The response is complete but hyper may still be writing it out (a body
+/// given as one buffer is "done" before its bytes are sent): like `BUSY`
+/// until hyper flushes the socket with nothing left to write.
+const FLUSHING: u8 = 4;
 
 /// Why the server closed a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,7 +122,7 @@ impl Conn {
     /// Since when it has been waiting without a request in flight; `None`
     /// when busy or already told to close.
     pub(crate) fn waiting_since(&self) -> Option<u64> {
-        if self.phase.load(Ordering::Relaxed) == BUSY || self.evicting() {
+        if matches!(self.phase.load(Ordering::Relaxed), BUSY | FLUSHING) || self.evicting() {
             return None;
         }
         Some(self.since.load(Ordering::Relaxed))
@@ -147,6 +151,19 @@ impl Conn {
         if self
             .phase
             .compare_exchange(IDLE, HEAD, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.since.store(now_ms(), Ordering::Relaxed);
+            self.wake.notify_one();
+        }
+    }
+
+    /// hyper flushed the socket, which it does only with its write buffer
+    /// empty: a finished response is now entirely written.
+    fn flushed(&self) {
+        if self
+            .phase
+            .compare_exchange(FLUSHING, IDLE, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
         {
             self.since.store(now_ms(), Ordering::Relaxed);
@@ -321,6 +338,9 @@ impl AsyncWrite for Tracked {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let r = Pin::new(&mut self.inner).poll_flush(cx);
+        if matches!(r, Poll::Ready(Ok(()))) {
+            self.conn.flushed();
+        }
         self.wrote(r)
     }
 
@@ -330,13 +350,17 @@ impl AsyncWrite for Tracked {
 }
 
 /// Held from the moment hyper hands a request to the service until its
-/// response body has been sent (or dropped): the connection is busy.
+/// response body has ended (or was dropped): the connection is busy, then
+/// flushing.
 struct Busy(Arc<Conn>);
 
 impl Busy {
     fn enter(conn: Arc<Conn>) -> Busy {
         conn.in_flight.fetch_add(1, Ordering::Relaxed);
         conn.phase.store(BUSY, Ordering::Relaxed);
+        // The watchdog may be asleep until a header deadline later than
+        // the stall deadline the request can now run into.
+        conn.wake.notify_one();
         Busy(conn)
     }
 }
@@ -346,9 +370,7 @@ impl Drop for Busy {
         let c = &self.0;
         if c.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
             c.since.store(now_ms(), Ordering::Relaxed);
-            c.write_stall.store(0, Ordering::Relaxed);
-            c.phase.store(IDLE, Ordering::Relaxed);
-            c.wake.notify_one();
+            c.phase.store(FLUSHING, Ordering::Relaxed);
         }
     }
 }
