@@ -306,6 +306,21 @@ impl Flights {
                 .map_err(|e| CacheError::io("truncating a partial download", e))?;
         }
         let total = resp.total;
+        // Room on disk is made (by eviction) before any reader is
+        // answered: a disk that cannot hold the blob must end in an error
+        // before the status line, never in a 200 cut short.
+        if let Some(t) = total {
+            let (store, need) = (self.store.clone(), t.saturating_sub(offset));
+            let room = tokio::task::spawn_blocking(move || store.make_room(need))
+                .await
+                .map_err(|e| CacheError::io("making room", std::io::Error::other(e)))?;
+            if !room {
+                return Err(CacheError::NoRoom {
+                    what: format!("{}/{repo}@{digest}", up.name),
+                    bytes: t,
+                });
+            }
+        }
         let _ = tx.send(FlightState::Receiving {
             total,
             written: offset,
@@ -357,9 +372,19 @@ impl Flights {
                 });
             }
             let file = flight.file.clone();
+            let store = self.store.clone();
             let at = offset;
             verifier = tokio::task::spawn_blocking(move || {
-                file.write_all_at(&batch, at)?;
+                if let Err(e) = file.write_all_at(&batch, at) {
+                    // Out of space after all (another writer, or no size
+                    // known up front): evict and try once more.
+                    if e.raw_os_error() != Some(nix::libc::ENOSPC)
+                        || !store.make_room(batch.len() as u64)
+                    {
+                        return Err(e);
+                    }
+                    file.write_all_at(&batch, at)?;
+                }
                 verifier.update(&batch);
                 Ok::<_, std::io::Error>(verifier)
             })
