@@ -241,8 +241,10 @@ impl Cache {
                     Err(e @ CacheError::ManifestUnknown(_)) => {
                         self.tags.remove(&up.name, repo, tag);
                         let e = Arc::new(e);
-                        self.negative
-                            .put(NotFound::key(&up.name, repo, &reference.to_string()), &e);
+                        self.negative.put(
+                            NotFound::manifest_key(&up.name, repo, &reference.to_string()),
+                            &e,
+                        );
                         return Err(CacheError::Shared(e));
                     }
                     Err(e) => return Err(e),
@@ -385,7 +387,7 @@ impl Cache {
                     None => {
                         // Under the flights lock: a fetch that got a 404
                         // recorded it before leaving the map.
-                        let nkey = NotFound::key(&up.name, repo, &reference.to_string());
+                        let nkey = NotFound::manifest_key(&up.name, repo, &reference.to_string());
                         if let Some(e) = self.negative.get(&nkey) {
                             return Err(e);
                         }
@@ -492,7 +494,7 @@ impl Cache {
             }
             return Ok(p.size);
         }
-        let nkey = NotFound::key(&up.name, repo, &digest.to_string());
+        let nkey = NotFound::blob_key(&up.name, repo, &digest.to_string());
         if let Some(e) = self.negative.get(&nkey) {
             return Err(e);
         }

@@ -179,10 +179,11 @@ impl Flights {
         }
         // Checked under the flights lock, like the store: a flight that
         // just failed with a 404 recorded it before leaving the map.
-        if let Some(e) =
-            self.negative
-                .get(&NotFound::key(&upstream.name, repo, &digest.to_string()))
-        {
+        if let Some(e) = self.negative.get(&NotFound::blob_key(
+            &upstream.name,
+            repo,
+            &digest.to_string(),
+        )) {
             return Err(e);
         }
         let path = self.store.partial_path(digest);
@@ -265,7 +266,7 @@ impl Flights {
                 }
                 let e = Arc::new(e);
                 self.negative.put(
-                    NotFound::key(&flight.upstream.name, &repo, &digest.to_string()),
+                    NotFound::blob_key(&flight.upstream.name, &repo, &digest.to_string()),
                     &e,
                 );
                 let _ = tx.send(FlightState::Failed(e));

@@ -37,9 +37,15 @@ impl NotFound {
         }
     }
 
-    /// The key of `reference` (a digest or tag) in `repo` on `upstream`.
-    pub fn key(upstream: &str, repo: &str, reference: &str) -> String {
-        format!("{upstream}\0{repo}\0{reference}")
+    /// The key of blob `digest` in `repo` on `upstream`.
+    pub fn blob_key(upstream: &str, repo: &str, digest: &str) -> String {
+        format!("blob\0{upstream}\0{repo}\0{digest}")
+    }
+
+    /// The key of manifest `reference` (a digest or tag) in `repo` on
+    /// `upstream` (a digest's manifest and its blob are different answers).
+    pub fn manifest_key(upstream: &str, repo: &str, reference: &str) -> String {
+        format!("manifest\0{upstream}\0{repo}\0{reference}")
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, Arc<CacheError>)>> {
