@@ -498,7 +498,7 @@ impl Store {
     /// filesystem.
     fn free_bytes(&self) -> Option<u64> {
         let st = nix::sys::statvfs::statvfs(&self.root).ok()?;
-        Some(u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size())))
+        Some(st.blocks_available().saturating_mul(st.fragment_size()))
     }
 
     /// Evicts least recently used, unpinned blobs until `bytes` are freed

@@ -31,7 +31,7 @@ fn unmount(dir: tempfile::TempDir) {
 
 fn free_bytes(p: &Path) -> u64 {
     let st = nix::sys::statvfs::statvfs(p).unwrap();
-    u64::from(st.blocks_available()) * u64::from(st.fragment_size())
+    st.blocks_available() * st.fragment_size()
 }
 
 /// A 53 MB layer on a 20 MB disk: 503 before any body byte (not a 200 with
