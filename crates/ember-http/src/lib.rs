@@ -361,12 +361,14 @@ struct Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
+        // Under the lock: a connection is told to close only while it is
+        // in the map, so `closing` counts exactly those still in it.
         let mut map = self.registry.lock();
         map.remove(&self.id);
-        drop(map);
         if self.conn.evicting() {
             self.registry.closing.fetch_sub(1, Ordering::Relaxed);
         }
+        drop(map);
         self.stats.open.fetch_sub(1, Ordering::Relaxed);
         self.registry.left.notify_waiters();
     }
@@ -406,8 +408,7 @@ impl Registry {
             .values()
             .filter_map(|c| c.waiting_since().map(|t| (t, c)))
             .min_by_key(|(t, _)| *t)
-            .map(|(_, c)| c.clone());
-        drop(map);
+            .map(|(_, c)| c);
         match victim {
             Some(c) => {
                 if c.close(Closed::Evicted) {
@@ -421,8 +422,8 @@ impl Registry {
 
     /// Tells every connection to close (the drain time is over).
     fn close_all(&self) {
-        let conns: Vec<Arc<Conn>> = self.lock().values().cloned().collect();
-        for c in conns {
+        let map = self.lock();
+        for c in map.values() {
             if c.close(Closed::Drained) {
                 self.closing.fetch_add(1, Ordering::Relaxed);
             }
