@@ -56,8 +56,8 @@ pub struct Args {
     #[arg(long, default_value_t = 80, value_name = "PERCENT")]
     pub low_watermark: u8,
     /// Seconds an upstream's "not found" for a blob or manifest is
-    /// remembered (0: not remembered); concurrent misses always share one
-    /// upstream request.
+    /// remembered (0: not remembered); concurrent GETs of one missing blob
+    /// or manifest share one upstream request either way.
     #[arg(long, default_value_t = 5, value_name = "SECONDS")]
     pub negative_ttl: u64,
     #[command(flatten)]
