@@ -11,12 +11,15 @@ PKGS=(
   containerd          # ctr: a real client of the cache in its tests
   nginx-light         # static-file baseline in the cache benchmark
   busybox-static      # contents of the fixture images
+  debootstrap         # the Debian root filesystem of the `debian` fixture
   libc6-dev           # libc.a for the statically linked exec agent
   hyperfine           # repeated timing in benchmarks
   iproute2 jq curl    # test and benchmark plumbing
   apache2-utils       # htpasswd (bcrypt) for the registry auth tests
   openssl             # certificates and JWT signatures for the token-auth test
+  python3             # the token server of the bearer-auth tests (ember-testkit/token_server.py)
   postgresql          # the control plane's PostgreSQL store: tests start private servers from its binaries
+  python3-venv        # the virtualenv schemathesis (the API fuzzer) is installed into
   ca-certificates
 )
 
@@ -32,3 +35,11 @@ if ((${#missing[@]})); then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# The `debian` fixture's root filesystem, built once from apt's Debian mirror
+# and cached (see the script).
+"$(dirname "$0")/debian-rootfs.sh" >/dev/null
+
+# The control plane's API-agreement test runs schemathesis (from PyPI,
+# pinned) out of /opt/ember-venv.
+"$(dirname "$0")/install-schemathesis.sh"

@@ -67,13 +67,17 @@ impl Cache {
         // reqwest is built without a default crypto provider; install ring
         // once per process (a second install is refused harmlessly).
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("ember-cache/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(32)
-            .build()
-            .map_err(|e| CacheError::io("building the HTTP client", std::io::Error::other(e)))?;
+        // One registry client for every upstream: the node's, so auth,
+        // tokens, retries and verification are the same code. A cache
+        // retries once (its clients retry too, and fall back to the origin).
+        let client = ember_registry::RegistryClient::new(ember_registry::RegistryOptions {
+            attempts: 2,
+            retry_delay: Duration::from_millis(100),
+            user_agent: concat!("ember-cache/", env!("CARGO_PKG_VERSION")).to_string(),
+            pool_max_idle_per_host: 32,
+            ..Default::default()
+        })
+        .map_err(|e| CacheError::io("building the registry client", std::io::Error::other(e)))?;
         let peer_http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .read_timeout(Duration::from_secs(60))
@@ -98,7 +102,7 @@ impl Cache {
                 spec.url.clone(),
                 credential,
                 public,
-                http.clone(),
+                client.clone(),
             )));
             if spec.alias.is_none() {
                 default = Some(i);

@@ -326,7 +326,7 @@ impl Flights {
             total,
             written: offset,
         });
-        let mut body = resp.response.bytes_stream();
+        let mut body = resp.body;
         let what = format!("{}/{repo}@{digest}", up.name);
         let upstream_err = |detail: String| CacheError::Upstream {
             upstream: up.name.clone(),

@@ -374,7 +374,9 @@ impl Store {
     }
 
     /// Moves a verified download into the store and evicts as needed.
-    /// The caller has verified the digest and synced the file. Blocking.
+    /// The caller has verified the digest over `size` bytes and synced the
+    /// file; a file of another length is refused (its digest was not
+    /// computed over every byte that would be served). Blocking.
     pub fn commit(
         &self,
         d: &Digest,
@@ -382,6 +384,16 @@ impl Store {
         size: u64,
         meta: Meta,
     ) -> Result<(), CacheError> {
+        let on_disk = fs::metadata(partial)
+            .map_err(|e| CacheError::io(format!("committing {}", partial.display()), e))?
+            .len();
+        if on_disk != size {
+            return Err(CacheError::DigestMismatch {
+                what: format!("committing {d}"),
+                expected: format!("{size} verified bytes"),
+                actual: format!("a file of {on_disk} bytes"),
+            });
+        }
         self.write_meta(d, &meta)?;
         let dest = self.blob_path(d);
         {
@@ -409,9 +421,17 @@ impl Store {
         Ok(())
     }
 
-    /// Stores a small document (a manifest) that is already verified and in
-    /// memory. Blocking.
+    /// Stores a small document (a manifest) held in memory, after checking
+    /// it against `d` (the caller has too, but this is where a document
+    /// becomes a hit, so nothing unchecked gets past it). Blocking.
     pub fn put_bytes(&self, d: &Digest, bytes: &[u8], meta: Meta) -> Result<(), CacheError> {
+        let mut v = d.verifier();
+        v.update(bytes);
+        v.finish().map_err(|actual| CacheError::DigestMismatch {
+            what: format!("storing {d}"),
+            expected: d.to_string(),
+            actual: actual.to_string(),
+        })?;
         if self.contains(d) || !self.keeps(bytes.len() as u64) {
             return Ok(());
         }

@@ -11,7 +11,8 @@ use crate::error::CacheError;
 use crate::flight::Lookup;
 use crate::route::ManifestRef;
 use crate::upstream::Upstream;
-use ember_oci::{Digest, Platform, Reference, media};
+use ember_oci::manifest::{Document, ManifestError};
+use ember_oci::{Digest, Platform, Reference};
 use futures_util::StreamExt;
 use std::sync::Arc;
 
@@ -31,33 +32,6 @@ struct ImageResult {
     bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
-}
-
-#[derive(serde::Deserialize)]
-struct Descriptor {
-    digest: String,
-    #[serde(default)]
-    size: u64,
-    #[serde(default)]
-    platform: Option<PlatformField>,
-}
-
-#[derive(serde::Deserialize)]
-struct PlatformField {
-    os: String,
-    architecture: String,
-    #[serde(default)]
-    variant: Option<String>,
-}
-
-#[derive(serde::Deserialize)]
-struct Document {
-    #[serde(default)]
-    manifests: Vec<Descriptor>,
-    #[serde(default)]
-    config: Option<Descriptor>,
-    #[serde(default)]
-    layers: Vec<Descriptor>,
 }
 
 /// Warms the images in a JSON request body; returns the JSON report.
@@ -117,45 +91,47 @@ async fn warm_image(
         None => ManifestRef::Tag(r.tag().unwrap_or("latest").to_string()),
     };
     let (root, _) = cache.manifest(&up, &repo, &reference).await?;
-    let doc: Document =
-        serde_json::from_slice(&root.bytes).map_err(|e| CacheError::ManifestInvalid {
-            what: image.to_string(),
-            detail: e.to_string(),
-        })?;
+    let invalid = |what: String, e: ManifestError| CacheError::ManifestInvalid {
+        what,
+        detail: e.to_string(),
+    };
     let mut manifests = vec![];
-    if media::manifest_kind(&root.media_type) == Some(media::ManifestKind::Index)
-        || !doc.manifests.is_empty()
+    match Document::parse(&root.media_type, &root.bytes)
+        .map_err(|e| invalid(image.to_string(), e))?
     {
-        for m in &doc.manifests {
-            let wanted = match (platforms, &m.platform) {
-                (None, _) => true,
-                (Some(ps), Some(p)) => ps
-                    .iter()
-                    .any(|w| w.matches(&p.os, &p.architecture, p.variant.as_deref())),
-                (Some(_), None) => false,
-            };
-            if wanted {
-                let d = crate::route::parse_digest(&m.digest)?;
-                let (child, _) = cache.manifest(&up, &repo, &ManifestRef::Digest(d)).await?;
-                manifests.push(
-                    serde_json::from_slice::<Document>(&child.bytes).map_err(|e| {
-                        CacheError::ManifestInvalid {
-                            what: format!("{image}@{}", m.digest),
-                            detail: e.to_string(),
-                        }
-                    })?,
-                );
+        Document::Index(index) => {
+            for m in &index.manifests {
+                let wanted = match (platforms, &m.platform) {
+                    (None, _) => true,
+                    (Some(ps), Some(p)) => ps
+                        .iter()
+                        .any(|w| w.matches(&p.os, &p.architecture, p.variant.as_deref())),
+                    (Some(_), None) => false,
+                };
+                if !wanted {
+                    continue;
+                }
+                let what = format!("{image}@{}", m.digest);
+                let (child, _) = cache
+                    .manifest(&up, &repo, &ManifestRef::Digest(m.digest.clone()))
+                    .await?;
+                match Document::parse(&child.media_type, &child.bytes)
+                    .map_err(|e| invalid(what.clone(), e))?
+                {
+                    Document::Manifest(doc) => manifests.push(doc),
+                    // A nested index: its own document is cached above;
+                    // warming does not descend further (as before).
+                    Document::Index(_) => {}
+                }
             }
         }
-    } else {
-        manifests.push(doc);
+        Document::Manifest(doc) => manifests.push(doc),
     }
     let mut blobs: Vec<(Digest, u64)> = Vec::new();
     for m in &manifests {
-        for d in m.config.iter().chain(&m.layers) {
-            let digest = crate::route::parse_digest(&d.digest)?;
-            if !blobs.iter().any(|(b, _)| *b == digest) {
-                blobs.push((digest, d.size));
+        for d in std::iter::once(&m.config).chain(&m.layers) {
+            if !blobs.iter().any(|(b, _)| *b == d.digest) {
+                blobs.push((d.digest.clone(), d.size));
             }
         }
     }

@@ -147,3 +147,60 @@ async fn wrong_cache_credentials_are_reported_as_denied() {
     assert_eq!(oci_code(&body.unwrap()), "DENIED");
     cache.stop().await;
 }
+
+/// The cache's upstream is the node's registry client, so the realm fix
+/// holds here too: a real `docker-registry` with token auth whose realm
+/// carries a query string, the cache's own credential sent to the token
+/// service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn token_realm_with_a_query_string() {
+    use ember_testkit::registry::Registry;
+    use ember_testkit::token::{SERVICE, TokenServer};
+    let open = Registry::start().unwrap();
+    let fx = ember_testkit::fixtures::build_cached("busybox").unwrap();
+    ember_testkit::fixtures::push(&fx, &open.url(), "ember/busybox", "latest")
+        .await
+        .unwrap();
+    let token = TokenServer::start().unwrap();
+    let realm = format!("{}/token?service={SERVICE}&foo=bar", token.url());
+    let reg = Registry::start_token_auth(&open.storage_dir(), &token, &realm).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), 1 << 30, &[&reg.url()]);
+    let mut c = Credentials::none();
+    c.insert(
+        &reg.addr(),
+        Credential {
+            username: "alice".into(),
+            password: "s3cret".into(),
+        },
+    );
+    cfg.credentials = c;
+    cfg.public = vec![reg.addr()];
+    let cache = start_cache_with(cfg, dir).await;
+    let (s, _, body) = get(&format!(
+        "{}/v2/ember/busybox/manifests/latest",
+        cache.url()
+    ))
+    .await;
+    assert_eq!(s, 200);
+    let m: serde_json::Value = serde_json::from_slice(&body.unwrap()).unwrap();
+    let layer = m["layers"][0]["digest"].as_str().unwrap();
+    let (s, _, body) = get(&format!("{}/v2/ember/busybox/blobs/{layer}", cache.url())).await;
+    assert_eq!(s, 200);
+    assert_eq!(sha256(&body.unwrap()), layer);
+
+    let reqs = token.requests();
+    assert!(!reqs.is_empty());
+    for e in &reqs {
+        assert_eq!(e["foo"], serde_json::json!(["bar"]), "{e}");
+        assert_eq!(
+            e["scope"],
+            serde_json::json!(["repository:ember/busybox:pull"]),
+            "{e}"
+        );
+        assert_eq!(e["user"], "alice", "{e}");
+        assert_eq!(e["status"], 200, "{e}");
+    }
+    cache.stop().await;
+}

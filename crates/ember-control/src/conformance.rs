@@ -20,7 +20,9 @@ use crate::model::{
     DeploymentSpec, LogStream, NodeReport, NodeSpec, PinnedImage, RunId, RunSpec, RunState,
     TransitionError,
 };
-use crate::store::{ClaimRequest, Clock, ManualClock, RunFilter, StateStore, StoreError};
+use crate::store::{
+    Appended, ClaimRequest, Clock, LogRetention, ManualClock, RunFilter, StateStore, StoreError,
+};
 
 /// One fresh database for one test.
 pub trait Harness: Sync {
@@ -46,6 +48,8 @@ macro_rules! state_store_conformance {
             concurrent_claimers_never_share_a_run,
             node_reports_and_start_times,
             lost_nodes_and_retries,
+            runs_a_node_lost_are_retried_at_once,
+            stale_attempts_are_fenced,
             late_reports_rejected,
             warm_handoff,
             list_filters,
@@ -53,7 +57,11 @@ macro_rules! state_store_conformance {
             logs,
             batch_submit,
             batch_reports,
-            batch_handoff
+            batch_handoff,
+            list_pages,
+            log_limit,
+            log_pruning,
+            node_credentials
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -675,6 +683,152 @@ pub fn lost_nodes_and_retries(h: &dyn Harness) {
     ));
 }
 
+/// A node that restarted reports the runs it no longer has as lost: each
+/// goes back to the queue in the same transaction while attempts remain
+/// (however recently the node heartbeated), counts its attempt, and can be
+/// scheduled again, on the same node too; with no attempts left it stays
+/// lost with the node's reason. Another node cannot lose a run for it.
+pub fn runs_a_node_lost_are_retried_at_once(h: &dyn Harness) {
+    let c = clock();
+    let s = h.open(c.clone());
+    s.upsert_node(&node("n1", 4)).expect("node");
+    s.upsert_node(&node("n2", 4)).expect("node");
+    let submit = |max_attempts| {
+        s.submit_run(&RunSpec {
+            image: Some(image(1)),
+            max_attempts,
+            ..RunSpec::default()
+        })
+        .expect("submit")
+        .run
+        .id
+    };
+    let retryable = submit(3);
+    let once = submit(1);
+    schedule(&*s, retryable, "n1");
+    schedule(&*s, once, "n1");
+    s.report("n1", retryable, &NodeReport::Started)
+        .expect("started");
+    s.report("n1", once, &NodeReport::Accepted)
+        .expect("accepted");
+    let lost = |error: &str| NodeReport::Lost {
+        error: error.to_owned(),
+    };
+
+    assert!(matches!(
+        s.report("n2", retryable, &lost("not mine")),
+        Err(StoreError::NotAssigned { .. })
+    ));
+    c.advance(100);
+    s.upsert_node(&node("n1", 4))
+        .expect("heartbeat: the node is back");
+    let requeued = s
+        .report("n1", retryable, &lost("the node restarted"))
+        .expect("lost");
+    assert_eq!(requeued.state, RunState::Queued);
+    assert_eq!((requeued.attempts, requeued.node.as_deref()), (1, None));
+    assert_eq!(requeued.times.queued, Some(T0 + 100));
+    assert_eq!(requeued.times.scheduled, None);
+    assert_eq!(s.get_run(retryable).expect("get"), Some(requeued));
+
+    let gone = s
+        .report("n1", once, &lost("the node restarted"))
+        .expect("lost");
+    assert_eq!(gone.state, RunState::Lost);
+    assert_eq!(gone.error.as_deref(), Some("the node restarted"));
+    assert!(
+        s.mark_lost_runs(0).expect("sweep").is_empty(),
+        "nothing left active to lose"
+    );
+
+    // The retry is an ordinary queued run: claimed, scheduled on the
+    // restarted node, finished there, with its attempts counted.
+    schedule(&*s, retryable, "n1");
+    let done = s
+        .report_batch(
+            "n1",
+            &[crate::store::RunReports::new(
+                retryable,
+                vec![
+                    NodeReport::Started,
+                    NodeReport::Exited {
+                        code: 0,
+                        runner_idle: false,
+                    },
+                ],
+            )],
+        )
+        .expect("reports")
+        .pop()
+        .expect("one answer")
+        .expect("applied");
+    assert_eq!(
+        (done.state, done.attempts, done.node.as_deref()),
+        (RunState::Succeeded, 2, Some("n1"))
+    );
+}
+
+/// Reports carrying the attempt they are about are refused for any other
+/// attempt: when a lost attempt's retry comes back to the same node, the
+/// old attempt's late exit is not recorded for the new one.
+pub fn stale_attempts_are_fenced(h: &dyn Harness) {
+    let s = h.open(clock());
+    s.upsert_node(&node("n1", 4)).expect("node");
+    let id = s
+        .submit_run(&RunSpec {
+            image: Some(image(1)),
+            max_attempts: 2,
+            ..RunSpec::default()
+        })
+        .expect("submit")
+        .run
+        .id;
+    let of = |attempt: u32, reports: Vec<NodeReport>| crate::store::RunReports {
+        attempt: Some(attempt),
+        ..crate::store::RunReports::new(id, reports)
+    };
+    let one = |b: crate::store::RunReports| {
+        s.report_batch("n1", &[b])
+            .expect("batch")
+            .pop()
+            .expect("one answer")
+    };
+    schedule(&*s, id, "n1");
+    assert_eq!(
+        one(of(1, vec![NodeReport::Started]))
+            .expect("first attempt runs")
+            .state,
+        RunState::Running
+    );
+    let lost = NodeReport::Lost {
+        error: "gone".into(),
+    };
+    assert_eq!(
+        s.report("n1", id, &lost).expect("lost").state,
+        RunState::Queued
+    );
+    schedule(&*s, id, "n1");
+    let exited = NodeReport::Exited {
+        code: 137,
+        runner_idle: false,
+    };
+    assert!(matches!(
+        one(of(1, vec![exited.clone()])),
+        Err(StoreError::NotAssigned { .. })
+    ));
+    let run = s.get_run(id).expect("get").expect("run");
+    assert_eq!(
+        (run.state, run.attempts, run.exit_code),
+        (RunState::Scheduled, 2, None)
+    );
+    assert_eq!(
+        one(of(2, vec![NodeReport::Started]))
+            .expect("second attempt")
+            .state,
+        RunState::Running
+    );
+}
+
 /// Reports from a node for a run that is not (or no longer) its own are
 /// refused and change nothing: after a loss, after a reassignment, after a
 /// cancel, and from a node that never had it.
@@ -918,9 +1072,9 @@ pub fn logs(h: &dyn Harness) {
         .expect("submit")
         .run
         .id;
-    assert!(s.read_log(id, 0, 10).expect("read").is_empty());
+    assert!(s.read_log(id, 0, 10, usize::MAX).expect("read").is_empty());
     assert!(matches!(
-        s.append_log("n1", id, LogStream::Stdout, b"queued"),
+        s.append_log("n1", id, LogStream::Stdout, b"queued", u64::MAX),
         Err(StoreError::NotAssigned { .. })
     ));
     schedule(&*s, id, "n1");
@@ -932,22 +1086,37 @@ pub fn logs(h: &dyn Harness) {
         (LogStream::Stdout, b"\xac\n"),
     ];
     for (stream, data) in parts {
-        s.append_log("n1", id, stream, data).expect("append");
+        s.append_log("n1", id, stream, data, u64::MAX)
+            .expect("append");
     }
     assert!(matches!(
-        s.append_log("n2", id, LogStream::Stdout, b"intruder"),
+        s.append_log("n2", id, LogStream::Stdout, b"intruder", u64::MAX),
         Err(StoreError::NotAssigned { .. })
     ));
     // Another connection sees the same, in order.
     let other = h.open(c.clone());
-    let all = other.read_log(id, 0, 100).expect("read");
+    let all = other.read_log(id, 0, 100, usize::MAX).expect("read");
     let got: Vec<(LogStream, &[u8])> = all.iter().map(|c| (c.stream, &c.data[..])).collect();
     assert_eq!(got, parts.to_vec());
     assert!(all.windows(2).all(|w| w[0].seq < w[1].seq), "{all:?}");
     // Paging: after the second chunk, one at a time.
-    let page = other.read_log(id, all[1].seq, 1).expect("page");
+    let page = other.read_log(id, all[1].seq, 1, usize::MAX).expect("page");
     assert_eq!(page, vec![all[2].clone()]);
-    assert_eq!(other.read_log(id, all[3].seq, 10).expect("end"), Vec::new());
+    assert_eq!(
+        other.read_log(id, all[3].seq, 10, usize::MAX).expect("end"),
+        Vec::new()
+    );
+    // A byte budget ends the page after the chunk that reaches it (3 + 5
+    // bytes for a budget of 4), and never returns nothing when there is
+    // something.
+    assert_eq!(
+        other.read_log(id, 0, 100, 4).expect("budget"),
+        all[..2].to_vec()
+    );
+    assert_eq!(
+        other.read_log(id, 0, 100, 1).expect("budget"),
+        all[..1].to_vec()
+    );
     // A finished run takes no more output; what it had stays.
     s.report("n1", id, &NodeReport::Started).expect("started");
     s.report(
@@ -960,12 +1129,12 @@ pub fn logs(h: &dyn Harness) {
     )
     .expect("exit");
     assert!(matches!(
-        s.append_log("n1", id, LogStream::Stdout, b"late"),
+        s.append_log("n1", id, LogStream::Stdout, b"late", u64::MAX),
         Err(StoreError::NotAssigned { .. })
     ));
-    assert_eq!(s.read_log(id, 0, 100).expect("read").len(), 4);
+    assert_eq!(s.read_log(id, 0, 100, usize::MAX).expect("read").len(), 4);
     assert!(matches!(
-        s.read_log(RunId(9_999), 0, 10),
+        s.read_log(RunId(9_999), 0, 10, usize::MAX),
         Err(StoreError::RunNotFound(_))
     ));
 }
@@ -1055,6 +1224,7 @@ pub fn batch_reports(h: &dyn Harness) {
     let batch = vec![
         // Dated by the node: 3, 2, 1 and 0 ms before the call.
         RunReports {
+            attempt: None,
             ages_ms: vec![3, 2, 1, 0],
             run: a,
             reports: vec![
@@ -1067,26 +1237,31 @@ pub fn batch_reports(h: &dyn Harness) {
         // Started twice: the second is refused, the first stands. Its age
         // would date it before the run was scheduled: it is not.
         RunReports {
+            attempt: None,
             ages_ms: vec![100],
             run: b,
             reports: vec![NodeReport::Started, NodeReport::Started, exited.clone()],
         },
         RunReports {
+            attempt: None,
             ages_ms: Vec::new(),
             run: other,
             reports: vec![NodeReport::Started],
         },
         RunReports {
+            attempt: None,
             ages_ms: Vec::new(),
             run: cancelled,
             reports: vec![NodeReport::Started],
         },
         RunReports {
+            attempt: None,
             ages_ms: Vec::new(),
             run: RunId(999_999),
             reports: vec![NodeReport::Started],
         },
         RunReports {
+            attempt: None,
             ages_ms: Vec::new(),
             run: a,
             reports: Vec::new(),
@@ -1180,4 +1355,264 @@ pub fn batch_handoff(h: &dyn Harness) {
         s.claim_for_runners("ghost", &keys),
         Err(StoreError::NodeNotFound(_))
     ));
+}
+
+/// Node credentials: stored by hash for one node each, listed, a duplicate
+/// hash refused, malformed ones refused, revoked per node (only that
+/// node's), and durable across a reopen.
+pub fn node_credentials(h: &dyn Harness) {
+    let s = h.open(clock());
+    let hash = |n: u8| format!("{:064x}", n);
+    assert!(s.node_credentials().expect("list").is_empty());
+    s.add_node_credential("a", &hash(1)).expect("a's first");
+    s.add_node_credential("a", &hash(2)).expect("a's second");
+    s.add_node_credential("b", &hash(3)).expect("b's");
+    assert!(
+        s.add_node_credential("b", &hash(1)).is_err(),
+        "one token, two nodes"
+    );
+    for (node, bad) in [
+        ("", hash(4)),
+        ("c", "ab".to_owned()),
+        ("c", hash(0xab).to_uppercase()),
+    ] {
+        assert!(matches!(
+            s.add_node_credential(node, &bad),
+            Err(StoreError::Invalid(_))
+        ));
+    }
+    let want = |pairs: &[(u8, &str)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(n, node)| (hash(*n), (*node).to_owned()))
+            .collect()
+    };
+    assert_eq!(
+        s.node_credentials().expect("list"),
+        want(&[(1, "a"), (2, "a"), (3, "b")])
+    );
+    drop(s);
+    let s = h.open(clock());
+    assert_eq!(s.revoke_node_credentials("a").expect("revoke"), 2);
+    assert_eq!(s.revoke_node_credentials("a").expect("revoke again"), 0);
+    assert_eq!(s.node_credentials().expect("list"), want(&[(3, "b")]));
+}
+
+/// Paging newest first with `before`: every run exactly once, in order,
+/// with the other filters applying within each page.
+pub fn list_pages(h: &dyn Harness) {
+    let s = h.open(clock());
+    s.create_deployment(&deployment("a", 1)).expect("create");
+    let mut all: Vec<RunId> = Vec::new();
+    for i in 0..7 {
+        let spec = if i % 2 == 0 {
+            of_deployment("a")
+        } else {
+            RunSpec {
+                image: Some(image(2)),
+                ..RunSpec::default()
+            }
+        };
+        all.push(s.submit_run(&spec).expect("submit").run.id);
+    }
+    all.reverse();
+    let page = |before: Option<RunId>, deployment: Option<&str>| -> Vec<RunId> {
+        s.list_runs(&RunFilter {
+            limit: Some(3),
+            before,
+            deployment: deployment.map(str::to_owned),
+            ..RunFilter::default()
+        })
+        .expect("list")
+        .iter()
+        .map(|r| r.id)
+        .collect()
+    };
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let p = page(cursor, None);
+        assert!(p.len() <= 3);
+        let Some(last) = p.last().copied() else { break };
+        seen.extend(p);
+        cursor = Some(last);
+    }
+    assert_eq!(seen, all, "pages cover every run once, newest first");
+    let of_a: Vec<RunId> = all.iter().copied().step_by(2).collect();
+    let first = page(None, Some("a"));
+    assert_eq!(first, of_a[..3]);
+    assert_eq!(page(first.last().copied(), Some("a")), of_a[3..]);
+    assert!(page(Some(RunId(1)), None).is_empty());
+}
+
+/// The per-run log limit: what fits is stored, the append that crosses it
+/// keeps its prefix and is followed by exactly one truncation notice,
+/// later appends are dropped; the limit counts across streams and
+/// connections.
+pub fn log_limit(h: &dyn Harness) {
+    let c = clock();
+    let s = h.open(c.clone());
+    s.upsert_node(&node("n1", 4)).expect("node");
+    let id = s
+        .submit_run(&RunSpec {
+            image: Some(image(1)),
+            ..RunSpec::default()
+        })
+        .expect("submit")
+        .run
+        .id;
+    schedule(&*s, id, "n1");
+    let max = 10;
+    assert_eq!(
+        s.append_log("n1", id, LogStream::Stdout, b"123456", max)
+            .expect("append"),
+        Appended::Stored
+    );
+    let other = h.open(c.clone());
+    assert_eq!(
+        other
+            .append_log("n1", id, LogStream::Stderr, b"7890abc", max)
+            .expect("append"),
+        Appended::Truncated
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            s.append_log("n1", id, LogStream::Stdout, b"more", max)
+                .expect("append"),
+            Appended::Dropped
+        );
+    }
+    // Still checked for the node: a stranger is refused, not "dropped".
+    assert!(matches!(
+        s.append_log("n2", id, LogStream::Stdout, b"x", max),
+        Err(StoreError::NotAssigned { .. })
+    ));
+    let chunks = s.read_log(id, 0, 100, usize::MAX).expect("read");
+    let output: Vec<u8> = chunks
+        .iter()
+        .filter(|c| !c.marker)
+        .flat_map(|c| c.data.clone())
+        .collect();
+    assert_eq!(output, b"1234567890", "exactly the limit is kept");
+    let markers: Vec<_> = chunks.iter().filter(|c| c.marker).collect();
+    assert_eq!(markers.len(), 1, "{chunks:?}");
+    assert!(std::ptr::eq(markers[0], chunks.last().expect("a chunk")));
+    assert_eq!(markers[0].stream, LogStream::Stderr);
+    let text = String::from_utf8_lossy(&markers[0].data).into_owned();
+    assert!(
+        text.contains("truncated") && text.contains("10 bytes"),
+        "{text}"
+    );
+    // Reaching the limit exactly stores everything; the next append gets
+    // the notice (and nothing else).
+    let id2 = s
+        .submit_run(&RunSpec {
+            image: Some(image(1)),
+            ..RunSpec::default()
+        })
+        .expect("submit")
+        .run
+        .id;
+    schedule(&*s, id2, "n1");
+    assert_eq!(
+        s.append_log("n1", id2, LogStream::Stdout, b"0123456789", max)
+            .expect("append"),
+        Appended::Stored
+    );
+    assert_eq!(
+        s.append_log("n1", id2, LogStream::Stdout, b"x", max)
+            .expect("append"),
+        Appended::Truncated
+    );
+    let chunks = s.read_log(id2, 0, 100, usize::MAX).expect("read");
+    assert_eq!(chunks.len(), 2);
+    assert!(!chunks[0].marker && chunks[1].marker);
+}
+
+/// Finished runs' logs are pruned by age and by a total budget, least
+/// recently appended first, each leaving one notice; active runs' logs
+/// are never pruned; pruning twice removes nothing more.
+pub fn log_pruning(h: &dyn Harness) {
+    let c = clock();
+    let s = h.open(c.clone());
+    s.upsert_node(&node("n1", 8)).expect("node");
+    let mut runs = Vec::new();
+    for i in 0..4u8 {
+        let id = s
+            .submit_run(&RunSpec {
+                image: Some(image(1)),
+                ..RunSpec::default()
+            })
+            .expect("submit")
+            .run
+            .id;
+        schedule(&*s, id, "n1");
+        s.report("n1", id, &NodeReport::Started).expect("started");
+        s.append_log("n1", id, LogStream::Stdout, &[b'a' + i; 100], u64::MAX)
+            .expect("append");
+        runs.push(id);
+        c.advance(60_000);
+    }
+    // runs[3] stays running; the others finish.
+    for &id in &runs[..3] {
+        s.report(
+            "n1",
+            id,
+            &NodeReport::Exited {
+                code: 0,
+                runner_idle: false,
+            },
+        )
+        .expect("exit");
+    }
+    let output = |id: RunId| -> Vec<u8> {
+        s.read_log(id, 0, 100, usize::MAX)
+            .expect("read")
+            .iter()
+            .filter(|c| !c.marker)
+            .flat_map(|c| c.data.clone())
+            .collect()
+    };
+    // Now = T0 + 4 min; runs appended at T0, +1, +2, +3 min.
+    let nothing = s.prune_logs(&LogRetention::default()).expect("prune");
+    assert_eq!(nothing.runs, 0);
+    let by_age = s
+        .prune_logs(&LogRetention {
+            max_age_ms: Some(150_000),
+            max_total_bytes: None,
+        })
+        .expect("prune");
+    assert_eq!((by_age.runs, by_age.bytes), (2, 200));
+    assert!(output(runs[0]).is_empty() && output(runs[1]).is_empty());
+    let notice = s.read_log(runs[0], 0, 100, usize::MAX).expect("read");
+    assert_eq!(notice.len(), 1);
+    assert!(notice[0].marker);
+    assert!(String::from_utf8_lossy(&notice[0].data).contains("pruned"));
+    assert_eq!(output(runs[2]), vec![b'c'; 100]);
+    // A budget of 150 bytes: 200 are left (runs 2 and 3); run 2 goes,
+    // run 3 is running and stays even though the budget is still exceeded.
+    let by_size = s
+        .prune_logs(&LogRetention {
+            max_age_ms: None,
+            max_total_bytes: Some(50),
+        })
+        .expect("prune");
+    assert_eq!((by_size.runs, by_size.bytes), (1, 100));
+    assert!(output(runs[2]).is_empty());
+    assert_eq!(output(runs[3]), vec![b'd'; 100]);
+    let again = h
+        .open(c.clone())
+        .prune_logs(&LogRetention {
+            max_age_ms: Some(0),
+            max_total_bytes: Some(0),
+        })
+        .expect("prune");
+    assert_eq!(
+        again.runs, 0,
+        "pruned logs and live runs are not pruned again"
+    );
+    assert_eq!(
+        s.read_log(runs[1], 0, 100, usize::MAX).expect("read").len(),
+        1
+    );
 }

@@ -61,4 +61,6 @@ pub mod store;
 #[cfg(feature = "testing")]
 pub mod conformance;
 
-pub use store::{Clock, RunReports, StateStore, StoreError, StoreEvent};
+pub use store::{
+    Appended, Clock, LogRetention, Pruned, RunReports, StateStore, StoreError, StoreEvent,
+};

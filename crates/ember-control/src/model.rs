@@ -44,6 +44,9 @@ pub enum ModelError {
     /// A run names both a deployment and an image, or neither.
     #[error("a run needs exactly one of a deployment or an image")]
     RunTarget,
+    /// A node credential's hash is not a SHA-256 in lower-case hex.
+    #[error("a node credential's hash must be 64 lower-case hex digits")]
+    CredentialHash,
     /// A name that must be non-empty (deployment, node, key) is empty.
     #[error("{what} must not be empty")]
     Empty {
@@ -79,6 +82,11 @@ impl PinnedImage {
     /// Checks the digest's form; called again on every submit because serde
     /// deserialisation bypasses [`PinnedImage::new`].
     pub fn validate(&self) -> Result<(), ModelError> {
+        if self.reference.is_empty() {
+            return Err(ModelError::Empty {
+                what: "image reference",
+            });
+        }
         let ok = self.digest.strip_prefix("sha256:").is_some_and(|hex| {
             hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
         });
@@ -533,6 +541,15 @@ pub enum NodeReport {
         /// Why.
         error: String,
     },
+    /// The node no longer has the run: its agent restarted (and its
+    /// runners with it) while the run was active. The run is lost through
+    /// no fault of its own, as if the node had stopped heartbeating
+    /// (`→ lost`), and goes back to the queue at once, in the same
+    /// transaction, while attempts remain (`lost → queued`).
+    Lost {
+        /// Why.
+        error: String,
+    },
 }
 
 /// Which output stream a log record came from.
@@ -574,8 +591,13 @@ pub struct LogChunk {
     pub seq: u64,
     /// Which stream.
     pub stream: LogStream,
-    /// The bytes exactly as the process wrote them.
+    /// The bytes exactly as the process wrote them, or (with `marker`)
+    /// Ember's own notice.
     pub data: Vec<u8>,
+    /// `true` for a notice the control plane wrote itself, not the process:
+    /// that the run's output reached the per-run limit and the rest was
+    /// dropped, or that its log was pruned. Its `stream` is stderr.
+    pub marker: bool,
 }
 
 #[cfg(test)]

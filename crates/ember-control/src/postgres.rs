@@ -39,12 +39,14 @@ use postgres::types::ToSql;
 use postgres::{Client, Config, GenericClient, NoTls, Statement};
 
 use crate::model::{
-    Deployment, DeploymentSpec, Millis, ModelError, Node, NodeSpec, Run, RunId, RunSpec, RunState,
+    Deployment, DeploymentSpec, Millis, ModelError, Node, NodeId, NodeSpec, Run, RunId, RunSpec,
+    RunState,
 };
 use crate::model::{LogChunk, LogStream};
 use crate::rules::{self, Commit};
 use crate::store::{
-    ClaimRequest, Clock, RunFilter, RunReports, StateStore, StoreError, StoreEvent, Submitted,
+    Appended, ClaimRequest, Clock, LogRetention, Pruned, RunFilter, RunReports, StateStore,
+    StoreError, StoreEvent, Submitted,
 };
 
 /// Schema migrations; `ember_schema.version` is the number applied. Append
@@ -95,6 +97,30 @@ CREATE TABLE run_logs (
 CREATE INDEX run_logs_run ON run_logs (run_id, seq);
 -- the dispatcher counts active runs every round
 CREATE INDEX runs_active ON runs (state) WHERE state IN ('scheduled', 'starting', 'running');
+"#,
+    r#"
+-- per-node credentials: the SHA-256 of each bearer token, never the token
+CREATE TABLE node_credentials (
+    token_sha256    TEXT PRIMARY KEY,
+    node            TEXT NOT NULL,
+    created_at      BIGINT NOT NULL
+);
+CREATE INDEX node_credentials_node ON node_credentials (node);
+"#,
+    r#"
+-- per-run log size, for the per-run limit and pruning by age or budget;
+-- logs stored before this migration count as appended now
+CREATE TABLE run_log_sizes (
+    run_id      BIGINT PRIMARY KEY,
+    bytes       BIGINT NOT NULL,
+    last_append BIGINT NOT NULL,
+    truncated   BOOLEAN NOT NULL DEFAULT FALSE,
+    pruned      BOOLEAN NOT NULL DEFAULT FALSE
+);
+INSERT INTO run_log_sizes (run_id, bytes, last_append)
+    SELECT run_id, SUM(octet_length(data)), (extract(epoch FROM clock_timestamp()) * 1000)::bigint
+    FROM run_logs GROUP BY run_id;
+CREATE INDEX run_log_sizes_age ON run_log_sizes (last_append, run_id) WHERE NOT pruned;
 "#,
 ];
 
@@ -692,6 +718,7 @@ impl StateStore for PostgresStore {
     fn list_runs(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError> {
         let states: Vec<&str> = filter.states.iter().map(|s| s.as_str()).collect();
         let limit = filter.limit.map(|l| i64::try_from(l).unwrap_or(i64::MAX));
+        let before = filter.before.map(|b| b.0);
         // NULL parameters switch a filter off, so one prepared statement
         // serves every combination.
         self.read(|db| {
@@ -700,9 +727,10 @@ impl StateStore for PostgresStore {
                  WHERE (cardinality($1::text[]) = 0 OR state = ANY($1))
                    AND ($2::text IS NULL OR deployment = $2)
                    AND ($3::text IS NULL OR node = $3)
+                   AND ($5::bigint IS NULL OR id < $5)
                  ORDER BY id DESC
                  LIMIT $4",
-                &[&states, &filter.deployment, &filter.node, &limit],
+                &[&states, &filter.deployment, &filter.node, &limit, &before],
             )
         })
     }
@@ -894,7 +922,8 @@ impl StateStore for PostgresStore {
         // locks several of them in another order (mark_lost_runs) may
         // deadlock with this one, and then `write` retries it.
         self.write(Commit::Relaxed, |db, now| {
-            batch
+            let mut requeued = false;
+            let out = batch
                 .iter()
                 .map(|b| {
                     let mut run = match db.load_run(b.run, true) {
@@ -902,14 +931,20 @@ impl StateStore for PostgresStore {
                         Err(e @ StoreError::RunNotFound(_)) => return Ok(Err(e)),
                         Err(e) => return Err(e),
                     };
-                    let (changed, res) =
-                        rules::apply_reports(&mut run, node, &b.reports, &b.ages_ms, now);
+                    let (changed, res) = rules::apply_reports(&mut run, node, b, now);
                     if changed {
                         db.save_run(&run)?;
+                        // A run its node lost is queued again: other
+                        // replicas' dispatchers may place it.
+                        requeued |= run.state == RunState::Queued;
                     }
                     Ok(res.map(|()| run))
                 })
-                .collect()
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            if requeued {
+                db.notify()?;
+            }
+            Ok(out)
         })
     }
 
@@ -941,6 +976,37 @@ impl StateStore for PostgresStore {
         })
     }
 
+    fn add_node_credential(&self, node: &str, token_sha256: &str) -> Result<(), StoreError> {
+        rules::check_credential(node, token_sha256)?;
+        self.write(Commit::Synced, |db, now| {
+            db.execute(
+                "INSERT INTO node_credentials (token_sha256, node, created_at) VALUES ($1, $2, $3)",
+                &[&token_sha256, &node, &millis_sql(now)],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn revoke_node_credentials(&self, node: &str) -> Result<usize, StoreError> {
+        self.write(Commit::Synced, |db, _| {
+            let n = db.execute("DELETE FROM node_credentials WHERE node = $1", &[&node])?;
+            Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        })
+    }
+
+    fn node_credentials(&self) -> Result<Vec<(String, NodeId)>, StoreError> {
+        self.read(|db| {
+            Ok(db
+                .query(
+                    "SELECT token_sha256, node FROM node_credentials ORDER BY token_sha256",
+                    &[],
+                )?
+                .iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect())
+        })
+    }
+
     fn mark_lost_runs(&self, stale_after_ms: Millis) -> Result<Vec<Run>, StoreError> {
         self.write(Commit::Relaxed, |db, now| {
             let cutoff = millis_sql(now.saturating_sub(stale_after_ms));
@@ -968,35 +1034,142 @@ impl StateStore for PostgresStore {
         id: RunId,
         stream: LogStream,
         data: &[u8],
-    ) -> Result<(), StoreError> {
-        self.write(Commit::Relaxed, |db, _| {
+        max_bytes: u64,
+    ) -> Result<Appended, StoreError> {
+        self.write(Commit::Relaxed, |db, now| {
             // The run's row lock orders appends of one run: the sequence
             // value is drawn after it, so commits come in `seq` order and a
             // follower never finds an earlier chunk appear behind its cursor.
+            // It also makes the size check and update below atomic.
             rules::check_assigned(&db.load_run(id, true)?, node)?;
             if data.is_empty() {
-                return Ok(());
+                return Ok(Appended::Stored);
             }
+            let (stored, truncated) = db
+                .query_opt(
+                    "SELECT bytes, truncated FROM run_log_sizes WHERE run_id = $1",
+                    &[&id.0],
+                )?
+                .map_or((0, false), |r| (r.get::<_, i64>(0), r.get::<_, bool>(1)));
+            let stored = u64::try_from(stored).unwrap_or(0);
+            let plan = rules::plan_append(stored, truncated, data.len(), max_bytes);
+            if plan.outcome == Appended::Dropped {
+                return Ok(Appended::Dropped);
+            }
+            if plan.keep > 0 {
+                db.execute(
+                    "INSERT INTO run_logs (run_id, stream, data) VALUES ($1, $2, $3)",
+                    &[&id.0, &stream.as_str(), &&data[..plan.keep]],
+                )?;
+            }
+            if plan.notice {
+                db.execute(
+                    "INSERT INTO run_logs (run_id, stream, data) VALUES ($1, $2, $3)",
+                    &[
+                        &id.0,
+                        &rules::MARKER_STREAM,
+                        &rules::truncation_notice(max_bytes),
+                    ],
+                )?;
+            }
+            let kept = u64::try_from(plan.keep).unwrap_or(u64::MAX);
+            let bytes = i64::try_from(stored.saturating_add(kept)).unwrap_or(i64::MAX);
             db.execute(
-                "INSERT INTO run_logs (run_id, stream, data) VALUES ($1, $2, $3)",
-                &[&id.0, &stream.as_str(), &data],
+                "INSERT INTO run_log_sizes (run_id, bytes, last_append, truncated, pruned)
+                 VALUES ($1, $2, $3, $4, FALSE)
+                 ON CONFLICT (run_id) DO UPDATE SET bytes = excluded.bytes,
+                     last_append = excluded.last_append, truncated = excluded.truncated,
+                     pruned = FALSE",
+                &[&id.0, &bytes, &millis_sql(now), &(truncated || plan.notice)],
             )?;
             db.execute(
                 "SELECT pg_notify($1, $2)",
                 &[&LOG_CHANNEL, &id.0.to_string()],
             )?;
-            Ok(())
+            Ok(plan.outcome)
         })
     }
 
-    fn read_log(&self, id: RunId, after: u64, limit: usize) -> Result<Vec<LogChunk>, StoreError> {
+    fn prune_logs(&self, retention: &LogRetention) -> Result<Pruned, StoreError> {
+        if retention.max_age_ms.is_none() && retention.max_total_bytes.is_none() {
+            return Ok(Pruned::default());
+        }
+        self.write(Commit::Relaxed, |db, now| {
+            // Candidates oldest first, locked so two replicas pruning at
+            // once do not both count the same bytes.
+            let rows = db.query(
+                "SELECT s.run_id, s.bytes, s.last_append FROM run_log_sizes s
+                 JOIN runs r ON r.id = s.run_id
+                 WHERE NOT s.pruned
+                   AND r.state IN ('succeeded', 'failed', 'cancelled', 'lost')
+                 ORDER BY s.last_append, s.run_id
+                 FOR UPDATE OF s",
+                &[],
+            )?;
+            let candidates: Vec<(i64, u64, Millis)> = rows
+                .iter()
+                .map(|r| {
+                    (
+                        r.get::<_, i64>(0),
+                        u64::try_from(r.get::<_, i64>(1)).unwrap_or(0),
+                        u64::try_from(r.get::<_, i64>(2)).unwrap_or(0),
+                    )
+                })
+                .collect();
+            let total: i64 = db
+                .query_opt(
+                    "SELECT COALESCE(SUM(bytes), 0)::bigint FROM run_log_sizes",
+                    &[],
+                )?
+                .map_or(0, |r| r.get(0));
+            let victims = rules::prune_victims(
+                &candidates,
+                u64::try_from(total).unwrap_or(0),
+                retention,
+                now,
+            );
+            let mut pruned = Pruned::default();
+            for (id, bytes) in victims {
+                db.execute("DELETE FROM run_logs WHERE run_id = $1", &[&id])?;
+                db.execute(
+                    "INSERT INTO run_logs (run_id, stream, data) VALUES ($1, $2, $3)",
+                    &[&id, &rules::MARKER_STREAM, &rules::PRUNED_NOTICE],
+                )?;
+                db.execute(
+                    "UPDATE run_log_sizes SET bytes = 0, pruned = TRUE WHERE run_id = $1",
+                    &[&id],
+                )?;
+                pruned.runs += 1;
+                pruned.bytes += bytes;
+            }
+            Ok(pruned)
+        })
+    }
+
+    fn read_log(
+        &self,
+        id: RunId,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<LogChunk>, StoreError> {
         let after = i64::try_from(after).unwrap_or(i64::MAX);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let max_bytes = i64::try_from(max_bytes).unwrap_or(i64::MAX);
         self.read(|db| {
+            // The running total stops the page at the byte budget in the
+            // server, so the rows past it never cross the wire.
             let rows = db.query(
-                "SELECT seq, stream, data FROM run_logs WHERE run_id = $1 AND seq > $2
-                 ORDER BY seq LIMIT $3",
-                &[&id.0, &after, &limit],
+                "SELECT seq, stream, data FROM (
+                     SELECT seq, stream, data,
+                            SUM(octet_length(data)) OVER (ORDER BY seq) - octet_length(data)
+                                AS before_it
+                     FROM run_logs WHERE run_id = $1 AND seq > $2
+                     ORDER BY seq LIMIT $3
+                 ) page
+                 WHERE before_it < $4
+                 ORDER BY seq",
+                &[&id.0, &after, &limit, &max_bytes],
             )?;
             if rows.is_empty() {
                 // Distinguish "no output yet" from "no such run".

@@ -10,7 +10,7 @@ use crate::model::{
     Deployment, LogChunk, LogStream, Millis, ModelError, NodeReport, Run, RunId, RunSpec, RunState,
     StartTimes,
 };
-use crate::store::StoreError;
+use crate::store::{Appended, LogRetention, StoreError};
 
 /// How far a write must have reached the disk before it is acknowledged.
 ///
@@ -176,6 +176,23 @@ pub(crate) fn apply_report(
             apply(run, RunState::Failed, now)?;
             run.error = Some(error.clone());
         }
+        NodeReport::Lost { error } => {
+            apply(run, RunState::Lost, now)?;
+            run.error = Some(error.clone());
+            // Retried at once, in the same transaction: a node that comes
+            // back within a second of a crash must not leave its runs lost
+            // (nothing else re-queues a run that is already lost), and a
+            // run with no attempts left stays lost with the reason.
+            retry_if_attempts_left(run, now)?;
+        }
+    }
+    Ok(())
+}
+
+/// `lost → queued` when the run has attempts left; nothing otherwise.
+pub(crate) fn retry_if_attempts_left(run: &mut Run, now: Millis) -> Result<(), StoreError> {
+    if run.state == RunState::Lost && run.attempts < run.max_attempts.max(1) {
+        apply(run, RunState::Queued, now)?;
     }
     Ok(())
 }
@@ -190,12 +207,23 @@ pub(crate) fn apply_report(
 pub(crate) fn apply_reports(
     run: &mut Run,
     node: &str,
-    reports: &[NodeReport],
-    ages_ms: &[Millis],
+    batch: &crate::store::RunReports,
     now: Millis,
 ) -> (bool, Result<(), StoreError>) {
+    let (reports, ages_ms) = (&batch.reports, &batch.ages_ms);
     if reports.is_empty() {
         return (false, Err(ModelError::Empty { what: "reports" }.into()));
+    }
+    // Fencing: a report of an earlier attempt (lost, then retried) is
+    // stale whatever node it comes from.
+    if batch.attempt.is_some_and(|a| a != run.attempts) {
+        return (
+            false,
+            Err(StoreError::NotAssigned {
+                run: run.id,
+                node: node.to_owned(),
+            }),
+        );
     }
     let t = &run.times;
     let mut floor = [
@@ -250,10 +278,151 @@ pub(crate) fn expect_state(run: &Run, expected: RunState) -> Result<(), StoreErr
 
 /// A stored log row as a chunk.
 pub(crate) fn log_chunk(seq: i64, stream: &str, data: Vec<u8>) -> Result<LogChunk, StoreError> {
+    let marker = stream == MARKER_STREAM;
+    let stream = if marker {
+        LogStream::Stderr
+    } else {
+        LogStream::from_name(stream)
+            .ok_or_else(|| StoreError::Backend(format!("unknown log stream {stream:?}").into()))?
+    };
     Ok(LogChunk {
         seq: u64::try_from(seq).unwrap_or(0),
-        stream: LogStream::from_name(stream)
-            .ok_or_else(|| StoreError::Backend(format!("unknown log stream {stream:?}").into()))?,
+        stream,
         data,
+        marker,
     })
+}
+
+/// A credential must name a node and carry a SHA-256 in lower-case hex.
+pub(crate) fn check_credential(node: &str, token_sha256: &str) -> Result<(), StoreError> {
+    if node.is_empty() {
+        return Err(ModelError::Empty { what: "node id" }.into());
+    }
+    if token_sha256.len() != 64
+        || !token_sha256
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return Err(ModelError::CredentialHash.into());
+    }
+    Ok(())
+}
+
+/// The `stream` column value of a notice the control plane wrote itself
+/// ([`LogChunk::marker`]); read back as stderr.
+pub(crate) const MARKER_STREAM: &str = "marker";
+
+/// The notice appended once when a run's output reaches `max_bytes`.
+pub(crate) fn truncation_notice(max_bytes: u64) -> Vec<u8> {
+    format!(
+        "\n[ember: output truncated: this run's log reached the control plane's limit of \
+         {max_bytes} bytes; later output was dropped]\n"
+    )
+    .into_bytes()
+}
+
+/// The notice left in place of a pruned run's log.
+pub(crate) const PRUNED_NOTICE: &[u8] =
+    b"[ember: this run's log was pruned (older than the retention period, or over the log budget)]\n";
+
+/// What to store of one append of `len` bytes to a run whose log holds
+/// `stored` bytes (`truncated`: the limit was reached before).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AppendPlan {
+    /// Bytes of the append to keep (a prefix).
+    pub keep: usize,
+    /// Write the truncation notice after them.
+    pub notice: bool,
+    /// What the caller is told.
+    pub outcome: Appended,
+}
+
+/// Decides [`AppendPlan`]: everything fits, a prefix fits (then the notice
+/// follows, once), or the limit was reached before (nothing is kept).
+pub(crate) fn plan_append(stored: u64, truncated: bool, len: usize, max_bytes: u64) -> AppendPlan {
+    if truncated || stored >= max_bytes {
+        return AppendPlan {
+            keep: 0,
+            notice: !truncated,
+            outcome: if truncated {
+                Appended::Dropped
+            } else {
+                Appended::Truncated
+            },
+        };
+    }
+    let room = max_bytes - stored;
+    let len64 = u64::try_from(len).unwrap_or(u64::MAX);
+    if len64 <= room {
+        AppendPlan {
+            keep: len,
+            notice: false,
+            outcome: Appended::Stored,
+        }
+    } else {
+        AppendPlan {
+            // room < len, so it fits in usize.
+            keep: usize::try_from(room).unwrap_or(len),
+            notice: true,
+            outcome: Appended::Truncated,
+        }
+    }
+}
+
+/// Which logs to prune: `candidates` are `(run, bytes, last_append)` of
+/// the prunable logs (final runs, not pruned yet), least recently appended
+/// first; `total` is the bytes of every run's log. Returns `(run, bytes)`:
+/// every candidate older than the age limit, then more, oldest first,
+/// until the total is within the budget.
+pub(crate) fn prune_victims(
+    candidates: &[(i64, u64, Millis)],
+    total: u64,
+    retention: &LogRetention,
+    now: Millis,
+) -> Vec<(i64, u64)> {
+    let cutoff = retention.max_age_ms.map(|age| now.saturating_sub(age));
+    let mut left = total;
+    let mut out = Vec::new();
+    for &(id, bytes, at) in candidates {
+        let too_old = cutoff.is_some_and(|c| at < c);
+        let over = retention.max_total_bytes.is_some_and(|max| left > max);
+        if !too_old && !over {
+            break;
+        }
+        left = left.saturating_sub(bytes);
+        out.push((id, bytes));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_keep_what_fits_then_one_notice_then_nothing() {
+        let fits = plan_append(0, false, 10, 100);
+        assert_eq!(
+            (fits.keep, fits.notice, fits.outcome),
+            (10, false, Appended::Stored)
+        );
+        let exact = plan_append(90, false, 10, 100);
+        assert_eq!((exact.keep, exact.notice), (10, false));
+        let cut = plan_append(95, false, 10, 100);
+        assert_eq!(
+            (cut.keep, cut.notice, cut.outcome),
+            (5, true, Appended::Truncated)
+        );
+        // Full to the byte but the notice not written yet: it is written now.
+        let full = plan_append(100, false, 1, 100);
+        assert_eq!(
+            (full.keep, full.notice, full.outcome),
+            (0, true, Appended::Truncated)
+        );
+        let after = plan_append(100, true, 1, 100);
+        assert_eq!(
+            (after.keep, after.notice, after.outcome),
+            (0, false, Appended::Dropped)
+        );
+    }
 }

@@ -24,11 +24,15 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
 use crate::model::{
-    Deployment, DeploymentSpec, Millis, ModelError, Node, NodeSpec, Run, RunId, RunSpec, RunState,
+    Deployment, DeploymentSpec, Millis, ModelError, Node, NodeId, NodeSpec, Run, RunId, RunSpec,
+    RunState,
 };
 use crate::model::{LogChunk, LogStream};
 use crate::rules::{self, Commit};
-use crate::store::{ClaimRequest, Clock, RunFilter, RunReports, StateStore, StoreError, Submitted};
+use crate::store::{
+    Appended, ClaimRequest, Clock, LogRetention, Pruned, RunFilter, RunReports, StateStore,
+    StoreError, Submitted,
+};
 
 /// Schema migrations; `PRAGMA user_version` is the number applied. Append
 /// only: a released migration is never edited.
@@ -81,6 +85,30 @@ CREATE TABLE run_logs (
 CREATE INDEX run_logs_run ON run_logs (run_id, seq);
 -- the dispatcher counts active runs every round
 CREATE INDEX runs_active ON runs (state) WHERE state IN ('scheduled', 'starting', 'running');
+"#,
+    r#"
+-- per-node credentials: the SHA-256 of each bearer token, never the token
+CREATE TABLE node_credentials (
+    token_sha256    TEXT PRIMARY KEY,
+    node            TEXT NOT NULL,
+    created_at      INTEGER NOT NULL
+);
+CREATE INDEX node_credentials_node ON node_credentials (node);
+"#,
+    r#"
+-- per-run log size, for the per-run limit and pruning by age or budget;
+-- logs stored before this migration count as appended now
+CREATE TABLE run_log_sizes (
+    run_id      INTEGER PRIMARY KEY,
+    bytes       INTEGER NOT NULL,
+    last_append INTEGER NOT NULL,
+    truncated   INTEGER NOT NULL DEFAULT 0,
+    pruned      INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO run_log_sizes (run_id, bytes, last_append)
+    SELECT run_id, SUM(length(data)), CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)
+    FROM run_logs GROUP BY run_id;
+CREATE INDEX run_log_sizes_age ON run_log_sizes (last_append, run_id) WHERE pruned = 0;
 "#,
 ];
 
@@ -490,6 +518,10 @@ impl StateStore for SqliteStore {
             sql.push_str(" AND node = ?");
             args.push(Value::Text(n.clone()));
         }
+        if let Some(before) = filter.before {
+            sql.push_str(" AND id < ?");
+            args.push(Value::Integer(before.0));
+        }
         sql.push_str(" ORDER BY id DESC");
         if let Some(limit) = filter.limit {
             sql.push_str(" LIMIT ?");
@@ -631,8 +663,7 @@ impl StateStore for SqliteStore {
                     let Some(mut run) = load_run(tx, b.run)? else {
                         return Ok(Err(StoreError::RunNotFound(b.run)));
                     };
-                    let (changed, res) =
-                        rules::apply_reports(&mut run, node, &b.reports, &b.ages_ms, now);
+                    let (changed, res) = rules::apply_reports(&mut run, node, b, now);
                     if changed {
                         save_run(tx, &run)?;
                     }
@@ -683,40 +714,180 @@ impl StateStore for SqliteStore {
         id: RunId,
         stream: LogStream,
         data: &[u8],
-    ) -> Result<(), StoreError> {
-        self.write(Commit::Relaxed, |tx, _| {
+        max_bytes: u64,
+    ) -> Result<Appended, StoreError> {
+        self.write(Commit::Relaxed, |tx, now| {
             rules::check_assigned(&must_load_run(tx, id)?, node)?;
             if data.is_empty() {
-                return Ok(());
+                return Ok(Appended::Stored);
             }
-            tx.prepare_cached("INSERT INTO run_logs (run_id, stream, data) VALUES (?1, ?2, ?3)")?
-                .execute(params![id.0, stream.as_str(), data])?;
+            let (stored, truncated): (i64, bool) = tx
+                .prepare_cached("SELECT bytes, truncated FROM run_log_sizes WHERE run_id = ?1")?
+                .query_row([id.0], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?
+                .unwrap_or((0, false));
+            let stored = u64::try_from(stored).unwrap_or(0);
+            let plan = rules::plan_append(stored, truncated, data.len(), max_bytes);
+            if plan.outcome == Appended::Dropped {
+                return Ok(Appended::Dropped);
+            }
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO run_logs (run_id, stream, data) VALUES (?1, ?2, ?3)",
+            )?;
+            if plan.keep > 0 {
+                insert.execute(params![id.0, stream.as_str(), &data[..plan.keep]])?;
+            }
+            if plan.notice {
+                insert.execute(params![
+                    id.0,
+                    rules::MARKER_STREAM,
+                    rules::truncation_notice(max_bytes)
+                ])?;
+            }
+            let kept = u64::try_from(plan.keep).unwrap_or(u64::MAX);
+            tx.prepare_cached(
+                "INSERT INTO run_log_sizes (run_id, bytes, last_append, truncated, pruned)
+                 VALUES (?1, ?2, ?3, ?4, 0)
+                 ON CONFLICT (run_id) DO UPDATE SET bytes = excluded.bytes,
+                     last_append = excluded.last_append, truncated = excluded.truncated,
+                     pruned = 0",
+            )?
+            .execute(params![
+                id.0,
+                i64::try_from(stored.saturating_add(kept)).unwrap_or(i64::MAX),
+                millis_sql(now),
+                truncated || plan.notice
+            ])?;
+            Ok(plan.outcome)
+        })
+    }
+
+    fn prune_logs(&self, retention: &LogRetention) -> Result<Pruned, StoreError> {
+        if retention.max_age_ms.is_none() && retention.max_total_bytes.is_none() {
+            return Ok(Pruned::default());
+        }
+        self.write(Commit::Relaxed, |tx, now| {
+            // Candidates oldest first: the age limit takes a prefix of
+            // them, the budget as many more as it needs.
+            let rows: Vec<(i64, i64, i64)> = tx
+                .prepare_cached(
+                    "SELECT s.run_id, s.bytes, s.last_append FROM run_log_sizes s
+                     JOIN runs r ON r.id = s.run_id
+                     WHERE s.pruned = 0
+                       AND r.state IN ('succeeded', 'failed', 'cancelled', 'lost')
+                     ORDER BY s.last_append, s.run_id",
+                )?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?;
+            let total: i64 = tx
+                .prepare_cached("SELECT COALESCE(SUM(bytes), 0) FROM run_log_sizes")?
+                .query_row([], |r| r.get(0))?;
+            let victims = rules::prune_victims(
+                &rows
+                    .iter()
+                    .map(|&(id, bytes, at)| {
+                        (
+                            id,
+                            u64::try_from(bytes).unwrap_or(0),
+                            u64::try_from(at).unwrap_or(0),
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+                u64::try_from(total).unwrap_or(0),
+                retention,
+                now,
+            );
+            let mut pruned = Pruned::default();
+            for (id, bytes) in victims {
+                tx.prepare_cached("DELETE FROM run_logs WHERE run_id = ?1")?
+                    .execute([id])?;
+                tx.prepare_cached(
+                    "INSERT INTO run_logs (run_id, stream, data) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![
+                    id,
+                    rules::MARKER_STREAM,
+                    rules::PRUNED_NOTICE
+                ])?;
+                tx.prepare_cached(
+                    "UPDATE run_log_sizes SET bytes = 0, pruned = 1 WHERE run_id = ?1",
+                )?
+                .execute([id])?;
+                pruned.runs += 1;
+                pruned.bytes += bytes;
+            }
+            Ok(pruned)
+        })
+    }
+
+    fn read_log(
+        &self,
+        id: RunId,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<LogChunk>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, stream, data FROM run_logs WHERE run_id = ?1 AND seq > ?2
+             ORDER BY seq LIMIT ?3",
+        )?;
+        let mut rows = stmt.query(params![
+            id.0,
+            i64::try_from(after).unwrap_or(i64::MAX),
+            i64::try_from(limit).unwrap_or(i64::MAX)
+        ])?;
+        // Rows are stepped one at a time: stopping at the byte budget
+        // leaves the rest unread.
+        let mut chunks = Vec::new();
+        let mut bytes = 0usize;
+        while bytes < max_bytes
+            && let Some(row) = rows.next()?
+        {
+            let data: Vec<u8> = row.get(2)?;
+            bytes = bytes.saturating_add(data.len());
+            chunks.push(rules::log_chunk(
+                row.get(0)?,
+                &row.get::<_, String>(1)?,
+                data,
+            )?);
+        }
+        drop(rows);
+        drop(stmt);
+        if chunks.is_empty() && load_run(&conn, id)?.is_none() {
+            return Err(StoreError::RunNotFound(id));
+        }
+        Ok(chunks)
+    }
+
+    fn add_node_credential(&self, node: &str, token_sha256: &str) -> Result<(), StoreError> {
+        rules::check_credential(node, token_sha256)?;
+        self.write(Commit::Synced, |tx, now| {
+            tx.prepare_cached(
+                "INSERT INTO node_credentials (token_sha256, node, created_at) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![token_sha256, node, millis_sql(now)])?;
             Ok(())
         })
     }
 
-    fn read_log(&self, id: RunId, after: u64, limit: usize) -> Result<Vec<LogChunk>, StoreError> {
+    fn revoke_node_credentials(&self, node: &str) -> Result<usize, StoreError> {
+        self.write(Commit::Synced, |tx, _| {
+            Ok(tx
+                .prepare_cached("DELETE FROM node_credentials WHERE node = ?1")?
+                .execute(params![node])?)
+        })
+    }
+
+    fn node_credentials(&self) -> Result<Vec<(String, NodeId)>, StoreError> {
         let conn = self.lock()?;
-        let rows: Vec<(i64, String, Vec<u8>)> = conn
-            .prepare_cached(
-                "SELECT seq, stream, data FROM run_logs WHERE run_id = ?1 AND seq > ?2
-                 ORDER BY seq LIMIT ?3",
-            )?
-            .query_map(
-                params![
-                    id.0,
-                    i64::try_from(after).unwrap_or(i64::MAX),
-                    i64::try_from(limit).unwrap_or(i64::MAX)
-                ],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )?
-            .collect::<Result<_, _>>()?;
-        if rows.is_empty() && load_run(&conn, id)?.is_none() {
-            return Err(StoreError::RunNotFound(id));
-        }
-        rows.into_iter()
-            .map(|(seq, stream, data)| rules::log_chunk(seq, &stream, data))
-            .collect()
+        let mut stmt = conn.prepare_cached(
+            "SELECT token_sha256, node FROM node_credentials ORDER BY token_sha256",
+        )?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
     }
 
     fn mark_lost_runs(&self, stale_after_ms: Millis) -> Result<Vec<Run>, StoreError> {

@@ -138,6 +138,41 @@ pub struct RunFilter {
     pub node: Option<NodeId>,
     /// At most this many (`None`: all).
     pub limit: Option<usize>,
+    /// Only runs older than this one (ids below it): the cursor of the
+    /// next page when paging newest first.
+    pub before: Option<RunId>,
+}
+
+/// What [`StateStore::append_log`] did with the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// All of them are stored (or there were none).
+    Stored,
+    /// The run's log reached its limit with this append: what fitted is
+    /// stored, then the truncation notice (a [`LogChunk::marker`] chunk).
+    Truncated,
+    /// The limit had been reached before: nothing was stored.
+    Dropped,
+}
+
+/// Which logs [`StateStore::prune_logs`] removes. Only logs of runs in a
+/// final state are pruned; a live run's log is never cut under a follower.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogRetention {
+    /// Logs whose last append is older than this (`None`: no age limit).
+    pub max_age_ms: Option<Millis>,
+    /// Keep the logs of all runs together under this many bytes, pruning
+    /// the least recently appended first (`None`: no budget).
+    pub max_total_bytes: Option<u64>,
+}
+
+/// What [`StateStore::prune_logs`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Runs whose log was removed.
+    pub runs: usize,
+    /// Output bytes removed.
+    pub bytes: u64,
 }
 
 /// The result of [`StateStore::submit_run`].
@@ -307,18 +342,53 @@ pub trait StateStore: Send + Sync {
     /// declared lost). Appends of one run are ordered: a reader that saw a
     /// chunk never later finds an earlier one appear. Empty `data` is only
     /// checked, not stored.
+    ///
+    /// A run's log holds at most `max_bytes` of output: the append that
+    /// reaches the limit keeps what fits and is followed by one truncation
+    /// notice ([`LogChunk::marker`]); later appends are dropped
+    /// ([`Appended`] says which happened).
     fn append_log(
         &self,
         node: &str,
         id: RunId,
         stream: LogStream,
         data: &[u8],
-    ) -> Result<(), StoreError>;
+        max_bytes: u64,
+    ) -> Result<Appended, StoreError>;
+
+    /// Removes the logs `retention` selects (runs in a final state only),
+    /// leaving one notice ([`LogChunk::marker`]) in each pruned log, so a
+    /// reader learns why it is empty.
+    fn prune_logs(&self, retention: &LogRetention) -> Result<Pruned, StoreError>;
 
     /// Up to `limit` chunks of run `id`'s output after position `after`
-    /// (0: from the start), oldest first. [`StoreError::RunNotFound`] if
-    /// there is no such run.
-    fn read_log(&self, id: RunId, after: u64, limit: usize) -> Result<Vec<LogChunk>, StoreError>;
+    /// (0: from the start), oldest first, and no more chunks once they
+    /// hold `max_bytes` (the chunk that crosses it is the last; at least
+    /// one is returned when there is one), so a reader's page is bounded
+    /// in bytes too. [`StoreError::RunNotFound`] if there is no such run.
+    fn read_log(
+        &self,
+        id: RunId,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<LogChunk>, StoreError>;
+
+    /// Stores a credential of `node`: the SHA-256 (lower-case hex) of a
+    /// bearer token that opens that node's endpoints and no other node's.
+    /// The token itself is never stored. Synced: an issued credential
+    /// survives a crash. An empty node id or hash is refused.
+    fn add_node_credential(&self, node: &str, token_sha256: &str) -> Result<(), StoreError>;
+
+    /// Revokes every credential of `node`; returns how many there were.
+    /// Synced.
+    fn revoke_node_credentials(&self, node: &str) -> Result<usize, StoreError>;
+
+    /// Every credential: (token SHA-256 hex, node id), by hash. What the
+    /// server checks node requests against (it keeps a copy, reloaded
+    /// every second, so revocations through any replica take effect
+    /// everywhere within that).
+    fn node_credentials(&self) -> Result<Vec<(String, NodeId)>, StoreError>;
 
     /// Calls `wake` whenever another process sharing this database may have
     /// made runs claimable (a submit, a retry, released claims) or appended
@@ -347,6 +417,14 @@ pub struct RunReports {
     /// previous one nor after now.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ages_ms: Vec<Millis>,
+    /// The attempt the reports are about (the run's `attempts` in the
+    /// assignment the node executes). Reports of another attempt than the
+    /// run's current one are refused ([`StoreError::NotAssigned`]): a node
+    /// cut off while its attempt was declared lost and retried must not
+    /// have its late result recorded for the retry, even when the retry
+    /// came back to the same node. `None`: not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
 }
 
 impl RunReports {
@@ -356,6 +434,7 @@ impl RunReports {
             run,
             reports,
             ages_ms: Vec::new(),
+            attempt: None,
         }
     }
 }

@@ -16,15 +16,20 @@ pub enum WorkMessage {
         /// The run, with everything needed to execute it.
         run: Box<Run>,
     },
-    /// Stop this run: it was cancelled.
+    /// Stop this run: it was cancelled, or (with `attempt`) that attempt
+    /// was declared lost.
     Cancel {
         /// The run.
         run: RunId,
+        /// Only this attempt of it (a later one, retried on this node
+        /// meanwhile, runs on). Absent: whatever attempt runs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        attempt: Option<u32>,
     },
     /// Sent first on every new stream: the runs the control plane believes
     /// are starting or running on this node. A node that does not have one
-    /// (it restarted and lost it) reports it failed, so it does not stay
-    /// `running` forever.
+    /// (it restarted and lost it) reports it lost, so it does not stay
+    /// `running` forever and is retried at once while attempts remain.
     Active {
         /// The runs.
         runs: Vec<RunId>,
@@ -34,6 +39,13 @@ pub enum WorkMessage {
         /// reconnects. Absent: the server sends no keepalives.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         keepalive_ms: Option<u64>,
+        /// The runs scheduled on this node but not yet accepted, which
+        /// follow as [`WorkMessage::Assign`]s. A run the node executes that
+        /// is in neither list is no longer its own (it was lost and retried
+        /// while the node was cut off): the node stops it. Absent (an older
+        /// server): the node stops nothing.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        scheduled: Option<Vec<RunId>>,
     },
     /// Nothing to do: sent when the stream has been idle for the keepalive
     /// interval, so proxies and NATs keep the connection and the node can
@@ -76,6 +88,11 @@ pub struct LogRecord {
     /// The output's bytes (base64 on the wire).
     #[serde(with = "base64_bytes")]
     pub data: Vec<u8>,
+    /// `true` for a notice the control plane wrote, not the process: the
+    /// run's output reached the per-run limit and the rest was dropped, or
+    /// the log was pruned. Such a record's stream is stderr.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub marker: bool,
 }
 
 /// Serde for `Vec<u8>` as a standard base64 string.
@@ -123,6 +140,7 @@ mod tests {
         let rec = LogRecord {
             stream: LogStream::Stderr,
             data: vec![0xff, 0x00, 0xfe, b'\n', 0xe2, 0x82],
+            marker: false,
         };
         let line = serde_json::to_string(&rec).expect("serialise");
         assert_eq!(line, r#"{"stream":"stderr","data":"/wD+CuKC"}"#);
@@ -148,7 +166,8 @@ mod tests {
             m,
             WorkMessage::Active {
                 runs: vec![RunId(3)],
-                keepalive_ms: None
+                keepalive_ms: None,
+                scheduled: None
             }
         );
         let m: WorkMessage = serde_json::from_str(
@@ -203,4 +222,36 @@ pub struct EventResult {
     /// endpoint would have answered it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorBody>,
+}
+
+/// A credential just issued to a node (`POST /v1/nodes/{id}/credentials`):
+/// the token is shown this once (the control plane keeps only its
+/// SHA-256); it opens that node's endpoints and no other node's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCredential {
+    /// The node it is for.
+    pub node: String,
+    /// The bearer token, for `ember node --token`.
+    pub token: String,
+}
+
+/// The answer to `DELETE /v1/nodes/{id}/credentials`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedCredentials {
+    /// The node.
+    pub node: String,
+    /// How many credentials it had (all revoked now).
+    pub revoked: usize,
+}
+
+/// One page of `GET /v1/runs`: runs newest first, and where the next page
+/// starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunPage {
+    /// The runs, newest first.
+    pub runs: Vec<Run>,
+    /// Pass as `cursor` to get the next (older) page; absent on the last
+    /// page. Opaque: it is not a run id a client should rely on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }

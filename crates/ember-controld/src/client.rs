@@ -9,7 +9,9 @@ use ember_control::model::{
 };
 use serde::de::DeserializeOwned;
 
-use crate::api::{ErrorBody, EventResults, LogStream, NodeEvents, RunReports, SubmitResponse};
+use crate::api::{
+    ErrorBody, EventResults, LogStream, NodeEvents, RunPage, RunReports, SubmitResponse,
+};
 
 /// Errors talking to the control plane.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +66,12 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Serialises a request body. The model types always serialise.
 fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// `e` and its sources, `: `-separated, each said once: what a one-line
+/// message needs when the cause is several layers down.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    chain(e)
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -202,10 +210,48 @@ impl ControlClient {
         self.json("/v1/runs", req).await
     }
 
-    /// `GET /v1/runs`.
-    pub async fn runs(&self) -> Result<Vec<Run>, ClientError> {
-        self.json("/v1/runs", self.req(reqwest::Method::GET, "/v1/runs"))
+    /// `GET /v1/runs?limit=&cursor=`: one page, newest first (`limit`
+    /// `None`: the server's default page size; `cursor`: the previous
+    /// page's `next_cursor`).
+    pub async fn runs_page(
+        &self,
+        limit: Option<usize>,
+        cursor: Option<&str>,
+    ) -> Result<RunPage, ClientError> {
+        // The serializer is not Send: finish it before any await.
+        let q = {
+            let mut q = form_urlencoded::Serializer::new(String::new());
+            if let Some(l) = limit {
+                q.append_pair("limit", &l.to_string());
+            }
+            if let Some(c) = cursor {
+                q.append_pair("cursor", c);
+            }
+            q.finish()
+        };
+        let path = if q.is_empty() {
+            "/v1/runs".to_owned()
+        } else {
+            format!("/v1/runs?{q}")
+        };
+        self.json(&path, self.req(reqwest::Method::GET, &path))
             .await
+    }
+
+    /// Every run, newest first, fetched page by page (all of them end up
+    /// in memory: for tests and small clusters; page with
+    /// [`ControlClient::runs_page`] otherwise).
+    pub async fn runs(&self) -> Result<Vec<Run>, ClientError> {
+        let mut all = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let page = self.runs_page(None, cursor.as_deref()).await?;
+            all.extend(page.runs);
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => return Ok(all),
+            }
+        }
     }
 
     /// `GET /v1/runs/{id}`.
@@ -258,6 +304,26 @@ impl ControlClient {
             self.req(reqwest::Method::GET, "/v1/deployments"),
         )
         .await
+    }
+
+    /// `POST /v1/nodes/{id}/credentials`: a new credential for node `id`.
+    pub async fn issue_node_credential(
+        &self,
+        node: &str,
+    ) -> Result<crate::api::NodeCredential, ClientError> {
+        let path = format!("/v1/nodes/{node}/credentials");
+        self.json(&path, self.req(reqwest::Method::POST, &path))
+            .await
+    }
+
+    /// `DELETE /v1/nodes/{id}/credentials`: revokes all of node `id`'s.
+    pub async fn revoke_node_credentials(
+        &self,
+        node: &str,
+    ) -> Result<crate::api::RevokedCredentials, ClientError> {
+        let path = format!("/v1/nodes/{node}/credentials");
+        self.json(&path, self.req(reqwest::Method::DELETE, &path))
+            .await
     }
 
     /// `PUT /v1/nodes/{id}`: register or heartbeat.

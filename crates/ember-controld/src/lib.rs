@@ -11,9 +11,11 @@
 //! * [`node`]: registration, the persistent work stream, run execution,
 //!   pre-warmed runners and heartbeats.
 //! * [`prewarm`]: which nodes keep idle runners of which deployment.
+//! * `credentials`: per-node bearer tokens, each bound to one node id.
 
 pub mod api;
 pub mod client;
+mod credentials;
 pub mod node;
 pub mod prewarm;
 pub mod server;

@@ -27,11 +27,20 @@
 //! keepalive interval in the first line, and three intervals without a
 //! byte mean the connection is dead (a NAT or proxy dropped it without a
 //! reset). The node then reconnects with exponential backoff and the new
-//! stream's first line reconciles the runs, as after any reconnect.
+//! stream's first line reconciles the runs, as after any reconnect: runs
+//! the control plane has active here that this process does not know (an
+//! earlier process had them) are reported lost, and runs this process
+//! executes that are no longer its own (lost and retried while it was cut
+//! off) are stopped. Reports carry the attempt they are about, so a stale
+//! attempt's are refused.
+//!
+//! One node agent runs per root (`<root>/node.lock`), and each starts a
+//! watchdog process ([`watch_node`]) that destroys the runners if the
+//! agent dies without shutting down.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -72,6 +81,23 @@ pub struct NodeConfig {
     /// Interval of the liveness heartbeat (inventory changes are sent at
     /// once regardless).
     pub heartbeat: Duration,
+    /// How to start this node's watchdog ([`watch_node`] in a process of
+    /// its own), which destroys the runners if this process dies without
+    /// shutting down; `None`: no watchdog (runners of a killed node then
+    /// stay until the next node process starts on the root).
+    pub watchdog: Option<WatchdogCommand>,
+}
+
+/// The command line that runs [`watch_node`] for a node's root (the
+/// `ember` binary knows its own subcommand for it). It is started with
+/// its standard input the read end of a pipe whose write end only the
+/// node process holds.
+#[derive(Debug, Clone)]
+pub struct WatchdogCommand {
+    /// The executable.
+    pub program: PathBuf,
+    /// Its arguments.
+    pub args: Vec<std::ffi::OsString>,
 }
 
 /// Errors that stop the node agent.
@@ -89,11 +115,182 @@ pub enum NodeError {
     /// The control plane refused us.
     #[error(transparent)]
     Control(#[from] ClientError),
+    /// The node's root could not be locked, or the watchdog started.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The failure.
+        source: std::io::Error,
+    },
+    /// Another node agent is running on this root.
+    #[error("another node agent holds {}", .0.display())]
+    RootInUse(PathBuf),
+}
+
+/// `<root>/node.lock`: `flock`ed by the node agent for its whole life (and
+/// briefly by a watchdog cleaning up after a dead one), so one root has
+/// one node agent at a time and a watchdog can tell whether a new agent
+/// has taken over.
+const NODE_LOCK: &str = "node.lock";
+
+/// How long a starting node waits for the root's lock: a dead
+/// predecessor's watchdog holds it while it destroys the old runners.
+const ROOT_LOCK_WAIT: Duration = Duration::from_secs(60);
+
+/// Tries to take `<root>/node.lock` without waiting; `Ok(None)` if another
+/// process holds it. The descriptor is close-on-exec (std's default), so
+/// runc and the containers never hold it after this process dies.
+fn try_lock_root(root: &Path) -> Result<Option<std::fs::File>, NodeError> {
+    std::fs::create_dir_all(root).map_err(|source| NodeError::Io {
+        what: "creating",
+        path: root.to_path_buf(),
+        source,
+    })?;
+    let path = root.join(NODE_LOCK);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| NodeError::Io {
+            what: "opening",
+            path: path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(source)) => Err(NodeError::Io {
+            what: "locking",
+            path,
+            source,
+        }),
+    }
+}
+
+/// Takes `<root>/node.lock`, waiting up to [`ROOT_LOCK_WAIT`] for a
+/// watchdog that is still cleaning up after a dead predecessor.
+async fn lock_root(root: &Path) -> Result<std::fs::File, NodeError> {
+    let deadline = Instant::now() + ROOT_LOCK_WAIT;
+    loop {
+        if let Some(f) = try_lock_root(root)? {
+            return Ok(f);
+        }
+        if Instant::now() >= deadline {
+            return Err(NodeError::RootInUse(root.join(NODE_LOCK)));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How long a watchdog waits for a dead agent's root lock to be free.
+const WATCHDOG_LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// The pool's configuration for a node root; the same for the node and
+/// for its watchdog, so both see the same runners.
+fn pool_config(root: &Path, agent: &Path, store: Store, slots: u32) -> PoolConfig {
+    let mut pool_cfg = PoolConfig::new(root.join("pool"), Runc::new(root.join("runc")), agent);
+    pool_cfg.store = Some(store);
+    pool_cfg.max_runners = (slots as usize * 2).max(4);
+    pool_cfg
+}
+
+/// Starts `cmd` with its stdin the read end of a new pipe; returns the
+/// write end, which the node keeps (close-on-exec) until it returns.
+fn spawn_watchdog(cmd: &WatchdogCommand) -> Result<std::io::PipeWriter, NodeError> {
+    use std::os::unix::process::CommandExt;
+    let err = |what| {
+        let path = cmd.program.clone();
+        move |source| NodeError::Io { what, path, source }
+    };
+    let (reader, writer) = std::io::pipe().map_err(err("making a pipe for"))?;
+    let mut child = std::process::Command::new(&cmd.program)
+        .args(&cmd.args)
+        .stdin(reader)
+        .stdout(std::process::Stdio::null())
+        // Its own process group: a Ctrl-C meant for the node (which then
+        // cleans up itself) or a signal to the node's group leaves it be.
+        .process_group(0)
+        .spawn()
+        .map_err(err("starting the watchdog"))?;
+    // Reaped when it ends (after this process's runners are gone).
+    std::thread::spawn(move || child.wait());
+    Ok(writer)
+}
+
+/// What [`watch_node`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WatchReport {
+    /// A new node agent had the root already: it cleans up itself.
+    pub taken_over: bool,
+    /// Runners of the dead node destroyed.
+    pub runners: Vec<String>,
+}
+
+/// The watchdog of a node agent: blocks until `stdin` reaches its end (the
+/// node process has exited, however it exited: the kernel closes its end
+/// of the pipe even after `kill -9`), then, unless a new node agent holds
+/// the root already, destroys every runner the dead one left (thawing
+/// frozen ones first: a frozen task ignores even SIGKILL) and removes its
+/// store's temporary work, under the root's lock so a node starting
+/// meanwhile waits for it. After a clean shutdown there is nothing left to
+/// destroy. Runs in a process of its own (`ember node` starts it), never
+/// inside the node.
+///
+/// There is no grace period: nothing adopts a dead node's runners (a
+/// restarted node destroys them at start too), so a run whose node agent
+/// died is over, and its container is stopped as soon as that is known;
+/// the control plane retries the run.
+pub fn watch_node(
+    root: &Path,
+    agent: &Path,
+    mut stdin: impl std::io::Read,
+) -> Result<WatchReport, NodeError> {
+    let mut buf = [0u8; 64];
+    loop {
+        match stdin.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // A broken pipe is an ended one.
+            Err(_) => break,
+        }
+    }
+    // The dying agent closes its descriptors one by one: the pipe may end
+    // a moment before its lock is let go. Still held after a while, the
+    // lock is a new agent's, which recovers the leftovers itself.
+    let deadline = Instant::now() + WATCHDOG_LOCK_WAIT;
+    let lock = loop {
+        if let Some(lock) = try_lock_root(root)? {
+            break lock;
+        }
+        if Instant::now() >= deadline {
+            return Ok(WatchReport {
+                taken_over: true,
+                runners: Vec::new(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let store = Store::open(root)?;
+    let pool = Pool::new(pool_config(root, agent, store, 1))?;
+    let recovered = pool.recover();
+    pool.shutdown();
+    drop(lock);
+    Ok(WatchReport {
+        taken_over: false,
+        runners: recovered?.runners,
+    })
 }
 
 /// Cancellation state of one run on this node.
 #[derive(Default)]
 struct RunHandle {
+    /// The attempt being executed (the assignment's `attempts`).
+    attempt: u32,
     cancelled: AtomicBool,
     /// The exec to signal, once started.
     exec: Mutex<Option<(Canceller, u64)>>,
@@ -171,14 +368,13 @@ pub async fn run_node(
     cfg: NodeConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), NodeError> {
+    // One agent per root, and never beside a watchdog still cleaning up
+    // after a dead predecessor: held until this function returns.
+    let _root_lock = lock_root(&cfg.root).await?;
+    // Its end of the pipe closes when this process ends, however it ends.
+    let _watchdog = cfg.watchdog.as_ref().map(spawn_watchdog).transpose()?;
     let store = Store::open(&cfg.root)?;
-    let mut pool_cfg = PoolConfig::new(
-        cfg.root.join("pool"),
-        Runc::new(cfg.root.join("runc")),
-        &cfg.agent,
-    );
-    pool_cfg.store = Some(store.clone());
-    pool_cfg.max_runners = (cfg.slots as usize * 2).max(4);
+    let pool_cfg = pool_config(&cfg.root, &cfg.agent, store.clone(), cfg.slots);
     let pool = Arc::new(Pool::new(pool_cfg)?);
     let recovered = pool.recover()?;
     if !recovered.runners.is_empty() {
@@ -294,19 +490,30 @@ impl Agent {
         self.client.put_node(&spec).await.map(|_| ())
     }
 
-    async fn report(&self, run: RunId, r: NodeReport) {
-        self.report_all(run, vec![(r, Instant::now())]).await;
+    /// Reports on `run`; `attempt` (the assignment's `attempts`) fences
+    /// the report against a later attempt of the same run.
+    async fn report(&self, run: RunId, attempt: Option<u32>, r: NodeReport) {
+        self.report_all(run, attempt, vec![(r, Instant::now())])
+            .await;
     }
 
     /// Hands `reports` (in order) to the reporter and waits until they are
     /// through (applied, refused, or given up on), so what the caller sends
     /// next reaches the control plane after them.
-    async fn report_all(&self, run: RunId, reports: Vec<(NodeReport, Instant)>) {
+    async fn report_all(
+        &self,
+        run: RunId,
+        attempt: Option<u32>,
+        reports: Vec<(NodeReport, Instant)>,
+    ) {
         tracing::debug!(run = %run, ?reports, "reporting");
         let (done, through) = oneshot::channel();
         let (reports, at): (Vec<_>, Vec<_>) = reports.into_iter().unzip();
         let job = ReportJob {
-            reports: RunReports::new(run, reports),
+            reports: RunReports {
+                attempt,
+                ..RunReports::new(run, reports)
+            },
             at,
             done,
         };
@@ -505,12 +712,24 @@ async fn work_once(agent: &Arc<Agent>, connected: &mut bool) -> Result<(), Clien
 fn handle(agent: &Arc<Agent>, msg: WorkMessage) {
     match msg {
         WorkMessage::Assign { run } => {
-            let handle = Arc::new(RunHandle::default());
+            let handle = Arc::new(RunHandle {
+                attempt: run.attempts,
+                ..RunHandle::default()
+            });
             {
                 let mut runs = agent.runs.lock().unwrap_or_else(|e| e.into_inner());
-                if runs.contains_key(&run.id) {
-                    // Sent again after a reconnect; already ours.
-                    return;
+                if let Some(old) = runs.get(&run.id) {
+                    if old.attempt == run.attempts {
+                        // Sent again after a reconnect; already ours.
+                        return;
+                    }
+                    // An earlier attempt, which the control plane gave up
+                    // on (lost while this node was cut off) and retried
+                    // here: stop it (its reports are refused by now) and
+                    // run the new one.
+                    tracing::warn!(run = %run.id, old = old.attempt, new = run.attempts, "a new attempt of a run still executing here; stopping the old one");
+                    let old = old.clone();
+                    tokio::task::spawn_blocking(move || old.cancel());
                 }
                 runs.insert(run.id, handle.clone());
             }
@@ -520,35 +739,59 @@ fn handle(agent: &Arc<Agent>, msg: WorkMessage) {
                 let id = run.id;
                 let permit = agent.slots.clone().acquire_owned().await;
                 tracing::debug!(run = %id, "slot taken");
-                execute(&agent, *run, handle).await;
+                execute(&agent, *run, handle.clone()).await;
                 drop(permit);
-                agent
-                    .runs
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
+                let mut runs = agent.runs.lock().unwrap_or_else(|e| e.into_inner());
+                // Not a newer attempt's entry.
+                if runs.get(&id).is_some_and(|h| Arc::ptr_eq(h, &handle)) {
+                    runs.remove(&id);
+                }
             });
         }
-        WorkMessage::Active { runs, .. } => {
-            let lost: Vec<RunId> = {
+        WorkMessage::Active {
+            runs, scheduled, ..
+        } => {
+            let (lost, stale): (Vec<RunId>, Vec<(RunId, Arc<RunHandle>)>) = {
                 let mine = agent.runs.lock().unwrap_or_else(|e| e.into_inner());
-                runs.into_iter().filter(|r| !mine.contains_key(r)).collect()
+                // Everything here came before this stream: what the control
+                // plane no longer gives this node (lost while it was cut
+                // off, and retried elsewhere) must stop, not run on beside
+                // the retry.
+                let stale = match &scheduled {
+                    Some(scheduled) => mine
+                        .iter()
+                        .filter(|(id, _)| !runs.contains(id) && !scheduled.contains(id))
+                        .map(|(id, h)| (*id, h.clone()))
+                        .collect(),
+                    None => Vec::new(),
+                };
+                let lost = runs.into_iter().filter(|r| !mine.contains_key(r)).collect();
+                (lost, stale)
             };
+            for (id, h) in stale {
+                tracing::warn!(run = %id, "the control plane no longer gives this node the run; stopping it");
+                tokio::task::spawn_blocking(move || h.cancel());
+            }
             for id in lost {
                 let agent = agent.clone();
                 tokio::spawn(async move {
-                    tracing::warn!(run = %id, "the control plane has a run this node does not know; failing it");
+                    // Its process went with an earlier node process (whose
+                    // runners this one destroyed at start): the run is lost,
+                    // not failed, and the control plane retries it at once
+                    // while attempts remain.
+                    tracing::warn!(run = %id, "the control plane has a run this node does not know; reporting it lost");
                     let error = "the node restarted while the run was active".to_owned();
-                    agent.report(id, NodeReport::Failed { error }).await;
+                    agent.report(id, None, NodeReport::Lost { error }).await;
                 });
             }
         }
-        WorkMessage::Cancel { run } => {
+        WorkMessage::Cancel { run, attempt } => {
             let h = agent
                 .runs
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .get(&run)
+                .filter(|h| attempt.is_none_or(|a| a == h.attempt))
                 .cloned();
             if let Some(h) = h {
                 tokio::task::spawn_blocking(move || h.cancel());
@@ -720,6 +963,7 @@ const MILESTONE_HOLD: Duration = Duration::from_millis(5);
 
 async fn execute(agent: &Arc<Agent>, run: Run, handle: Arc<RunHandle>) {
     let id = run.id;
+    let at = Some(run.attempts);
     let cached = agent
         .images
         .lock()
@@ -729,12 +973,12 @@ async fn execute(agent: &Arc<Agent>, run: Run, handle: Arc<RunHandle>) {
     // acceptance: one request per run fewer. A pull may take seconds, so
     // then the control plane hears first that the run was taken.
     if !cached {
-        agent.report(id, NodeReport::Accepted).await;
+        agent.report(id, at, NodeReport::Accepted).await;
     }
     let record = match ensure_image(agent, &run.image).await {
         Ok(r) => r,
         Err(error) => {
-            agent.report(id, NodeReport::Failed { error }).await;
+            agent.report(id, at, NodeReport::Failed { error }).await;
             return;
         }
     };
@@ -781,7 +1025,7 @@ async fn execute(agent: &Arc<Agent>, run: Run, handle: Arc<RunHandle>) {
                 Event::Report(r, at) => reports.push((r, at)),
                 Event::Output(stream, data) => {
                     if !reports.is_empty() {
-                        agent.report_all(id, std::mem::take(&mut reports)).await;
+                        agent.report_all(id, at, std::mem::take(&mut reports)).await;
                     }
                     if let Err(e) = agent
                         .client
@@ -794,13 +1038,14 @@ async fn execute(agent: &Arc<Agent>, run: Run, handle: Arc<RunHandle>) {
             }
         }
         if !reports.is_empty() {
-            agent.report_all(id, reports).await;
+            agent.report_all(id, at, reports).await;
         }
     }
     if let Err(e) = exec.await {
         agent
             .report(
                 id,
+                at,
                 NodeReport::Failed {
                     error: format!("executor failed: {e}"),
                 },
@@ -910,7 +1155,10 @@ fn exec_blocking(
         Ok(r) => r,
         Err(e) => {
             agent.pool.release(lease, Outcome::Failed);
-            return Err(format!("exec: {e}"));
+            // The whole chain: "exec in runner ..." alone hides why the
+            // agent refused (a bad environment entry, an argv it cannot
+            // pass on).
+            return Err(format!("exec: {}", crate::client::error_chain(&e)));
         }
     };
     // A non-zero exit is the program's answer, not a sign the runner is

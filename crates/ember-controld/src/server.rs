@@ -40,19 +40,21 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+
+use crate::credentials::{self, Credentials};
 use bytes::Bytes;
 use ember_control::model::{
     DeploymentSpec, LogChunk, NodeId, NodeReport, NodeSpec, Run, RunId, RunSpec, RunState,
 };
 use ember_control::schedule::{BatchScheduler, ClusterView, RunRequirements};
 use ember_control::store::{ClaimRequest, RunFilter, Submitted};
-use ember_control::{Clock, StateStore, StoreError, StoreEvent};
+use ember_control::{Appended, Clock, LogRetention, StateStore, StoreError, StoreEvent};
 use serde::Serialize;
 use tokio::sync::{Notify, broadcast, mpsc};
 
 use crate::api::{
-    ErrorBody, EventResult, EventResults, LogRecord, LogStream, MAX_EVENT_BATCH, NodeEvents,
-    RunReports, SubmitResponse, WorkMessage,
+    ErrorBody, EventResult, EventResults, LogRecord, LogStream, MAX_EVENT_BATCH, NodeCredential,
+    NodeEvents, RevokedCredentials, RunPage, RunReports, SubmitResponse, WorkMessage,
 };
 use crate::prewarm;
 
@@ -63,8 +65,15 @@ const CLAIM_BATCH: usize = 64;
 /// A claim's lease: a dispatcher that dies holding claims strands them for
 /// at most this long.
 const CLAIM_LEASE_MS: u64 = 30_000;
-/// Log chunks read from the store at a time.
+/// Log chunks read from the store at a time, at most...
 const LOG_PAGE: usize = 256;
+/// ...and about this many bytes of output (one chunk more at most): a log
+/// read holds one page at a time, however long the log is.
+const LOG_PAGE_BYTES: usize = 1 << 20;
+/// Runs in a `GET /v1/runs` page when the client does not say.
+pub const DEFAULT_PAGE: usize = 100;
+/// The most runs one `GET /v1/runs` page may ask for.
+pub const MAX_PAGE: usize = 1000;
 /// How long a stopping server lets requests in flight finish before it
 /// closes their connections (work streams would never finish).
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
@@ -74,8 +83,14 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
 pub struct ServerConfig {
     /// Bearer token clients must send; `None` accepts any client.
     pub client_token: Option<String>,
-    /// Bearer token nodes must send; `None` accepts any node.
+    /// A bearer token any node may send (one secret for every node: for
+    /// `ember up` and single-machine setups); `None`: no shared token.
     pub node_token: Option<String>,
+    /// Node requests must carry a credential issued to that node
+    /// (`POST /v1/nodes/{id}/credentials`) or the shared `node_token`.
+    /// Without this and without `node_token` any node is accepted. Either
+    /// way an issued credential only ever opens its own node's endpoints.
+    pub require_node_credentials: bool,
     /// A node whose last heartbeat is older than this is lost, and so are
     /// its runs.
     pub heartbeat_timeout: Duration,
@@ -84,6 +99,22 @@ pub struct ServerConfig {
     /// A work stream with nothing to send for this long gets a keepalive
     /// line; nodes treat three intervals of silence as a dead stream.
     pub keepalive: Duration,
+    /// The most bytes one run (or deployment) may carry in its environment
+    /// and command line together (every key, value and argument): a
+    /// bigger submit is refused with 413 `too_large`. Every list page
+    /// holds whole runs, so this is what bounds a page's size.
+    pub max_env_bytes: usize,
+    /// The largest request body of `POST /v1/runs` and
+    /// `POST /v1/deployments`; a bigger one is answered 413 `too_large`
+    /// before it is read whole.
+    pub max_request_bytes: usize,
+    /// The most output the control plane keeps of one run; what comes
+    /// after is dropped and the log ends with a truncation notice.
+    pub max_log_bytes: u64,
+    /// Which finished runs' logs the pruner removes.
+    pub log_retention: LogRetention,
+    /// How often the pruner applies `log_retention`.
+    pub prune_interval: Duration,
     /// Header and idle timeouts and the connection cap of the HTTP server
     /// ([`ember_http`]). Work streams and log follows have a request in
     /// flight, so the idle timeout never cuts them.
@@ -92,15 +123,26 @@ pub struct ServerConfig {
 
 impl ServerConfig {
     /// Defaults: no tokens, 15 s heartbeat timeout checked every second,
-    /// a keepalive after 10 s of silence on a work stream, and
-    /// [`ember_http::Limits::new`].
+    /// a keepalive after 10 s of silence on a work stream; 64 KiB of
+    /// environment and command per run, 1 MiB request bodies, 64 MiB of
+    /// output per run, logs of finished runs kept 7 days and 8 GiB in
+    /// all, pruned every minute; [`ember_http::Limits::new`] connections.
     pub fn new() -> Self {
         ServerConfig {
             client_token: None,
             node_token: None,
+            require_node_credentials: false,
             heartbeat_timeout: Duration::from_secs(15),
             reap_interval: Duration::from_secs(1),
             keepalive: Duration::from_secs(10),
+            max_env_bytes: 64 << 10,
+            max_request_bytes: 1 << 20,
+            max_log_bytes: 64 << 20,
+            log_retention: LogRetention {
+                max_age_ms: Some(7 * 24 * 3600 * 1000),
+                max_total_bytes: Some(8 << 30),
+            },
+            prune_interval: Duration::from_secs(60),
             http: ember_http::Limits::new(),
         }
     }
@@ -135,12 +177,18 @@ pub enum ApiError {
     /// Missing or wrong bearer token (401).
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    /// A valid credential used for something it does not cover (403).
+    #[error("{0}")]
+    Forbidden(String),
     /// No such resource (404).
     #[error("{0}")]
     NotFound(String),
     /// The request conflicts with the current state (409).
     #[error("{0}")]
     Conflict(String),
+    /// The request, or what it would store, is over a limit (413).
+    #[error("{0}")]
+    TooLarge(String),
     /// The server failed (500); the detail is logged, not sent.
     #[error("internal error")]
     Internal(String),
@@ -151,8 +199,10 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -226,6 +276,9 @@ struct WorkStream {
     /// stream's teardown does not remove the new one.
     conn: u64,
     tx: mpsc::UnboundedSender<WorkMessage>,
+    /// The hash of the node credential that opened it, if one did: the
+    /// stream is closed when that credential is revoked.
+    credential: Option<String>,
 }
 
 struct AppState {
@@ -241,6 +294,8 @@ struct AppState {
     prewarm: Notify,
     streams: Mutex<HashMap<NodeId, WorkStream>>,
     next_conn: AtomicU64,
+    /// Per-node credentials, as of the last reload.
+    credentials: Credentials,
     /// A run id each time a run's log grows or the run changes state, for
     /// log followers.
     log_events: broadcast::Sender<RunId>,
@@ -281,21 +336,26 @@ impl AppState {
     }
 }
 
-fn check_token(headers: &HeaderMap, want: &Option<String>) -> Result<(), ApiError> {
-    let Some(want) = want else { return Ok(()) };
-    let got = headers
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    // Constant-time comparison: the token is a secret.
-    let ok = got.is_some_and(|g| {
-        g.len() == want.len()
-            && g.bytes()
-                .zip(want.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    });
-    if ok {
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// Constant-time comparison: the token is a secret.
+fn same_secret(got: &str, want: &str) -> bool {
+    got.len() == want.len()
+        && got
+            .bytes()
+            .zip(want.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+fn check_token(headers: &HeaderMap, want: &Option<String>) -> Result<(), ApiError> {
+    let Some(want) = want else { return Ok(()) };
+    if bearer(headers).is_some_and(|g| same_secret(g, want)) {
         Ok(())
     } else {
         Err(ApiError::Unauthorized)
@@ -306,8 +366,73 @@ fn client_auth(s: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
     check_token(headers, &s.config.client_token)
 }
 
-fn node_auth(s: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
-    check_token(headers, &s.config.node_token)
+/// Checks a request on `node`'s endpoints: the shared node token (any
+/// node), else a credential issued to `node` (one issued to another node
+/// is 403), else nothing only when neither is configured. Returns the hash
+/// of the credential used, if one was.
+async fn node_auth(
+    s: &Shared,
+    headers: &HeaderMap,
+    node: &str,
+) -> Result<Option<String>, ApiError> {
+    let got = bearer(headers);
+    if let (Some(want), Some(got)) = (&s.config.node_token, got)
+        && same_secret(got, want)
+    {
+        return Ok(None);
+    }
+    if let Some(got) = got {
+        let h = credentials::hash(got);
+        let mut owner = s.credentials.owner(&h);
+        // Issued through another replica since the last reload, perhaps.
+        if owner.is_none() && s.credentials.may_reload() {
+            reload_credentials(s).await?;
+            owner = s.credentials.owner(&h);
+        }
+        match owner {
+            Some(o) if o == node => return Ok(Some(h)),
+            Some(o) => {
+                tracing::warn!(credential_of = %o, path_node = %node, "a node credential used for another node");
+                return Err(ApiError::Forbidden(format!(
+                    "this credential is not node {node:?}'s"
+                )));
+            }
+            None => {}
+        }
+    }
+    if s.config.node_token.is_none() && !s.config.require_node_credentials {
+        return Ok(None);
+    }
+    Err(ApiError::Unauthorized)
+}
+
+/// Reloads the credential table from the store and closes the work
+/// streams whose credential is gone (revoked, through any replica).
+async fn reload_credentials(s: &Shared) -> Result<(), ApiError> {
+    let rows = s.db(|st| st.node_credentials()).await?;
+    s.credentials.replace(rows);
+    let revoked: Vec<NodeId> = {
+        let streams = s.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams
+            .iter()
+            .filter(|(_, w)| {
+                w.credential
+                    .as_ref()
+                    .is_some_and(|h| s.credentials.owner(h).is_none())
+            })
+            .map(|(n, _)| n.clone())
+            .collect()
+    };
+    if !revoked.is_empty() {
+        let mut streams = s.streams.lock().unwrap_or_else(|e| e.into_inner());
+        for n in revoked {
+            // Dropping the sender ends the stream.
+            if streams.remove(&n).is_some() {
+                tracing::warn!(node = %n, "closed a work stream: its credential was revoked");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
@@ -318,25 +443,97 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result
         .map_err(|e| ApiError::BadRequest(format!("invalid {what} JSON: {e}")))
 }
 
-/// Parses `run-7` or `7`.
+/// Parses `run-7` or `7`: decimal digits only (no sign, no spaces), at
+/// most 18 of them, as the OpenAPI document's pattern says.
 pub fn parse_run_id(s: &str) -> Option<RunId> {
-    s.strip_prefix("run-").unwrap_or(s).parse().ok().map(RunId)
+    let digits = s.strip_prefix("run-").unwrap_or(s);
+    if digits.is_empty() || digits.len() > 18 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().map(RunId)
 }
 
 fn run_id(s: &str) -> Result<RunId, ApiError> {
     parse_run_id(s).ok_or_else(|| ApiError::BadRequest(format!("invalid run id {s:?}")))
 }
 
+/// The query's `key=value` pairs, percent-decoded (and `+` read as a
+/// space), as `application/x-www-form-urlencoded` says: `?deployment=x%20y`
+/// names the deployment `x y`.
 fn query_pairs(uri: &Uri) -> Vec<(String, String)> {
-    uri.query()
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) => (k.to_owned(), v.to_owned()),
-            None => (p.to_owned(), String::new()),
-        })
+    form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+        .into_owned()
         .collect()
+}
+
+/// Bytes of a run's or deployment's environment and command line: what
+/// [`ServerConfig::max_env_bytes`] limits.
+fn env_bytes<'a>(
+    env: &std::collections::BTreeMap<String, String>,
+    command: impl IntoIterator<Item = &'a String>,
+) -> usize {
+    env.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        + command.into_iter().map(String::len).sum::<usize>()
+}
+
+fn check_env_size(s: &Shared, what: &str, bytes: usize) -> Result<(), ApiError> {
+    let max = s.config.max_env_bytes;
+    if bytes > max {
+        return Err(ApiError::TooLarge(format!(
+            "the {what}'s environment and command line are {bytes} bytes; at most {max} are accepted"
+        )));
+    }
+    Ok(())
+}
+
+/// Answers every error that did not come from a handler (a body over the
+/// limit, a wrong method, a panic caught by the framework) with the
+/// documented `{error, message}` object instead of the framework's plain
+/// text, so clients parse one error shape.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_owned();
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::CONFLICT => "conflict",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let message = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => format!("request body too large ({text})"),
+        _ if text.is_empty() => status
+            .canonical_reason()
+            .unwrap_or("request failed")
+            .to_owned(),
+        _ => text,
+    };
+    let mut out = json_response(
+        status,
+        &ErrorBody {
+            error: code.to_owned(),
+            message,
+        },
+    );
+    // Keep what the framework said beyond the body (`Allow` on a 405).
+    for (k, v) in &parts.headers {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
 }
 
 /// Serves the API on `listener` until `shutdown` completes; then requests
@@ -360,6 +557,7 @@ pub async fn serve(
         prewarm: Notify::new(),
         streams: Mutex::new(HashMap::new()),
         next_conn: AtomicU64::new(1),
+        credentials: Credentials::default(),
         log_events,
         submits,
     });
@@ -411,17 +609,27 @@ pub async fn serve(
 }
 
 fn router(state: Shared) -> Router {
+    let body_limit = axum::extract::DefaultBodyLimit::max(state.config.max_request_bytes);
     Router::new()
-        .route("/v1/runs", post(submit_run).get(list_runs))
+        .route(
+            "/v1/runs",
+            post(submit_run).layer(body_limit).get(list_runs),
+        )
         .route("/v1/runs/{id}", get(get_run))
         .route("/v1/runs/{id}/cancel", post(cancel_run))
         .route("/v1/runs/{id}/logs", get(get_logs))
         .route(
             "/v1/deployments",
-            post(create_deployment).get(list_deployments),
+            post(create_deployment)
+                .layer(body_limit)
+                .get(list_deployments),
         )
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", put(put_node))
+        .route(
+            "/v1/nodes/{id}/credentials",
+            post(issue_credential).delete(revoke_credentials),
+        )
         .route("/v1/nodes/{id}/work", get(work_stream))
         .route("/v1/nodes/{id}/events", post(node_events))
         .route("/v1/nodes/{id}/runs/{run}/events", post(node_event))
@@ -429,6 +637,7 @@ fn router(state: Shared) -> Router {
         .fallback(|uri: Uri| async move {
             ApiError::NotFound(format!("no such endpoint: {}", uri.path()))
         })
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
 }
 
@@ -441,6 +650,7 @@ async fn submit_run(
 ) -> Result<Response, ApiError> {
     client_auth(&s, &headers)?;
     let mut spec: RunSpec = parse_json(&body, "run")?;
+    check_env_size(&s, "run", env_bytes(&spec.env, &spec.command))?;
     if let Some(key) = headers.get("idempotency-key") {
         let key = key
             .to_str()
@@ -448,9 +658,24 @@ async fn submit_run(
         if key.is_empty() {
             return Err(ApiError::BadRequest("Idempotency-Key is empty".into()));
         }
+        // Printable ASCII, as the document's pattern says (to_str lets a
+        // tab through).
+        if !key.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+            return Err(ApiError::BadRequest(
+                "Idempotency-Key must be printable ASCII".into(),
+            ));
+        }
+        if key.len() > MAX_IDEMPOTENCY_KEY {
+            return Err(ApiError::BadRequest(format!(
+                "Idempotency-Key is {} bytes; at most {MAX_IDEMPOTENCY_KEY}",
+                key.len()
+            )));
+        }
         match &spec.idempotency_key {
+            // Two different keys for one request: a conflict, like a key
+            // reused for another spec.
             Some(k) if k != key => {
-                return Err(ApiError::BadRequest(format!(
+                return Err(ApiError::Conflict(format!(
                     "Idempotency-Key header {key:?} differs from the body's {k:?}"
                 )));
             }
@@ -478,13 +703,19 @@ async fn submit_run(
     ))
 }
 
+/// `GET /v1/runs`: one page of runs, newest first, at most `limit`
+/// ([`DEFAULT_PAGE`], at most [`MAX_PAGE`]), with the cursor of the next
+/// page when there may be one.
 async fn list_runs(
     State(s): State<Shared>,
     headers: HeaderMap,
     uri: Uri,
 ) -> Result<Response, ApiError> {
     client_auth(&s, &headers)?;
-    let mut filter = RunFilter::default();
+    let mut filter = RunFilter {
+        limit: Some(DEFAULT_PAGE),
+        ..RunFilter::default()
+    };
     for (k, v) in query_pairs(&uri) {
         match k.as_str() {
             "state" => {
@@ -497,9 +728,23 @@ async fn list_runs(
             "deployment" => filter.deployment = Some(v),
             "node" => filter.node = Some(v),
             "limit" => {
-                filter.limit = Some(v.parse().map_err(|_| {
-                    ApiError::BadRequest(format!("limit must be a number, not {v:?}"))
-                })?)
+                let n: usize = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::BadRequest(format!(
+                            "limit must be a number from 1 to {MAX_PAGE}, not {v:?}"
+                        ))
+                    })?;
+                filter.limit = Some(n);
+            }
+            "cursor" => {
+                filter.before = Some(parse_run_id(&v).ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "invalid cursor {v:?} (pass next_cursor of the previous page)"
+                    ))
+                })?);
             }
             other => {
                 return Err(ApiError::BadRequest(format!(
@@ -508,8 +753,17 @@ async fn list_runs(
             }
         }
     }
+    let limit = filter.limit.unwrap_or(DEFAULT_PAGE);
     let runs = s.db(move |st| st.list_runs(&filter)).await?;
-    Ok(json_response(StatusCode::OK, &runs))
+    // A full page may have more behind it; the cursor is the last run's id
+    // (the next page holds older runs), opaque to clients.
+    let next_cursor = (runs.len() == limit)
+        .then(|| runs.last().map(|r| r.id.0.to_string()))
+        .flatten();
+    Ok(json_response(
+        StatusCode::OK,
+        &RunPage { runs, next_cursor },
+    ))
 }
 
 async fn get_run(
@@ -555,7 +809,13 @@ async fn cancel_run(
                 if let Some(node) = &run.node
                     && from.is_active()
                 {
-                    s.push(node, WorkMessage::Cancel { run: id });
+                    s.push(
+                        node,
+                        WorkMessage::Cancel {
+                            run: id,
+                            attempt: None,
+                        },
+                    );
                 }
                 let _ = s.log_events.send(id);
                 // The cancelled run's slot is free.
@@ -597,22 +857,6 @@ async fn get_logs(
     if s.db(move |st| st.get_run(id)).await?.is_none() {
         return Err(ApiError::NotFound(format!("{id} not found")));
     }
-    if !follow {
-        let mut body = Vec::new();
-        let mut after = 0;
-        loop {
-            let chunks = s.db(move |st| st.read_log(id, after, LOG_PAGE)).await?;
-            let Some(last) = chunks.last() else { break };
-            after = last.seq;
-            records(&chunks, &mut body)?;
-        }
-        return Ok((
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/x-ndjson")],
-            Body::from(body),
-        )
-            .into_response());
-    }
     struct Follow {
         s: Shared,
         id: RunId,
@@ -620,16 +864,20 @@ async fn get_logs(
         rx: broadcast::Receiver<RunId>,
         done: bool,
         /// The run was seen final: what the next read finds is all
-        /// there will be.
+        /// there will be. A read without `follow` starts so: it ends at
+        /// the first empty page.
         final_seen: bool,
     }
+    // Both kinds of read stream the log a page at a time (at most
+    // LOG_PAGE_BYTES held per reader), so a long log is never built in
+    // memory whole.
     let st = Follow {
         s,
         id,
         after: 0,
         rx,
         done: false,
-        final_seen: false,
+        final_seen: !follow,
     };
     let stream = futures_util::stream::unfold(st, |mut f| async move {
         loop {
@@ -637,7 +885,11 @@ async fn get_logs(
                 return None;
             }
             let (id, after) = (f.id, f.after);
-            match f.s.db(move |st| st.read_log(id, after, LOG_PAGE)).await {
+            match f
+                .s
+                .db(move |st| st.read_log(id, after, LOG_PAGE, LOG_PAGE_BYTES))
+                .await
+            {
                 Ok(chunks) if !chunks.is_empty() => {
                     f.after = chunks.last().map_or(f.after, |c| c.seq);
                     let mut out = Vec::new();
@@ -694,6 +946,7 @@ fn records(chunks: &[LogChunk], out: &mut Vec<u8>) -> Result<(), ApiError> {
         let record = LogRecord {
             stream: c.stream,
             data: c.data.clone(),
+            marker: c.marker,
         };
         serde_json::to_writer(&mut *out, &record)
             .map_err(|e| ApiError::Internal(format!("serialising a log record: {e}")))?;
@@ -709,6 +962,7 @@ async fn create_deployment(
 ) -> Result<Response, ApiError> {
     client_auth(&s, &headers)?;
     let spec: DeploymentSpec = parse_json(&body, "deployment")?;
+    check_env_size(&s, "deployment", env_bytes(&spec.env, &spec.command))?;
     let d = s.db(move |st| st.create_deployment(&spec)).await?;
     if d.spec.warm_runners > 0 {
         s.prewarm.notify_one();
@@ -731,6 +985,45 @@ async fn list_nodes(State(s): State<Shared>, headers: HeaderMap) -> Result<Respo
     Ok(json_response(StatusCode::OK, &nodes))
 }
 
+/// Issues a new credential for node `id` (which need not have registered
+/// yet); the token is in the answer and nowhere else.
+async fn issue_credential(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    client_auth(&s, &headers)?;
+    let token =
+        credentials::new_token().map_err(|e| ApiError::Internal(format!("making a token: {e}")))?;
+    let h = credentials::hash(&token);
+    let (node, hash) = (id.clone(), h.clone());
+    s.db(move |st| st.add_node_credential(&node, &hash)).await?;
+    s.credentials.insert(h, id.clone());
+    tracing::info!(node = %id, "issued a node credential");
+    Ok(json_response(
+        StatusCode::CREATED,
+        &NodeCredential { node: id, token },
+    ))
+}
+
+/// Revokes every credential of node `id`; its work stream, if one of them
+/// opened it, is closed here at once and on other replicas within a second.
+async fn revoke_credentials(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    client_auth(&s, &headers)?;
+    let node = id.clone();
+    let revoked = s.db(move |st| st.revoke_node_credentials(&node)).await?;
+    reload_credentials(&s).await?;
+    tracing::info!(node = %id, revoked, "revoked node credentials");
+    Ok(json_response(
+        StatusCode::OK,
+        &RevokedCredentials { node: id, revoked },
+    ))
+}
+
 // ---- node endpoints --------------------------------------------------------
 
 async fn put_node(
@@ -739,7 +1032,7 @@ async fn put_node(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    node_auth(&s, &headers)?;
+    node_auth(&s, &headers, &id).await?;
     let spec: NodeSpec = parse_json(&body, "node")?;
     if spec.id != id {
         return Err(ApiError::BadRequest(format!(
@@ -760,7 +1053,7 @@ async fn work_stream(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    node_auth(&s, &headers)?;
+    let credential = node_auth(&s, &headers, &id).await?;
     let node = id.clone();
     let known = s
         .db(move |st| Ok(st.list_nodes()?.into_iter().any(|n| n.spec.id == node)))
@@ -793,13 +1086,21 @@ async fn work_stream(
     let _ = tx.send(WorkMessage::Active {
         runs: active.iter().map(|r| r.id).collect(),
         keepalive_ms: Some(u64::try_from(keepalive.as_millis()).unwrap_or(u64::MAX)),
+        scheduled: Some(pending.iter().map(|r| r.id).collect()),
     });
     for run in pending {
         let _ = tx.send(WorkMessage::Assign { run: Box::new(run) });
     }
     {
         let mut streams = s.streams.lock().unwrap_or_else(|e| e.into_inner());
-        streams.insert(id.clone(), WorkStream { conn, tx });
+        streams.insert(
+            id.clone(),
+            WorkStream {
+                conn,
+                tx,
+                credential,
+            },
+        );
     }
     tracing::info!(node = %id, "work stream opened");
     s.wake.notify_one();
@@ -851,7 +1152,7 @@ async fn node_event(
     Path((node, id)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    node_auth(&s, &headers)?;
+    node_auth(&s, &headers, &node).await?;
     let id = run_id(&id)?;
     let reports = match parse_json::<NodeEvents>(&body, "run event")? {
         NodeEvents::One(r) => vec![r],
@@ -877,7 +1178,7 @@ async fn node_events(
     Path(node): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    node_auth(&s, &headers)?;
+    node_auth(&s, &headers, &node).await?;
     let batch = parse_json::<Vec<RunReports>>(&body, "run events")?;
     if batch.is_empty() {
         return Err(ApiError::BadRequest("an empty list of run events".into()));
@@ -928,6 +1229,14 @@ async fn apply_reports(
             let mut freed = 0usize;
             for (b, r) in batch.iter().zip(&out) {
                 let Ok(run) = r else { continue };
+                // A run its node lost went back to the queue (or stayed
+                // lost): either way its slot is free, and the dispatcher
+                // must hear of a queued run.
+                if b.reports.iter().any(|r| matches!(r, NodeReport::Lost { .. })) {
+                    tracing::warn!(node = %n, run = %run.id, state = %run.state, "run lost by its node");
+                    freed += 1;
+                    continue;
+                }
                 if !run.state.is_final() {
                     continue;
                 }
@@ -983,7 +1292,7 @@ async fn node_logs(
     uri: Uri,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    node_auth(&s, &headers)?;
+    node_auth(&s, &headers, &node).await?;
     let id = run_id(&id)?;
     let mut stream = LogStream::Stdout;
     for (k, v) in query_pairs(&uri) {
@@ -997,20 +1306,25 @@ async fn node_logs(
             }
         }
     }
+    let body_was_empty = body.is_empty();
     // The bytes as they came (base64 only in the records clients read):
     // output need not be UTF-8, and a character may be split between two
     // appends. The store checks the run is this node's and active, so a
     // stale node learns it is stale even from an empty post.
-    let appended = !body.is_empty();
-    s.db(move |st| st.append_log(&node, id, stream, &body))
+    let max = s.config.max_log_bytes;
+    let appended = s
+        .db(move |st| st.append_log(&node, id, stream, &body, max))
         .await?;
-    if appended {
+    if !body_was_empty && appended != Appended::Dropped {
         let _ = s.log_events.send(id);
     }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 // ---- background tasks ------------------------------------------------------
+
+/// The longest `Idempotency-Key` accepted (it is stored with the run).
+const MAX_IDEMPOTENCY_KEY: usize = 256;
 
 /// The most submits committed in one transaction.
 const SUBMIT_BATCH: usize = 256;
@@ -1209,7 +1523,56 @@ async fn prewarm_loop(s: Shared) {
     }
 }
 
+/// How often the credential table is reloaded, so revocations through
+/// other replicas take effect here.
+const CREDENTIALS_RELOAD: Duration = Duration::from_secs(1);
+
+/// Reloads the credential table every [`CREDENTIALS_RELOAD`].
+async fn credentials_loop(s: Shared) {
+    let mut tick = tokio::time::interval(CREDENTIALS_RELOAD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = reload_credentials(&s).await {
+            tracing::warn!(error = %e, "reloading node credentials failed");
+        }
+    }
+}
+
+/// Applies [`ServerConfig::log_retention`] every
+/// [`ServerConfig::prune_interval`] (first right away). Several replicas
+/// may prune at once; the store's transactions keep them apart.
+async fn prune_loop(s: Shared) {
+    let retention = s.config.log_retention;
+    if retention == LogRetention::default() {
+        return;
+    }
+    let mut tick = tokio::time::interval(s.config.prune_interval.max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match s.db(move |st| st.prune_logs(&retention)).await {
+            Ok(p) if p.runs > 0 => {
+                tracing::info!(runs = p.runs, bytes = p.bytes, "pruned run logs");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pruning run logs failed"),
+        }
+    }
+}
+
+/// The lost-node reaper, the credential reloads and the log pruner (one
+/// task, so the server stops all three by stopping it; each store call
+/// runs on the blocking pool, so a long prune delays neither of the others).
 async fn reap_loop(s: Shared) {
+    tokio::join!(
+        reap_lost_nodes(s.clone()),
+        credentials_loop(s.clone()),
+        prune_loop(s)
+    );
+}
+
+async fn reap_lost_nodes(s: Shared) {
     // After a control-plane restart every node's last heartbeat is as old
     // as the downtime: give them one timeout to reconnect before their
     // runs are declared lost.
@@ -1240,6 +1603,18 @@ async fn reap_loop(s: Shared) {
                 tracing::warn!(lost = lost.len(), requeued, "runs lost with their nodes");
                 for r in &lost {
                     let _ = s.log_events.send(r.id);
+                    // A node that is only cut off, its stream still open
+                    // here, hears this once its link is back (or sees the
+                    // run missing from its next stream's first line).
+                    if let Some(node) = &r.node {
+                        s.push(
+                            node,
+                            WorkMessage::Cancel {
+                                run: r.id,
+                                attempt: Some(r.attempts),
+                            },
+                        );
+                    }
                 }
                 s.wake.notify_one();
             }

@@ -114,7 +114,8 @@ async fn submit_push_report_logs_cancel() {
         next_msg(&mut work, &mut buf).await,
         WorkMessage::Active {
             runs: vec![],
-            keepalive_ms: Some(10_000)
+            keepalive_ms: Some(10_000),
+            scheduled: Some(vec![])
         }
     );
 
@@ -163,7 +164,8 @@ async fn submit_push_report_logs_cancel() {
         next_msg(&mut work, &mut buf).await,
         WorkMessage::Active {
             runs: vec![run.id],
-            keepalive_ms: Some(10_000)
+            keepalive_ms: Some(10_000),
+            scheduled: Some(vec![])
         }
     );
     n.append_log("n1", run.id, LogStream::Stdout, "out\n".into())
@@ -202,7 +204,10 @@ async fn submit_push_report_logs_cancel() {
     assert_eq!(cancelled.state, RunState::Cancelled);
     assert_eq!(
         next_msg(&mut work, &mut buf).await,
-        WorkMessage::Cancel { run: run.id }
+        WorkMessage::Cancel {
+            run: run.id,
+            attempt: None
+        }
     );
     let again = c.cancel(run.id).await;
     assert_eq!(again.err().and_then(|e| e.status()), Some(409));
@@ -236,6 +241,7 @@ async fn reports_on_many_runs_in_one_request() {
     }
     let batch = vec![
         RunReports {
+            attempt: None,
             ages_ms: Vec::new(),
             run: a,
             reports: vec![
@@ -249,11 +255,13 @@ async fn reports_on_many_runs_in_one_request() {
             ],
         },
         RunReports {
+            attempt: None,
             ages_ms: Vec::new(),
             run: b,
             reports: vec![NodeReport::Started, NodeReport::Started],
         },
         RunReports {
+            attempt: None,
             ages_ms: Vec::new(),
             run: RunId(999_999),
             reports: vec![NodeReport::Started],
@@ -410,7 +418,8 @@ async fn an_idle_work_stream_gets_keepalives() {
         next_msg(&mut work, &mut buf).await,
         WorkMessage::Active {
             runs: vec![],
-            keepalive_ms: Some(200)
+            keepalive_ms: Some(200),
+            scheduled: Some(vec![])
         },
         "the first line announces the interval"
     );
@@ -491,4 +500,337 @@ async fn logs_are_binary_safe() {
     }
     assert_eq!(out, [b"\xff\x00\xfe".as_slice(), euro].concat());
     assert_eq!(err, b"\xc0\n\x00");
+}
+
+/// `GET /v1/runs` pages: the default page size, `limit`, a cursor that
+/// walks every run exactly once, and the last page without a cursor; bad
+/// values are 400s.
+#[tokio::test]
+async fn run_lists_are_paged() {
+    let s = server().await;
+    let c = ControlClient::new(&s.url, Some("c".into())).expect("client");
+    let total = ember_controld::server::DEFAULT_PAGE + 5;
+    for _ in 0..total {
+        c.submit(&spec(), None).await.expect("submit");
+    }
+    let first = c.runs_page(None, None).await.expect("page");
+    assert_eq!(first.runs.len(), ember_controld::server::DEFAULT_PAGE);
+    let cursor = first.next_cursor.clone().expect("a full page has a cursor");
+    let second = c.runs_page(None, Some(&cursor)).await.expect("page");
+    assert_eq!(second.runs.len(), 5);
+    assert_eq!(second.next_cursor, None, "the last page has no cursor");
+    let ids: Vec<i64> = first
+        .runs
+        .iter()
+        .chain(&second.runs)
+        .map(|r| r.id.0)
+        .collect();
+    let want: Vec<i64> = (1..=total as i64).rev().collect();
+    assert_eq!(ids, want, "every run once, newest first");
+    let small = c.runs_page(Some(3), None).await.expect("page");
+    assert_eq!(small.runs.len(), 3);
+    assert_eq!(c.runs().await.expect("all").len(), total);
+    for bad in [
+        "limit=0",
+        "limit=1001",
+        "limit=x",
+        "cursor=-1",
+        "cursor=run-x",
+        "state=",
+    ] {
+        let err = c
+            .send(
+                "/v1/runs",
+                reqwest::Client::new()
+                    .get(format!("{}/v1/runs?{bad}", s.url))
+                    .bearer_auth("c"),
+            )
+            .await
+            .expect_err(bad);
+        assert_eq!(err.status(), Some(400), "{bad}: {err}");
+    }
+}
+
+/// Query values are percent-decoded: a deployment named `x y` is found
+/// with `%20` (and `+`).
+#[tokio::test]
+async fn query_values_are_percent_decoded() {
+    let s = server().await;
+    let c = ControlClient::new(&s.url, Some("c".into())).expect("client");
+    c.deploy(&ember_control::model::DeploymentSpec {
+        name: "x y".into(),
+        image: image(),
+        command: vec![],
+        env: Default::default(),
+        resources: Default::default(),
+        recycle_key: None,
+        warm_runners: 0,
+        node_selector: Default::default(),
+    })
+    .await
+    .expect("deploy");
+    let sub = c
+        .submit(
+            &RunSpec {
+                deployment: Some("x y".into()),
+                ..RunSpec::default()
+            },
+            None,
+        )
+        .await
+        .expect("submit");
+    c.submit(&spec(), None).await.expect("another");
+    for q in [
+        "deployment=x%20y",
+        "deployment=x+y",
+        "state=queued&deployment=x%20y",
+    ] {
+        let page: ember_controld::api::RunPage = reqwest::Client::new()
+            .get(format!("{}/v1/runs?{q}", s.url))
+            .bearer_auth("c")
+            .send()
+            .await
+            .expect("send")
+            .bytes()
+            .await
+            .map(|b| serde_json::from_slice(&b).expect("a page"))
+            .expect("page");
+        let ids: Vec<RunId> = page.runs.iter().map(|r| r.id).collect();
+        assert_eq!(ids, [sub.run.id], "{q}");
+    }
+}
+
+/// Limits answer 413 with the error object: a run or deployment whose
+/// environment and command are over `max_env_bytes`, and a body over
+/// `max_request_bytes` (refused by the framework, still JSON); nothing is
+/// stored. A wrong method is JSON too.
+#[tokio::test]
+async fn oversized_submits_get_a_json_413() {
+    let s = server_config(|c| {
+        c.max_env_bytes = 1000;
+        c.max_request_bytes = 64 << 10;
+    })
+    .await;
+    let c = ControlClient::new(&s.url, Some("c".into())).expect("client");
+    let mut big = spec();
+    big.env.insert("BIG".into(), "x".repeat(1000));
+    let err = c.submit(&big, None).await.expect_err("over the env limit");
+    let ember_controld::client::ClientError::Api {
+        status,
+        error,
+        message,
+        ..
+    } = &err
+    else {
+        panic!("{err}");
+    };
+    assert_eq!((*status, error.as_str()), (413, "too_large"), "{err}");
+    assert!(message.contains("1000"), "{message}");
+    let mut long_argv = spec();
+    long_argv.command = vec!["x".repeat(600), "y".repeat(600)];
+    assert_eq!(
+        c.submit(&long_argv, None).await.expect_err("argv").status(),
+        Some(413)
+    );
+    let mut fits = spec();
+    fits.env.insert("OK".into(), "x".repeat(900));
+    c.submit(&fits, None).await.expect("under the limit");
+
+    for path in ["/v1/runs", "/v1/deployments"] {
+        let body = format!(r#"{{"junk":"{}"}}"#, "z".repeat(100 << 10));
+        // A client of its own: the server closes a connection whose body it
+        // refused unread, and a pooled one might be picked up again.
+        let resp = reqwest::Client::new()
+            .post(format!("{}{path}", s.url))
+            .bearer_auth("c")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(resp.status().as_u16(), 413, "{path}");
+        assert_eq!(
+            resp.headers()["content-type"],
+            "application/json",
+            "{path}: the documented error object"
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&resp.bytes().await.expect("body")).expect("JSON");
+        assert_eq!(v["error"], "too_large", "{v}");
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    let http = reqwest::Client::new();
+    let resp = http
+        .delete(format!("{}/v1/runs", s.url))
+        .bearer_auth("c")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status().as_u16(), 405);
+    let v: serde_json::Value =
+        serde_json::from_slice(&resp.bytes().await.expect("body")).expect("JSON");
+    assert_eq!(v["error"], "method_not_allowed");
+    assert_eq!(
+        c.runs().await.expect("runs").len(),
+        1,
+        "only the one that fitted"
+    );
+    // Run ids are digits, as the document's pattern says.
+    for bad in ["+1", "-1", "run-", "1.0", "%201"] {
+        let resp = http
+            .get(format!("{}/v1/runs/{bad}", s.url))
+            .bearer_auth("c")
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(resp.status().as_u16(), 400, "{bad}");
+    }
+}
+
+/// A run's output past `max_log_bytes` is dropped: the log holds exactly
+/// the limit, then one marker record; reads are streamed a page at a time
+/// (a log larger than a page comes back whole, in order).
+#[tokio::test]
+async fn logs_stop_at_the_limit_with_a_marker() {
+    let max = 3 << 20;
+    let s = server_config(|c| c.max_log_bytes = max).await;
+    let c = ControlClient::new(&s.url, Some("c".into())).expect("client");
+    let n = ControlClient::new(&s.url, Some("n".into())).expect("node client");
+    register(&n, 1).await;
+    let mut work = n.work("n1").await.expect("work stream");
+    let mut buf = Vec::new();
+    let _ = next_msg(&mut work, &mut buf).await;
+    c.submit(&spec(), None).await.expect("submit");
+    let WorkMessage::Assign { run } = next_msg(&mut work, &mut buf).await else {
+        panic!("expected an assignment");
+    };
+    for r in [NodeReport::Accepted, NodeReport::Started] {
+        n.report("n1", run.id, &r).await.expect("report");
+    }
+    // 5 MiB in 100 KiB appends, each byte its offset's low bits, so order
+    // and completeness are checked, not only the length.
+    let chunk = 100 << 10;
+    let total: usize = 5 << 20;
+    let all: Vec<u8> = (0..total).map(|i| (i % 251) as u8).collect();
+    for part in all.chunks(chunk) {
+        n.append_log("n1", run.id, LogStream::Stdout, part.to_vec().into())
+            .await
+            .expect("append (dropped bytes are not an error)");
+    }
+    n.report(
+        "n1",
+        run.id,
+        &NodeReport::Exited {
+            code: 0,
+            runner_idle: false,
+        },
+    )
+    .await
+    .expect("exit");
+    for follow in [false, true] {
+        let mut resp = c.logs(run.id, follow).await.expect("logs");
+        let (mut out, mut markers, mut line) = (Vec::new(), Vec::new(), Vec::new());
+        let mut chunks = 0;
+        while let Some(b) = resp.chunk().await.expect("chunk") {
+            chunks += 1;
+            line.extend_from_slice(&b);
+            while let Some(i) = line.iter().position(|&b| b == b'\n') {
+                let l: Vec<u8> = line.drain(..=i).collect();
+                let rec: LogRecord = serde_json::from_slice(&l).expect("record");
+                if rec.marker {
+                    markers.push(rec);
+                } else {
+                    assert!(markers.is_empty(), "output after the marker");
+                    out.extend_from_slice(&rec.data);
+                }
+            }
+        }
+        assert_eq!(out.len() as u64, max, "follow={follow}");
+        assert!(
+            out == all[..max as usize],
+            "follow={follow}: the first bytes, in order"
+        );
+        assert_eq!(markers.len(), 1, "follow={follow}");
+        assert_eq!(markers[0].stream, LogStream::Stderr);
+        let text = String::from_utf8_lossy(&markers[0].data).into_owned();
+        assert!(text.contains("truncated"), "{text}");
+        assert!(chunks > 1, "follow={follow}: streamed, not one body");
+    }
+}
+
+/// The pruner: a finished run's log over the budget is replaced by one
+/// marker record saying it was pruned; a running run's log stays.
+#[tokio::test]
+async fn finished_runs_logs_are_pruned_over_the_budget() {
+    let s = server_config(|c| {
+        c.log_retention = ember_control::LogRetention {
+            max_age_ms: None,
+            max_total_bytes: Some(10),
+        };
+        c.prune_interval = Duration::from_millis(50);
+    })
+    .await;
+    let c = ControlClient::new(&s.url, Some("c".into())).expect("client");
+    let n = ControlClient::new(&s.url, Some("n".into())).expect("node client");
+    register(&n, 2).await;
+    let mut work = n.work("n1").await.expect("work stream");
+    let mut buf = Vec::new();
+    let _ = next_msg(&mut work, &mut buf).await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        c.submit(&spec(), None).await.expect("submit");
+        let WorkMessage::Assign { run } = next_msg(&mut work, &mut buf).await else {
+            panic!("expected an assignment");
+        };
+        for r in [NodeReport::Accepted, NodeReport::Started] {
+            n.report("n1", run.id, &r).await.expect("report");
+        }
+        n.append_log("n1", run.id, LogStream::Stdout, vec![b'x'; 100].into())
+            .await
+            .expect("append");
+        ids.push(run.id);
+    }
+    n.report(
+        "n1",
+        ids[0],
+        &NodeReport::Exited {
+            code: 0,
+            runner_idle: false,
+        },
+    )
+    .await
+    .expect("exit");
+    let records = async |id| -> Vec<LogRecord> {
+        let body = c
+            .logs(id, false)
+            .await
+            .expect("logs")
+            .bytes()
+            .await
+            .expect("body");
+        body.split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).expect("record"))
+            .collect()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let recs = records(ids[0]).await;
+        if recs.len() == 1 && recs[0].marker {
+            assert!(String::from_utf8_lossy(&recs[0].data).contains("pruned"));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never pruned: {recs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let running = records(ids[1]).await;
+    assert_eq!(running.len(), 1);
+    assert_eq!(
+        running[0].data,
+        vec![b'x'; 100],
+        "a running run's log stays"
+    );
 }

@@ -160,6 +160,7 @@ async fn a_silent_work_stream_is_replaced_and_missed_work_arrives() {
             agent,
             labels: Default::default(),
             heartbeat: Duration::from_secs(1),
+            watchdog: None,
         },
         async {
             let _ = node_stopped.await;

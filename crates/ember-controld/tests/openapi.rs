@@ -90,7 +90,7 @@ async fn every_documented_operation_is_served() {
             }
         }
     }
-    assert_eq!(operations, 13, "every route is documented once");
+    assert_eq!(operations, 15, "every route is documented once");
     let _ = tx.send(());
 }
 
@@ -307,6 +307,13 @@ async fn documented_schemas_cover_what_the_server_sends() {
         &schema("Run")["properties"]["times"],
         &run["times"],
     );
+    let page = json(get("/v1/runs?limit=1").await.expect("runs")).await;
+    assert_documented(&doc, "RunPage", &schema("RunPage"), &page);
+    assert!(
+        page["next_cursor"].is_string(),
+        "a full page has a cursor: {page}"
+    );
+    assert_documented(&doc, "Run", &schema("Run"), &page["runs"][0]);
     let nodes = json(get("/v1/nodes").await.expect("nodes")).await;
     assert_documented(&doc, "Node", &schema("Node"), &nodes[0]);
     assert_documented(

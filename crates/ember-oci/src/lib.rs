@@ -8,6 +8,8 @@
 //! * [`media`] names the manifest, index, config and layer media types of
 //!   both OCI and Docker schema 2, and [`Platform`] picks a manifest out of an
 //!   index.
+//! * [`manifest`] holds the few manifest, index and config fields Ember
+//!   reads, shared by the store and the cache.
 //!
 //! ```
 //! use ember_oci::Reference;
@@ -18,6 +20,7 @@
 //! ```
 
 mod digest;
+pub mod manifest;
 pub mod media;
 mod platform;
 mod reference;

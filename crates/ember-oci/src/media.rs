@@ -51,6 +51,17 @@ pub enum Compression {
     Zstd,
 }
 
+impl Compression {
+    /// The name used in messages: `tar`, `gzip` or `zstd`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::None => "tar",
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
 /// The compression of a layer media type, or `None` if it is not a layer
 /// type Ember can unpack (for example an encrypted or foreign layer).
 pub fn layer_compression(media_type: &str) -> Option<Compression> {

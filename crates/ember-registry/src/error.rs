@@ -62,6 +62,14 @@ pub enum RegistryError {
         /// Bytes received.
         got: u64,
     },
+    /// A manifest over the size limit (see [`crate::MAX_MANIFEST_BYTES`]).
+    #[error("{what}: larger than {limit} bytes")]
+    TooLarge {
+        /// What was being fetched.
+        what: String,
+        /// The limit in bytes.
+        limit: usize,
+    },
     /// A manifest or token response that is not what it claims to be.
     #[error("{what}: invalid response: {detail}")]
     Invalid {

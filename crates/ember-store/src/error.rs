@@ -64,6 +64,21 @@ pub enum StoreError {
         /// Bytes received.
         actual: u64,
     },
+    /// A layer's compressed stream could not be decompressed to its end,
+    /// so its diff_id could not be computed: the layer is refused.
+    #[error(
+        "pulling {reference}: layer {digest}: {compression} stream: {detail}; content not verified, layer not stored"
+    )]
+    Decompress {
+        /// The image being pulled.
+        reference: String,
+        /// The compressed layer digest.
+        digest: Digest,
+        /// `gzip`, `zstd` or `tar`.
+        compression: &'static str,
+        /// What went wrong.
+        detail: String,
+    },
     /// A layer could not be unpacked (hostile, corrupt or truncated tar).
     #[error("pulling {reference}: layer {digest}: {source}")]
     Unpack {

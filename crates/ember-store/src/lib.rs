@@ -7,10 +7,12 @@
 //! ```text
 //! blobs/sha256/<hex>   manifests, indexes and configs, verified, immutable
 //! layers/<hex>/        one unpacked layer per diff_id, overlayfs whiteouts
+//! trees/<hex>          the record of a layer's tree, written at commit (see `tree`)
 //! index.json           images, names, layers, LRU clock (see `index`)
 //! users/<id>.json      containers using an image, with their owner pid
 //! lru/<hex>            empty marker per image; its mtime is the last use
-//! tmp/<pid>-<n>-...    in-progress work; removed when its pid is gone
+//! tmp/<owner>-...      in-progress work; removed once its owner's lock is free
+//! tmp/<owner>-lock     flock'ed by the open store that owns `tmp/<owner>-...` (see `tmp`)
 //! lock                 flock for index updates
 //! boot                 the boot id the unsynced-layer check last ran in
 //! ```
@@ -18,16 +20,22 @@
 //! Invariants: a path under `blobs/` or `layers/` exists only once its
 //! content was verified against its digest (it is built under `tmp/` and
 //! renamed into place). The index only names layers and blobs that exist.
-//! GC never removes an image whose user is alive.
+//! GC never removes an image whose user is alive. The root is mode 0700:
+//! layers hold device nodes and setuid files as the image has them, and no
+//! unprivileged host user may reach them.
 
 mod error;
 pub mod index;
 mod pull;
+mod tmp;
+pub mod tree;
 pub mod unpack;
+mod verify;
 
 pub use error::StoreError;
 pub use index::{ImageRecord, Index, LayerRecord, LayerRef};
 pub use pull::{PullOptions, PullProgress, PullReport, PullTimings, SilentProgress, pull};
+pub use verify::{Problem, ProblemKind, VerifyReport};
 
 use ember_oci::{Digest, Reference};
 use std::fs;
@@ -45,6 +53,9 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// This open's claim on its `tmp/` entries; shared by clones, released
+    /// when the last one is dropped (or the process dies).
+    owner: std::sync::Arc<tmp::TmpOwner>,
 }
 
 /// An exclusive hold on the store's index; released on drop.
@@ -126,14 +137,18 @@ fn pid_alive(pid: u32) -> bool {
 
 impl Store {
     /// Opens (creating if needed) the store at `root`, and removes work left
-    /// in `tmp/` by processes that no longer exist (a `kill -9` mid-pull).
+    /// in `tmp/` by processes that no longer exist (a `kill -9` mid-pull):
+    /// each open holds a lock that its process's death releases, so this
+    /// holds however soon the next process comes and whatever its pid.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store, StoreError> {
         let root = root.into();
         for d in ["blobs/sha256", "layers", "tmp", "users", "lru"] {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(io("create", &p))?;
         }
-        let store = Store { root };
+        restrict_root(&root)?;
+        let owner = std::sync::Arc::new(tmp::TmpOwner::new(&root.join("tmp"))?);
+        let store = Store { root, owner };
         store.clean_tmp()?;
         store.drop_unsynced_from_earlier_boots()?;
         Ok(store)
@@ -208,6 +223,12 @@ impl Store {
         self.root.join("layers").join(diff_id.hex())
     }
 
+    /// Where the record of a layer's tree lives (beside, not inside, the
+    /// layer directory, so overlay stacking sees only the layer).
+    pub fn tree_path(&self, diff_id: &Digest) -> PathBuf {
+        self.root.join("trees").join(diff_id.hex())
+    }
+
     /// Where a blob lives.
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         self.root
@@ -216,31 +237,18 @@ impl Store {
             .join(digest.hex())
     }
 
-    /// A fresh path under `tmp/` tagged with this process's pid, so a later
-    /// process can tell it is abandoned once this one is gone.
+    /// A fresh path under `tmp/` tagged with this store's owner token, so a
+    /// later process can tell it is abandoned once this store's lock is
+    /// free (see the `tmp` module).
     pub fn tmp_path(&self, what: &str) -> PathBuf {
         let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         self.root
             .join("tmp")
-            .join(format!("{}-{}-{}-{what}", std::process::id(), now_ms(), n))
+            .join(format!("{}-{}-{}-{what}", self.owner.token, now_ms(), n))
     }
 
     fn clean_tmp(&self) -> Result<(), StoreError> {
-        let tmp = self.root.join("tmp");
-        let rd = fs::read_dir(&tmp).map_err(io("read", &tmp))?;
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let pid = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
-            let abandoned = match pid {
-                Some(pid) => pid != std::process::id() && !pid_alive(pid),
-                None => true,
-            };
-            if abandoned {
-                tracing::info!(path = %e.path().display(), "removing abandoned temporary data");
-                let _ = remove_any(&e.path());
-            }
-        }
-        Ok(())
+        tmp::clean(&self.root.join("tmp"), &self.owner.token).map(|_| ())
     }
 
     /// Takes the index lock (blocking until other processes release it).
@@ -548,6 +556,15 @@ impl Store {
                 }
             }
         }
+        // Records of layers that are gone or going.
+        if let Ok(rd) = fs::read_dir(self.root.join("trees")) {
+            for e in rd.flatten() {
+                let layer = self.root.join("layers").join(e.file_name());
+                if !layer.is_dir() || dirs.contains(&layer) {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
         // Blobs: keep manifests, indexes and configs of remaining images.
         let mut keep_blobs = std::collections::BTreeSet::new();
         for i in ix.images.values() {
@@ -580,6 +597,11 @@ impl Store {
 
     fn delete_layers(&self, dirs: Vec<PathBuf>) {
         for d in dirs {
+            // The record goes first: a record without its layer is
+            // harmless, a layer without its record would fail verify.
+            if let Some(name) = d.file_name() {
+                let _ = fs::remove_file(self.root.join("trees").join(name));
+            }
             // Rename first so a half-deleted layer is never visible under its
             // digest name, then delete at leisure.
             let t = self.tmp_path("gc");
@@ -698,6 +720,20 @@ fn copy_layer_onto(layer: &Path, dest: &Path) -> std::io::Result<()> {
                 std::os::unix::fs::symlink(fs::read_link(e.path())?, &target)?;
             } else if ft.is_file() {
                 fs::copy(e.path(), &target)?;
+            } else if ft.is_char_device() || ft.is_block_device() {
+                let kind = if ft.is_char_device() {
+                    libc::S_IFCHR
+                } else {
+                    libc::S_IFBLK
+                };
+                let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(
+                    target.as_os_str(),
+                ))
+                .map_err(|_| std::io::Error::other("NUL in path"))?;
+                // SAFETY: valid NUL-terminated path.
+                if unsafe { libc::mknod(c.as_ptr(), kind | (m.mode() & 0o777), m.rdev()) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             } else if ft.is_fifo() {
                 let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(
                     target.as_os_str(),
@@ -723,7 +759,17 @@ fn copy_layer_onto(layer: &Path, dest: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn is_opaque(dir: &Path) -> bool {
+/// Makes the store root 0700 (creating it if needed). Layers hold device
+/// nodes and setuid files exactly as images have them; only root may walk
+/// into them. Containers see layers through overlay mounts, which do not
+/// check the permissions of the directories above the layers.
+fn restrict_root(root: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(root).map_err(io("create", root))?;
+    fs::set_permissions(root, fs::Permissions::from_mode(0o700)).map_err(io("chmod", root))
+}
+
+pub(crate) fn is_opaque(dir: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dir.as_os_str()))
     else {
         return false;

@@ -13,10 +13,10 @@ use crate::index::{ImageRecord, LayerRecord, LayerRef};
 use crate::unpack::{self, Mode, UnpackError, UnpackStats};
 use crate::{Store, now_ms, remove_any};
 use bytes::Bytes;
+use ember_oci::manifest::{ConfigDoc, IndexDoc, ManifestDoc};
 use ember_oci::media::{self, Compression, ManifestKind};
 use ember_oci::{Digest, Platform, Reference, Verifier};
 use ember_registry::{RegistryClient, RegistryError};
-use serde::Deserialize;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -102,43 +102,6 @@ pub struct PullReport {
     pub layers_present: usize,
     /// Layers downloaded.
     pub layers_fetched: usize,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Descriptor {
-    media_type: String,
-    digest: Digest,
-    size: u64,
-    platform: Option<DescPlatform>,
-}
-
-#[derive(Deserialize)]
-struct DescPlatform {
-    os: String,
-    architecture: String,
-    variant: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct ManifestDoc {
-    config: Descriptor,
-    layers: Vec<Descriptor>,
-}
-
-#[derive(Deserialize)]
-struct IndexDoc {
-    manifests: Vec<Descriptor>,
-}
-
-#[derive(Deserialize)]
-struct ConfigDoc {
-    rootfs: RootFs,
-}
-
-#[derive(Deserialize)]
-struct RootFs {
-    diff_ids: Vec<Digest>,
 }
 
 /// Pulls `reference` into `store`.
@@ -335,11 +298,27 @@ pub async fn pull(
     };
     let bytes_downloaded = fetched.iter().map(|f| f.compressed).sum();
     let layers_fetched = fetched.len();
+    // Each layer's tree record, written before the lock is taken and
+    // renamed into `trees/` just before its layer goes into `layers/`.
+    let records = fetched
+        .iter()
+        .map(|f| stage_record(store, &f.stats, opts.durable))
+        .collect::<Result<Vec<_>, _>>()?;
     {
         let lock = store.lock()?;
         let mut ix = store.read_index()?;
-        for f in fetched {
+        for (f, record) in fetched.into_iter().zip(records) {
             let dest = store.layer_dir(&f.diff_id);
+            // Record first: a crash between the renames leaves a record
+            // without a layer (harmless), never a layer without a record.
+            let put_record = || -> Result<(), StoreError> {
+                if let Some(r) = &record {
+                    let p = store.tree_path(&f.diff_id);
+                    std::fs::rename(r.path(), &p).map_err(io("rename", &p))?;
+                    r.keep();
+                }
+                Ok(())
+            };
             if dest.exists() {
                 if ix.layers.contains_key(&f.diff_id) {
                     // Another pull committed the same layer first; theirs
@@ -349,10 +328,12 @@ pub async fn pull(
                     let old = store.tmp_path("orphan");
                     std::fs::rename(&dest, &old).map_err(io("rename", &dest))?;
                     let _ = remove_any(&old);
+                    put_record()?;
                     std::fs::rename(f.tmp.path(), &dest).map_err(io("rename", &dest))?;
                     f.tmp.keep();
                 }
             } else {
+                put_record()?;
                 std::fs::rename(f.tmp.path(), &dest).map_err(io("rename", &dest))?;
                 f.tmp.keep();
             }
@@ -391,6 +372,30 @@ pub async fn pull(
         layers_present: present,
         layers_fetched,
     })
+}
+
+/// Writes a fetched layer's tree record to a temporary file (synced when
+/// the pull is durable), to be renamed into `trees/` at commit.
+fn stage_record(
+    store: &Store,
+    stats: &UnpackStats,
+    durable: bool,
+) -> Result<Option<TmpGuard>, StoreError> {
+    let Some(tree) = &stats.tree else {
+        return Ok(None);
+    };
+    let dir = store.root().join("trees");
+    std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+    let guard = TmpGuard {
+        path: store.tmp_path("tree"),
+        keep: std::sync::atomic::AtomicBool::new(false),
+    };
+    let mut f = std::fs::File::create(guard.path()).map_err(io("create", guard.path()))?;
+    std::io::Write::write_all(&mut f, &tree.to_bytes()).map_err(io("write", guard.path()))?;
+    if durable {
+        f.sync_all().map_err(io("fsync", guard.path()))?;
+    }
+    Ok(Some(guard))
 }
 
 /// A temporary directory removed when dropped unless kept: a layer task
@@ -609,16 +614,33 @@ async fn fetch_layer_once(
             ));
         }
     };
-    if let Some(Err(actual)) = ex.diff_id {
-        return Err(cleanup(
-            StoreError::DiffIdMismatch {
-                reference: refname,
-                digest: layer.digest.clone(),
-                diff_id: layer.diff_id.clone(),
-                actual,
-            },
-            false,
-        ));
+    // Only a diff_id computed over every decompressed byte vouches for the
+    // layer: layers are shared by diff_id, so accepting an unverified one
+    // would let one image's layer stand in for another image's.
+    match ex.diff_id {
+        DiffCheck::Match => {}
+        DiffCheck::Mismatch(actual) => {
+            return Err(cleanup(
+                StoreError::DiffIdMismatch {
+                    reference: refname,
+                    digest: layer.digest.clone(),
+                    diff_id: layer.diff_id.clone(),
+                    actual,
+                },
+                false,
+            ));
+        }
+        DiffCheck::Incomplete(detail) => {
+            return Err(cleanup(
+                StoreError::Decompress {
+                    reference: refname,
+                    digest: layer.digest.clone(),
+                    compression: compression.name(),
+                    detail,
+                },
+                false,
+            ));
+        }
     }
     Ok(FetchedLayer {
         diff_id: layer.diff_id.clone(),
@@ -627,6 +649,23 @@ async fn fetch_layer_once(
         compressed: ex.compressed_len,
         last_byte_at,
     })
+}
+
+/// Says what a decoder error after the tar's end means: the decoders'
+/// own messages ("invalid gzip header", "Unknown frame descriptor") do
+/// not say that the tar had already ended.
+fn describe_decode_error(compression: Compression, e: &std::io::Error) -> String {
+    match compression {
+        Compression::None => format!("reading after the tar's end: {e}"),
+        Compression::Gzip | Compression::Zstd => format!(
+            "after the tar's end: {e} (bytes after the last {unit}, a bad trailer or a cut stream)",
+            unit = if compression == Compression::Gzip {
+                "gzip member"
+            } else {
+                "zstd frame"
+            },
+        ),
+    }
 }
 
 /// Reads chunks from the network task, hashing every byte it hands out.
@@ -677,11 +716,22 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
+/// The outcome of the diff_id check.
+enum DiffCheck {
+    /// Every decompressed byte was hashed and the digest is the config's.
+    Match,
+    /// Every byte was hashed and the digest is this one instead.
+    Mismatch(Digest),
+    /// The stream could not be decompressed to its end (a decoder error,
+    /// bytes after the last gzip member or zstd frame, a short stream), so
+    /// no diff_id was computed. Never a pass.
+    Incomplete(String),
+}
+
 struct Extracted {
     compressed: Result<Digest, Digest>,
     compressed_len: u64,
-    /// `None` when the stream could not be fully decompressed.
-    diff_id: Option<Result<Digest, Digest>>,
+    diff_id: DiffCheck,
     unpack: Result<UnpackStats, UnpackError>,
 }
 
@@ -710,20 +760,31 @@ fn extract(
         };
         match decoder {
             // Still drained below, so the blob's real digest is reported.
-            Err(e) => (Err(UnpackError::Read(e)), None),
+            Err(e) => {
+                let detail = e.to_string();
+                (Err(UnpackError::Read(e)), DiffCheck::Incomplete(detail))
+            }
             Ok(decoder) => {
                 let mut hr = HashingReader {
                     inner: decoder,
                     verifier: Verifier::new(diff_id),
                 };
                 let unpack = unpack::unpack(&mut hr, dest, Mode::Overlay);
-                // The tar ends before the stream does (end-of-archive
-                // blocks, padding): read to the end so both digests cover
-                // every byte.
-                let drained = std::io::copy(&mut hr, &mut std::io::sink());
-                let diff = match (&unpack, drained) {
-                    (Ok(_), Ok(_)) => Some(hr.verifier.finish()),
-                    _ => None,
+                let diff = match &unpack {
+                    // The tar ends before the stream does (end-of-archive
+                    // blocks, padding, a gzip trailer not read yet): read
+                    // to the end so the diff_id covers every byte and the
+                    // decoder checks its trailer and what follows it.
+                    Ok(_) => match std::io::copy(&mut hr, &mut std::io::sink()) {
+                        Ok(_) => match hr.verifier.finish() {
+                            Ok(_) => DiffCheck::Match,
+                            Err(actual) => DiffCheck::Mismatch(actual),
+                        },
+                        Err(e) => DiffCheck::Incomplete(describe_decode_error(compression, &e)),
+                    },
+                    // The unpack error is what gets reported; decompressing
+                    // the rest would only spend CPU on a stream we refuse.
+                    Err(e) => DiffCheck::Incomplete(e.to_string()),
                 };
                 (unpack, diff)
             }

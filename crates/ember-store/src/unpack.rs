@@ -13,10 +13,26 @@
 //! Layer tars are outside input. Every entry's path is resolved inside the
 //! destination: `..` components are refused, leading `/` is stripped, no
 //! existing symlink is ever followed while creating entries (each parent is
-//! checked with `lstat`), hardlinks must point at a file inside the tree,
-//! and device nodes are not created. Nothing is written outside `dest`.
+//! checked with `lstat`), hardlinks must point at a file inside the tree.
+//! Nothing is written outside `dest`.
+//!
+//! Device nodes are created as the tar says, as containerd, podman and
+//! umoci do when running as root: a container never reaches them, because
+//! the runtime mounts its own tmpfs on `/dev` and the device cgroup allows
+//! only the standard devices; and the store root is 0700, so no
+//! unprivileged host user reaches them either. The one exception is a
+//! `0:0` character device: there is no such device (major 0 is reserved),
+//! and in an overlay lower directory the kernel would take it for a
+//! whiteout, a deletion that is not written as one (`.wh.`), so that the
+//! container and `ember image unpack` would disagree about the tree. It is
+//! refused as hostile in both modes.
+//!
+//! In [`Mode::Overlay`] the unpack also records the finished tree (see
+//! [`crate::tree`]), with each file's checksum taken from the copy buffer,
+//! so the store can verify the layer later.
 
-use std::collections::HashSet;
+use crate::tree::{ContentHasher, TreeRecord};
+use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::fs;
 use std::io::{self, Read};
@@ -71,14 +87,17 @@ pub enum UnpackError {
 }
 
 /// What an unpack wrote.
-#[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct UnpackStats {
     /// Entries processed.
     pub entries: u64,
     /// Bytes of file contents written.
     pub bytes: u64,
-    /// Device nodes skipped (never created from an image).
-    pub devices_skipped: u64,
+    /// Device nodes created.
+    pub devices: u64,
+    /// The finished tree ([`Mode::Overlay`] only), for the store's record.
+    #[serde(skip)]
+    pub tree: Option<TreeRecord>,
 }
 
 impl UnpackError {
@@ -134,6 +153,7 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, mode: Mode) -> Result<UnpackStats
         dirs: Vec::new(),
         stats: UnpackStats::default(),
         buf: vec![0u8; 128 * 1024],
+        sums: (mode == Mode::Overlay).then(HashMap::new),
     };
     let entries = archive.entries().map_err(UnpackError::Read)?;
     let mut last = String::from("(start of archive)");
@@ -150,6 +170,12 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, mode: Mode) -> Result<UnpackStats
         .sort_by_key(|d| std::cmp::Reverse(d.path.components().count()));
     for d in std::mem::take(&mut u.dirs) {
         apply_dir_meta(&d)?;
+    }
+    if let Some(sums) = &u.sums {
+        // One lstat per entry while the inodes are still cached: the data
+        // was checksummed on its way through.
+        u.stats.tree =
+            Some(crate::tree::scan(dest, Some(sums)).map_err(io_err(dest, "record tree"))?);
     }
     Ok(u.stats)
 }
@@ -168,6 +194,9 @@ struct Unpacker {
     /// Copy buffer reused for every file (allocating one per file cost a
     /// page-faulting mmap each time).
     buf: Vec<u8>,
+    /// Overlay mode: each regular file's content checksum by relative
+    /// path, computed in the copy, for the tree record.
+    sums: Option<HashMap<PathBuf, u64>>,
 }
 
 /// A tar path made relative and free of `.`/`..`; `None` for the root.
@@ -347,15 +376,21 @@ impl Unpacker {
                 };
                 // A read error is the stream's fault (download, inflate); a
                 // write error the disk's (ENOSPC keeps its code).
-                let n = copy_entry(&mut entry, &mut f, &mut self.buf).map_err(|e| match e {
-                    CopyError::Read(e) => UnpackError::Read(e),
-                    CopyError::Write(source) => UnpackError::Io {
-                        path: path.clone(),
-                        op: "write",
-                        source,
+                let mut hasher = self.sums.as_ref().map(|_| ContentHasher::new());
+                let n = copy_entry(&mut entry, &mut f, &mut self.buf, hasher.as_mut()).map_err(
+                    |e| match e {
+                        CopyError::Read(e) => UnpackError::Read(e),
+                        CopyError::Write(source) => UnpackError::Io {
+                            path: path.clone(),
+                            op: "write",
+                            source,
+                        },
                     },
-                })?;
+                )?;
                 self.stats.bytes += n;
+                if let (Some(sums), Some(h)) = (&mut self.sums, hasher) {
+                    sums.insert(rel.clone(), h.finish());
+                }
                 // Metadata through the open descriptor: no path lookups.
                 set_meta_fd(&f, &path, uid, gid, mode, mtime)?;
                 // Setting xattrs changes ctime only, so after the mtime is fine.
@@ -411,6 +446,11 @@ impl Unpacker {
                 }
                 self.remove_existing(&rel, &path)?;
                 fs::hard_link(&target, &path).map_err(io_err(&path, "create hardlink"))?;
+                if let Some(sums) = &mut self.sums
+                    && let Some(sum) = sums.get(&target_rel).copied()
+                {
+                    sums.insert(rel.clone(), sum);
+                }
             }
             tar::EntryType::Fifo => {
                 self.remove_existing(&rel, &path)?;
@@ -420,11 +460,27 @@ impl Unpacker {
                 set_mtime(&path, mtime).map_err(io_err(&path, "set mtime"))?;
             }
             tar::EntryType::Char | tar::EntryType::Block => {
-                // An image must not be able to hand a container a host device;
-                // runtimes create /dev themselves.
-                let _ = (dev_major, dev_minor);
-                tracing::debug!(path = %raw_path.display(), "skipping device node");
-                self.stats.devices_skipped += 1;
+                let is_char = kind == tar::EntryType::Char;
+                if is_char && dev_major == 0 && dev_minor == 0 {
+                    // See the module doc: a whiteout in disguise.
+                    return Err(UnpackError::Hostile {
+                        path: raw_path.display().to_string(),
+                        why: "is a 0:0 character device, which overlayfs would take for a whiteout"
+                            .into(),
+                    });
+                }
+                self.remove_existing(&rel, &path)?;
+                let kind_bits = if is_char {
+                    libc::S_IFCHR
+                } else {
+                    libc::S_IFBLK
+                };
+                let dev = libc::makedev(dev_major, dev_minor);
+                mknod(&path, kind_bits | (mode & 0o777), dev)
+                    .map_err(io_err(&path, "create device node"))?;
+                self.apply_owner_mode(&path, uid, gid, mode, false)?;
+                set_mtime(&path, mtime).map_err(io_err(&path, "set mtime"))?;
+                self.stats.devices += 1;
             }
             other => {
                 tracing::debug!(path = %raw_path.display(), kind = ?other, "skipping unsupported entry type");
@@ -615,11 +671,13 @@ enum CopyError {
 }
 
 /// Copies an entry's contents through `buf`, telling read errors (the
-/// stream) from write errors (the disk).
+/// stream) from write errors (the disk), and feeds `hasher` the bytes
+/// while they are in the buffer.
 fn copy_entry<R: Read, W: io::Write>(
     r: &mut R,
     w: &mut W,
     buf: &mut [u8],
+    mut hasher: Option<&mut ContentHasher>,
 ) -> Result<u64, CopyError> {
     let mut total = 0u64;
     loop {
@@ -629,6 +687,9 @@ fn copy_entry<R: Read, W: io::Write>(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(CopyError::Read(e)),
         };
+        if let Some(h) = hasher.as_deref_mut() {
+            h.update(&buf[..n]);
+        }
         w.write_all(&buf[..n]).map_err(CopyError::Write)?;
         total += n as u64;
     }

@@ -14,7 +14,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::{RawTar, StoreDir, client, fixture_layers, names, push_image, registry_blob_path};
+use common::{RawTar, StoreDir, client, fixture_layers, push_image, registry_blob_path, tmp_work};
 use ember_oci::{Digest, Reference};
 use ember_registry::{RegistryClient, RegistryError};
 use ember_store::unpack::UnpackError;
@@ -686,5 +686,5 @@ async fn pull_through_proxy_mirror_sends_ns() {
         .map(str::trim)
         .collect();
     assert!(ours.is_empty(), "ember fetched from the origin: {ours:?}");
-    assert!(names(&sd.root().join("tmp")).is_empty());
+    assert!(tmp_work(sd.root()).is_empty());
 }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{fixture_layers, names};
+use common::{fixture_layers, names, tmp_work};
 use ember_store::{Index, Store};
 use ember_testkit::fixtures::{self, BIG_FILE_LEN, Fixture};
 use ember_testkit::registry::Registry;
@@ -174,12 +174,15 @@ fn kill_9_mid_pull_leaves_no_trace_and_the_next_pull_completes() {
     }
     assert_eq!(names(parent.path()), vec!["store".to_string()]);
 
-    // Opening the store removes the dead process's work.
+    // Opening the store removes the dead process's work (and its lock
+    // file: only the new store's own is left).
     let store = Store::open(&root).expect("reopen");
+    assert_eq!(tmp_work(&root), Vec::<String>::new(), "tmp/ not cleaned");
     assert_eq!(
-        names(&root.join("tmp")),
-        Vec::<String>::new(),
-        "tmp/ not cleaned"
+        names(&root.join("tmp")).len(),
+        1,
+        "{:?}",
+        names(&root.join("tmp"))
     );
 
     // A second pull completes, and the file is whole.
@@ -194,5 +197,150 @@ fn kill_9_mid_pull_leaves_no_trace_and_the_next_pull_completes() {
     let file = root.join("layers").join(&big_hex).join("data/big.bin");
     assert_eq!(fs::metadata(&file).expect("big.bin").len(), BIG_FILE_LEN);
     assert_eq!(common::file_sha256(&file), expected_big_sha256(&big));
-    assert_eq!(names(&root.join("tmp")), Vec::<String>::new());
+    assert_eq!(tmp_work(&root), Vec::<String>::new());
+}
+
+/// `ember --root ROOT ARGS` as PID 1 of a new PID namespace (`unshare
+/// --pid --fork --kill-child`): every process started so has the same
+/// pid, as a node restarted in a fresh container would, and a `kill -9` of
+/// the `unshare` kills it too.
+fn in_new_pid_namespace(ember: &Path, root: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--pid", "--fork", "--kill-child=SIGKILL"])
+        .arg(ember)
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .env("EMBER_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    cmd
+}
+
+/// Regression (issue 10): partial layers of a pull killed with `kill -9`
+/// stayed in `tmp/` when the next process came at once, because the
+/// cleanup judged them by their pid, and the pid still answered (a zombie
+/// not yet reaped, or the new process itself with the same number). Now it
+/// judges by the lock the dead process held: entries of a live pull are
+/// kept while it runs, and once it is killed a process with the very same
+/// pid (PID 1 of its own namespace, like the dead pull) removes them, with
+/// the dead pull not yet reaped.
+#[test]
+fn kill_9_mid_pull_is_cleaned_by_a_process_with_the_same_pid() {
+    let Some(ember) = ember_bin() else {
+        eprintln!("SKIPPED: target/debug/ember is not built (cargo build -p ember first)");
+        return;
+    };
+    if !Command::new("unshare")
+        .args(["--pid", "--fork", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        eprintln!("SKIPPED: unshare --pid does not work here");
+        return;
+    }
+    let registry = Registry::start().expect("registry starts");
+    let big = fixtures::build_cached("big").expect("big fixture");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(fixtures::push(&big, &registry.url(), "ember/big", "latest"))
+        .expect("push big");
+    let reference = format!("{}/ember/big:latest", registry.addr());
+    let parent = tempfile::tempdir().expect("tempdir");
+    let root = parent.path().join("store");
+    let log = parent.path().join("pull.log");
+
+    let mut pull = in_new_pid_namespace(&ember, &root, &["pull", "--quiet", &reference])
+        .stderr(fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("spawn ember pull");
+    let cap = Instant::now() + Duration::from_secs(60);
+    let (partial_dir, _) = loop {
+        if let Some(found) = partial_big_layer(&root) {
+            break found;
+        }
+        if let Some(status) = pull.try_wait().expect("poll child") {
+            panic!(
+                "ember pull ended ({status}) before the big layer was seen mid-extraction:\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < cap,
+            "ember pull made no progress in a minute"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let owner = partial_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.split('-').next())
+        .expect("an owner-tagged name")
+        .to_owned();
+    assert!(
+        owner.starts_with("1."),
+        "the pull is PID 1 of its namespace: {owner}"
+    );
+
+    // While the pull lives, other opens (one with its pid, one with
+    // another) leave its work alone.
+    let images = |what: &str| {
+        let out = in_new_pid_namespace(&ember, &root, &["images"])
+            .stderr(Stdio::piped())
+            .output()
+            .expect("ember images");
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    images("open beside a live pull");
+    drop(Store::open(&root).expect("open beside a live pull"));
+    assert!(partial_dir.exists(), "a live pull's work was removed");
+    assert!(
+        pull.try_wait().expect("poll").is_none(),
+        "the pull ended early"
+    );
+
+    // kill -9, and the next process comes at once with the same pid.
+    pull.kill().expect("SIGKILL");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while partial_dir.exists() {
+        images("open after the kill");
+        assert!(
+            Instant::now() < deadline,
+            "{} stayed in tmp/ after its pull was killed",
+            partial_dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = pull.wait();
+    assert_eq!(
+        tmp_work(&root),
+        Vec::<String>::new(),
+        "the killed pull's work is all gone"
+    );
+    let left: Vec<String> = names(&root.join("tmp"))
+        .into_iter()
+        .filter(|n| n.starts_with(&format!("{owner}-")))
+        .collect();
+    assert_eq!(
+        left,
+        Vec::<String>::new(),
+        "the dead owner's lock file stayed"
+    );
+
+    // And the pull completes afterwards.
+    let out = in_new_pid_namespace(&ember, &root, &["pull", "--quiet", &reference])
+        .stderr(Stdio::piped())
+        .output()
+        .expect("second pull");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -314,25 +314,61 @@ fn absolute_hardlink_target_resolves_inside_dest() {
 }
 
 #[test]
-fn device_nodes_are_skipped_and_counted() {
+fn device_nodes_are_created_as_the_tar_says() {
     for mode in MODES {
         let sb = Sandbox::new();
         let tar = RawTar::new()
             .dir("dev/")
             .device("dev/null", CHAR, 1, 3)
             .device("dev/sda", BLOCK, 8, 0)
-            .device("dev/zero-char", CHAR, 0, 0)
             .file("ok", b"ok")
             .finish();
-        let stats = sb
-            .unpack(&tar, mode)
-            .expect("devices are skipped, not fatal");
-        assert_eq!(stats.devices_skipped, 3, "{mode:?}");
-        assert_eq!(stats.entries, 5, "{mode:?}");
-        for d in ["dev/null", "dev/sda", "dev/zero-char"] {
-            assert!(!exists(&sb.dest.join(d)), "{mode:?}: {d} was created");
-        }
+        let stats = sb.unpack(&tar, mode).expect("devices unpack");
+        assert_eq!(stats.devices, 2, "{mode:?}");
+        assert_eq!(stats.entries, 4, "{mode:?}");
+        let null = fs::symlink_metadata(sb.dest.join("dev/null")).expect("dev/null");
+        assert!(null.file_type().is_char_device(), "{mode:?}: dev/null");
+        assert_eq!(null.rdev(), libc::makedev(1, 3), "{mode:?}: dev/null");
+        assert_eq!(null.mode() & 0o7777, 0o644, "{mode:?}: dev/null mode");
+        let sda = fs::symlink_metadata(sb.dest.join("dev/sda")).expect("dev/sda");
+        assert!(sda.file_type().is_block_device(), "{mode:?}: dev/sda");
+        assert_eq!(sda.rdev(), libc::makedev(8, 0), "{mode:?}: dev/sda");
         assert_eq!(fs::read(sb.dest.join("ok")).expect("ok"), b"ok");
+        // The store's record of an overlay layer names the devices.
+        if mode == Mode::Overlay {
+            let tree = stats.tree.expect("overlay unpack records the tree");
+            let e = &tree.entries[b"dev/null".as_slice()];
+            assert_eq!((e.kind, e.rdev), (b'c', libc::makedev(1, 3)));
+        } else {
+            assert!(stats.tree.is_none(), "flatten does not record");
+        }
+        sb.assert_contained(&[]);
+    }
+}
+
+#[test]
+fn a_zero_zero_character_device_is_refused_not_taken_for_a_whiteout() {
+    for mode in MODES {
+        let sb = Sandbox::new();
+        // Something a whiteout in disguise would hide.
+        fs::write(sb.dest.join("victim"), b"below").expect("victim");
+        let tar = RawTar::new()
+            .file("ok", b"ok")
+            .device("victim", CHAR, 0, 0)
+            .finish();
+        let res = sb.unpack(&tar, mode);
+        match res {
+            Err(UnpackError::Hostile { path, why }) => {
+                assert_eq!(path, "victim", "{mode:?}");
+                assert!(why.contains("0:0"), "{mode:?}: {why}");
+            }
+            other => panic!("{mode:?}: 0:0 character device accepted: {other:?}"),
+        }
+        assert_eq!(
+            fs::read(sb.dest.join("victim")).expect("victim is still a file"),
+            b"below",
+            "{mode:?}"
+        );
         sb.assert_contained(&[]);
     }
 }

@@ -7,6 +7,11 @@
 //!   serve`) on a free loopback port with throwaway storage, either as an
 //!   ordinary registry or as a pull-through proxy of another one; its access
 //!   log can be read back to count upstream requests.
+//! - [`token`]: a Docker token service for the bearer flow, to put in
+//!   front of a registry started with
+//!   [`registry::Registry::start_token_auth`].
+//! - [`proxy`]: a mirror in front of a real registry that cuts blob
+//!   bodies half-way, to test fallback to the origin mid-blob.
 //! - [`postgres`]: a private PostgreSQL server from Debian's package on a
 //!   free loopback port, with a fresh database per test.
 //! - [`push`]: a small OCI distribution push client (blobs and manifests)
@@ -36,5 +41,7 @@
 pub mod digest;
 pub mod fixtures;
 pub mod postgres;
+pub mod proxy;
 pub mod push;
 pub mod registry;
+pub mod token;

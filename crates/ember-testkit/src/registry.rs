@@ -68,6 +68,33 @@ impl Registry {
         Self::launch(Some(&upstream))
     }
 
+    /// Starts a registry that serves the storage at `storage` (for example
+    /// another, plain [`Registry`]'s [`Registry::storage_dir`], after
+    /// pushing there: the test pusher does not speak auth) and demands
+    /// bearer tokens from `token`'s service. `realm` is the URL its
+    /// challenges name; it may carry a query string of its own.
+    pub fn start_token_auth(
+        storage: &Path,
+        token: &crate::token::TokenServer,
+        realm: &str,
+    ) -> anyhow::Result<Self> {
+        let auth = TokenAuth {
+            storage: storage.to_path_buf(),
+            realm: realm.to_string(),
+            cert: token.cert_path(),
+        };
+        let mut last_err = None;
+        for _ in 0..PORT_ATTEMPTS {
+            let port = free_port()?;
+            match Self::launch_on(port, None, Some(&auth))? {
+                Launch::Ready(registry) => return Ok(registry),
+                Launch::PortTaken(err) => last_err = Some(err),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no attempt made")))
+            .context(format!("starting {REGISTRY_BIN} with token auth"))
+    }
+
     /// `127.0.0.1:PORT`, the form image references use.
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
@@ -145,7 +172,7 @@ impl Registry {
         let mut last_err = None;
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port()?;
-            match Self::launch_on(port, upstream)? {
+            match Self::launch_on(port, upstream, None)? {
                 Launch::Ready(registry) => return Ok(registry),
                 Launch::PortTaken(err) => last_err = Some(err),
             }
@@ -155,7 +182,11 @@ impl Registry {
         ))
     }
 
-    fn launch_on(port: u16, upstream: Option<&str>) -> anyhow::Result<Launch> {
+    fn launch_on(
+        port: u16,
+        upstream: Option<&str>,
+        auth: Option<&TokenAuth>,
+    ) -> anyhow::Result<Launch> {
         let dir = tempfile::Builder::new()
             .prefix("ember-registry-")
             .tempdir()
@@ -163,8 +194,14 @@ impl Registry {
         let storage = dir.path().join("storage");
         fs::create_dir(&storage).with_context(|| format!("creating {}", storage.display()))?;
         let config = dir.path().join("config.yml");
-        fs::write(&config, config_yaml(port, &storage, upstream))
-            .with_context(|| format!("writing {}", config.display()))?;
+        let mut yaml = match auth {
+            Some(a) => config_yaml(port, &a.storage, upstream),
+            None => config_yaml(port, &storage, upstream),
+        };
+        if let Some(a) = auth {
+            yaml.push_str(&a.yaml());
+        }
+        fs::write(&config, yaml).with_context(|| format!("writing {}", config.display()))?;
         // Distribution writes the access log (gorilla's combined logging
         // handler) to stdout and everything else to stderr.
         let access_log = create_log(dir.path(), "access.log")?;
@@ -203,7 +240,8 @@ impl Registry {
                     self.port
                 );
             }
-            if let Ok(200) = http_get_status(addr, "/v2/") {
+            // 401 is a registry with auth that is up.
+            if let Ok(200 | 401) = http_get_status(addr, "/v2/") {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -223,6 +261,26 @@ impl Drop for Registry {
         // Errors mean the process is already gone; nothing else to do.
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Token auth settings for a registry.
+struct TokenAuth {
+    storage: PathBuf,
+    realm: String,
+    cert: PathBuf,
+}
+
+impl TokenAuth {
+    fn yaml(&self) -> String {
+        let quote = |s: &str| serde_json::Value::String(s.to_string()).to_string();
+        format!(
+            "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+            quote(&self.realm),
+            quote(crate::token::SERVICE),
+            quote(crate::token::ISSUER),
+            quote(&self.cert.to_string_lossy()),
+        )
     }
 }
 

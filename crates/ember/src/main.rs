@@ -48,6 +48,9 @@ enum Command {
     /// Image operations.
     #[command(subcommand)]
     Image(cmd::image::Command),
+    /// Store maintenance (verify, repair).
+    #[command(subcommand)]
+    Store(cmd::store::Command),
     /// Run the cluster image cache: a pull-through registry mirror.
     Cache(cmd::cache::Args),
     /// Benchmarks against the reference tools, measured in the same run.
@@ -71,6 +74,9 @@ enum Command {
     Cancel(cmd::cancel::Args),
     /// Control plane, cache and node agents on this machine.
     Up(cmd::up::Args),
+    /// Started by `ember node`: cleans up after it if it dies.
+    #[command(hide = true)]
+    NodeWatchdog(cmd::node::WatchdogArgs),
 }
 
 fn main() -> ExitCode {
@@ -105,6 +111,7 @@ fn main() -> ExitCode {
             Command::Rmi(a) => cmd::rmi::run(&cli.root, a),
             Command::Gc(a) => cmd::gc::run(&cli.root, a),
             Command::Image(c) => cmd::image::run(&cli.root, c),
+            Command::Store(c) => cmd::store::run(&cli.root, c),
             Command::Cache(a) => cmd::cache::run(a).await,
             Command::Bench(c) => cmd::bench::run(&cli.root, c).await,
             Command::Control(a) => cmd::control::run(a).await,
@@ -116,6 +123,7 @@ fn main() -> ExitCode {
             Command::Deploy(a) => cmd::deploy::run(a).await,
             Command::Cancel(a) => cmd::cancel::run(a).await,
             Command::Up(a) => cmd::up::run(a).await,
+            Command::NodeWatchdog(a) => cmd::node::run_watchdog(&cli.root, a),
         }
     });
     match result {

@@ -118,7 +118,7 @@ fn start_registry(dir: &Path, name: &str, realm: Option<&str>) -> Registry {
 
 /// Starts the token server; returns it and its port.
 fn start_token_server(dir: &Path, log: &Path) -> (Proc, u16) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/token_server.py");
+    let script = ember_testkit::token::SCRIPT;
     let mut child = Command::new("python3")
         .arg(script)
         .arg(dir.join("key.pem"))

@@ -132,7 +132,7 @@ fn burst_of_500_starts_like_a_single_run() {
     // stalls the burst too, and the test is about the burst's runs not
     // delaying the first one, not about this machine's disk.
     let slowest = single.iter().copied().fold(baseline, f64::max);
-    let before: serde_json::Value = json(&["runs", "--json"]);
+    let before: serde_json::Value = json(&["runs", "--json", "--all"]);
     let max_before = before
         .as_array()
         .expect("runs array")
@@ -160,7 +160,7 @@ fn burst_of_500_starts_like_a_single_run() {
     );
 
     // What the control plane recorded, read independently of the bench.
-    let all: serde_json::Value = json(&["runs", "--json"]);
+    let all: serde_json::Value = json(&["runs", "--json", "--all"]);
     let mine: Vec<&serde_json::Value> = all
         .as_array()
         .expect("runs array")

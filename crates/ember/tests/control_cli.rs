@@ -625,3 +625,56 @@ fn deployments_get_prewarmed_runners() {
     control.stop();
     assert_eq!(runners(&node_root), 0, "runners left behind");
 }
+
+/// An exec the runner's agent refuses (here: a NUL byte in an environment
+/// value, which no process can be given) fails the run with the agent's
+/// reason in its error, not only "exec in runner ...".
+#[test]
+fn a_refused_exec_says_why() {
+    let Some(agent) = static_agent() else {
+        eprintln!("skipped: the static ember-agent could not be built");
+        return;
+    };
+    let registry = registry_with(&["busybox"]);
+    let image = format!("{}/ember/busybox:latest", registry.addr());
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (mut control, mut node, url) = cluster(tmp.path(), &agent);
+    // A good run first, for the pinned image (and a warm runner).
+    let first: serde_json::Value = serde_json::from_str(&client_ok(
+        &url,
+        &["submit", "--json", &image, "--", "true"],
+    ))
+    .expect("run JSON");
+    let pinned: ember_control::model::PinnedImage =
+        serde_json::from_value(first["image"].clone()).expect("image");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let c = ember_controld::client::ControlClient::new(&url, Some("client-secret".into()))
+        .expect("client");
+    let spec = ember_control::model::RunSpec {
+        image: Some(pinned),
+        command: vec!["true".into()],
+        env: [("BAD".to_owned(), "a\0b".to_owned())].into(),
+        ..Default::default()
+    };
+    let id = rt.block_on(c.submit(&spec, None)).expect("submit").run.id;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let run = loop {
+        let run = rt.block_on(c.run(id)).expect("run");
+        if run.state.is_final() {
+            break run;
+        }
+        assert!(Instant::now() < deadline, "the run never ended: {run:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(run.state, ember_control::model::RunState::Failed);
+    let error = run.error.unwrap_or_default();
+    assert!(
+        error.contains("exec in runner") && error.contains("NUL"),
+        "the cause is carried: {error:?}"
+    );
+    node.stop();
+    control.stop();
+}

@@ -1,6 +1,7 @@
 //! `ember image unpack` must produce exactly what `umoci unpack` produces
 //! for the same image from the same registry: paths, types, contents,
-//! modes, owners, symlink targets and hardlink groups, file by file.
+//! modes, owners, symlink targets, device numbers and hardlink groups,
+//! file by file.
 
 mod common;
 
@@ -29,6 +30,11 @@ fn every_fixture_unpacks_like_umoci() {
         "index",
         "docker",
         "docker-list",
+        // Device nodes, as layers have them (umoci creates them as root).
+        "devices",
+        // A real Debian image: debootstrap's root filesystem, eight
+        // character devices in /dev.
+        "debian",
     ] {
         let fx = fixtures::build_cached(name).expect("build fixture");
         let repo = format!("ember/{name}");

@@ -183,6 +183,9 @@ pub struct FakeState {
     pub down: bool,
     /// Require this basic credential (user, pass) via the bearer flow.
     pub token_auth: Option<(String, String)>,
+    /// Sent as every manifest's `Docker-Content-Digest` instead of its
+    /// sha256 (a lying or odd upstream).
+    pub digest_header: Option<String>,
 }
 
 #[derive(Clone)]
@@ -332,12 +335,18 @@ async fn fake_handler(
     }
     if let Some(i) = path.find("/manifests/") {
         let key = &path[i + "/manifests/".len()..];
-        let found = fake.state.lock().unwrap().manifests.get(key).cloned();
+        let (found, digest_header) = {
+            let st = fake.state.lock().unwrap();
+            (st.manifests.get(key).cloned(), st.digest_header.clone())
+        };
         return match found {
             Some((bytes, mt)) => {
                 let b = Response::builder()
                     .header(header::CONTENT_TYPE, mt)
-                    .header("docker-content-digest", sha256(&bytes))
+                    .header(
+                        "docker-content-digest",
+                        digest_header.unwrap_or_else(|| sha256(&bytes)),
+                    )
                     .header(header::CONTENT_LENGTH, bytes.len());
                 if method == Method::HEAD {
                     b.body(Body::empty()).unwrap()

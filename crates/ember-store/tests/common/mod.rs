@@ -256,6 +256,15 @@ pub fn file_sha256(path: &Path) -> String {
 }
 
 /// Names in a directory, sorted; empty if it does not exist.
+/// The work in `<root>/tmp/`: its entries but the `<owner>-lock` files
+/// every open store holds there (see `ember_store`'s tmp module).
+pub fn tmp_work(root: &Path) -> Vec<String> {
+    names(&root.join("tmp"))
+        .into_iter()
+        .filter(|n| !n.ends_with("-lock"))
+        .collect()
+}
+
 pub fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = match fs::read_dir(dir) {
         Ok(rd) => rd
@@ -437,7 +446,7 @@ impl StoreDir {
     }
 
     pub fn tmp_entries(&self) -> Vec<String> {
-        names(&self.root().join("tmp"))
+        tmp_work(self.root())
     }
 
     /// After a failed operation: the store is exactly `before`, nothing is
@@ -451,4 +460,67 @@ impl StoreDir {
         assert_same_snapshot(before, &self.snapshot());
         assert_eq!(names(self.parent.path()), vec!["store".to_string()]);
     }
+}
+
+/// One layer blob as the registry will serve it: bytes (compressed or
+/// not, possibly broken on purpose) and its media type.
+pub struct RawLayer {
+    pub blob: Vec<u8>,
+    pub media_type: &'static str,
+}
+
+/// Pushes an OCI image whose layer blobs are exactly `layers` (no client
+/// in between that would refuse a broken stream) and whose config lists
+/// `diff_ids` verbatim. Returns the compressed layer digests in `layers`.
+pub async fn push_raw_image(
+    registry_url: &str,
+    repo: &str,
+    tag: &str,
+    layers: &[RawLayer],
+    diff_ids: Vec<String>,
+) -> anyhow::Result<PushedImage> {
+    let pusher = Pusher::new(registry_url)?;
+    let mut descs = Vec::new();
+    for l in layers {
+        let digest = sha256_digest(&l.blob);
+        descs.push(serde_json::json!({
+            "mediaType": l.media_type,
+            "digest": digest,
+            "size": l.blob.len(),
+        }));
+        pusher.push_blob(repo, l.blob.clone(), &digest).await?;
+    }
+    let host = Platform::host();
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": host.architecture,
+        "os": host.os,
+        "config": {"Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }))?;
+    let config_digest = sha256_digest(&config);
+    let config_size = config.len();
+    pusher.push_blob(repo, config, &config_digest).await?;
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": config_size},
+        "layers": descs,
+    }))?;
+    let manifest_digest = pusher
+        .push_manifest(repo, tag, OCI_MANIFEST, manifest)
+        .await?;
+    Ok(PushedImage {
+        manifest: manifest_digest,
+        config: config_digest,
+        layers: descs
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap_or_default().to_string())
+            .collect(),
+        diff_ids,
+    })
+}
+
+/// zstd of `bytes`.
+pub fn zstd(bytes: &[u8]) -> Vec<u8> {
+    zstd::stream::encode_all(bytes, 3).expect("zstd into memory")
 }

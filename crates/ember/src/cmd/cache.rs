@@ -61,7 +61,7 @@ pub struct Args {
     #[arg(long, default_value_t = 5, value_name = "SECONDS")]
     pub negative_ttl: u64,
     #[command(flatten)]
-    pub limits: ServerLimits,
+    pub connections: ServerLimits,
 }
 
 /// Runs `ember cache` until SIGINT or SIGTERM.
@@ -79,7 +79,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     config.high_watermark = args.high_watermark;
     config.low_watermark = args.low_watermark;
     config.negative_ttl = Duration::from_secs(args.negative_ttl);
-    config.http = args.limits.limits();
+    config.http = args.connections.limits();
     if let Some(f) = &args.auth_file {
         let mut c = Credentials::none();
         c.load_docker_config(f).map_err(anyhow::Error::msg)?;

@@ -2,11 +2,12 @@
 
 use crate::cmd::cluster::stop_signal;
 use crate::cmd::serving::ServerLimits;
+use crate::util::parse_size;
 use anyhow::Context;
-use ember_control::StateStore;
 use ember_control::postgres::PostgresStore;
 use ember_control::sqlite::SqliteStore;
 use ember_control::store::SystemClock;
+use ember_control::{LogRetention, StateStore};
 use ember_controld::server::{ServerConfig, serve};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,7 +42,8 @@ pub struct Args {
         hide_env_values = true
     )]
     pub client_token: Option<String>,
-    /// Bearer token nodes must send (none: nodes are not checked).
+    /// A bearer token every node may send, for any node id (one shared
+    /// secret; prefer per-node credentials, `ember nodes token issue`).
     #[arg(
         long,
         env = "EMBER_NODE_TOKEN",
@@ -49,6 +51,12 @@ pub struct Args {
         hide_env_values = true
     )]
     pub node_token: Option<String>,
+    /// Nodes must send a credential issued to them (`ember nodes token
+    /// issue ID`), or the shared --node-token if one is given. Without this
+    /// and without --node-token nodes are not checked. An issued credential
+    /// opens only its own node's endpoints either way.
+    #[arg(long)]
+    pub require_node_credentials: bool,
     /// Seconds without a heartbeat after which a node and its runs are lost.
     #[arg(long, default_value_t = 15, value_name = "SECONDS")]
     pub heartbeat_timeout: u64,
@@ -57,7 +65,90 @@ pub struct Args {
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
     pub keepalive: u64,
     #[command(flatten)]
-    pub limits: ServerLimits,
+    pub connections: ServerLimits,
+    /// What one run may store in the control plane, and how long logs stay.
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// `ember control`'s limits on what runs store (sizes: `64k`, `16M`, `8G`;
+/// ages: `90s`, `30m`, `12h`, `7d`; `0` switches a retention limit off).
+#[derive(clap::Args, Debug, Clone)]
+pub struct LimitArgs {
+    /// The most bytes of environment and command line (keys, values and
+    /// arguments together) one run or deployment may carry; bigger submits
+    /// are answered 413.
+    #[arg(long, default_value = "64k", value_name = "SIZE")]
+    pub max_env_bytes: String,
+    /// The most output kept per run; the log then ends with a truncation
+    /// notice and later output is dropped.
+    #[arg(long, default_value = "64M", value_name = "SIZE")]
+    pub max_log_bytes: String,
+    /// Logs of finished runs are pruned this long after their last output.
+    #[arg(long, default_value = "7d", value_name = "AGE")]
+    pub log_max_age: String,
+    /// Logs of finished runs are pruned, least recently written first, to
+    /// keep all runs' logs under this size.
+    #[arg(long, default_value = "8G", value_name = "SIZE")]
+    pub log_max_total: String,
+    /// How often logs are pruned.
+    #[arg(long, default_value = "60s", value_name = "AGE")]
+    pub prune_interval: String,
+}
+
+impl Default for LimitArgs {
+    fn default() -> Self {
+        LimitArgs {
+            max_env_bytes: "64k".into(),
+            max_log_bytes: "64M".into(),
+            log_max_age: "7d".into(),
+            log_max_total: "8G".into(),
+            prune_interval: "60s".into(),
+        }
+    }
+}
+
+/// Parses an age: a number with `s`, `m`, `h` or `d` (no unit: seconds).
+fn parse_age(s: &str) -> anyhow::Result<Duration> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("invalid age {s:?}: expected a number and s, m, h or d"))?;
+    let secs = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        u => anyhow::bail!("invalid age {s:?}: unknown unit {u:?} (use s, m, h or d)"),
+    };
+    Ok(Duration::from_secs(n.saturating_mul(secs)))
+}
+
+impl LimitArgs {
+    /// Applies the limits to `config`.
+    fn apply(&self, config: &mut ServerConfig) -> anyhow::Result<()> {
+        config.max_env_bytes = usize::try_from(parse_size(&self.max_env_bytes)?)
+            .context("--max-env-bytes is too large")?;
+        // The request body holds the environment JSON-encoded, plus the rest
+        // of the spec: leave room for both.
+        config.max_request_bytes = config
+            .max_env_bytes
+            .saturating_mul(2)
+            .saturating_add(64 << 10)
+            .max(1 << 20);
+        config.max_log_bytes = parse_size(&self.max_log_bytes)?;
+        let age = parse_age(&self.log_max_age)?;
+        let total = parse_size(&self.log_max_total)?;
+        config.log_retention = LogRetention {
+            max_age_ms: (!age.is_zero())
+                .then(|| u64::try_from(age.as_millis()).unwrap_or(u64::MAX)),
+            max_total_bytes: (total > 0).then_some(total),
+        };
+        config.prune_interval = parse_age(&self.prune_interval)?.max(Duration::from_secs(1));
+        Ok(())
+    }
 }
 
 /// Whether `--db` names a PostgreSQL database rather than a SQLite file.
@@ -107,16 +198,20 @@ pub async fn open(args: &Args) -> anyhow::Result<(Arc<dyn StateStore>, ServerCon
     let mut config = ServerConfig::new();
     config.client_token = args.client_token.clone().filter(|t| !t.is_empty());
     config.node_token = args.node_token.clone().filter(|t| !t.is_empty());
+    config.require_node_credentials = args.require_node_credentials;
     config.heartbeat_timeout = Duration::from_secs(args.heartbeat_timeout.max(1));
     config.keepalive = Duration::from_secs(args.keepalive.max(1));
-    config.http = args.limits.limits();
+    config.http = args.connections.limits();
+    args.limits.apply(&mut config)?;
     Ok((store, config))
 }
 
 /// Runs `ember control` until SIGINT or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let (store, config) = open(&args).await?;
-    if config.client_token.is_none() || config.node_token.is_none() {
+    if config.client_token.is_none()
+        || (config.node_token.is_none() && !config.require_node_credentials)
+    {
         tracing::warn!(
             "running without a client or node token: anyone who can connect may use the API"
         );
@@ -155,5 +250,32 @@ mod tests {
         );
         assert_eq!(redacted("/var/lib/x.db"), "/var/lib/x.db");
         assert!(is_postgres("postgresql://h/d") && !is_postgres("/tmp/postgres.db"));
+    }
+
+    #[test]
+    fn limits_parse_and_zero_switches_retention_off() {
+        let mut config = ServerConfig::new();
+        LimitArgs {
+            max_env_bytes: "1M".into(),
+            max_log_bytes: "16M".into(),
+            log_max_age: "0".into(),
+            log_max_total: "2G".into(),
+            prune_interval: "5m".into(),
+        }
+        .apply(&mut config)
+        .expect("limits");
+        assert_eq!(config.max_env_bytes, 1 << 20);
+        assert_eq!(config.max_log_bytes, 16 << 20);
+        assert_eq!(config.log_retention.max_age_ms, None);
+        assert_eq!(config.log_retention.max_total_bytes, Some(2 << 30));
+        assert_eq!(config.prune_interval, Duration::from_secs(300));
+        assert_eq!(
+            parse_age("7d").expect("age"),
+            Duration::from_secs(7 * 86_400)
+        );
+        assert!(parse_age("7w").is_err());
+        LimitArgs::default().apply(&mut config).expect("defaults");
+        assert_eq!(config.log_retention, ServerConfig::new().log_retention);
+        assert_eq!(config.max_env_bytes, ServerConfig::new().max_env_bytes);
     }
 }

@@ -34,6 +34,9 @@ pub async fn print_logs(client: &ControlClient, id: RunId, follow: bool) -> anyh
             // The raw bytes, whatever they are (binary output, invalid
             // UTF-8, a character split between records), flushed per
             // record so interleaved output keeps its order on a terminal.
+            // A marker (the control plane's own notice: truncated at the
+            // per-run limit, or pruned) goes to stderr like any other
+            // stderr record; it already says it is Ember's.
             match rec.stream {
                 LogStream::Stdout => {
                     let mut o = std::io::stdout().lock();

@@ -18,5 +18,6 @@ pub mod rmi;
 pub mod run;
 pub mod runs;
 pub mod serving;
+pub mod store;
 pub mod submit;
 pub mod up;

@@ -2,7 +2,7 @@
 
 use crate::cmd::cluster::{find_agent, hostname, stop_signal};
 use anyhow::{Context, bail};
-use ember_controld::node::{NodeConfig, run_node};
+use ember_controld::node::{NodeConfig, WatchdogCommand, run_node, watch_node};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -56,6 +56,7 @@ pub fn config(root: &Path, args: Args) -> anyhow::Result<NodeConfig> {
             .with_context(|| format!("invalid --label {l:?}: expected KEY=VALUE"))?;
         labels.insert(k.to_owned(), v.to_owned());
     }
+    let agent = find_agent(args.agent)?;
     Ok(NodeConfig {
         control: args.control,
         token: args.token.filter(|t| !t.is_empty()),
@@ -63,10 +64,50 @@ pub fn config(root: &Path, args: Args) -> anyhow::Result<NodeConfig> {
         slots: args.slots,
         root: root.to_path_buf(),
         cache: args.cache,
-        agent: find_agent(args.agent)?,
+        agent: agent.clone(),
         labels,
         heartbeat: Duration::from_secs(args.heartbeat.max(1)),
+        watchdog: Some(watchdog(root, &agent)?),
     })
+}
+
+/// The node's watchdog: this executable's hidden `node-watchdog` on the
+/// same root, which destroys the node's runners if the node dies without
+/// cleaning up (see [`watch_node`]).
+pub fn watchdog(root: &Path, agent: &Path) -> anyhow::Result<WatchdogCommand> {
+    let program = std::env::current_exe().context("finding this executable")?;
+    Ok(WatchdogCommand {
+        program,
+        args: vec![
+            "--root".into(),
+            root.as_os_str().to_owned(),
+            "node-watchdog".into(),
+            "--agent".into(),
+            agent.as_os_str().to_owned(),
+        ],
+    })
+}
+
+/// `ember node-watchdog` (hidden; started by `ember node`): waits for the
+/// node process that started it to end, then destroys what it left.
+#[derive(clap::Args, Debug)]
+pub struct WatchdogArgs {
+    /// The static ember-agent binary the node uses.
+    #[arg(long, value_name = "PATH")]
+    pub agent: PathBuf,
+}
+
+/// Runs `ember node-watchdog` until its standard input closes.
+pub fn run_watchdog(root: &Path, args: WatchdogArgs) -> anyhow::Result<ExitCode> {
+    let report = watch_node(root, &args.agent, std::io::stdin().lock())?;
+    if !report.runners.is_empty() {
+        eprintln!(
+            "ember node-watchdog: the node agent on {} died; destroyed its {} runner(s)",
+            root.display(),
+            report.runners.len()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Runs `ember node` until SIGINT or SIGTERM; its runners are destroyed on

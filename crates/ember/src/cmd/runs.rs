@@ -3,6 +3,8 @@
 use crate::cmd::cluster::ControlArgs;
 use crate::util::{quantile, span};
 use ember_control::model::Run;
+use ember_controld::client::ControlClient;
+use std::io::Write;
 use std::process::ExitCode;
 
 /// List runs, newest first, or start-latency percentiles with --stats.
@@ -17,9 +19,58 @@ pub struct Args {
     /// Print JSON (the runs with their start-time breakdown).
     #[arg(long)]
     pub json: bool,
-    /// Print start-latency percentiles per phase.
+    /// Print start-latency percentiles per phase (over every run, or the
+    /// newest --limit N).
     #[arg(long)]
     pub stats: bool,
+    /// Show the newest N runs (default: one page of the server's default
+    /// size, 100).
+    #[arg(long, value_name = "N", conflicts_with = "all")]
+    pub limit: Option<usize>,
+    /// Show every run, fetched page by page.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// How many runs to fetch: `None` is all of them.
+fn wanted(args: &Args) -> Option<usize> {
+    if args.all || (args.stats && args.limit.is_none()) {
+        None
+    } else {
+        Some(args.limit.unwrap_or(ember_controld::server::DEFAULT_PAGE))
+    }
+}
+
+/// Calls `each` with the newest runs, page by page, until `wanted` runs
+/// (`None`: all); returns whether more runs were left behind. Only one
+/// page is held at a time, so `--all` and `--stats` work on any number of
+/// runs.
+async fn for_each_page(
+    client: &ControlClient,
+    wanted: Option<usize>,
+    mut each: impl FnMut(&[Run]) -> anyhow::Result<()>,
+) -> anyhow::Result<bool> {
+    let mut cursor: Option<String> = None;
+    let mut seen = 0usize;
+    loop {
+        let left = wanted.map(|w| w - seen);
+        let limit = left.map(|l| l.min(ember_controld::server::MAX_PAGE));
+        if limit == Some(0) {
+            // Asked for exactly what was seen: more exist if the last page
+            // said so.
+            return Ok(cursor.is_some());
+        }
+        let page = client.runs_page(limit, cursor.as_deref()).await?;
+        seen += page.runs.len();
+        each(&page.runs)?;
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => return Ok(false),
+        }
+        if wanted.is_some_and(|w| seen >= w) {
+            return Ok(true);
+        }
+    }
 }
 
 /// One phase of the start: its name and how to get its duration.
@@ -44,22 +95,32 @@ const PHASES: [Phase; 6] = [
 
 /// Runs `ember runs`.
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let runs = args.control.client()?.runs().await?;
+    let client = args.control.client()?;
+    let wanted = wanted(&args);
     if args.stats {
-        let started: Vec<&Run> = runs
-            .iter()
-            .filter(|r| r.times.process_started.is_some())
-            .collect();
+        // Only the phase durations are kept, not the runs.
+        let mut durations: Vec<Vec<u64>> = vec![Vec::new(); PHASES.len()];
+        let (mut total, mut started) = (0usize, 0usize);
+        for_each_page(&client, wanted, |runs| {
+            total += runs.len();
+            for r in runs.iter().filter(|r| r.times.process_started.is_some()) {
+                started += 1;
+                for (v, (_, f)) in durations.iter_mut().zip(PHASES) {
+                    v.extend(f(r));
+                }
+            }
+            Ok(())
+        })
+        .await?;
         let mut out = serde_json::Map::new();
         if !args.json {
-            println!("{} runs started (of {})", started.len(), runs.len());
+            println!("{started} runs started (of {total})");
             println!(
                 "{:<10} {:>8} {:>8} {:>8} {:>8}",
                 "PHASE", "P50 ms", "P90 ms", "P99 ms", "MAX ms"
             );
         }
-        for (name, f) in PHASES {
-            let mut v: Vec<u64> = started.iter().filter_map(|r| f(r)).collect();
+        for ((name, _), mut v) in PHASES.into_iter().zip(durations) {
             v.sort_unstable();
             let (p50, p90, p99, max) = (
                 quantile(&v, 0.5),
@@ -81,26 +142,54 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&runs)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!(
-        "{:<10} {:<10} {:<12} {:>4} {:>9}  WHAT",
-        "RUN", "STATE", "NODE", "EXIT", "START ms"
-    );
-    for r in &runs {
-        let what = r
-            .deployment
-            .clone()
-            .unwrap_or_else(|| r.image.reference.clone());
-        println!(
-            "{:<10} {:<10} {:<12} {:>4} {:>9}  {what}",
-            r.id.to_string(),
-            r.state.as_str(),
-            r.node.as_deref().unwrap_or("-"),
-            r.exit_code.map_or("-".into(), |c| c.to_string()),
-            span(r.times.queued, r.times.process_started).map_or("-".into(), |t| t.to_string()),
+    let mut stdout = std::io::stdout().lock();
+    let more = if args.json {
+        // One JSON array, written a page at a time.
+        let mut first = true;
+        write!(stdout, "[")?;
+        let more = for_each_page(&client, wanted, |runs| {
+            for r in runs {
+                write!(stdout, "{}\n  ", if first { "" } else { "," })?;
+                first = false;
+                serde_json::to_writer(&mut stdout, r)?;
+            }
+            Ok(())
+        })
+        .await?;
+        writeln!(stdout, "{}]", if first { "" } else { "\n" })?;
+        more
+    } else {
+        writeln!(
+            stdout,
+            "{:<10} {:<10} {:<12} {:>4} {:>9}  WHAT",
+            "RUN", "STATE", "NODE", "EXIT", "START ms"
+        )?;
+        for_each_page(&client, wanted, |runs| {
+            for r in runs {
+                let what = r
+                    .deployment
+                    .clone()
+                    .unwrap_or_else(|| r.image.reference.clone());
+                writeln!(
+                    stdout,
+                    "{:<10} {:<10} {:<12} {:>4} {:>9}  {what}",
+                    r.id.to_string(),
+                    r.state.as_str(),
+                    r.node.as_deref().unwrap_or("-"),
+                    r.exit_code.map_or("-".into(), |c| c.to_string()),
+                    span(r.times.queued, r.times.process_started)
+                        .map_or("-".into(), |t| t.to_string()),
+                )?;
+            }
+            Ok(())
+        })
+        .await?
+    };
+    stdout.flush()?;
+    if more {
+        eprintln!(
+            "(newest {} runs shown; older ones: --limit N or --all)",
+            wanted.unwrap_or(0)
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -67,10 +67,13 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(|| data.join("control.db").to_string_lossy().into_owned()),
         logs: None,
         client_token: Some(client_token.clone()),
+        // One shared secret for the nodes of this one process.
         node_token: Some(node_token.clone()),
+        require_node_credentials: false,
         heartbeat_timeout: 15,
         keepalive: 10,
-        limits: Default::default(),
+        limits: control::LimitArgs::default(),
+        connections: Default::default(),
     })
     .await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
@@ -123,6 +126,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             agent: agent.clone(),
             labels: BTreeMap::new(),
             heartbeat: Duration::from_secs(3),
+            watchdog: Some(crate::cmd::node::watchdog(
+                &data.join(format!("node-{i}")),
+                &agent,
+            )?),
         };
         nodes.spawn(run_node(cfg, stopped(stop_rx.clone())));
     }

@@ -151,10 +151,10 @@ pub fn client_ok(url: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// All runs as JSON (`ember runs --json`).
+/// All runs as JSON (`ember runs --json --all`).
 pub fn runs_json(url: &str) -> Vec<serde_json::Value> {
     let v: serde_json::Value =
-        serde_json::from_str(&client_ok(url, &["runs", "--json"])).expect("runs JSON");
+        serde_json::from_str(&client_ok(url, &["runs", "--json", "--all"])).expect("runs JSON");
     v.as_array().expect("an array of runs").clone()
 }
 

@@ -5,7 +5,7 @@ pub mod cluster;
 
 use sha2::{Digest as _, Sha256};
 use std::collections::BTreeMap;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -95,6 +95,12 @@ pub fn snapshot(root: &Path) -> (BTreeMap<String, Entry>, Vec<Vec<String>>) {
                 (
                     "file",
                     hex::encode(Sha256::digest(std::fs::read(&p).expect("read"))),
+                )
+            } else if ft.is_char_device() || ft.is_block_device() {
+                let kind = if ft.is_char_device() { "char" } else { "block" };
+                (
+                    kind,
+                    format!("{}:{}", libc::major(m.rdev()), libc::minor(m.rdev())),
                 )
             } else {
                 ("other", format!("{:o}", m.mode()))

@@ -9,6 +9,10 @@ stdout. `GET /token?service=S&scope=repository:NAME:ACTIONS` answers
 RS256 token signed with KEY.pem carrying CERT.pem in its `x5c` header, as
 CNCF distribution's `auth: token` expects.
 
+The realm may carry a query string of its own (`/token?service=S&foo=bar`,
+as some real registries' realms do); every parameter is logged, so a test can
+check that a client kept the realm's parameters and still sent its scope.
+
 Anonymous requests get `pull` only; Basic `alice:s3cret` gets `pull,push`;
 other Basic credentials, and any scope on a repository under `private/`,
 get 401. Every request is logged to LOG.jsonl as one JSON object a line.
@@ -88,6 +92,7 @@ class Handler(BaseHTTPRequestHandler):
         entry = {
             "path": url.path,
             "raw_query": url.query,
+            "foo": query.get("foo", []),
             "service": query.get("service", []),
             "scope": query.get("scope", []),
             "authorization": authz.split(" ", 1)[0] if authz else None,

@@ -1,0 +1,442 @@
+//! The record of a layer directory's tree, written when the layer is
+//! committed, so `ember store verify` can later find a layer that was
+//! changed on disk or torn by a crash.
+//!
+//! A record lists every entry under the layer directory (the directory
+//! itself as `.`): type, mode, owner, size, link count, mtime, device
+//! number, symlink target, the overlayfs opaque marker of directories, and
+//! an XXH3-64 checksum of each regular file's contents. The checksums are
+//! computed by the unpacker while the bytes pass through its copy buffer
+//! (see [`crate::unpack`]), so recording costs one `lstat` per entry at the
+//! end of the unpack, not a second read of the data. XXH3 is not a
+//! cryptographic hash: the record guards against accidents (a disk, a
+//! crash, a hand edit), and anyone who can rewrite layer files as root can
+//! rewrite the record too. The layer's identity is still its diff_id,
+//! checked over the whole stream at pull time.
+//!
+//! The file format is text, one entry per line, sorted by path:
+//!
+//! ```text
+//! ember-tree 1
+//! <kind> <mode> <uid> <gid> <size> <nlink> <mtime> <rdev> <xxh3> <path> [<target>]
+//! end <entries>
+//! ```
+//!
+//! `kind` is `d`, `D` (opaque directory), `f`, `l`, `c`, `b`, `p` or `s`;
+//! numbers are decimal except `mode` (octal) and `xxh3` (hex); `path` and
+//! `target` escape bytes outside printable ASCII, space and `%` as `%XX`.
+//! The `end` line makes a torn record (a crash while it was written)
+//! recognisable.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+const HEADER: &str = "ember-tree 1";
+
+/// One entry of a layer tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeEntry {
+    /// `d`, `D` (opaque directory), `f`, `l`, `c`, `b`, `p` or `s`.
+    pub kind: u8,
+    /// Permission bits (`& 0o7777`).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Size in bytes (files and symlinks; 0 otherwise).
+    pub size: u64,
+    /// Hard link count (files; 0 otherwise, as directories' vary by
+    /// filesystem).
+    pub nlink: u64,
+    /// Modification time, seconds.
+    pub mtime: i64,
+    /// Device number (character and block devices).
+    pub rdev: u64,
+    /// XXH3-64 of a regular file's contents.
+    pub xxh3: u64,
+    /// Symlink target.
+    pub target: Option<Vec<u8>>,
+}
+
+/// A layer tree: relative path (`.` for the root) → entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TreeRecord {
+    /// Entries by path bytes, sorted.
+    pub entries: BTreeMap<Vec<u8>, TreeEntry>,
+}
+
+/// Why a record could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The record file is not there.
+    #[error("no tree record")]
+    Missing,
+    /// The file could not be read.
+    #[error("reading tree record: {0}")]
+    Io(#[source] io::Error),
+    /// The file ends early or is malformed (a crash while it was written).
+    #[error("tree record is torn or malformed: {0}")]
+    Torn(String),
+}
+
+/// A streaming content checksum, as the unpacker and the verifier compute it.
+pub struct ContentHasher(xxhash_rust::xxh3::Xxh3);
+
+impl ContentHasher {
+    /// A fresh hasher.
+    pub fn new() -> ContentHasher {
+        ContentHasher(xxhash_rust::xxh3::Xxh3::new())
+    }
+    /// Feeds bytes.
+    pub fn update(&mut self, b: &[u8]) {
+        self.0.update(b);
+    }
+    /// The checksum so far.
+    pub fn finish(&self) -> u64 {
+        self.0.digest()
+    }
+}
+
+impl Default for ContentHasher {
+    fn default() -> Self {
+        ContentHasher::new()
+    }
+}
+
+fn checksum_file(p: &Path, buf: &mut [u8]) -> io::Result<u64> {
+    let mut f = fs::File::open(p)?;
+    let mut h = ContentHasher::new();
+    loop {
+        match f.read(buf) {
+            Ok(0) => return Ok(h.finish()),
+            Ok(n) => h.update(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Walks `dir` and records its tree. Regular files' checksums come from
+/// `sums` (relative path → checksum, filled while unpacking) when present
+/// there, and are computed by reading the file otherwise.
+pub fn scan(dir: &Path, sums: Option<&HashMap<PathBuf, u64>>) -> io::Result<TreeRecord> {
+    let mut rec = TreeRecord::default();
+    let mut buf = vec![0u8; 128 * 1024];
+    let root = fs::symlink_metadata(dir)?;
+    rec.entries
+        .insert(b".".to_vec(), entry_of(dir, &root, None, 0)?);
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for e in fs::read_dir(dir.join(&rel))? {
+            let e = e?;
+            let child = rel.join(e.file_name());
+            let abs = dir.join(&child);
+            let m = fs::symlink_metadata(&abs)?;
+            if m.is_dir() {
+                stack.push(child.clone());
+            }
+            let sum = if m.is_file() {
+                match sums.and_then(|s| s.get(&child)) {
+                    Some(s) => *s,
+                    None => checksum_file(&abs, &mut buf)?,
+                }
+            } else {
+                0
+            };
+            let target = if m.file_type().is_symlink() {
+                Some(fs::read_link(&abs)?.into_os_string().into_vec())
+            } else {
+                None
+            };
+            rec.entries.insert(
+                child.as_os_str().as_bytes().to_vec(),
+                entry_of(&abs, &m, target, sum)?,
+            );
+        }
+    }
+    Ok(rec)
+}
+
+fn entry_of(
+    abs: &Path,
+    m: &fs::Metadata,
+    target: Option<Vec<u8>>,
+    xxh3: u64,
+) -> io::Result<TreeEntry> {
+    let ft = m.file_type();
+    let kind = if ft.is_dir() {
+        if crate::is_opaque(abs) { b'D' } else { b'd' }
+    } else if ft.is_file() {
+        b'f'
+    } else if ft.is_symlink() {
+        b'l'
+    } else if ft.is_char_device() {
+        b'c'
+    } else if ft.is_block_device() {
+        b'b'
+    } else if ft.is_fifo() {
+        b'p'
+    } else {
+        b's'
+    };
+    Ok(TreeEntry {
+        kind,
+        // A symlink's mode is always 0777 and not settable: not recorded.
+        mode: if kind == b'l' { 0 } else { m.mode() & 0o7777 },
+        uid: m.uid(),
+        gid: m.gid(),
+        size: if matches!(kind, b'f' | b'l') {
+            m.len()
+        } else {
+            0
+        },
+        nlink: if kind == b'f' { m.nlink() } else { 0 },
+        mtime: m.mtime(),
+        rdev: if matches!(kind, b'c' | b'b') {
+            m.rdev()
+        } else {
+            0
+        },
+        xxh3,
+        target,
+    })
+}
+
+fn escape(out: &mut Vec<u8>, b: &[u8]) {
+    for &c in b {
+        if c.is_ascii_graphic() && c != b'%' {
+            out.push(c);
+        } else {
+            out.extend_from_slice(format!("%{c:02x}").as_bytes());
+        }
+    }
+}
+
+fn unescape(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let h = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(h, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+impl TreeRecord {
+    /// The record in its file format.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.entries.len() * 96);
+        out.extend_from_slice(HEADER.as_bytes());
+        out.push(b'\n');
+        for (path, e) in &self.entries {
+            out.extend_from_slice(
+                format!(
+                    "{} {:o} {} {} {} {} {} {} {:016x} ",
+                    e.kind as char, e.mode, e.uid, e.gid, e.size, e.nlink, e.mtime, e.rdev, e.xxh3
+                )
+                .as_bytes(),
+            );
+            escape(&mut out, path);
+            if let Some(t) = &e.target {
+                out.push(b' ');
+                escape(&mut out, t);
+            }
+            out.push(b'\n');
+        }
+        out.extend_from_slice(format!("end {}\n", self.entries.len()).as_bytes());
+        out
+    }
+
+    /// Parses a record; anything short of a complete, well-formed file is
+    /// [`RecordError::Torn`].
+    pub fn parse(bytes: &[u8]) -> Result<TreeRecord, RecordError> {
+        let torn = |why: String| RecordError::Torn(why);
+        let text = std::str::from_utf8(bytes).map_err(|_| torn("not UTF-8".into()))?;
+        let mut lines = text.split_inclusive('\n');
+        if lines.next().and_then(|l| l.strip_suffix('\n')) != Some(HEADER) {
+            return Err(torn("bad header".into()));
+        }
+        let mut rec = TreeRecord::default();
+        let mut pos = HEADER.len() + 1;
+        for (n, line) in lines.enumerate() {
+            pos += line.len();
+            let Some(line) = line.strip_suffix('\n') else {
+                return Err(torn(format!("line {} is cut off", n + 2)));
+            };
+            if let Some(count) = line.strip_prefix("end ") {
+                if count.parse::<usize>().ok() != Some(rec.entries.len()) {
+                    return Err(torn(format!(
+                        "end line says {count} entries, record has {}",
+                        rec.entries.len()
+                    )));
+                }
+                if pos != bytes.len() {
+                    return Err(torn("data after the end line".into()));
+                }
+                return Ok(rec);
+            }
+            let bad = || torn(format!("line {} is malformed", n + 2));
+            let f: Vec<&str> = line.split(' ').collect();
+            if f.len() != 10 && f.len() != 11 {
+                return Err(bad());
+            }
+            let kind = *f[0].as_bytes().first().ok_or_else(bad)?;
+            let num = |s: &str| s.parse::<u64>().map_err(|_| bad());
+            let e = TreeEntry {
+                kind,
+                mode: u32::from_str_radix(f[1], 8).map_err(|_| bad())?,
+                uid: f[2].parse().map_err(|_| bad())?,
+                gid: f[3].parse().map_err(|_| bad())?,
+                size: num(f[4])?,
+                nlink: num(f[5])?,
+                mtime: f[6].parse().map_err(|_| bad())?,
+                rdev: num(f[7])?,
+                xxh3: u64::from_str_radix(f[8], 16).map_err(|_| bad())?,
+                target: match f.get(10) {
+                    Some(t) => Some(unescape(t).ok_or_else(bad)?),
+                    None => None,
+                },
+            };
+            rec.entries.insert(unescape(f[9]).ok_or_else(bad)?, e);
+        }
+        Err(torn("no end line".into()))
+    }
+
+    /// Reads the record at `path`.
+    pub fn read(path: &Path) -> Result<TreeRecord, RecordError> {
+        match fs::read(path) {
+            Ok(b) => TreeRecord::parse(&b),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(RecordError::Missing),
+            Err(e) => Err(RecordError::Io(e)),
+        }
+    }
+
+    /// How `actual` differs from this record, one line per path, at most
+    /// `limit` lines (plus a count of the rest).
+    pub fn diff(&self, actual: &TreeRecord, limit: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        let show = |p: &[u8]| String::from_utf8_lossy(p).into_owned();
+        for (p, want) in &self.entries {
+            match actual.entries.get(p) {
+                None => out.push(format!("{}: missing", show(p))),
+                Some(got) if got != want => {
+                    out.push(format!("{}: {}", show(p), describe(want, got)))
+                }
+                Some(_) => {}
+            }
+        }
+        for p in actual.entries.keys() {
+            if !self.entries.contains_key(p) {
+                out.push(format!("{}: not in the record", show(p)));
+            }
+        }
+        if out.len() > limit {
+            let rest = out.len() - limit;
+            out.truncate(limit);
+            out.push(format!("... and {rest} more"));
+        }
+        out
+    }
+}
+
+fn describe(want: &TreeEntry, got: &TreeEntry) -> String {
+    let mut what = Vec::new();
+    if want.kind != got.kind {
+        what.push(format!(
+            "type {} -> {}",
+            want.kind as char, got.kind as char
+        ));
+    }
+    if want.size != got.size {
+        what.push(format!("size {} -> {}", want.size, got.size));
+    }
+    if want.xxh3 != got.xxh3 {
+        what.push("content differs".into());
+    }
+    if want.mode != got.mode {
+        what.push(format!("mode {:o} -> {:o}", want.mode, got.mode));
+    }
+    if (want.uid, want.gid) != (got.uid, got.gid) {
+        what.push(format!(
+            "owner {}:{} -> {}:{}",
+            want.uid, want.gid, got.uid, got.gid
+        ));
+    }
+    if want.nlink != got.nlink {
+        what.push(format!("links {} -> {}", want.nlink, got.nlink));
+    }
+    if want.mtime != got.mtime {
+        what.push(format!("mtime {} -> {}", want.mtime, got.mtime));
+    }
+    if want.rdev != got.rdev {
+        what.push(format!("device {} -> {}", want.rdev, got.rdev));
+    }
+    if want.target != got.target {
+        what.push("symlink target differs".into());
+    }
+    what.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_torn_ones_are_refused() {
+        let mut rec = TreeRecord::default();
+        rec.entries.insert(
+            b"a b/%x\n".to_vec(),
+            TreeEntry {
+                kind: b'l',
+                mode: 0,
+                uid: 1,
+                gid: 2,
+                size: 3,
+                nlink: 0,
+                mtime: -5,
+                rdev: 0,
+                xxh3: 0xdead,
+                target: Some(b"../t a".to_vec()),
+            },
+        );
+        rec.entries.insert(
+            b".".to_vec(),
+            TreeEntry {
+                kind: b'D',
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                size: 0,
+                nlink: 0,
+                mtime: 1,
+                rdev: 0,
+                xxh3: 0,
+                target: None,
+            },
+        );
+        let b = rec.to_bytes();
+        assert_eq!(TreeRecord::parse(&b).expect("parse"), rec);
+        for cut in [0, 5, b.len() / 2, b.len() - 1] {
+            assert!(
+                matches!(TreeRecord::parse(&b[..cut]), Err(RecordError::Torn(_))),
+                "record cut at {cut} of {} was accepted",
+                b.len()
+            );
+        }
+        let mut extra = b.clone();
+        extra.extend_from_slice(b"junk\n");
+        assert!(TreeRecord::parse(&extra).is_err());
+    }
+}
