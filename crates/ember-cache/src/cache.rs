@@ -5,6 +5,7 @@ use crate::config::{CacheConfig, ConfigError, url_host};
 use crate::error::CacheError;
 use crate::flight::{Flight, Flights, Lookup};
 use crate::metrics::Metrics;
+use crate::negative::NotFound;
 use crate::peers::Ring;
 use crate::route::ManifestRef;
 use crate::storage::{Meta, Pinned, Store};
@@ -51,6 +52,8 @@ pub struct Cache {
     default: Option<usize>,
     tags: Arc<Tags>,
     manifest_flights: Arc<Mutex<HashMap<String, ManifestFlight>>>,
+    /// Upstream 404s for blobs and manifests, remembered briefly.
+    negative: Arc<NotFound>,
     /// The peer ring, once this server's own URL is known (at bind time).
     ring: OnceLock<Ring>,
     /// Client for peers (short connect timeout: a dead peer is skipped).
@@ -112,7 +115,8 @@ impl Cache {
         let low = max / 100 * u64::from(config.low_watermark)
             + max % 100 * u64::from(config.low_watermark) / 100;
         let store = Store::open(&config.dir, high, low, metrics.clone())?;
-        let flights = Flights::new(store.clone(), metrics.clone());
+        let negative = Arc::new(NotFound::new(config.negative_ttl, metrics.clone()));
+        let flights = Flights::new(store.clone(), metrics.clone(), negative.clone());
         let tags = Arc::new(Tags::new(store.tags_dir()));
         Ok(Arc::new(Cache {
             config,
@@ -123,6 +127,7 @@ impl Cache {
             default,
             tags,
             manifest_flights: Arc::new(Mutex::new(HashMap::new())),
+            negative,
             ring: OnceLock::new(),
             peer_http,
         }))
@@ -239,7 +244,12 @@ impl Cache {
                     }
                     Err(e @ CacheError::ManifestUnknown(_)) => {
                         self.tags.remove(&up.name, repo, tag);
-                        return Err(e);
+                        let e = Arc::new(e);
+                        self.negative.put(
+                            NotFound::manifest_key(&up.name, repo, &reference.to_string()),
+                            &e,
+                        );
+                        return Err(CacheError::Shared(e));
                     }
                     Err(e) => return Err(e),
                 }
@@ -379,19 +389,30 @@ impl Cache {
                 match arrived {
                     Some(d) => Ok(d),
                     None => {
+                        // Under the flights lock: a fetch that got a 404
+                        // recorded it before leaving the map.
+                        let nkey = NotFound::manifest_key(&up.name, repo, &reference.to_string());
+                        if let Some(e) = self.negative.get(&nkey) {
+                            return Err(e);
+                        }
                         let (up, repo, reference) =
                             (up.clone(), repo.to_string(), reference.clone());
                         let store = self.store.clone();
                         let tags = self.tags.clone();
                         let flights = self.manifest_flights.clone();
+                        let negative = self.negative.clone();
                         let k = key.clone();
                         let f = async move {
                             let result = fetch_and_store(&up, &repo, &reference, store).await;
                             if let (Ok(doc), ManifestRef::Tag(t)) = (&result, &reference) {
                                 tags.put(&up.name, &repo, t, TagRecord::now(doc.digest.clone()));
                             }
+                            let result = result.map_err(Arc::new);
+                            if let Err(e) = &result {
+                                negative.put(nkey, e);
+                            }
                             flights.lock().unwrap_or_else(|p| p.into_inner()).remove(&k);
-                            result.map_err(Arc::new)
+                            result
                         }
                         .boxed()
                         .shared();
@@ -477,7 +498,15 @@ impl Cache {
             }
             return Ok(p.size);
         }
-        up.head_blob(repo, digest).await
+        let nkey = NotFound::blob_key(&up.name, repo, &digest.to_string());
+        if let Some(e) = self.negative.get(&nkey) {
+            return Err(e);
+        }
+        up.head_blob(repo, digest).await.map_err(|e| {
+            let e = Arc::new(e);
+            self.negative.put(nkey, &e);
+            CacheError::Shared(e)
+        })
     }
 }
 

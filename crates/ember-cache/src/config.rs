@@ -105,6 +105,12 @@ pub struct CacheConfig {
     /// This server's URL as its peers know it; defaults to
     /// `http://<listen address>`.
     pub advertise: Option<String>,
+    /// How long an upstream's "not found" for a blob or manifest is
+    /// remembered, so a storm of requests for something missing costs
+    /// one upstream request per interval (zero: not remembered).
+    pub negative_ttl: Duration,
+    /// Header and idle timeouts and the connection cap of the HTTP server.
+    pub http: ember_http::Limits,
 }
 
 impl CacheConfig {
@@ -121,6 +127,8 @@ impl CacheConfig {
             tag_ttl: Duration::from_secs(60),
             peers: Vec::new(),
             advertise: None,
+            negative_ttl: Duration::from_secs(5),
+            http: ember_http::Limits::new(),
         }
     }
 

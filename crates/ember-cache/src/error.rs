@@ -96,6 +96,16 @@ pub enum CacheError {
     /// An error shared by every request that joined one download.
     #[error(transparent)]
     Shared(std::sync::Arc<CacheError>),
+    /// The cache's filesystem has no room for a blob even after evicting
+    /// everything it may: answered before the status line, never as a
+    /// short body.
+    #[error("no room on disk for {what} ({bytes} bytes)")]
+    NoRoom {
+        /// Which blob.
+        what: String,
+        /// Its size.
+        bytes: u64,
+    },
     /// Local disk trouble.
     #[error("{what}: {source}")]
     Io {
@@ -135,7 +145,7 @@ impl CacheError {
             }
             DigestMismatch { .. } => (StatusCode::BAD_GATEWAY, "DIGEST_INVALID"),
             RangeNotSatisfiable { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, "BLOB_UNKNOWN"),
-            Upstream { .. } => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+            Upstream { .. } | NoRoom { .. } => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
             UpstreamDenied { .. } => (StatusCode::BAD_GATEWAY, "DENIED"),
             BadRequest(_) => (StatusCode::BAD_REQUEST, "UNSUPPORTED"),
             Io { .. } | Config(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
@@ -149,6 +159,7 @@ impl CacheError {
             CacheError::Shared(e) => e.public_message(),
             CacheError::Io { .. } | CacheError::Config(_) => "internal error".to_string(),
             CacheError::Upstream { upstream, .. } => format!("upstream {upstream} unavailable"),
+            CacheError::NoRoom { .. } => "the cache has no room for this blob".to_string(),
             CacheError::UpstreamDenied { upstream, .. } => {
                 format!("upstream {upstream} refused the cache's credentials")
             }

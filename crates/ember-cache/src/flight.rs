@@ -21,6 +21,7 @@
 
 use crate::error::CacheError;
 use crate::metrics::Metrics;
+use crate::negative::NotFound;
 use crate::storage::{Meta, Pinned, Store};
 use crate::upstream::Upstream;
 use bytes::{Bytes, BytesMut};
@@ -126,15 +127,19 @@ pub struct Flights {
     map: Mutex<HashMap<Digest, Arc<Flight>>>,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
+    /// Upstream 404s, remembered briefly; a flight records its 404 there
+    /// before it leaves the map.
+    negative: Arc<NotFound>,
 }
 
 impl Flights {
     /// No flights yet.
-    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, negative: Arc<NotFound>) -> Arc<Self> {
         Arc::new(Flights {
             map: Mutex::new(HashMap::new()),
             store,
             metrics,
+            negative,
         })
     }
 
@@ -171,6 +176,15 @@ impl Flights {
         }
         if let Some(p) = self.store.get(digest)? {
             return Ok(Lookup::Hit(p));
+        }
+        // Checked under the flights lock, like the store: a flight that
+        // just failed with a 404 recorded it before leaving the map.
+        if let Some(e) = self.negative.get(&NotFound::blob_key(
+            &upstream.name,
+            repo,
+            &digest.to_string(),
+        )) {
+            return Err(e);
         }
         let path = self.store.partial_path(digest);
         let file = std::fs::OpenOptions::new()
@@ -250,7 +264,12 @@ impl Flights {
                 if !keep_partial || flight.file.metadata().map(|md| md.len()).unwrap_or(0) == 0 {
                     let _ = std::fs::remove_file(&path);
                 }
-                let _ = tx.send(FlightState::Failed(Arc::new(e)));
+                let e = Arc::new(e);
+                self.negative.put(
+                    NotFound::blob_key(&flight.upstream.name, &repo, &digest.to_string()),
+                    &e,
+                );
+                let _ = tx.send(FlightState::Failed(e));
             }
         }
         m.inflight.fetch_sub(1, Ordering::Relaxed);
@@ -288,6 +307,21 @@ impl Flights {
                 .map_err(|e| CacheError::io("truncating a partial download", e))?;
         }
         let total = resp.total;
+        // Room on disk is made (by eviction) before any reader is
+        // answered: a disk that cannot hold the blob must end in an error
+        // before the status line, never in a 200 cut short.
+        if let Some(t) = total {
+            let (store, need) = (self.store.clone(), t.saturating_sub(offset));
+            let room = tokio::task::spawn_blocking(move || store.make_room(need))
+                .await
+                .map_err(|e| CacheError::io("making room", std::io::Error::other(e)))?;
+            if !room {
+                return Err(CacheError::NoRoom {
+                    what: format!("{}/{repo}@{digest}", up.name),
+                    bytes: t,
+                });
+            }
+        }
         let _ = tx.send(FlightState::Receiving {
             total,
             written: offset,
@@ -339,9 +373,19 @@ impl Flights {
                 });
             }
             let file = flight.file.clone();
+            let store = self.store.clone();
             let at = offset;
             verifier = tokio::task::spawn_blocking(move || {
-                file.write_all_at(&batch, at)?;
+                if let Err(e) = file.write_all_at(&batch, at) {
+                    // Out of space after all (another writer, or no size
+                    // known up front): evict and try once more.
+                    if e.raw_os_error() != Some(nix::libc::ENOSPC)
+                        || !store.make_room(batch.len() as u64)
+                    {
+                        return Err(e);
+                    }
+                    file.write_all_at(&batch, at)?;
+                }
                 verifier.update(&batch);
                 Ok::<_, std::io::Error>(verifier)
             })

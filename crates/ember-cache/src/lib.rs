@@ -24,6 +24,8 @@
 //!   rendezvous hashing; a server forwards to the owner and falls back to
 //!   the upstream when the owner is down.
 //! * `POST /ember/v1/warm` pre-fetches images; `/metrics` is Prometheus.
+//! * **Bounded connections**: served by [`ember_http`] (header and idle
+//!   timeouts, a connection cap that closes the longest-idle connection).
 //!
 //! # Example
 //!
@@ -48,6 +50,7 @@ pub mod config;
 pub mod error;
 pub mod flight;
 pub mod metrics;
+pub mod negative;
 pub mod peers;
 pub mod route;
 pub mod server;
@@ -119,19 +122,18 @@ pub fn spawn(
     let cache = Cache::new(config)?;
     cache.set_self_url(&format!("http://{addr}"));
     let router = server::router(cache.clone());
+    let http = ember_http::Server::new(cache.config.http.clone()).refusal(
+        "application/json",
+        r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"the cache is at its connection limit"}]}"#,
+    );
+    let _ = cache.metrics.http.set(http.stats());
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        // No Nagle: a response's head and a small body are separate
-        // writes, and Nagle would hold the second until the client's
-        // delayed ACK.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = stopped.await;
-            })
-            .await
+        http.serve(listener, router, async move {
+            let _ = stopped.await;
+        })
+        .await;
+        Ok(())
     });
     tracing::info!(%addr, "ember cache serving");
     Ok(RunningCache {

@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 /// The cache's metrics. Every field is updated lock-free on the request
 /// path; `/metrics` reads them all without stopping anyone.
@@ -41,6 +42,13 @@ pub struct Metrics {
     pub peer_forwards: AtomicU64,
     /// Requests served locally because the owning peer failed.
     pub peer_fallbacks: AtomicU64,
+    /// Blob responses streamed straight from the upstream, not kept,
+    /// because the disk had no room even after eviction.
+    pub passthrough: AtomicU64,
+    /// Requests answered "unknown" from a remembered upstream 404.
+    pub negative_hits: AtomicU64,
+    /// The HTTP server's connection counters, once it serves.
+    pub http: OnceLock<Arc<ember_http::Stats>>,
 }
 
 impl Metrics {
@@ -149,6 +157,42 @@ impl Metrics {
             "Blob requests served locally because the owning peer failed.",
             &[("", g(&self.peer_fallbacks))],
         );
+        metric(
+            "ember_cache_passthrough_total",
+            "counter",
+            "Blob responses streamed from the upstream without keeping them (disk full).",
+            &[("", g(&self.passthrough))],
+        );
+        metric(
+            "ember_cache_negative_hits_total",
+            "counter",
+            "Requests answered from a remembered upstream \"not found\".",
+            &[("", g(&self.negative_hits))],
+        );
+        if let Some(h) = self.http.get() {
+            use ember_http::Stats;
+            metric(
+                "ember_cache_connections",
+                "gauge",
+                "Client connections open.",
+                &[("", Stats::get(&h.open))],
+            );
+            metric(
+                "ember_cache_connections_closed_total",
+                "counter",
+                "Client connections the server closed or refused, by reason.",
+                &[
+                    (
+                        "{reason=\"header_timeout\"}",
+                        Stats::get(&h.header_timeouts),
+                    ),
+                    ("{reason=\"idle_timeout\"}", Stats::get(&h.idle_timeouts)),
+                    ("{reason=\"stalled\"}", Stats::get(&h.stalled)),
+                    ("{reason=\"evicted\"}", Stats::get(&h.evicted)),
+                    ("{reason=\"refused\"}", Stats::get(&h.refused)),
+                ],
+            );
+        }
         s
     }
 }

@@ -28,6 +28,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+/// Room kept free on the cache's filesystem beyond a download's size, for
+/// metadata, tag records and other downloads' next writes.
+const ROOM_MARGIN: u64 = 1 << 20;
+
 /// How often a hit rewrites a blob's mtime, which is how recency survives a
 /// restart. More often would cost a metadata write per request.
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
@@ -488,6 +492,76 @@ impl Store {
         for p in doomed {
             let _ = fs::remove_file(p);
         }
+    }
+
+    /// Makes sure the filesystem has room for `need` more bytes, evicting
+    /// least recently used, unpinned blobs if it has not (the byte budget
+    /// may be larger than the disk, or the disk shared); false if it still
+    /// has not. Blocking.
+    pub fn make_room(&self, need: u64) -> bool {
+        let want = need.saturating_add(ROOM_MARGIN);
+        let Some(free) = self.free_bytes() else {
+            // Cannot tell: let the write find out.
+            return true;
+        };
+        if free >= want {
+            return true;
+        }
+        let freed = self.evict_lru(want - free);
+        if freed > 0 {
+            tracing::info!(need, freed, "evicted to make room on a full disk");
+        }
+        self.free_bytes().is_none_or(|f| f >= want)
+    }
+
+    /// Bytes an unprivileged writer may still put on the cache's
+    /// filesystem.
+    fn free_bytes(&self) -> Option<u64> {
+        let st = nix::sys::statvfs::statvfs(&self.root).ok()?;
+        Some(st.blocks_available().saturating_mul(st.fragment_size()))
+    }
+
+    /// Evicts least recently used, unpinned blobs until `bytes` are freed
+    /// or none is left; returns the bytes freed. Blocking.
+    fn evict_lru(&self, bytes: u64) -> u64 {
+        let mut doomed = Vec::new();
+        let mut freed = 0;
+        {
+            let mut idx = self.lock();
+            let mut candidates: Vec<(u64, Digest)> = idx
+                .entries
+                .iter()
+                .filter(|(_, e)| e.pins == 0)
+                .map(|(d, e)| (e.last_use, d.clone()))
+                .collect();
+            candidates.sort();
+            for (_, d) in candidates {
+                if freed >= bytes {
+                    break;
+                }
+                let trash = self.root.join("trash").join(format!(
+                    "{}.{}",
+                    key(&d),
+                    self.trash_seq.fetch_add(1, Ordering::Relaxed)
+                ));
+                match fs::rename(self.blob_path(&d), &trash) {
+                    Ok(()) => doomed.push(trash),
+                    Err(e) => tracing::warn!(digest = %d, error = %e, "evicting"),
+                }
+                if let Some(e) = idx.entries.remove(&d) {
+                    idx.total -= e.size;
+                    freed += e.size;
+                    Metrics::add(&self.metrics.evictions, 1);
+                    Metrics::add(&self.metrics.evicted_bytes, e.size);
+                }
+                let _ = fs::remove_file(self.meta_path(&d));
+            }
+            self.publish(&idx);
+        }
+        for p in doomed {
+            let _ = fs::remove_file(p);
+        }
+        freed
     }
 
     /// Bytes of committed blobs.

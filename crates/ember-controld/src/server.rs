@@ -74,6 +74,9 @@ const LOG_PAGE_BYTES: usize = 1 << 20;
 pub const DEFAULT_PAGE: usize = 100;
 /// The most runs one `GET /v1/runs` page may ask for.
 pub const MAX_PAGE: usize = 1000;
+/// How long a stopping server lets requests in flight finish before it
+/// closes their connections (work streams would never finish).
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
 
 /// Settings of the server.
 #[derive(Debug, Clone)]
@@ -112,6 +115,10 @@ pub struct ServerConfig {
     pub log_retention: LogRetention,
     /// How often the pruner applies `log_retention`.
     pub prune_interval: Duration,
+    /// Header and idle timeouts and the connection cap of the HTTP server
+    /// ([`ember_http`]). Work streams and log follows have a request in
+    /// flight, so the idle timeout never cuts them.
+    pub http: ember_http::Limits,
 }
 
 impl ServerConfig {
@@ -119,7 +126,7 @@ impl ServerConfig {
     /// a keepalive after 10 s of silence on a work stream; 64 KiB of
     /// environment and command per run, 1 MiB request bodies, 64 MiB of
     /// output per run, logs of finished runs kept 7 days and 8 GiB in
-    /// all, pruned every minute.
+    /// all, pruned every minute; [`ember_http::Limits::new`] connections.
     pub fn new() -> Self {
         ServerConfig {
             client_token: None,
@@ -136,6 +143,7 @@ impl ServerConfig {
                 max_total_bytes: Some(8 << 30),
             },
             prune_interval: Duration::from_secs(60),
+            http: ember_http::Limits::new(),
         }
     }
 }
@@ -528,7 +536,9 @@ async fn json_errors(resp: Response) -> Response {
     out
 }
 
-/// Serves the API on `listener` until `shutdown` completes.
+/// Serves the API on `listener` until `shutdown` completes; then requests
+/// in flight get a second to finish before every connection is closed.
+/// Connections are bounded by [`ServerConfig::http`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     store: Arc<dyn StateStore>,
@@ -581,24 +591,21 @@ pub async fn serve(
     // soon as nodes connect; this first wake covers runs already placeable.
     state.wake.notify_one();
 
+    let http = ember_http::Server::new(state.config.http.clone())
+        // Work streams never end by themselves: on a stop, requests in
+        // flight get this long, then every connection is closed.
+        .drain(Some(SHUTDOWN_DRAIN))
+        .refusal(
+            "application/json",
+            r#"{"error":"unavailable","message":"the control plane is at its connection limit"}"#,
+        );
     let app = router(state);
-    // No Nagle: an assignment is one small write on a long-lived stream,
-    // and Nagle would hold it until the node's delayed ACK (~40 ms).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let result = tokio::select! {
-        r = axum::serve(listener, app) => r.map_err(|source| ServerError::Io {
-            what: "serving HTTP".into(),
-            source,
-        }),
-        () = shutdown => Ok(()),
-    };
+    http.serve(listener, app, shutdown).await;
     dispatcher.abort();
     submitter.abort();
     reaper.abort();
     prewarmer.abort();
-    result
+    Ok(())
 }
 
 fn router(state: Shared) -> Router {

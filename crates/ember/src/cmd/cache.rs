@@ -1,5 +1,6 @@
 //! `ember cache`: the cluster image cache server.
 
+use crate::cmd::serving::ServerLimits;
 use crate::util::parse_size;
 use anyhow::Context;
 use ember_cache::{CacheConfig, UpstreamSpec};
@@ -54,6 +55,13 @@ pub struct Args {
     /// Eviction stops at this percentage of --max-bytes.
     #[arg(long, default_value_t = 80, value_name = "PERCENT")]
     pub low_watermark: u8,
+    /// Seconds an upstream's "not found" for a blob or manifest is
+    /// remembered (0: not remembered); concurrent GETs of one missing blob
+    /// or manifest share one upstream request either way.
+    #[arg(long, default_value_t = 5, value_name = "SECONDS")]
+    pub negative_ttl: u64,
+    #[command(flatten)]
+    pub connections: ServerLimits,
 }
 
 /// Runs `ember cache` until SIGINT or SIGTERM.
@@ -70,6 +78,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     config.public = args.public;
     config.high_watermark = args.high_watermark;
     config.low_watermark = args.low_watermark;
+    config.negative_ttl = Duration::from_secs(args.negative_ttl);
+    config.http = args.connections.limits();
     if let Some(f) = &args.auth_file {
         let mut c = Credentials::none();
         c.load_docker_config(f).map_err(anyhow::Error::msg)?;

@@ -1,6 +1,7 @@
 //! `ember control`: the control-plane server.
 
 use crate::cmd::cluster::stop_signal;
+use crate::cmd::serving::ServerLimits;
 use crate::util::parse_size;
 use anyhow::Context;
 use ember_control::postgres::PostgresStore;
@@ -63,6 +64,8 @@ pub struct Args {
     /// sends a keepalive line (nodes reconnect after three silent intervals).
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
     pub keepalive: u64,
+    #[command(flatten)]
+    pub connections: ServerLimits,
     /// What one run may store in the control plane, and how long logs stay.
     #[command(flatten)]
     pub limits: LimitArgs,
@@ -198,6 +201,7 @@ pub async fn open(args: &Args) -> anyhow::Result<(Arc<dyn StateStore>, ServerCon
     config.require_node_credentials = args.require_node_credentials;
     config.heartbeat_timeout = Duration::from_secs(args.heartbeat_timeout.max(1));
     config.keepalive = Duration::from_secs(args.keepalive.max(1));
+    config.http = args.connections.limits();
     args.limits.apply(&mut config)?;
     Ok((store, config))
 }

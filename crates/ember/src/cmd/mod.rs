@@ -17,6 +17,7 @@ pub mod pull;
 pub mod rmi;
 pub mod run;
 pub mod runs;
+pub mod serving;
 pub mod store;
 pub mod submit;
 pub mod up;
