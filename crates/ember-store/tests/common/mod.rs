@@ -349,49 +349,18 @@ pub async fn push_image(
     layer_tars: &[Vec<u8>],
     diff_ids: Option<Vec<String>>,
 ) -> anyhow::Result<PushedImage> {
-    let pusher = Pusher::new(registry_url)?;
-    let mut layers = Vec::new();
-    let mut true_diff_ids = Vec::new();
-    for tar in layer_tars {
-        let gz = gzip(tar);
-        let digest = sha256_digest(&gz);
-        layers.push(serde_json::json!({
-            "mediaType": OCI_LAYER_GZIP,
-            "digest": digest,
-            "size": gz.len(),
-        }));
-        pusher.push_blob(repo, gz, &digest).await?;
-        true_diff_ids.push(sha256_digest(tar));
-    }
+    let true_diff_ids: Vec<String> = layer_tars.iter().map(|t| sha256_digest(t)).collect();
+    let layers: Vec<RawLayer> = layer_tars
+        .iter()
+        .map(|t| RawLayer {
+            blob: gzip(t),
+            media_type: OCI_LAYER_GZIP,
+        })
+        .collect();
     let listed = diff_ids.unwrap_or_else(|| true_diff_ids.clone());
-    let host = Platform::host();
-    let config = serde_json::to_vec(&serde_json::json!({
-        "architecture": host.architecture,
-        "os": host.os,
-        "config": {"Cmd": ["/bin/sh"]},
-        "rootfs": {"type": "layers", "diff_ids": listed},
-    }))?;
-    let config_digest = sha256_digest(&config);
-    let config_size = config.len();
-    pusher.push_blob(repo, config, &config_digest).await?;
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": config_size},
-        "layers": layers,
-    }))?;
-    let manifest_digest = pusher
-        .push_manifest(repo, tag, OCI_MANIFEST, manifest)
-        .await?;
-    Ok(PushedImage {
-        manifest: manifest_digest,
-        config: config_digest,
-        layers: layers
-            .iter()
-            .map(|l| l["digest"].as_str().unwrap_or_default().to_string())
-            .collect(),
-        diff_ids: true_diff_ids,
-    })
+    let mut pushed = push_raw_image(registry_url, repo, tag, &layers, listed).await?;
+    pushed.diff_ids = true_diff_ids;
+    Ok(pushed)
 }
 
 /// Layer digests and diff_ids of a fixture's root manifest.
