@@ -15,6 +15,7 @@ PKGS=(
   libc6-dev           # libc.a for the statically linked exec agent
   hyperfine           # repeated timing in benchmarks
   iproute2 jq curl    # test and benchmark plumbing
+  util-linux          # nsenter: the partition test's processes in their network namespaces
   apache2-utils       # htpasswd (bcrypt) for the registry auth tests
   openssl             # certificates and JWT signatures for the token-auth test
   python3             # the token server of the bearer-auth tests (ember-testkit/token_server.py)
