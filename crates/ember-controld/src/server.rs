@@ -1034,8 +1034,10 @@ async fn put_node(
 ) -> Result<Response, ApiError> {
     node_auth(&s, &headers, &id).await?;
     let spec: NodeSpec = parse_json(&body, "node")?;
+    // A well-formed body for another node: 409, as the document says (a
+    // schema cannot tie the body to the path, so this is no 400).
     if spec.id != id {
-        return Err(ApiError::BadRequest(format!(
+        return Err(ApiError::Conflict(format!(
             "node id in the body ({:?}) differs from the path ({id:?})",
             spec.id
         )));
@@ -1188,6 +1190,24 @@ async fn node_events(
             "{} runs' events in one request; at most {MAX_EVENT_BATCH}",
             batch.len()
         )));
+    }
+    // What the document requires of every entry (a run id of at least 1,
+    // at least one report): a malformed entry refuses the request, as a
+    // malformed batch does; the store would refuse only that entry,
+    // inside a 200.
+    for b in &batch {
+        if b.run.0 < 1 {
+            return Err(ApiError::BadRequest(format!(
+                "run id {} in the batch: run ids start at 1",
+                b.run.0
+            )));
+        }
+        if b.reports.is_empty() {
+            return Err(ApiError::BadRequest(format!(
+                "run {}'s entry has no reports (at least one is required)",
+                b.run
+            )));
+        }
     }
     let ids: Vec<RunId> = batch.iter().map(|b| b.run).collect();
     let out = apply_reports(&s, &node, batch).await?;

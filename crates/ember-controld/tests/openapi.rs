@@ -334,3 +334,94 @@ async fn documented_schemas_cover_what_the_server_sends() {
     assert_eq!(record["data"], "AP8=", "raw bytes, base64");
     let _ = tx.send(());
 }
+
+/// What the node endpoints' document says the server refuses, it refuses,
+/// with the status the document gives: the rules a schema cannot state
+/// (the body's node id is the path's) or that the fuzzer found loose.
+#[tokio::test]
+async fn node_endpoints_refuse_as_documented() {
+    let doc: serde_json::Value =
+        serde_json::from_str(include_str!("../openapi.json")).expect("openapi.json is JSON");
+    let store = Arc::new(SqliteStore::open_in_memory(Arc::new(SystemClock)).expect("store"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve(
+        listener,
+        store,
+        Arc::new(SystemClock),
+        ServerConfig::new(),
+        async {
+            let _ = rx.await;
+        },
+    ));
+    let _ = ember_controld::client::ControlClient::new(&base, None).expect("client");
+    let http = reqwest::Client::new();
+    let send = async |method: reqwest::Method, path: &str, body: &str| {
+        let resp = http
+            .request(method, format!("{base}{path}"))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .expect("send");
+        let status = resp.status().as_u16();
+        (status, json(resp).await)
+    };
+
+    // Another node's body on this node's path: 409 with the error object,
+    // documented as such, and nothing stored.
+    let (status, body) = send(
+        reqwest::Method::PUT,
+        "/v1/nodes/n1",
+        r#"{"id":"n2","slots":1}"#,
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"], "conflict");
+    assert!(
+        doc["paths"]["/v1/nodes/{id}"]["put"]["responses"]["409"]["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("not the path's")),
+        "the 409 is documented as the id mismatch"
+    );
+    let (_, nodes) = send(reqwest::Method::GET, "/v1/nodes", "").await;
+    assert_eq!(nodes, serde_json::json!([]), "a refused PUT stores nothing");
+
+    // A batch entry the document refuses (no reports, a run id below 1)
+    // refuses the whole request, not only its entry inside a 200.
+    for batch in [
+        r#"[{"run":1,"reports":[]}]"#,
+        r#"[{"run":0,"reports":[{"event":"started"}]}]"#,
+        r#"[{"run":1,"reports":[{"event":"started"}]},{"run":2,"reports":[]}]"#,
+    ] {
+        let (status, body) = send(reqwest::Method::POST, "/v1/nodes/n1/events", batch).await;
+        assert_eq!(status, 400, "{batch}: {body}");
+        assert_eq!(body["error"], "bad_request");
+    }
+    // A run path parameter outside the documented pattern is a 400.
+    let pattern = doc["paths"]["/v1/nodes/{node}/runs/{run}/events"]["post"]["parameters"][1]
+        ["schema"]["pattern"]
+        .as_str()
+        .expect("a pattern on {run}");
+    assert_eq!(pattern, "^(run-)?[0-9]{1,18}$");
+    let (status, _) = send(
+        reqwest::Method::POST,
+        "/v1/nodes/n1/runs/x7/events",
+        r#"{"event":"started"}"#,
+    )
+    .await;
+    assert_eq!(status, 400);
+    // The connection cap's refusal code is one the document lists.
+    let codes = &doc["components"]["schemas"]["Error"]["properties"]["error"]["enum"];
+    assert!(
+        codes
+            .as_array()
+            .expect("enum")
+            .contains(&serde_json::json!("unavailable")),
+        "{codes}"
+    );
+    let _ = tx.send(());
+}
