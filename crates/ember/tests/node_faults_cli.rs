@@ -40,19 +40,6 @@ fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -
     (status, body)
 }
 
-/// The run with id `id` (`ember runs --json`).
-fn run_json(url: &str, id: &str) -> serde_json::Value {
-    let n: i64 = id
-        .trim()
-        .trim_start_matches("run-")
-        .parse()
-        .expect("a run id");
-    runs_json(url)
-        .into_iter()
-        .find(|r| r["id"] == n)
-        .unwrap_or_else(|| panic!("{id} not listed"))
-}
-
 /// Polls run `id` until `done` says so; the deadline only stops a hung
 /// test, the machine being slow cannot fail it.
 fn wait_run(

@@ -15,7 +15,7 @@ mod common;
 
 use common::cluster::*;
 use common::*;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -123,30 +123,14 @@ impl Drop for Net {
 /// `ember control` and `ember cache`); the rest of stderr is copied to
 /// ours. `nsenter` execs ember itself, so the pid is ember's.
 fn start_in(ns: &str, root: &Path, args: &[&str]) -> (Proc, String) {
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{ns}"))
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{ns}"))
         .arg("--")
         .arg(ember())
         .arg("--root")
         .arg(root)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn nsenter");
-    let mut err = BufReader::new(child.stderr.take().expect("stderr"));
-    let mut first = String::new();
-    err.read_line(&mut first).expect("first stderr line");
-    let tag = ns.to_owned();
-    std::thread::spawn(move || {
-        let mut rest = String::new();
-        while err.read_line(&mut rest).is_ok_and(|n| n > 0) {
-            eprint!("[{tag}] {rest}");
-            rest.clear();
-        }
-    });
-    (Proc(child), first)
+        .args(args);
+    start_logged(cmd, &format!("[{ns}] "))
 }
 
 /// Forwards TCP connections from `listen` to `upstream`: the registry
@@ -180,19 +164,6 @@ fn forward(listen: &str, upstream: String) -> String {
         }
     });
     addr
-}
-
-/// The run with id `id` (`ember runs --json`).
-fn run_json(url: &str, id: &str) -> serde_json::Value {
-    let n: i64 = id
-        .trim()
-        .trim_start_matches("run-")
-        .parse()
-        .expect("a run id");
-    runs_json(url)
-        .into_iter()
-        .find(|r| r["id"] == n)
-        .unwrap_or_else(|| panic!("{id} not listed"))
 }
 
 /// Polls run `id` until `done` says so; the deadline only stops a hung

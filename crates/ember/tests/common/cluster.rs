@@ -46,22 +46,29 @@ impl Drop for Proc {
 /// of its stderr (which names the address for `ember control`); the rest
 /// of stderr is copied to ours.
 pub fn start(root: &Path, args: &[&str]) -> (Proc, String) {
-    let mut child = Command::new(ember())
-        .arg("--root")
-        .arg(root)
-        .args(args)
+    let mut cmd = Command::new(ember());
+    cmd.arg("--root").arg(root).args(args);
+    start_logged(cmd, "")
+}
+
+/// Spawns `cmd` (an ember command, perhaps behind a wrapper that execs it)
+/// and returns it with the first line of its stderr; the rest of stderr is
+/// copied to ours, each line after `tag`.
+pub fn start_logged(mut cmd: Command, tag: &str) -> (Proc, String) {
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn ember");
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     let mut err = BufReader::new(child.stderr.take().expect("stderr"));
     let mut first = String::new();
     err.read_line(&mut first).expect("first stderr line");
+    let tag = tag.to_owned();
     std::thread::spawn(move || {
         let mut rest = String::new();
         while err.read_line(&mut rest).is_ok_and(|n| n > 0) {
-            eprint!("{rest}");
+            eprint!("{tag}{rest}");
             rest.clear();
         }
     });
@@ -156,6 +163,19 @@ pub fn runs_json(url: &str) -> Vec<serde_json::Value> {
     let v: serde_json::Value =
         serde_json::from_str(&client_ok(url, &["runs", "--json", "--all"])).expect("runs JSON");
     v.as_array().expect("an array of runs").clone()
+}
+
+/// The run with id `id` (`run-N` or `N`), from `ember runs --json`.
+pub fn run_json(url: &str, id: &str) -> serde_json::Value {
+    let n: i64 = id
+        .trim()
+        .trim_start_matches("run-")
+        .parse()
+        .expect("a run id");
+    runs_json(url)
+        .into_iter()
+        .find(|r| r["id"] == n)
+        .unwrap_or_else(|| panic!("{id} not listed"))
 }
 
 /// How many runners a node's pool holds (idle or busy).
