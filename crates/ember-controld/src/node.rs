@@ -56,8 +56,8 @@ use ember_runtime::Runc;
 use ember_store::{ImageRecord, PullOptions, SilentProgress, Store};
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 
-use crate::api::{LogStream, RunReports, WorkMessage};
-use crate::client::{ClientError, ControlClient};
+use ember_api::client::{ClientError, ControlClient};
+use ember_api::wire::{LogStream, RunReports, WorkMessage};
 
 /// Settings of a node agent.
 #[derive(Debug, Clone)]
@@ -1170,7 +1170,7 @@ fn exec_blocking(
             // The whole chain: "exec in runner ..." alone hides why the
             // agent refused (a bad environment entry, an argv it cannot
             // pass on).
-            return Err(format!("exec: {}", crate::client::error_chain(&e)));
+            return Err(format!("exec: {}", ember_api::client::error_chain(&e)));
         }
     };
     // A non-zero exit is the program's answer, not a sign the runner is

@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 use ember_control::model::{Deployment, NodeId, PinnedImage, Resources};
 use ember_control::schedule::{ClusterView, NodeView};
 
-use crate::api::WorkMessage;
+use ember_api::wire::WorkMessage;
 
 /// Keep `count` idle runners of one deployment's key on one node.
 #[derive(Debug, Clone, PartialEq, Eq)]

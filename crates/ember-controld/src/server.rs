@@ -52,11 +52,12 @@ use ember_control::{Appended, Clock, LogRetention, StateStore, StoreError, Store
 use serde::Serialize;
 use tokio::sync::{Notify, broadcast, mpsc};
 
-use crate::api::{
-    ErrorBody, EventResult, EventResults, LogRecord, LogStream, MAX_EVENT_BATCH, NodeCredential,
-    NodeEvents, RevokedCredentials, RunPage, RunReports, SubmitResponse, WorkMessage,
-};
 use crate::prewarm;
+use ember_api::wire::{
+    DEFAULT_PAGE, ErrorBody, EventResult, EventResults, LogRecord, LogStream, MAX_EVENT_BATCH,
+    MAX_PAGE, NodeCredential, NodeEvents, RevokedCredentials, RunPage, RunReports, SubmitResponse,
+    WorkMessage, parse_run_id,
+};
 
 /// How many queued runs one dispatcher round claims. Runs are placed and
 /// pushed one at a time within a round, so this bounds the claim
@@ -70,10 +71,6 @@ const LOG_PAGE: usize = 256;
 /// ...and about this many bytes of output (one chunk more at most): a log
 /// read holds one page at a time, however long the log is.
 const LOG_PAGE_BYTES: usize = 1 << 20;
-/// Runs in a `GET /v1/runs` page when the client does not say.
-pub const DEFAULT_PAGE: usize = 100;
-/// The most runs one `GET /v1/runs` page may ask for.
-pub const MAX_PAGE: usize = 1000;
 /// How long a stopping server lets requests in flight finish before it
 /// closes their connections (work streams would never finish).
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
@@ -441,16 +438,6 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result
     }
     serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid {what} JSON: {e}")))
-}
-
-/// Parses `run-7` or `7`: decimal digits only (no sign, no spaces), at
-/// most 18 of them, as the OpenAPI document's pattern says.
-pub fn parse_run_id(s: &str) -> Option<RunId> {
-    let digits = s.strip_prefix("run-").unwrap_or(s);
-    if digits.is_empty() || digits.len() > 18 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok().map(RunId)
 }
 
 fn run_id(s: &str) -> Result<RunId, ApiError> {

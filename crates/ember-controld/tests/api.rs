@@ -5,12 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ember_api::client::ControlClient;
+use ember_api::wire::{LogRecord, LogStream, NodeEvents, WorkMessage};
 use ember_control::RunReports;
 use ember_control::model::{NodeReport, NodeSpec, PinnedImage, RunId, RunSpec, RunState};
 use ember_control::sqlite::SqliteStore;
 use ember_control::store::SystemClock;
-use ember_controld::api::{LogRecord, LogStream, NodeEvents, WorkMessage};
-use ember_controld::client::ControlClient;
 use ember_controld::server::{ServerConfig, serve};
 
 struct Server {
@@ -509,12 +509,12 @@ async fn logs_are_binary_safe() {
 async fn run_lists_are_paged() {
     let s = server().await;
     let c = ControlClient::new(&s.url, Some("c".into())).expect("client");
-    let total = ember_controld::server::DEFAULT_PAGE + 5;
+    let total = ember_api::wire::DEFAULT_PAGE + 5;
     for _ in 0..total {
         c.submit(&spec(), None).await.expect("submit");
     }
     let first = c.runs_page(None, None).await.expect("page");
-    assert_eq!(first.runs.len(), ember_controld::server::DEFAULT_PAGE);
+    assert_eq!(first.runs.len(), ember_api::wire::DEFAULT_PAGE);
     let cursor = first.next_cursor.clone().expect("a full page has a cursor");
     let second = c.runs_page(None, Some(&cursor)).await.expect("page");
     assert_eq!(second.runs.len(), 5);
@@ -586,7 +586,7 @@ async fn query_values_are_percent_decoded() {
         "deployment=x+y",
         "state=queued&deployment=x%20y",
     ] {
-        let page: ember_controld::api::RunPage = reqwest::Client::new()
+        let page: ember_api::wire::RunPage = reqwest::Client::new()
             .get(format!("{}/v1/runs?{q}", s.url))
             .bearer_auth("c")
             .send()
@@ -616,7 +616,7 @@ async fn oversized_submits_get_a_json_413() {
     let mut big = spec();
     big.env.insert("BIG".into(), "x".repeat(1000));
     let err = c.submit(&big, None).await.expect_err("over the env limit");
-    let ember_controld::client::ClientError::Api {
+    let ember_api::client::ClientError::Api {
         status,
         error,
         message,

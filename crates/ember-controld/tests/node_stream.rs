@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ember_api::client::ControlClient;
 use ember_control::model::{PinnedImage, RunSpec, RunState};
 use ember_control::sqlite::SqliteStore;
 use ember_control::store::SystemClock;
-use ember_controld::client::ControlClient;
 use ember_controld::node::{NodeConfig, run_node};
 use ember_controld::server::{ServerConfig, serve};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

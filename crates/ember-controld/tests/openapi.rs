@@ -36,7 +36,7 @@ async fn every_documented_operation_is_served() {
 
     // Installs the process's TLS crypto provider, which a bare
     // `reqwest::Client::new()` needs (reqwest is built without a default).
-    let _ = ember_controld::client::ControlClient::new(&base, None).expect("client");
+    let _ = ember_api::client::ControlClient::new(&base, None).expect("client");
     let http = reqwest::Client::new();
     let mut operations = 0;
     for (path, ops) in doc["paths"].as_object().expect("paths") {
@@ -156,7 +156,7 @@ async fn documented_schemas_cover_what_the_server_sends() {
             let _ = rx.await;
         },
     ));
-    let _ = ember_controld::client::ControlClient::new(&base, None).expect("client");
+    let _ = ember_api::client::ControlClient::new(&base, None).expect("client");
     let http = reqwest::Client::new();
     let digest = format!("sha256:{}", "ab".repeat(32));
     let send = |method: reqwest::Method, path: &str, body: serde_json::Value| {
@@ -357,7 +357,7 @@ async fn node_endpoints_refuse_as_documented() {
             let _ = rx.await;
         },
     ));
-    let _ = ember_controld::client::ControlClient::new(&base, None).expect("client");
+    let _ = ember_api::client::ControlClient::new(&base, None).expect("client");
     let http = reqwest::Client::new();
     let send = async |method: reqwest::Method, path: &str, body: &str| {
         let resp = http

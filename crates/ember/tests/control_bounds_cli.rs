@@ -7,9 +7,9 @@ mod common;
 
 use common::cluster::*;
 use common::*;
+use ember_api::client::{ClientError, ControlClient};
+use ember_api::wire::LogRecord;
 use ember_control::model::{PinnedImage, RunSpec};
-use ember_controld::api::LogRecord;
-use ember_controld::client::{ClientError, ControlClient};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -237,7 +237,7 @@ fn a_run_printing_100_mb_is_cut_at_the_limit_and_log_reads_stay_bounded() {
             "yes 0123456789abcdef | head -c 100000000",
         ],
     );
-    let id = ember_controld::server::parse_run_id(id.trim()).expect("run id");
+    let id = ember_api::wire::parse_run_id(id.trim()).expect("run id");
     let rt = runtime();
     let c = ControlClient::new(&url, Some(CLIENT_TOKEN.into())).expect("client");
     let (reads, output) = rt.block_on(async {

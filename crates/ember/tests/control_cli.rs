@@ -655,8 +655,8 @@ fn a_refused_exec_says_why() {
         .enable_all()
         .build()
         .expect("runtime");
-    let c = ember_controld::client::ControlClient::new(&url, Some("client-secret".into()))
-        .expect("client");
+    let c =
+        ember_api::client::ControlClient::new(&url, Some("client-secret".into())).expect("client");
     let spec = ember_control::model::RunSpec {
         image: Some(pinned),
         command: vec!["true".into()],

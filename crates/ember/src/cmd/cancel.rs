@@ -2,7 +2,7 @@
 
 use crate::cmd::cluster::ControlArgs;
 use anyhow::Context;
-use ember_controld::server::parse_run_id;
+use ember_api::wire::parse_run_id;
 use std::process::ExitCode;
 
 /// Cancel a run; a running process is killed.

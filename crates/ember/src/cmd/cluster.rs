@@ -3,7 +3,7 @@
 //! the agent binary, and waiting for a stop signal.
 
 use anyhow::Context;
-use ember_controld::client::ControlClient;
+use ember_api::client::ControlClient;
 use std::path::{Path, PathBuf};
 
 /// Where the control plane is and how to authenticate, for client commands.

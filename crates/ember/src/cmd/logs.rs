@@ -2,10 +2,10 @@
 
 use crate::cmd::cluster::ControlArgs;
 use anyhow::Context;
+use ember_api::client::ControlClient;
+use ember_api::wire::parse_run_id;
+use ember_api::wire::{LogRecord, LogStream};
 use ember_control::model::RunId;
-use ember_controld::api::{LogRecord, LogStream};
-use ember_controld::client::ControlClient;
-use ember_controld::server::parse_run_id;
 use std::io::Write;
 use std::process::ExitCode;
 

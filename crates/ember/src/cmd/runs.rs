@@ -2,8 +2,8 @@
 
 use crate::cmd::cluster::ControlArgs;
 use crate::util::{quantile, span};
+use ember_api::client::ControlClient;
 use ember_control::model::Run;
-use ember_controld::client::ControlClient;
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -37,7 +37,7 @@ fn wanted(args: &Args) -> Option<usize> {
     if args.all || (args.stats && args.limit.is_none()) {
         None
     } else {
-        Some(args.limit.unwrap_or(ember_controld::server::DEFAULT_PAGE))
+        Some(args.limit.unwrap_or(ember_api::wire::DEFAULT_PAGE))
     }
 }
 
@@ -54,7 +54,7 @@ async fn for_each_page(
     let mut seen = 0usize;
     loop {
         let left = wanted.map(|w| w - seen);
-        let limit = left.map(|l| l.min(ember_controld::server::MAX_PAGE));
+        let limit = left.map(|l| l.min(ember_api::wire::MAX_PAGE));
         if limit == Some(0) {
             // Asked for exactly what was seen: more exist if the last page
             // said so.

@@ -6,6 +6,21 @@ pub use ember_control::model::LogStream;
 use ember_control::model::{NodeReport, PinnedImage, Resources, Run, RunId, RunState};
 use serde::{Deserialize, Serialize};
 
+/// Runs in a `GET /v1/runs` page when the client does not say.
+pub const DEFAULT_PAGE: usize = 100;
+/// The most runs one `GET /v1/runs` page may ask for.
+pub const MAX_PAGE: usize = 1000;
+
+/// Parses `run-7` or `7`: decimal digits only (no sign, no spaces), at
+/// most 18 of them, as the OpenAPI document's pattern says.
+pub fn parse_run_id(s: &str) -> Option<RunId> {
+    let digits = s.strip_prefix("run-").unwrap_or(s);
+    if digits.is_empty() || digits.len() > 18 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().map(RunId)
+}
+
 /// One line of a node's work stream (`GET /v1/nodes/{id}/work`),
 /// newline-delimited JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

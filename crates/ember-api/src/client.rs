@@ -9,7 +9,7 @@ use ember_control::model::{
 };
 use serde::de::DeserializeOwned;
 
-use crate::api::{
+use crate::wire::{
     ErrorBody, EventResults, LogStream, NodeEvents, RunPage, RunReports, SubmitResponse,
 };
 
@@ -269,7 +269,7 @@ impl ControlClient {
     }
 
     /// `GET /v1/runs/{id}/logs[?follow=true]`: the response, whose body is
-    /// newline-delimited [`LogRecord`](crate::api::LogRecord)s.
+    /// newline-delimited [`LogRecord`](crate::wire::LogRecord)s.
     pub async fn logs(&self, id: RunId, follow: bool) -> Result<reqwest::Response, ClientError> {
         let path = format!(
             "/v1/runs/{}/logs{}",
@@ -310,7 +310,7 @@ impl ControlClient {
     pub async fn issue_node_credential(
         &self,
         node: &str,
-    ) -> Result<crate::api::NodeCredential, ClientError> {
+    ) -> Result<crate::wire::NodeCredential, ClientError> {
         let path = format!("/v1/nodes/{node}/credentials");
         self.json(&path, self.req(reqwest::Method::POST, &path))
             .await
@@ -320,7 +320,7 @@ impl ControlClient {
     pub async fn revoke_node_credentials(
         &self,
         node: &str,
-    ) -> Result<crate::api::RevokedCredentials, ClientError> {
+    ) -> Result<crate::wire::RevokedCredentials, ClientError> {
         let path = format!("/v1/nodes/{node}/credentials");
         self.json(&path, self.req(reqwest::Method::DELETE, &path))
             .await
