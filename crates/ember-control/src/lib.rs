@@ -11,6 +11,9 @@
 //! * [`schedule`]: [`schedule::place`], a pure function from a cluster view
 //!   and a run to a node, preferring warm runners, then image locality with
 //!   a spread factor, then low load.
+//! * [`popularity`]: decayed launch counts per image (and deployment).
+//! * [`pullplan`]: which images each node pre-pulls and keeps, and the
+//!   order its GC may evict the rest.
 //! * `conformance` (feature `testing`): the suite every store must pass.
 //!
 //! The path of a run: the API calls [`StateStore::submit_run`]; a dispatch
@@ -52,7 +55,9 @@
 //! ```
 
 pub mod model;
+pub mod popularity;
 pub mod postgres;
+pub mod pullplan;
 mod rules;
 pub mod schedule;
 pub mod sqlite;

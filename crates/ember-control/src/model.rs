@@ -560,6 +560,11 @@ pub struct Inventory {
     /// Free bytes on the store's disk.
     #[serde(default)]
     pub free_disk_bytes: u64,
+    /// Image manifest digest → its total layer bytes, for images being
+    /// pulled now (by a run or a pre-pull): the scheduler counts them as
+    /// arriving.
+    #[serde(default)]
+    pub pulling: BTreeMap<String, u64>,
 }
 
 /// What a node says about itself when it registers or heartbeats.

@@ -6,15 +6,20 @@
 //!
 //! 1. a node with an idle warm runner for the run's key (a warm start skips
 //!    the image and the runner: 100 ms instead of seconds);
-//! 2. otherwise the best combined score of *image locality* (the fraction of
-//!    the image's bytes the node already holds) and *load* (the fraction of
-//!    free slots). Locality weighs [`LOCALITY_WEIGHT`] times as much as load
-//!    but is scaled by the fraction of candidate nodes that hold the image,
-//!    like Kubernetes' ImageLocality plugin: an image held by one node in ten
-//!    only pulls runs to that node until it is somewhat busier than the rest,
-//!    so a popular image does not pile every run onto the first node that
-//!    pulled it; an image every node holds gives equal locality everywhere,
-//!    and load spreads the runs;
+//! 2. otherwise the best combined score of *image locality* and *load* (the
+//!    fraction of free slots). Locality is scored by the bytes of the image
+//!    a node is *missing* ([`Locality::MissingBytes`], the default): what a
+//!    start there would have to pull, counting an image that is arriving
+//!    (a pull in flight) as held. Every [`MISSING_UNIT_BYTES`] missing cost
+//!    [`LOCALITY_WEIGHT`] times an idle node's load score, so load only
+//!    chooses between nodes that would pull about as much, and a node that
+//!    would pull gigabytes is last. A rare
+//!    image on one node is worth going to while that node has a slot: the
+//!    pull plans (`pullplan`) put popular images on many nodes, so that
+//!    does not pile a burst onto one node. [`Locality::Spread`] is the
+//!    Kubernetes ImageLocality rule (the fraction held, scaled by the
+//!    fraction of nodes holding the image), kept for `ember sim`'s
+//!    baseline;
 //! 3. ties go to the lower node id, so results are reproducible.
 //!
 //! Only nodes with a free slot and every label of the run's selector are
@@ -28,6 +33,23 @@ use crate::model::{Millis, Node, NodeId, Run};
 
 /// How much more a node holding the whole image counts than an idle node.
 pub const LOCALITY_WEIGHT: f64 = 2.0;
+
+/// Missing bytes that cost [`Locality::MissingBytes`] one
+/// [`LOCALITY_WEIGHT`]: about a second of pulling through a cluster cache
+/// on a 1 Gbit/s link.
+pub const MISSING_UNIT_BYTES: u64 = 128 << 20;
+
+/// How image locality is scored (see the module docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Locality {
+    /// By the bytes a node lacks (Ember's rule).
+    #[default]
+    MissingBytes,
+    /// By the fraction held times the fraction of nodes holding it
+    /// (Kubernetes' ImageLocality).
+    Spread,
+}
 
 /// One node as the scheduler sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,12 +123,23 @@ impl ClusterView {
                 slots: n.spec.slots,
                 active: active.get(n.spec.id.as_str()).copied().unwrap_or(0),
                 labels: n.spec.labels.clone(),
-                images: n.spec.inventory.images.clone(),
+                images: held_or_arriving(&n.spec.inventory),
                 idle_runners: n.spec.inventory.idle_runners.clone(),
             })
             .collect();
         ClusterView { nodes }
     }
+}
+
+/// A node's images with those being pulled now counted at their full
+/// size: the scheduler treats "image arriving on this node" as held.
+fn held_or_arriving(inv: &crate::model::Inventory) -> BTreeMap<String, u64> {
+    let mut images = inv.images.clone();
+    for (digest, bytes) in &inv.pulling {
+        let e = images.entry(digest.clone()).or_default();
+        *e = (*e).max(*bytes);
+    }
+    images
 }
 
 /// What placement needs to know about a run.
@@ -159,6 +192,15 @@ pub struct Placement {
 /// Chooses a node for `run`, or `None` when no candidate has a free slot.
 /// See the module docs for the preference order.
 pub fn place(view: &ClusterView, run: &RunRequirements) -> Option<Placement> {
+    place_with(view, run, Locality::default())
+}
+
+/// [`place`] with the locality rule chosen.
+pub fn place_with(
+    view: &ClusterView,
+    run: &RunRequirements,
+    locality: Locality,
+) -> Option<Placement> {
     let matching: Vec<&NodeView> = view
         .nodes
         .iter()
@@ -203,12 +245,13 @@ pub fn place(view: &ClusterView, run: &RunRequirements) -> Option<Placement> {
             .unwrap_or(0)
     });
     let score = |n: &NodeView| {
-        let locality = if total == 0 {
-            0.0
-        } else {
-            n.bytes_of(&run.image_digest).min(total) as f64 / total as f64
+        let held = n.bytes_of(&run.image_digest).min(total);
+        let locality = match locality {
+            Locality::Spread if total == 0 => 0.0,
+            Locality::Spread => held as f64 / total as f64 * spread,
+            Locality::MissingBytes => -((total - held) as f64) / MISSING_UNIT_BYTES as f64,
         };
-        LOCALITY_WEIGHT * locality * spread + n.load_score()
+        LOCALITY_WEIGHT * locality + n.load_score()
     };
     let best = candidates
         .iter()
@@ -229,17 +272,23 @@ pub fn place(view: &ClusterView, run: &RunRequirements) -> Option<Placement> {
 #[derive(Debug, Clone)]
 pub struct BatchScheduler {
     view: ClusterView,
+    locality: Locality,
 }
 
 impl BatchScheduler {
     /// Starts from `view`.
     pub fn new(view: ClusterView) -> Self {
-        BatchScheduler { view }
+        BatchScheduler::with_locality(view, Locality::default())
+    }
+
+    /// Starts from `view`, scoring locality by `locality`.
+    pub fn with_locality(view: ClusterView, locality: Locality) -> Self {
+        BatchScheduler { view, locality }
     }
 
     /// Places one run and records it in the view.
     pub fn place_next(&mut self, run: &RunRequirements) -> Option<Placement> {
-        let placement = place(&self.view, run)?;
+        let placement = place_with(&self.view, run, self.locality)?;
         if let Some(node) = self.view.nodes.iter_mut().find(|n| n.id == placement.node) {
             node.active += 1;
             if placement.reason == PlacementReason::WarmRunner
@@ -506,7 +555,7 @@ mod tests {
     }
 
     #[test]
-    fn one_holder_among_many_is_preferred_but_not_piled_on() {
+    fn spread_rule_prefers_one_holder_among_many_but_does_not_pile_on() {
         // Ten idle nodes, one holds the image: the first runs go there, but
         // with spread 1/10 it stops being preferred once it is busier.
         let nodes: Vec<NodeView> = (0..10)
@@ -527,13 +576,103 @@ mod tests {
             image_digest: "sha256:x".into(),
             ..RunRequirements::default()
         };
-        let runs = vec![run; 10];
-        let placed: Vec<String> = schedule_batch(ClusterView { nodes }, &runs)
-            .map(|p| p.expect("room").node)
+        let mut scheduler = BatchScheduler::with_locality(ClusterView { nodes }, Locality::Spread);
+        let placed: Vec<String> = (0..10)
+            .map(|_| scheduler.place_next(&run).expect("room").node)
             .collect();
         assert_eq!(placed[0], "n7");
         let on_holder = placed.iter().filter(|n| *n == "n7").count();
         assert!((2..10).contains(&on_holder), "{placed:?}");
+    }
+
+    fn bare(id: &str, slots: u32, images: &[(&str, u64)]) -> NodeView {
+        NodeView {
+            id: id.into(),
+            slots,
+            active: 0,
+            labels: BTreeMap::new(),
+            images: images.iter().map(|(d, b)| (d.to_string(), *b)).collect(),
+            idle_runners: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn missing_bytes_rule_uses_a_rare_holder_until_it_is_full() {
+        // One node of ten holds a 1 GiB image: starting anywhere else means
+        // pulling 1 GiB, so every run goes to the holder while it has room.
+        let gib = 1u64 << 30;
+        let nodes: Vec<NodeView> = (0..10)
+            .map(|i| {
+                if i == 7 {
+                    bare(&format!("n{i}"), 4, &[("sha256:x", gib)])
+                } else {
+                    bare(&format!("n{i}"), 4, &[])
+                }
+            })
+            .collect();
+        let run = RunRequirements {
+            image_digest: "sha256:x".into(),
+            image_bytes: Some(gib),
+            ..RunRequirements::default()
+        };
+        let runs = vec![run; 6];
+        let placed: Vec<String> = schedule_batch(ClusterView { nodes }, &runs)
+            .map(|p| p.expect("room").node)
+            .collect();
+        assert_eq!(&placed[..4], ["n7", "n7", "n7", "n7"], "{placed:?}");
+        assert!(placed[4..].iter().all(|n| n != "n7"), "{placed:?}");
+    }
+
+    #[test]
+    fn missing_bytes_rule_weighs_bytes_not_fractions() {
+        // Both nodes hold half of their image; a busy node missing 4 MiB
+        // beats an idle one missing 4 GiB, but not one missing 4 MiB.
+        let small = RunRequirements {
+            image_digest: "sha256:s".into(),
+            image_bytes: Some(8 << 20),
+            ..RunRequirements::default()
+        };
+        let big = RunRequirements {
+            image_digest: "sha256:b".into(),
+            image_bytes: Some(8 << 30),
+            ..RunRequirements::default()
+        };
+        let mut busy = bare("busy", 4, &[("sha256:s", 4 << 20), ("sha256:b", 4 << 30)]);
+        busy.active = 3;
+        let idle = bare("idle", 4, &[]);
+        let view = ClusterView {
+            nodes: vec![busy, idle],
+        };
+        assert_eq!(place(&view, &big).expect("room").node, "busy");
+        assert_eq!(place(&view, &small).expect("room").node, "idle");
+    }
+
+    #[test]
+    fn an_image_being_pulled_counts_as_arriving() {
+        use crate::model::{Inventory, Node, NodeSpec};
+        let node = |id: &str, pulling: bool| Node {
+            spec: NodeSpec {
+                id: id.into(),
+                slots: 2,
+                labels: BTreeMap::new(),
+                inventory: Inventory {
+                    pulling: if pulling {
+                        [("sha256:x".to_owned(), 1u64 << 30)].into()
+                    } else {
+                        BTreeMap::new()
+                    },
+                    ..Inventory::default()
+                },
+            },
+            last_heartbeat: 0,
+        };
+        let view = ClusterView::build(&[node("a", false), node("b", true)], &[], 0, u64::MAX);
+        let run = RunRequirements {
+            image_digest: "sha256:x".into(),
+            image_bytes: Some(1 << 30),
+            ..RunRequirements::default()
+        };
+        assert_eq!(place(&view, &run).expect("room").node, "b");
     }
 
     #[test]

@@ -74,6 +74,10 @@ enum Command {
     Cancel(cmd::cancel::Args),
     /// Control plane, cache and node agents on this machine.
     Up(cmd::up::Args),
+    /// The pre-pull simulator: generate a launch trace, or replay one
+    /// through Ember's planner, scheduler and GC beside two baselines.
+    #[command(subcommand)]
+    Sim(cmd::sim::Command),
     /// Started by `ember node`: cleans up after it if it dies.
     #[command(hide = true)]
     NodeWatchdog(cmd::node::WatchdogArgs),
@@ -123,6 +127,7 @@ fn main() -> ExitCode {
             Command::Deploy(a) => cmd::deploy::run(a).await,
             Command::Cancel(a) => cmd::cancel::run(a).await,
             Command::Up(a) => cmd::up::run(a).await,
+            Command::Sim(c) => cmd::sim::run(c),
             Command::NodeWatchdog(a) => cmd::node::run_watchdog(&cli.root, a),
         }
     });

@@ -18,6 +18,7 @@ pub mod rmi;
 pub mod run;
 pub mod runs;
 pub mod serving;
+pub mod sim;
 pub mod store;
 pub mod submit;
 pub mod up;
