@@ -13,4 +13,5 @@ cargo clippy --workspace --all-targets -- -D warnings
 # bind-mount the static exec agent), so build them first.
 cargo build --workspace
 crates/ember-agent/build-static.sh >/dev/null
-cargo test --workspace
+# --no-fail-fast: one failing test binary should not hide the results of the rest.
+cargo test --workspace --no-fail-fast
