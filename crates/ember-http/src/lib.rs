@@ -23,7 +23,11 @@
 //!   holding many silent connections cannot keep a normal client out. Only
 //!   when every connection has a request in flight is the new one answered
 //!   `503` at once and closed. An `accept` that fails for lack of file
-//!   descriptors also closes the oldest such connection.
+//!   descriptors also closes the oldest such connection. Evicted
+//!   connections close on their own tasks; while more than a few are still
+//!   closing the server stops accepting (new ones wait in the kernel's
+//!   backlog), so descriptors in use never exceed the cap by more than a
+//!   small constant however busy the machine is.
 //!
 //! Each connection is one task that drives hyper's HTTP/1 connection and a
 //! watchdog together; the watchdog ends the task (dropping the socket) when
@@ -220,6 +224,16 @@ impl Server {
         let mut warned_at: Option<tokio::time::Instant> = None;
         tokio::pin!(shutdown);
         loop {
+            // Evicted connections close on their own tasks, which a busy
+            // accept loop can outrun: without this wait the descriptors in
+            // use could exceed the cap by however many are still closing.
+            // Unaccepted connections wait in the kernel's backlog instead.
+            if !registry
+                .wait_room(limits.max_connections + CLOSING_SLACK, &mut shutdown)
+                .await
+            {
+                break;
+            }
             let accepted = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
@@ -338,6 +352,10 @@ fn once_in_a_while(last: &mut Option<tokio::time::Instant>) -> bool {
     true
 }
 
+/// How many connections beyond the cap may be open while evicted ones are
+/// still closing: bounds the descriptors in use to the cap plus this.
+const CLOSING_SLACK: usize = 16;
+
 /// The open connections, for the cap, eviction and draining.
 #[derive(Default)]
 struct Registry {
@@ -426,6 +444,29 @@ impl Registry {
         for c in map.values() {
             if c.close(Closed::Drained) {
                 self.closing.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Waits until fewer than `bound` connections are open, counting
+    /// those told to close that have not gone yet; false if `shutdown`
+    /// completed first.
+    async fn wait_room(
+        &self,
+        bound: usize,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> bool {
+        loop {
+            let left = self.left.notified();
+            tokio::pin!(left);
+            left.as_mut().enable();
+            if self.lock().len() < bound {
+                return true;
+            }
+            tokio::select! {
+                biased;
+                () = shutdown.as_mut() => return false,
+                () = left => {}
             }
         }
     }
