@@ -1,0 +1,1 @@
+//! `ember bench burst` (being moved here from the CLI).
