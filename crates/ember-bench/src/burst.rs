@@ -220,7 +220,8 @@ pub fn burst_stats(runs: &[Run]) -> BurstStats {
         .count();
     let unfinished = runs.iter().filter(|r| !r.state.is_final()).count();
     let span_ms = span(first_submit, last_final).unwrap_or(0);
-    let mut phases = PhaseSamples::new(&[stats::TOTAL, stats::QUEUE, stats::PLACEMENT, stats::NODE]);
+    let mut phases =
+        PhaseSamples::new(&[stats::TOTAL, stats::QUEUE, stats::PLACEMENT, stats::NODE]);
     phases.add(runs);
     let total = phases.get(stats::TOTAL.name);
     let queue = phases.get(stats::QUEUE.name);
@@ -335,7 +336,9 @@ pub async fn run(
     say: &Say,
 ) -> Result<BurstReport, BurstError> {
     if cfg.runs == 0 || cfg.submitters == 0 {
-        return Err(BurstError::Config("--runs and --submitters must be at least 1"));
+        return Err(BurstError::Config(
+            "--runs and --submitters must be at least 1",
+        ));
     }
     if cfg.command.is_empty() {
         return Err(BurstError::Config("the command is empty"));
@@ -440,8 +443,7 @@ pub async fn run(
                     runners_created,
                 }) => {
                     let s = loop_stats(samples.iter().map(|s| s.total).collect(), wall);
-                    raw_report.overhead =
-                        Some(1.0 - burst.runs_per_s / s.actions_per_s.max(1e-9));
+                    raw_report.overhead = Some(1.0 - burst.runs_per_s / s.actions_per_s.max(1e-9));
                     raw_report.raw_runs_per_s = Some(s.actions_per_s);
                     raw_report.raw_p50_ms = Some(s.p50_ms);
                     raw_report.raw_p99_ms = Some(s.p99_ms);

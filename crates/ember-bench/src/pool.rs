@@ -3,7 +3,9 @@
 //! threads at once, timed per action.
 
 use crate::{Say, show_command};
-use ember_pool::{Outcome, Pool, PoolConfig, PoolError, Released, RunnerImage, RunnerShape, RunnerSpec};
+use ember_pool::{
+    Outcome, Pool, PoolConfig, PoolError, Released, RunnerImage, RunnerShape, RunnerSpec,
+};
 use ember_runtime::Runc;
 use ember_store::Store;
 use std::path::Path;
@@ -191,14 +193,18 @@ fn pool_loops(
         let mut started = None;
         let mut stderr = Vec::new();
         let result = lease
-            .exec_with(&req, &mut |_| started = Some(t0.elapsed()), &mut |is_err, b| {
-                // Kept only to explain a failure; a successful action's
-                // output is dropped, as a run's would be by a no-op client.
-                if is_err && stderr.len() < STDERR_KEPT {
-                    let room = STDERR_KEPT - stderr.len();
-                    stderr.extend_from_slice(&b[..b.len().min(room)]);
-                }
-            })
+            .exec_with(
+                &req,
+                &mut |_| started = Some(t0.elapsed()),
+                &mut |is_err, b| {
+                    // Kept only to explain a failure; a successful action's
+                    // output is dropped, as a run's would be by a no-op client.
+                    if is_err && stderr.len() < STDERR_KEPT {
+                        let room = STDERR_KEPT - stderr.len();
+                        stderr.extend_from_slice(&b[..b.len().min(room)]);
+                    }
+                },
+            )
             .map_err(|source| PoolBenchError::Exec {
                 command: show_command(run.command),
                 source,
@@ -245,7 +251,10 @@ fn pool_loops(
         }
         Ok(())
     })?;
-    say(&format!("warm after {:.0} ms", crate::stats::ms(t.elapsed())));
+    say(&format!(
+        "warm after {:.0} ms",
+        crate::stats::ms(t.elapsed())
+    ));
 
     let n = run.n;
     let next = AtomicUsize::new(0);

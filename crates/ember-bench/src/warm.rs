@@ -169,7 +169,9 @@ pub fn run(
     say: &Say,
 ) -> Result<WarmReport, WarmError> {
     if cfg.n == 0 || cfg.concurrency == 0 {
-        return Err(WarmError::Config("--n and --concurrency must be at least 1"));
+        return Err(WarmError::Config(
+            "--n and --concurrency must be at least 1",
+        ));
     }
     if cfg.command.is_empty() {
         return Err(WarmError::Config("the command is empty"));
@@ -236,7 +238,10 @@ pub fn run(
     let podman_exec = if cfg.podman_n == 0 {
         Peer::skipped("--podman-n 0")
     } else {
-        say(&format!("podman exec loop ({} iterations) ...", cfg.podman_n));
+        say(&format!(
+            "podman exec loop ({} iterations) ...",
+            cfg.podman_n
+        ));
         let reference = cfg.podman_image.as_deref().unwrap_or(&cfg.image);
         Peer::of(podman_exec_loop(
             &cfg.bench,
