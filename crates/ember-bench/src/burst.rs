@@ -119,6 +119,22 @@ pub struct BurstConfig {
     pub bench: PathBuf,
 }
 
+impl BurstConfig {
+    /// Checks the settings, so that a caller can refuse them before
+    /// talking to the cluster; [`run`] checks them too.
+    pub fn validate(&self) -> Result<(), BurstError> {
+        if self.runs == 0 || self.submitters == 0 {
+            return Err(BurstError::Config(
+                "--runs and --submitters must be at least 1",
+            ));
+        }
+        if self.command.is_empty() {
+            return Err(BurstError::Config("the command is empty"));
+        }
+        Ok(())
+    }
+}
+
 /// The live part of the cluster, which sizes the warm-up and the raw pool.
 #[derive(Debug, Clone, Copy)]
 pub struct Cluster {
@@ -335,14 +351,7 @@ pub async fn run(
     cfg: &BurstConfig,
     say: &Say,
 ) -> Result<BurstReport, BurstError> {
-    if cfg.runs == 0 || cfg.submitters == 0 {
-        return Err(BurstError::Config(
-            "--runs and --submitters must be at least 1",
-        ));
-    }
-    if cfg.command.is_empty() {
-        return Err(BurstError::Config("the command is empty"));
-    }
+    cfg.validate()?;
     let shown = show_command(&cfg.command);
     let slots = cluster.slots;
     let deployment = ensure_deployment(client, image, &cfg.command).await?;

@@ -42,6 +42,22 @@ pub struct WarmConfig {
     pub podman_image: Option<String>,
 }
 
+impl WarmConfig {
+    /// Checks the settings, so that a caller can refuse them before
+    /// pulling the image; [`run`] checks them too.
+    pub fn validate(&self) -> Result<(), WarmError> {
+        if self.n == 0 || self.concurrency == 0 {
+            return Err(WarmError::Config(
+                "--n and --concurrency must be at least 1",
+            ));
+        }
+        if self.command.is_empty() {
+            return Err(WarmError::Config("the command is empty"));
+        }
+        Ok(())
+    }
+}
+
 /// Errors of `ember bench warm` (a peer's failure is not one: the report
 /// says why it was skipped).
 #[derive(Debug, thiserror::Error)]
@@ -168,14 +184,7 @@ pub fn run(
     image: &RunnerImage,
     say: &Say,
 ) -> Result<WarmReport, WarmError> {
-    if cfg.n == 0 || cfg.concurrency == 0 {
-        return Err(WarmError::Config(
-            "--n and --concurrency must be at least 1",
-        ));
-    }
-    if cfg.command.is_empty() {
-        return Err(WarmError::Config("the command is empty"));
-    }
+    cfg.validate()?;
     let runc = Runc::new(cfg.bench.join("runc"));
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let shown = show_command(&cfg.command);

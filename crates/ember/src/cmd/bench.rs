@@ -200,9 +200,8 @@ async fn local_image(
 
 async fn run_warm(root: &Path, args: WarmArgs) -> anyhow::Result<ExitCode> {
     let agent = find_agent(args.agent.clone())?;
-    let (store, image) = local_image(root, &args.image, &args.registry, args.json).await?;
     let cfg = warm::WarmConfig {
-        image: args.image,
+        image: args.image.clone(),
         bench: root.join("bench"),
         agent,
         command: command_or_default(args.command),
@@ -213,6 +212,8 @@ async fn run_warm(root: &Path, args: WarmArgs) -> anyhow::Result<ExitCode> {
         podman_n: args.podman_n,
         podman_image: args.podman_image,
     };
+    cfg.validate()?;
+    let (store, image) = local_image(root, &args.image, &args.registry, args.json).await?;
     let json = args.json;
     let say: Say = Arc::new(move |s: &str| {
         if !json {
@@ -231,6 +232,18 @@ async fn run_warm(root: &Path, args: WarmArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_burst(root: &Path, args: BurstArgs) -> anyhow::Result<ExitCode> {
+    let cfg = burst::BurstConfig {
+        runs: args.runs,
+        submitters: args.submitters,
+        warmup: args.warmup,
+        slots: args.slots,
+        raw_runs: args.raw_runs,
+        raw_cpus: args.raw_cpus.clone(),
+        timeout: Duration::from_secs(args.timeout),
+        command: command_or_default(args.command.clone()),
+        bench: root.join("bench"),
+    };
+    cfg.validate()?;
     let client = args.control.client()?;
     let say: Say = Arc::new(|s: &str| eprintln!("burst: {s}"));
     // The cluster first: with no node there is nothing to pin or pull for.
@@ -249,17 +262,6 @@ async fn run_burst(root: &Path, args: BurstArgs) -> anyhow::Result<ExitCode> {
             store,
             image,
         })
-    };
-    let cfg = burst::BurstConfig {
-        runs: args.runs,
-        submitters: args.submitters,
-        warmup: args.warmup,
-        slots: args.slots,
-        raw_runs: args.raw_runs,
-        raw_cpus: args.raw_cpus,
-        timeout: Duration::from_secs(args.timeout),
-        command: command_or_default(args.command),
-        bench: root.join("bench"),
     };
     let report = burst::run(&client, cluster, &pinned, raw, &cfg, &say).await?;
     if args.json {
