@@ -683,9 +683,14 @@ pub fn checkpoint(
     let thaw = if options.leave_running || result.is_err() {
         if was_paused { Ok(()) } else { runc.resume(id) }
     } else {
-        // A frozen process takes no signal until thawed (cgroup v1).
+        // Whether a frozen process dies of SIGKILL before it is thawed
+        // depends on the kernel; thaw it if it is still there.
         runc.kill(id, nix::sys::signal::Signal::SIGKILL, true)
-            .and_then(|()| if was_paused { Ok(()) } else { runc.resume(id) })
+            .and_then(|()| match runc.state(id) {
+                Ok(s) if s.status == ContainerStatus::Paused => runc.resume(id),
+                Ok(_) | Err(RuncError::NotFound { .. }) => Ok(()),
+                Err(e) => Err(e),
+            })
     };
     let dump_time = match result {
         Ok(t) => t,
