@@ -61,6 +61,9 @@ pub const METADATA_FORMAT: u32 = 1;
 /// CRIU's kernel-feature cache (see the module documentation).
 pub const KDAT_CACHE: &str = "/run/criu.kdat";
 
+/// How long a checkpoint without `leave_running` waits for the source's
+/// init to die of its SIGKILL.
+const END_WAIT: Duration = Duration::from_secs(10);
 /// How many lines of CRIU's log an error quotes.
 const LOG_TAIL_LINES: usize = 12;
 
@@ -683,6 +686,8 @@ pub fn checkpoint(
     let thaw = if options.leave_running || result.is_err() {
         if was_paused { Ok(()) } else { runc.resume(id) }
     } else {
+        // Opened before the kill, so a reused pid cannot be mistaken for it.
+        let init = runc::PidFd::open(state.pid).ok();
         // Whether a frozen process dies of SIGKILL before it is thawed
         // depends on the kernel; thaw it if it is still there.
         runc.kill(id, nix::sys::signal::Signal::SIGKILL, true)
@@ -690,6 +695,15 @@ pub fn checkpoint(
                 Ok(s) if s.status == ContainerStatus::Paused => runc.resume(id),
                 Ok(_) | Err(RuncError::NotFound { .. }) => Ok(()),
                 Err(e) => Err(e),
+            })
+            .map(|()| {
+                // Return with the source gone, as `runc checkpoint` without
+                // --leave-running would.
+                if let Some(fd) = init
+                    && !fd.wait_readable(END_WAIT).unwrap_or(true)
+                {
+                    tracing::warn!(%id, "checkpointed container still running after SIGKILL");
+                }
             })
     };
     let dump_time = match result {
@@ -765,6 +779,8 @@ pub struct Restored {
     pid: i32,
     rootfs: Option<RootFs>,
     lock: Option<Flock<File>>,
+    /// The directory was created by this restore and is removed with it.
+    owns_dir: bool,
     /// How long `runc restore` took.
     pub restore_time: Duration,
     /// Total time: checks, copy of the filesystem changes, mount, restore.
@@ -807,14 +823,15 @@ impl Restored {
                 source,
             });
         }
-        if self.lock.is_some() {
+        if self.owns_dir {
             match fs::remove_dir_all(&self.dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_err("cannot remove", &self.dir)(e)),
             }
-            self.lock = None;
+            self.owns_dir = false;
         }
+        self.lock = None;
         Ok(())
     }
 }
@@ -879,6 +896,7 @@ pub fn restore<P: AsRef<Path>>(
         pid: 0,
         rootfs: None,
         lock: None,
+        owns_dir: true,
         restore_time: Duration::ZERO,
         total_time: Duration::ZERO,
     };
