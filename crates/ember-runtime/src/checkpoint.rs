@@ -48,7 +48,7 @@ use serde::{Deserialize, Serialize};
 use crate::container::LOCK_FILE;
 use crate::mount::{MountError, RootFs, UPPER_DIR};
 use crate::runc::{self, ContainerStatus, PID_FILE, Runc, RuncError};
-use crate::spec::CONFIG_FILE;
+use crate::spec::{BindMount, CONFIG_FILE};
 
 /// Name of the metadata file inside a checkpoint directory.
 pub const METADATA_FILE: &str = "ember-checkpoint.json";
@@ -128,6 +128,17 @@ pub enum CheckpointError {
         recorded: String,
         /// This machine's (or the caller's) value.
         here: String,
+    },
+    /// A [`RestoreTarget::rebind`] entry names no bind mount of the
+    /// checkpointed configuration.
+    #[error("checkpoint {dir}: cannot rebind {destination}: {what}", dir = dir.display(), destination = destination.display())]
+    Rebind {
+        /// The checkpoint directory.
+        dir: PathBuf,
+        /// The destination asked for.
+        destination: PathBuf,
+        /// What is wrong.
+        what: &'static str,
     },
     /// The metadata file is missing, unreadable or malformed.
     #[error("checkpoint metadata {path}: {reason}")]
@@ -844,23 +855,46 @@ impl Drop for Restored {
     }
 }
 
-/// Restores the checkpoint in `from` as a new container `id` in directory
-/// `dir` (which must not exist), on an overlay of `layers` (lowest first,
-/// the same as checkpointed: `image` names them and must match the
-/// metadata). The restored process runs detached; it continues where the
-/// checkpoint left it, with the standard streams it had (files are reopened;
-/// pipes of the checkpointed container cannot be, so checkpoint containers
-/// whose streams are `/dev/null` or files), sharing no writable state with
-/// the checkpoint or other restores.
+/// Where and how [`restore`] starts its copy.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreTarget<'a, P: AsRef<Path>> {
+    /// The new container's id.
+    pub id: &'a str,
+    /// Its directory (the bundle), which must not exist.
+    pub dir: &'a Path,
+    /// The layers to mount, lowest first: the same as checkpointed.
+    pub layers: &'a [P],
+    /// What they are; must match the checkpoint's metadata.
+    pub image: &'a ImageIdentity,
+    /// Bind mounts of the checkpointed configuration whose host source is
+    /// different for this copy (per-runner directories such as the agent's
+    /// socket directory at `/run/ember`), found by destination. Everything
+    /// else is mounted as it was.
+    pub rebind: &'a [BindMount],
+}
+
+/// Restores the checkpoint in `from` as a new container (`target.id` in
+/// `target.dir`), on an overlay of `target.layers` with a copy of the
+/// checkpointed filesystem changes, after checking the metadata against
+/// this machine and `target.image`. The restored process runs detached; it
+/// continues where the checkpoint left it, with the standard streams it had
+/// (files are reopened; pipes of the checkpointed container cannot be, so
+/// checkpoint containers whose streams are `/dev/null` or files), sharing
+/// no writable state with the checkpoint or other restores. A refused or
+/// failed restore leaves nothing behind.
 pub fn restore<P: AsRef<Path>>(
     runc: &Runc,
     criu: &Criu,
     from: &Path,
-    id: &str,
-    dir: &Path,
-    layers: &[P],
-    image: &ImageIdentity,
+    target: &RestoreTarget<'_, P>,
 ) -> Result<Restored, CheckpointError> {
+    let RestoreTarget {
+        id,
+        dir,
+        layers,
+        image,
+        rebind,
+    } = *target;
     let started = Instant::now();
     runc::validate_id(id)?;
     let metadata = Metadata::read(from)?;
@@ -880,6 +914,13 @@ pub fn restore<P: AsRef<Path>>(
             recorded: format!("{:?}", metadata.runtime),
             here: format!("{shape:?}"),
         });
+    }
+    for b in rebind {
+        rebind_mount(&mut config, b).map_err(|what| CheckpointError::Rebind {
+            dir: from.to_path_buf(),
+            destination: b.destination.clone(),
+            what,
+        })?;
     }
     if dir.exists() {
         return Err(CheckpointError::Exists {
@@ -967,6 +1008,25 @@ pub fn restore<P: AsRef<Path>>(
         .map_err(|_| io_err("malformed pid in", &pid_path)(io::ErrorKind::InvalidData.into()))?;
     restored.total_time = started.elapsed();
     Ok(restored)
+}
+
+/// Points the bind mount at `b.destination` to `b.source`.
+fn rebind_mount(config: &mut serde_json::Value, b: &BindMount) -> Result<(), &'static str> {
+    let dest = b.destination.to_str().ok_or("not UTF-8")?;
+    let source = b.source.to_str().ok_or("source not UTF-8")?;
+    let m = config
+        .get_mut("mounts")
+        .and_then(|m| m.as_array_mut())
+        .and_then(|ms| {
+            ms.iter_mut()
+                .find(|m| m.get("destination").and_then(|d| d.as_str()) == Some(dest))
+        })
+        .ok_or("no such mount in the checkpointed configuration")?;
+    if m.get("type").and_then(|t| t.as_str()) != Some("bind") {
+        return Err("not a bind mount");
+    }
+    m["source"] = serde_json::Value::String(source.to_owned());
+    Ok(())
 }
 
 /// `runc --criu <criu> --root <root> --log <bundle>/runc.log --log-format

@@ -59,7 +59,7 @@ pub mod user;
 
 pub use checkpoint::{
     Checkpoint, CheckpointError, CheckpointOptions, Criu, CriuInfo, ImageIdentity, Metadata,
-    Restored,
+    RestoreTarget, Restored,
 };
 pub use container::{
     Container, ContainerError, ContainerHandle, Prepared, RunOptions, RunOutcome, StartMode,

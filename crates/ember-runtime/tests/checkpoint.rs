@@ -16,7 +16,7 @@ use ember_runtime::checkpoint::{self, METADATA_FILE};
 use ember_runtime::runc::ContainerStatus;
 use ember_runtime::{
     CheckpointError, CheckpointOptions, ContainerStdio, Criu, ImageIdentity, Metadata, Prepared,
-    RunSpec,
+    RestoreTarget, RunSpec,
 };
 
 /// A shell that keeps its state in memory: a token drawn once at start and
@@ -51,6 +51,22 @@ fn criu() -> Option<Criu> {
              install it with `scripts/install-criu.sh` (as root), or set \
              EMBER_TEST_SKIP_PRIVILEGED=1 to skip"
         ),
+    }
+}
+
+/// A restore target without rebinds.
+fn target<'a>(
+    id: &'a str,
+    dir: &'a Path,
+    layers: &'a [std::path::PathBuf],
+    image: &'a ImageIdentity,
+) -> RestoreTarget<'a, std::path::PathBuf> {
+    RestoreTarget {
+        id,
+        dir,
+        layers,
+        image,
+        rebind: &[],
     }
 }
 
@@ -137,7 +153,13 @@ fn a_checkpoint_restores_twice_as_independent_containers_that_carry_on() {
     for n in 0..2 {
         let id = unique_id(&format!("restored{n}"));
         let dir = f.base.join(&id);
-        let r = checkpoint::restore(&f.runc, &criu, &dest, &id, &dir, &f.layers, &image()).unwrap();
+        let r = checkpoint::restore(
+            &f.runc,
+            &criu,
+            &dest,
+            &target(&id, &dir, &f.layers, &image()),
+        )
+        .unwrap();
         eprintln!(
             "restore {n}: runc restore {:?}, total {:?}",
             r.restore_time, r.total_time
@@ -174,10 +196,7 @@ fn a_checkpoint_restores_twice_as_independent_containers_that_carry_on() {
         &f.runc,
         &criu,
         &dest,
-        &id,
-        &f.base.join(&id),
-        &f.layers,
-        &image(),
+        &target(&id, &f.base.join(&id), &f.layers, &image()),
     )
     .unwrap();
     wait_count(&again.bundle().join("upper/count"), |t, n| {
@@ -266,7 +285,7 @@ fn restores_that_do_not_match_are_refused_and_leave_nothing() {
     let refused = |from: &Path, image: &ImageIdentity| -> CheckpointError {
         let id = unique_id("refused");
         let dir = f.base.join(&id);
-        let err = checkpoint::restore(&f.runc, &criu, from, &id, &dir, &f.layers, image)
+        let err = checkpoint::restore(&f.runc, &criu, from, &target(&id, &dir, &f.layers, image))
             .expect_err("the restore should have been refused");
         assert!(!dir.exists(), "a refused restore left {}", dir.display());
         assert!(!f.runc.has_state(&id));
@@ -319,6 +338,27 @@ fn restores_that_do_not_match_are_refused_and_leave_nothing() {
     tamper(&k, |v| v["runtime"]["uid"] = 4242.into());
     assert_eq!(what(refused(&k, &image())), "runtime configuration shape");
 
+    // A rebind of a mount the checkpoint does not have.
+    let id = unique_id("rebind");
+    let dir = f.base.join(&id);
+    let bogus = [ember_runtime::BindMount {
+        source: f.tmp.path().to_path_buf(),
+        destination: "/not/mounted".into(),
+        readonly: false,
+    }];
+    let e = checkpoint::restore(
+        &f.runc,
+        &criu,
+        &dest,
+        &RestoreTarget {
+            rebind: &bogus,
+            ..target(&id, &dir, &f.layers, &image())
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, CheckpointError::Rebind { .. }), "{e}");
+    assert!(!dir.exists());
+
     // No metadata at all, or garbage.
     fs::remove_file(k.join(METADATA_FILE)).unwrap();
     assert!(matches!(
@@ -334,7 +374,13 @@ fn restores_that_do_not_match_are_refused_and_leave_nothing() {
     // The untouched checkpoint still restores.
     let id = unique_id("accepted");
     let dir = f.base.join(&id);
-    let mut r = checkpoint::restore(&f.runc, &criu, &dest, &id, &dir, &f.layers, &image()).unwrap();
+    let mut r = checkpoint::restore(
+        &f.runc,
+        &criu,
+        &dest,
+        &target(&id, &dir, &f.layers, &image()),
+    )
+    .unwrap();
     r.cleanup().unwrap();
     assert_gone(&f.runc, &id, &dir);
 }
@@ -361,8 +407,13 @@ fn a_broken_image_fails_the_restore_quoting_criu_and_leaves_nothing() {
     fs::remove_file(dest.join("criu/pstree.img")).unwrap();
     let id = unique_id("broken");
     let dir = f.base.join(&id);
-    let err = checkpoint::restore(&f.runc, &criu, &dest, &id, &dir, &f.layers, &image())
-        .expect_err("a restore without pstree.img cannot work");
+    let err = checkpoint::restore(
+        &f.runc,
+        &criu,
+        &dest,
+        &target(&id, &dir, &f.layers, &image()),
+    )
+    .expect_err("a restore without pstree.img cannot work");
     match &err {
         CheckpointError::Restore { log_tail, log, .. } => {
             assert!(!log_tail.trim().is_empty(), "no CRIU log quoted");
@@ -412,8 +463,13 @@ fn missing_or_bogus_criu_is_reported_clearly_and_the_container_is_untouched() {
     // And a restore with it fails before touching anything.
     let id = unique_id("nocriu-restore");
     let dir = f.base.join(&id);
-    let e =
-        checkpoint::restore(&f.runc, &missing, &dest, &id, &dir, &f.layers, &image()).unwrap_err();
+    let e = checkpoint::restore(
+        &f.runc,
+        &missing,
+        &dest,
+        &target(&id, &dir, &f.layers, &image()),
+    )
+    .unwrap_err();
     assert!(
         matches!(
             e,
