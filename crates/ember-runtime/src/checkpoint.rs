@@ -90,7 +90,7 @@ pub enum CheckpointError {
         reason: String,
     },
     /// `runc checkpoint` failed.
-    #[error("checkpoint of container {id} failed ({status}): {runc}\nlast lines of {log}:\n{log_tail}", log = log.display())]
+    #[error("checkpoint of container {id} failed ({status}): {runc}\nfrom {log}:\n{log_tail}", log = log.display())]
     Dump {
         /// The container.
         id: String,
@@ -100,11 +100,11 @@ pub enum CheckpointError {
         runc: String,
         /// CRIU's log.
         log: PathBuf,
-        /// Its last lines.
+        /// Its `Error` lines and its last lines.
         log_tail: String,
     },
     /// `runc restore` failed.
-    #[error("restore of container {id} failed ({status}): {runc}\nlast lines of {log}:\n{log_tail}", log = log.display())]
+    #[error("restore of container {id} failed ({status}): {runc}\nfrom {log}:\n{log_tail}", log = log.display())]
     Restore {
         /// The new container.
         id: String,
@@ -114,7 +114,7 @@ pub enum CheckpointError {
         runc: String,
         /// CRIU's log.
         log: PathBuf,
-        /// Its last lines.
+        /// Its `Error` lines and its last lines.
         log_tail: String,
     },
     /// The checkpoint was taken somewhere a restore here cannot match.
@@ -1079,7 +1079,7 @@ fn run_criu_step(
         return Ok(());
     }
     let log_tail = fs::read_to_string(log)
-        .map(|t| tail(&t, LOG_TAIL_LINES))
+        .map(|t| quote_log(&t))
         .unwrap_or_else(|e| format!("(no CRIU log: {e})"));
     let said = runc_log
         .as_deref()
@@ -1091,6 +1091,22 @@ fn run_criu_step(
         log.to_path_buf(),
         log_tail,
     ))
+}
+
+/// What an error quotes of a CRIU log: its `Error` lines (the first few:
+/// the cause is usually among them, far above the end) and its last lines.
+fn quote_log(text: &str) -> String {
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Error ("))
+        .take(LOG_TAIL_LINES / 2)
+        .collect();
+    let end = tail(text, LOG_TAIL_LINES);
+    if errors.is_empty() {
+        end
+    } else {
+        format!("{}\n...\n{end}", errors.join("\n"))
+    }
 }
 
 /// The last `n` lines of `text`.
@@ -1214,6 +1230,16 @@ mod tests {
         assert_eq!(s.mounts, ["/proc proc", "/dev tmpfs"]);
         assert_eq!((s.uid, s.gid, s.cwd.as_str()), (1000, 50, "/srv"));
         assert!(s.readonly_rootfs && !s.terminal);
+    }
+
+    #[test]
+    fn quoted_logs_lead_with_their_errors() {
+        let log = "(0.1) a\n(0.2) Error (criu/files.c:1): cause\n(0.3) b\n(0.4) c\n";
+        assert_eq!(
+            quote_log(log),
+            "(0.2) Error (criu/files.c:1): cause\n...\n(0.1) a\n(0.2) Error (criu/files.c:1): cause\n(0.3) b\n(0.4) c"
+        );
+        assert_eq!(quote_log("x\ny\n"), "x\ny");
     }
 
     #[test]
