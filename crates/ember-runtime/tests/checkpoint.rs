@@ -493,3 +493,49 @@ fn copy_dir(from: &Path, to: &Path) {
         .unwrap();
     assert!(status.success());
 }
+
+#[test]
+fn four_restores_at_once_each_carry_on() {
+    let Some(criu) = criu() else { return };
+    let f = Fixture::new();
+    let p = start(&f, "ckpt-many", &["/bin/sh", "-c", COUNTER]);
+    wait_count(&p.bundle().join("upper/count"), |_, n| n >= 2);
+    let dest = f.tmp.path().join("many");
+    checkpoint::checkpoint(
+        &f.runc,
+        &criu,
+        p.id(),
+        p.bundle(),
+        &dest,
+        &image(),
+        CheckpointOptions::default(),
+    )
+    .unwrap();
+    p.cleanup().unwrap();
+    let (tok, at) = read_count(&dest.join("upper/count")).unwrap();
+    let restored: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|n| {
+                let (f, criu, dest) = (&f, &criu, &dest);
+                s.spawn(move || {
+                    let id = unique_id(&format!("many{n}"));
+                    let dir = f.base.join(&id);
+                    checkpoint::restore(
+                        &f.runc,
+                        criu,
+                        dest,
+                        &target(&id, &dir, &f.layers, &image()),
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let restored: Vec<_> = restored.into_iter().map(Result::unwrap).collect();
+    for r in &restored {
+        eprintln!("{}: runc restore {:?}", r.id(), r.restore_time);
+        wait_count(&r.bundle().join("upper/count"), |t, n| {
+            t == tok && n >= at + 3
+        });
+    }
+}
