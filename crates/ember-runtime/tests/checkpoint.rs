@@ -526,6 +526,7 @@ fn four_restores_at_once_each_carry_on() {
                         dest,
                         &target(&id, &dir, &f.layers, &image()),
                     )
+                    .map_err(|e| e.to_string())
                 })
             })
             .collect();
