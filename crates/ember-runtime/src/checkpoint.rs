@@ -39,6 +39,7 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -746,16 +747,22 @@ pub fn checkpoint(
             .map(|d| d.as_secs())
             .unwrap_or(0),
     };
-    let saved_config = tmp.join(CONFIG_FILE);
-    fs::write(&saved_config, &config_bytes).map_err(io_err("cannot write", &saved_config))?;
-    let meta_path = tmp.join(METADATA_FILE);
-    let json = serde_json::to_vec_pretty(&metadata).map_err(|e| CheckpointError::Io {
-        what: "cannot encode",
-        path: meta_path.clone(),
-        source: io::Error::other(e),
-    })?;
-    fs::write(&meta_path, json).map_err(io_err("cannot write", &meta_path))?;
-    fs::rename(&tmp, dest).map_err(io_err("cannot rename into place", dest))?;
+    let finish = || {
+        let saved_config = tmp.join(CONFIG_FILE);
+        fs::write(&saved_config, &config_bytes).map_err(io_err("cannot write", &saved_config))?;
+        let meta_path = tmp.join(METADATA_FILE);
+        let json = serde_json::to_vec_pretty(&metadata).map_err(|e| CheckpointError::Io {
+            what: "cannot encode",
+            path: meta_path.clone(),
+            source: io::Error::other(e),
+        })?;
+        fs::write(&meta_path, json).map_err(io_err("cannot write", &meta_path))?;
+        fs::rename(&tmp, dest).map_err(io_err("cannot rename into place", dest))
+    };
+    if let Err(e) = finish() {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
     Ok(Checkpoint {
         dir: dest.to_path_buf(),
         metadata,
@@ -1115,14 +1122,16 @@ fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// `<parent>/.<name>.<suffix>-<pid>`: a sibling of `path` on the same
-/// filesystem, so it can be renamed into place.
+/// `<parent>/.<name>.<suffix>-<pid>-<n>`: a sibling of `path` on the same
+/// filesystem, so it can be renamed into place, unique per call.
 fn sibling(path: &Path, suffix: &str) -> Result<PathBuf, CheckpointError> {
+    static N: AtomicU64 = AtomicU64::new(0);
     let bad = || io_err("no file name in", path)(io::ErrorKind::InvalidInput.into());
     let name = path.file_name().ok_or_else(bad)?.to_string_lossy();
     let parent = path.parent().ok_or_else(bad)?;
     fs::create_dir_all(parent).map_err(io_err("cannot create", parent))?;
-    Ok(parent.join(format!(".{name}.{suffix}-{}", std::process::id())))
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    Ok(parent.join(format!(".{name}.{suffix}-{}-{n}", std::process::id())))
 }
 
 /// Copies a directory tree with owners, modes, times, xattrs (overlayfs's
