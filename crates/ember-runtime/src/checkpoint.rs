@@ -17,8 +17,10 @@
 //! (`runc pause`) from before the dump until after the copy.
 //!
 //! A restore puts a copy of `upper/` under a fresh overlay of the same
-//! layers, writes the saved configuration with the new container's cgroup,
-//! and runs `runc restore --detach`. Before anything is touched it compares
+//! layers, writes the saved configuration with the new container's cgroup
+//! and any rebound bind-mount sources ([`RestoreTarget::rebind`]: per-copy
+//! directories such as a runner's `/run/ember`), and runs `runc restore
+//! --detach`. Before anything is touched it compares
 //! [`Metadata`] with this machine (CRIU version, kernel release, CPU
 //! features) and with the caller's [`ImageIdentity`], and refuses with
 //! [`CheckpointError::Mismatch`] naming the first difference: a process
@@ -27,11 +29,16 @@
 //!
 //! CRIU's logs (`dump.log`, `restore.log`) are written into
 //! `<bundle>/criu-work/` of the container concerned; a failure quotes their
-//! last lines.
+//! `Error` lines and last lines.
+//!
+//! What cannot be checkpointed: a container holding host files open (a log
+//! file as stdout: CRIU finds no mount for it; use `/dev/null` or a file
+//! under one of the container's own mounts) or connected to host sockets
+//! (close agent connections first: see the agent's readiness protocol).
 //!
 //! CRIU probes kernel features on every start (≈50 ms here) unless it finds
-//! its cache `/run/criu.kdat`, which it only writes on a tmpfs;
-//! `scripts/install-criu.sh` seeds it where `/run` is not one, and
+//! its cache `/run/criu.kdat`, which it only writes on a tmpfs; the wrapper
+//! `scripts/install-criu.sh` installs writes it where `/run` is not one, and
 //! [`CriuInfo::kdat_cached`] says whether it is there.
 
 use std::collections::BTreeSet;
@@ -618,8 +625,8 @@ pub struct Checkpoint {
 /// The container is frozen from before CRIU's dump until its filesystem
 /// changes are copied, so both describe the same moment. With
 /// [`CheckpointOptions::leave_running`] it is thawed afterwards (unless it
-/// was paused to begin with); otherwise CRIU ends it and the caller removes
-/// it as usual. `dest` appears complete or not at all: everything is written
+/// was paused to begin with); otherwise it is killed once saved (this
+/// returns after its init is gone) and the caller removes it as usual. `dest` appears complete or not at all: everything is written
 /// to a sibling directory first and renamed.
 pub fn checkpoint(
     runc: &Runc,
