@@ -11,6 +11,8 @@
 //! * [`schedule`]: [`schedule::place`], a pure function from a cluster view
 //!   and a run to a node, preferring warm runners, then image locality with
 //!   a spread factor, then low load.
+//! * [`prewarm`]: [`prewarm::plan`], which nodes keep idle runners of
+//!   which deployment, a pure function like [`schedule::place`].
 //! * [`popularity`]: decayed launch counts per image (and deployment).
 //! * [`pullplan`]: which images each node pre-pulls and keeps, and the
 //!   order its GC may evict the rest.
@@ -57,6 +59,7 @@
 pub mod model;
 pub mod popularity;
 pub mod postgres;
+pub mod prewarm;
 pub mod pullplan;
 mod rules;
 pub mod schedule;

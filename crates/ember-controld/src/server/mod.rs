@@ -11,7 +11,7 @@
 //! | `routes/` | one file per resource: `runs`, `logs`, `deployments`, `nodes`, `work` (the node's work stream), `reports` (nodes' run events) |
 //! | `submit.rs` | the submit batcher (group commit) |
 //! | `dispatch.rs` | the dispatcher: claim, place, assign, push |
-//! | `prewarm_loop.rs` | pushes the pre-warm planner's orders ([`crate::prewarm`]) |
+//! | `prewarm_loop.rs` | pushes the pre-warm planner's orders ([`ember_control::prewarm`]) |
 //! | `reaper.rs` | the lost-node reaper and the log pruner |
 //!
 //! Path of a run from submit to start, with no polling interval anywhere:
@@ -30,7 +30,7 @@
 //! Beside it, the pre-warmer (woken by deploys, node connects and
 //! heartbeats) compares each deployment's `warm_runners` with the idle
 //! runners nodes report and pushes `{"type":"prewarm"}` orders
-//! ([`crate::prewarm`]), so the first run of a deployment finds a warm
+//! ([`ember_control::prewarm`]), so the first run of a deployment finds a warm
 //! runner too.
 //!
 //! A work stream idle for [`ServerConfig::keepalive`] gets a

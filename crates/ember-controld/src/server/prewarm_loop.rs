@@ -2,12 +2,26 @@
 //! it plans warm runners over the connected nodes and pushes the orders
 //! on their work streams.
 
+use ember_api::wire::WorkMessage;
 use ember_control::model::RunState;
+use ember_control::prewarm::{self, Order};
 use ember_control::schedule::ClusterView;
 use ember_control::store::RunFilter;
 
 use super::Shared;
-use crate::prewarm;
+
+/// The work-stream message that carries `order` to its node.
+fn message(order: &Order) -> WorkMessage {
+    WorkMessage::Prewarm {
+        deployment: order.deployment.clone(),
+        key: order.key.clone(),
+        image: order.image.clone(),
+        resources: order.resources.clone(),
+        recycle_key: order.recycle_key.clone(),
+        readonly_rootfs: order.readonly_rootfs,
+        count: order.count,
+    }
+}
 
 /// Brings deployments up to their warm runners whenever woken: pushes the
 /// [`prewarm::plan`] orders on the nodes' streams. Orders are targets, so
@@ -49,10 +63,60 @@ pub(super) async fn prewarm_loop(s: Shared) {
             Ok(orders) => {
                 for o in orders {
                     tracing::debug!(node = %o.node, deployment = %o.deployment, count = o.count, "pre-warm");
-                    s.push(&o.node, o.message());
+                    s.push(&o.node, message(&o));
                 }
             }
             Err(e) => tracing::warn!(error = %e, "planning warm runners failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ember_control::model::{Deployment, DeploymentSpec, PinnedImage, Resources};
+    use ember_control::schedule::NodeView;
+
+    /// A planned order goes out as the `prewarm` message with its count
+    /// and key.
+    #[test]
+    fn an_order_becomes_its_prewarm_message() {
+        let d = Deployment {
+            spec: DeploymentSpec {
+                name: "web".into(),
+                image: PinnedImage::new("app", format!("sha256:{}", "a".repeat(64))).expect("pin"),
+                command: vec![],
+                env: Default::default(),
+                resources: Resources::default(),
+                recycle_key: None,
+                readonly_rootfs: false,
+                warm_runners: 1,
+                node_selector: Default::default(),
+            },
+            created_at: 1,
+        };
+        let view = ClusterView {
+            nodes: vec![NodeView {
+                id: "n1".into(),
+                slots: 4,
+                active: 0,
+                labels: Default::default(),
+                images: Default::default(),
+                idle_runners: Default::default(),
+            }],
+        };
+        let orders = prewarm::plan(&view, std::slice::from_ref(&d));
+        assert_eq!(orders.len(), 1);
+        assert!(matches!(
+            message(&orders[0]),
+            WorkMessage::Prewarm { count: 1, .. }
+        ));
+        let WorkMessage::Prewarm {
+            key, deployment, ..
+        } = message(&orders[0])
+        else {
+            unreachable!("checked above")
+        };
+        assert_eq!((key, deployment.as_str()), (prewarm::warm_key(&d), "web"));
     }
 }
