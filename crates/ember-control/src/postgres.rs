@@ -27,7 +27,7 @@
 //! from async code directly. Dropping the store is safe anywhere.
 //! Connections are plain TCP or Unix socket (no TLS).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -38,16 +38,17 @@ use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
 use postgres::{Client, Config, GenericClient, NoTls, Statement};
 
+use crate::claim;
 use crate::model::{
     Deployment, DeploymentSpec, Millis, ModelError, Node, NodeId, NodeSpec, Run, RunId, RunSpec,
     RunState,
 };
 use crate::model::{LogChunk, LogStream};
-use crate::rules::{self, Commit};
 use crate::store::{
     Appended, ClaimRequest, Clock, LogRetention, Pruned, RunFilter, RunReports, StateStore,
     StoreError, StoreEvent, Submitted,
 };
+use crate::transitions::{self, Commit};
 
 /// Schema migrations; `ember_schema.version` is the number applied. Append
 /// only: a released migration is never edited.
@@ -486,7 +487,7 @@ impl<C: GenericClient> Db<'_, C> {
             for row in &rows {
                 after = row.get(0);
                 let run: Run = parse(row.get::<_, &str>(1))?;
-                if rules::selector_matches(&run, labels) {
+                if crate::selector::matches(&run.node_selector, labels) {
                     found = Some(run);
                     break;
                 }
@@ -499,7 +500,7 @@ impl<C: GenericClient> Db<'_, C> {
             return Ok(None);
         };
         self.mark_served(&run.queue_key())?;
-        rules::hand_off(&mut run, node, now)?;
+        transitions::hand_off(&mut run, node, now)?;
         self.save_run(&run)?;
         Ok(Some(run))
     }
@@ -544,7 +545,7 @@ impl<C: GenericClient> Db<'_, C> {
             Some(name) => self.load_deployment(name)?,
             None => None,
         };
-        let mut run = rules::resolve(spec, deployment, now)?;
+        let mut run = transitions::resolve(spec, deployment, now)?;
         let id: i64 = self.query("SELECT nextval('runs_id_seq')", &[])?[0].get(0);
         run.id = RunId(id);
         let inserted = self.execute(
@@ -605,6 +606,36 @@ impl<C: GenericClient> Db<'_, C> {
     }
 
     /// Sends `queue_key`'s group to the back of the round-robin.
+    /// [`Self::mark_served`] for several groups at once: each gets a
+    /// later serving number than the one before it in `keys`, while the
+    /// queue rows are written in key order, so that two claimers updating
+    /// the same groups cannot deadlock.
+    fn mark_served_in_order(&mut self, keys: &[String]) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let n = i64::try_from(keys.len()).unwrap_or(i64::MAX);
+        let mut numbers: Vec<i64> = self
+            .query(
+                "SELECT nextval('queue_serve_seq') FROM generate_series(1::bigint, $1::bigint)",
+                &[&n],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        numbers.sort_unstable();
+        let mut rows: Vec<(&String, i64)> = keys.iter().zip(numbers).collect();
+        rows.sort();
+        for (key, number) in rows {
+            self.execute(
+                "INSERT INTO queues (queue_key, last_served) VALUES ($1, $2)
+                 ON CONFLICT (queue_key) DO UPDATE SET last_served = excluded.last_served",
+                &[key, &number],
+            )?;
+        }
+        Ok(())
+    }
+
     fn mark_served(&mut self, queue_key: &str) -> Result<(), StoreError> {
         self.execute(
             "INSERT INTO queues (queue_key, last_served) VALUES ($1, nextval('queue_serve_seq'))
@@ -743,8 +774,8 @@ impl StateStore for PostgresStore {
     ) -> Result<Run, StoreError> {
         self.write(Commit::Synced, |db, now| {
             let mut run = db.load_run(id, true)?;
-            rules::expect_state(&run, expected)?;
-            rules::apply(&mut run, to, now)?;
+            transitions::expect_state(&run, expected)?;
+            transitions::apply(&mut run, to, now)?;
             db.save_run(&run)?;
             if to == RunState::Queued {
                 db.notify()?;
@@ -760,82 +791,29 @@ impl StateStore for PostgresStore {
         self.write(Commit::Relaxed, |db, now| {
             let now_sql = millis_sql(now);
             let limit = i64::try_from(req.limit).unwrap_or(i64::MAX);
-            // The groups with claimable runs, the one served longest ago
-            // first (never served: oldest run first). At most `limit` of
-            // them can get a run this round.
+            // The fairness is `claim`'s; this only reads and writes rows,
+            // locking each group's oldest claimable runs and skipping rows
+            // other replicas are claiming right now.
             let groups: Vec<String> = db
-                .query(
-                    "SELECT g.queue_key FROM (
-                         SELECT queue_key, MIN(id) AS first FROM runs
-                         WHERE state = 'queued' AND (claimed_by IS NULL OR claim_expires <= $1)
-                         GROUP BY queue_key
-                     ) g
-                     LEFT JOIN queues q ON q.queue_key = g.queue_key
-                     ORDER BY COALESCE(q.last_served, 0), g.first
-                     LIMIT $2",
-                    &[&now_sql, &limit],
-                )?
+                .query(claim::GROUPS_SQL, &[&now_sql, &limit])?
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
-            // Lock each group's oldest claimable runs, skipping rows other
-            // replicas are claiming right now, a fair share per group;
-            // groups that run dry leave their share to the others.
-            let mut lists: Vec<VecDeque<Run>> = vec![VecDeque::new(); groups.len()];
-            let mut after = vec![0_i64; groups.len()];
-            let mut more = vec![true; groups.len()];
-            let mut locked = 0;
-            while locked < req.limit {
-                let open: Vec<usize> = (0..groups.len()).filter(|&i| more[i]).collect();
-                if open.is_empty() {
-                    break;
-                }
-                let share = (req.limit - locked).div_ceil(open.len());
-                let share_sql = i64::try_from(share).unwrap_or(i64::MAX);
-                for i in open {
-                    let got = db.query(
-                        "SELECT id, body FROM runs
-                         WHERE queue_key = $1 AND id > $2 AND state = 'queued'
-                           AND (claimed_by IS NULL OR claim_expires <= $3)
-                         ORDER BY id LIMIT $4
-                         FOR UPDATE SKIP LOCKED",
-                        &[&groups[i], &after[i], &now_sql, &share_sql],
-                    )?;
-                    if got.len() < share {
-                        more[i] = false;
-                    }
-                    for row in &got {
-                        after[i] = row.get(0);
-                        lists[i].push_back(parse(row.get::<_, &str>(1))?);
-                    }
-                    locked += got.len();
-                }
-            }
-            // Round-robin: every group's first run before anyone's second.
-            let mut runs = Vec::with_capacity(req.limit);
-            'fill: while runs.len() < req.limit {
-                let mut any = false;
-                for list in &mut lists {
-                    if let Some(run) = list.pop_front() {
-                        runs.push(run);
-                        any = true;
-                        if runs.len() == req.limit {
-                            break 'fill;
-                        }
-                    }
-                }
-                if !any {
-                    break;
-                }
-            }
-            // Queue rows in one order in every transaction: two claimers
-            // updating the same groups cannot deadlock.
-            let mut keys: Vec<String> = runs.iter().map(|r| r.queue_key()).collect();
-            keys.sort();
-            keys.dedup();
-            for key in &keys {
-                db.mark_served(key)?;
-            }
+            let mut runs = claim::take_fairly(groups.len(), req.limit, |g, after, n| {
+                let n = i64::try_from(n).unwrap_or(i64::MAX);
+                db.query(
+                    "SELECT body FROM runs
+                     WHERE queue_key = $1 AND id > $2 AND state = 'queued'
+                       AND (claimed_by IS NULL OR claim_expires <= $3)
+                     ORDER BY id LIMIT $4
+                     FOR UPDATE SKIP LOCKED",
+                    &[&groups[g], &after, &now_sql, &n],
+                )?
+                .iter()
+                .map(|row| parse(row.get::<_, &str>(0)))
+                .collect()
+            })?;
+            db.mark_served_in_order(&claim::served_order(&runs))?;
             let expires = millis_sql(now.saturating_add(req.lease_ms));
             for run in &mut runs {
                 run.times.claimed = Some(now);
@@ -891,8 +869,8 @@ impl StateStore for PostgresStore {
             {
                 return Err(StoreError::NodeNotFound(node.to_owned()));
             }
-            rules::expect_state(&run, RunState::Queued)?;
-            rules::apply(&mut run, RunState::Scheduled, now)?;
+            transitions::expect_state(&run, RunState::Queued)?;
+            transitions::apply(&mut run, RunState::Scheduled, now)?;
             run.node = Some(node.to_owned());
             db.save_run(&run)?;
             Ok(run)
@@ -931,7 +909,7 @@ impl StateStore for PostgresStore {
                         Err(e @ StoreError::RunNotFound(_)) => return Ok(Err(e)),
                         Err(e) => return Err(e),
                     };
-                    let (changed, res) = rules::apply_reports(&mut run, node, b, now);
+                    let (changed, res) = transitions::apply_reports(&mut run, node, b, now);
                     if changed {
                         db.save_run(&run)?;
                         // A run its node lost is queued again: other
@@ -977,7 +955,7 @@ impl StateStore for PostgresStore {
     }
 
     fn add_node_credential(&self, node: &str, token_sha256: &str) -> Result<(), StoreError> {
-        rules::check_credential(node, token_sha256)?;
+        transitions::check_credential(node, token_sha256)?;
         self.write(Commit::Synced, |db, now| {
             db.execute(
                 "INSERT INTO node_credentials (token_sha256, node, created_at) VALUES ($1, $2, $3)",
@@ -1021,7 +999,7 @@ impl StateStore for PostgresStore {
                 &[&cutoff],
             )?;
             for run in &mut runs {
-                rules::mark_lost(run, now)?;
+                transitions::mark_lost(run, now)?;
                 db.save_run(run)?;
             }
             Ok(runs)
@@ -1041,7 +1019,7 @@ impl StateStore for PostgresStore {
             // value is drawn after it, so commits come in `seq` order and a
             // follower never finds an earlier chunk appear behind its cursor.
             // It also makes the size check and update below atomic.
-            rules::check_assigned(&db.load_run(id, true)?, node)?;
+            transitions::check_assigned(&db.load_run(id, true)?, node)?;
             if data.is_empty() {
                 return Ok(Appended::Stored);
             }
@@ -1052,7 +1030,7 @@ impl StateStore for PostgresStore {
                 )?
                 .map_or((0, false), |r| (r.get::<_, i64>(0), r.get::<_, bool>(1)));
             let stored = u64::try_from(stored).unwrap_or(0);
-            let plan = rules::plan_append(stored, truncated, data.len(), max_bytes);
+            let plan = transitions::plan_append(stored, truncated, data.len(), max_bytes);
             if plan.outcome == Appended::Dropped {
                 return Ok(Appended::Dropped);
             }
@@ -1067,8 +1045,8 @@ impl StateStore for PostgresStore {
                     "INSERT INTO run_logs (run_id, stream, data) VALUES ($1, $2, $3)",
                     &[
                         &id.0,
-                        &rules::MARKER_STREAM,
-                        &rules::truncation_notice(max_bytes),
+                        &transitions::MARKER_STREAM,
+                        &transitions::truncation_notice(max_bytes),
                     ],
                 )?;
             }
@@ -1122,7 +1100,7 @@ impl StateStore for PostgresStore {
                     &[],
                 )?
                 .map_or(0, |r| r.get(0));
-            let victims = rules::prune_victims(
+            let victims = transitions::prune_victims(
                 &candidates,
                 u64::try_from(total).unwrap_or(0),
                 retention,
@@ -1133,7 +1111,11 @@ impl StateStore for PostgresStore {
                 db.execute("DELETE FROM run_logs WHERE run_id = $1", &[&id])?;
                 db.execute(
                     "INSERT INTO run_logs (run_id, stream, data) VALUES ($1, $2, $3)",
-                    &[&id, &rules::MARKER_STREAM, &rules::PRUNED_NOTICE],
+                    &[
+                        &id,
+                        &transitions::MARKER_STREAM,
+                        &transitions::PRUNED_NOTICE,
+                    ],
                 )?;
                 db.execute(
                     "UPDATE run_log_sizes SET bytes = 0, pruned = TRUE WHERE run_id = $1",
@@ -1176,7 +1158,7 @@ impl StateStore for PostgresStore {
                 db.load_run(id, false)?;
             }
             rows.iter()
-                .map(|r| rules::log_chunk(r.get(0), r.get(1), r.get(2)))
+                .map(|r| transitions::log_chunk(r.get(0), r.get(1), r.get(2)))
                 .collect()
         })
     }

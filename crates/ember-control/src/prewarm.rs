@@ -20,7 +20,7 @@
 //! its budget (which would evict runners and be re-ordered at the next
 //! heartbeat, churning forever).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use crate::model::{Deployment, NodeId, PinnedImage, Resources};
 use crate::schedule::{ClusterView, NodeView};
@@ -51,12 +51,6 @@ pub fn warm_key(d: &Deployment) -> String {
     d.spec.warm_key()
 }
 
-fn matches(n: &NodeView, selector: &BTreeMap<String, String>) -> bool {
-    selector
-        .iter()
-        .all(|(k, v)| n.labels.get(k).is_some_and(|have| have == v))
-}
-
 /// The orders that bring every deployment up to its warm runners; see the
 /// module docs for how nodes are chosen. Deployments are served in name
 /// order when nodes run out of room.
@@ -82,7 +76,7 @@ pub fn plan(view: &ClusterView, deployments: &[Deployment]) -> Vec<Order> {
         let candidates: Vec<&NodeView> = view
             .nodes
             .iter()
-            .filter(|n| matches(n, &d.spec.node_selector))
+            .filter(|n| n.matches(&d.spec.node_selector))
             .collect();
         let have: Vec<u32> = candidates
             .iter()
@@ -131,6 +125,8 @@ pub fn plan(view: &ClusterView, deployments: &[Deployment]) -> Vec<Order> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::model::DeploymentSpec;
 

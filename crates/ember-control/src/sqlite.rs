@@ -23,16 +23,17 @@ use std::time::Duration;
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
+use crate::claim;
 use crate::model::{
     Deployment, DeploymentSpec, Millis, ModelError, Node, NodeId, NodeSpec, Run, RunId, RunSpec,
     RunState,
 };
 use crate::model::{LogChunk, LogStream};
-use crate::rules::{self, Commit};
 use crate::store::{
     Appended, ClaimRequest, Clock, LogRetention, Pruned, RunFilter, RunReports, StateStore,
     StoreError, Submitted,
 };
+use crate::transitions::{self, Commit};
 
 /// Schema migrations; `PRAGMA user_version` is the number applied. Append
 /// only: a released migration is never edited.
@@ -317,7 +318,7 @@ fn hand_off_in(
             continue;
         }
         let run: Run = serde_json::from_str(&row.get::<_, String>(2)?)?;
-        if rules::selector_matches(&run, labels) {
+        if crate::selector::matches(&run.node_selector, labels) {
             found = Some(run);
             break;
         }
@@ -328,7 +329,7 @@ fn hand_off_in(
         return Ok(None);
     };
     mark_served(tx, &run.queue_key())?;
-    rules::hand_off(&mut run, node, now)?;
+    transitions::hand_off(&mut run, node, now)?;
     save_run(tx, &run)?;
     Ok(Some(run))
 }
@@ -410,7 +411,7 @@ fn submit_in(tx: &Transaction<'_>, spec: &RunSpec, now: Millis) -> Result<Submit
         Some(name) => load_deployment(tx, name)?,
         None => None,
     };
-    let mut run = rules::resolve(spec, deployment, now)?;
+    let mut run = transitions::resolve(spec, deployment, now)?;
     tx.prepare_cached(
         "INSERT INTO runs (state, queue_key, warm_key, deployment, idempotency_key, spec, body)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, '')",
@@ -539,57 +540,57 @@ impl StateStore for SqliteStore {
     ) -> Result<Run, StoreError> {
         self.write(Commit::Synced, |tx, now| {
             let mut run = must_load_run(tx, id)?;
-            rules::expect_state(&run, expected)?;
-            rules::apply(&mut run, to, now)?;
+            transitions::expect_state(&run, expected)?;
+            transitions::apply(&mut run, to, now)?;
             save_run(tx, &run)?;
             Ok(run)
         })
     }
 
     fn claim_runs(&self, req: &ClaimRequest) -> Result<Vec<Run>, StoreError> {
+        if req.limit == 0 {
+            return Ok(Vec::new());
+        }
         self.write(Commit::Relaxed, |tx, now| {
-            // Rank each queued run within its group (rn = 1 is the group's
-            // oldest), then take rank 1 of every group before rank 2 of any:
-            // that is the round-robin. Among equal ranks the group served
-            // longest ago goes first, so with limit 1 the groups alternate
-            // instead of the oldest run's group winning every time.
-            let ids: Vec<(i64, String)> = tx
-                .prepare_cached(
-                    "SELECT r.id, r.queue_key FROM (
-                         SELECT id, queue_key,
-                                ROW_NUMBER() OVER (PARTITION BY queue_key ORDER BY id) AS rn
-                         FROM runs
-                         WHERE state = 'queued'
-                           AND (claimed_by IS NULL OR claim_expires <= ?1)
-                     ) r
-                     LEFT JOIN queues q ON q.queue_key = r.queue_key
-                     ORDER BY r.rn, COALESCE(q.last_served, 0), r.id
-                     LIMIT ?2",
-                )?
-                .query_map(
-                    params![
-                        millis_sql(now),
-                        i64::try_from(req.limit).unwrap_or(i64::MAX)
-                    ],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )?
+            // The fairness is `claim`'s; this only reads and writes rows.
+            let now_sql = millis_sql(now);
+            let limit = i64::try_from(req.limit).unwrap_or(i64::MAX);
+            let groups: Vec<String> = tx
+                .prepare_cached(claim::GROUPS_SQL)?
+                .query_map(params![now_sql, limit], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
-            let expires = millis_sql(now.saturating_add(req.lease_ms));
-            let mut runs = Vec::with_capacity(ids.len());
-            for (id, key) in ids {
+            let mut oldest = tx.prepare_cached(
+                "SELECT body FROM runs
+                 WHERE queue_key = ?1 AND id > ?2 AND state = 'queued'
+                   AND (claimed_by IS NULL OR claim_expires <= ?3)
+                 ORDER BY id LIMIT ?4",
+            )?;
+            let mut runs = claim::take_fairly(groups.len(), req.limit, |g, after, n| {
+                let n = i64::try_from(n).unwrap_or(i64::MAX);
+                let bodies: Vec<String> = oldest
+                    .query_map(params![groups[g], after, now_sql, n], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                bodies
+                    .iter()
+                    .map(|b| Ok(serde_json::from_str::<Run>(b)?))
+                    .collect()
+            })?;
+            drop(oldest);
+            for key in claim::served_order(&runs) {
                 mark_served(tx, &key)?;
-                let mut run = must_load_run(tx, RunId(id))?;
+            }
+            let expires = millis_sql(now.saturating_add(req.lease_ms));
+            let mut set = tx.prepare_cached(
+                "UPDATE runs SET claimed_by = ?2, claim_expires = ?3, body = ?4 WHERE id = ?1",
+            )?;
+            for run in &mut runs {
                 run.times.claimed = Some(now);
-                tx.prepare_cached(
-                    "UPDATE runs SET claimed_by = ?2, claim_expires = ?3, body = ?4 WHERE id = ?1",
-                )?
-                .execute(params![
-                    id,
+                set.execute(params![
+                    run.id.0,
                     req.owner,
                     expires,
-                    serde_json::to_string(&run)?
+                    serde_json::to_string(&*run)?
                 ])?;
-                runs.push(run);
             }
             Ok(runs)
         })
@@ -629,8 +630,8 @@ impl StateStore for SqliteStore {
                 return Err(StoreError::NodeNotFound(node.to_owned()));
             }
             let mut run = must_load_run(tx, id)?;
-            rules::expect_state(&run, RunState::Queued)?;
-            rules::apply(&mut run, RunState::Scheduled, now)?;
+            transitions::expect_state(&run, RunState::Queued)?;
+            transitions::apply(&mut run, RunState::Scheduled, now)?;
             run.node = Some(node.to_owned());
             save_run(tx, &run)?;
             Ok(run)
@@ -663,7 +664,7 @@ impl StateStore for SqliteStore {
                     let Some(mut run) = load_run(tx, b.run)? else {
                         return Ok(Err(StoreError::RunNotFound(b.run)));
                     };
-                    let (changed, res) = rules::apply_reports(&mut run, node, b, now);
+                    let (changed, res) = transitions::apply_reports(&mut run, node, b, now);
                     if changed {
                         save_run(tx, &run)?;
                     }
@@ -717,7 +718,7 @@ impl StateStore for SqliteStore {
         max_bytes: u64,
     ) -> Result<Appended, StoreError> {
         self.write(Commit::Relaxed, |tx, now| {
-            rules::check_assigned(&must_load_run(tx, id)?, node)?;
+            transitions::check_assigned(&must_load_run(tx, id)?, node)?;
             if data.is_empty() {
                 return Ok(Appended::Stored);
             }
@@ -727,7 +728,7 @@ impl StateStore for SqliteStore {
                 .optional()?
                 .unwrap_or((0, false));
             let stored = u64::try_from(stored).unwrap_or(0);
-            let plan = rules::plan_append(stored, truncated, data.len(), max_bytes);
+            let plan = transitions::plan_append(stored, truncated, data.len(), max_bytes);
             if plan.outcome == Appended::Dropped {
                 return Ok(Appended::Dropped);
             }
@@ -740,8 +741,8 @@ impl StateStore for SqliteStore {
             if plan.notice {
                 insert.execute(params![
                     id.0,
-                    rules::MARKER_STREAM,
-                    rules::truncation_notice(max_bytes)
+                    transitions::MARKER_STREAM,
+                    transitions::truncation_notice(max_bytes)
                 ])?;
             }
             let kept = u64::try_from(plan.keep).unwrap_or(u64::MAX);
@@ -782,7 +783,7 @@ impl StateStore for SqliteStore {
             let total: i64 = tx
                 .prepare_cached("SELECT COALESCE(SUM(bytes), 0) FROM run_log_sizes")?
                 .query_row([], |r| r.get(0))?;
-            let victims = rules::prune_victims(
+            let victims = transitions::prune_victims(
                 &rows
                     .iter()
                     .map(|&(id, bytes, at)| {
@@ -806,8 +807,8 @@ impl StateStore for SqliteStore {
                 )?
                 .execute(params![
                     id,
-                    rules::MARKER_STREAM,
-                    rules::PRUNED_NOTICE
+                    transitions::MARKER_STREAM,
+                    transitions::PRUNED_NOTICE
                 ])?;
                 tx.prepare_cached(
                     "UPDATE run_log_sizes SET bytes = 0, pruned = 1 WHERE run_id = ?1",
@@ -846,7 +847,7 @@ impl StateStore for SqliteStore {
         {
             let data: Vec<u8> = row.get(2)?;
             bytes = bytes.saturating_add(data.len());
-            chunks.push(rules::log_chunk(
+            chunks.push(transitions::log_chunk(
                 row.get(0)?,
                 &row.get::<_, String>(1)?,
                 data,
@@ -861,7 +862,7 @@ impl StateStore for SqliteStore {
     }
 
     fn add_node_credential(&self, node: &str, token_sha256: &str) -> Result<(), StoreError> {
-        rules::check_credential(node, token_sha256)?;
+        transitions::check_credential(node, token_sha256)?;
         self.write(Commit::Synced, |tx, now| {
             tx.prepare_cached(
                 "INSERT INTO node_credentials (token_sha256, node, created_at) VALUES (?1, ?2, ?3)",
@@ -901,7 +902,7 @@ impl StateStore for SqliteStore {
                 vec![Value::Integer(cutoff)],
             )?;
             for run in &mut runs {
-                rules::mark_lost(run, now)?;
+                transitions::mark_lost(run, now)?;
                 save_run(tx, run)?;
             }
             Ok(runs)
