@@ -1,7 +1,7 @@
 //! The state-store seam: everything the control plane persists goes through
 //! [`StateStore`], so SQLite (embedded, the default) and PostgreSQL (several
 //! replicas) are interchangeable and pass the same
-//! [conformance suite](crate::conformance).
+//! conformance suite (`conformance`, feature `testing`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -8,7 +8,7 @@
 //! Every commit appends to the WAL without an fsync (`synchronous=NORMAL`);
 //! submits, cancels and deployments then fsync the WAL before they are
 //! acknowledged, the run's progress through claims, placement and node
-//! reports does not (see [`Commit`] and `SqliteStore::write`).
+//! reports does not (see `Commit` and `SqliteStore::write`).
 //!
 //! Every write runs in a `BEGIN IMMEDIATE` transaction: SQLite then takes
 //! the database's write lock at the start, so a read-check-write sequence
