@@ -264,7 +264,9 @@ LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg)
 # ----------------------------------------------------------- cold pulls
 # "floor" is not a client: it is what this machine needs for the same
 # bytes without any client, measured in the same rotation (see README).
-PULL_TOOLS=(ember podman skopeo+umoci floor)
+# ember-norecord: the same pull without the tree record `ember store verify`
+# checks layers against (a hidden flag), to measure what recording costs.
+PULL_TOOLS=(ember ember-norecord podman skopeo+umoci floor)
 : >"$RAW/pull.jsonl"
 
 # Every run gets a fresh directory, and nothing is deleted until all runs
@@ -310,7 +312,7 @@ pull_once() {
   # Stores are created before the clock starts: a node's store exists
   # already; only the image is new.
   case $tool in
-    ember) "$EMBER" --root "$d/store" images >/dev/null ;;
+    ember | ember-norecord) "$EMBER" --root "$d/store" images >/dev/null ;;
     podman) podman_in "$d" images >/dev/null ;;
   esac
   settle
@@ -318,6 +320,9 @@ pull_once() {
     ember)
       timed "$d/out" "$d/err" "$EMBER" --root "$d/store" pull --json "$r" || rc=$?
       ((rc)) || detail=$(jq -c . "$d/out" 2>/dev/null || echo null)
+      ;;
+    ember-norecord)
+      timed "$d/out" "$d/err" "$EMBER" --root "$d/store" pull --json --no-tree-record "$r" || rc=$?
       ;;
     podman)
       timed "$d/out" "$d/err" podman_in "$d" pull -q --tls-verify=false "$r" || rc=$?
@@ -571,7 +576,7 @@ jq -n \
        | ($runs | map(select(.tool == "ember")) | map(.seconds) | median) as $em
        | {image: $img,
           compressed_mb: ($sizes[$img].compressed_bytes / 1e6 | r(1)),
-          tools: ([("ember", "podman", "skopeo+umoci", "floor") as $t
+          tools: ([("ember", "ember-norecord", "podman", "skopeo+umoci", "floor") as $t
             | ($runs | map(select(.tool == $t))) as $tr
             | {key: $t, value: {
                 runs: ($tr | length),
@@ -588,10 +593,12 @@ jq -n \
           ratios_of_medians: {
             podman_over_ember: (($runs | map(select(.tool == "podman")) | map(.seconds) | median) as $p | if $p and $em then $p / $em | r(2) else null end),
             skopeo_umoci_over_ember: (($runs | map(select(.tool == "skopeo+umoci")) | map(.seconds) | median) as $s | if $s and $em then $s / $em | r(2) else null end),
-            ember_over_floor_tar_x: (($runs | map(select(.tool == "floor")) | map(.seconds) | median) as $f | if $f and $em then $em / $f | r(2) else null end)},
+            ember_over_floor_tar_x: (($runs | map(select(.tool == "floor")) | map(.seconds) | median) as $f | if $f and $em then $em / $f | r(2) else null end),
+            ember_over_ember_norecord: (($runs | map(select(.tool == "ember-norecord")) | map(.seconds) | median) as $n | if $n and $em then $em / $n | r(3) else null end)},
           paired_ratio_medians: {
             podman_over_ember: ([$runs | group_by(.round)[] | (map(select(.tool == "ember"))[0].seconds) as $e | (map(select(.tool == "podman"))[0].seconds) as $p | select($e and $p) | $p / $e] | median | r(2)),
-            skopeo_umoci_over_ember: ([$runs | group_by(.round)[] | (map(select(.tool == "ember"))[0].seconds) as $e | (map(select(.tool == "skopeo+umoci"))[0].seconds) as $p | select($e and $p) | $p / $e] | median | r(2))}
+            skopeo_umoci_over_ember: ([$runs | group_by(.round)[] | (map(select(.tool == "ember"))[0].seconds) as $e | (map(select(.tool == "skopeo+umoci"))[0].seconds) as $p | select($e and $p) | $p / $e] | median | r(2)),
+            ember_over_ember_norecord: ([$runs | group_by(.round)[] | (map(select(.tool == "ember"))[0].seconds) as $e | (map(select(.tool == "ember-norecord"))[0].seconds) as $p | select($e and $p) | $e / $p] | median | r(3))}
          }] end),
     pull_runs_raw: $pull,
     hot: (if $skip_hot == 1 then null else
@@ -661,6 +668,13 @@ f1() { if [ "$1" = null ] || [ -z "$1" ]; then echo "–"; else printf '%.1f' "$
         "$(f2 "$(jq -r --arg i "$img" '(.pull[] | select(.image == $i)).tools.ember.median_with_sync_s' "$J")")" \
         "$(f2 "$(jq -r --arg i "$img" '(.pull[] | select(.image == $i)).tools.podman.median_with_sync_s' "$J")")" \
         "$(f2 "$(jq -r --arg i "$img" '(.pull[] | select(.image == $i)).tools["skopeo+umoci"].median_with_sync_s' "$J")")"
+    done | sed 's/; $/./'
+    echo
+    echo "What the tree record (for \`ember store verify\`) costs a cold pull: ember / ember --no-tree-record, ratio of medians (median of per-round ratios), budget 1.05:"
+    for img in $IMAGES; do
+      printf -- '%s: %s (%s); ' "$img" \
+        "$(jq -r --arg i "$img" '(.pull[] | select(.image == $i)).ratios_of_medians.ember_over_ember_norecord // "–"' "$J")" \
+        "$(jq -r --arg i "$img" '(.pull[] | select(.image == $i)).paired_ratio_medians.ember_over_ember_norecord // "–"' "$J")"
     done | sed 's/; $/./'
     echo
     echo "Where the time goes (median run): "

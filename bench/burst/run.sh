@@ -28,6 +28,14 @@ PG_OPTS=${PG_OPTS:-}
 # machine, so the overhead is what the control plane costs the node and
 # not the CPU it takes from the containers. Empty: no pinning.
 PIN=${PIN:-}
+# CMD="sh -c true": the command every run and raw action runs (`-- CMD`),
+# for an image whose Entrypoint cannot run `true`. Empty: `true`.
+CMD=${CMD:-}
+CMD_ARGS=()
+if [ -n "$CMD" ]; then
+  read -r -a words <<<"$CMD"
+  CMD_ARGS=(-- "${words[@]}")
+fi
 NODE_RUN=() CONTROL_RUN=() RAW_CPUS=()
 if [ -n "$PIN" ]; then
   NODE_RUN=(taskset -c "${PIN%/*}")
@@ -118,7 +126,7 @@ run_backend() {
     c0=$(cpu_ms "${RUNNING[0]}") n0=$(cpu_ms "${RUNNING[1]}")
     # The bench's store and raw pool live apart from the node's.
     if ! "${CONTROL_RUN[@]}" "$EMBER" --log warn --root "$W/bench-root" bench burst --image "$IMAGE" --runs "$RUNS" \
-      --submitters "$SUBMITTERS" "${RAW_CPUS[@]}" --json >"$d/run-$i.json" 2>"$d/run-$i.err"; then
+      --submitters "$SUBMITTERS" "${RAW_CPUS[@]}" --json "${CMD_ARGS[@]}" >"$d/run-$i.json" 2>"$d/run-$i.err"; then
       echo "ember bench burst exited non-zero; its stderr:" >&2
       tail -n 20 "$d/run-$i.err" >&2
     fi
@@ -203,13 +211,13 @@ cpu=$(lscpu | awk -F: '/Model name/ {gsub(/^ +/,"",$2); print $2; exit}')
 conditions="$(date -u +%Y-%m-%dT%H:%MZ), Linux $(uname -r), $(nproc) CPUs ($cpu), $(free -g | awk '/Mem/ {print $2}') GiB; \
 load average $LOAD_START at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end; $(df --output=fstype "$W" | tail -n 1) work dir; \
 ember $("$EMBER" --version | awk '{print $2}') (git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)); \
-one node with $SLOTS slots and the control plane on loopback${PIN:+, pinned: node, containers and raw pool on CPU ${PIN%/*}, control plane, client and PostgreSQL on CPU ${PIN#*/}}; $RUNS runs of \`true\` in the busybox fixture per burst, \
+one node with $SLOTS slots and the control plane on loopback${PIN:+, pinned: node, containers and raw pool on CPU ${PIN%/*}, control plane, client and PostgreSQL on CPU ${PIN#*/}}; $RUNS runs of \`${CMD:-true}\` in the busybox fixture per burst, \
 $SUBMITTERS submits in flight, $REPS bursts per store${PG_VERSION:+; $PG_VERSION}"
 python3 - "$W" "$OUT" "$conditions" "${DONE[@]}" <<'PY'
 import json, statistics, sys
 w, out, conditions, backends = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 fields = ["runs_per_s", "first_start_ms", "p50_ms", "p99_ms", "failed",
-          "raw_runs_per_s", "overhead", "submit_ms", "queue_p50_ms", "node_p50_ms",
+          "raw_runs_per_s", "overhead", "submit_ms", "queue_p50_ms", "placement_p50_ms", "node_p50_ms",
           "control_cpu_ms_per_run", "node_cpu_ms_per_run"]
 result = {"conditions": conditions, "backends": {}}
 for b in backends:

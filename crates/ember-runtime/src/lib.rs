@@ -19,6 +19,9 @@
 //!   cleanup that happens on every path, also from a signal-handling thread
 //!   through a [`ContainerHandle`].
 //! * [`recover`](mod@recover): removes what a killed Ember left behind.
+//! * [`checkpoint`](mod@checkpoint): CRIU checkpoints of running containers
+//!   (process memory and filesystem changes) and restores of them as new,
+//!   independent containers, refused where the machine or image differs.
 //!
 //! Everything is synchronous: each step is a few system calls or one runc
 //! process, so an async caller wraps [`Prepared::run`] in `spawn_blocking`.
@@ -46,6 +49,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 #![warn(missing_docs)]
 
+pub mod checkpoint;
 pub mod container;
 pub mod mount;
 pub mod recover;
@@ -53,6 +57,10 @@ pub mod runc;
 pub mod spec;
 pub mod user;
 
+pub use checkpoint::{
+    Checkpoint, CheckpointError, CheckpointOptions, Criu, CriuInfo, ImageIdentity, Metadata,
+    RestoreTarget, Restored,
+};
 pub use container::{
     Container, ContainerError, ContainerHandle, Prepared, RunOptions, RunOutcome, StartMode,
     Timings,

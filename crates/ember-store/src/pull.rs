@@ -41,6 +41,10 @@ pub struct PullOptions {
     /// neither: the page cache outlives the process. The sync costs about
     /// as much as the download of a large image on this kind of disk.
     pub durable: bool,
+    /// Record each layer's tree for `ember store verify` (the default).
+    /// Off only to measure what recording costs a pull: `verify` then
+    /// reports those layers as having no record.
+    pub record_trees: bool,
 }
 
 impl Default for PullOptions {
@@ -49,6 +53,7 @@ impl Default for PullOptions {
             platform: Platform::host(),
             layer_attempts: 3,
             durable: false,
+            record_trees: true,
         }
     }
 }
@@ -272,6 +277,13 @@ pub async fn pull(
     // Commit: make the data durable, then rename layers into place and
     // record the image under the lock (so GC cannot interleave).
     let t_commit = Instant::now();
+    // Each layer's tree record, written before the sync (which covers it,
+    // so no fsync per record) and renamed into `trees/` just before its
+    // layer goes into `layers/`.
+    let records = fetched
+        .iter()
+        .map(|f| stage_record(store, &f.stats))
+        .collect::<Result<Vec<_>, _>>()?;
     if opts.durable && !fetched.is_empty() {
         let root = std::fs::File::open(store.root()).map_err(io("open", store.root()))?;
         // SAFETY: syncfs on a descriptor we own.
@@ -298,12 +310,6 @@ pub async fn pull(
     };
     let bytes_downloaded = fetched.iter().map(|f| f.compressed).sum();
     let layers_fetched = fetched.len();
-    // Each layer's tree record, written before the lock is taken and
-    // renamed into `trees/` just before its layer goes into `layers/`.
-    let records = fetched
-        .iter()
-        .map(|f| stage_record(store, &f.stats, opts.durable))
-        .collect::<Result<Vec<_>, _>>()?;
     {
         let lock = store.lock()?;
         let mut ix = store.read_index()?;
@@ -374,13 +380,9 @@ pub async fn pull(
     })
 }
 
-/// Writes a fetched layer's tree record to a temporary file (synced when
-/// the pull is durable), to be renamed into `trees/` at commit.
-fn stage_record(
-    store: &Store,
-    stats: &UnpackStats,
-    durable: bool,
-) -> Result<Option<TmpGuard>, StoreError> {
+/// Writes a fetched layer's tree record to a temporary file, to be renamed
+/// into `trees/` at commit (a durable pull's `syncfs` covers it).
+fn stage_record(store: &Store, stats: &UnpackStats) -> Result<Option<TmpGuard>, StoreError> {
     let Some(tree) = &stats.tree else {
         return Ok(None);
     };
@@ -392,9 +394,6 @@ fn stage_record(
     };
     let mut f = std::fs::File::create(guard.path()).map_err(io("create", guard.path()))?;
     std::io::Write::write_all(&mut f, &tree.to_bytes()).map_err(io("write", guard.path()))?;
-    if durable {
-        f.sync_all().map_err(io("fsync", guard.path()))?;
-    }
     Ok(Some(guard))
 }
 
@@ -446,7 +445,7 @@ async fn fetch_layer(
     loop {
         attempt += 1;
         progress.layer_started(&layer.digest, layer.size);
-        match fetch_layer_once(store, client, reference, layer, progress, cancel).await {
+        match fetch_layer_once(store, client, reference, layer, opts, progress, cancel).await {
             Ok(f) => {
                 progress.layer_done(&layer.digest, false);
                 return Ok(f);
@@ -475,6 +474,7 @@ async fn fetch_layer_once(
     client: &RegistryClient,
     reference: &Reference,
     layer: &LayerRef,
+    opts: &PullOptions,
     progress: &dyn PullProgress,
     cancel: &std::sync::atomic::AtomicBool,
 ) -> Result<FetchedLayer, (StoreError, bool)> {
@@ -509,7 +509,8 @@ async fn fetch_layer_once(
             layer.digest.clone(),
             layer.diff_id.clone(),
         );
-        tokio::task::spawn_blocking(move || extract(rx, compression, digest, diff_id, &dir))
+        let record = opts.record_trees;
+        tokio::task::spawn_blocking(move || extract(rx, compression, digest, diff_id, &dir, record))
     };
     // Feed the extraction thread; stop early if it has stopped reading.
     let mut net_err: Option<RegistryError> = None;
@@ -741,6 +742,7 @@ fn extract(
     digest: Digest,
     diff_id: Digest,
     dest: &std::path::Path,
+    record: bool,
 ) -> Extracted {
     let mut cr = ChannelReader {
         rx,
@@ -769,7 +771,11 @@ fn extract(
                     inner: decoder,
                     verifier: Verifier::new(diff_id),
                 };
-                let unpack = unpack::unpack(&mut hr, dest, Mode::Overlay);
+                let unpack = if record {
+                    unpack::unpack(&mut hr, dest, Mode::Overlay)
+                } else {
+                    unpack::unpack_unrecorded(&mut hr, dest)
+                };
                 let diff = match &unpack {
                     // The tar ends before the stream does (end-of-archive
                     // blocks, padding, a gzip trailer not read yet): read

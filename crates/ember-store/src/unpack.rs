@@ -31,8 +31,8 @@
 //! [`crate::tree`]), with each file's checksum taken from the copy buffer,
 //! so the store can verify the layer later.
 
-use crate::tree::{ContentHasher, TreeRecord};
-use std::collections::{HashMap, HashSet};
+use crate::tree::{ContentHasher, NewFile, RecordBuilder, TreeRecord};
+use std::collections::HashSet;
 use std::ffi::CString;
 use std::fs;
 use std::io::{self, Read};
@@ -142,8 +142,24 @@ struct DirMeta {
     mtime: i64,
 }
 
-/// Unpacks the tar read from `reader` into `dest` (which must exist).
+/// Unpacks the tar read from `reader` into `dest` (which must exist); in
+/// [`Mode::Overlay`] with the tree's record in [`UnpackStats::tree`].
 pub fn unpack<R: Read>(reader: R, dest: &Path, mode: Mode) -> Result<UnpackStats, UnpackError> {
+    unpack_inner(reader, dest, mode, mode == Mode::Overlay)
+}
+
+/// [`unpack`] in [`Mode::Overlay`] without recording the tree: only for
+/// measuring what the record costs.
+pub fn unpack_unrecorded<R: Read>(reader: R, dest: &Path) -> Result<UnpackStats, UnpackError> {
+    unpack_inner(reader, dest, Mode::Overlay, false)
+}
+
+fn unpack_inner<R: Read>(
+    reader: R,
+    dest: &Path,
+    mode: Mode,
+    record: bool,
+) -> Result<UnpackStats, UnpackError> {
     let mut archive = tar::Archive::new(reader);
     let mut u = Unpacker {
         dest: dest.to_path_buf(),
@@ -153,7 +169,8 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, mode: Mode) -> Result<UnpackStats
         dirs: Vec::new(),
         stats: UnpackStats::default(),
         buf: vec![0u8; 128 * 1024],
-        sums: (mode == Mode::Overlay).then(HashMap::new),
+        record: record.then(RecordBuilder::new),
+        root: nix::unistd::geteuid().is_root(),
     };
     let entries = archive.entries().map_err(UnpackError::Read)?;
     let mut last = String::from("(start of archive)");
@@ -171,11 +188,8 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, mode: Mode) -> Result<UnpackStats
     for d in std::mem::take(&mut u.dirs) {
         apply_dir_meta(&d)?;
     }
-    if let Some(sums) = &u.sums {
-        // One lstat per entry while the inodes are still cached: the data
-        // was checksummed on its way through.
-        u.stats.tree =
-            Some(crate::tree::scan(dest, Some(sums)).map_err(io_err(dest, "record tree"))?);
+    if let Some(record) = u.record.take() {
+        u.stats.tree = Some(record.finish(dest).map_err(io_err(dest, "record tree"))?);
     }
     Ok(u.stats)
 }
@@ -194,9 +208,10 @@ struct Unpacker {
     /// Copy buffer reused for every file (allocating one per file cost a
     /// page-faulting mmap each time).
     buf: Vec<u8>,
-    /// Overlay mode: each regular file's content checksum by relative
-    /// path, computed in the copy, for the tree record.
-    sums: Option<HashMap<PathBuf, u64>>,
+    /// Overlay mode: the tree record, built as entries are written.
+    record: Option<RecordBuilder>,
+    /// Running as root (metadata is set exactly as the tar says).
+    root: bool,
 }
 
 /// A tar path made relative and free of `.`/`..`; `None` for the root.
@@ -297,8 +312,13 @@ impl Unpacker {
         if name == b".wh..wh..opq" {
             let dir = self.ensure_dir(&parent_rel)?;
             match self.mode {
-                Mode::Overlay => set_xattr(&dir, "trusted.overlay.opaque", b"y")
-                    .map_err(io_err(&dir, "mark opaque"))?,
+                Mode::Overlay => {
+                    set_xattr(&dir, "trusted.overlay.opaque", b"y")
+                        .map_err(io_err(&dir, "mark opaque"))?;
+                    if !parent_rel.as_os_str().is_empty() {
+                        self.note_later(&parent_rel);
+                    }
+                }
                 Mode::Flatten => self.clear_lower_children(&parent_rel, &dir)?,
             }
             return Ok(());
@@ -316,6 +336,7 @@ impl Unpacker {
             self.remove_existing(&target_rel, &target)?;
             if self.mode == Mode::Overlay {
                 mknod(&target, libc::S_IFCHR, 0).map_err(io_err(&target, "create whiteout"))?;
+                self.note_later(&target_rel);
                 self.this_layer.insert(target_rel);
             }
             return Ok(());
@@ -336,6 +357,7 @@ impl Unpacker {
                     Err(_) => mkdir(&path)?,
                 }
                 self.known_dirs.insert(rel.clone());
+                self.note_later(&rel);
                 self.dirs.push(DirMeta {
                     path,
                     mode,
@@ -376,7 +398,7 @@ impl Unpacker {
                 };
                 // A read error is the stream's fault (download, inflate); a
                 // write error the disk's (ENOSPC keeps its code).
-                let mut hasher = self.sums.as_ref().map(|_| ContentHasher::new());
+                let mut hasher = self.record.as_ref().map(|_| ContentHasher::new());
                 let n = copy_entry(&mut entry, &mut f, &mut self.buf, hasher.as_mut()).map_err(
                     |e| match e {
                         CopyError::Read(e) => UnpackError::Read(e),
@@ -388,13 +410,34 @@ impl Unpacker {
                     },
                 )?;
                 self.stats.bytes += n;
-                if let (Some(sums), Some(h)) = (&mut self.sums, hasher) {
-                    sums.insert(rel.clone(), h.finish());
-                }
                 // Metadata through the open descriptor: no path lookups.
                 set_meta_fd(&f, &path, uid, gid, mode, mtime)?;
                 // Setting xattrs changes ctime only, so after the mtime is fine.
                 self.apply_xattrs(&path, &xattrs)?;
+                if let (Some(record), Some(h)) = (&mut self.record, hasher) {
+                    let xxh3 = h.finish();
+                    match (u32::try_from(uid), u32::try_from(gid)) {
+                        // `set_meta_fd` set exactly these: as root, chmod
+                        // keeps setgid whatever the group, and every
+                        // filesystem stores an mtime in 1970..2038 as is.
+                        (Ok(uid), Ok(gid)) if self.root && (0..1 << 31).contains(&mtime) => record
+                            .file(
+                                &rel,
+                                NewFile {
+                                    mode,
+                                    uid,
+                                    gid,
+                                    size: n,
+                                    mtime,
+                                    xxh3,
+                                },
+                            ),
+                        // An owner beyond 32 bits (left as created), or
+                        // what a filesystem may clamp or a non-root chmod
+                        // may drop: ask the file at the end.
+                        _ => record.file_later(&rel, xxh3),
+                    }
+                }
             }
             tar::EntryType::Symlink => {
                 let target = link.ok_or_else(|| UnpackError::Hostile {
@@ -408,6 +451,7 @@ impl Unpacker {
                     .map_err(io_err(&path, "create symlink"))?;
                 self.apply_owner_mode(&path, uid, gid, mode, true)?;
                 set_mtime(&path, mtime).map_err(io_err(&path, "set mtime"))?;
+                self.note_later(&rel);
             }
             tar::EntryType::Link => {
                 let target_raw = link.ok_or_else(|| UnpackError::Hostile {
@@ -446,10 +490,8 @@ impl Unpacker {
                 }
                 self.remove_existing(&rel, &path)?;
                 fs::hard_link(&target, &path).map_err(io_err(&path, "create hardlink"))?;
-                if let Some(sums) = &mut self.sums
-                    && let Some(sum) = sums.get(&target_rel).copied()
-                {
-                    sums.insert(rel.clone(), sum);
+                if let Some(record) = &mut self.record {
+                    record.hardlink(&rel, &target_rel);
                 }
             }
             tar::EntryType::Fifo => {
@@ -458,6 +500,7 @@ impl Unpacker {
                     .map_err(io_err(&path, "create fifo"))?;
                 self.apply_owner_mode(&path, uid, gid, mode, false)?;
                 set_mtime(&path, mtime).map_err(io_err(&path, "set mtime"))?;
+                self.note_later(&rel);
             }
             tar::EntryType::Char | tar::EntryType::Block => {
                 let is_char = kind == tar::EntryType::Char;
@@ -480,6 +523,7 @@ impl Unpacker {
                     .map_err(io_err(&path, "create device node"))?;
                 self.apply_owner_mode(&path, uid, gid, mode, false)?;
                 set_mtime(&path, mtime).map_err(io_err(&path, "set mtime"))?;
+                self.note_later(&rel);
                 self.stats.devices += 1;
             }
             other => {
@@ -487,6 +531,14 @@ impl Unpacker {
             }
         }
         Ok(())
+    }
+
+    /// Notes `rel` for the tree record, to be recorded from `lstat` once
+    /// the unpack is done.
+    fn note_later(&mut self, rel: &Path) {
+        if let Some(record) = &mut self.record {
+            record.later(rel);
+        }
     }
 
     /// Makes sure every component of `rel` is a real directory inside dest
@@ -534,6 +586,7 @@ impl Unpacker {
                     // Implicit parents get the conventional 0755 root:root.
                     fs::set_permissions(&abs, fs::Permissions::from_mode(0o755))
                         .map_err(io_err(&abs, "chmod"))?;
+                    self.note_later(&cur_rel);
                 }
                 Err(e) => return Err(io_err(&abs, "stat")(e)),
             }
@@ -546,6 +599,9 @@ impl Unpacker {
     /// directory stays if the new entry is a directory too (handled by the
     /// caller); otherwise the whole subtree goes.
     fn remove_existing(&mut self, rel: &Path, path: &Path) -> Result<(), UnpackError> {
+        if let Some(record) = &mut self.record {
+            record.removed(rel);
+        }
         match fs::symlink_metadata(path) {
             Ok(m) if m.is_dir() => {
                 fs::remove_dir_all(path).map_err(io_err(path, "remove directory"))?;

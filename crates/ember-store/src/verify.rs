@@ -355,7 +355,7 @@ impl Store {
             }
             Err(RecordError::Io(e)) => return Err(io("read", &self.tree_path(diff_id))(e)),
         };
-        let actual = match crate::tree::scan(&dir, None) {
+        let actual = match crate::tree::scan(&dir) {
             Ok(t) => t,
             Err(e) => {
                 return Ok(found(

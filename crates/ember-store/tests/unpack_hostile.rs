@@ -36,8 +36,24 @@ impl Sandbox {
         Sandbox { parent, dest }
     }
 
+    /// Unpacks, and for an overlay unpack that succeeds checks that the
+    /// tree record the unpacker built as it wrote equals a walk of the
+    /// finished tree (what `ember store verify` compares it with).
     fn unpack(&self, tar: &[u8], mode: Mode) -> Result<UnpackStats, UnpackError> {
-        unpack(tar, &self.dest, mode)
+        let stats = unpack(tar, &self.dest, mode)?;
+        if mode == Mode::Overlay {
+            let walked = ember_store::tree::scan(&self.dest).expect("walk the unpacked tree");
+            let built = stats
+                .tree
+                .as_ref()
+                .expect("overlay unpack records the tree");
+            assert_eq!(
+                String::from_utf8_lossy(&built.to_bytes()),
+                String::from_utf8_lossy(&walked.to_bytes()),
+                "the record built while unpacking differs from a walk of the tree"
+            );
+        }
+        Ok(stats)
     }
 
     /// Nothing but `dest` (and `allowed`) may be in the parent.
@@ -718,4 +734,50 @@ fn gnu_sparse_bomb_is_refused() {
             .sum();
         assert_eq!(written, 0, "bytes were written for a refused entry");
     }
+}
+
+/// Files whose metadata the unpacker cannot vouch for from the tar alone
+/// (an mtime a filesystem may clamp, an owner beyond 32 bits, setuid and
+/// setgid bits, hardlinks made and replaced) still get a record equal to a
+/// walk of the tree (checked by `Sandbox::unpack`).
+#[test]
+fn the_tree_record_matches_the_tree_for_odd_metadata() {
+    let mut b = tar::Builder::new(Vec::new());
+    let add = |b: &mut tar::Builder<Vec<u8>>, pax: &[(&str, &str)], name: &str, mode: u32| {
+        if !pax.is_empty() {
+            b.append_pax_extensions(pax.iter().map(|(k, v)| (*k, v.as_bytes())))
+                .expect("pax");
+        }
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(mode);
+        h.set_size(3);
+        h.set_mtime(1_700_000_000);
+        h.set_cksum();
+        b.append_data(&mut h, name, &b"abc"[..]).expect("append");
+    };
+    add(&mut b, &[("mtime", "99999999999")], "far-future", 0o644);
+    add(&mut b, &[("mtime", "-100")], "before-1970", 0o644);
+    add(&mut b, &[("uid", "5000000000")], "big-uid", 0o644);
+    add(&mut b, &[], "setid", 0o6755);
+    add(&mut b, &[], "a", 0o600);
+    add(&mut b, &[], "b", 0o600);
+    let link = |b: &mut tar::Builder<Vec<u8>>, name: &str, target: &str| {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Link);
+        h.set_size(0);
+        b.append_link(&mut h, name, target).expect("link");
+    };
+    link(&mut b, "a2", "a");
+    link(&mut b, "a3", "a2");
+    link(&mut b, "b2", "b");
+    // b is replaced: b2 keeps the old inode, now with one link.
+    add(&mut b, &[], "b", 0o640);
+    let tar = b.into_inner().expect("tar");
+    let sb = Sandbox::new();
+    let stats = sb.unpack(&tar, Mode::Overlay).expect("unpack");
+    let tree = stats.tree.expect("record");
+    assert_eq!(tree.entries[b"a".as_slice()].nlink, 3);
+    assert_eq!(tree.entries[b"b2".as_slice()].nlink, 1);
+    assert_eq!(tree.entries[b"setid".as_slice()].mode, 0o6755);
 }

@@ -110,21 +110,6 @@ impl RegistryArgs {
     }
 }
 
-/// The `q` quantile (0..=1) of sorted values by nearest rank; the default
-/// (zero) for none. One rule for every percentile Ember prints.
-pub fn quantile<T: Copy + Default>(sorted: &[T], q: f64) -> T {
-    if sorted.is_empty() {
-        return T::default();
-    }
-    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-/// `b - a` when both are known (saturating: clocks of replicas may differ).
-pub fn span(a: Option<u64>, b: Option<u64>) -> Option<u64> {
-    Some(b?.saturating_sub(a?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -243,6 +243,43 @@ fn burst_of_500_starts_like_a_single_run() {
         "{r}"
     );
 
+    // The command after `--` is what the runs (and the raw pool) run: each
+    // run prints a marker, which its log holds; its deployment is not the
+    // default one, which runs `true`.
+    let marker = "burst-marker-5d1";
+    let script = format!("echo {marker}");
+    let c = bench(
+        "3",
+        &[
+            "--warmup",
+            "0",
+            "--raw-runs",
+            "5",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    assert_eq!(num(&c, "succeeded"), 3.0, "{c}");
+    assert_eq!(num(&c, "raw_n"), 5.0, "{c}");
+    assert_eq!(c["command"], serde_json::json!(["sh", "-c", script]), "{c}");
+    assert_ne!(c["deployment"], r["deployment"], "{c}");
+    let all: serde_json::Value = json(&["runs", "--json", "--all"]);
+    let custom: Vec<&serde_json::Value> = all
+        .as_array()
+        .expect("runs array")
+        .iter()
+        .filter(|run| run["deployment"] == c["deployment"])
+        .collect();
+    assert_eq!(custom.len(), 3, "the custom burst's runs");
+    for run in custom {
+        assert_eq!(run["command"], c["command"], "{run}");
+        let id = run["id"].to_string();
+        let log = ember_client(&["logs", id.trim_matches('"')]);
+        assert!(log.contains(marker), "run {id} printed {log:?}");
+    }
+
     up.stop();
     assert_eq!(runners(&data.join("node-0")), 0, "node runners left behind");
     assert_eq!(

@@ -1,7 +1,6 @@
 //! One module per subcommand.
 
 pub mod bench;
-pub mod burst;
 pub mod cache;
 pub mod cancel;
 pub mod cluster;

@@ -33,6 +33,11 @@ pub struct Args {
     /// the kernel wrote them back (a power cut could have lost them).
     #[arg(long)]
     pub sync: bool,
+    /// Skip recording the layers' trees (for measuring what the record
+    /// costs a pull; `ember store verify` then reports those layers as
+    /// having no record).
+    #[arg(long, hide = true)]
+    pub no_tree_record: bool,
 }
 
 /// Pulls `reference` with the given registry flags; shared with `ember run`.
@@ -43,6 +48,18 @@ pub async fn pull_image(
     quiet: bool,
     durable: bool,
 ) -> anyhow::Result<PullReport> {
+    pull_image_recording(store, reference, registry, quiet, durable, true).await
+}
+
+/// [`pull_image`], saying whether the layers' trees are recorded.
+async fn pull_image_recording(
+    store: &Store,
+    reference: &str,
+    registry: &RegistryArgs,
+    quiet: bool,
+    durable: bool,
+    record_trees: bool,
+) -> anyhow::Result<PullReport> {
     let r: Reference = reference.parse()?;
     let platform: Platform = registry.platform.parse()?;
     let client = registry.client()?;
@@ -50,6 +67,7 @@ pub async fn pull_image(
     let opts = PullOptions {
         platform,
         durable,
+        record_trees,
         ..Default::default()
     };
     let result = ember_store::pull(store, &client, &r, &opts, progress.clone()).await;
@@ -60,12 +78,13 @@ pub async fn pull_image(
 /// Runs `ember pull`.
 pub async fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
     let store = Store::open(root).with_context(|| format!("opening store {}", root.display()))?;
-    let report = pull_image(
+    let report = pull_image_recording(
         &store,
         &args.reference,
         &args.registry,
         args.quiet || args.json,
         args.sync,
+        !args.no_tree_record,
     )
     .await?;
     let t = &report.timings;

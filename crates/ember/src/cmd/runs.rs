@@ -1,8 +1,8 @@
 //! `ember runs`: runs and their start-time breakdown.
 
 use crate::cmd::cluster::ControlArgs;
-use crate::util::{quantile, span};
 use ember_api::client::ControlClient;
+use ember_bench::stats::{PHASES, PhaseSamples, span};
 use ember_control::model::Run;
 use std::io::Write;
 use std::process::ExitCode;
@@ -12,7 +12,8 @@ use std::process::ExitCode;
 #[command(after_help = "--stats phases: queue (submit → picked up by the \
 scheduler), placement (→ assigned to a node; 0 for a warm hand-off), image (→ image \
 on the node), runner (→ runner ready), process (→ process started), total (submit → \
-process started).")]
+process started). The same phases as `ember bench burst`'s queue, placement and \
+node (= image + runner + process).")]
 pub struct Args {
     #[command(flatten)]
     pub control: ControlArgs,
@@ -73,45 +74,21 @@ async fn for_each_page(
     }
 }
 
-/// One phase of the start: its name and how to get its duration.
-type Phase = (&'static str, fn(&Run) -> Option<u64>);
-
-/// The phases `--stats` reports, in order.
-const PHASES: [Phase; 6] = [
-    // Runs stored before `claimed` existed count placement in the queue.
-    ("queue", |r| {
-        span(r.times.queued, r.times.claimed.or(r.times.scheduled))
-    }),
-    ("placement", |r| span(r.times.claimed, r.times.scheduled)),
-    ("image", |r| span(r.times.scheduled, r.times.image_ready)),
-    ("runner", |r| {
-        span(r.times.image_ready, r.times.runner_ready)
-    }),
-    ("process", |r| {
-        span(r.times.runner_ready, r.times.process_started)
-    }),
-    ("total", |r| span(r.times.queued, r.times.process_started)),
-];
-
 /// Runs `ember runs`.
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let client = args.control.client()?;
     let wanted = wanted(&args);
     if args.stats {
         // Only the phase durations are kept, not the runs.
-        let mut durations: Vec<Vec<u64>> = vec![Vec::new(); PHASES.len()];
-        let (mut total, mut started) = (0usize, 0usize);
+        let mut samples = PhaseSamples::new(&PHASES);
+        let mut total = 0usize;
         for_each_page(&client, wanted, |runs| {
             total += runs.len();
-            for r in runs.iter().filter(|r| r.times.process_started.is_some()) {
-                started += 1;
-                for (v, (_, f)) in durations.iter_mut().zip(PHASES) {
-                    v.extend(f(r));
-                }
-            }
+            samples.add(runs);
             Ok(())
         })
         .await?;
+        let started = samples.started();
         let mut out = serde_json::Map::new();
         if !args.json {
             println!("{started} runs started (of {total})");
@@ -120,18 +97,13 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 "PHASE", "P50 ms", "P90 ms", "P99 ms", "MAX ms"
             );
         }
-        for ((name, _), mut v) in PHASES.into_iter().zip(durations) {
-            v.sort_unstable();
-            let (p50, p90, p99, max) = (
-                quantile(&v, 0.5),
-                quantile(&v, 0.9),
-                quantile(&v, 0.99),
-                v.last().copied().unwrap_or(0),
-            );
+        for (phase, p) in samples.percentiles() {
+            let name = phase.name;
+            let (p50, p90, p99, max) = (p.p50_ms, p.p90_ms, p.p99_ms, p.max_ms);
             if args.json {
                 out.insert(
                     name.to_owned(),
-                    serde_json::json!({"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max, "n": v.len()}),
+                    serde_json::json!({"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max, "n": p.n}),
                 );
             } else {
                 println!("{name:<10} {p50:>8} {p90:>8} {p99:>8} {max:>8}");
