@@ -61,7 +61,7 @@ use ember_api::wire::{LogStream, RunReports, WorkMessage};
 
 /// Settings of a node agent.
 #[derive(Debug, Clone)]
-pub struct NodeConfig {
+pub struct NodeAgentConfig {
     /// The control plane's URL.
     pub control: String,
     /// The node bearer token.
@@ -334,8 +334,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// order at every heartbeat.
 const PREWARM_RETRY: Duration = Duration::from_secs(30);
 
-struct Agent {
-    cfg: NodeConfig,
+pub(crate) struct NodeAgent {
+    cfg: NodeAgentConfig,
     client: ControlClient,
     store: Store,
     registry: Arc<RegistryClient>,
@@ -365,7 +365,7 @@ struct Agent {
 /// Runs the node agent until `shutdown` completes; then destroys its
 /// runners.
 pub async fn run_node(
-    cfg: NodeConfig,
+    cfg: NodeAgentConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), NodeError> {
     // One agent per root, and never beside a watchdog still cleaning up
@@ -389,7 +389,7 @@ pub async fn run_node(
     })?);
     let client = ControlClient::new(&cfg.control, cfg.token.clone())?;
     let (reporter, reports) = mpsc::unbounded_channel();
-    let agent = Arc::new(Agent {
+    let agent = Arc::new(NodeAgent {
         reporter,
         slots: Arc::new(Semaphore::new(cfg.slots.max(1) as usize)),
         cfg,
@@ -433,7 +433,7 @@ pub async fn run_node(
     Ok(())
 }
 
-impl Agent {
+impl NodeAgent {
     fn inventory(&self) -> Inventory {
         let mut inv = Inventory {
             free_disk_bytes: self.store.free_bytes().unwrap_or(0),
@@ -584,7 +584,7 @@ const REPORT_BATCH: usize = 256;
 /// moved while a request was in flight share the next one (and its
 /// transaction in the store), which is what keeps the control plane's
 /// work per run small.
-async fn report_loop(agent: Arc<Agent>, mut rx: mpsc::UnboundedReceiver<ReportJob>) {
+async fn report_loop(agent: Arc<NodeAgent>, mut rx: mpsc::UnboundedReceiver<ReportJob>) {
     let (mut batch, mut waiters) = (Vec::new(), Vec::new());
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
@@ -611,7 +611,7 @@ async fn report_loop(agent: Arc<Agent>, mut rx: mpsc::UnboundedReceiver<ReportJo
 /// the heartbeat (the exit report carries what the warm hand-off needs).
 const INVENTORY_MIN_GAP: Duration = Duration::from_millis(100);
 
-async fn heartbeat_loop(agent: Arc<Agent>) {
+async fn heartbeat_loop(agent: Arc<NodeAgent>) {
     loop {
         tokio::select! {
             () = tokio::time::sleep(agent.cfg.heartbeat) => {}
@@ -626,7 +626,7 @@ async fn heartbeat_loop(agent: Arc<Agent>) {
 }
 
 /// Keeps the work stream open, reconnecting when it drops or goes silent.
-async fn work_loop(agent: Arc<Agent>) {
+async fn work_loop(agent: Arc<NodeAgent>) {
     let mut backoff = BACKOFF_MIN;
     loop {
         let mut connected = false;
@@ -661,7 +661,7 @@ fn jitter(max: Duration) -> Duration {
 
 /// Reads one work stream until it ends, fails or stays silent past three
 /// keepalive intervals; sets `connected` once its first line arrived.
-async fn work_once(agent: &Arc<Agent>, connected: &mut bool) -> Result<(), ClientError> {
+async fn work_once(agent: &Arc<NodeAgent>, connected: &mut bool) -> Result<(), ClientError> {
     let mut resp = agent.client.work(&agent.cfg.id).await?;
     tracing::info!(node = %agent.cfg.id, "connected to the control plane");
     let mut buf: Vec<u8> = Vec::new();
@@ -709,7 +709,7 @@ async fn work_once(agent: &Arc<Agent>, connected: &mut bool) -> Result<(), Clien
     }
 }
 
-fn handle(agent: &Arc<Agent>, msg: WorkMessage) {
+fn handle(agent: &Arc<NodeAgent>, msg: WorkMessage) {
     match msg {
         WorkMessage::Assign { run } => {
             let handle = Arc::new(RunHandle {
@@ -853,7 +853,7 @@ struct PrewarmOrder {
 
 /// Creates the idle runners `order` is missing (counting those idle and
 /// those being created for its key); returns how many it created.
-async fn prewarm(agent: &Arc<Agent>, order: &PrewarmOrder) -> Result<u32, String> {
+async fn prewarm(agent: &Arc<NodeAgent>, order: &PrewarmOrder) -> Result<u32, String> {
     let failed_at = agent
         .prewarm_failed
         .lock()
@@ -964,7 +964,7 @@ impl Event {
 /// reports keep their own times either way, and output is never held.
 const MILESTONE_HOLD: Duration = Duration::from_millis(5);
 
-async fn execute(agent: &Arc<Agent>, run: Run, handle: Arc<RunHandle>) {
+async fn execute(agent: &Arc<NodeAgent>, run: Run, handle: Arc<RunHandle>) {
     let id = run.id;
     let at = Some(run.attempts);
     let cached = agent
@@ -1061,7 +1061,7 @@ async fn execute(agent: &Arc<Agent>, run: Run, handle: Arc<RunHandle>) {
 
 /// `image` in the store, pulled (through the cache if any) when it is not
 /// there.
-async fn ensure_image(agent: &Arc<Agent>, image: &PinnedImage) -> Result<ImageRecord, String> {
+async fn ensure_image(agent: &Arc<NodeAgent>, image: &PinnedImage) -> Result<ImageRecord, String> {
     let known = agent
         .images
         .lock()
@@ -1103,7 +1103,7 @@ async fn ensure_image(agent: &Arc<Agent>, image: &PinnedImage) -> Result<ImageRe
 /// the exit code (128+N for signal N) and whether the runner is idle in
 /// the pool again, or why the run could not run.
 fn exec_blocking(
-    agent: &Agent,
+    agent: &NodeAgent,
     run: &Run,
     record: &ImageRecord,
     handle: &RunHandle,

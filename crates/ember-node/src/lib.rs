@@ -1,0 +1,3 @@
+//! The Ember node agent.
+mod agent;
+pub use agent::*;
