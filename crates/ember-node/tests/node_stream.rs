@@ -14,8 +14,8 @@ use ember_api::client::ControlClient;
 use ember_control::model::{PinnedImage, RunSpec, RunState};
 use ember_control::sqlite::SqliteStore;
 use ember_control::store::SystemClock;
-use ember_node::{NodeAgentConfig, run_node};
 use ember_controld::server::{ServerConfig, serve};
+use ember_node::{NodeAgentConfig, run_node};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// One proxied connection.
