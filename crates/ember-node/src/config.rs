@@ -28,14 +28,14 @@ pub struct NodeAgentConfig {
     /// Interval of the liveness heartbeat (inventory changes are sent at
     /// once regardless).
     pub heartbeat: Duration,
-    /// How to start this node's watchdog ([`watch_node`] in a process of
+    /// How to start this node's watchdog ([`watch_node`](crate::watch_node) in a process of
     /// its own), which destroys the runners if this process dies without
     /// shutting down; `None`: no watchdog (runners of a killed node then
     /// stay until the next node process starts on the root).
     pub watchdog: Option<WatchdogCommand>,
 }
 
-/// The command line that runs [`watch_node`] for a node's root (the
+/// The command line that runs [`watch_node`](crate::watch_node) for a node's root (the
 /// `ember` binary knows its own subcommand for it). It is started with
 /// its standard input the read end of a pipe whose write end only the
 /// node process holds.

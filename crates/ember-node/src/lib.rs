@@ -21,7 +21,7 @@
 //!
 //! A `prewarm` order (keep N idle runners of a deployment's key) pulls the
 //! image if needed and creates the missing runners idle in the pool
-//! ([`Pool::prewarm`]); the next heartbeat reports them.
+//! ([`ember_pool::Pool::prewarm`]); the next heartbeat reports them.
 //!
 //! The work stream is watched for silence: the server announces its
 //! keepalive interval in the first line, and three intervals without a
