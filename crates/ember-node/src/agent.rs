@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -67,6 +68,8 @@ pub(crate) struct NodeAgent {
     pub(crate) inventory_changed: Notify,
     /// Queue of the node's reporter ([`report_loop`]).
     pub(crate) reporter: mpsc::UnboundedSender<ReportJob>,
+    /// Set by the reporter while it has a request out.
+    pub(crate) reporting: AtomicBool,
 }
 
 /// Runs the node agent until `shutdown` completes; then destroys its
@@ -111,6 +114,7 @@ pub async fn run_node(
         prewarming: Mutex::new(HashMap::new()),
         prewarm_failed: Mutex::new(HashMap::new()),
         inventory_changed: Notify::new(),
+        reporting: AtomicBool::new(false),
     });
     // Fail fast on a wrong URL or token, rather than retrying forever.
     agent.heartbeat().await?;

@@ -111,6 +111,29 @@ impl Event {
 /// reports keep their own times either way, and output is never held.
 const MILESTONE_HOLD: Duration = Duration::from_millis(5);
 
+/// How long progress reports wait in all when the reporter is busy at the
+/// end of [`MILESTONE_HOLD`] (a burst): under load a warm run's process
+/// often exits only after 5 ms, and its progress would otherwise go in a
+/// request of its own, a second one per run.
+const MILESTONE_HOLD_BUSY: Duration = Duration::from_millis(50);
+
+/// Adds to `pending` what arrives on `rx` until `until`, or until a report
+/// that is not progress (or output) arrived; `true` in that case.
+async fn hold_milestones(
+    rx: &mut mpsc::UnboundedReceiver<Event>,
+    pending: &mut Vec<Event>,
+    until: tokio::time::Instant,
+) -> bool {
+    while let Ok(Some(ev)) = tokio::time::timeout_at(until, rx.recv()).await {
+        let last = !ev.is_milestone();
+        pending.push(ev);
+        if last {
+            return true;
+        }
+    }
+    false
+}
+
 /// Executes `run` (the slot is the caller's) and reports how it went.
 pub(crate) async fn execute(agent: &Arc<NodeAgent>, run: Run, handle: Arc<RunHandle>) {
     let id = run.id;
@@ -161,13 +184,14 @@ pub(crate) async fn execute(agent: &Arc<NodeAgent>, run: Run, handle: Arc<RunHan
             pending.push(ev);
         }
         if pending.iter().all(Event::is_milestone) {
-            let until = tokio::time::Instant::now() + MILESTONE_HOLD;
-            while let Ok(Some(ev)) = tokio::time::timeout_at(until, rx.recv()).await {
-                let last = !ev.is_milestone();
-                pending.push(ev);
-                if last {
-                    break;
-                }
+            let start = tokio::time::Instant::now();
+            let done = hold_milestones(&mut rx, &mut pending, start + MILESTONE_HOLD).await;
+            // Still only progress, and the reporter has a request out: the
+            // node is busy, and this progress would cost a request of its
+            // own (each one is node CPU taken from the runs). It waits for
+            // the run's next report a while longer.
+            if !done && agent.reporter_busy() {
+                hold_milestones(&mut rx, &mut pending, start + MILESTONE_HOLD_BUSY).await;
             }
         }
         let mut reports = Vec::new();

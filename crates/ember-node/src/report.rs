@@ -9,6 +9,7 @@
 //! one request and one store transaction.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ember_api::client::ClientError;
@@ -23,6 +24,12 @@ use crate::agent::NodeAgent;
 const REPORT_ATTEMPTS: u32 = 60;
 
 impl NodeAgent {
+    /// Whether the reporter has a request out now: a sign of load, and
+    /// that reports queued now go out only after it.
+    pub(crate) fn reporter_busy(&self) -> bool {
+        self.reporting.load(Ordering::Relaxed)
+    }
+
     /// Reports on `run`; `attempt` (the assignment's `attempts`) fences
     /// the report against a later attempt of the same run.
     pub(crate) async fn report(&self, run: RunId, attempt: Option<u32>, r: NodeReport) {
@@ -131,7 +138,9 @@ pub(crate) async fn report_loop(agent: Arc<NodeAgent>, mut rx: mpsc::UnboundedRe
                 None
             };
         }
+        agent.reporting.store(true, Ordering::Relaxed);
         agent.post_reports(&batch).await;
+        agent.reporting.store(false, Ordering::Relaxed);
         batch.clear();
         for w in waiters.drain(..) {
             let _ = w.send(());
