@@ -28,8 +28,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use nix::poll::{PollFd, PollFlags};
-use nix::sys::time::TimeSpec;
 use nix::sys::signal::Signal;
+use nix::sys::time::TimeSpec;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use serde::Deserialize;
