@@ -13,6 +13,7 @@
 //! | `dispatch.rs` | the dispatcher: claim, place, assign, push |
 //! | `prewarm_loop.rs` | pushes the pre-warm planner's orders ([`ember_control::prewarm`]) |
 //! | `reaper.rs` | the lost-node reaper and the log pruner |
+//! | `metrics.rs` | `GET /metrics`: Prometheus counters, start-time histograms by phase, queue and node gauges |
 //!
 //! Path of a run from submit to start, with no polling interval anywhere:
 //!
@@ -44,6 +45,7 @@
 mod auth;
 mod dispatch;
 mod error;
+mod metrics;
 mod prewarm_loop;
 mod reaper;
 mod routes;
@@ -229,6 +231,9 @@ struct AppState {
     /// Submits waiting for the submit batcher ([`submit`]), which owns the
     /// receiving half; `POST /v1/runs` sends.
     submits: mpsc::UnboundedSender<PendingSubmit>,
+    /// This replica's event counters for `/metrics` ([`metrics`]); updated
+    /// where the events happen (submit batcher, reports, cancel).
+    metrics: metrics::ControlMetrics,
 }
 
 /// How handlers and tasks hold the state.
@@ -283,6 +288,7 @@ pub async fn serve(
         credentials: Credentials::default(),
         log_events,
         submits,
+        metrics: metrics::ControlMetrics::default(),
     });
     // The background tasks; each holds an `Arc` of the state until it is
     // aborted below.
@@ -359,6 +365,7 @@ fn router(state: Shared) -> Router {
                 .get(deployments::list_deployments),
         )
         .route("/v1/nodes", get(nodes::list_nodes))
+        .route("/metrics", get(metrics::metrics))
         .route(
             "/v1/nodes/{id}/credentials",
             post(nodes::issue_credential).delete(nodes::revoke_credentials),
