@@ -173,6 +173,9 @@ impl ControlMetrics {
     }
 }
 
+/// How a per-node gauge is read from the node's last report.
+type NodeGauge = fn(&ember_control::model::Node) -> f64;
+
 /// `GET /metrics`.
 pub(super) async fn metrics(State(s): State<Shared>) -> Result<Response, ApiError> {
     let filter = RunFilter {
@@ -224,7 +227,7 @@ pub(super) async fn metrics(State(s): State<Shared>) -> Result<Response, ApiErro
     for (st, n) in &by_state {
         t.sample("ember_control_nodes", &[("state", st)], *n as f64);
     }
-    let per_node: [(&str, &str, fn(&ember_control::model::Node) -> f64); 4] = [
+    let per_node: [(&str, &str, NodeGauge); 4] = [
         (
             "ember_control_node_slots",
             "Runs the node executes at once.",
