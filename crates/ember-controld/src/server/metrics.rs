@@ -127,15 +127,6 @@ impl ControlMetrics {
         }
     }
 
-    /// The histogram of phase `name`, for tests and the dashboard.
-    #[cfg(test)]
-    pub(super) fn phase(&self, name: &str) -> Option<&Histogram> {
-        PHASES
-            .iter()
-            .position(|p| p.name == name)
-            .map(|i| &self.phases[i])
-    }
-
     fn render_events(&self, t: &mut Text) {
         t.single(
             "ember_control_runs_submitted_total",
@@ -261,41 +252,4 @@ pub(super) async fn metrics(State(s): State<Shared>) -> Result<Response, ApiErro
         t.finish(),
     )
         .into_response())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use ember_control::model::{RunId, StartTimes};
-
-    #[test]
-    fn a_started_run_lands_in_each_phase_once() {
-        let m = ControlMetrics::default();
-        let reports = vec![RunReports::new(
-            RunId(1),
-            vec![NodeReport::RunnerReady, NodeReport::Started],
-        )];
-        let kinds = ControlMetrics::kinds(&reports);
-        let mut run: Run = serde_json::from_value(serde_json::json!({
-            "id": 1, "image": {"reference": "x", "digest": "sha256:00"},
-            "command": [], "state": "running", "attempts": 1, "max_attempts": 1,
-            "submitted_at": 0
-        }))
-        .expect("a run");
-        run.times = StartTimes {
-            queued: Some(1000),
-            claimed: Some(1003),
-            scheduled: Some(1010),
-            image_ready: Some(1020),
-            runner_ready: Some(1035),
-            process_started: Some(1036),
-            finished: None,
-        };
-        m.reported::<()>(&kinds, &[Ok(run)]);
-        assert_eq!(m.started.load(Ordering::Relaxed), 1);
-        let q = m.phase("queue").expect("queue");
-        // 3 ms: in the first (5 ms) bucket.
-        assert_eq!(q.buckets()[0], (0.005, 1));
-        assert_eq!(m.phase("total").expect("total").count(), 1);
-    }
 }
