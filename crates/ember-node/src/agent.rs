@@ -70,6 +70,8 @@ pub(crate) struct NodeAgent {
     pub(crate) reporter: mpsc::UnboundedSender<ReportJob>,
     /// Set by the reporter while it has a request out.
     pub(crate) reporting: AtomicBool,
+    /// Counters for `/metrics` ([`crate::metrics`]).
+    pub(crate) metrics: crate::metrics::NodeMetrics,
 }
 
 /// Runs the node agent until `shutdown` completes; then destroys its
@@ -115,9 +117,15 @@ pub async fn run_node(
         prewarm_failed: Mutex::new(HashMap::new()),
         inventory_changed: Notify::new(),
         reporting: AtomicBool::new(false),
+        metrics: Default::default(),
     });
+    let metrics_listener = match agent.cfg.metrics_listen {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
     // Fail fast on a wrong URL or token, rather than retrying forever.
     agent.heartbeat().await?;
+    let metrics = metrics_listener.map(|l| tokio::spawn(crate::metrics::serve(agent.clone(), l)));
 
     let reporter = tokio::spawn(report_loop(agent.clone(), reports));
     let hb = tokio::spawn(crate::register::heartbeat_loop(agent.clone()));
@@ -126,6 +134,9 @@ pub async fn run_node(
     hb.abort();
     work.abort();
     reporter.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     // Runs in flight are cancelled: their runners are destroyed on release.
     let handles: Vec<_> = agent
         .runs

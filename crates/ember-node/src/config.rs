@@ -33,6 +33,9 @@ pub struct NodeAgentConfig {
     /// shutting down; `None`: no watchdog (runners of a killed node then
     /// stay until the next node process starts on the root).
     pub watchdog: Option<WatchdogCommand>,
+    /// Where to serve the node's Prometheus `/metrics` (no token: use a
+    /// loopback or private address); `None`: not served.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The command line that runs [`watch_node`](crate::watch_node) for a node's root (the

@@ -141,7 +141,10 @@ impl crate::agent::NodeAgent {
             .unwrap_or_else(|e| e.into_inner())
             .get(&image.digest)
             .cloned();
+        // Set only if a pull is needed; counts it until this returns.
+        let mut _pulling = None;
         let ready = resolve_or_pull(&self.store, known, || {
+            _pulling = Some(self.metrics.pull());
             Ok::<_, String>(Pull {
                 reference: pinned_reference(image)?,
                 registry: self.registry.clone(),

@@ -55,6 +55,8 @@
 //! * `prewarm`: idle runners a `prewarm` order asks for.
 //! * [`images`]: resolve-or-pull, shared with `ember run`.
 //! * `agent`: the agent's state and its start and shutdown.
+//! * `metrics`: the node's own `/metrics` listener (off unless
+//!   [`NodeAgentConfig::metrics_listen`] is set).
 //! * `root`, `watchdog`: one agent per root, and the process that cleans
 //!   up after an agent that died.
 
@@ -63,6 +65,7 @@ mod config;
 mod execute;
 pub mod images;
 mod logs;
+mod metrics;
 mod prewarm;
 mod register;
 mod report;

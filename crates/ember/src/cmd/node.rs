@@ -42,6 +42,10 @@ pub struct Args {
     /// Seconds between liveness heartbeats.
     #[arg(long, default_value_t = 3, value_name = "SECONDS")]
     pub heartbeat: u64,
+    /// Serve the node's Prometheus metrics at http://ADDR/metrics (no
+    /// token: use a loopback or private address) [default: not served].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Builds the node configuration; shared with `ember up`.
@@ -68,6 +72,7 @@ pub fn config(root: &Path, args: Args) -> anyhow::Result<NodeAgentConfig> {
         labels,
         heartbeat: Duration::from_secs(args.heartbeat.max(1)),
         watchdog: Some(watchdog(root, &agent)?),
+        metrics_listen: args.metrics_listen,
     })
 }
 

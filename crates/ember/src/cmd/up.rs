@@ -130,6 +130,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 &data.join(format!("node-{i}")),
                 &agent,
             )?),
+            metrics_listen: None,
         };
         nodes.spawn(run_node(cfg, stopped(stop_rx.clone())));
     }
