@@ -21,6 +21,7 @@ use ember_pool::{Pool, RunnerImage};
 use ember_registry::{RegistryClient, RegistryOptions};
 use ember_store::{ImageRecord, Store};
 use tokio::sync::{Notify, Semaphore, mpsc};
+use tracing::Instrument;
 
 use crate::execute::RunHandle;
 use crate::report::{ReportJob, report_loop};
@@ -127,9 +128,12 @@ pub async fn run_node(
     agent.heartbeat().await?;
     let metrics = metrics_listener.map(|l| tokio::spawn(crate::metrics::serve(agent.clone(), l)));
 
-    let reporter = tokio::spawn(report_loop(agent.clone(), reports));
-    let hb = tokio::spawn(crate::register::heartbeat_loop(agent.clone()));
-    let work = tokio::spawn(crate::stream::work_loop(agent.clone()));
+    // Every log line of the agent's tasks carries the node id (the run
+    // tasks the work stream spawns are `run{run}` spans inside this one).
+    let span = tracing::info_span!("node", node = %agent.cfg.id);
+    let reporter = tokio::spawn(report_loop(agent.clone(), reports).instrument(span.clone()));
+    let hb = tokio::spawn(crate::register::heartbeat_loop(agent.clone()).instrument(span.clone()));
+    let work = tokio::spawn(crate::stream::work_loop(agent.clone()).instrument(span));
     shutdown.await;
     hb.abort();
     work.abort();

@@ -4,6 +4,7 @@
 //! the work happens in `ember-registry`, `ember-store` and `ember-runtime`.
 
 mod cmd;
+mod logging;
 mod progress;
 mod util;
 
@@ -28,6 +29,17 @@ struct Cli {
     /// Log filter (error, warn, info, debug, trace or a tracing directive).
     #[arg(long, global = true, env = "EMBER_LOG", default_value = "warn")]
     log: String,
+
+    /// Log format: text, or json (one object per line, with run and node
+    /// ids as fields where they apply).
+    #[arg(
+        long,
+        global = true,
+        env = "EMBER_LOG_FORMAT",
+        value_enum,
+        default_value_t = logging::LogFormat::Text
+    )]
+    log_format: logging::LogFormat,
 
     #[command(subcommand)]
     command: Command,
@@ -85,13 +97,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    logging::init(&cli.log, cli.log_format);
 
     // `run` is latency-bound and mostly waits on runc: one thread starts
     // faster than a pool. Servers and pulls get the multi-thread runtime.
