@@ -13,6 +13,7 @@
 //! | `dispatch.rs` | the dispatcher: claim, place, assign, push |
 //! | `prewarm_loop.rs` | pushes the pre-warm planner's orders ([`ember_control::prewarm`]) |
 //! | `reaper.rs` | the lost-node reaper and the log pruner |
+//! | `ui.rs`, `ui/` | the `/ui` dashboard (static files) and `GET /v1/overview`, its one JSON view |
 //! | `metrics.rs` | `GET /metrics`: Prometheus counters, start-time histograms by phase, queue and node gauges |
 //!
 //! Path of a run from submit to start, with no polling interval anywhere:
@@ -50,6 +51,7 @@ mod prewarm_loop;
 mod reaper;
 mod routes;
 mod submit;
+mod ui;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -114,6 +116,9 @@ pub struct ServerConfig {
     /// ([`ember_http`]). Work streams and log follows have a request in
     /// flight, so the idle timeout never cuts them.
     pub http: ember_http::Limits,
+    /// The cluster cache's URL (`ember cache`), whose `/metrics` the
+    /// dashboard's overview reads for the hit ratio; `None`: no cache shown.
+    pub cache_url: Option<String>,
 }
 
 impl ServerConfig {
@@ -139,6 +144,7 @@ impl ServerConfig {
             },
             prune_interval: Duration::from_secs(60),
             http: ember_http::Limits::new(),
+            cache_url: None,
         }
     }
 }
@@ -366,6 +372,7 @@ fn router(state: Shared) -> Router {
         )
         .route("/v1/nodes", get(nodes::list_nodes))
         .route("/metrics", get(metrics::metrics))
+        .route("/v1/overview", get(ui::overview))
         .route(
             "/v1/nodes/{id}/credentials",
             post(nodes::issue_credential).delete(nodes::revoke_credentials),
@@ -387,8 +394,16 @@ fn router(state: Shared) -> Router {
             state.clone(),
             auth::require_node,
         ));
+    // The dashboard's static files carry no data: no token (the page
+    // sends it with every request for data).
+    let ui = Router::new()
+        .route("/ui", get(ui::index))
+        .route("/ui/", get(ui::index))
+        .route("/ui/app.js", get(ui::app))
+        .route("/ui/style.css", get(ui::style));
     client
         .merge(node)
+        .merge(ui)
         .fallback(|uri: Uri| async move {
             ApiError::NotFound(format!("no such endpoint: {}", uri.path()))
         })
