@@ -9,6 +9,7 @@ mod common;
 use common::cluster::Proc;
 use common::*;
 use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -189,4 +190,63 @@ fn json_logs_are_one_object_per_line_with_run_and_node_ids() {
         "no log line names node-0:\n{}",
         lines.join("\n")
     );
+}
+
+/// Where scripts/install-playwright.sh put playwright-core.
+fn playwright() -> PathBuf {
+    std::env::var_os("EMBER_PLAYWRIGHT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/ember-playwright"))
+}
+
+#[test]
+fn dashboard_shows_runs_histograms_and_nodes_live_in_chromium() {
+    let pw = playwright();
+    assert!(
+        Path::new("/usr/bin/chromium").exists()
+            && pw
+                .join("node_modules/playwright-core/package.json")
+                .exists(),
+        "chromium or playwright-core ({}) is missing: run scripts/install-playwright.sh \
+         (scripts/install-deps.sh does)",
+        pw.display()
+    );
+    let Some(up) = Up::start(&[]) else {
+        eprintln!("skipped: no static agent");
+        return;
+    };
+    up.client(&["deploy", "web", &up.image, "--warm", "1", "--", "true"]);
+    let logged = up.run(&["echo", "hello from the dashboard"]);
+    let second = up.run(&["true"]);
+    let pinned = run_json_of(&up, &logged)["image"].to_string();
+
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let shots = root.join("target/ui-test");
+    std::fs::create_dir_all(&shots).expect("target/ui-test");
+    let shot = shots.join("dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    let out = Command::new("node")
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/ui/dashboard.test.mjs"))
+        .env("EMBER_URL", &up.url)
+        .env("EMBER_TOKEN", &up.token)
+        .env("EMBER_IMAGE", &pinned)
+        .env("EMBER_RUNS", format!("{logged},{second}"))
+        .env("EMBER_LOG_RUN", &logged)
+        .env("EMBER_LOG_TEXT", "hello from the dashboard")
+        .env("EMBER_PLAYWRIGHT", &pw)
+        .env("SCREENSHOT", &shot)
+        .output()
+        .expect("run node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    assert!(
+        out.status.success(),
+        "the browser test failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("appeared without a reload"), "{stdout}");
+    let png = std::fs::read(&shot).expect("the screenshot");
+    assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+    eprintln!("screenshot: {}", shot.display());
 }
