@@ -130,13 +130,13 @@ pub(super) async fn overview(State(s): State<Shared>, uri: Uri) -> Result<Respon
     for (k, v) in query_pairs(&uri) {
         match k.as_str() {
             "state" => {
-                for st in v.split(',').filter(|x| !x.is_empty()) {
+                for st in v.split(',') {
                     wanted.states.push(RunState::parse(st).ok_or_else(|| {
                         ApiError::BadRequest(format!("unknown run state {st:?}"))
                     })?);
                 }
             }
-            "deployment" if !v.is_empty() => wanted.deployment = Some(v),
+            "deployment" => wanted.deployment = Some(v),
             _ => {}
         }
     }
