@@ -212,6 +212,8 @@ async fn metrics_count_runs_phases_queue_and_nodes() {
         value(&s, "ember_control_nodes", &[("state", "ready")]),
         Some(1.0)
     );
+    // The scrape's own connection, at least, is open.
+    assert!(value(&s, "ember_control_connections", &[]).is_some_and(|n| n >= 1.0));
     assert_eq!(
         value(&s, "ember_control_node_slots", &[("node", "n1")]),
         Some(1.0)

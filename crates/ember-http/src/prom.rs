@@ -168,6 +168,42 @@ impl Histogram {
     }
 }
 
+/// Writes a server's connection figures ([`crate::Stats`]) as
+/// `{prefix}_connections` (open now), `{prefix}_connections_accepted_total`
+/// and `{prefix}_connections_closed_total{reason}`.
+pub fn connections(t: &mut Text, prefix: &str, stats: &crate::Stats) {
+    use crate::Stats;
+    let open = format!("{prefix}_connections");
+    t.single(
+        &open,
+        "gauge",
+        "Client connections open.",
+        Stats::get(&stats.open) as f64,
+    );
+    let accepted = format!("{prefix}_connections_accepted_total");
+    t.single(
+        &accepted,
+        "counter",
+        "Client connections accepted.",
+        Stats::get(&stats.accepted) as f64,
+    );
+    let closed = format!("{prefix}_connections_closed_total");
+    t.family(
+        &closed,
+        "counter",
+        "Client connections the server closed or refused, by reason.",
+    );
+    for (reason, c) in [
+        ("header_timeout", &stats.header_timeouts),
+        ("idle_timeout", &stats.idle_timeouts),
+        ("stalled", &stats.stalled),
+        ("evicted", &stats.evicted),
+        ("refused", &stats.refused),
+    ] {
+        t.sample(&closed, &[("reason", reason)], Stats::get(c) as f64);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

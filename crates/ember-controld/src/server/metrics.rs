@@ -18,6 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -50,6 +51,8 @@ pub(super) struct ControlMetrics {
     finished: [AtomicU64; 4],
     /// Indexed like [`PHASES`].
     phases: Vec<Histogram>,
+    /// The HTTP server's connection counters, once it serves.
+    pub(super) http: OnceLock<Arc<ember_http::Stats>>,
 }
 
 impl Default for ControlMetrics {
@@ -62,6 +65,7 @@ impl Default for ControlMetrics {
                 .iter()
                 .map(|_| Histogram::new(START_BUCKETS))
                 .collect(),
+            http: OnceLock::new(),
         }
     }
 }
@@ -160,6 +164,9 @@ impl ControlMetrics {
         );
         for (p, h) in PHASES.iter().zip(&self.phases) {
             h.render(t, "ember_control_run_start_seconds", &[("phase", p.name)]);
+        }
+        if let Some(h) = self.http.get() {
+            ember_http::prom::connections(t, "ember_control", h);
         }
     }
 }

@@ -340,6 +340,8 @@ pub async fn serve(
             "application/json",
             r#"{"error":"unavailable","message":"the control plane is at its connection limit"}"#,
         );
+    let _ = state.metrics.http.set(http.stats());
+    let _ = state.metrics.http.set(http.stats());
     let app = router(state);
     http.serve(listener, app, shutdown).await;
     for task in tasks {
