@@ -81,6 +81,13 @@ try {
   step(`${fresh} appeared without a reload`);
   await page.waitForSelector(`#runs tbody tr[data-run="${fresh}"][data-state="succeeded"]`);
 
+  // The state filter: no run failed, so none is listed; then all again.
+  await page.selectOption('#filter-state', 'failed');
+  await page.waitForFunction(() => document.querySelectorAll('#runs tbody tr[data-run]').length === 0);
+  await page.selectOption('#filter-state', '');
+  await page.waitForSelector(`#runs tbody tr[data-run="${fresh}"]`);
+  step('the state filter works');
+
   // A run's logs, on a click.
   await page.click(`#runs tbody tr[data-run="${env.EMBER_LOG_RUN}"]`);
   await page.waitForFunction((text) =>

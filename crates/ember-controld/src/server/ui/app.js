@@ -210,7 +210,11 @@ function renderCache(c) {
     el('div', { class: 'muted', text: c.url }));
 }
 
+// Polls overlap when a filter changes mid-poll: only the newest one draws.
+let pollSeq = 0;
+
 async function poll() {
+  const seq = ++pollSeq;
   const q = new URLSearchParams();
   if ($('#filter-state').value) q.set('state', $('#filter-state').value);
   if ($('#filter-deployment').value.trim()) q.set('deployment', $('#filter-deployment').value.trim());
@@ -218,6 +222,7 @@ async function poll() {
     const [overview, nodes, metrics] = await Promise.all([
       api(`/v1/overview?${q}`), api('/v1/nodes'), api('/metrics', 'text'),
     ]);
+    if (seq !== pollSeq) return;
     renderRuns(overview.runs);
     renderLatency(overview.runs);
     renderHistograms(parseHistograms(metrics));
