@@ -210,11 +210,19 @@ function renderCache(c) {
     el('div', { class: 'muted', text: c.url }));
 }
 
-// Polls overlap when a filter changes mid-poll: only the newest one draws.
+// A timer tick skips while a poll is in flight (a slow server is not
+// piled on); a filter change polls at once, and then only the newest poll
+// draws, so a stale answer never overwrites a filtered one.
 let pollSeq = 0;
+let inFlight = 0;
 
 async function poll() {
   const seq = ++pollSeq;
+  inFlight += 1;
+  try { await pollOnce(seq); } finally { inFlight -= 1; }
+}
+
+async function pollOnce(seq) {
   const q = new URLSearchParams();
   if ($('#filter-state').value) q.set('state', $('#filter-state').value);
   if ($('#filter-deployment').value.trim()) q.set('deployment', $('#filter-deployment').value.trim());
@@ -248,4 +256,4 @@ $('#login').addEventListener('submit', (ev) => {
 for (const f of ['#filter-state', '#filter-deployment']) $(f).addEventListener('input', poll);
 renderLegend();
 poll();
-setInterval(poll, POLL_MS);
+setInterval(() => { if (!inFlight) poll(); }, POLL_MS);
