@@ -80,13 +80,15 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 #![warn(missing_docs)]
 
-pub mod cgroup;
 mod error;
 pub mod key;
 pub mod pool;
 mod recover;
 pub mod runner;
 
+/// The runner cgroups' files live in the runtime crate; re-exported under
+/// the pool's old path.
+pub use ember_runtime::cgroup;
 pub use ember_agent_proto::{ExecRequest, ExecResult, Started};
 pub use error::PoolError;
 pub use key::{RunnerImage, RunnerKey, RunnerShape, RunnerSpec};

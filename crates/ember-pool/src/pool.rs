@@ -34,7 +34,7 @@ use ember_agent_proto::{AgentClient, ClientError, ExecRequest, ExecResult, Start
 use ember_runtime::{RecoverReport, Runc};
 use ember_store::Store;
 
-use crate::cgroup::Cgroups;
+use ember_runtime::cgroup::Cgroups;
 use crate::error::PoolError;
 use crate::key::{RunnerKey, RunnerSpec};
 use crate::runner::{self, Env, ExecDefaults, Runner, RunnerError};

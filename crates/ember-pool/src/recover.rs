@@ -18,7 +18,7 @@ use std::path::Path;
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::cgroup::{Cgroups, FreezerState};
+use ember_runtime::cgroup::{Cgroups, FreezerState};
 use crate::error::PoolError;
 use crate::pool::PoolRecoverReport;
 use crate::runner::{Env, RECORD_FILE, RunnerRecord};

@@ -53,7 +53,7 @@ use ember_store::Store;
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::Signal;
 
-use crate::cgroup::{Cgroups, MemoryEvents};
+use ember_runtime::cgroup::{Cgroups, MemoryEvents};
 use crate::key::{RunnerKey, RunnerSpec};
 
 /// Where the agent binary is bind-mounted inside a runner.
@@ -734,14 +734,12 @@ impl Runner {
         }
         // runc removes the cgroups when the agent exits; a runc killed
         // halfway leaves them behind.
-        for dir in self.cgroups.existing_dirs() {
-            if let Err(e) = remove_cgroup(&dir) {
-                first.get_or_insert(RunnerError::Cgroup {
-                    id: self.id.clone(),
-                    what: "remove",
-                    source: e,
-                });
-            }
+        if let Err(e) = self.cgroups.remove_leftovers() {
+            first.get_or_insert(RunnerError::Cgroup {
+                id: self.id.clone(),
+                what: "remove",
+                source: e,
+            });
         }
         if self.shm_mounted {
             // Detached: the container's bind of it is gone with its mount
@@ -937,29 +935,6 @@ fn empty_dir(dir: &Path, keep: Option<&str>) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Removes a cgroup directory, killing what is left in it first.
-fn remove_cgroup(dir: &Path) -> io::Result<()> {
-    for _ in 0..50 {
-        match fs::remove_dir(dir) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
-                    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(pid),
-                            Signal::SIGKILL,
-                        );
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Err(io::Error::from_raw_os_error(libc::EBUSY))
 }
 
 /// Checks that `path` is a statically linked ELF executable: it is
