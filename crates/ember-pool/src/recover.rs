@@ -18,10 +18,10 @@ use std::path::Path;
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
-use ember_runtime::cgroup::{Cgroups, FreezerState};
 use crate::error::PoolError;
 use crate::pool::PoolRecoverReport;
 use crate::runner::{Env, RECORD_FILE, RunnerRecord};
+use ember_runtime::cgroup::{Cgroups, FreezerState};
 
 pub(crate) fn recover(env: &Env) -> Result<PoolRecoverReport, PoolError> {
     let mut report = PoolRecoverReport::default();
