@@ -208,8 +208,8 @@ impl FakeRuntime {
         self.shared.lock().live.len()
     }
 
-    /// Waits up to `timeout` until `done` holds for the calls; `true` if it
-    /// does. For what the pool does on its own threads (the reaper's
+    /// Waits up to `timeout` until `done` holds for the calls (checked on
+    /// every call and every 10 ms); `true` if it does. For what the pool does on its own threads (the reaper's
     /// freezes and expiries, destroys in the background, spares).
     pub fn wait_for(&self, timeout: Duration, mut done: impl FnMut(&[Call]) -> bool) -> bool {
         let deadline = Instant::now() + timeout;
@@ -225,7 +225,9 @@ impl FakeRuntime {
             st = self
                 .shared
                 .called
-                .wait_timeout(st, left)
+                // Woken by every call; also polls, for conditions on the
+                // pool's own counters that change after the last call.
+                .wait_timeout(st, left.min(Duration::from_millis(10)))
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
