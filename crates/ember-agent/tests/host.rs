@@ -17,11 +17,6 @@ use ember_agent_proto::{
     ClientError, ExecRequest, Frame, Hello, PROTOCOL_VERSION, ProtoError, read_frame, write_frame,
 };
 
-fn is_root() -> bool {
-    // SAFETY: geteuid takes nothing and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
 #[test]
 fn ping_answers_with_version_and_running_count() {
     let a = Agent::start();
@@ -561,8 +556,7 @@ fn bad_requests_are_refused_and_the_connection_survives() {
 
 #[test]
 fn uid_and_gid_are_applied() {
-    if !is_root() {
-        println!("skipped: needs root");
+    if !ember_testkit::require::root() {
         return;
     }
     let a = Agent::start();
