@@ -24,12 +24,19 @@
 //! (whose upper directory must not change under a mounted overlayfs).
 //! They hide whatever the image has at those paths, as a tmpfs would.
 //!
-//! The layout is the one `ember_runtime::Container` uses (a `lock` file and
-//! `config.json` at the top), so `ember_runtime::recover` cleans up the
-//! runners of a killed pool process like any other leftover container.
+//! The runner is an `ember_runtime::Container` (prepared with the agent as
+//! its [`init_process`](ember_runtime::Container::init_process)): the
+//! runtime mounts the overlay, resolves the user, writes `config.json` and
+//! holds the `lock`, and its cleanup removes them, so
+//! `ember_runtime::recover` cleans up the runners of a killed pool process
+//! like any other leftover container. This module adds what makes it a
+//! runner: the scratch directories, the agent's socket, the store claim.
+//! [`RuncRuntime`] puts it behind the pool's seam
+//! ([`crate::runtime::RunnerRuntime`]).
 //!
-//! The container is started with one foreground `runc run`, held as a child
-//! of this process; runc removes its state and cgroups when the agent exits.
+//! The container is started with one foreground `runc run`
+//! ([`Prepared::spawn`]), held as a child of this process; runc removes its
+//! state and cgroups when the agent exits.
 //! Destroying a runner kills the agent (PID 1 of the container's pid
 //! namespace, so the kernel kills everything else in it), waits for runc,
 //! unmounts and removes the directory.

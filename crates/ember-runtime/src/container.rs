@@ -17,7 +17,7 @@
 //!
 //! Each container directory holds a `lock` file, locked (`flock`) for as long
 //! as its [`Prepared`] lives. The kernel drops the lock when the process
-//! dies, which is how [`crate::recover`] tells leftovers of a killed Ember
+//! dies, which is how [`crate::recover`](mod@crate::recover) tells leftovers of a killed Ember
 //! from containers another Ember process is still running.
 
 use std::fs::{self, File};

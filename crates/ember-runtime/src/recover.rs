@@ -29,7 +29,6 @@ use crate::cgroup;
 use crate::container::LOCK_FILE;
 use crate::mount::{self, MountError};
 use crate::runc::{Runc, RuncError};
-use crate::spec::CONFIG_FILE;
 
 /// Errors from recovery. [`recover`] fails only when it cannot even look;
 /// the failures of single leftovers are collected in
@@ -210,18 +209,8 @@ fn try_lock(dir: &Path) -> LockState {
     }
 }
 
-/// The `cgroupsPath` of the `config.json` in `dir`, if any.
-fn cgroups_path(dir: &Path) -> Option<String> {
-    let text = fs::read(dir.join(CONFIG_FILE)).ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
-    v.get("linux")?
-        .get("cgroupsPath")?
-        .as_str()
-        .map(str::to_owned)
-}
-
 fn remove_cgroups(dir: &Path, report: &mut RecoverReport) {
-    let Some(rel) = cgroups_path(dir) else {
+    let Some(rel) = cgroup::bundle_cgroups_path(dir) else {
         return;
     };
     let rel = rel.trim_start_matches('/');
