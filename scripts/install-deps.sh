@@ -37,6 +37,15 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# CRIU 4.1.1 for snapshot/restore, from Debian trixie through its own loader
+# (bookworm's 3.17 fails `criu check` on this kind of kernel); skipped when
+# already installed, probed with `criu check` either way.
+if [ "$(id -u)" -eq 0 ]; then
+  "$(dirname "$0")/install-criu.sh"
+else
+  sudo "$(dirname "$0")/install-criu.sh"
+fi
+
 # The `debian` fixture's root filesystem, built once from apt's Debian mirror
 # and cached (see the script).
 "$(dirname "$0")/debian-rootfs.sh" >/dev/null

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::PROTOCOL_VERSION;
 use crate::frame::{Frame, ProtoError, encode_frame, encode_json, kind, read_frame};
-use crate::message::{Cancel, ExecRequest, ExecResult, Hello, Pong, Started};
+use crate::message::{Cancel, ExecRequest, ExecResult, Hello, Pong, Ready, Resume, Started};
 
 /// A client call failed.
 ///
@@ -60,6 +60,15 @@ impl ClientError {
     pub fn is_connection_error(&self) -> bool {
         !matches!(self, ClientError::Agent(_))
     }
+}
+
+/// How [`AgentClient::exec_until_ready`] came back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// The program wrote `ready` and is parked.
+    Ready(Ready),
+    /// It ended without doing so.
+    Exited(ExecResult),
 }
 
 /// Blocking client over a Unix socket; one connection, many sequential
@@ -233,6 +242,61 @@ impl AgentClient {
                 // Acks of cancels some other user of this protocol sent on
                 // this connection; nothing to do.
                 Frame::Cancelled(_) => {}
+                f => return Err(self.unexpected(&f)),
+            }
+        }
+    }
+
+    /// Starts an exec with [`ExecRequest::ready`] set and waits until it
+    /// signals readiness (it is then parked: this client may disconnect,
+    /// and [`AgentClient::resume`] on any connection takes it over) or
+    /// ends first.
+    pub fn exec_until_ready(
+        &mut self,
+        req: &ExecRequest,
+        on_started: &mut dyn FnMut(&Started),
+        on_output: &mut dyn FnMut(bool, &[u8]),
+    ) -> Result<Readiness, ClientError> {
+        let mut req = req.clone();
+        req.ready = true;
+        self.send_with(|buf| encode_json(buf, kind::EXEC, &req))?;
+        loop {
+            match self.recv()? {
+                Frame::Started(s) => on_started(&s),
+                Frame::Stdout(b) => on_output(false, &b),
+                Frame::Stderr(b) => on_output(true, &b),
+                Frame::Ready(r) => return Ok(Readiness::Ready(r)),
+                Frame::Exit(r) => return Ok(Readiness::Exited(r)),
+                Frame::Error(e) => return Err(ClientError::Agent(e.message)),
+                Frame::Cancelled(_) => {}
+                f => return Err(self.unexpected(&f)),
+            }
+        }
+    }
+
+    /// Wakes parked exec `exec_id` with `message` (one line, by convention
+    /// JSON) and runs it to completion on this connection, like
+    /// [`AgentClient::exec`]. Fails with [`ClientError::Agent`] when no such
+    /// exec is parked.
+    pub fn resume(
+        &mut self,
+        exec_id: u64,
+        message: &str,
+        timeout_ms: Option<u64>,
+        on_output: &mut dyn FnMut(bool, &[u8]),
+    ) -> Result<ExecResult, ClientError> {
+        self.send(&Frame::Resume(Resume {
+            exec_id,
+            message: message.to_owned(),
+            timeout_ms,
+        }))?;
+        loop {
+            match self.recv()? {
+                Frame::Started(_) | Frame::Cancelled(_) => {}
+                Frame::Stdout(b) => on_output(false, &b),
+                Frame::Stderr(b) => on_output(true, &b),
+                Frame::Exit(r) => return Ok(r),
+                Frame::Error(e) => return Err(ClientError::Agent(e.message)),
                 f => return Err(self.unexpected(&f)),
             }
         }

@@ -8,7 +8,9 @@ use std::io::{self, Read, Write};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::message::{Cancel, ErrorMsg, ExecRequest, ExecResult, Hello, Pong, Started};
+use crate::message::{
+    Cancel, ErrorMsg, ExecRequest, ExecResult, Hello, Pong, Ready, Resume, Started,
+};
 
 /// The largest payload a frame may carry: 1 MiB.
 pub const MAX_PAYLOAD: usize = 1 << 20;
@@ -40,6 +42,10 @@ pub mod kind {
     pub const ERROR: u8 = 10;
     /// [`Frame::Cancelled`](super::Frame::Cancelled), JSON.
     pub const CANCELLED: u8 = 11;
+    /// [`Frame::Ready`](super::Frame::Ready), JSON.
+    pub const READY: u8 = 12;
+    /// [`Frame::Resume`](super::Frame::Resume), JSON.
+    pub const RESUME: u8 = 13;
 }
 
 /// One protocol message.
@@ -67,6 +73,11 @@ pub enum Frame {
     Error(ErrorMsg),
     /// Agent → client: a [`Frame::Cancel`] was delivered (echoes it).
     Cancelled(Cancel),
+    /// Agent → client: an exec with `ready` set signalled readiness and is
+    /// parked.
+    Ready(Ready),
+    /// Client → agent: wake a parked exec and take it over.
+    Resume(Resume),
 }
 
 impl Frame {
@@ -84,6 +95,8 @@ impl Frame {
             Frame::Cancel(_) => kind::CANCEL,
             Frame::Error(_) => kind::ERROR,
             Frame::Cancelled(_) => kind::CANCELLED,
+            Frame::Ready(_) => kind::READY,
+            Frame::Resume(_) => kind::RESUME,
         }
     }
 
@@ -107,6 +120,8 @@ pub fn kind_name(k: u8) -> &'static str {
         kind::CANCEL => "cancel",
         kind::ERROR => "error",
         kind::CANCELLED => "cancelled",
+        kind::READY => "ready",
+        kind::RESUME => "resume",
         _ => "unknown",
     }
 }
@@ -170,6 +185,8 @@ pub fn decode_payload(k: u8, payload: Vec<u8>) -> Result<Frame, ProtoError> {
         kind::CANCEL => Frame::Cancel(json(k, &payload)?),
         kind::ERROR => Frame::Error(json(k, &payload)?),
         kind::CANCELLED => Frame::Cancelled(json(k, &payload)?),
+        kind::READY => Frame::Ready(json(k, &payload)?),
+        kind::RESUME => Frame::Resume(json(k, &payload)?),
         other => return Err(ProtoError::UnknownKind(other)),
     })
 }
@@ -243,6 +260,8 @@ pub fn encode_frame(buf: &mut Vec<u8>, f: &Frame) -> io::Result<()> {
         Frame::Exit(m) => encode_json(buf, k, m),
         Frame::Cancel(m) | Frame::Cancelled(m) => encode_json(buf, k, m),
         Frame::Error(m) => encode_json(buf, k, m),
+        Frame::Ready(m) => encode_json(buf, k, m),
+        Frame::Resume(m) => encode_json(buf, k, m),
     }
 }
 
@@ -304,8 +323,15 @@ mod tests {
                 gid: Some(100),
                 stdin: Some(vec![0, 1, 2, 255]),
                 timeout_ms: Some(5),
+                ready: true,
             }),
             Frame::Exec(ExecRequest::default()),
+            Frame::Ready(Ready { exec_id: 7 }),
+            Frame::Resume(Resume {
+                exec_id: 7,
+                message: "{\"restored\":true}".into(),
+                timeout_ms: Some(9),
+            }),
             Frame::Started(Started {
                 exec_id: 7,
                 pid: 42,
@@ -454,6 +480,8 @@ mod tests {
             (kind::HELLO, b""),
             (kind::EXIT, b"{\"exec_id\": -1}"),
             (kind::CANCEL, b"null"),
+            (kind::READY, b"{\"exec_id\": \"x\"}"),
+            (kind::RESUME, b"{\"message\": 7}"),
         ] {
             let mut wire = Vec::new();
             encode_raw(&mut wire, k, body).unwrap();

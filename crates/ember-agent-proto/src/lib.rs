@@ -36,11 +36,15 @@ mod client;
 pub mod frame;
 pub mod message;
 
+pub use client::Readiness;
 pub use client::{AgentClient, ClientError};
 pub use frame::{
     Frame, HEADER_LEN, MAX_PAYLOAD, ProtoError, decode_frame, encode_frame, read_frame, write_frame,
 };
-pub use message::{Cancel, ErrorMsg, ExecRequest, ExecResult, Hello, Pong, Started};
+pub use message::{
+    Cancel, ErrorMsg, ExecRequest, ExecResult, Hello, MAX_RESUME_MESSAGE, Pong, Ready, Resume,
+    Started,
+};
 
 /// The protocol version both sides put in their [`Hello`]. Peers with
 /// different versions do not talk: the agent answers a mismatching hello

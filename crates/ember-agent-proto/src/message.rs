@@ -58,7 +58,43 @@ pub struct ExecRequest {
     /// Kill the whole process tree (SIGKILL) after this many milliseconds
     /// and report `timed_out`.
     pub timeout_ms: Option<u64>,
+    /// Readiness protocol (snapshots): give the child one end of a Unix
+    /// socketpair as descriptor 3, named by `EMBER_READY_FD=3` in its
+    /// environment. When the child writes the line `ready`, the agent sends
+    /// [`Ready`] and parks the exec (it survives its client going away, and
+    /// its timeout no longer runs) until a [`Resume`] arrives.
+    pub ready: bool,
 }
+
+/// Sent when an exec started with [`ExecRequest::ready`] wrote `ready`: it
+/// is parked, waiting for [`Resume`].
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(default)]
+pub struct Ready {
+    /// The exec (as in [`Started`]).
+    pub exec_id: u64,
+}
+
+/// Wakes a parked exec: the agent writes `message` and a newline to the
+/// exec's readiness descriptor, and the connection that sent this becomes
+/// the exec's own (it gets [`Started`] again, then the output and the
+/// `Exit`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(default)]
+pub struct Resume {
+    /// The parked exec.
+    pub exec_id: u64,
+    /// One line for the program (no newline in it), by convention a JSON
+    /// object (see `docs/agent-protocol.md`); at most [`MAX_RESUME_MESSAGE`]
+    /// bytes.
+    pub message: String,
+    /// A timeout from now on, as in [`ExecRequest::timeout_ms`].
+    pub timeout_ms: Option<u64>,
+}
+
+/// Longest [`Resume::message`] the agent accepts: it is written to the
+/// readiness socket in one non-blocking write, which this always fits.
+pub const MAX_RESUME_MESSAGE: usize = 64 * 1024;
 
 /// Sent once the child has been spawned (its `execve` succeeded).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use ember_agent_proto::frame::{encode_raw, kind};
 use ember_agent_proto::{
-    Cancel, ErrorMsg, ExecRequest, ExecResult, Frame, Hello, PROTOCOL_VERSION, Pong, ProtoError,
-    Started, decode_frame, encode_frame,
+    Cancel, ErrorMsg, ExecRequest, ExecResult, Frame, Hello, MAX_RESUME_MESSAGE, PROTOCOL_VERSION,
+    Pong, ProtoError, Ready, Resume, Started, decode_frame, encode_frame,
 };
 
 use crate::spawn::{self, Spawned};
@@ -136,6 +136,29 @@ struct StdinFeed {
     pos: usize,
 }
 
+/// Longest line a program may write before `ready` (or instead of it)
+/// before the agent stops listening.
+const READY_LINE_MAX: usize = 4096;
+
+/// Where a `ready` exec is in the readiness protocol.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ReadyState {
+    /// Waiting for the program's `ready` line.
+    Waiting,
+    /// It wrote `ready`: survives its client, waits for a `Resume`.
+    Parked,
+    /// Resumed (or the program closed its end, or wrote too much): an
+    /// ordinary exec from now on.
+    Done,
+}
+
+/// The agent's end of a `ready` exec's readiness socket.
+struct ReadyChan {
+    sock: UnixStream,
+    line: Vec<u8>,
+    state: ReadyState,
+}
+
 /// How the main process ended.
 struct Exited {
     status: libc::c_int,
@@ -163,11 +186,19 @@ struct Exec {
     exited: Option<Exited>,
     /// While draining: close the pipes if nothing arrives before this.
     drain_until: Option<Instant>,
+    /// The readiness protocol, for execs that asked for it.
+    ready: Option<ReadyChan>,
 }
 
 impl Exec {
     fn running(&self) -> bool {
         self.exited.is_none()
+    }
+
+    fn parked(&self) -> bool {
+        self.ready
+            .as_ref()
+            .is_some_and(|r| r.state == ReadyState::Parked)
     }
 }
 
@@ -179,6 +210,7 @@ enum Tag {
     Conn(usize),
     Out(usize, bool),
     Stdin(usize),
+    Ready(usize),
 }
 
 struct Agent {
@@ -304,6 +336,7 @@ impl Agent {
                     }
                     Tag::Out(e, is_stderr) => self.out_readable(e, is_stderr),
                     Tag::Stdin(e) => self.feed_stdin(e),
+                    Tag::Ready(e) => self.ready_readable(e),
                 }
             }
             // A child closes its pipes a moment before it becomes a zombie
@@ -370,6 +403,13 @@ impl Agent {
             if let Some(s) = &e.stdin {
                 self.pollfds.push(pfd(s.file.as_raw_fd(), libc::POLLOUT));
                 self.tags.push(Tag::Stdin(i));
+            }
+            if let Some(r) = &e.ready
+                && r.state == ReadyState::Waiting
+                && e.running()
+            {
+                self.pollfds.push(pfd(r.sock.as_raw_fd(), libc::POLLIN));
+                self.tags.push(Tag::Ready(i));
             }
         }
     }
@@ -581,6 +621,7 @@ impl Agent {
             })),
             Frame::Exec(req) => self.start_exec(ci, req, received),
             Frame::Cancel(cancel) => self.cancel(ci, cancel),
+            Frame::Resume(r) => self.resume(ci, r),
             other => c.fatal(format!("unexpected {} frame from a client", other.name())),
         }
     }
@@ -652,6 +693,11 @@ impl Agent {
             cancelled: false,
             exited: None,
             drain_until: None,
+            ready: child.ready.map(|sock| ReadyChan {
+                sock,
+                line: Vec::new(),
+                state: ReadyState::Waiting,
+            }),
         });
         c.exec = Some(ei);
         // Most stdin fits the pipe: write it now rather than after a poll.
@@ -682,6 +728,132 @@ impl Agent {
                 Err(m) => c.error(m),
             }
         }
+    }
+
+    /// Reads a `ready` exec's readiness socket until its first line. The
+    /// line `ready` parks the exec and tells its client; anything else
+    /// (another line, EOF, an overlong line) ends the protocol for this
+    /// exec, which then runs on as an ordinary one.
+    fn ready_readable(&mut self, ei: usize) {
+        let Some(e) = self.execs.get_mut(ei) else {
+            return;
+        };
+        let Some(r) = e.ready.as_mut() else { return };
+        let mut buf = [0u8; 512];
+        let line = loop {
+            match r.sock.read(&mut buf) {
+                Ok(0) => {
+                    r.state = ReadyState::Done;
+                    return;
+                }
+                Ok(n) => {
+                    r.line.extend_from_slice(&buf[..n]);
+                    if let Some(end) = r.line.iter().position(|&b| b == b'\n') {
+                        break r.line[..end].to_vec();
+                    }
+                    if r.line.len() > READY_LINE_MAX {
+                        r.state = ReadyState::Done;
+                        return;
+                    }
+                }
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    r.state = ReadyState::Done;
+                    return;
+                }
+            }
+        };
+        r.line = Vec::new();
+        if line.trim_ascii() != b"ready" {
+            r.state = ReadyState::Done;
+            return;
+        }
+        r.state = ReadyState::Parked;
+        // The start-up's timeout ends with the start-up; a resume brings
+        // its own.
+        e.deadline = None;
+        let exec_id = e.id;
+        if let Some(c) = e.conn.and_then(|c| self.conns.get_mut(c)) {
+            c.send(&Frame::Ready(Ready { exec_id }));
+        }
+    }
+
+    /// Wakes a parked exec and hands it to connection `ci`.
+    fn resume(&mut self, ci: usize, r: Resume) {
+        let own = self.conns.get(ci).and_then(|c| c.exec);
+        let found = self
+            .execs
+            .iter()
+            .find(|(_, e)| e.id == r.exec_id && e.running() && e.parked())
+            .map(|(i, e)| (i, e.conn));
+        // Any connection may take a parked exec over, also from a client
+        // that is still connected (it may be closing right now): that one
+        // then has no exec any more.
+        let previous = found.and_then(|(_, owner)| owner).filter(|&o| o != ci);
+        let check = match found {
+            None => Err(format!("no parked exec {}", r.exec_id)),
+            Some((i, _)) if own.is_some_and(|o| o != i) => {
+                Err("an exec is already running on this connection".to_owned())
+            }
+            Some(_) if r.message.len() > MAX_RESUME_MESSAGE => Err(format!(
+                "resume message of {} bytes exceeds {MAX_RESUME_MESSAGE}",
+                r.message.len()
+            )),
+            Some(_) if r.message.contains('\n') => {
+                Err("resume message contains a newline".to_owned())
+            }
+            Some((i, _)) => Ok(i),
+        };
+        let ei = match check {
+            Ok(i) => i,
+            Err(m) => {
+                if let Some(c) = self.conns.get_mut(ci) {
+                    c.error(m);
+                }
+                return;
+            }
+        };
+        let Some(e) = self.execs.get_mut(ei) else {
+            return;
+        };
+        let mut line = r.message.into_bytes();
+        line.push(b'\n');
+        let written = e
+            .ready
+            .as_mut()
+            .map(|ch| (&ch.sock).write(&line))
+            .unwrap_or(Ok(0));
+        if !matches!(written, Ok(n) if n == line.len()) {
+            // The program no longer reads its socket (or its buffer is
+            // full): it cannot be resumed, and stays parked.
+            let msg = format!(
+                "exec {}: cannot write the resume message to its readiness socket",
+                e.id
+            );
+            if let Some(c) = self.conns.get_mut(ci) {
+                c.error(msg);
+            }
+            return;
+        }
+        if let Some(c) = previous.and_then(|o| self.conns.get_mut(o)) {
+            c.exec = None;
+        }
+        let Some(c) = self.conns.get_mut(ci) else {
+            return;
+        };
+        if let Some(ch) = e.ready.as_mut() {
+            ch.state = ReadyState::Done;
+        }
+        e.conn = Some(ci);
+        e.deadline = r
+            .timeout_ms
+            .map(|ms| Instant::now() + Duration::from_millis(ms));
+        c.exec = Some(ei);
+        c.send(&Frame::Started(Started {
+            exec_id: e.id,
+            pid: e.pid,
+        }));
     }
 
     fn out_readable(&mut self, ei: usize, is_stderr: bool) {
@@ -858,7 +1030,9 @@ impl Agent {
             self.conns.remove(ci);
             if let Some(e) = exec.and_then(|ei| self.execs.get_mut(ei)) {
                 e.conn = None;
-                if e.running() {
+                // A parked exec waits for a resume from a later connection
+                // (its output meanwhile is read and dropped).
+                if e.running() && !e.parked() {
                     e.cancelled = true;
                     tree::kill_group(e.pid);
                 }

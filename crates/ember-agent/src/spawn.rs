@@ -17,12 +17,18 @@ use std::ffi::{CString, c_char, c_void};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
 
 use ember_agent_proto::ExecRequest;
 
 use crate::sys;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The descriptor a `ready` exec gets its end of the readiness socket on.
+pub const READY_FD: RawFd = 3;
+/// The environment variable naming it.
+pub const READY_ENV: &str = "EMBER_READY_FD";
 
 /// A request converted to what `execve` and friends take, built before
 /// cloning, so the child allocates nothing.
@@ -39,6 +45,8 @@ pub struct Prepared {
     uid: Option<libc::uid_t>,
     gid: Option<libc::gid_t>,
     program: String,
+    /// The child gets a readiness socket at [`READY_FD`].
+    pub ready: bool,
 }
 
 fn cstring(what: &str, s: &str) -> Result<CString, String> {
@@ -57,7 +65,11 @@ pub fn prepare(req: &ExecRequest) -> Result<Prepared, String> {
         .map(|a| cstring("an argv entry", a))
         .collect::<Result<Vec<_>, _>>()?;
     let mut path_var = None;
-    let mut envp = Vec::with_capacity(req.env.len());
+    let mut envp = Vec::with_capacity(req.env.len() + 1);
+    let ready_entry = format!("{READY_ENV}={READY_FD}");
+    if req.ready {
+        envp.push(cstring("an env entry", &ready_entry)?);
+    }
     for e in &req.env {
         match e.split_once('=') {
             Some((k, v)) if !k.is_empty() => {
@@ -66,6 +78,10 @@ pub fn prepare(req: &ExecRequest) -> Result<Prepared, String> {
                 }
             }
             _ => return Err(format!("env entry {e:?} is not KEY=VALUE")),
+        }
+        // The agent's own value wins over one the request carries.
+        if req.ready && e.split_once('=').is_some_and(|(k, _)| k == READY_ENV) {
+            continue;
         }
         envp.push(cstring("an env entry", e)?);
     }
@@ -106,6 +122,7 @@ pub fn prepare(req: &ExecRequest) -> Result<Prepared, String> {
         uid: req.uid,
         gid: req.gid,
         program: program.clone(),
+        ready: req.ready,
     })
 }
 
@@ -119,6 +136,9 @@ pub struct Child {
     pub stderr: File,
     /// Write end of the child's stdin, when the request carried stdin.
     pub stdin: Option<File>,
+    /// The agent's end of the readiness socket (non-blocking), for
+    /// `ready` execs.
+    pub ready: Option<UnixStream>,
 }
 
 /// What `spawn` achieved.
@@ -151,7 +171,8 @@ pub const CHILD_STACK: usize = 64 * 1024;
 /// child runs in the agent's address space until `execve`.
 struct ChildCtx<'a> {
     p: &'a Prepared,
-    fds: [RawFd; 3],
+    /// stdin, stdout, stderr, and the readiness socket or -1.
+    fds: [RawFd; 4],
     /// 0 while all goes well; a `STAGE_*` when the child gave up.
     stage: u32,
     errno: i32,
@@ -174,10 +195,18 @@ pub fn spawn(
     } else {
         (None, None)
     };
+    // Close-on-exec on both ends (std's socketpair), so only the dup2'd
+    // copy reaches the program.
+    let ready = if p.ready {
+        Some(UnixStream::pair()?)
+    } else {
+        None
+    };
     let stdin_fd = in_r.as_ref().unwrap_or(devnull).as_raw_fd();
+    let ready_fd = ready.as_ref().map_or(-1, |(_, theirs)| theirs.as_raw_fd());
     let mut ctx = ChildCtx {
         p,
-        fds: [stdin_fd, out_w.as_raw_fd(), errout_w.as_raw_fd()],
+        fds: [stdin_fd, out_w.as_raw_fd(), errout_w.as_raw_fd(), ready_fd],
         stage: 0,
         errno: 0,
     };
@@ -215,6 +244,7 @@ pub fn spawn(
     drop(out_w);
     drop(errout_w);
     drop(in_r);
+    let ready = ready.map(|(ours, _theirs)| ours);
 
     if stage == 0 {
         sys::set_nonblocking(out_r.as_raw_fd())?;
@@ -222,11 +252,15 @@ pub fn spawn(
         if let Some(w) = &in_w {
             sys::set_nonblocking(w.as_raw_fd())?;
         }
+        if let Some(r) = &ready {
+            r.set_nonblocking(true)?;
+        }
         return Ok(Spawned::Running(Child {
             pid,
             stdout: out_r.into(),
             stderr: errout_r.into(),
             stdin: in_w.map(File::from),
+            ready,
         }));
     }
     // The child has exited: reap it now so it never shows up as an
@@ -283,7 +317,7 @@ fn errno() -> i32 {
 ///
 /// Must be called only in the clone child, with `fds` open. Allocates
 /// nothing and takes no lock.
-unsafe fn child(p: &Prepared, fds: [RawFd; 3]) -> (u32, i32) {
+unsafe fn child(p: &Prepared, fds: [RawFd; 4]) -> (u32, i32) {
     // SAFETY (whole body): every call is a system call (or glibc's thin
     // wrapper of one) on pointers into `p`, which the agent built before
     // cloning and keeps alive while suspended; the pointer arrays are
@@ -312,9 +346,21 @@ unsafe fn child(p: &Prepared, fds: [RawFd; 3]) -> (u32, i32) {
             return (STAGE_SETSID, errno());
         }
         for (target, &fd) in fds.iter().enumerate() {
+            if fd < 0 {
+                continue;
+            }
             // dup2 clears close-on-exec on the new descriptor; all the
-            // originals are close-on-exec and vanish at execve.
-            if libc::dup2(fd, target as RawFd) < 0 {
+            // originals are close-on-exec and vanish at execve. A source
+            // already at its target keeps its flag, so clear it by hand.
+            // Stdio goes first, so the readiness socket cannot be
+            // overwritten by it: 0-2 are always open in the agent, so the
+            // socket is at 3 or above, and only its own dup2 writes 3.
+            let r = if fd == target as RawFd {
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, target as RawFd)
+            };
+            if r < 0 {
                 return (STAGE_DUP, errno());
             }
         }

@@ -44,6 +44,7 @@ macro_rules! state_store_conformance {
             cas_conflict,
             illegal_transitions_rejected,
             fair_claim_across_deployments,
+            claims_follow_one_fairness_definition,
             claim_leases,
             concurrent_claimers_never_share_a_run,
             node_reports_and_start_times,
@@ -393,6 +394,37 @@ pub fn fair_claim_across_deployments(h: &dyn Harness) {
         next.contains(&c_id),
         "C waited more than one round: {next:?}"
     );
+}
+
+/// Both stores claim by the one definition in `claim`: by rank (every
+/// group's oldest before any group's second), groups in the order they
+/// were last served (never: oldest run first), and a claim marks its
+/// groups served in the order of each group's last run in it.
+pub fn claims_follow_one_fairness_definition(h: &dyn Harness) {
+    let s = h.open(clock());
+    for (name, n) in [("a", 1), ("b", 2), ("c", 3)] {
+        s.create_deployment(&deployment(name, n)).expect("create");
+    }
+    let id = |d: &str| s.submit_run(&of_deployment(d)).expect("submit").run.id;
+    let (a1, a2, b1, a3, c1, c2) = (id("a"), id("a"), id("b"), id("a"), id("c"), id("c"));
+    let ids = |runs: Vec<crate::model::Run>| runs.iter().map(|r| r.id).collect::<Vec<_>>();
+
+    let first = ids(s.claim_runs(&claim("x", 4)).expect("claim"));
+    assert_eq!(
+        first,
+        [a1, b1, c1, a2],
+        "by rank, groups by their oldest run"
+    );
+    s.release_claims("x", &first).expect("release");
+    // Served in the order b, c, a (a's last run came last): so b first now.
+    let one = |s: &dyn StateStore| ids(s.claim_runs(&claim("y", 1)).expect("claim"));
+    let singles: Vec<Vec<RunId>> = (0..6).map(|_| one(s.as_ref())).collect();
+    assert_eq!(
+        singles,
+        [vec![b1], vec![c1], vec![a1], vec![c2], vec![a2], vec![a3]],
+        "least recently served group first"
+    );
+    assert!(one(s.as_ref()).is_empty());
 }
 
 /// A claim is exclusive while its lease runs; after it lapses another

@@ -8,9 +8,16 @@
 //! * [`sqlite`]: the embedded implementation (one file, WAL).
 //! * [`postgres`]: PostgreSQL, for several replicas on one database
 //!   (row locks, `FOR UPDATE SKIP LOCKED` claiming).
-//! * [`schedule`]: [`schedule::place`], a pure function from a cluster view
-//!   and a run to a node, preferring warm runners, then image locality with
-//!   a spread factor, then low load.
+//! * `transitions`: where a run's state changes — the submit, report,
+//!   hand-off and loss logic both stores run inside their transactions.
+//! * `claim`: fair claiming, defined once for both stores.
+//! * [`schedule`]: where a node is chosen: [`schedule::place`], a pure
+//!   function from a cluster view and a run to a node, preferring warm
+//!   runners, then image locality with a spread factor, then low load.
+//! * [`selector`]: label-selector matching, used by placement, pre-warm
+//!   planning and the warm hand-off.
+//! * [`prewarm`]: [`prewarm::plan`], which nodes keep idle runners of
+//!   which deployment, a pure function like [`schedule::place`].
 //! * [`popularity`]: decayed launch counts per image (and deployment).
 //! * [`pullplan`]: which images each node pre-pulls and keeps, and the
 //!   order its GC may evict the rest.
@@ -54,14 +61,17 @@
 //! # }
 //! ```
 
+mod claim;
 pub mod model;
 pub mod popularity;
 pub mod postgres;
+pub mod prewarm;
 pub mod pullplan;
-mod rules;
 pub mod schedule;
+pub mod selector;
 pub mod sqlite;
 pub mod store;
+mod transitions;
 
 #[cfg(feature = "testing")]
 pub mod conformance;

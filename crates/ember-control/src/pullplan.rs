@@ -142,9 +142,9 @@ impl<'a> Filling<'a> {
 }
 
 /// Plans every node at once (see the module docs). `ranked` is images with
-/// their launch scores, most launched first ([`Popularity::ranked`]
-/// (crate::popularity::Popularity::ranked)); images missing from
-/// `catalogue` are skipped, since their size is unknown.
+/// their launch scores, most launched first
+/// ([`Popularity::ranked`](crate::popularity::Popularity::ranked)); images
+/// missing from `catalogue` are skipped, since their size is unknown.
 pub fn plan(
     nodes: &[NodeHoldings],
     ranked: &[(String, f64)],

@@ -74,10 +74,9 @@ impl NodeView {
         self.slots.saturating_sub(self.active)
     }
 
-    fn matches(&self, selector: &BTreeMap<String, String>) -> bool {
-        selector
-            .iter()
-            .all(|(k, v)| self.labels.get(k).is_some_and(|have| have == v))
+    /// Whether the node's labels satisfy `selector` ([`crate::selector`]).
+    pub fn matches(&self, selector: &BTreeMap<String, String>) -> bool {
+        crate::selector::matches(selector, &self.labels)
     }
 
     fn idle_for(&self, key: &str) -> u32 {

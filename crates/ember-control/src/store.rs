@@ -1,7 +1,7 @@
 //! The state-store seam: everything the control plane persists goes through
 //! [`StateStore`], so SQLite (embedded, the default) and PostgreSQL (several
 //! replicas) are interchangeable and pass the same
-//! [conformance suite](crate::conformance).
+//! conformance suite (`conformance`, feature `testing`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -261,7 +261,8 @@ pub trait StateStore: Send + Sync {
     /// Claims up to `limit` queued, unclaimed (or lease-expired) runs, fairly:
     /// round-robin between queue groups (deployments; ad-hoc runs by image),
     /// least recently served group first, FIFO within a group. So a burst of
-    /// one deployment delays another's first run by at most one round.
+    /// one deployment delays another's first run by at most one round. The
+    /// definition, shared by both stores, is in the crate's `claim` module.
     ///
     /// Atomic across processes: two claimers never get the same run. SQLite
     /// does it in one `BEGIN IMMEDIATE` transaction (one writer at a time);

@@ -4,13 +4,12 @@
 //! in `ember-api`.
 //!
 //! * [`server`]: the axum router, the event-driven dispatcher, the
-//!   pre-warmer and the lost-node reaper.
+//!   pre-warmer (planning is [`ember_control::prewarm`]) and the
+//!   lost-node reaper.
 //! * [`node`]: registration, the persistent work stream, run execution,
 //!   pre-warmed runners and heartbeats.
-//! * [`prewarm`]: which nodes keep idle runners of which deployment.
 //! * `credentials`: per-node bearer tokens, each bound to one node id.
 
 mod credentials;
 pub mod node;
-pub mod prewarm;
 pub mod server;

@@ -835,3 +835,67 @@ async fn finished_runs_logs_are_pruned_over_the_budget() {
         "a running run's log stays"
     );
 }
+
+/// Every route sits behind its auth layer: a client route refuses the
+/// node token and no token, a node route refuses the client token and no
+/// token, each with 401, the `WWW-Authenticate` header and the error
+/// object, before anything else is looked at (no body is sent).
+#[tokio::test]
+async fn every_route_is_behind_its_auth_layer() {
+    let s = server().await;
+    // Installs the process's TLS crypto provider, which a bare
+    // `reqwest::Client::new()` needs (reqwest is built without a default).
+    let _ = ControlClient::new(&s.url, None).expect("client");
+    let http = reqwest::Client::new();
+    let client_routes = [
+        ("POST", "/v1/runs"),
+        ("GET", "/v1/runs"),
+        ("GET", "/v1/runs/1"),
+        ("POST", "/v1/runs/1/cancel"),
+        ("GET", "/v1/runs/1/logs"),
+        ("POST", "/v1/deployments"),
+        ("GET", "/v1/deployments"),
+        ("GET", "/v1/nodes"),
+        ("POST", "/v1/nodes/n1/credentials"),
+        ("DELETE", "/v1/nodes/n1/credentials"),
+    ];
+    let node_routes = [
+        ("PUT", "/v1/nodes/n1"),
+        ("GET", "/v1/nodes/n1/work"),
+        ("POST", "/v1/nodes/n1/events"),
+        ("POST", "/v1/nodes/n1/runs/1/events"),
+        ("POST", "/v1/nodes/n1/runs/1/logs"),
+    ];
+    let routes = client_routes
+        .iter()
+        .map(|r| (r, "n"))
+        .chain(node_routes.iter().map(|r| (r, "c")));
+    for ((method, path), wrong) in routes {
+        for token in [None, Some(wrong)] {
+            let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+            let mut req = http.request(method.clone(), format!("{}{path}", s.url));
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            let resp = req.send().await.expect("send");
+            assert_eq!(
+                resp.status().as_u16(),
+                401,
+                "{method} {path} with {token:?}"
+            );
+            assert_eq!(
+                resp.headers()
+                    .get("www-authenticate")
+                    .and_then(|v| v.to_str().ok()),
+                Some("Bearer"),
+                "{method} {path}"
+            );
+            let v: serde_json::Value =
+                serde_json::from_slice(&resp.bytes().await.expect("body")).expect("JSON error");
+            assert_eq!(v["error"], "unauthorized", "{method} {path}");
+        }
+    }
+    // Nothing was stored on the way.
+    let c = ControlClient::new(&s.url, Some("c".into())).expect("client");
+    assert!(c.runs().await.expect("runs").is_empty());
+}

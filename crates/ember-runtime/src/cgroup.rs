@@ -140,7 +140,7 @@ impl Cgroups {
 
     /// Lets every task run again.
     pub fn thaw(&self) -> io::Result<()> {
-        fs::write(self.freezer_file()?, "THAWED")
+        thaw_file(&self.freezer_file()?)
     }
 
     /// The freezer's state.
@@ -289,8 +289,14 @@ pub fn existing_in_every_hierarchy(rel: &str) -> Result<Vec<PathBuf>, mount::Mou
 pub fn thaw_dir(dir: &Path) {
     let state = dir.join("freezer.state");
     if state.exists() {
-        let _ = fs::write(&state, "THAWED");
+        let _ = thaw_file(&state);
     }
+}
+
+/// The one thaw: `THAWED` into a `freezer.state`. Thawing takes effect at
+/// once (unlike freezing), so there is nothing to wait for or retry.
+fn thaw_file(state: &Path) -> io::Result<()> {
+    fs::write(state, "THAWED")
 }
 
 /// Removes cgroup directory `dir`, killing what is left in it first (the

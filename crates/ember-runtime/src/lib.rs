@@ -21,6 +21,9 @@
 //! * [`cgroup`]: the cgroup v1 files of a container (freezer, memory and
 //!   CPU counters) and removing what runc left behind.
 //! * [`recover`](mod@recover): removes what a killed Ember left behind.
+//! * [`checkpoint`](mod@checkpoint): CRIU checkpoints of running containers
+//!   (process memory and filesystem changes) and restores of them as new,
+//!   independent containers, refused where the machine or image differs.
 //!
 //! Everything is synchronous: each step is a few system calls or one runc
 //! process, so an async caller wraps [`Prepared::run`] in `spawn_blocking`.
@@ -49,6 +52,7 @@
 #![warn(missing_docs)]
 
 pub mod cgroup;
+pub mod checkpoint;
 pub mod container;
 pub mod mount;
 pub mod recover;
@@ -56,6 +60,10 @@ pub mod runc;
 pub mod spec;
 pub mod user;
 
+pub use checkpoint::{
+    Checkpoint, CheckpointError, CheckpointOptions, Criu, CriuInfo, ImageIdentity, Metadata,
+    RestoreTarget, Restored,
+};
 pub use container::{
     Container, ContainerError, ContainerHandle, Prepared, RunOptions, RunOutcome, StartMode,
     Timings,

@@ -559,7 +559,7 @@ pub fn exit_code(status: ExitStatus) -> i32 {
     }
 }
 
-fn describe(status: ExitStatus) -> String {
+pub(crate) fn describe(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exit status {code}"),
         (None, Some(sig)) => format!("killed by signal {sig}"),
@@ -584,7 +584,7 @@ struct LogLine {
 }
 
 /// The error messages of a runc JSON log, joined; `None` if there are none.
-fn log_errors(log: &Path) -> Option<String> {
+pub(crate) fn log_errors(log: &Path) -> Option<String> {
     let text = fs::read_to_string(log).ok()?;
     let msgs: Vec<String> = text
         .lines()

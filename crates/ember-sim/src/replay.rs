@@ -150,10 +150,39 @@ struct SimNode {
     used: u64,
     /// When the link is free of run pulls.
     run_link_free: f64,
-    /// The pre-pull in progress: image, bytes it brings, when it is done.
-    prepulling: Option<(String, u64, f64)>,
+    /// The pre-pull in progress.
+    prepulling: Option<Prepull>,
     queue: VecDeque<String>,
     keep: BTreeSet<String>,
+}
+
+/// A pre-pull in flight on a node.
+#[derive(Debug)]
+struct Prepull {
+    image: String,
+    /// What it fetches.
+    fetched: Fetched,
+    started: f64,
+    done_at: f64,
+}
+
+/// What a fetch brings to a node: bytes the cache held, bytes it had to
+/// get from upstream.
+#[derive(Debug, Clone, Copy, Default)]
+struct Fetched {
+    hit_bytes: u64,
+    miss_bytes: u64,
+}
+
+impl Fetched {
+    fn bytes(&self) -> u64 {
+        self.hit_bytes + self.miss_bytes
+    }
+
+    /// Seconds over a node link of `bps`, upstream at `upstream_bps`.
+    fn secs(&self, bps: f64, upstream_bps: f64) -> f64 {
+        self.hit_bytes as f64 / bps + self.miss_bytes as f64 / bps.min(upstream_bps)
+    }
 }
 
 /// Time-ordered events; ties by sequence so the replay is reproducible.
@@ -223,28 +252,26 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// Seconds to bring `layers` to node `n` over a link of `bps`, with
-    /// the cache's bookkeeping.
-    fn fetch(&mut self, n: usize, layers: &[Layer], bps: f64) -> (u64, f64) {
-        let mut bytes = 0;
-        let mut secs = 0.0;
+    /// What bringing `layers` to node `n` fetches, with the cache's
+    /// bookkeeping.
+    fn fetch(&mut self, n: usize, layers: &[Layer]) -> Fetched {
+        let mut f = Fetched::default();
         let mut seen = BTreeSet::new();
         for l in layers {
             if self.nodes[n].layers.contains_key(&l.digest) || !seen.insert(l.digest.clone()) {
                 continue;
             }
-            bytes += l.size;
             self.report.node_pulled_bytes += l.size;
             if self.cache.contains(&l.digest) {
                 self.report.cache_hit_bytes += l.size;
-                secs += l.size as f64 / bps;
+                f.hit_bytes += l.size;
             } else {
                 self.cache.insert(l.digest.clone());
                 self.report.upstream_bytes += l.size;
-                secs += l.size as f64 / bps.min(self.cfg.upstream_bps);
+                f.miss_bytes += l.size;
             }
         }
-        (bytes, secs)
+        f
     }
 
     fn add_image(&mut self, n: usize, image: &str, layers: &[Layer], now: f64, prepulled: u64) {
@@ -342,17 +369,25 @@ impl<'a> Sim<'a> {
         if found {
             self.report.found_on_node += 1;
         } else {
-            // An in-flight pre-pull of this image becomes the run's pull.
-            if self.nodes[n]
-                .prepulling
-                .as_ref()
-                .is_some_and(|(i, _, _)| *i == launch.image)
-            {
-                self.nodes[n].prepulling = None;
-            }
             self.nodes[n].queue.retain(|i| *i != launch.image);
-            let bps = self.cfg.node_bps;
-            let (_, secs) = self.fetch(n, &launch.layers, bps);
+            let secs = match self.nodes[n].prepulling.take() {
+                // An in-flight pre-pull of this image becomes the run's
+                // pull: what it brought so far stays, the run fetches the
+                // rest at full link speed, and only what the pre-pull
+                // brought counts as pre-pulled (and used).
+                Some(p) if p.image == launch.image => {
+                    let span = (p.done_at - p.started).max(1e-9);
+                    let left = ((p.done_at - now) / span).clamp(0.0, 1.0);
+                    let left_bytes = (p.fetched.bytes() as f64 * left) as u64;
+                    self.report.prepulled_bytes -= left_bytes;
+                    left * p.fetched.secs(self.cfg.node_bps, self.cfg.upstream_bps)
+                }
+                other => {
+                    self.nodes[n].prepulling = other;
+                    self.fetch(n, &launch.layers)
+                        .secs(self.cfg.node_bps, self.cfg.upstream_bps)
+                }
+            };
             let start = self.nodes[n].run_link_free.max(now);
             ready = start + secs;
             self.nodes[n].run_link_free = ready;
@@ -418,26 +453,34 @@ impl<'a> Sim<'a> {
             let Some(layers) = self.catalogue.get(&image).cloned() else {
                 continue;
             };
-            let bps = self.cfg.node_bps * self.cfg.prepull_share;
-            let (bytes, secs) = self.fetch(n, &layers, bps);
-            self.report.prepulled_bytes += bytes;
-            self.nodes[n].prepulling = Some((image, bytes, now + secs));
+            let fetched = self.fetch(n, &layers);
+            let secs = fetched.secs(
+                self.cfg.node_bps * self.cfg.prepull_share,
+                self.cfg.upstream_bps,
+            );
+            self.report.prepulled_bytes += fetched.bytes();
+            self.nodes[n].prepulling = Some(Prepull {
+                image,
+                fetched,
+                started: now,
+                done_at: now + secs,
+            });
             self.push(now + secs, Kind::PrepullDone { node: n });
             return;
         }
     }
 
     fn prepull_done(&mut self, now: f64, n: usize) {
-        let Some((image, bytes, at)) = self.nodes[n].prepulling.take() else {
+        let Some(p) = self.nodes[n].prepulling.take() else {
             return;
         };
-        if at > now + 1e-9 {
+        if p.done_at > now + 1e-9 {
             // A stale event: this pull was taken over or replaced.
-            self.nodes[n].prepulling = Some((image, bytes, at));
+            self.nodes[n].prepulling = Some(p);
             return;
         }
-        if let Some(layers) = self.catalogue.get(&image).cloned() {
-            self.add_image(n, &image, &layers, now, bytes);
+        if let Some(layers) = self.catalogue.get(&p.image).cloned() {
+            self.add_image(n, &p.image, &layers, now, p.fetched.bytes());
             self.gc(n, now);
         }
         self.next_prepull(n, now);
@@ -462,7 +505,7 @@ impl<'a> Sim<'a> {
                             .images
                             .keys()
                             .cloned()
-                            .chain(n.prepulling.iter().map(|p| p.0.clone()))
+                            .chain(n.prepulling.iter().map(|p| p.image.clone()))
                             .collect(),
                         in_use: n
                             .images

@@ -10,14 +10,16 @@
 //!   for the rest of the transaction, which makes every state change a true
 //!   compare-and-set;
 //! - claiming takes each queue group's oldest runs with
-//!   `FOR UPDATE SKIP LOCKED` and interleaves the groups (the fair
-//!   round-robin): a row another replica is claiming is skipped, not
+//!   `FOR UPDATE SKIP LOCKED`, and the crate's `claim` interleaves the groups
+//!   (the fair round-robin both stores share): a row another replica is claiming is skipped, not
 //!   waited for, and one it claimed a moment ago fails the re-check
 //!   PostgreSQL makes on the locked row. Two replicas never get the same
 //!   run, never wait on each other, and one finds nothing only when every
 //!   claimable run is being claimed by others;
 //! - the round-robin counter is a sequence, so concurrent claims don't
-//!   compute the same "next" value;
+//!   compute the same "next" value; a claim takes its groups' numbers in
+//!   serving order but writes their rows in key order, so two claimers
+//!   cannot deadlock on them;
 //! - a deadlock or serialization failure (PostgreSQL aborts one side) is
 //!   retried a few times, as the transaction had no effect.
 //!
@@ -26,8 +28,14 @@
 //! called from blocking threads (the server uses `spawn_blocking`), never
 //! from async code directly. Dropping the store is safe anywhere.
 //! Connections are plain TCP or Unix socket (no TLS).
+//!
+//! This file holds the schema, the connection pool, the transaction
+//! wrapper (`Db`, with the row helpers every concern uses), `LISTEN`, and
+//! the [`StateStore`] impl, which hands each call to the file of its
+//! concern: `runs.rs`, `claims.rs`, `nodes.rs`, `deployments.rs`,
+//! `logs.rs`.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -38,16 +46,23 @@ use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
 use postgres::{Client, Config, GenericClient, NoTls, Statement};
 
+use crate::claim;
 use crate::model::{
     Deployment, DeploymentSpec, Millis, ModelError, Node, NodeId, NodeSpec, Run, RunId, RunSpec,
     RunState,
 };
 use crate::model::{LogChunk, LogStream};
-use crate::rules::{self, Commit};
 use crate::store::{
     Appended, ClaimRequest, Clock, LogRetention, Pruned, RunFilter, RunReports, StateStore,
     StoreError, StoreEvent, Submitted,
 };
+use crate::transitions::{self, Commit};
+
+mod claims;
+mod deployments;
+mod logs;
+mod nodes;
+mod runs;
 
 /// Schema migrations; `ember_schema.version` is the number applied. Append
 /// only: a released migration is never edited.
@@ -459,51 +474,6 @@ impl<C: GenericClient> Db<'_, C> {
         Ok(parse::<Node>(row.get::<_, &str>(0))?.spec.labels)
     }
 
-    /// The warm hand-off of [`StateStore::claim_for_runner`], inside a
-    /// write transaction.
-    fn hand_off(
-        &mut self,
-        node: &str,
-        labels: &BTreeMap<String, String>,
-        warm_key: &str,
-        now: Millis,
-    ) -> Result<Option<Run>, StoreError> {
-        // Oldest first, skipping runs another replica is claiming, parsed
-        // one at a time (usually the first fits; this runs once per
-        // finished run in a burst). A few rows are locked first; only if
-        // none fits the node's labels does a wider look follow.
-        let mut after = 0_i64;
-        let mut found = None;
-        for page in [4_i64, 60] {
-            let rows = self.query(
-                "SELECT id, body FROM runs
-                 WHERE state = 'queued' AND warm_key = $1 AND id > $2
-                   AND (claimed_by IS NULL OR claim_expires <= $3)
-                 ORDER BY id LIMIT $4
-                 FOR UPDATE SKIP LOCKED",
-                &[&warm_key, &after, &millis_sql(now), &page],
-            )?;
-            for row in &rows {
-                after = row.get(0);
-                let run: Run = parse(row.get::<_, &str>(1))?;
-                if rules::selector_matches(&run, labels) {
-                    found = Some(run);
-                    break;
-                }
-            }
-            if found.is_some() || rows.len() < usize::try_from(page).unwrap_or(0) {
-                break;
-            }
-        }
-        let Some(mut run) = found else {
-            return Ok(None);
-        };
-        self.mark_served(&run.queue_key())?;
-        rules::hand_off(&mut run, node, now)?;
-        self.save_run(&run)?;
-        Ok(Some(run))
-    }
-
     /// Writes the run's body and indexed columns; a run going back to the
     /// queue or leaving it also drops any claim on it.
     fn save_run(&mut self, run: &Run) -> Result<(), StoreError> {
@@ -527,90 +497,6 @@ impl<C: GenericClient> Db<'_, C> {
     /// claimable.
     fn notify(&mut self) -> Result<(), StoreError> {
         self.execute("SELECT pg_notify($1, '')", &[&CHANNEL])?;
-        Ok(())
-    }
-
-    /// One submit inside the caller's transaction. Errors other than
-    /// [`StoreError::Backend`] happen before anything is written, so a batch
-    /// can report them per run and still commit the others.
-    fn submit(&mut self, spec: &RunSpec, now: Millis) -> Result<Submitted, StoreError> {
-        let spec_json = serde_json::to_string(spec)?;
-        if let Some(key) = &spec.idempotency_key
-            && let Some(found) = self.earlier_submit(key, &spec_json)?
-        {
-            return Ok(found);
-        }
-        let deployment = match &spec.deployment {
-            Some(name) => self.load_deployment(name)?,
-            None => None,
-        };
-        let mut run = rules::resolve(spec, deployment, now)?;
-        let id: i64 = self.query("SELECT nextval('runs_id_seq')", &[])?[0].get(0);
-        run.id = RunId(id);
-        let inserted = self.execute(
-            "INSERT INTO runs (id, state, queue_key, warm_key, deployment, idempotency_key,
-                               spec, body)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-             ON CONFLICT (idempotency_key) DO NOTHING",
-            &[
-                &id,
-                &run.state.as_str(),
-                &run.queue_key(),
-                &run.warm_key(),
-                &run.deployment,
-                &run.idempotency_key,
-                &spec_json,
-                &serde_json::to_string(&run)?,
-            ],
-        )?;
-        if inserted == 0 {
-            // Another replica inserted the same key between our check and
-            // our insert (and has committed: the insert waited for it).
-            let key = spec
-                .idempotency_key
-                .as_ref()
-                .ok_or_else(|| StoreError::Backend("insert without a key conflicted".into()))?;
-            return self
-                .earlier_submit(key, &spec_json)?
-                .ok_or_else(|| StoreError::Backend("conflicting run vanished".into()));
-        }
-        Ok(Submitted { run, created: true })
-    }
-
-    /// The run an earlier submit with idempotency key `key` made, or an
-    /// error if the key was used for a different spec.
-    fn earlier_submit(
-        &mut self,
-        key: &String,
-        spec_json: &str,
-    ) -> Result<Option<Submitted>, StoreError> {
-        let Some(row) = self.query_opt(
-            "SELECT id, spec FROM runs WHERE idempotency_key = $1",
-            &[key],
-        )?
-        else {
-            return Ok(None);
-        };
-        let id = RunId(row.get(0));
-        if row.get::<_, &str>(1) != spec_json {
-            return Err(StoreError::IdempotencyMismatch {
-                key: key.clone(),
-                existing: id,
-            });
-        }
-        Ok(Some(Submitted {
-            run: self.load_run(id, false)?,
-            created: false,
-        }))
-    }
-
-    /// Sends `queue_key`'s group to the back of the round-robin.
-    fn mark_served(&mut self, queue_key: &str) -> Result<(), StoreError> {
-        self.execute(
-            "INSERT INTO queues (queue_key, last_served) VALUES ($1, nextval('queue_serve_seq'))
-             ON CONFLICT (queue_key) DO UPDATE SET last_served = excluded.last_served",
-            &[&queue_key],
-        )?;
         Ok(())
     }
 }
@@ -657,82 +543,30 @@ fn migrate(client: &mut Client) -> Result<(), StoreError> {
 
 impl StateStore for PostgresStore {
     fn create_deployment(&self, spec: &DeploymentSpec) -> Result<Deployment, StoreError> {
-        spec.validate()?;
-        self.write(Commit::Synced, |db, now| {
-            let d = Deployment {
-                spec: spec.clone(),
-                created_at: now,
-            };
-            let inserted = db.execute(
-                "INSERT INTO deployments (name, created_at, body) VALUES ($1, $2, $3)
-                 ON CONFLICT (name) DO NOTHING",
-                &[&d.spec.name, &millis_sql(now), &serde_json::to_string(&d)?],
-            )?;
-            if inserted == 0 {
-                return Err(StoreError::DeploymentExists(spec.name.clone()));
-            }
-            Ok(d)
-        })
+        deployments::create_deployment(self, spec)
     }
 
     fn get_deployment(&self, name: &str) -> Result<Option<Deployment>, StoreError> {
-        self.read(|db| db.load_deployment(name))
+        deployments::get_deployment(self, name)
     }
 
     fn list_deployments(&self) -> Result<Vec<Deployment>, StoreError> {
-        self.read(|db| {
-            db.query("SELECT body FROM deployments ORDER BY name", &[])?
-                .iter()
-                .map(|r| parse(r.get::<_, &str>(0)))
-                .collect()
-        })
+        deployments::list_deployments(self)
     }
 
     fn submit_runs(
         &self,
         specs: &[RunSpec],
     ) -> Result<Vec<Result<Submitted, StoreError>>, StoreError> {
-        self.write(Commit::Synced, |db, now| {
-            let mut out = Vec::with_capacity(specs.len());
-            for spec in specs {
-                match db.submit(spec, now) {
-                    Err(e @ StoreError::Backend(_)) => return Err(e),
-                    other => out.push(other),
-                }
-            }
-            if out.iter().any(|r| r.as_ref().is_ok_and(|s| s.created)) {
-                db.notify()?;
-            }
-            Ok(out)
-        })
+        runs::submit_runs(self, specs)
     }
 
     fn get_run(&self, id: RunId) -> Result<Option<Run>, StoreError> {
-        self.read(|db| match db.load_run(id, false) {
-            Ok(run) => Ok(Some(run)),
-            Err(StoreError::RunNotFound(_)) => Ok(None),
-            Err(e) => Err(e),
-        })
+        runs::get_run(self, id)
     }
 
     fn list_runs(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError> {
-        let states: Vec<&str> = filter.states.iter().map(|s| s.as_str()).collect();
-        let limit = filter.limit.map(|l| i64::try_from(l).unwrap_or(i64::MAX));
-        let before = filter.before.map(|b| b.0);
-        // NULL parameters switch a filter off, so one prepared statement
-        // serves every combination.
-        self.read(|db| {
-            db.runs(
-                "SELECT body FROM runs
-                 WHERE (cardinality($1::text[]) = 0 OR state = ANY($1))
-                   AND ($2::text IS NULL OR deployment = $2)
-                   AND ($3::text IS NULL OR node = $3)
-                   AND ($5::bigint IS NULL OR id < $5)
-                 ORDER BY id DESC
-                 LIMIT $4",
-                &[&states, &filter.deployment, &filter.node, &limit, &before],
-            )
-        })
+        runs::list_runs(self, filter)
     }
 
     fn transition_run(
@@ -741,162 +575,19 @@ impl StateStore for PostgresStore {
         expected: RunState,
         to: RunState,
     ) -> Result<Run, StoreError> {
-        self.write(Commit::Synced, |db, now| {
-            let mut run = db.load_run(id, true)?;
-            rules::expect_state(&run, expected)?;
-            rules::apply(&mut run, to, now)?;
-            db.save_run(&run)?;
-            if to == RunState::Queued {
-                db.notify()?;
-            }
-            Ok(run)
-        })
+        runs::transition_run(self, id, expected, to)
     }
 
     fn claim_runs(&self, req: &ClaimRequest) -> Result<Vec<Run>, StoreError> {
-        if req.limit == 0 {
-            return Ok(Vec::new());
-        }
-        self.write(Commit::Relaxed, |db, now| {
-            let now_sql = millis_sql(now);
-            let limit = i64::try_from(req.limit).unwrap_or(i64::MAX);
-            // The groups with claimable runs, the one served longest ago
-            // first (never served: oldest run first). At most `limit` of
-            // them can get a run this round.
-            let groups: Vec<String> = db
-                .query(
-                    "SELECT g.queue_key FROM (
-                         SELECT queue_key, MIN(id) AS first FROM runs
-                         WHERE state = 'queued' AND (claimed_by IS NULL OR claim_expires <= $1)
-                         GROUP BY queue_key
-                     ) g
-                     LEFT JOIN queues q ON q.queue_key = g.queue_key
-                     ORDER BY COALESCE(q.last_served, 0), g.first
-                     LIMIT $2",
-                    &[&now_sql, &limit],
-                )?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            // Lock each group's oldest claimable runs, skipping rows other
-            // replicas are claiming right now, a fair share per group;
-            // groups that run dry leave their share to the others.
-            let mut lists: Vec<VecDeque<Run>> = vec![VecDeque::new(); groups.len()];
-            let mut after = vec![0_i64; groups.len()];
-            let mut more = vec![true; groups.len()];
-            let mut locked = 0;
-            while locked < req.limit {
-                let open: Vec<usize> = (0..groups.len()).filter(|&i| more[i]).collect();
-                if open.is_empty() {
-                    break;
-                }
-                let share = (req.limit - locked).div_ceil(open.len());
-                let share_sql = i64::try_from(share).unwrap_or(i64::MAX);
-                for i in open {
-                    let got = db.query(
-                        "SELECT id, body FROM runs
-                         WHERE queue_key = $1 AND id > $2 AND state = 'queued'
-                           AND (claimed_by IS NULL OR claim_expires <= $3)
-                         ORDER BY id LIMIT $4
-                         FOR UPDATE SKIP LOCKED",
-                        &[&groups[i], &after[i], &now_sql, &share_sql],
-                    )?;
-                    if got.len() < share {
-                        more[i] = false;
-                    }
-                    for row in &got {
-                        after[i] = row.get(0);
-                        lists[i].push_back(parse(row.get::<_, &str>(1))?);
-                    }
-                    locked += got.len();
-                }
-            }
-            // Round-robin: every group's first run before anyone's second.
-            let mut runs = Vec::with_capacity(req.limit);
-            'fill: while runs.len() < req.limit {
-                let mut any = false;
-                for list in &mut lists {
-                    if let Some(run) = list.pop_front() {
-                        runs.push(run);
-                        any = true;
-                        if runs.len() == req.limit {
-                            break 'fill;
-                        }
-                    }
-                }
-                if !any {
-                    break;
-                }
-            }
-            // Queue rows in one order in every transaction: two claimers
-            // updating the same groups cannot deadlock.
-            let mut keys: Vec<String> = runs.iter().map(|r| r.queue_key()).collect();
-            keys.sort();
-            keys.dedup();
-            for key in &keys {
-                db.mark_served(key)?;
-            }
-            let expires = millis_sql(now.saturating_add(req.lease_ms));
-            for run in &mut runs {
-                run.times.claimed = Some(now);
-                db.execute(
-                    "UPDATE runs SET claimed_by = $2, claim_expires = $3, body = $4 WHERE id = $1",
-                    &[
-                        &run.id.0,
-                        &req.owner,
-                        &expires,
-                        &serde_json::to_string(&*run)?,
-                    ],
-                )?;
-            }
-            Ok(runs)
-        })
+        claims::claim_runs(self, req)
     }
 
     fn release_claims(&self, owner: &str, ids: &[RunId]) -> Result<(), StoreError> {
-        let ids: Vec<i64> = ids.iter().map(|i| i.0).collect();
-        self.write(Commit::Relaxed, |db, _| {
-            let released = db.execute(
-                "UPDATE runs SET claimed_by = NULL, claim_expires = NULL
-                 WHERE id = ANY($1) AND claimed_by = $2",
-                &[&ids, &owner],
-            )?;
-            // This replica could not place them; another one may.
-            if released > 0 {
-                db.notify()?;
-            }
-            Ok(())
-        })
+        claims::release_claims(self, owner, ids)
     }
 
     fn assign_run(&self, owner: &str, id: RunId, node: &str) -> Result<Run, StoreError> {
-        self.write(Commit::Relaxed, |db, now| {
-            let row = db
-                .query_opt(
-                    "SELECT claimed_by, body FROM runs WHERE id = $1 FOR UPDATE",
-                    &[&id.0],
-                )?
-                .ok_or(StoreError::RunNotFound(id))?;
-            // An expired lease still owned by us is fine: nobody else took it.
-            if row.get::<_, Option<&str>>(0) != Some(owner) {
-                return Err(StoreError::NotClaimed {
-                    run: id,
-                    owner: owner.to_owned(),
-                });
-            }
-            let mut run: Run = parse(row.get::<_, &str>(1))?;
-            if db
-                .query_opt("SELECT 1 FROM nodes WHERE id = $1", &[&node])?
-                .is_none()
-            {
-                return Err(StoreError::NodeNotFound(node.to_owned()));
-            }
-            rules::expect_state(&run, RunState::Queued)?;
-            rules::apply(&mut run, RunState::Scheduled, now)?;
-            run.node = Some(node.to_owned());
-            db.save_run(&run)?;
-            Ok(run)
-        })
+        claims::assign_run(self, owner, id, node)
     }
 
     fn claim_for_runners(
@@ -904,13 +595,7 @@ impl StateStore for PostgresStore {
         node: &str,
         warm_keys: &[String],
     ) -> Result<Vec<Option<Run>>, StoreError> {
-        self.write(Commit::Relaxed, |db, now| {
-            let labels = db.node_labels(node)?;
-            warm_keys
-                .iter()
-                .map(|k| db.hand_off(node, &labels, k, now))
-                .collect()
-        })
+        claims::claim_for_runners(self, node, warm_keys)
     }
 
     fn report_batch(
@@ -918,114 +603,31 @@ impl StateStore for PostgresStore {
         node: &str,
         batch: &[RunReports],
     ) -> Result<Vec<Result<Run, StoreError>>, StoreError> {
-        // Rows are locked in the batch's order; another transaction that
-        // locks several of them in another order (mark_lost_runs) may
-        // deadlock with this one, and then `write` retries it.
-        self.write(Commit::Relaxed, |db, now| {
-            let mut requeued = false;
-            let out = batch
-                .iter()
-                .map(|b| {
-                    let mut run = match db.load_run(b.run, true) {
-                        Ok(run) => run,
-                        Err(e @ StoreError::RunNotFound(_)) => return Ok(Err(e)),
-                        Err(e) => return Err(e),
-                    };
-                    let (changed, res) = rules::apply_reports(&mut run, node, b, now);
-                    if changed {
-                        db.save_run(&run)?;
-                        // A run its node lost is queued again: other
-                        // replicas' dispatchers may place it.
-                        requeued |= run.state == RunState::Queued;
-                    }
-                    Ok(res.map(|()| run))
-                })
-                .collect::<Result<Vec<_>, StoreError>>()?;
-            if requeued {
-                db.notify()?;
-            }
-            Ok(out)
-        })
+        runs::report_batch(self, node, batch)
     }
 
     fn upsert_node(&self, spec: &NodeSpec) -> Result<Node, StoreError> {
-        if spec.id.is_empty() {
-            return Err(ModelError::Empty { what: "node id" }.into());
-        }
-        self.write(Commit::Relaxed, |db, now| {
-            let node = Node {
-                spec: spec.clone(),
-                last_heartbeat: now,
-            };
-            db.execute(
-                "INSERT INTO nodes (id, last_heartbeat, body) VALUES ($1, $2, $3)
-                 ON CONFLICT (id) DO UPDATE SET last_heartbeat = excluded.last_heartbeat,
-                                                body = excluded.body",
-                &[&spec.id, &millis_sql(now), &serde_json::to_string(&node)?],
-            )?;
-            Ok(node)
-        })
+        nodes::upsert_node(self, spec)
     }
 
     fn list_nodes(&self) -> Result<Vec<Node>, StoreError> {
-        self.read(|db| {
-            db.query("SELECT body FROM nodes ORDER BY id", &[])?
-                .iter()
-                .map(|r| parse(r.get::<_, &str>(0)))
-                .collect()
-        })
+        nodes::list_nodes(self)
     }
 
     fn add_node_credential(&self, node: &str, token_sha256: &str) -> Result<(), StoreError> {
-        rules::check_credential(node, token_sha256)?;
-        self.write(Commit::Synced, |db, now| {
-            db.execute(
-                "INSERT INTO node_credentials (token_sha256, node, created_at) VALUES ($1, $2, $3)",
-                &[&token_sha256, &node, &millis_sql(now)],
-            )?;
-            Ok(())
-        })
+        nodes::add_node_credential(self, node, token_sha256)
     }
 
     fn revoke_node_credentials(&self, node: &str) -> Result<usize, StoreError> {
-        self.write(Commit::Synced, |db, _| {
-            let n = db.execute("DELETE FROM node_credentials WHERE node = $1", &[&node])?;
-            Ok(usize::try_from(n).unwrap_or(usize::MAX))
-        })
+        nodes::revoke_node_credentials(self, node)
     }
 
     fn node_credentials(&self) -> Result<Vec<(String, NodeId)>, StoreError> {
-        self.read(|db| {
-            Ok(db
-                .query(
-                    "SELECT token_sha256, node FROM node_credentials ORDER BY token_sha256",
-                    &[],
-                )?
-                .iter()
-                .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
-                .collect())
-        })
+        nodes::node_credentials(self)
     }
 
     fn mark_lost_runs(&self, stale_after_ms: Millis) -> Result<Vec<Run>, StoreError> {
-        self.write(Commit::Relaxed, |db, now| {
-            let cutoff = millis_sql(now.saturating_sub(stale_after_ms));
-            // Waits for rows being reported on; PostgreSQL re-checks the
-            // state on the row version it locks, so a run that finished
-            // meanwhile drops out.
-            let mut runs = db.runs(
-                "SELECT r.body FROM runs r JOIN nodes n ON n.id = r.node
-                 WHERE r.state IN ('scheduled', 'starting', 'running') AND n.last_heartbeat < $1
-                 ORDER BY r.id
-                 FOR UPDATE OF r",
-                &[&cutoff],
-            )?;
-            for run in &mut runs {
-                rules::mark_lost(run, now)?;
-                db.save_run(run)?;
-            }
-            Ok(runs)
-        })
+        runs::mark_lost_runs(self, stale_after_ms)
     }
 
     fn append_log(
@@ -1036,114 +638,11 @@ impl StateStore for PostgresStore {
         data: &[u8],
         max_bytes: u64,
     ) -> Result<Appended, StoreError> {
-        self.write(Commit::Relaxed, |db, now| {
-            // The run's row lock orders appends of one run: the sequence
-            // value is drawn after it, so commits come in `seq` order and a
-            // follower never finds an earlier chunk appear behind its cursor.
-            // It also makes the size check and update below atomic.
-            rules::check_assigned(&db.load_run(id, true)?, node)?;
-            if data.is_empty() {
-                return Ok(Appended::Stored);
-            }
-            let (stored, truncated) = db
-                .query_opt(
-                    "SELECT bytes, truncated FROM run_log_sizes WHERE run_id = $1",
-                    &[&id.0],
-                )?
-                .map_or((0, false), |r| (r.get::<_, i64>(0), r.get::<_, bool>(1)));
-            let stored = u64::try_from(stored).unwrap_or(0);
-            let plan = rules::plan_append(stored, truncated, data.len(), max_bytes);
-            if plan.outcome == Appended::Dropped {
-                return Ok(Appended::Dropped);
-            }
-            if plan.keep > 0 {
-                db.execute(
-                    "INSERT INTO run_logs (run_id, stream, data) VALUES ($1, $2, $3)",
-                    &[&id.0, &stream.as_str(), &&data[..plan.keep]],
-                )?;
-            }
-            if plan.notice {
-                db.execute(
-                    "INSERT INTO run_logs (run_id, stream, data) VALUES ($1, $2, $3)",
-                    &[
-                        &id.0,
-                        &rules::MARKER_STREAM,
-                        &rules::truncation_notice(max_bytes),
-                    ],
-                )?;
-            }
-            let kept = u64::try_from(plan.keep).unwrap_or(u64::MAX);
-            let bytes = i64::try_from(stored.saturating_add(kept)).unwrap_or(i64::MAX);
-            db.execute(
-                "INSERT INTO run_log_sizes (run_id, bytes, last_append, truncated, pruned)
-                 VALUES ($1, $2, $3, $4, FALSE)
-                 ON CONFLICT (run_id) DO UPDATE SET bytes = excluded.bytes,
-                     last_append = excluded.last_append, truncated = excluded.truncated,
-                     pruned = FALSE",
-                &[&id.0, &bytes, &millis_sql(now), &(truncated || plan.notice)],
-            )?;
-            db.execute(
-                "SELECT pg_notify($1, $2)",
-                &[&LOG_CHANNEL, &id.0.to_string()],
-            )?;
-            Ok(plan.outcome)
-        })
+        logs::append_log(self, node, id, stream, data, max_bytes)
     }
 
     fn prune_logs(&self, retention: &LogRetention) -> Result<Pruned, StoreError> {
-        if retention.max_age_ms.is_none() && retention.max_total_bytes.is_none() {
-            return Ok(Pruned::default());
-        }
-        self.write(Commit::Relaxed, |db, now| {
-            // Candidates oldest first, locked so two replicas pruning at
-            // once do not both count the same bytes.
-            let rows = db.query(
-                "SELECT s.run_id, s.bytes, s.last_append FROM run_log_sizes s
-                 JOIN runs r ON r.id = s.run_id
-                 WHERE NOT s.pruned
-                   AND r.state IN ('succeeded', 'failed', 'cancelled', 'lost')
-                 ORDER BY s.last_append, s.run_id
-                 FOR UPDATE OF s",
-                &[],
-            )?;
-            let candidates: Vec<(i64, u64, Millis)> = rows
-                .iter()
-                .map(|r| {
-                    (
-                        r.get::<_, i64>(0),
-                        u64::try_from(r.get::<_, i64>(1)).unwrap_or(0),
-                        u64::try_from(r.get::<_, i64>(2)).unwrap_or(0),
-                    )
-                })
-                .collect();
-            let total: i64 = db
-                .query_opt(
-                    "SELECT COALESCE(SUM(bytes), 0)::bigint FROM run_log_sizes",
-                    &[],
-                )?
-                .map_or(0, |r| r.get(0));
-            let victims = rules::prune_victims(
-                &candidates,
-                u64::try_from(total).unwrap_or(0),
-                retention,
-                now,
-            );
-            let mut pruned = Pruned::default();
-            for (id, bytes) in victims {
-                db.execute("DELETE FROM run_logs WHERE run_id = $1", &[&id])?;
-                db.execute(
-                    "INSERT INTO run_logs (run_id, stream, data) VALUES ($1, $2, $3)",
-                    &[&id, &rules::MARKER_STREAM, &rules::PRUNED_NOTICE],
-                )?;
-                db.execute(
-                    "UPDATE run_log_sizes SET bytes = 0, pruned = TRUE WHERE run_id = $1",
-                    &[&id],
-                )?;
-                pruned.runs += 1;
-                pruned.bytes += bytes;
-            }
-            Ok(pruned)
-        })
+        logs::prune_logs(self, retention)
     }
 
     fn read_log(
@@ -1153,32 +652,7 @@ impl StateStore for PostgresStore {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<LogChunk>, StoreError> {
-        let after = i64::try_from(after).unwrap_or(i64::MAX);
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let max_bytes = i64::try_from(max_bytes).unwrap_or(i64::MAX);
-        self.read(|db| {
-            // The running total stops the page at the byte budget in the
-            // server, so the rows past it never cross the wire.
-            let rows = db.query(
-                "SELECT seq, stream, data FROM (
-                     SELECT seq, stream, data,
-                            SUM(octet_length(data)) OVER (ORDER BY seq) - octet_length(data)
-                                AS before_it
-                     FROM run_logs WHERE run_id = $1 AND seq > $2
-                     ORDER BY seq LIMIT $3
-                 ) page
-                 WHERE before_it < $4
-                 ORDER BY seq",
-                &[&id.0, &after, &limit, &max_bytes],
-            )?;
-            if rows.is_empty() {
-                // Distinguish "no output yet" from "no such run".
-                db.load_run(id, false)?;
-            }
-            rows.iter()
-                .map(|r| rules::log_chunk(r.get(0), r.get(1), r.get(2)))
-                .collect()
-        })
+        logs::read_log(self, id, after, limit, max_bytes)
     }
 
     /// A thread with its own connection `LISTEN`s on the queue channel and

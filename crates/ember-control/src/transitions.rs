@@ -1,10 +1,10 @@
-//! What every [`StateStore`](crate::StateStore) does inside its
-//! transactions, apart from SQL: resolving a submit into a run, applying a
-//! node's report, declaring a run lost. Each backend reads the rows, calls
-//! these, and writes the result back, so SQLite and PostgreSQL cannot drift
-//! apart in behaviour.
-
-use std::collections::BTreeMap;
+//! Where a run's state changes: what every [`StateStore`](crate::StateStore)
+//! does inside its transactions, apart from SQL — resolving a submit into
+//! a run, moving it along the state machine
+//! ([`model::check_transition`](crate::model::check_transition)), applying
+//! a node's report, handing it to a warm runner, declaring it lost. Each
+//! backend reads the rows, calls these, and writes the result back, so
+//! SQLite and PostgreSQL cannot drift apart in behaviour.
 
 use crate::model::{
     Deployment, LogChunk, LogStream, Millis, ModelError, NodeReport, Run, RunId, RunSpec, RunState,
@@ -106,13 +106,6 @@ pub(crate) fn resolve(
             ..StartTimes::default()
         },
     })
-}
-
-/// Whether a node with `labels` satisfies the run's node selector.
-pub(crate) fn selector_matches(run: &Run, labels: &BTreeMap<String, String>) -> bool {
-    run.node_selector
-        .iter()
-        .all(|(k, v)| labels.get(k).is_some_and(|have| have == v))
 }
 
 /// Warm hand-off: `run` (queued, unclaimed) goes to `node` at once; the

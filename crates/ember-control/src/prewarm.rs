@@ -3,9 +3,10 @@
 //!
 //! [`plan`] is a pure function of a [`ClusterView`] (nodes, their free
 //! slots, images and idle runners by warm key) and the deployments, like
-//! [`ember_control::schedule::place`]. The server runs it when a deployment
-//! is created and when a node connects or heartbeats, and pushes each
-//! [`Order`] as a `prewarm` message on the node's work stream. An order is
+//! [`crate::schedule::place`]. The control server runs it when a
+//! deployment is created and when a node connects or heartbeats, and
+//! pushes each [`Order`] as a `prewarm` message on the node's work stream
+//! (the wire form is the server's business, not this crate's). An order is
 //! a target ("keep `count` idle runners of this key"), not a delta, so
 //! repeating it until the node's inventory shows the runners never creates
 //! too many.
@@ -19,12 +20,10 @@
 //! its budget (which would evict runners and be re-ordered at the next
 //! heartbeat, churning forever).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
-use ember_control::model::{Deployment, NodeId, PinnedImage, Resources};
-use ember_control::schedule::{ClusterView, NodeView};
-
-use ember_api::wire::WorkMessage;
+use crate::model::{Deployment, NodeId, PinnedImage, Resources};
+use crate::schedule::{ClusterView, NodeView};
 
 /// Keep `count` idle runners of one deployment's key on one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,30 +46,9 @@ pub struct Order {
     pub readonly_rootfs: bool,
 }
 
-impl Order {
-    /// The work-stream message for the order's node.
-    pub fn message(&self) -> WorkMessage {
-        WorkMessage::Prewarm {
-            deployment: self.deployment.clone(),
-            key: self.key.clone(),
-            image: self.image.clone(),
-            resources: self.resources.clone(),
-            recycle_key: self.recycle_key.clone(),
-            readonly_rootfs: self.readonly_rootfs,
-            count: self.count,
-        }
-    }
-}
-
-/// The warm key runs of `d` get ([`ember_control::model::Run::warm_key`]).
+/// The warm key runs of `d` get ([`crate::model::Run::warm_key`]).
 pub fn warm_key(d: &Deployment) -> String {
     d.spec.warm_key()
-}
-
-fn matches(n: &NodeView, selector: &BTreeMap<String, String>) -> bool {
-    selector
-        .iter()
-        .all(|(k, v)| n.labels.get(k).is_some_and(|have| have == v))
 }
 
 /// The orders that bring every deployment up to its warm runners; see the
@@ -98,7 +76,7 @@ pub fn plan(view: &ClusterView, deployments: &[Deployment]) -> Vec<Order> {
         let candidates: Vec<&NodeView> = view
             .nodes
             .iter()
-            .filter(|n| matches(n, &d.spec.node_selector))
+            .filter(|n| n.matches(&d.spec.node_selector))
             .collect();
         let have: Vec<u32> = candidates
             .iter()
@@ -147,8 +125,10 @@ pub fn plan(view: &ClusterView, deployments: &[Deployment]) -> Vec<Order> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
-    use ember_control::model::DeploymentSpec;
+    use crate::model::DeploymentSpec;
 
     fn digest(c: char) -> String {
         format!("sha256:{}", c.to_string().repeat(64))
@@ -197,10 +177,6 @@ mod tests {
         let orders = plan(&view, std::slice::from_ref(&d));
         assert_eq!(counts(&orders), vec![("n2", 1)]);
         assert_eq!(orders[0].key, warm_key(&d));
-        assert!(matches!(
-            orders[0].message(),
-            WorkMessage::Prewarm { count: 1, .. }
-        ));
 
         let d3 = deployment("web", 'a', 3);
         assert_eq!(
