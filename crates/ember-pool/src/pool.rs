@@ -31,10 +31,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use ember_agent_proto::{AgentClient, ClientError, ExecRequest, ExecResult, Started};
+use ember_runtime::cgroup::{Cgroups, MemoryEvents};
 use ember_runtime::{RecoverReport, Runc};
 use ember_store::Store;
-
-use ember_runtime::cgroup::{Cgroups, MemoryEvents};
 
 use crate::error::PoolError;
 use crate::key::{RunnerKey, RunnerSpec};

@@ -15,13 +15,13 @@ use std::fs::{self, File};
 use std::io;
 use std::path::Path;
 
+use ember_runtime::cgroup::{Cgroups, FreezerState};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::error::PoolError;
 use crate::pool::PoolRecoverReport;
 use crate::runner::{Env, RECORD_FILE, RunnerRecord};
-use ember_runtime::cgroup::{Cgroups, FreezerState};
 
 pub(crate) fn recover(env: &Env) -> Result<PoolRecoverReport, PoolError> {
     let mut report = PoolRecoverReport::default();

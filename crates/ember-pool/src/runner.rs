@@ -36,23 +36,22 @@
 //!
 //! The container is started with one foreground `runc run`
 //! ([`Prepared::spawn`]), held as a child of this process; runc removes its
-//! state and cgroups when the agent exits.
-//! Destroying a runner kills the agent (PID 1 of the container's pid
-//! namespace, so the kernel kills everything else in it), waits for runc,
-//! unmounts and removes the directory.
+//! state and cgroups when the agent exits. Destroying a runner kills the
+//! agent (PID 1 of the container's pid namespace, so the kernel kills
+//! everything else in it), waits for runc, and leaves the rest to the
+//! runtime's cleanup (runc state, overlay, directory).
 
-use ember_runtime::runc::PidFd;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{PermissionsExt, chown};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
-
 use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use ember_agent_proto::{AgentClient, ClientError, ExecRequest, ExecResult, Pong, Started};
 use ember_runtime::cgroup::{Cgroups, MemoryEvents};
+use ember_runtime::runc::PidFd;
 use ember_runtime::spec::{self, SpecError};
 use ember_runtime::user::ResolvedUser;
 use ember_runtime::{
