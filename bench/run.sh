@@ -107,7 +107,7 @@ EMBER_FIXTURES=${EMBER_FIXTURES:-$REPO/target/release/ember-fixtures}
 [ -x "$EMBER" ] || die "$EMBER missing (build it, or drop --no-build)"
 [ -x "$EMBER_FIXTURES" ] || die "$EMBER_FIXTURES missing"
 if [ -z "${EMBER_SOURCE:-}" ]; then
-  EMBER_SOURCE="work tree at git $GIT_REV$([ "$GIT_DIRTY" = true ] && echo " with uncommitted changes in crates/")"
+  EMBER_SOURCE="work tree at git $GIT_REV$([ "$GIT_DIRTY" = true ] && echo " with uncommitted changes in crates/" || true)"
   ((BUILD)) || EMBER_SOURCE="$EMBER_SOURCE (not rebuilt: binary from $(date -u -r "$EMBER" +%Y-%m-%dT%H:%M:%SZ))"
 fi
 EMBER_SHA=$(sha256sum "$EMBER" | cut -c1-16)

@@ -27,8 +27,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::poll::{PollFd, PollFlags};
 use nix::sys::signal::Signal;
+use nix::sys::time::TimeSpec;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use serde::Deserialize;
@@ -734,12 +735,14 @@ impl PidFd {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
-                .unwrap_or(PollTimeout::MAX);
+            // ppoll's timeout is exact: poll's whole milliseconds rounded a
+            // wait under 1 ms down to 0 and so spun through it, which the
+            // pool's agent-connect loop (200 µs pauses, then the rest of
+            // each 10 ms one) did on every runner it created.
             let mut fds = [PollFd::new(self.0.as_fd(), PollFlags::POLLIN)];
-            match nix::poll::poll(&mut fds, ms) {
+            match nix::poll::ppoll(&mut fds, Some(TimeSpec::from(left)), None) {
                 Ok(0) if left.is_zero() => return Ok(false),
-                // Millisecond rounding can wake early: go round again.
+                // The kernel may still wake a little early: go round again.
                 Ok(0) => continue,
                 Ok(_) => return Ok(true),
                 Err(nix::errno::Errno::EINTR) => continue,

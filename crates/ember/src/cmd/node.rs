@@ -2,7 +2,7 @@
 
 use crate::cmd::cluster::{find_agent, hostname, stop_signal};
 use anyhow::{Context, bail};
-use ember_controld::node::{NodeConfig, WatchdogCommand, run_node, watch_node};
+use ember_node::{NodeAgentConfig, WatchdogCommand, run_node, watch_node};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -45,7 +45,7 @@ pub struct Args {
 }
 
 /// Builds the node configuration; shared with `ember up`.
-pub fn config(root: &Path, args: Args) -> anyhow::Result<NodeConfig> {
+pub fn config(root: &Path, args: Args) -> anyhow::Result<NodeAgentConfig> {
     if args.slots == 0 {
         bail!("--slots must be at least 1");
     }
@@ -57,7 +57,7 @@ pub fn config(root: &Path, args: Args) -> anyhow::Result<NodeConfig> {
         labels.insert(k.to_owned(), v.to_owned());
     }
     let agent = find_agent(args.agent)?;
-    Ok(NodeConfig {
+    Ok(NodeAgentConfig {
         control: args.control,
         token: args.token.filter(|t| !t.is_empty()),
         id: args.id.unwrap_or_else(hostname),

@@ -3,8 +3,9 @@
 use crate::progress::Progress;
 use crate::util::{RegistryArgs, human_bytes};
 use anyhow::Context;
+use ember_node::images::Pull;
 use ember_oci::{Platform, Reference};
-use ember_store::{PullOptions, PullReport, Store};
+use ember_store::{PullOptions, PullReport, SilentProgress, Store};
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -40,7 +41,25 @@ pub struct Args {
     pub no_tree_record: bool,
 }
 
-/// Pulls `reference` with the given registry flags; shared with `ember run`.
+/// What pulling `reference` with the given registry flags takes, silently
+/// (the caller sets `progress`); shared with `ember run`, which sets it up
+/// only when the image is not here.
+pub fn pull_for(reference: &str, registry: &RegistryArgs, durable: bool) -> anyhow::Result<Pull> {
+    let reference: Reference = reference.parse()?;
+    let platform: Platform = registry.platform.parse()?;
+    Ok(Pull {
+        reference,
+        registry: registry.client()?,
+        options: PullOptions {
+            platform,
+            durable,
+            ..Default::default()
+        },
+        progress: Arc::new(SilentProgress),
+    })
+}
+
+/// Pulls `reference` with the given registry flags.
 pub async fn pull_image(
     store: &Store,
     reference: &str,
@@ -60,17 +79,18 @@ async fn pull_image_recording(
     durable: bool,
     record_trees: bool,
 ) -> anyhow::Result<PullReport> {
-    let r: Reference = reference.parse()?;
-    let platform: Platform = registry.platform.parse()?;
-    let client = registry.client()?;
+    let mut pull = pull_for(reference, registry, durable)?;
+    pull.options.record_trees = record_trees;
     let progress = Arc::new(Progress::new(quiet));
-    let opts = PullOptions {
-        platform,
-        durable,
-        record_trees,
-        ..Default::default()
-    };
-    let result = ember_store::pull(store, &client, &r, &opts, progress.clone()).await;
+    pull.progress = progress.clone();
+    let result = ember_store::pull(
+        store,
+        &pull.registry,
+        &pull.reference,
+        &pull.options,
+        pull.progress,
+    )
+    .await;
     progress.finish();
     Ok(result?)
 }

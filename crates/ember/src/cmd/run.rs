@@ -1,9 +1,11 @@
 //! `ember run`: pull if needed, mount, start with runc, stream output, exit
 //! with the container's code.
 
-use crate::cmd::pull::pull_image;
+use crate::cmd::pull::pull_for;
+use crate::progress::Progress;
 use crate::util::{RegistryArgs, parse_size};
 use anyhow::{Context, bail};
+use ember_node::images::{ImageError, ReadyImage, find_local, resolve_or_pull};
 use ember_runtime::{Container, ContainerStdio, Input, Output, RunOptions, RunSpec, Runc};
 use ember_store::Store;
 use std::io::{Read, Write};
@@ -164,30 +166,33 @@ pub async fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
     let local = if args.pull {
         None
     } else {
-        let index = store.read_index()?;
-        store
-            .resolve(&index, &args.image)
-            .ok()
-            .filter(|i| store.missing_layers(i).is_empty())
+        find_local(&store, &args.image)?
     };
     t.resolve_ms = ms(t0.elapsed());
-    let image = match local {
-        Some(i) => i,
-        None => {
-            let report = pull_image(
-                &store,
-                &args.image,
-                &args.registry,
-                args.timings.is_some(),
-                false,
-            )
-            .await
-            .with_context(|| format!("pulling {}", args.image))?;
+    let mut progress = None;
+    let ready = resolve_or_pull(&store, local, || {
+        let mut pull = pull_for(&args.image, &args.registry, false)?;
+        let p = Arc::new(Progress::new(args.timings.is_some()));
+        pull.progress = p.clone();
+        progress = Some(p);
+        Ok::<_, anyhow::Error>(pull)
+    })
+    .await;
+    if let Some(p) = progress {
+        p.finish();
+    }
+    let image = match ready {
+        Ok(ReadyImage::Local(image)) => image,
+        Ok(ReadyImage::Pulled(report)) => {
             t.pulled = true;
             t.resolve_ms += ms(report.timings.resolve);
             t.pull_ms = ms(report.timings.fetch);
             t.unpack_ms = ms(report.timings.unpack + report.timings.commit);
             report.image
+        }
+        Err(ImageError::Setup(e)) => return Err(e.context(format!("pulling {}", args.image))),
+        Err(ImageError::Pull { source, .. }) => {
+            return Err(anyhow::Error::new(*source).context(format!("pulling {}", args.image)));
         }
     };
     let config = store.image_config(&image)?;

@@ -8,8 +8,8 @@ use crate::cmd::control;
 use anyhow::Context;
 use ember_cache::{CacheConfig, UpstreamSpec};
 use ember_control::store::SystemClock;
-use ember_controld::node::{NodeConfig, run_node};
 use ember_controld::server::serve;
+use ember_node::{NodeAgentConfig, run_node};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -116,7 +116,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
 
     let mut nodes = tokio::task::JoinSet::new();
     for i in 0..args.nodes {
-        let cfg = NodeConfig {
+        let cfg = NodeAgentConfig {
             control: control_url.clone(),
             token: Some(node_token.clone()),
             id: format!("node-{i}"),

@@ -14,8 +14,8 @@ use ember_api::client::ControlClient;
 use ember_control::model::{PinnedImage, RunSpec, RunState};
 use ember_control::sqlite::SqliteStore;
 use ember_control::store::SystemClock;
-use ember_controld::node::{NodeConfig, run_node};
 use ember_controld::server::{ServerConfig, serve};
+use ember_node::{NodeAgentConfig, run_node};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// One proxied connection.
@@ -150,7 +150,7 @@ async fn a_silent_work_stream_is_replaced_and_missed_work_arrives() {
 
     let (stop_node, node_stopped) = tokio::sync::oneshot::channel::<()>();
     let node = tokio::spawn(run_node(
-        NodeConfig {
+        NodeAgentConfig {
             control: url.clone(),
             token: None,
             id: "n1".into(),

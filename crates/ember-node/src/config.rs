@@ -1,0 +1,78 @@
+//! The node agent's settings and the errors that stop it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ember_api::client::ClientError;
+
+/// Settings of a node agent.
+#[derive(Debug, Clone)]
+pub struct NodeAgentConfig {
+    /// The control plane's URL.
+    pub control: String,
+    /// The node bearer token.
+    pub token: Option<String>,
+    /// This node's id.
+    pub id: String,
+    /// Runs executed at once.
+    pub slots: u32,
+    /// The node store (images) and the pool's and runc's state under it.
+    pub root: PathBuf,
+    /// A registry mirror (`ember cache`) to pull through.
+    pub cache: Option<String>,
+    /// The static `ember-agent` binary.
+    pub agent: PathBuf,
+    /// Labels for node selectors.
+    pub labels: BTreeMap<String, String>,
+    /// Interval of the liveness heartbeat (inventory changes are sent at
+    /// once regardless).
+    pub heartbeat: Duration,
+    /// How to start this node's watchdog ([`watch_node`](crate::watch_node) in a process of
+    /// its own), which destroys the runners if this process dies without
+    /// shutting down; `None`: no watchdog (runners of a killed node then
+    /// stay until the next node process starts on the root).
+    pub watchdog: Option<WatchdogCommand>,
+}
+
+/// The command line that runs [`watch_node`](crate::watch_node) for a node's root (the
+/// `ember` binary knows its own subcommand for it). It is started with
+/// its standard input the read end of a pipe whose write end only the
+/// node process holds.
+#[derive(Debug, Clone)]
+pub struct WatchdogCommand {
+    /// The executable.
+    pub program: PathBuf,
+    /// Its arguments.
+    pub args: Vec<std::ffi::OsString>,
+}
+
+/// Errors that stop the node agent.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The store could not be opened.
+    #[error("opening the store: {0}")]
+    Store(#[from] ember_store::StoreError),
+    /// The pool could not be started.
+    #[error("starting the warm pool: {0}")]
+    Pool(#[from] ember_pool::PoolError),
+    /// The registry client could not be built.
+    #[error("registry client: {0}")]
+    Registry(#[from] ember_registry::RegistryError),
+    /// The control plane refused us.
+    #[error(transparent)]
+    Control(#[from] ClientError),
+    /// The node's root could not be locked, or the watchdog started.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The failure.
+        source: std::io::Error,
+    },
+    /// Another node agent is running on this root.
+    #[error("another node agent holds {}", .0.display())]
+    RootInUse(PathBuf),
+}

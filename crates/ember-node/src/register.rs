@@ -1,0 +1,74 @@
+//! Registration and heartbeats (`PUT /v1/nodes/{id}`): the node's slots,
+//! labels and inventory (images held, idle runners by warm key, free
+//! disk), sent at start, after every reconnect, at the heartbeat interval
+//! and soon after the inventory changes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ember_api::client::ClientError;
+use ember_control::model::{Inventory, NodeSpec};
+
+use crate::agent::NodeAgent;
+
+impl NodeAgent {
+    /// What this node holds now; reads the store's index and the pool.
+    fn inventory(&self) -> Inventory {
+        let mut inv = Inventory {
+            free_disk_bytes: self.store.free_bytes().unwrap_or(0),
+            ..Inventory::default()
+        };
+        if let Ok(ix) = self.store.read_index() {
+            for rec in ix.images.values() {
+                let bytes = ix.bytes_of([rec]);
+                inv.images.insert(rec.manifest.to_string(), bytes);
+                if let Some(index) = &rec.index {
+                    inv.images.insert(index.to_string(), bytes);
+                }
+            }
+        }
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        for idle in self.pool.idle_runners() {
+            if let Some(k) = keys.get(idle.key.as_str()) {
+                *inv.idle_runners.entry(k.clone()).or_default() += 1;
+            }
+        }
+        inv
+    }
+
+    /// Registers, or refreshes the registration with the inventory now.
+    pub(crate) async fn heartbeat(self: &Arc<Self>) -> Result<(), ClientError> {
+        let me = self.clone();
+        let inventory = tokio::task::spawn_blocking(move || me.inventory())
+            .await
+            .unwrap_or_default();
+        let spec = NodeSpec {
+            id: self.cfg.id.clone(),
+            slots: self.cfg.slots,
+            labels: self.cfg.labels.clone(),
+            inventory,
+        };
+        self.client.put_node(&spec).await.map(|_| ())
+    }
+}
+
+/// Inventory changes are sent at most this often: under a burst every run
+/// changes the idle-runner count, and nothing on a run's path waits for
+/// the heartbeat (the exit report carries what the warm hand-off needs).
+const INVENTORY_MIN_GAP: Duration = Duration::from_millis(100);
+
+/// Heartbeats until aborted: at the interval, or sooner when the
+/// inventory changed.
+pub(crate) async fn heartbeat_loop(agent: Arc<NodeAgent>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(agent.cfg.heartbeat) => {}
+            () = agent.inventory_changed.notified() => {}
+        }
+        let sent = tokio::time::Instant::now();
+        if let Err(e) = agent.heartbeat().await {
+            tracing::warn!(error = %e, "heartbeat failed");
+        }
+        tokio::time::sleep_until(sent + INVENTORY_MIN_GAP).await;
+    }
+}
