@@ -96,9 +96,6 @@ pub mod runner;
 pub mod runtime;
 
 pub use ember_agent_proto::{ExecRequest, ExecResult, Started};
-/// The runner cgroups' files live in the runtime crate; re-exported under
-/// the pool's old path.
-pub use ember_runtime::cgroup;
 pub use error::PoolError;
 pub use key::{RunnerImage, RunnerKey, RunnerShape, RunnerSpec};
 pub use pool::{
