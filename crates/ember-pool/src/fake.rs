@@ -100,6 +100,8 @@ struct State {
     reset_failures: HashSet<String>,
     frozen: HashSet<String>,
     live: HashSet<String>,
+    /// Destroys wait while this is set ([`FakeRuntime::hold_destroys`]).
+    hold_destroys: bool,
 }
 
 #[derive(Debug, Default)]
@@ -268,6 +270,19 @@ impl FakeRuntime {
             .push_back(result);
     }
 
+    /// Destroys block (after recording their call) until
+    /// [`FakeRuntime::release_destroys`]: a destroy that takes long, as a
+    /// real one does while runc and the kernel clean up.
+    pub fn hold_destroys(&self) {
+        self.shared.lock().hold_destroys = true;
+    }
+
+    /// Lets held destroys finish.
+    pub fn release_destroys(&self) {
+        self.shared.lock().hold_destroys = false;
+        self.shared.called.notify_all();
+    }
+
     /// Emptying runner `id`'s scratch directories fails from now on.
     pub fn fail_reset(&self, id: &str) {
         self.shared.lock().reset_failures.insert(id.to_owned());
@@ -426,8 +441,17 @@ impl RunnerContainer for FakeRunner {
         if !self.destroyed {
             {
                 let mut st = self.record(Call::Destroy(self.id.clone()));
+                while st.hold_destroys {
+                    st = self
+                        .shared
+                        .called
+                        .wait(st)
+                        .unwrap_or_else(|p| p.into_inner());
+                }
                 st.live.remove(&self.id);
                 st.frozen.remove(&self.id);
+                // Gone with its cgroup.
+                st.memory.remove(&self.id);
             }
             self.destroyed = true;
         }

@@ -441,7 +441,17 @@ impl Inner {
         if runners.is_empty() {
             return;
         }
-        self.lock().destroying += runners.len();
+        {
+            let mut st = self.lock();
+            st.destroying += runners.len();
+            // Out of the memory budget's sum now, not once destroyed: a
+            // check that ran before the destroy finished counted them
+            // again and evicted further idle runners for memory that was
+            // already on its way out.
+            for r in &runners {
+                st.live.remove(&r.id);
+            }
+        }
         let inner = Arc::clone(self);
         let spawned = std::thread::Builder::new()
             .name("ember-pool-destroy".into())

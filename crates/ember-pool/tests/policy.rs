@@ -24,6 +24,14 @@ struct Fixture {
     _tmp: tempfile::TempDir,
 }
 
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        // A test that failed while destroys were held must not leave the
+        // pool's shutdown waiting for them.
+        self.fake.release_destroys();
+    }
+}
+
 fn pool(tweak: impl FnOnce(&mut PoolConfig)) -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let fake = FakeRuntime::new();
@@ -347,6 +355,39 @@ fn the_memory_budget_evicts_idle_runners_oldest_first_until_under_it() {
     assert_eq!(f.pool.stats().evicted_memory, 2);
     assert_eq!(f.pool.stats().leased, 1);
     f.pool.release(leased, Outcome::Succeeded);
+}
+
+/// Regression: runners evicted for memory stayed in the budget's sum until
+/// their destroy finished, so a check that came meanwhile (destroys take
+/// tens of milliseconds; here they are held up for good) evicted the next
+/// idle runner too, for memory already on its way out.
+#[test]
+fn runners_being_destroyed_no_longer_count_against_the_memory_budget() {
+    let f = pool(|c| {
+        c.max_memory_bytes = Some(50);
+        // Many checks while `a`'s destroy is held up.
+        c.budget_interval = Duration::from_millis(5);
+    });
+    let a = use_once(&f.pool, &spec("a", Some("k")));
+    let b = use_once(&f.pool, &spec("b", Some("k")));
+    f.fake.hold_destroys();
+    f.fake.set_memory_usage(&b, 40);
+    f.fake.set_memory_usage(&a, 40);
+    // `a` goes, `b` (40 of 50) stays: `a`'s 40 no longer counts once it
+    // is evicted, though its destroy has not even finished.
+    assert!(
+        f.fake
+            .wait_for(WAIT, |_| f.pool.stats().evicted_memory >= 1)
+    );
+    // Checks that must find nothing more to do (a slow machine runs fewer
+    // of them, which weakens but never fails this).
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(f.pool.stats().evicted_memory, 1);
+    let idle: Vec<String> = f.pool.idle_runners().into_iter().map(|i| i.id).collect();
+    assert_eq!(idle, [b]);
+    f.fake.release_destroys();
+    wait_destroyed(&f, &a);
+    assert_eq!(f.fake.destroyed(), [a]);
 }
 
 #[test]
