@@ -48,8 +48,8 @@ fn missing(what: &str, why: &str) {
         return;
     }
     panic!(
-        "{test} needs {what}: {why}. Run the privileged tests where they can run \
-         (as root, with runc and the static agent), or set {SKIP_ENV}=1 to skip them"
+        "{test} needs {what}: {why}. CI has it (scripts/test.sh); \
+         set {SKIP_ENV}=1 to skip such tests instead"
     );
 }
 
