@@ -407,3 +407,62 @@ fn bind_mounts_are_applied() {
     assert_eq!(stdout(&captured(&p)), "from host\nro\n");
     assert!(!host.join("y").exists());
 }
+
+/// The warm pool's use: an init process that runs exactly as given, as
+/// root in `/`, while the run's user is still resolved for its execs; started
+/// with `spawn`, which returns at once, and cleaned up after it exits.
+#[test]
+fn an_init_process_runs_as_given_and_spawn_returns_at_once() {
+    let Some(f) = Fixture::privileged() else {
+        return;
+    };
+    let id = unique_id("init");
+    // An Entrypoint the init must not get in front of it, and a working
+    // directory it must not start in.
+    let image: oci_spec::image::ImageConfiguration = serde_json::from_str(
+        r#"{
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {
+                "Env": ["PATH=/bin"],
+                "Entrypoint": ["/bin/false"],
+                "Cmd": ["/bin/sh"],
+                "WorkingDir": "/bin"
+            },
+            "rootfs": {"type": "layers", "diff_ids": []}
+        }"#,
+    )
+    .unwrap();
+    let run = RunSpec {
+        user: Some("app".into()),
+        ..RunSpec::default()
+    };
+    let dir = f.base.join(&id);
+    let p = Container::new(f.runc.clone(), &id, &dir)
+        .init_process(vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "echo $(id -u) $(pwd); sleep 2".into(),
+        ])
+        .prepare(&f.layers, &image, &run)
+        .unwrap();
+    assert_eq!((p.user().uid, p.user().gid), (1000, 1000));
+    assert_eq!(p.cgroups_path(), format!("/ember/{id}"));
+    let process = p.spawn(ContainerStdio::captured()).unwrap();
+    // spawn did not wait for it: it shows up in its cgroups while it runs
+    // (runc creates them a moment after the spawn).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !p.cgroups().procs().is_ok_and(|procs| !procs.is_empty()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no processes in {}",
+            p.cgroups_path()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let exit = process.wait().unwrap();
+    assert_eq!(exit.exit_code, 0);
+    assert_eq!(String::from_utf8_lossy(&exit.stdout), "0 /\n");
+    p.cleanup().unwrap();
+    assert_gone(&f.runc, &id, &dir);
+}
