@@ -67,6 +67,9 @@ pub struct SaveArgs {
     /// Chunk uploads in flight.
     #[arg(long, default_value_t = 8, value_name = "N")]
     pub jobs: usize,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `ember dircache restore`.
@@ -101,6 +104,9 @@ pub struct RestoreArgs {
     /// Chunk downloads in flight.
     #[arg(long, default_value_t = 8, value_name = "N")]
     pub jobs: usize,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `ember dircache ls`.
@@ -177,6 +183,23 @@ pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 b.finish_and_clear();
             }
             let r = r.with_context(|| format!("saving {}", a.path.display()))?;
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "scope": a.scope, "key": a.key, "created": r.created,
+                        "files": r.files, "nodes": r.nodes,
+                        "bytes_chunked": r.bytes_chunked, "chunks": r.chunks,
+                        "unique_chunks": r.unique_chunks,
+                        "chunks_uploaded": r.chunks_uploaded,
+                        "chunks_reused": r.chunks_reused,
+                        "bytes_uploaded": r.bytes_uploaded,
+                        "data_bytes_uploaded": r.data_bytes_uploaded,
+                        "seconds": r.elapsed.as_secs_f64(),
+                    })
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             if !r.created && r.unique_chunks == 0 {
                 println!("{}/{}: already saved, left as it is", a.scope, a.key);
                 return Ok(ExitCode::SUCCESS);
@@ -220,6 +243,18 @@ pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 b.finish_and_clear();
             }
             match r.with_context(|| format!("restoring into {}", a.path.display()))? {
+                Some(r) if a.json => {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "scope": r.entry.scope, "key": r.entry.key, "exact": r.exact,
+                            "nodes": r.nodes, "bytes": r.bytes, "chunks": r.chunks,
+                            "stored_bytes": r.entry.bytes,
+                            "seconds": r.elapsed.as_secs_f64(),
+                        })
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
                 Some(r) => {
                     println!(
                         "restored {}/{} ({}): {} nodes, {} in {} chunks; {:.2}s",
