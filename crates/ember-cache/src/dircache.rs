@@ -33,7 +33,7 @@ use ember_dircache::wire::{
     EntryInfo, EntryList, Found, GcReport, LookupRequest, MissingRequest, MissingResponse,
 };
 use sha2::{Digest as _, Sha256};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -67,6 +67,9 @@ pub struct DircacheConfig {
     pub gc_grace: Duration,
     /// How often budgets, expiry and chunk GC run without a request asking.
     pub gc_every: Duration,
+    /// Bearer tokens the Turborepo API (`/v8/artifacts`) accepts; none:
+    /// that API is off.
+    pub turbo_tokens: Vec<String>,
 }
 
 impl Default for DircacheConfig {
@@ -79,6 +82,7 @@ impl Default for DircacheConfig {
             write_token: None,
             gc_grace: Duration::from_secs(3600),
             gc_every: Duration::from_secs(600),
+            turbo_tokens: Vec::new(),
         }
     }
 }
@@ -109,11 +113,17 @@ pub struct DirStore {
     seq: AtomicU64,
 }
 
+/// Response headers kept with an entry (name -> value).
+pub type Headers = BTreeMap<String, String>;
+
 /// What is on disk about one entry.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct StoredEntry {
     info: EntryInfo,
     manifest: Manifest,
+    /// Headers to answer with (a Turborepo artifact's tag and duration).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    meta: BTreeMap<String, String>,
 }
 
 fn now_ms() -> u64 {
@@ -166,6 +176,11 @@ impl DirStore {
         };
         store.rebuild()?;
         Ok(Arc::new(store))
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &DircacheConfig {
+        &self.config
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
@@ -368,6 +383,18 @@ impl DirStore {
                 allow_absolute_symlinks: true,
             })
             .map_err(|e| CacheError::BadRequest(e.to_string()))?;
+        self.store_entry(scope, key, manifest, body.len() as u64, BTreeMap::new())
+    }
+
+    /// Stores a validated manifest; then applies the scope's budget.
+    fn store_entry(
+        &self,
+        scope: &str,
+        key: &str,
+        manifest: Manifest,
+        manifest_bytes: u64,
+        meta: BTreeMap<String, String>,
+    ) -> Result<EntryInfo, CacheError> {
         let digests: Vec<String> = manifest
             .unique_digests()
             .into_iter()
@@ -379,7 +406,7 @@ impl DirStore {
             if idx.entries.contains_key(&id) {
                 return Err(CacheError::EntryExists(format!("{scope}/{key}")));
             }
-            let mut bytes = body.len() as u64;
+            let mut bytes = manifest_bytes;
             let mut absent = 0usize;
             for d in &digests {
                 match idx.chunks.get(d) {
@@ -409,6 +436,7 @@ impl DirStore {
             let stored = serde_json::to_vec(&StoredEntry {
                 info: info.clone(),
                 manifest,
+                meta,
             })
             .map_err(|e| CacheError::io("encoding an entry", e.into()))?;
             // Under the lock: the chunks checked above cannot be collected
@@ -460,6 +488,14 @@ impl DirStore {
     }
 
     fn read_entry(&self, scope: &str, key: &str) -> Result<Option<Found>, CacheError> {
+        Ok(self.read_stored(scope, key)?.map(|(f, _)| f))
+    }
+
+    fn read_stored(
+        &self,
+        scope: &str,
+        key: &str,
+    ) -> Result<Option<(Found, Headers)>, CacheError> {
         let p = self.entry_path(scope, key);
         let bytes = match fs::read(&p) {
             Ok(b) => b,
@@ -484,11 +520,87 @@ impl DirStore {
                 None => return Ok(None),
             }
         }
-        Ok(Some(Found {
-            info,
-            exact: true,
-            manifest: s.manifest,
-        }))
+        Ok(Some((
+            Found {
+                info,
+                exact: true,
+                manifest: s.manifest,
+            },
+            s.meta,
+        )))
+    }
+
+    /// Stores `data` as a one-file entry (a Turborepo artifact), chunked
+    /// like a saved tree so artifacts share chunks with each other. An
+    /// existing key is left as it is. Blocking.
+    pub fn put_blob(
+        &self,
+        scope: &str,
+        key: &str,
+        data: &[u8],
+        meta: BTreeMap<String, String>,
+    ) -> Result<(), CacheError> {
+        let mut chunks = Vec::new();
+        for (off, len) in ember_dircache::chunk::split(data) {
+            let piece = &data[off..off + len];
+            let digest = ember_dircache::chunk::digest_hex(piece);
+            let stored = ember_dircache::chunk::compress(piece)
+                .map_err(|e| CacheError::io("compressing an artifact", std::io::Error::other(e)))?;
+            self.put_chunk(&digest, &stored)?;
+            chunks.push(ember_dircache::manifest::ChunkRef {
+                digest,
+                size: len as u32,
+            });
+        }
+        let manifest = Manifest {
+            version: ember_dircache::manifest::MANIFEST_VERSION,
+            nodes: vec![ember_dircache::manifest::Node {
+                path: "artifact".into(),
+                kind: ember_dircache::manifest::NodeKind::File {
+                    offset: 0,
+                    size: data.len() as u64,
+                },
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+                mtime_nsec: 0,
+            }],
+            chunks,
+        };
+        match self.store_entry(scope, key, manifest, 0, meta) {
+            Ok(_) | Err(CacheError::EntryExists(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The bytes stored by [`DirStore::put_blob`], every chunk verified,
+    /// and their headers; `None` if absent. Blocking.
+    pub fn get_blob(
+        &self,
+        scope: &str,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, Headers)>, CacheError> {
+        let Some((found, meta)) = self.read_stored(scope, key)? else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(found.manifest.data_bytes() as usize);
+        for c in &found.manifest.chunks {
+            let Some(stored) = self.get_chunk(&c.digest)? else {
+                return Ok(None);
+            };
+            let data = ember_dircache::chunk::open(&c.digest, &stored, Some(c.size))
+                .map_err(|e| CacheError::io("reading an artifact", std::io::Error::other(e)))?;
+            out.extend_from_slice(&data);
+        }
+        Ok(Some((out, meta)))
+    }
+
+    /// Whether `scope`/`key` has an entry.
+    pub fn has_entry(&self, scope: &str, key: &str) -> bool {
+        self.lock()
+            .entries
+            .contains_key(&(scope.to_string(), key.to_string()))
     }
 
     /// A scope's entries, newest first.

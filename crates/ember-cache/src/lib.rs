@@ -25,7 +25,8 @@
 //!   the upstream when the owner is down.
 //! * `POST /ember/v1/warm` pre-fetches images; `/metrics` is Prometheus.
 //! * **Directory cache** ([`dircache`]): `/dircache/v1` stores the
-//!   deduplicated chunks and entries of `ember dircache save|restore`.
+//!   deduplicated chunks and entries of `ember dircache save|restore`;
+//!   the same store serves the Turborepo remote-cache API ([`turbo`]).
 //! * **Bounded connections**: served by [`ember_http`] (header and idle
 //!   timeouts, a connection cap that closes the longest-idle connection).
 //!
@@ -59,6 +60,7 @@ pub mod route;
 pub mod server;
 pub mod storage;
 pub mod tags;
+pub mod turbo;
 pub mod upstream;
 mod warm;
 
@@ -135,7 +137,9 @@ pub fn spawn(
         cache.config.dircache.clone(),
     )?;
     dircache::spawn_gc(&dir);
-    let router = server::router(cache.clone()).nest("/dircache/v1", dircache::router(dir.clone()));
+    let router = server::router(cache.clone())
+        .nest("/dircache/v1", dircache::router(dir.clone()))
+        .merge(turbo::router(dir.clone()));
     let http = ember_http::Server::new(cache.config.http.clone()).refusal(
         "application/json",
         r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"the cache is at its connection limit"}]}"#,

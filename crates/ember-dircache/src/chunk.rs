@@ -7,13 +7,13 @@ use crate::manifest::MAX_CHUNK_BYTES;
 use sha2::{Digest as _, Sha256};
 
 /// Smallest chunk the chunker cuts (except a stream's last).
-pub const MIN_CHUNK: u32 = 16 << 10;
+pub const MIN_CHUNK: usize = 16 << 10;
 /// Average chunk size the chunker aims at. 64 KiB keeps requests per
 /// gigabyte near 16,000 while a one-file change still rewrites only about
 /// two chunks' worth of the stream.
-pub const AVG_CHUNK: u32 = 64 << 10;
+pub const AVG_CHUNK: usize = 64 << 10;
 /// Largest chunk the chunker cuts.
-pub const MAX_CHUNK: u32 = 256 << 10;
+pub const MAX_CHUNK: usize = 256 << 10;
 
 /// zstd level for chunks: 3 (zstd's default) compresses a tool cache at
 /// several hundred MB/s per core, so saving is bound by reading files.
@@ -51,6 +51,14 @@ pub fn open(digest: &str, stored: &[u8], size: Option<u32>) -> Result<Vec<u8>, D
         return Err(corrupt(format!("content has digest {actual}")));
     }
     Ok(data)
+}
+
+/// Cuts bytes held in memory at the same content-defined points a saved
+/// stream gets: `(offset, length)` of each chunk.
+pub fn split(data: &[u8]) -> Vec<(usize, usize)> {
+    fastcdc::v2020::FastCDC::new(data, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK)
+        .map(|c| (c.offset, c.length))
+        .collect()
 }
 
 #[cfg(test)]

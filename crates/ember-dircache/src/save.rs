@@ -117,12 +117,7 @@ pub async fn save(
     let failure = stream.failure.clone();
     let chunker_progress = progress.clone();
     let chunker = tokio::task::spawn_blocking(move || -> Result<(), DircacheError> {
-        let cdc = fastcdc::v2020::StreamCDC::new(
-            stream,
-            MIN_CHUNK as usize,
-            AVG_CHUNK as usize,
-            MAX_CHUNK as usize,
-        );
+        let cdc = fastcdc::v2020::StreamCDC::new(stream, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK);
         for c in cdc {
             let c = c.map_err(|e| match e {
                 fastcdc::v2020::Error::IoError(e) => DircacheError::io("reading the tree", e),

@@ -85,6 +85,17 @@ pub struct Args {
     /// last use (covers a save between its upload and its manifest).
     #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
     pub dircache_gc_grace: u64,
+    /// Turborepo remote-cache API (`/v8/artifacts`): a bearer token it
+    /// accepts (repeatable, or comma-separated in the environment); the API
+    /// is off without one.
+    #[arg(
+        long = "turbo-token",
+        env = "EMBER_TURBO_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub turbo_tokens: Vec<String>,
     #[command(flatten)]
     pub connections: ServerLimits,
 }
@@ -110,6 +121,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     config.dircache.protected_scopes = args.dircache_protected;
     config.dircache.write_token = args.dircache_write_token;
     config.dircache.gc_grace = Duration::from_secs(args.dircache_gc_grace);
+    config.dircache.turbo_tokens = args.turbo_tokens;
     if let Some(f) = &args.auth_file {
         let mut c = Credentials::none();
         c.load_docker_config(f).map_err(anyhow::Error::msg)?;
