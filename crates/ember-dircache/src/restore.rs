@@ -266,6 +266,12 @@ fn write_tree(
     progress: &Progress,
 ) -> Result<(u64, u64), DircacheError> {
     let io = |what: &str, p: &Path, e| DircacheError::io(format!("{what} {}", p.display()), e);
+    // What new files get anyway: chown is skipped for nodes that already
+    // match (most of a tree saved and restored by the same user).
+    let me = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
     let mut buf: Vec<u8> = Vec::new();
     let mut pos = 0usize;
     let mut bytes = 0u64;
@@ -300,6 +306,17 @@ fn write_tree(
                         .bytes_done
                         .fetch_add(take as u64, Ordering::Relaxed);
                 }
+                // Metadata through the open descriptor: no second path walk.
+                if same_owner && (n.uid, n.gid) != me {
+                    std::os::unix::fs::fchown(&f, Some(n.uid), Some(n.gid))
+                        .map_err(|e| io("chown", &p, e))?;
+                }
+                // setuid/setgid are not restored from a cache: an entry is
+                // outside input and must not hand out privileges.
+                f.set_permissions(fs::Permissions::from_mode(n.mode & 0o1777))
+                    .map_err(|e| io("chmod", &p, e))?;
+                f.set_modified(mtime(n))
+                    .map_err(|e| io("setting the mtime of", &p, e))?;
             }
             NodeKind::Symlink { target } => {
                 std::os::unix::fs::symlink(target, &p).map_err(|e| io("creating", &p, e))?
@@ -320,20 +337,18 @@ fn write_tree(
     for n in m.nodes.iter().rev() {
         let p = dir.join(&n.path);
         match n.kind {
-            NodeKind::Hardlink { .. } => continue,
+            NodeKind::Hardlink { .. } | NodeKind::File { .. } => continue,
             NodeKind::Symlink { .. } => {
-                if same_owner {
+                if same_owner && (n.uid, n.gid) != me {
                     std::os::unix::fs::lchown(&p, Some(n.uid), Some(n.gid))
                         .map_err(|e| io("chown", &p, e))?;
                 }
             }
-            _ => {
-                if same_owner {
+            NodeKind::Dir => {
+                if same_owner && (n.uid, n.gid) != me {
                     std::os::unix::fs::lchown(&p, Some(n.uid), Some(n.gid))
                         .map_err(|e| io("chown", &p, e))?;
                 }
-                // setuid/setgid are not restored from a cache: an entry is
-                // outside input and must not hand out privileges.
                 fs::set_permissions(&p, fs::Permissions::from_mode(n.mode & 0o1777))
                     .map_err(|e| io("chmod", &p, e))?;
             }
@@ -349,6 +364,15 @@ fn write_tree(
         .map_err(|e| io("setting the mtime of", &p, std::io::Error::from(e)))?;
     }
     Ok((m.nodes.len() as u64, bytes))
+}
+
+fn mtime(n: &crate::manifest::Node) -> std::time::SystemTime {
+    let d = Duration::new(n.mtime.unsigned_abs(), n.mtime_nsec.min(999_999_999));
+    if n.mtime >= 0 {
+        std::time::UNIX_EPOCH + d
+    } else {
+        std::time::UNIX_EPOCH - d
+    }
 }
 
 fn libc_nofollow() -> i32 {
