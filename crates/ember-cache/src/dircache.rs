@@ -457,7 +457,7 @@ impl DirStore {
             info
         };
         let mut report = GcReport::default();
-        self.enforce_budget(scope, &mut report);
+        self.enforce_budget(scope, Some(key), &mut report);
         self.collect_chunks(&mut report);
         Ok(info)
     }
@@ -491,11 +491,7 @@ impl DirStore {
         Ok(self.read_stored(scope, key)?.map(|(f, _)| f))
     }
 
-    fn read_stored(
-        &self,
-        scope: &str,
-        key: &str,
-    ) -> Result<Option<(Found, Headers)>, CacheError> {
+    fn read_stored(&self, scope: &str, key: &str) -> Result<Option<(Found, Headers)>, CacheError> {
         let p = self.entry_path(scope, key);
         let bytes = match fs::read(&p) {
             Ok(b) => b,
@@ -652,7 +648,9 @@ impl DirStore {
 
     /// Evicts the least recently used entries of `scope` while it is over
     /// its budget.
-    fn enforce_budget(&self, scope: &str, report: &mut GcReport) {
+    /// `keep` (the entry just stored, which fits the budget on its own) is
+    /// spared even if a clock tie makes it look as old as another.
+    fn enforce_budget(&self, scope: &str, keep: Option<&str>, report: &mut GcReport) {
         let mut idx = self.lock();
         let mut mine: Vec<(u64, u64, String, u64)> = idx
             .entries
@@ -672,6 +670,9 @@ impl DirStore {
         for (_, _, key, bytes) in mine {
             if total <= self.config.scope_bytes {
                 break;
+            }
+            if Some(key.as_str()) == keep {
+                continue;
             }
             if self.drop_entry(&mut idx, &(scope.to_string(), key.clone())) {
                 tracing::info!(
@@ -736,7 +737,7 @@ impl DirStore {
             idx.entries.keys().map(|(s, _)| s.clone()).collect()
         };
         for s in scopes {
-            self.enforce_budget(&s, &mut report);
+            self.enforce_budget(&s, None, &mut report);
         }
         self.collect_chunks(&mut report);
         report
