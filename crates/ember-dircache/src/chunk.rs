@@ -36,7 +36,10 @@ pub fn open(digest: &str, stored: &[u8], size: Option<u32>) -> Result<Vec<u8>, D
         digest: digest.to_string(),
         detail,
     };
-    let data = zstd::bulk::decompress(stored, MAX_CHUNK_BYTES as usize)
+    // The recorded size when known: one right-sized buffer per chunk
+    // instead of a 1 MiB one (which cost a page-faulting allocation each).
+    let cap = size.map_or(MAX_CHUNK_BYTES, |s| s.min(MAX_CHUNK_BYTES)) as usize;
+    let data = zstd::bulk::decompress(stored, cap)
         .map_err(|e| corrupt(format!("does not decompress: {e}")))?;
     if let Some(size) = size
         && data.len() != size as usize
