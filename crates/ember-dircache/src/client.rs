@@ -176,6 +176,20 @@ impl CacheClient {
         }
     }
 
+    /// Whether exactly `scope`/`key` has an entry (a HEAD: the manifest is
+    /// not transferred).
+    pub async fn exists(&self, scope: &str, key: &str) -> Result<bool, DircacheError> {
+        let (url, r) = self.req(
+            reqwest::Method::HEAD,
+            &format!("entry?{}", query(&[("scope", scope), ("key", key)])),
+        );
+        match self.send(&format!("entry {scope}/{key}"), &url, r).await {
+            Ok(_) => Ok(true),
+            Err(DircacheError::Refused { status: 404, .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Looks an entry up with prefix and restore-key fallbacks.
     pub async fn lookup(&self, req: &LookupRequest) -> Result<Option<Found>, DircacheError> {
         let (url, r) = self.req(reqwest::Method::POST, "lookup");

@@ -93,7 +93,7 @@ pub async fn save(
     check_name("scope", &opts.scope)?;
     check_name("key", &opts.key)?;
     let mut report = SaveReport::default();
-    if client.get_entry(&opts.scope, &opts.key).await?.is_some() {
+    if client.exists(&opts.scope, &opts.key).await? {
         report.elapsed = t0.elapsed();
         return Ok(report);
     }
