@@ -114,7 +114,8 @@ impl Drop for Staging {
 }
 
 /// Restores `manifest` into `target` (see the module docs). The manifest is
-/// validated first: nothing is written for one that fails.
+/// validated first: nothing is written for one that fails. The report's
+/// `entry` carries only the manifest's sizes ([`restore`] fills in the rest).
 pub async fn restore_manifest(
     client: &CacheClient,
     manifest: &Manifest,
