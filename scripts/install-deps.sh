@@ -21,6 +21,7 @@ PKGS=(
   python3             # the token server of the bearer-auth tests (ember-testkit/token_server.py)
   postgresql          # the control plane's PostgreSQL store: tests start private servers from its binaries
   python3-venv        # the virtualenv schemathesis (the API fuzzer) is installed into
+  nodejs npm          # the real `turbo` client of the cache's Turborepo API test
   ca-certificates
 )
 
@@ -53,3 +54,7 @@ fi
 # The control plane's API-agreement test runs schemathesis (from PyPI,
 # pinned) out of /opt/ember-venv.
 "$(dirname "$0")/install-schemathesis.sh"
+
+# The cache's Turborepo API test runs the real `turbo` (from npm, pinned)
+# out of /opt/ember-turbo.
+"$(dirname "$0")/install-turbo.sh" >/dev/null

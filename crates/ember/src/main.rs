@@ -56,6 +56,9 @@ enum Command {
     /// Benchmarks against the reference tools, measured in the same run.
     #[command(subcommand)]
     Bench(cmd::bench::Command),
+    /// Save and restore directories (tool caches) through the cluster cache.
+    #[command(subcommand)]
+    Dircache(cmd::dircache::Command),
     /// Run the control plane (HTTP/JSON API, durable queue, dispatcher).
     Control(cmd::control::Args),
     /// Run a node agent that executes the control plane's runs.
@@ -118,6 +121,7 @@ fn main() -> ExitCode {
             Command::Store(c) => cmd::store::run(&cli.root, c),
             Command::Cache(a) => cmd::cache::run(a).await,
             Command::Bench(c) => cmd::bench::run(&cli.root, c).await,
+            Command::Dircache(c) => cmd::dircache::run(c).await,
             Command::Control(a) => cmd::control::run(a).await,
             Command::Node(a) => cmd::node::run(&cli.root, a).await,
             Command::Submit(a) => cmd::submit::run(a).await,

@@ -6,6 +6,7 @@ pub mod cancel;
 pub mod cluster;
 pub mod control;
 pub mod deploy;
+pub mod dircache;
 pub mod gc;
 pub mod image;
 pub mod images;
