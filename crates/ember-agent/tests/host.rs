@@ -69,15 +69,15 @@ fn output_arrives_while_the_command_runs() {
     let mut first = None;
     let r = c
         .exec(
-            &req(&["/bin/sh", "-c", "echo early; sleep 1; echo late"]),
+            &req(&["/bin/sh", "-c", "echo early; sleep 3; echo late"]),
             &mut |_, _| {
                 first.get_or_insert(t.elapsed());
             },
         )
         .unwrap();
     assert!(r.success());
-    // Well before the command ends (1 s), whatever the machine load.
-    assert!(first.unwrap() < Duration::from_millis(800), "{first:?}");
+    // Well before the command ends (3 s), with room for a loaded machine.
+    assert!(first.unwrap() < Duration::from_millis(2500), "{first:?}");
 }
 
 #[test]
