@@ -19,10 +19,25 @@ const STARTUP: &str = "sleep 3; echo warm > /warm; echo ready >&\"$EMBER_READY_F
                        read -r req <&\"$EMBER_READY_FD\"; echo \"$req\"; cat /warm";
 const STARTUP_SECS: f64 = 3.0;
 
+/// The static agent, always (re)built by its script: cargo makes that a
+/// no-op when it is current, and an agent left in `target/` by an older
+/// checkout would lack the readiness protocol.
+fn fresh_agent() -> Option<std::path::PathBuf> {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new(root.join("crates/ember-agent/build-static.sh"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
 fn prerequisites() -> Option<std::path::PathBuf> {
     let skip = std::env::var("EMBER_TEST_SKIP_PRIVILEGED").as_deref() == Ok("1");
     let criu = Command::new("criu").arg("check").output();
-    let problem = match (&criu, static_agent()) {
+    let agent = fresh_agent();
+    let problem = match (&criu, &agent) {
         (Ok(o), Some(_)) if o.status.success() => None,
         (Ok(o), _) if !o.status.success() => Some(format!(
             "`criu check` failed: {}",
@@ -32,7 +47,7 @@ fn prerequisites() -> Option<std::path::PathBuf> {
         _ => Some("the static ember-agent could not be built".to_owned()),
     };
     match problem {
-        None => static_agent(),
+        None => agent,
         Some(p) if skip => {
             eprintln!("skipping (EMBER_TEST_SKIP_PRIVILEGED=1): {p}");
             None
