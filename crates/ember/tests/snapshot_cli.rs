@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 /// with its request, which it prints; `/warm` shows its file changes came
 /// back.
 const STARTUP: &str = "sleep 3; echo warm > /warm; echo ready >&\"$EMBER_READY_FD\"; \
-                       read -r req <&\"$EMBER_READY_FD\"; echo \"$req\"; cat /warm";
+                       read -r req <&\"$EMBER_READY_FD\"; echo \"$req\"; cat /warm; \
+                       case \"$req\" in *'\"wait\"'*) sleep 60;; esac";
 const STARTUP_SECS: f64 = 3.0;
 
 /// The static agent, always (re)built by its script: cargo makes that a
@@ -187,6 +188,33 @@ fn a_slow_start_up_is_captured_once_and_every_run_restores_its_own_copy() {
     assert_ne!(seeds[0], seeds[1]);
     assert_no_leftovers(&root);
 
+    // SIGTERM to ember reaches the restored process (which is in the
+    // container's session, not ember's), and nothing is left behind.
+    let mut child = Command::new(ember())
+        .arg("--root")
+        .arg(&root)
+        .args(["run", "--snapshot", "slow", "--", "wait"])
+        .env("EMBER_AGENT", &agent)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ember");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).expect("read");
+    assert!(line.contains("\"wait\""), "{line}");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "ember did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(128 + 15));
+    assert_no_leftovers(&root);
+
     // CRIU that reports another version than the one that checkpointed:
     // the metadata does not match, the run falls back and says so.
     let fake = tmp.path().join("criu-other");
@@ -265,5 +293,4 @@ fn a_slow_start_up_is_captured_once_and_every_run_restores_its_own_copy() {
         serde_json::json!([])
     );
     assert_no_leftovers(&root);
-    let _ = Duration::ZERO;
 }

@@ -39,7 +39,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Where the agent binary is mounted in a runner (as the pool does).
@@ -71,7 +71,7 @@ pub enum Command {
 sh -c 'sleep 3; echo ready >&3; read -r req <&3; echo \"$req\"'\n  \
 ember run --snapshot slow -- hello"
     )]
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List snapshots.
     Ls {
         /// Print JSON.
@@ -128,7 +128,7 @@ pub struct CreateArgs {
 pub async fn run(root: &Path, cmd: Command) -> anyhow::Result<ExitCode> {
     let store = Store::open(root).with_context(|| format!("opening store {}", root.display()))?;
     match cmd {
-        Command::Create(a) => create(root, &store, a).await,
+        Command::Create(a) => create(root, &store, *a).await,
         Command::Ls { json } => {
             let list = store.snapshots()?;
             if json {
@@ -257,7 +257,7 @@ struct FreshRunner {
     client: Option<AgentClient>,
     // Dropped after `prepared` (fields drop in order): the container
     // goes before its socket directory.
-    _sock: SocketDir,
+    sock: SocketDir,
     /// The start-up's request, with the image's defaults.
     request: ExecRequest,
     /// Preparing the container and starting it until the agent answered.
@@ -358,7 +358,7 @@ fn start_runner(
         prepared,
         pid: created.pid,
         client: Some(client),
-        _sock: sock,
+        sock,
         request,
         started_in: t.elapsed(),
     })
@@ -648,18 +648,22 @@ pub async fn run_snapshot(root: &Path, name: &str, args: RunArgs) -> anyhow::Res
     let root = root.to_path_buf();
     let store2 = store.clone();
     let name2 = name.to_owned();
+    let running: Running = Arc::new(Mutex::new(None));
     let opts = RestoreRun {
         criu: Criu::new(args.criu.clone().unwrap_or_else(|| "criu".into())),
         timeout: args.timeout.map(Duration::from_secs_f64),
         no_fallback: args.no_fallback,
         argv: run_argv,
         env: run_env,
+        running: running.clone(),
     };
+    let signals = tokio::spawn(forward_signals(running));
     let result = tokio::task::spawn_blocking(move || {
         restore_run(&root, &store2, &name2, &manifest, &image, &opts, &mut t, t0).map(|c| (c, t))
     })
     .await
     .context("run thread failed")?;
+    signals.abort();
     store.remove_user(&claim);
     let (code, mut t) = result?;
     t.exit_code = code;
@@ -695,7 +699,48 @@ pub async fn run_snapshot(root: &Path, name: &str, args: RunArgs) -> anyhow::Res
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 
+/// The agent socket and exec id of the run in progress, for signals.
+type Running = Arc<Mutex<Option<(PathBuf, u64)>>>;
+
+/// Forwards SIGINT, SIGTERM and SIGHUP to the run's exec through its
+/// agent (the restored process is in the container's session, out of
+/// reach of the terminal's signals); a second SIGINT or SIGTERM kills it.
+async fn forward_signals(running: Running) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        return;
+    };
+    let mut seen = false;
+    loop {
+        let sig = tokio::select! {
+            _ = int.recv() => libc::SIGINT,
+            _ = term.recv() => libc::SIGTERM,
+            _ = hup.recv() => libc::SIGHUP,
+        };
+        let sig = if seen && sig != libc::SIGHUP {
+            eprintln!("ember: killing the run");
+            libc::SIGKILL
+        } else {
+            sig
+        };
+        seen |= sig != libc::SIGHUP;
+        let target = running.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some((socket, exec_id)) = target {
+            let _ = tokio::task::spawn_blocking(move || {
+                AgentClient::connect_timeout(&socket, Duration::from_secs(1))
+                    .and_then(|mut c| c.cancel(exec_id, sig))
+            })
+            .await;
+        }
+    }
+}
+
 struct RestoreRun {
+    running: Running,
     criu: Criu,
     timeout: Option<Duration>,
     no_fallback: bool,
@@ -782,6 +827,8 @@ fn restore_run(
             t.connect_ms = ms(tc.elapsed());
             t.restored = true;
             let msg = resume_message(name, true, o)?;
+            *o.running.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((sock.socket.clone(), manifest.start.exec_id));
             let r = client
                 .resume(manifest.start.exec_id, &msg, timeout_ms, &mut |e, b| {
                     sink.write(e, b)
@@ -856,6 +903,8 @@ fn fresh_start(
         Readiness::Ready(ready) => {
             t.ready_ms = Some(ms(tr.elapsed()));
             let msg = resume_message(name, false, o)?;
+            *o.running.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((runner.sock.socket.clone(), ready.exec_id));
             let client = runner
                 .client
                 .as_mut()
