@@ -71,7 +71,7 @@ log "capturing snapshot (warm-up ${WARMUP}s)"
 t0=$(date +%s.%N)
 "$EMBER" --root "$STORE" snapshot create bench "$IMAGE" -- /bin/sh -c "$STARTUP" 2>"$W/capture.log"
 t1=$(date +%s.%N)
-CAPTURE_S=$(echo "$t1 - $t0" | bc -l)
+CAPTURE_S=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}')
 SIZE=$("$EMBER" --root "$STORE" snapshot ls --json | python3 -c 'import json,sys;m=json.load(sys.stdin)[0];print(m["artifact_bytes"], m["unpacked_bytes"])')
 
 measure() { # NAME CMD... : RUNS wall times in seconds into $W/NAME
@@ -82,7 +82,7 @@ measure() { # NAME CMD... : RUNS wall times in seconds into $W/NAME
     a=$(date +%s.%N)
     "$@" >"$W/$name.out" 2>"$W/$name.err" || { echo "$name failed:" >&2; cat "$W/$name.err" >&2; exit 1; }
     b=$(date +%s.%N)
-    echo "$b - $a" | bc -l >>"$W/$name"
+    awk -v a="$a" -v b="$b" 'BEGIN {printf "%.4f\n", b - a}' >>"$W/$name"
   done
 }
 
@@ -94,6 +94,7 @@ log "podman run: $RUNS runs"
 measure podman "${PODMAN[@]}" run --rm --network none --ulimit nofile=1024:1024 \
   --ulimit nproc=1024:1024 "$IMAGE" /bin/sh -c "$STARTUP"
 
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.1f", a / b}'; }
 stats() { sort -n "$W/$1" | awk '{a[NR]=$1} END {m = (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2; printf "%.3f %.3f %.3f\n", m, a[1], a[NR]}'; }
 read -r R_MED R_MIN R_MAX < <(stats restore)
 read -r C_MED C_MIN C_MAX < <(stats cold)
@@ -107,11 +108,11 @@ mkdir -p "$OUT"
   echo "busybox fixture, start-up: \`sleep $WARMUP\` then one line of output; $RUNS runs each,"
   echo "wall time from spawn to exit; $(nproc) CPUs, $(uname -r), CRIU $(criu --version | awk '/Version/ {print $2}'),"
   echo "podman $(podman --version | awk '{print $3}'); ember: $(basename "$(dirname "$EMBER")") build."
-  echo "Capture took ${CAPTURE_S%.*}.$(printf '%s' "${CAPTURE_S#*.}" | head -c 2) s; artifact $A_BYTES bytes ($U_BYTES unpacked)."
+  echo "Capture took $CAPTURE_S s; artifact $A_BYTES bytes ($U_BYTES unpacked)."
   echo
   echo "| | median s | min s | max s | median vs restore |"
   echo "| --- | ---: | ---: | ---: | ---: |"
   echo "| ember run --snapshot (restore) | $R_MED | $R_MIN | $R_MAX | 1.0× |"
-  echo "| ember run (cold) | $C_MED | $C_MIN | $C_MAX | $(echo "$C_MED / $R_MED" | bc -l | xargs printf '%.1f')× |"
-  echo "| podman run --network none | $P_MED | $P_MIN | $P_MAX | $(echo "$P_MED / $R_MED" | bc -l | xargs printf '%.1f')× |"
+  echo "| ember run (cold) | $C_MED | $C_MIN | $C_MAX | $(ratio "$C_MED" "$R_MED")× |"
+  echo "| podman run --network none | $P_MED | $P_MIN | $P_MAX | $(ratio "$P_MED" "$R_MED")× |"
 } | tee "$OUT/latest.md"

@@ -405,7 +405,14 @@ impl Store {
             let _ = remove_any(&tmp);
             return Err(e);
         }
-        fs::rename(&tmp, &target).map_err(io_err("rename", &target))?;
+        if let Err(e) = fs::rename(&tmp, &target) {
+            let _ = remove_any(&tmp);
+            // A concurrent run unpacked (and verified) it first.
+            if target.is_dir() {
+                return Ok((target, false));
+            }
+            return Err(io_err("rename", &target)(e));
+        }
         write_stamp(&blob, &stamp)?;
         Ok((target, true))
     }
