@@ -622,6 +622,23 @@ fn fresh_seed() -> anyhow::Result<String> {
 pub async fn run_snapshot(root: &Path, name: &str, args: RunArgs) -> anyhow::Result<ExitCode> {
     let t0 = Instant::now();
     let mut t = SnapshotTimings::default();
+    // The runtime shape (limits, user, directory) is the checkpoint's.
+    let fixed: Vec<&str> = [
+        (args.memory.is_some(), "--memory"),
+        (args.cpus.is_some(), "--cpus"),
+        (args.workdir.is_some(), "--workdir"),
+        (args.user.is_some(), "--user"),
+        (args.pull, "--pull"),
+    ]
+    .into_iter()
+    .filter_map(|(set, flag)| set.then_some(flag))
+    .collect();
+    if !fixed.is_empty() {
+        eprintln!(
+            "ember: {} ignored with --snapshot: a restored copy runs as it was captured",
+            fixed.join(", ")
+        );
+    }
     let store = Store::open(root).with_context(|| format!("opening store {}", root.display()))?;
     let manifest = store.snapshot(name)?;
     let ix = store.read_index()?;
