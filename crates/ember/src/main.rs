@@ -48,6 +48,10 @@ enum Command {
     /// Image operations.
     #[command(subcommand)]
     Image(cmd::image::Command),
+    /// Snapshots of start-ups (CRIU checkpoints): create, ls, rm; run one
+    /// with `ember run --snapshot NAME`.
+    #[command(subcommand)]
+    Snapshot(cmd::snapshot::Command),
     /// Store maintenance (verify, repair).
     #[command(subcommand)]
     Store(cmd::store::Command),
@@ -119,6 +123,7 @@ fn main() -> ExitCode {
             Command::Gc(a) => cmd::gc::run(&cli.root, a),
             Command::Image(c) => cmd::image::run(&cli.root, c),
             Command::Store(c) => cmd::store::run(&cli.root, c),
+            Command::Snapshot(c) => cmd::snapshot::run(&cli.root, c).await,
             Command::Cache(a) => cmd::cache::run(a).await,
             Command::Bench(c) => cmd::bench::run(&cli.root, c).await,
             Command::Dircache(c) => cmd::dircache::run(c).await,

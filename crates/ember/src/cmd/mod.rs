@@ -19,6 +19,7 @@ pub mod run;
 pub mod runs;
 pub mod serving;
 pub mod sim;
+pub mod snapshot;
 pub mod store;
 pub mod submit;
 pub mod up;
