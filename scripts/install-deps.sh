@@ -38,6 +38,18 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# Node.js and npm (the real `turbo` client, the dashboard's browser test):
+# Debian's packages only when no npm is there yet, because machines of
+# this kind ship NodeSource's nodejs, which bundles npm and conflicts with
+# Debian's npm package.
+if ! command -v npm >/dev/null 2>&1; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "installing: nodejs npm"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+
 # CRIU 4.1.1 for snapshot/restore, from Debian trixie through its own loader
 # (bookworm's 3.17 fails `criu check` on this kind of kernel); skipped when
 # already installed, probed with `criu check` either way.
@@ -58,3 +70,7 @@ fi
 # The dashboard's browser test drives Debian's chromium with playwright-core
 # (from npm, pinned) out of /opt/ember-playwright.
 "$(dirname "$0")/install-playwright.sh"
+
+# The cache's Turborepo API test runs the real `turbo` (from npm, pinned)
+# out of /opt/ember-turbo.
+"$(dirname "$0")/install-turbo.sh" >/dev/null

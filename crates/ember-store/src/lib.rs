@@ -11,6 +11,7 @@
 //! index.json           images, names, layers, LRU clock (see `index`)
 //! users/<id>.json      containers using an image, with their owner pid
 //! lru/<hex>            empty marker per image; its mtime is the last use
+//! snapshots/           checkpoint artifacts, manifests, unpacked copies (see `snapshot`)
 //! tmp/<owner>-...      in-progress work; removed once its owner's lock is free
 //! tmp/<owner>-lock     flock'ed by the open store that owns `tmp/<owner>-...` (see `tmp`)
 //! lock                 flock for index updates
@@ -27,6 +28,7 @@
 mod error;
 pub mod index;
 mod pull;
+pub mod snapshot;
 mod tmp;
 pub mod tree;
 pub mod unpack;
@@ -35,6 +37,7 @@ mod verify;
 pub use error::StoreError;
 pub use index::{ImageRecord, Index, LayerRecord, LayerRef};
 pub use pull::{PullOptions, PullProgress, PullReport, PullTimings, SilentProgress, pull};
+pub use snapshot::{SnapshotError, SnapshotGcReport, SnapshotManifest, StartUp};
 pub use verify::{Problem, ProblemKind, VerifyReport};
 
 use ember_oci::{Digest, Reference};
@@ -105,6 +108,9 @@ pub struct GcReport {
     pub removed_layers: usize,
     /// Images kept because a container uses them.
     pub kept_in_use: usize,
+    /// Snapshots of removed images and unreferenced snapshot artifacts
+    /// that went with them (see `snapshot`).
+    pub snapshots: SnapshotGcReport,
 }
 
 /// A container's claim on an image, so GC leaves it alone.
@@ -650,6 +656,11 @@ impl Store {
         self.write_index(&lock, &ix)?;
         drop(lock);
         self.delete_layers(dropped);
+        // A snapshot cannot be restored without its image's layers.
+        match self.gc_snapshots(&std::collections::BTreeSet::new()) {
+            Ok(s) => report.snapshots = s,
+            Err(e) => tracing::warn!(error = %e, "snapshot GC failed"),
+        }
         Ok(report)
     }
 

@@ -60,6 +60,10 @@ enum Command {
     /// Image operations.
     #[command(subcommand)]
     Image(cmd::image::Command),
+    /// Snapshots of start-ups (CRIU checkpoints): create, ls, rm; run one
+    /// with `ember run --snapshot NAME`.
+    #[command(subcommand)]
+    Snapshot(cmd::snapshot::Command),
     /// Store maintenance (verify, repair).
     #[command(subcommand)]
     Store(cmd::store::Command),
@@ -68,6 +72,9 @@ enum Command {
     /// Benchmarks against the reference tools, measured in the same run.
     #[command(subcommand)]
     Bench(cmd::bench::Command),
+    /// Save and restore directories (tool caches) through the cluster cache.
+    #[command(subcommand)]
+    Dircache(cmd::dircache::Command),
     /// Run the control plane (HTTP/JSON API, durable queue, dispatcher).
     Control(cmd::control::Args),
     /// Run a node agent that executes the control plane's runs.
@@ -122,8 +129,10 @@ fn main() -> ExitCode {
             Command::Gc(a) => cmd::gc::run(&cli.root, a),
             Command::Image(c) => cmd::image::run(&cli.root, c),
             Command::Store(c) => cmd::store::run(&cli.root, c),
+            Command::Snapshot(c) => cmd::snapshot::run(&cli.root, c).await,
             Command::Cache(a) => cmd::cache::run(a).await,
             Command::Bench(c) => cmd::bench::run(&cli.root, c).await,
+            Command::Dircache(c) => cmd::dircache::run(c).await,
             Command::Control(a) => cmd::control::run(a).await,
             Command::Node(a) => cmd::node::run(&cli.root, a).await,
             Command::Submit(a) => cmd::submit::run(a).await,
