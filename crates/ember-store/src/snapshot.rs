@@ -31,7 +31,6 @@
 use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -635,13 +634,10 @@ fn pack_tree<W: Write>(b: &mut tar::Builder<W>, root: &Path) -> io::Result<u64> 
     Ok(total)
 }
 
-fn cstr(p: &Path) -> io::Result<std::ffi::CString> {
-    std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::other("NUL in path"))
-}
 
 /// A file's extended attributes (not following symlinks).
 fn list_xattrs(p: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
-    let c = cstr(p)?;
+    let c = crate::unpack::cstr(p)?;
     let mut names = vec![0u8; 4096];
     // SAFETY: a valid path and a buffer with its length.
     let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
@@ -701,7 +697,7 @@ fn unpack_verified(blob: &Path, dest: &Path, digest: &Digest) -> Result<(), Snap
         }
         // Directory times last: creating entries inside moved them.
         for (d, mtime) in dirs.into_iter().rev() {
-            set_mtime(&d, mtime)?;
+            crate::unpack::set_mtime(&d, mtime)?;
         }
         let mut dec = archive.into_inner();
         io::copy(&mut dec, &mut io::sink())?;
@@ -769,68 +765,23 @@ fn unpack_entry<R: Read>(
                 h.device_major()?.unwrap_or(0),
                 h.device_minor()?.unwrap_or(0),
             );
-            let c = cstr(&path)?;
-            // SAFETY: a valid path.
-            if unsafe { libc::mknod(c.as_ptr(), t | mode, dev) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
+            crate::unpack::mknod(&path, t | mode, dev)?;
         }
         other => return Err(io::Error::other(format!("unexpected entry type {other:?}"))),
     }
     std::os::unix::fs::lchown(&path, Some(uid), Some(gid))?;
     if kind != tar::EntryType::Symlink {
         fs::set_permissions(&path, fs::Permissions::from_mode(mode))?;
-        let c = cstr(&path)?;
         for (name, value) in xattrs {
-            let cname = std::ffi::CString::new(name).map_err(|_| io::Error::other("NUL"))?;
-            // SAFETY: valid path, name and value buffer with its length.
-            let r = unsafe {
-                libc::lsetxattr(
-                    c.as_ptr(),
-                    cname.as_ptr(),
-                    value.as_ptr().cast(),
-                    value.len(),
-                    0,
-                )
-            };
-            if r != 0 {
-                return Err(io::Error::last_os_error());
-            }
+            crate::unpack::set_xattr(&path, &name, &value)?;
         }
         if kind != tar::EntryType::Directory {
-            set_mtime(&path, mtime)?;
+            crate::unpack::set_mtime(&path, mtime)?;
         }
     }
     Ok(())
 }
 
-fn set_mtime(path: &Path, mtime: i64) -> io::Result<()> {
-    let c = cstr(path)?;
-    let times = [
-        libc::timespec {
-            tv_sec: mtime,
-            tv_nsec: 0,
-        },
-        libc::timespec {
-            tv_sec: mtime,
-            tv_nsec: 0,
-        },
-    ];
-    // SAFETY: a valid path and two timespecs.
-    let r = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -864,10 +815,10 @@ mod tests {
         fs::create_dir_all(dir.join("upper/opq")).unwrap();
         fs::write(dir.join("upper/warm"), b"warm\n").unwrap();
         std::os::unix::fs::symlink("warm", dir.join("upper/link")).unwrap();
-        let c = cstr(&dir.join("upper/gone")).unwrap();
+        let c = crate::unpack::cstr(&dir.join("upper/gone")).unwrap();
         // SAFETY: valid path; a 0:0 character device is an overlay whiteout.
         assert_eq!(unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR, 0) }, 0);
-        let c = cstr(&dir.join("upper/opq")).unwrap();
+        let c = crate::unpack::cstr(&dir.join("upper/opq")).unwrap();
         // SAFETY: valid path, name and a 1-byte value.
         let r = unsafe {
             libc::lsetxattr(

@@ -797,12 +797,12 @@ fn mkdir(path: &Path) -> Result<(), UnpackError> {
     }
 }
 
-fn cstr(path: &Path) -> io::Result<CString> {
+pub(crate) fn cstr(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
 }
 
-fn mknod(path: &Path, mode: u32, dev: u64) -> io::Result<()> {
+pub(crate) fn mknod(path: &Path, mode: u32, dev: u64) -> io::Result<()> {
     let c = cstr(path)?;
     // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
     let r = unsafe { libc::mknod(c.as_ptr(), mode, dev) };
@@ -813,7 +813,7 @@ fn mknod(path: &Path, mode: u32, dev: u64) -> io::Result<()> {
     }
 }
 
-fn set_mtime(path: &Path, mtime: i64) -> io::Result<()> {
+pub(crate) fn set_mtime(path: &Path, mtime: i64) -> io::Result<()> {
     let c = cstr(path)?;
     let ts = libc::timespec {
         tv_sec: mtime,
