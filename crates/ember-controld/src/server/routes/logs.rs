@@ -79,9 +79,19 @@ pub(crate) async fn get_logs(
             {
                 Ok(chunks) if !chunks.is_empty() => {
                     f.after = chunks.last().map_or(f.after, |c| c.seq);
-                    let mut out = Vec::new();
-                    return match records(&chunks, &mut out) {
-                        Ok(()) => Some((Ok::<Bytes, std::io::Error>(Bytes::from(out)), f)),
+                    // Encoding a page (up to a MiB, base64 in JSON) is CPU
+                    // work: off the async workers, so readers re-reading a
+                    // long log cannot starve the nodes' appends and reports
+                    // of a worker (seen in CI: a run printing 100 MB crawled for minutes).
+                    let encoded = tokio::task::spawn_blocking(move || {
+                        let mut out = Vec::new();
+                        records(&chunks, &mut out).map(|()| out)
+                    })
+                    .await
+                    .map_err(|e| ApiError::Internal(format!("encoding a log page: {e}")))
+                    .and_then(|r| r);
+                    return match encoded {
+                        Ok(out) => Some((Ok::<Bytes, std::io::Error>(Bytes::from(out)), f)),
                         Err(e) => Some((
                             Err(std::io::Error::other(e.to_string())),
                             Follow { done: true, ..f },
