@@ -565,6 +565,11 @@ pub struct Inventory {
     /// arriving.
     #[serde(default)]
     pub pulling: BTreeMap<String, u64>,
+    /// The most bytes of images the node's store may hold (its GC's
+    /// high watermark), when it has one: the pull planner's budget for
+    /// the node. Absent: what it holds plus its free disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_budget_bytes: Option<u64>,
 }
 
 /// What a node says about itself when it registers or heartbeats.

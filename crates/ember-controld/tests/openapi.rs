@@ -238,13 +238,14 @@ async fn documented_schemas_cover_what_the_server_sends() {
     );
     let id = submitted["run"]["id"].as_i64().expect("id");
 
-    // active, prewarm (the node has room, the deployment wants one),
-    // assign, then keepalives while nothing happens.
-    while seen.len() < 4 {
+    // active, pull_plan (sent when a node connects), prewarm (the node
+    // has room, the deployment wants one), assign, then keepalives while
+    // nothing happens.
+    while seen.len() < 5 {
         let line = next_line().await;
         seen.insert(check_line(&line));
     }
-    for t in ["active", "prewarm", "assign", "keepalive"] {
+    for t in ["active", "pull_plan", "prewarm", "assign", "keepalive"] {
         assert!(seen.contains(t), "no {t} line among {seen:?}");
     }
     for event in [r#"{"event":"accepted"}"#, r#"{"event":"started"}"#] {

@@ -73,6 +73,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         heartbeat_timeout: 15,
         keepalive: 10,
         limits: control::LimitArgs::default(),
+        prepull: control::PrepullArgs::default(),
         connections: Default::default(),
     })
     .await?;
