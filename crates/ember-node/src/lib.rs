@@ -53,6 +53,8 @@
 //!
 //! * `execute`: one assigned run, from image to exit, through the pool.
 //! * `prewarm`: idle runners a `prewarm` order asks for.
+//! * `prepull`: the images a `pull_plan` names, pulled one at a time at
+//!   low priority (paused while a run pulls), and the GC that keeps them.
 //! * [`images`]: resolve-or-pull, shared with `ember run`.
 //! * `agent`: the agent's state and its start and shutdown.
 //! * `root`, `watchdog`: one agent per root, and the process that cleans
@@ -63,6 +65,7 @@ mod config;
 mod execute;
 pub mod images;
 mod logs;
+mod prepull;
 mod prewarm;
 mod register;
 mod report;
@@ -71,5 +74,5 @@ mod stream;
 mod watchdog;
 
 pub use agent::run_node;
-pub use config::{NodeAgentConfig, NodeError, WatchdogCommand};
+pub use config::{NodeAgentConfig, NodeError, PrepullConfig, WatchdogCommand};
 pub use watchdog::{WatchReport, watch_node};

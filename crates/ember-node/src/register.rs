@@ -27,6 +27,8 @@ impl NodeAgent {
                 }
             }
         }
+        inv.pulling = self.prepull.pulling();
+        inv.image_budget_bytes = self.cfg.prepull.image_budget;
         let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         for idle in self.pool.idle_runners() {
             if let Some(k) = keys.get(idle.key.as_str()) {

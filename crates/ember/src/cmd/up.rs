@@ -131,6 +131,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 &data.join(format!("node-{i}")),
                 &agent,
             )?),
+            prepull: Default::default(),
         };
         nodes.spawn(run_node(cfg, stopped(stop_rx.clone())));
     }
