@@ -330,9 +330,9 @@ impl NodeAgent {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let next = pulls.into_iter().find(|p| {
-            !failed
+            failed
                 .get(&p.image.digest)
-                .is_some_and(|t| t.elapsed() < RETRY_AFTER)
+                .is_none_or(|t| t.elapsed() >= RETRY_AFTER)
                 && !self.held(&p.image.digest)
         });
         (generation, next)

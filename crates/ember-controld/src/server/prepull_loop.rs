@@ -317,7 +317,7 @@ mod tests {
         };
         assert!((stats.deployments.score("web", 1000) - 3.0).abs() < 1e-9);
         let plans = plan_nodes(&stats, &nodes, &[], 1000, &cfg);
-        assert_eq!(plans["b"].pulls, [digest.clone()]);
+        assert_eq!(plans["b"].pulls, std::slice::from_ref(&digest));
         assert!(plans["a"].pulls.is_empty() && plans["a"].keep.contains(&digest));
         let WorkMessage::PullPlan { pulls, keep } =
             message(&stats, &plans["b"], &catalogue(&nodes))
