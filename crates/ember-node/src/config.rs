@@ -45,7 +45,7 @@ pub struct PrepullConfig {
     /// own pulls are never capped.
     pub bandwidth: Option<u64>,
     /// The most bytes of images the store holds: above it, the node's GC
-    /// evicts (down to 90 % of it) what its plan does not keep, and the
+    /// evicts (down to it) what its plan does not keep, and the
     /// control plane plans within it. `None`: no GC, and the planner's
     /// budget is what the node holds plus its free disk.
     pub image_budget: Option<u64>,

@@ -72,6 +72,8 @@ pub(crate) struct Prepull {
     run_pulls: AtomicUsize,
     /// The last run pull ended.
     runs_done: Notify,
+    /// A run pull started.
+    run_started: Notify,
     /// Image digest → bytes, for what is being pre-pulled now.
     pulling: Mutex<BTreeMap<String, u64>>,
     /// Image digest → runs executing here with it (never evicted).
@@ -90,6 +92,7 @@ impl Prepull {
             planned: Notify::new(),
             run_pulls: AtomicUsize::new(0),
             runs_done: Notify::new(),
+            run_started: Notify::new(),
             pulling: Mutex::new(BTreeMap::new()),
             busy: Mutex::new(BTreeMap::new()),
             failed: Mutex::new(BTreeMap::new()),
@@ -141,6 +144,7 @@ impl Prepull {
     pub(crate) fn run_pull(self: &Arc<Self>, image: &str) -> RunPull {
         self.run_pulls.fetch_add(1, Ordering::SeqCst);
         self.note("run_pull_started", image);
+        self.run_started.notify_waiters();
         RunPull {
             p: self.clone(),
             image: image.to_owned(),
@@ -205,7 +209,27 @@ struct Gate {
 }
 
 impl Gate {
+    /// Holds the download while a run pulls, then paces it to the cap; a
+    /// run pull starting during the pacing pause holds it at once.
     async fn wait(&self, bytes: u64) {
+        let due = self.p.bandwidth.map(|bw| {
+            let mut pace = self.pace.lock().unwrap_or_else(|e| e.into_inner());
+            pace.1 += bytes;
+            pace.0 + Duration::from_secs_f64(pace.1 as f64 / bw as f64)
+        });
+        loop {
+            let started = self.p.run_started.notified();
+            self.hold().await;
+            let Some(due) = due else { return };
+            tokio::select! {
+                () = tokio::time::sleep_until(due) => return,
+                () = started => {}
+            }
+        }
+    }
+
+    /// Returns once no run pull is in flight.
+    async fn hold(&self) {
         if self.p.run_pulls.load(Ordering::SeqCst) > 0 {
             self.p.note("paused", &self.image);
             tracing::info!(image = %self.image, "pre-pull paused: a run is pulling");
@@ -221,13 +245,6 @@ impl Gate {
             // The pause is not credit for a burst afterwards.
             *self.pace.lock().unwrap_or_else(|e| e.into_inner()) = (Instant::now(), 0);
         }
-        let Some(bw) = self.p.bandwidth else { return };
-        let due = {
-            let mut pace = self.pace.lock().unwrap_or_else(|e| e.into_inner());
-            pace.1 += bytes;
-            pace.0 + Duration::from_secs_f64(pace.1 as f64 / bw as f64)
-        };
-        tokio::time::sleep_until(due).await;
     }
 }
 
@@ -257,7 +274,8 @@ impl NodeAgent {
         let Some(high) = self.cfg.prepull.image_budget else {
             return;
         };
-        let low = high - high / 10;
+        // Down to the budget itself: the planner planned within it.
+        let low = high;
         let mut protected = self
             .prepull
             .plan

@@ -21,9 +21,20 @@ impl NodeAgent {
         if let Ok(ix) = self.store.read_index() {
             for rec in ix.images.values() {
                 let bytes = ix.bytes_of([rec]);
+                let layers: Vec<(String, u64)> = rec
+                    .layers
+                    .iter()
+                    .map(|l| {
+                        let b = ix.layers.get(&l.diff_id).map_or(0, |r| r.bytes);
+                        (l.diff_id.to_string(), b)
+                    })
+                    .collect();
                 inv.images.insert(rec.manifest.to_string(), bytes);
+                inv.image_layers
+                    .insert(rec.manifest.to_string(), layers.clone());
                 if let Some(index) = &rec.index {
                     inv.images.insert(index.to_string(), bytes);
+                    inv.image_layers.insert(index.to_string(), layers);
                 }
             }
         }

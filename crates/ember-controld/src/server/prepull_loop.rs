@@ -8,11 +8,11 @@
 //! then fed each round with the runs submitted since (newest first, down
 //! to the last run already counted), each counted at its submit time.
 //!
-//! The catalogue (image → layers) comes from what nodes report: an image
-//! is one "layer" of the bytes its holders report, so images whose layers
-//! are shared count them twice here (the node's store shares them
-//! anyway), and an image no node holds has no known size and is not
-//! planned until some run has pulled it somewhere.
+//! The catalogue (image → layers) comes from what nodes report: each
+//! holder lists an image's layers with their bytes in its inventory, so a
+//! layer shared by several images is counted once, as on the node's disk.
+//! An image no node holds has no known size and is not planned until some
+//! run has pulled it somewhere.
 //!
 //! [`ServerConfig::prepull_interval`]: super::ServerConfig::prepull_interval
 
@@ -119,28 +119,39 @@ fn holdings(node: &Node, in_use: BTreeSet<String>) -> NodeHoldings {
     }
 }
 
-/// Image → one layer of the largest size any node reports for it.
+/// Image → its layers as a node holding it reports them; an image only
+/// reported without layers (an older node, or one being pulled) is one
+/// layer of the largest size any node reports for it.
 fn catalogue(nodes: &[Node]) -> Catalogue {
+    let mut cat = Catalogue::new();
     let mut sizes: BTreeMap<&str, u64> = BTreeMap::new();
     for n in nodes {
         let inv = &n.spec.inventory;
+        for (d, layers) in &inv.image_layers {
+            cat.entry(d.clone()).or_insert_with(|| {
+                layers
+                    .iter()
+                    .map(|(digest, size)| Layer {
+                        digest: digest.clone(),
+                        size: *size,
+                    })
+                    .collect()
+            });
+        }
         for (d, b) in inv.images.iter().chain(&inv.pulling) {
             let s = sizes.entry(d.as_str()).or_default();
             *s = (*s).max(*b);
         }
     }
-    sizes
-        .into_iter()
-        .map(|(d, size)| {
-            (
-                d.to_owned(),
-                vec![Layer {
-                    digest: d.to_owned(),
-                    size,
-                }],
-            )
-        })
-        .collect()
+    for (d, size) in sizes {
+        cat.entry(d.to_owned()).or_insert_with(|| {
+            vec![Layer {
+                digest: d.to_owned(),
+                size,
+            }]
+        });
+    }
+    cat
 }
 
 /// Plans every node in `nodes`; `active` are the runs scheduled, starting
