@@ -24,7 +24,7 @@
 //! line (`{"t_ms":…,"event":"paused","image":…}`), so what a node did with
 //! its plan can be checked after the fact: `plan`, `started`, `paused`,
 //! `resumed`, `done`, `failed`, `run_pull_started`, `run_pull_done`,
-//! `evicted`.
+//! `evicted`, `over_budget` (what is left cannot be evicted).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -80,6 +80,9 @@ pub(crate) struct Prepull {
     busy: Mutex<BTreeMap<String, usize>>,
     /// Images whose pre-pull failed, and when.
     failed: Mutex<BTreeMap<String, Instant>>,
+    /// The bytes the last GC left over budget, so the journal says so
+    /// once, not at every plan.
+    over_budget: Mutex<Option<u64>>,
     bandwidth: Option<u64>,
     journal: PathBuf,
 }
@@ -96,6 +99,7 @@ impl Prepull {
             pulling: Mutex::new(BTreeMap::new()),
             busy: Mutex::new(BTreeMap::new()),
             failed: Mutex::new(BTreeMap::new()),
+            over_budget: Mutex::new(None),
             bandwidth,
             journal: root.join("prepull.log"),
         }
@@ -320,6 +324,31 @@ impl NodeAgent {
                 .collect()
         });
         match res {
+            Ok(r) if r.bytes_after > high => {
+                // Everything left is planned, in use or too recent: say
+                // so once per plan, so a budget too small for the plan
+                // can be seen.
+                tracing::debug!(bytes = r.bytes_after, high, kept_in_use = r.kept_in_use, removed = ?r.removed_images, "over the image budget");
+                let mut last = self
+                    .prepull
+                    .over_budget
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if *last != Some(r.bytes_after) {
+                    *last = Some(r.bytes_after);
+                    let detail = format!(
+                        "{} bytes > {high}; the rest is planned, in use or recent",
+                        r.bytes_after
+                    );
+                    self.prepull.note("over_budget", &detail);
+                }
+                for img in &r.removed_images {
+                    self.prepull.note("evicted", img);
+                }
+                if !r.removed_images.is_empty() {
+                    self.inventory_changed.notify_one();
+                }
+            }
             Ok(r) if !r.removed_images.is_empty() => {
                 for img in &r.removed_images {
                     self.prepull.note("evicted", img);

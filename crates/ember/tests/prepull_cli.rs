@@ -8,10 +8,11 @@
 //! 2. While B pre-pulls `big` (capped to 2 MiB/s), a run of `layers` on B
 //!    pulls at once: B's journal shows the pre-pull paused after the run's
 //!    pull started and resumed only after it ended.
-//! 3. B's image budget fits busybox and big, not layers too: its GC evicts
-//!    layers (unplanned, used more recently) and keeps busybox (planned,
-//!    used longer ago), which least-recently-used eviction would have
-//!    taken first.
+//! 3. B's image budget fits busybox, big and layers (which an idle spare
+//!    runner uses), not `devices` too, pulled into B's store by hand after
+//!    them: its GC evicts devices (never launched, so unplanned; used most
+//!    recently) and keeps busybox (planned; used longest ago), which
+//!    least-recently-used eviction would have taken first.
 
 mod common;
 
@@ -106,15 +107,15 @@ fn nodes_pre_pull_what_is_launched_yield_to_runs_and_keep_planned_images() {
         eprintln!("skipped: the static ember-agent could not be built");
         return;
     };
-    let registry = registry_with(&["busybox", "big", "layers"]);
+    let registry = registry_with(&["busybox", "big", "layers", "devices"]);
     let r = |n: &str| format!("{}/ember/{n}:latest", registry.addr());
     let tmp = tempfile::tempdir().expect("tempdir");
 
-    // B's budget: busybox and big, and half of what layers adds: the
-    // planner keeps the first two and not layers. Measured on a scratch
-    // store, since layer bytes are what the store counts.
+    // B's budget: busybox, big and layers, and half of what devices adds.
+    // Measured on a scratch store, since layer bytes are what the store
+    // counts.
     let scratch = tmp.path().join("scratch");
-    for n in ["busybox", "big", "layers"] {
+    for n in ["busybox", "big", "layers", "devices"] {
         ember_ok(&scratch, &["pull", "-q", &r(n)]);
     }
     let digest_in = |n: &str| -> String {
@@ -136,9 +137,10 @@ fn nodes_pre_pull_what_is_launched_yield_to_runs_and_keep_planned_images() {
             .to_owned()
     };
     let (bb, big, layers) = (digest_in("busybox"), digest_in("big"), digest_in("layers"));
-    let planned = union_bytes(&scratch, &[&bb, &big]);
-    let all = union_bytes(&scratch, &[&bb, &big, &layers]);
-    assert!(all > planned, "layers adds nothing to busybox and big");
+    let devices = digest_in("devices");
+    let planned = union_bytes(&scratch, &[&bb, &big, &layers]);
+    let all = union_bytes(&scratch, &[&bb, &big, &layers, &devices]);
+    assert!(all > planned + 1, "devices adds nothing to the others");
     let budget = (planned + (all - planned) / 2).to_string();
 
     let (_control, url) = start_control(
@@ -201,11 +203,13 @@ fn nodes_pre_pull_what_is_launched_yield_to_runs_and_keep_planned_images() {
     a.stop();
     let run = launch(&url, &r("layers"));
     assert_eq!(run["node"], "b");
+    // The journal's `done` follows the store's commit.
     wait_for(
         "B finishes pre-pulling big",
         Duration::from_secs(600),
-        || held(&b_root).contains(&big),
+        || journal(&b_root).contains(&("done".into(), big.clone())),
     );
+    assert!(held(&b_root).contains(&big));
     let j = journal(&b_root);
     let at = |ev: &str, img: &str| {
         j.iter()
@@ -230,10 +234,22 @@ fn nodes_pre_pull_what_is_launched_yield_to_runs_and_keep_planned_images() {
     );
     assert!(at("done", &big) > done, "{j:?}");
 
-    // 3. Over budget now: GC evicts layers, keeps busybox and big.
-    wait_for("B's GC evicts layers", Duration::from_secs(120), || {
-        !held(&b_root).contains(&layers)
-    });
+    // 3. Another image arrives in B's store, not through a launch: over
+    // budget now, B's GC evicts it, keeps busybox and big.
+    ember_ok(&b_root, &["pull", "-q", &r("devices")]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while held(&b_root).contains(&devices) {
+        assert!(
+            Instant::now() < deadline,
+            "B's GC did not evict devices: {:?}",
+            &journal(&b_root)[..]
+                .iter()
+                .rev()
+                .take(10)
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let h = held(&b_root);
     assert!(h.contains(&bb) && h.contains(&big), "{h:?}");
     assert!(journal(&b_root).iter().any(|(e, _)| e == "evicted"));
