@@ -3,6 +3,10 @@
 //! (or at once when a node connects) a [`pullplan::plan`] over the
 //! connected nodes, pushed to each as a `{"type":"pull_plan"}` line.
 //!
+//! A plan is pushed only when it differs from the last one pushed on the
+//! node's stream; a new stream gets the node's plan at once, unless it is
+//! empty (a node with nothing planned hears nothing).
+//!
 //! The statistics are rebuilt from every stored run when the loop starts,
 //! so a restarted control plane does not forget what was launched, and
 //! then fed each round with the runs submitted since (newest first, down
@@ -16,7 +20,7 @@
 //!
 //! [`ServerConfig::prepull_interval`]: super::ServerConfig::prepull_interval
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ember_api::wire::{PlannedPull, WorkMessage};
 use ember_control::model::{Node, NodeId, PinnedImage, Run, RunId, RunState};
@@ -177,7 +181,18 @@ pub(super) fn plan_nodes(
         .map(|n| holdings(n, in_use.remove(n.spec.id.as_str()).unwrap_or_default()))
         .collect();
     let ranked = stats.images.ranked(now);
-    pullplan::plan(&holdings, &ranked, &catalogue(nodes), cfg)
+    let mut plans = pullplan::plan(&holdings, &ranked, &catalogue(nodes), cfg);
+    // An image a run uses that the node does not hold yet is the run's
+    // to pull, and the node's GC protects what its runs use by itself:
+    // the plan need not name it (so a node with nothing held and nothing
+    // planned is sent nothing).
+    for h in &holdings {
+        if let Some(p) = plans.get_mut(&h.id) {
+            p.keep
+                .retain(|d| !h.in_use.contains(d) || h.images.contains(d));
+        }
+    }
+    plans
 }
 
 /// The `pull_plan` line for one node's plan.
@@ -197,6 +212,34 @@ pub(super) fn message(stats: &LaunchStats, plan: &NodePlan, cat: &Catalogue) -> 
     }
 }
 
+/// The plan last pushed on each node's stream: a plan goes out only when
+/// it differs from it, and a new stream (a node that joined or
+/// reconnected) gets its plan at once unless it is empty.
+#[derive(Default)]
+struct Sent(HashMap<NodeId, (u64, WorkMessage)>);
+
+impl Sent {
+    /// Whether `msg` is news for `node`'s current stream; remembers it.
+    fn changed(&mut self, s: &Shared, node: &NodeId, msg: &WorkMessage) -> bool {
+        let conn = {
+            let streams = s.streams.lock().unwrap_or_else(|e| e.into_inner());
+            match streams.get(node) {
+                Some(w) => w.conn,
+                None => return false,
+            }
+        };
+        let empty = matches!(msg, WorkMessage::PullPlan { pulls, keep } if pulls.is_empty() && keep.is_empty());
+        let news = match self.0.get(node) {
+            Some((c, last)) if *c == conn => last != msg,
+            _ => !empty,
+        };
+        if news || self.0.get(node).is_none_or(|(c, _)| *c != conn) {
+            self.0.insert(node.clone(), (conn, msg.clone()));
+        }
+        news
+    }
+}
+
 /// Every interval, or when a node connects: counts new launches, plans,
 /// and pushes each connected node its plan.
 pub(super) async fn prepull_loop(s: Shared) {
@@ -205,6 +248,7 @@ pub(super) async fn prepull_loop(s: Shared) {
     };
     let cfg = s.config.prepull;
     let mut stats = Some(LaunchStats::new(s.config.popularity_half_life_ms));
+    let mut sent = Sent::default();
     let mut first = true;
     loop {
         if !first {
@@ -250,6 +294,9 @@ pub(super) async fn prepull_loop(s: Shared) {
                     tracing::debug!(counted, "launches counted");
                 }
                 for (node, msg) in msgs {
+                    if !sent.changed(&s, &node, &msg) {
+                        continue;
+                    }
                     if let WorkMessage::PullPlan { pulls, keep } = &msg {
                         tracing::debug!(%node, pulls = pulls.len(), keep = keep.len(), "pull plan");
                     }
