@@ -14,7 +14,7 @@
 //! * **Reported.** While an image is pre-pulled, the node's inventory
 //!   lists it under `pulling`, so the scheduler counts it as arriving.
 //! * **Kept.** With an image budget, the node's GC runs when a plan
-//!   arrives and after each pre-pull, evicting in
+//!   arrives, after each pre-pull and every few seconds, evicting in
 //!   [`pullplan::eviction_order`]: never what the plan keeps, what a run
 //!   executing here uses, what a container uses (the store checks) or what
 //!   was used in the last [`GC_MIN_AGE`]; among the rest the least
@@ -48,6 +48,10 @@ use crate::images::pinned_reference;
 /// just pulled its image has not created its container yet (kubelet keeps
 /// a two-minute minimum age for the same reason).
 pub(crate) const GC_MIN_AGE: Duration = Duration::from_secs(15);
+
+/// How often the GC looks at the store when no plan or pre-pull prompts
+/// it (the control plane sends a plan only when it changes).
+const GC_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A pre-pull that failed is tried again after this, not at every plan.
 const RETRY_AFTER: Duration = Duration::from_secs(30);
@@ -472,9 +476,18 @@ pub(crate) async fn prepull_loop(agent: Arc<NodeAgent>) {
                 let a = agent.clone();
                 let _ = tokio::task::spawn_blocking(move || a.collect()).await;
             }
-            // Nothing to do until the next plan (or a failed pull's
-            // retry time, which the next plan's arrival covers).
-            None => agent.prepull.planned.notified().await,
+            // Nothing to do until the next plan; meanwhile the store may
+            // grow (runs' pulls, `ember pull` by hand), so GC looks again
+            // every GC_INTERVAL, and failed pre-pulls are retried.
+            None => {
+                tokio::select! {
+                    () = agent.prepull.planned.notified() => {}
+                    () = tokio::time::sleep(GC_INTERVAL) => {
+                        let a = agent.clone();
+                        let _ = tokio::task::spawn_blocking(move || a.collect()).await;
+                    }
+                }
+            }
         }
     }
 }
