@@ -173,7 +173,7 @@ async fn documented_schemas_cover_what_the_server_sends() {
     let node = serde_json::json!({
         "id": "n1", "slots": 2, "labels": {"zone": "a"},
         "inventory": {"images": {digest.clone(): 10}, "idle_runners": {}, "free_disk_bytes": 1,
-                      "image_layers": {digest.clone(): [["sha256:layer", 10]]}}
+                      "image_layers": {digest.clone(): [{"diff_id": "sha256:layer", "bytes": 10}]}}
     });
     let resp = send(reqwest::Method::PUT, "/v1/nodes/n1", node)
         .await

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ember_api::client::ClientError;
-use ember_control::model::{Inventory, NodeSpec};
+use ember_control::model::{ImageLayer, Inventory, NodeSpec};
 
 use crate::agent::NodeAgent;
 
@@ -21,12 +21,12 @@ impl NodeAgent {
         if let Ok(ix) = self.store.read_index() {
             for rec in ix.images.values() {
                 let bytes = ix.bytes_of([rec]);
-                let layers: Vec<(String, u64)> = rec
+                let layers: Vec<ImageLayer> = rec
                     .layers
                     .iter()
-                    .map(|l| {
-                        let b = ix.layers.get(&l.diff_id).map_or(0, |r| r.bytes);
-                        (l.diff_id.to_string(), b)
+                    .map(|l| ImageLayer {
+                        diff_id: l.diff_id.to_string(),
+                        bytes: ix.layers.get(&l.diff_id).map_or(0, |r| r.bytes),
                     })
                     .collect();
                 inv.images.insert(rec.manifest.to_string(), bytes);

@@ -135,9 +135,9 @@ fn catalogue(nodes: &[Node]) -> Catalogue {
             cat.entry(d.clone()).or_insert_with(|| {
                 layers
                     .iter()
-                    .map(|(digest, size)| Layer {
-                        digest: digest.clone(),
-                        size: *size,
+                    .map(|l| Layer {
+                        digest: l.diff_id.clone(),
+                        size: l.bytes,
                     })
                     .collect()
             });
