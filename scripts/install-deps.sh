@@ -21,6 +21,7 @@ PKGS=(
   python3             # the token server of the bearer-auth tests (ember-testkit/token_server.py)
   postgresql          # the control plane's PostgreSQL store: tests start private servers from its binaries
   python3-venv        # the virtualenv schemathesis (the API fuzzer) is installed into
+  chromium            # the dashboard's browser test (driven by playwright-core, scripts/install-playwright.sh)
   ca-certificates
 )
 
@@ -35,6 +36,18 @@ if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Node.js and npm (the real `turbo` client, the dashboard's browser test):
+# Debian's packages only when no npm is there yet, because machines of
+# this kind ship NodeSource's nodejs, which bundles npm and conflicts with
+# Debian's npm package.
+if ! command -v npm >/dev/null 2>&1; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "installing: nodejs npm"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
 fi
 
 # CRIU 4.1.1 for snapshot/restore, from Debian trixie through its own loader
@@ -53,3 +66,11 @@ fi
 # The control plane's API-agreement test runs schemathesis (from PyPI,
 # pinned) out of /opt/ember-venv.
 "$(dirname "$0")/install-schemathesis.sh"
+
+# The dashboard's browser test drives Debian's chromium with playwright-core
+# (from npm, pinned) out of /opt/ember-playwright.
+"$(dirname "$0")/install-playwright.sh"
+
+# The cache's Turborepo API test runs the real `turbo` (from npm, pinned)
+# out of /opt/ember-turbo.
+"$(dirname "$0")/install-turbo.sh" >/dev/null

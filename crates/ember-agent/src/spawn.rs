@@ -318,7 +318,7 @@ fn errno() -> i32 {
 /// Must be called only in the clone child, with `fds` open. Allocates
 /// nothing and takes no lock.
 unsafe fn child(p: &Prepared, fds: [RawFd; 4]) -> (u32, i32) {
-    // SAFETY (whole body): every call is a system call (or glibc's thin
+    // SAFETY: (whole body) every call is a system call (or glibc's thin
     // wrapper of one) on pointers into `p`, which the agent built before
     // cloning and keeps alive while suspended; the pointer arrays are
     // NULL-terminated.

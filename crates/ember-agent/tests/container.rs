@@ -3,8 +3,9 @@
 //!
 //! Needs root and `runc`, and the static binary, which this test builds
 //! with `crates/ember-agent/build-static.sh` (a no-op when it is up to
-//! date) unless `EMBER_AGENT_STATIC` names one already built. Skips, with a
-//! message, without root or runc.
+//! date) unless `EMBER_AGENT_STATIC` names one already built. Fails, saying
+//! what is missing, without them, unless `EMBER_TEST_SKIP_PRIVILEGED=1`
+//! (see `ember_testkit::require`).
 
 #![allow(clippy::unwrap_used)]
 
@@ -25,29 +26,6 @@ use serde_json::{Value, json};
 const APPLETS: &[&str] = &[
     "sh", "true", "sleep", "cat", "ls", "echo", "setsid", "cut", "grep", "wc", "id",
 ];
-
-fn static_agent() -> PathBuf {
-    if let Some(p) = std::env::var_os("EMBER_AGENT_STATIC") {
-        return p.into();
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("build-static.sh");
-    let out = Command::new(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{} failed", script.display());
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
-
-fn have_runc_as_root() -> bool {
-    // SAFETY: geteuid takes nothing and cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    root && Command::new("runc")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
 
 /// A running container; `runc delete -f` on drop.
 struct Container {
@@ -201,11 +179,12 @@ fn processes(c: &mut AgentClient) -> Vec<(i32, char)> {
 
 #[test]
 fn agent_as_pid1_of_a_runc_container() {
-    if !have_runc_as_root() {
-        println!("skipped: needs root and runc");
+    if !ember_testkit::require::root() || ember_testkit::require::runc().is_none() {
         return;
     }
-    let agent = static_agent();
+    let Some(agent) = ember_testkit::require::agent_binary_rebuilt() else {
+        return;
+    };
     let c = Container::start(&agent);
     let mut c1 = c.client();
     assert_eq!(c1.ping().unwrap().running, 0);

@@ -17,11 +17,6 @@ use ember_agent_proto::{
     ClientError, ExecRequest, Frame, Hello, PROTOCOL_VERSION, ProtoError, read_frame, write_frame,
 };
 
-fn is_root() -> bool {
-    // SAFETY: geteuid takes nothing and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
 #[test]
 fn ping_answers_with_version_and_running_count() {
     let a = Agent::start();
@@ -74,15 +69,15 @@ fn output_arrives_while_the_command_runs() {
     let mut first = None;
     let r = c
         .exec(
-            &req(&["/bin/sh", "-c", "echo early; sleep 1; echo late"]),
+            &req(&["/bin/sh", "-c", "echo early; sleep 3; echo late"]),
             &mut |_, _| {
                 first.get_or_insert(t.elapsed());
             },
         )
         .unwrap();
     assert!(r.success());
-    // Well before the command ends (1 s), whatever the machine load.
-    assert!(first.unwrap() < Duration::from_millis(800), "{first:?}");
+    // Well before the command ends (3 s), with room for a loaded machine.
+    assert!(first.unwrap() < Duration::from_millis(2500), "{first:?}");
 }
 
 #[test]
@@ -561,8 +556,7 @@ fn bad_requests_are_refused_and_the_connection_survives() {
 
 #[test]
 fn uid_and_gid_are_applied() {
-    if !is_root() {
-        println!("skipped: needs root");
+    if !ember_testkit::require::root() {
         return;
     }
     let a = Agent::start();

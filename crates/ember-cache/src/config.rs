@@ -111,6 +111,8 @@ pub struct CacheConfig {
     pub negative_ttl: Duration,
     /// Header and idle timeouts and the connection cap of the HTTP server.
     pub http: ember_http::Limits,
+    /// The directory cache's budgets, expiry and protected scopes.
+    pub dircache: crate::dircache::DircacheConfig,
 }
 
 impl CacheConfig {
@@ -129,6 +131,7 @@ impl CacheConfig {
             advertise: None,
             negative_ttl: Duration::from_secs(5),
             http: ember_http::Limits::new(),
+            dircache: Default::default(),
         }
     }
 

@@ -106,6 +106,22 @@ pub enum CacheError {
         /// Its size.
         bytes: u64,
     },
+    /// A directory cache entry PUT for a key that has one (entries are
+    /// immutable).
+    #[error("directory cache entry exists: {0}")]
+    EntryExists(String),
+    /// No directory cache entry matched.
+    #[error("directory cache entry unknown: {0}")]
+    EntryUnknown(String),
+    /// A write into a protected directory cache scope without its token.
+    #[error("directory cache scope {0:?} is read-only for this client")]
+    ScopeReadOnly(String),
+    /// An entry naming chunks the cache does not have.
+    #[error("the entry names {0} chunks the cache does not have")]
+    ChunksMissing(usize),
+    /// A body over a limit (a chunk, an entry over its scope's budget).
+    #[error("too large: {0}")]
+    TooLarge(String),
     /// Local disk trouble.
     #[error("{what}: {source}")]
     Io {
@@ -148,6 +164,11 @@ impl CacheError {
             Upstream { .. } | NoRoom { .. } => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
             UpstreamDenied { .. } => (StatusCode::BAD_GATEWAY, "DENIED"),
             BadRequest(_) => (StatusCode::BAD_REQUEST, "UNSUPPORTED"),
+            EntryExists(_) => (StatusCode::CONFLICT, "ENTRY_EXISTS"),
+            EntryUnknown(_) => (StatusCode::NOT_FOUND, "ENTRY_UNKNOWN"),
+            ScopeReadOnly(_) => (StatusCode::FORBIDDEN, "DENIED"),
+            ChunksMissing(_) => (StatusCode::BAD_REQUEST, "CHUNKS_MISSING"),
+            TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID"),
             Io { .. } | Config(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
         }
     }

@@ -24,6 +24,9 @@
 //!   rendezvous hashing; a server forwards to the owner and falls back to
 //!   the upstream when the owner is down.
 //! * `POST /ember/v1/warm` pre-fetches images; `/metrics` is Prometheus.
+//! * **Directory cache** ([`dircache`]): `/dircache/v1` stores the
+//!   deduplicated chunks and entries of `ember dircache save|restore`;
+//!   the same store serves the Turborepo remote-cache API ([`turbo`]).
 //! * **Bounded connections**: served by [`ember_http`] (header and idle
 //!   timeouts, a connection cap that closes the longest-idle connection).
 //!
@@ -47,6 +50,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod dircache;
 pub mod error;
 pub mod flight;
 pub mod metrics;
@@ -56,6 +60,7 @@ pub mod route;
 pub mod server;
 pub mod storage;
 pub mod tags;
+pub mod turbo;
 pub mod upstream;
 mod warm;
 
@@ -72,6 +77,7 @@ use tokio::task::JoinHandle;
 pub struct RunningCache {
     addr: SocketAddr,
     cache: Arc<Cache>,
+    dircache: Arc<dircache::DirStore>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
 }
@@ -90,6 +96,11 @@ impl RunningCache {
     /// The cache behind the server (metrics, store), for tests and tools.
     pub fn cache(&self) -> &Arc<Cache> {
         &self.cache
+    }
+
+    /// The directory cache's store, for tests and tools.
+    pub fn dircache(&self) -> &Arc<dircache::DirStore> {
+        &self.dircache
     }
 
     /// Stops accepting connections, waits for open ones to finish and for
@@ -121,7 +132,14 @@ pub fn spawn(
         .map_err(|e| CacheError::io("reading the listen address", e))?;
     let cache = Cache::new(config)?;
     cache.set_self_url(&format!("http://{addr}"));
-    let router = server::router(cache.clone());
+    let dir = dircache::DirStore::open(
+        &cache.config.dir.join("dircache"),
+        cache.config.dircache.clone(),
+    )?;
+    dircache::spawn_gc(&dir);
+    let router = server::router(cache.clone())
+        .nest("/dircache/v1", dircache::router(dir.clone()))
+        .merge(turbo::router(dir.clone()));
     let http = ember_http::Server::new(cache.config.http.clone()).refusal(
         "application/json",
         r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"the cache is at its connection limit"}]}"#,
@@ -139,6 +157,7 @@ pub fn spawn(
     Ok(RunningCache {
         addr,
         cache,
+        dircache: dir,
         stop: Some(stop),
         task,
     })

@@ -19,6 +19,8 @@
 //! * [`prewarm`]: [`prewarm::plan`], which nodes keep idle runners of
 //!   which deployment, a pure function like [`schedule::place`].
 //! * [`popularity`]: decayed launch counts per image (and deployment).
+//! * [`phase`]: the phases of a run's start (queue, placement, image,
+//!   runner, process), defined once for every report and metric.
 //! * [`pullplan`]: which images each node pre-pulls and keeps, and the
 //!   order its GC may evict the rest.
 //! * `conformance` (feature `testing`): the suite every store must pass.
@@ -63,6 +65,7 @@
 
 mod claim;
 pub mod model;
+pub mod phase;
 pub mod popularity;
 pub mod postgres;
 pub mod prewarm;

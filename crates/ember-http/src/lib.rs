@@ -46,6 +46,7 @@
 //! ```
 
 mod conn;
+pub mod prom;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -21,6 +21,7 @@ use ember_pool::{Pool, RunnerImage};
 use ember_registry::{RegistryClient, RegistryOptions};
 use ember_store::{ImageRecord, Store};
 use tokio::sync::{Notify, Semaphore, mpsc};
+use tracing::Instrument;
 
 use crate::execute::RunHandle;
 use crate::report::{ReportJob, report_loop};
@@ -72,6 +73,8 @@ pub(crate) struct NodeAgent {
     pub(crate) reporting: AtomicBool,
     /// The pull plan and pre-pulls (`prepull`).
     pub(crate) prepull: Arc<crate::prepull::Prepull>,
+    /// Counters for `/metrics` ([`crate::metrics`]).
+    pub(crate) metrics: crate::metrics::NodeMetrics,
 }
 
 /// Runs the node agent until `shutdown` completes; then destroys its
@@ -119,19 +122,32 @@ pub async fn run_node(
         inventory_changed: Notify::new(),
         reporting: AtomicBool::new(false),
         prepull: Arc::new(crate::prepull::Prepull::new(&cfg_root, cfg_bandwidth)),
+        metrics: Default::default(),
     });
+    let metrics_listener = match agent.cfg.metrics_listen {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
     // Fail fast on a wrong URL or token, rather than retrying forever.
     agent.heartbeat().await?;
+    let metrics = metrics_listener.map(|l| tokio::spawn(crate::metrics::serve(agent.clone(), l)));
 
-    let reporter = tokio::spawn(report_loop(agent.clone(), reports));
-    let hb = tokio::spawn(crate::register::heartbeat_loop(agent.clone()));
-    let work = tokio::spawn(crate::stream::work_loop(agent.clone()));
-    let prepulls = tokio::spawn(crate::prepull::prepull_loop(agent.clone()));
+    // Every log line of the agent's tasks carries the node id (the run
+    // tasks the work stream spawns are `run{run}` spans inside this one).
+    let span = tracing::info_span!("node", node = %agent.cfg.id);
+    let reporter = tokio::spawn(report_loop(agent.clone(), reports).instrument(span.clone()));
+    let hb = tokio::spawn(crate::register::heartbeat_loop(agent.clone()).instrument(span.clone()));
+    let prepulls =
+        tokio::spawn(crate::prepull::prepull_loop(agent.clone()).instrument(span.clone()));
+    let work = tokio::spawn(crate::stream::work_loop(agent.clone()).instrument(span));
     shutdown.await;
     hb.abort();
     work.abort();
     prepulls.abort();
     reporter.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     // Runs in flight are cancelled: their runners are destroyed on release.
     let handles: Vec<_> = agent
         .runs

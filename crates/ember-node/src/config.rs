@@ -35,6 +35,9 @@ pub struct NodeAgentConfig {
     pub watchdog: Option<WatchdogCommand>,
     /// How this node pre-pulls and collects images.
     pub prepull: PrepullConfig,
+    /// Where to serve the node's Prometheus `/metrics` (no token: use a
+    /// loopback or private address); `None`: not served.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// How a node pre-pulls the images its pull plan names and keeps its

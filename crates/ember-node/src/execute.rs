@@ -250,6 +250,7 @@ fn exec_blocking(
         .pool
         .acquire(&spec)
         .map_err(|e| format!("starting a runner: {e}"))?;
+    agent.metrics.lease(lease.info().reused);
     if spec.recyclable() {
         agent
             .keys

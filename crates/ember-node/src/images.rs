@@ -141,9 +141,12 @@ impl crate::agent::NodeAgent {
             .unwrap_or_else(|e| e.into_inner())
             .get(&image.digest)
             .cloned();
-        // Set only if a pull happens: pre-pulls hold still until it ends.
+        // Set only if a pull is needed: counted until this returns, and
+        // pre-pulls hold still until it ends.
+        let mut _pulling = None;
         let mut pulling = None;
         let ready = resolve_or_pull(&self.store, known, || {
+            _pulling = Some(self.metrics.pull());
             pulling = Some(self.prepull.run_pull(&image.digest));
             Ok::<_, String>(Pull {
                 reference: pinned_reference(image)?,

@@ -57,6 +57,8 @@
 //!   low priority (paused while a run pulls), and the GC that keeps them.
 //! * [`images`]: resolve-or-pull, shared with `ember run`.
 //! * `agent`: the agent's state and its start and shutdown.
+//! * `metrics`: the node's own `/metrics` listener (off unless
+//!   [`NodeAgentConfig::metrics_listen`] is set).
 //! * `root`, `watchdog`: one agent per root, and the process that cleans
 //!   up after an agent that died.
 
@@ -65,6 +67,7 @@ mod config;
 mod execute;
 pub mod images;
 mod logs;
+mod metrics;
 mod prepull;
 mod prewarm;
 mod register;

@@ -143,19 +143,23 @@ fn handle(agent: &Arc<NodeAgent>, msg: WorkMessage) {
             tracing::debug!(run = %run.id, "assigned");
             // The run's image is not the node GC's to evict meanwhile.
             let busy = agent.prepull.busy(&run.image.digest);
-            tokio::spawn(async move {
-                let _busy = busy;
-                let id = run.id;
-                let permit = agent.slots.clone().acquire_owned().await;
-                tracing::debug!(run = %id, "slot taken");
-                execute(&agent, *run, handle.clone()).await;
-                drop(permit);
-                let mut runs = agent.runs.lock().unwrap_or_else(|e| e.into_inner());
-                // Not a newer attempt's entry.
-                if runs.get(&id).is_some_and(|h| Arc::ptr_eq(h, &handle)) {
-                    runs.remove(&id);
-                }
-            });
+            let span = tracing::info_span!("run", run = %run.id);
+            tokio::spawn(tracing::Instrument::instrument(
+                async move {
+                    let _busy = busy;
+                    let id = run.id;
+                    let permit = agent.slots.clone().acquire_owned().await;
+                    tracing::debug!(run = %id, "slot taken");
+                    execute(&agent, *run, handle.clone()).await;
+                    drop(permit);
+                    let mut runs = agent.runs.lock().unwrap_or_else(|e| e.into_inner());
+                    // Not a newer attempt's entry.
+                    if runs.get(&id).is_some_and(|h| Arc::ptr_eq(h, &handle)) {
+                        runs.remove(&id);
+                    }
+                },
+                span,
+            ));
         }
         WorkMessage::Active {
             runs, scheduled, ..

@@ -162,6 +162,7 @@ async fn a_silent_work_stream_is_replaced_and_missed_work_arrives() {
             heartbeat: Duration::from_secs(1),
             watchdog: None,
             prepull: Default::default(),
+            metrics_listen: None,
         },
         async {
             let _ = node_stopped.await;

@@ -32,6 +32,13 @@
 //!   [`PoolConfig::idle_ttl`], and destroys least-recently-used idle runners
 //!   when the pool is over its runner-count or memory budget.
 //! * [`Pool::recover`] removes what a killed earlier process left behind.
+//! * [`runtime`] is the seam under the policy: the pool asks a
+//!   [`RunnerRuntime`](runtime::RunnerRuntime) to create runners and each
+//!   [`RunnerContainer`](runtime::RunnerContainer) to health-check, freeze,
+//!   thaw, reset and destroy itself. [`Pool::new`] uses the real one
+//!   ([`RuncRuntime`](runtime::RuncRuntime), on `ember_runtime::Container`);
+//!   [`Pool::with_runtime`] takes another, such as the recording
+//!   [`fake::FakeRuntime`] the policy tests use without root.
 //!
 //! Everything is blocking and [`Pool`] is `Send + Sync`: an async node agent
 //! shares it in an `Arc` and calls it from `spawn_blocking`. No lock is held
@@ -80,12 +87,13 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 #![warn(missing_docs)]
 
-pub mod cgroup;
 mod error;
+pub mod fake;
 pub mod key;
 pub mod pool;
 mod recover;
 pub mod runner;
+pub mod runtime;
 
 pub use ember_agent_proto::{ExecRequest, ExecResult, Started};
 pub use error::PoolError;

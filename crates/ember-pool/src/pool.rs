@@ -28,16 +28,17 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use ember_agent_proto::{AgentClient, ClientError, ExecRequest, ExecResult, Started};
+use ember_runtime::cgroup::{Cgroups, MemoryEvents};
 use ember_runtime::{RecoverReport, Runc};
 use ember_store::Store;
 
-use crate::cgroup::Cgroups;
 use crate::error::PoolError;
 use crate::key::{RunnerKey, RunnerSpec};
-use crate::runner::{self, Env, ExecDefaults, Runner, RunnerError};
+use crate::runner::{ExecDefaults, RunnerError};
+use crate::runtime::{Probe, RuncRuntime, RunnerContainer, RunnerRuntime};
 
 /// Configuration of a [`Pool`]. [`PoolConfig::new`] fills in the defaults.
 #[derive(Debug, Clone)]
@@ -261,6 +262,77 @@ pub struct PoolRecoverReport {
     pub runtime: RecoverReport,
 }
 
+/// A runner as the pool keeps it: its container and the pool's own
+/// bookkeeping about it (what policy decides on).
+#[derive(Debug)]
+struct Runner {
+    id: String,
+    key: RunnerKey,
+    created_at: Instant,
+    /// Runs completed on it.
+    runs: u64,
+    /// Frozen by the pool (the freezer may still be FREEZING).
+    frozen: bool,
+    /// Serves one run only (its spec has no recycling key).
+    single_use: bool,
+    /// Memory-limit counters when it was created: a run that moved them
+    /// hit the limit (a runner that did is never reused, so they only
+    /// ever move once).
+    mem_baseline: MemoryEvents,
+    /// When the current lease began (for the scratch reset's ctime check).
+    lease_started: SystemTime,
+    container: Box<dyn RunnerContainer>,
+}
+
+impl Runner {
+    fn new(container: Box<dyn RunnerContainer>, spec: &RunnerSpec) -> Runner {
+        Runner {
+            id: container.id().to_owned(),
+            key: spec.key().clone(),
+            created_at: Instant::now(),
+            runs: 0,
+            frozen: false,
+            single_use: !spec.recyclable(),
+            mem_baseline: container.memory_events(),
+            lease_started: SystemTime::now(),
+            container,
+        }
+    }
+
+    fn freeze(&mut self) -> Result<(), RunnerError> {
+        self.container.freeze()?;
+        self.frozen = true;
+        Ok(())
+    }
+
+    fn thaw(&mut self) -> Result<(), RunnerError> {
+        self.container.thaw()?;
+        self.frozen = false;
+        Ok(())
+    }
+
+    fn health_check(&mut self, timeout: Duration) -> Result<(), RunnerError> {
+        self.container.health_check(timeout)
+    }
+
+    fn destroy(&mut self) -> Result<(), RunnerError> {
+        self.container.destroy()
+    }
+}
+
+/// Where a pool's runners live: `<root>/runners`, created, canonical.
+fn runners_dir(config: &PoolConfig) -> Result<PathBuf, PoolError> {
+    let runners_dir = config.root.join("runners");
+    std::fs::create_dir_all(&runners_dir).map_err(|source| PoolError::Dir {
+        path: runners_dir.clone(),
+        source,
+    })?;
+    std::fs::canonicalize(&runners_dir).map_err(|source| PoolError::Dir {
+        path: runners_dir.clone(),
+        source,
+    })
+}
+
 struct Idle {
     runner: Runner,
     since: Instant,
@@ -275,9 +347,9 @@ struct State {
     leased: usize,
     creating: usize,
     destroying: usize,
-    /// Cgroups of every live runner (idle or leased), for the memory
+    /// Counters of every live runner (idle or leased), for the memory
     /// budget.
-    live: std::collections::HashMap<String, Cgroups>,
+    live: std::collections::HashMap<String, Arc<dyn Probe>>,
     /// Spares being created, by single-use key.
     spares_creating: std::collections::HashMap<RunnerKey, usize>,
     shut_down: bool,
@@ -288,7 +360,9 @@ struct State {
 }
 
 struct Inner {
-    env: Env,
+    /// Makes the runners' containers (runc, or a test's fake).
+    runtime: Arc<dyn RunnerRuntime>,
+    runners_dir: PathBuf,
     pause_after: Option<Duration>,
     idle_ttl: Duration,
     max_runners: usize,
@@ -316,7 +390,7 @@ pub struct Pool {
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool")
-            .field("root", &self.inner.env.runners_dir)
+            .field("root", &self.inner.runners_dir)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
@@ -367,7 +441,17 @@ impl Inner {
         if runners.is_empty() {
             return;
         }
-        self.lock().destroying += runners.len();
+        {
+            let mut st = self.lock();
+            st.destroying += runners.len();
+            // Out of the memory budget's sum now, not once destroyed: a
+            // check that ran before the destroy finished counted them
+            // again and evicted further idle runners for memory that was
+            // already on its way out.
+            for r in &runners {
+                st.live.remove(&r.id);
+            }
+        }
         let inner = Arc::clone(self);
         let spawned = std::thread::Builder::new()
             .name("ember-pool-destroy".into())
@@ -467,7 +551,7 @@ impl Inner {
         replaced: u32,
     ) -> Result<Lease, PoolError> {
         let id = self.next_id();
-        let created = Runner::create(&self.env, &id, spec);
+        let created = self.runtime.create(&id, spec).map(|c| Runner::new(c, spec));
         let mut st = self.lock();
         let mut runner = match created {
             Ok(r) => r,
@@ -491,7 +575,7 @@ impl Inner {
         }
         st.creating -= 1;
         st.stats.created += 1;
-        st.live.insert(runner.id.clone(), runner.cgroups.clone());
+        st.live.insert(runner.id.clone(), runner.container.probe());
         st.leased += 1;
         drop(st);
         tracing::debug!(id = %runner.id, key = runner.key.short(), ms = t0.elapsed().as_secs_f64() * 1e3, "created runner");
@@ -599,7 +683,7 @@ impl Inner {
             let now = Instant::now();
             // Freeze what has idled long enough: one write each, under the
             // lock so no acquire can take a runner halfway.
-            let mut to_verify: Vec<(String, Cgroups)> = Vec::new();
+            let mut to_verify: Vec<(String, Arc<dyn Probe>)> = Vec::new();
             if let Some(pa) = self.pause_after {
                 let mut froze = 0;
                 for idle in st.idle.iter_mut() {
@@ -608,7 +692,7 @@ impl Inner {
                             Ok(()) => {
                                 froze += 1;
                                 to_verify
-                                    .push((idle.runner.id.clone(), idle.runner.cgroups.clone()));
+                                    .push((idle.runner.id.clone(), idle.runner.container.probe()));
                             }
                             Err(e) => {
                                 // Don't retry every tick: it stays unfrozen
@@ -705,7 +789,7 @@ impl Inner {
         let Some(budget) = self.max_memory_bytes else {
             return 0;
         };
-        let groups: Vec<(String, Cgroups)> = {
+        let groups: Vec<(String, Arc<dyn Probe>)> = {
             let st = self.lock();
             st.live
                 .iter()
@@ -747,38 +831,34 @@ impl Pool {
     /// and starts the reaper thread. Call [`Pool::recover`] next, before
     /// the first acquire, when an earlier process may have left runners.
     pub fn new(config: PoolConfig) -> Result<Pool, PoolError> {
-        runner::check_agent_binary(&config.agent_binary).map_err(|reason| {
-            PoolError::AgentBinary {
-                path: config.agent_binary.clone(),
-                reason,
-            }
-        })?;
+        let runners_dir = runners_dir(&config)?;
+        let runtime = RuncRuntime::new(&config, runners_dir.clone())?;
+        Pool::start(config, runners_dir, Arc::new(runtime))
+    }
+
+    /// A pool whose runners `runtime` makes: [`Pool::new`] with
+    /// [`RuncRuntime`], or a test's [`crate::fake::FakeRuntime`]. The
+    /// configuration's `runc`, `agent_binary`, `store`, `create_timeout`
+    /// and `reset_scratch` are the runtime's business, and unused here.
+    pub fn with_runtime(
+        config: PoolConfig,
+        runtime: Arc<dyn RunnerRuntime>,
+    ) -> Result<Pool, PoolError> {
+        let runners_dir = runners_dir(&config)?;
+        Pool::start(config, runners_dir, runtime)
+    }
+
+    fn start(
+        config: PoolConfig,
+        runners_dir: PathBuf,
+        runtime: Arc<dyn RunnerRuntime>,
+    ) -> Result<Pool, PoolError> {
         if config.max_runners == 0 {
             return Err(PoolError::Config("max_runners must be at least 1".into()));
         }
-        let agent_binary =
-            std::path::absolute(&config.agent_binary).map_err(|source| PoolError::Dir {
-                path: config.agent_binary.clone(),
-                source,
-            })?;
-        let runners_dir = config.root.join("runners");
-        std::fs::create_dir_all(&runners_dir).map_err(|source| PoolError::Dir {
-            path: runners_dir.clone(),
-            source,
-        })?;
-        let runners_dir = std::fs::canonicalize(&runners_dir).map_err(|source| PoolError::Dir {
-            path: runners_dir.clone(),
-            source,
-        })?;
         let inner = Arc::new(Inner {
-            env: Env {
-                runners_dir,
-                runc: config.runc,
-                agent_binary,
-                store: config.store,
-                create_timeout: config.create_timeout,
-                reset_scratch: config.reset_scratch,
-            },
+            runtime,
+            runners_dir,
             pause_after: config.pause_after,
             idle_ttl: config.idle_ttl,
             max_runners: config.max_runners,
@@ -795,7 +875,7 @@ impl Pool {
             .name("ember-pool-reaper".into())
             .spawn(move || reaper_inner.reaper())
             .map_err(|source| PoolError::Dir {
-                path: inner.env.runners_dir.clone(),
+                path: inner.runners_dir.clone(),
                 source,
             })?;
         Ok(Pool {
@@ -806,7 +886,7 @@ impl Pool {
 
     /// Where runner directories live.
     pub fn runners_dir(&self) -> &Path {
-        &self.inner.env.runners_dir
+        &self.inner.runners_dir
     }
 
     /// Lends a runner with `spec`'s key: the most recently used idle one
@@ -946,7 +1026,7 @@ impl Pool {
         let reason = self.verdict(&lease, &runner, outcome);
         let reason = match reason {
             Some(r) => Some(r),
-            None => match runner.reset_scratch() {
+            None => match runner.container.reset_scratch(runner.lease_started) {
                 Ok(()) => None,
                 Err(e) => Some(DiscardReason::ResetFailed(e.to_string())),
             },
@@ -975,7 +1055,7 @@ impl Pool {
         if lease.cancelled {
             return Some(DiscardReason::Cancelled);
         }
-        let now = runner.cgroups.memory_events();
+        let now = runner.container.memory_events();
         let base = runner.mem_baseline;
         if now.failcnt > base.failcnt || now.oom_kill > base.oom_kill {
             return Some(DiscardReason::MemoryLimit {
@@ -990,7 +1070,7 @@ impl Pool {
     /// waits until each reads `FROZEN` (those the reaper froze a moment ago
     /// included); returns how many idle runners are frozen.
     pub fn freeze_idle(&self) -> usize {
-        let frozen: Vec<Cgroups> = {
+        let frozen: Vec<Arc<dyn Probe>> = {
             let mut st = self.inner.lock();
             let mut froze = 0;
             for idle in st.idle.iter_mut().filter(|i| !i.runner.frozen) {
@@ -1003,7 +1083,7 @@ impl Pool {
             st.idle
                 .iter()
                 .filter(|i| i.runner.frozen)
-                .map(|i| i.runner.cgroups.clone())
+                .map(|i| i.runner.container.probe())
                 .collect()
         };
         frozen
@@ -1066,7 +1146,7 @@ impl Pool {
     /// alone: each holds an `flock` on its directory's lock file, and the
     /// kernel drops it when the owner dies.
     pub fn recover(&self) -> Result<PoolRecoverReport, PoolError> {
-        crate::recover::recover(&self.inner.env)
+        self.inner.runtime.recover()
     }
 
     /// Stops the pool: no more acquires, idle runners destroyed (this
@@ -1144,23 +1224,23 @@ impl Lease {
 
     /// The image's environment, working directory and user for execs.
     pub fn defaults(&self) -> &ExecDefaults {
-        &self.runner().defaults
+        self.runner().container.defaults()
     }
 
     /// An exec request for `argv` with the image's environment, working
     /// directory and user.
     pub fn command<S: Into<String>>(&self, argv: impl IntoIterator<Item = S>) -> ExecRequest {
-        self.runner().defaults.request(argv)
+        self.runner().container.defaults().request(argv)
     }
 
     /// The host directory mounted at `/workspace` in the runner.
     pub fn workspace(&self) -> PathBuf {
-        self.runner().workspace()
+        self.runner().container.workspace()
     }
 
     /// The runner's cgroups.
     pub fn cgroups(&self) -> &Cgroups {
-        &self.runner().cgroups
+        self.runner().container.cgroups()
     }
 
     /// Runs `req` in the runner, streaming output to `on_output(is_stderr,
@@ -1186,9 +1266,7 @@ impl Lease {
             return Err(PoolError::ShutDown);
         };
         let id = runner.id.clone();
-        let result = runner
-            .client()
-            .and_then(|c| c.exec_with(req, on_started, on_output));
+        let result = runner.container.exec(req, on_started, on_output);
         match result {
             Ok(r) => {
                 self.timed_out |= r.timed_out;
@@ -1207,7 +1285,7 @@ impl Lease {
     /// A handle that cancels this lease's execs from another thread.
     pub fn canceller(&self) -> Canceller {
         Canceller {
-            socket: self.runner().socket.clone(),
+            socket: self.runner().container.socket(),
         }
     }
 }
@@ -1257,21 +1335,18 @@ mod tests {
     /// then slept forever, so `shutdown` hung joining it.
     #[test]
     fn shutdown_never_waits_for_a_sleeping_reaper() {
-        // Any static executable passes the agent check; no runner starts.
-        let agent = Path::new("/bin/busybox");
-        if crate::runner::check_agent_binary(agent).is_err() {
-            eprintln!("SKIP: no static /bin/busybox");
-            return;
-        }
+        // The reaper is the pool's own; no runner starts, so the fake
+        // runtime serves (no root, no agent).
         let dir = tempfile::tempdir().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let root = dir.path().to_path_buf();
         std::thread::spawn(move || {
             for _ in 0..300 {
-                let mut cfg = PoolConfig::new(&root, Runc::new(root.join("runc")), agent);
+                let mut cfg = crate::fake::FakeRuntime::config(&root);
                 cfg.max_memory_bytes = Some(1);
                 cfg.budget_interval = Duration::ZERO;
-                drop(Pool::new(cfg).unwrap());
+                let fake = Arc::new(crate::fake::FakeRuntime::new());
+                drop(Pool::with_runtime(cfg, fake).unwrap());
             }
             tx.send(()).unwrap();
         });

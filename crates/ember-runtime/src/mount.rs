@@ -298,6 +298,9 @@ pub struct MountEntry {
     pub fs_type: String,
     /// The mount source as the kernel reports it.
     pub source: String,
+    /// The filesystem's own options (the last field: `rw,freezer` for a
+    /// cgroup v1 hierarchy), comma-separated.
+    pub super_options: String,
 }
 
 /// Parses the text of `/proc/<pid>/mountinfo`. Malformed lines are skipped.
@@ -311,10 +314,12 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
             rest.next()?;
             let fs_type = rest.next()?;
             let source = rest.next().unwrap_or("");
+            let super_options = rest.next().unwrap_or("");
             Some(MountEntry {
                 mount_point: PathBuf::from(unescape_octal(mount_point)),
                 fs_type: fs_type.to_owned(),
                 source: unescape_octal(source),
+                super_options: super_options.to_owned(),
             })
         })
         .collect()

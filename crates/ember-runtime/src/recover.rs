@@ -21,17 +21,14 @@
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
-use nix::sys::signal::Signal;
-use nix::unistd::Pid;
 
+use crate::cgroup;
 use crate::container::LOCK_FILE;
 use crate::mount::{self, MountError};
 use crate::runc::{Runc, RuncError};
-use crate::spec::CONFIG_FILE;
 
 /// Errors from recovery. [`recover`] fails only when it cannot even look;
 /// the failures of single leftovers are collected in
@@ -212,18 +209,8 @@ fn try_lock(dir: &Path) -> LockState {
     }
 }
 
-/// The `cgroupsPath` of the `config.json` in `dir`, if any.
-fn cgroups_path(dir: &Path) -> Option<String> {
-    let text = fs::read(dir.join(CONFIG_FILE)).ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
-    v.get("linux")?
-        .get("cgroupsPath")?
-        .as_str()
-        .map(str::to_owned)
-}
-
 fn remove_cgroups(dir: &Path, report: &mut RecoverReport) {
-    let Some(rel) = cgroups_path(dir) else {
+    let Some(rel) = cgroup::bundle_cgroups_path(dir) else {
         return;
     };
     let rel = rel.trim_start_matches('/');
@@ -231,53 +218,24 @@ fn remove_cgroups(dir: &Path, report: &mut RecoverReport) {
     if rel.is_empty() || rel.split('/').any(|c| c == ".." || c.is_empty()) {
         return;
     }
-    let mounts = match mount::mounts() {
-        Ok(m) => m,
+    let groups = match cgroup::existing_in_every_hierarchy(rel) {
+        Ok(g) => g,
         Err(e) => {
             report.errors.push(e.into());
             return;
         }
     };
-    let groups: Vec<PathBuf> = mounts
-        .iter()
-        .filter(|m| m.fs_type == "cgroup" || m.fs_type == "cgroup2")
-        .map(|m| m.mount_point.join(rel))
-        .filter(|p| p.is_dir())
-        .collect();
     if groups.is_empty() {
         return;
     }
     // Thaw first: frozen processes cannot die.
     for g in &groups {
-        let state = g.join("freezer.state");
-        if state.exists() {
-            let _ = fs::write(&state, "THAWED");
-        }
+        cgroup::thaw_dir(g);
     }
     for g in groups {
-        match remove_cgroup(&g) {
+        match cgroup::remove_dir(&g) {
             Ok(()) => report.cgroups_removed.push(g),
             Err(source) => report.errors.push(RecoverError::Cgroup { path: g, source }),
         }
     }
-}
-
-fn remove_cgroup(group: &Path) -> io::Result<()> {
-    for _ in 0..100 {
-        match fs::remove_dir(group) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                // Processes remain: kill them and try again.
-                if let Ok(procs) = fs::read_to_string(group.join("cgroup.procs")) {
-                    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Err(io::Error::from_raw_os_error(libc::EBUSY))
 }

@@ -60,7 +60,9 @@ fn ember_once_with(f: &Fixture, mode: StartMode, spec: &RunSpec) -> (Duration, T
 #[test]
 #[ignore = "benchmark: run explicitly with --ignored --nocapture"]
 fn bench_hot_start_against_bare_runc() {
-    let f = Fixture::new();
+    let Some(f) = Fixture::privileged() else {
+        return;
+    };
     // The bare baseline runs a bundle Ember prepared (overlay mounted,
     // config.json written), exactly as `runc run --bundle B ID` would.
     let bare_id = unique_id("bare");

@@ -12,7 +12,9 @@ use ember_runtime::{ContainerStdio, RunOptions, RunSpec, StartMode};
 
 #[test]
 fn create_then_start_passes_stdio_through_and_reports_exit_codes() {
-    let f = Fixture::new();
+    let Some(f) = Fixture::privileged() else {
+        return;
+    };
     let id = unique_id("cs");
     let p = f.prepare(
         &id,
@@ -38,7 +40,9 @@ fn create_then_start_passes_stdio_through_and_reports_exit_codes() {
 
 #[test]
 fn create_then_start_honours_timeouts() {
-    let f = Fixture::new();
+    let Some(f) = Fixture::privileged() else {
+        return;
+    };
     let id = unique_id("cs-timeout");
     let p = f.prepare(&id, &["/bin/sleep", "1000"], RunSpec::default());
     let dir = p.bundle().to_path_buf();

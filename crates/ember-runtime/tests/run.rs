@@ -29,7 +29,9 @@ fn stdout(o: &RunOutcome) -> String {
 
 #[test]
 fn output_is_captured_and_exit_code_returned() {
-    let f = Fixture::new();
+    let Some(f) = Fixture::privileged() else {
+        return;
+    };
     let id = unique_id("exit3");
     let p = f.prepare(
         &id,
@@ -51,7 +53,9 @@ fn output_is_captured_and_exit_code_returned() {
 
 #[test]
 fn overlay_applies_whiteouts_opaque_dirs_and_keeps_writes_in_upper() {
-    let f = Fixture::new();
+    let Some(f) = Fixture::privileged() else {
+        return;
+    };
     let id = unique_id("overlay");
     let script = "test -e /data/gone.txt && echo gone-visible; \
                   ls /opq; cat /data/over.txt /data/kept.txt; echo new > /written";
@@ -70,7 +74,9 @@ fn overlay_applies_whiteouts_opaque_dirs_and_keeps_writes_in_upper() {
 
 #[test]
 fn runs_as_numeric_and_named_users() {
-    let f = Fixture::new();
+    let Some(f) = Fixture::privileged() else {
+        return;
+    };
     for (user, expect) in [
         ("1000", "1000 1000 50\n"),
         ("app", "1000 1000 50\n"),
@@ -109,7 +115,9 @@ fn runs_as_numeric_and_named_users() {
 
 #[test]
 fn env_and_workdir_are_applied() {
-    let f = Fixture::new();
+    let Some(f) = Fixture::privileged() else {
+        return;
+    };
     let id = unique_id("env");
     let run = RunSpec {
         env: vec![("FOO".into(), "run".into()), ("NEW".into(), "x y".into())],
@@ -128,7 +136,9 @@ fn env_and_workdir_are_applied() {
 
 #[test]
 fn resource_limits_reach_the_cgroup() {
-    let f = Fixture::new();
+    let Some(f) = Fixture::privileged() else {
+        return;
+    };
     let id = unique_id("limits");
     // Host and container talk through a bind-mounted directory: writing
     // into the overlay's upper directory from outside is not seen inside.
@@ -166,7 +176,9 @@ fn resource_limits_reach_the_cgroup() {
 
 #[test]
 fn network_none_has_only_loopback() {
-    let f = Fixture::new();
+    let Some(f) = Fixture::privileged() else {
+        return;
+    };
     let id = unique_id("net");
     let p = f.prepare(&id, &["/bin/cat", "/proc/net/dev"], RunSpec::default());
     let out = captured(&p);
@@ -180,7 +192,9 @@ fn network_none_has_only_loopback() {
 
 #[test]
 fn kill_by_signal_is_128_plus_n_and_catchable_signals_are_forwarded() {
-    let f = Fixture::new();
+    let Some(f) = Fixture::privileged() else {
+        return;
+    };
     // SIGKILL goes through `runc kill`.
     let id = unique_id("kill");
     let p = f.prepare(
@@ -217,7 +231,9 @@ fn kill_by_signal_is_128_plus_n_and_catchable_signals_are_forwarded() {
 
 #[test]
 fn timeout_kills_the_container() {
-    let f = Fixture::new();
+    let Some(f) = Fixture::privileged() else {
+        return;
+    };
     let id = unique_id("timeout");
     let p = f.prepare(&id, &["/bin/sleep", "1000"], RunSpec::default());
     let dir = p.bundle().to_path_buf();
@@ -236,7 +252,9 @@ fn timeout_kills_the_container() {
 
 #[test]
 fn cleanup_during_a_run_kills_and_removes_everything() {
-    let f = Fixture::new();
+    let Some(f) = Fixture::privileged() else {
+        return;
+    };
     let id = unique_id("midrun");
     let p = f.prepare(
         &id,
@@ -262,7 +280,9 @@ fn cleanup_during_a_run_kills_and_removes_everything() {
 
 #[test]
 fn runc_failures_are_errors_naming_the_container() {
-    let f = Fixture::new();
+    let Some(f) = Fixture::privileged() else {
+        return;
+    };
     let id = unique_id("noexec");
     let p = f.prepare(&id, &["/no/such/binary"], RunSpec::default());
     let err = p
@@ -288,7 +308,9 @@ fn runc_failures_are_errors_naming_the_container() {
 
 #[test]
 fn overlay_handles_one_zero_and_many_layers() {
-    let f = Fixture::new();
+    let Some(f) = Fixture::privileged() else {
+        return;
+    };
     // One layer: overlayfs is fine with a single lower beside an upper.
     let dir = f.tmp.path().join("one");
     let mut r = RootFs::mount(&dir, &f.layers[..1]).unwrap();
@@ -335,7 +357,9 @@ fn overlay_handles_one_zero_and_many_layers() {
 
 #[test]
 fn hostname_and_readonly_rootfs() {
-    let f = Fixture::new();
+    let Some(f) = Fixture::privileged() else {
+        return;
+    };
     let id = unique_id("ro");
     let run = RunSpec {
         hostname: Some("box".into()),
@@ -356,7 +380,9 @@ fn hostname_and_readonly_rootfs() {
 
 #[test]
 fn bind_mounts_are_applied() {
-    let f = Fixture::new();
+    let Some(f) = Fixture::privileged() else {
+        return;
+    };
     let host = f.tmp.path().join("host-share");
     fs::create_dir_all(&host).unwrap();
     fs::write(host.join("in.txt"), "from host\n").unwrap();
@@ -380,4 +406,63 @@ fn bind_mounts_are_applied() {
     );
     assert_eq!(stdout(&captured(&p)), "from host\nro\n");
     assert!(!host.join("y").exists());
+}
+
+/// The warm pool's use: an init process that runs exactly as given, as
+/// root in `/`, while the run's user is still resolved for its execs; started
+/// with `spawn`, which returns at once, and cleaned up after it exits.
+#[test]
+fn an_init_process_runs_as_given_and_spawn_returns_at_once() {
+    let Some(f) = Fixture::privileged() else {
+        return;
+    };
+    let id = unique_id("init");
+    // An Entrypoint the init must not get in front of it, and a working
+    // directory it must not start in.
+    let image: oci_spec::image::ImageConfiguration = serde_json::from_str(
+        r#"{
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {
+                "Env": ["PATH=/bin"],
+                "Entrypoint": ["/bin/false"],
+                "Cmd": ["/bin/sh"],
+                "WorkingDir": "/bin"
+            },
+            "rootfs": {"type": "layers", "diff_ids": []}
+        }"#,
+    )
+    .unwrap();
+    let run = RunSpec {
+        user: Some("app".into()),
+        ..RunSpec::default()
+    };
+    let dir = f.base.join(&id);
+    let p = Container::new(f.runc.clone(), &id, &dir)
+        .init_process(vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "echo $(id -u) $(pwd); sleep 2".into(),
+        ])
+        .prepare(&f.layers, &image, &run)
+        .unwrap();
+    assert_eq!((p.user().uid, p.user().gid), (1000, 1000));
+    assert_eq!(p.cgroups_path(), format!("/ember/{id}"));
+    let process = p.spawn(ContainerStdio::captured()).unwrap();
+    // spawn did not wait for it: it shows up in its cgroups while it runs
+    // (runc creates them a moment after the spawn).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !p.cgroups().procs().is_ok_and(|procs| !procs.is_empty()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no processes in {}",
+            p.cgroups_path()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let exit = process.wait().unwrap();
+    assert_eq!(exit.exit_code, 0);
+    assert_eq!(String::from_utf8_lossy(&exit.stdout), "0 /\n");
+    p.cleanup().unwrap();
+    assert_gone(&f.runc, &id, &dir);
 }

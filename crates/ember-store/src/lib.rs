@@ -11,6 +11,7 @@
 //! index.json           images, names, layers, LRU clock (see `index`)
 //! users/<id>.json      containers using an image, with their owner pid
 //! lru/<hex>            empty marker per image; its mtime is the last use
+//! snapshots/           checkpoint artifacts, manifests, unpacked copies (see `snapshot`)
 //! tmp/<owner>-...      in-progress work; removed once its owner's lock is free
 //! tmp/<owner>-lock     flock'ed by the open store that owns `tmp/<owner>-...` (see `tmp`)
 //! lock                 flock for index updates
@@ -27,6 +28,7 @@
 mod error;
 pub mod index;
 mod pull;
+pub mod snapshot;
 mod tmp;
 pub mod tree;
 pub mod unpack;
@@ -37,6 +39,7 @@ pub use index::{ImageRecord, Index, LayerRecord, LayerRef};
 pub use pull::{
     PullGate, PullOptions, PullProgress, PullReport, PullTimings, SilentProgress, pull, pull_gated,
 };
+pub use snapshot::{SnapshotError, SnapshotGcReport, SnapshotManifest, StartUp};
 pub use verify::{Problem, ProblemKind, VerifyReport};
 
 use ember_oci::{Digest, Reference};
@@ -107,6 +110,9 @@ pub struct GcReport {
     pub removed_layers: usize,
     /// Images kept because a container uses them.
     pub kept_in_use: usize,
+    /// Snapshots of removed images and unreferenced snapshot artifacts
+    /// that went with them (see `snapshot`).
+    pub snapshots: SnapshotGcReport,
 }
 
 /// An image as [`Store::gc_in_order`] offers it to the caller's ordering.
@@ -697,6 +703,11 @@ impl Store {
         self.write_index(&lock, &ix)?;
         drop(lock);
         self.delete_layers(dropped);
+        // A snapshot cannot be restored without its image's layers.
+        match self.gc_snapshots(&std::collections::BTreeSet::new()) {
+            Ok(s) => report.snapshots = s,
+            Err(e) => tracing::warn!(error = %e, "snapshot GC failed"),
+        }
         Ok(report)
     }
 

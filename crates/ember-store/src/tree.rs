@@ -7,12 +7,11 @@
 //! number, symlink target, the overlayfs opaque marker of directories, and
 //! an XXH3-64 checksum of each regular file's contents. The unpacker builds
 //! the record as it writes (see [`RecordBuilder`]): checksums come from its
-//! copy buffer and a regular file's metadata from `fstat` on the descriptor
-//! it just wrote through, so recording costs neither a second read of the
-//! data nor a walk of the finished tree (which cost a many-file layer about
-//! 4 % of its pull's CPU: a path lookup per entry). Only what has no open
-//! descriptor or can change after it was written (directories, links,
-//! special files) is `lstat`ed at the end. XXH3 is not a
+//! copy buffer, and files' and directories' metadata from the values it set
+//! itself, so recording costs neither a second read of the data nor a walk
+//! of the finished tree (a path lookup, and for a directory a `getxattr`,
+//! per entry). Only what it cannot vouch for (links, special files,
+//! implicit and opaque directories) is `lstat`ed at the end. XXH3 is not a
 //! cryptographic hash: the record guards against accidents (a disk, a
 //! crash, a hand edit), and anyone who can rewrite layer files as root can
 //! rewrite the record too. The layer's identity is still its diff_id,
@@ -128,12 +127,13 @@ fn checksum_file(p: &Path, buf: &mut [u8]) -> io::Result<u64> {
 /// The record of a tree being unpacked, built from what the unpacker
 /// knows as it writes, so no walk of the finished tree is needed.
 ///
-/// A regular file is recorded from `fstat` on its descriptor once its
-/// contents and metadata are written. Everything else an unpack creates
-/// (directories, whose mtime and mode are set at the very end; symlinks,
-/// devices, fifos and whiteouts, which have no descriptor; files that get
-/// hardlinks, whose link count changes) is noted and `lstat`ed by
-/// [`RecordBuilder::finish`]. A removed path takes its record and
+/// A regular file is recorded from the owner, mode, mtime and size the
+/// unpacker set through its descriptor, and a directory from the metadata
+/// applied to it at the very end, when the filesystem keeps those values
+/// exactly (as root, an mtime in 1970..2038). Everything else an unpack
+/// creates (symlinks, devices, fifos and whiteouts; implicit parents and
+/// opaque directories; files that get hardlinks, whose link count
+/// changes) is noted and `lstat`ed by [`RecordBuilder::finish`]. A removed path takes its record and
 /// everything below it along. The unpack tests check that the result
 /// equals [`scan`] of the same tree.
 #[derive(Debug, Default)]
@@ -163,6 +163,19 @@ pub struct NewFile {
     pub xxh3: u64,
 }
 
+/// What the unpacker set on a directory, for [`RecordBuilder::dir`].
+#[derive(Debug, Clone, Copy)]
+pub struct NewDir {
+    /// Permission bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Modification time, seconds.
+    pub mtime: i64,
+}
+
 fn key(rel: &Path) -> Vec<u8> {
     rel.as_os_str().as_bytes().to_vec()
 }
@@ -190,8 +203,8 @@ impl RecordBuilder {
 
     /// A new regular file at `rel` is complete, with exactly this owner,
     /// mode (`& 0o7777`), mtime, size and checksum set through its
-    /// descriptor, and one link. Recording it from these values saves an
-    /// `fstat` per file; the unpack tests check them against a walk.
+    /// descriptor, and one link. The unpack tests check such entries
+    /// against a walk of the tree.
     pub fn file(&mut self, rel: &Path, e: NewFile) {
         let k = key(rel);
         self.late.remove(&k);
@@ -217,6 +230,28 @@ impl RecordBuilder {
         let k = key(rel);
         self.done.remove(&k);
         self.late.insert(k, None);
+    }
+
+    /// A directory at `rel` (not opaque) whose owner, mode and mtime were
+    /// just set to exactly these, after everything inside it was written.
+    pub fn dir(&mut self, rel: &Path, e: NewDir) {
+        let k = key(rel);
+        self.late.remove(&k);
+        self.done.insert(
+            k,
+            TreeEntry {
+                kind: b'd',
+                mode: e.mode & 0o7777,
+                uid: e.uid,
+                gid: e.gid,
+                size: 0,
+                nlink: 0,
+                mtime: e.mtime,
+                rdev: 0,
+                xxh3: 0,
+                target: None,
+            },
+        );
     }
 
     /// A regular file at `rel` with checksum `xxh3`, whose metadata is to

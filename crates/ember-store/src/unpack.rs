@@ -31,7 +31,7 @@
 //! [`crate::tree`]), with each file's checksum taken from the copy buffer,
 //! so the store can verify the layer later.
 
-use crate::tree::{ContentHasher, NewFile, RecordBuilder, TreeRecord};
+use crate::tree::{ContentHasher, NewDir, NewFile, RecordBuilder, TreeRecord};
 use std::collections::HashSet;
 use std::ffi::CString;
 use std::fs;
@@ -171,6 +171,7 @@ fn unpack_inner<R: Read>(
         buf: vec![0u8; 128 * 1024],
         record: record.then(RecordBuilder::new),
         root: nix::unistd::geteuid().is_root(),
+        opaque: HashSet::new(),
     };
     let entries = archive.entries().map_err(UnpackError::Read)?;
     let mut last = String::from("(start of archive)");
@@ -186,7 +187,9 @@ fn unpack_inner<R: Read>(
     u.dirs
         .sort_by_key(|d| std::cmp::Reverse(d.path.components().count()));
     for d in std::mem::take(&mut u.dirs) {
-        apply_dir_meta(&d)?;
+        if apply_dir_meta(&d)? {
+            u.record_dir(&d);
+        }
     }
     if let Some(record) = u.record.take() {
         u.stats.tree = Some(record.finish(dest).map_err(io_err(dest, "record tree"))?);
@@ -212,6 +215,9 @@ struct Unpacker {
     record: Option<RecordBuilder>,
     /// Running as root (metadata is set exactly as the tar says).
     root: bool,
+    /// Directories this unpack marked opaque (the record asks the
+    /// filesystem about those).
+    opaque: HashSet<PathBuf>,
 }
 
 /// A tar path made relative and free of `.`/`..`; `None` for the root.
@@ -315,6 +321,7 @@ impl Unpacker {
                 Mode::Overlay => {
                     set_xattr(&dir, "trusted.overlay.opaque", b"y")
                         .map_err(io_err(&dir, "mark opaque"))?;
+                    self.opaque.insert(parent_rel.clone());
                     if !parent_rel.as_os_str().is_empty() {
                         self.note_later(&parent_rel);
                     }
@@ -533,6 +540,35 @@ impl Unpacker {
         Ok(())
     }
 
+    /// Records a directory whose deferred metadata was just applied, from
+    /// the values applied, when they are exactly what the filesystem keeps
+    /// (see the regular-file case); otherwise it stays noted for `lstat`.
+    fn record_dir(&mut self, d: &DirMeta) {
+        let Some(record) = &mut self.record else {
+            return;
+        };
+        let Ok(rel) = d.path.strip_prefix(&self.dest) else {
+            return;
+        };
+        if rel.as_os_str().is_empty() || self.opaque.contains(rel) {
+            return;
+        }
+        if let (Ok(uid), Ok(gid)) = (u32::try_from(d.uid), u32::try_from(d.gid))
+            && self.root
+            && (0..1 << 31).contains(&d.mtime)
+        {
+            record.dir(
+                rel,
+                NewDir {
+                    mode: d.mode,
+                    uid,
+                    gid,
+                    mtime: d.mtime,
+                },
+            );
+        }
+    }
+
     /// Notes `rel` for the tree record, to be recorded from `lstat` once
     /// the unpack is done.
     fn note_later(&mut self, rel: &Path) {
@@ -672,7 +708,8 @@ impl Unpacker {
 /// opened with `O_NOFOLLOW | O_DIRECTORY`, so if anything but that very
 /// directory is at the path now (a symlink a later entry put there), the
 /// metadata goes nowhere instead of to the symlink's target.
-fn apply_dir_meta(d: &DirMeta) -> Result<(), UnpackError> {
+/// True if the metadata was applied (false: something else is there now).
+fn apply_dir_meta(d: &DirMeta) -> Result<bool, UnpackError> {
     let f = match fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
@@ -685,11 +722,12 @@ fn apply_dir_meta(d: &DirMeta) -> Result<(), UnpackError> {
                 Some(libc::ELOOP) | Some(libc::ENOTDIR) | Some(libc::ENOENT)
             ) =>
         {
-            return Ok(());
+            return Ok(false);
         }
         Err(e) => return Err(io_err(&d.path, "open directory")(e)),
     };
-    set_meta_fd(&f, &d.path, d.uid, d.gid, d.mode, d.mtime)
+    set_meta_fd(&f, &d.path, d.uid, d.gid, d.mode, d.mtime)?;
+    Ok(true)
 }
 
 /// Owner, mode and mtime through an open descriptor (`path` only names it
@@ -759,12 +797,12 @@ fn mkdir(path: &Path) -> Result<(), UnpackError> {
     }
 }
 
-fn cstr(path: &Path) -> io::Result<CString> {
+pub(crate) fn cstr(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
 }
 
-fn mknod(path: &Path, mode: u32, dev: u64) -> io::Result<()> {
+pub(crate) fn mknod(path: &Path, mode: u32, dev: u64) -> io::Result<()> {
     let c = cstr(path)?;
     // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
     let r = unsafe { libc::mknod(c.as_ptr(), mode, dev) };
@@ -775,7 +813,7 @@ fn mknod(path: &Path, mode: u32, dev: u64) -> io::Result<()> {
     }
 }
 
-fn set_mtime(path: &Path, mtime: i64) -> io::Result<()> {
+pub(crate) fn set_mtime(path: &Path, mtime: i64) -> io::Result<()> {
     let c = cstr(path)?;
     let ts = libc::timespec {
         tv_sec: mtime,

@@ -5,7 +5,8 @@
 //!
 //! Runs the `ember` binary, which belongs to another crate: it is looked
 //! for next to this test's own binary (`target/debug/ember`), and the test
-//! is skipped with a message when it has not been built.
+//! fails saying so when it has not been built (CI builds the workspace
+//! first), unless `EMBER_TEST_SKIP_PRIVILEGED=1` says to skip.
 
 mod common;
 
@@ -76,10 +77,11 @@ fn partial_big_layer(root: &Path) -> Option<(PathBuf, u64)> {
 
 #[test]
 fn kill_9_mid_pull_leaves_no_trace_and_the_next_pull_completes() {
-    let Some(ember) = ember_bin() else {
-        eprintln!(
-            "SKIPPED kill_9_mid_pull: target/debug/ember is not built (cargo build -p ember first)"
-        );
+    let Some(ember) = ember_testkit::require::built_binary(
+        "target/debug/ember",
+        ember_bin(),
+        "cargo build -p ember",
+    ) else {
         return;
     };
     let registry = Registry::start().expect("registry starts");
@@ -227,18 +229,24 @@ fn in_new_pid_namespace(ember: &Path, root: &Path, args: &[&str]) -> Command {
 /// the dead pull not yet reaped.
 #[test]
 fn kill_9_mid_pull_is_cleaned_by_a_process_with_the_same_pid() {
-    let Some(ember) = ember_bin() else {
-        eprintln!("SKIPPED: target/debug/ember is not built (cargo build -p ember first)");
+    let Some(ember) = ember_testkit::require::built_binary(
+        "target/debug/ember",
+        ember_bin(),
+        "cargo build -p ember",
+    ) else {
         return;
     };
-    if !Command::new("unshare")
-        .args(["--pid", "--fork", "true"])
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        eprintln!("SKIPPED: unshare --pid does not work here");
+    // A pid namespace needs root.
+    if !ember_testkit::require::root() {
         return;
     }
+    assert!(
+        Command::new("unshare")
+            .args(["--pid", "--fork", "true"])
+            .status()
+            .is_ok_and(|s| s.success()),
+        "unshare --pid --fork true fails here, as root"
+    );
     let registry = Registry::start().expect("registry starts");
     let big = fixtures::build_cached("big").expect("big fixture");
     let rt = tokio::runtime::Builder::new_current_thread()

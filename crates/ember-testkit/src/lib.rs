@@ -16,6 +16,9 @@
 //!   free loopback port, with a fresh database per test.
 //! - [`push`]: a small OCI distribution push client (blobs and manifests)
 //!   used to load fixtures into such a registry.
+//! - [`require`]: what privileged tests need (root, runc, the static
+//!   agent): a clear failure when it is missing, a skip only when the
+//!   environment says `EMBER_TEST_SKIP_PRIVILEGED=1`.
 //! - [`fixtures`]: byte-for-byte reproducible OCI images (busybox, layer
 //!   edge cases, a 110 MiB layer, a large multi-layer image, an image index
 //!   and Docker schema 2 variants), written as OCI image layouts and cached
@@ -44,4 +47,5 @@ pub mod postgres;
 pub mod proxy;
 pub mod push;
 pub mod registry;
+pub mod require;
 pub mod token;

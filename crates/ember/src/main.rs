@@ -4,6 +4,7 @@
 //! the work happens in `ember-registry`, `ember-store` and `ember-runtime`.
 
 mod cmd;
+mod logging;
 mod progress;
 mod util;
 
@@ -29,6 +30,17 @@ struct Cli {
     #[arg(long, global = true, env = "EMBER_LOG", default_value = "warn")]
     log: String,
 
+    /// Log format: text, or json (one object per line, with run and node
+    /// ids as fields where they apply).
+    #[arg(
+        long,
+        global = true,
+        env = "EMBER_LOG_FORMAT",
+        value_enum,
+        default_value_t = logging::LogFormat::Text
+    )]
+    log_format: logging::LogFormat,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -48,6 +60,10 @@ enum Command {
     /// Image operations.
     #[command(subcommand)]
     Image(cmd::image::Command),
+    /// Snapshots of start-ups (CRIU checkpoints): create, ls, rm; run one
+    /// with `ember run --snapshot NAME`.
+    #[command(subcommand)]
+    Snapshot(cmd::snapshot::Command),
     /// Store maintenance (verify, repair).
     #[command(subcommand)]
     Store(cmd::store::Command),
@@ -56,6 +72,9 @@ enum Command {
     /// Benchmarks against the reference tools, measured in the same run.
     #[command(subcommand)]
     Bench(cmd::bench::Command),
+    /// Save and restore directories (tool caches) through the cluster cache.
+    #[command(subcommand)]
+    Dircache(cmd::dircache::Command),
     /// Run the control plane (HTTP/JSON API, durable queue, dispatcher).
     Control(cmd::control::Args),
     /// Run a node agent that executes the control plane's runs.
@@ -85,13 +104,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    logging::init(&cli.log, cli.log_format);
 
     // `run` is latency-bound and mostly waits on runc: one thread starts
     // faster than a pool. Servers and pulls get the multi-thread runtime.
@@ -116,8 +129,10 @@ fn main() -> ExitCode {
             Command::Gc(a) => cmd::gc::run(&cli.root, a),
             Command::Image(c) => cmd::image::run(&cli.root, c),
             Command::Store(c) => cmd::store::run(&cli.root, c),
+            Command::Snapshot(c) => cmd::snapshot::run(&cli.root, c).await,
             Command::Cache(a) => cmd::cache::run(a).await,
             Command::Bench(c) => cmd::bench::run(&cli.root, c).await,
+            Command::Dircache(c) => cmd::dircache::run(c).await,
             Command::Control(a) => cmd::control::run(a).await,
             Command::Node(a) => cmd::node::run(&cli.root, a).await,
             Command::Submit(a) => cmd::submit::run(a).await,

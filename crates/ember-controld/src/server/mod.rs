@@ -14,6 +14,8 @@
 //! | `prewarm_loop.rs` | pushes the pre-warm planner's orders ([`ember_control::prewarm`]) |
 //! | `prepull_loop.rs` | launch statistics, and each node's pull plan ([`ember_control::pullplan`]) |
 //! | `reaper.rs` | the lost-node reaper and the log pruner |
+//! | `ui.rs`, `ui/` | the `/ui` dashboard (static files) and `GET /v1/overview`, its one JSON view |
+//! | `metrics.rs` | `GET /metrics`: Prometheus counters, start-time histograms by phase, queue and node gauges |
 //!
 //! Path of a run from submit to start, with no polling interval anywhere:
 //!
@@ -45,11 +47,13 @@
 mod auth;
 mod dispatch;
 mod error;
+mod metrics;
 mod prepull_loop;
 mod prewarm_loop;
 mod reaper;
 mod routes;
 mod submit;
+mod ui;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -121,6 +125,9 @@ pub struct ServerConfig {
     pub prepull: ember_control::pullplan::PlanConfig,
     /// Half-life of the launch statistics.
     pub popularity_half_life_ms: u64,
+    /// The cluster cache's URL (`ember cache`), whose `/metrics` the
+    /// dashboard's overview reads for the hit ratio; `None`: no cache shown.
+    pub cache_url: Option<String>,
 }
 
 impl ServerConfig {
@@ -150,6 +157,7 @@ impl ServerConfig {
             prepull_interval: Some(Duration::from_secs(60)),
             prepull: ember_control::pullplan::PlanConfig::default(),
             popularity_half_life_ms: ember_control::popularity::DEFAULT_HALF_LIFE_MS,
+            cache_url: None,
         }
     }
 }
@@ -245,6 +253,9 @@ struct AppState {
     /// Submits waiting for the submit batcher ([`submit`]), which owns the
     /// receiving half; `POST /v1/runs` sends.
     submits: mpsc::UnboundedSender<PendingSubmit>,
+    /// This replica's event counters for `/metrics` ([`metrics`]); updated
+    /// where the events happen (submit batcher, reports, cancel).
+    metrics: metrics::ControlMetrics,
 }
 
 /// How handlers and tasks hold the state.
@@ -300,6 +311,7 @@ pub async fn serve(
         credentials: Credentials::default(),
         log_events,
         submits,
+        metrics: metrics::ControlMetrics::default(),
     });
     // The background tasks; each holds an `Arc` of the state until it is
     // aborted below.
@@ -346,6 +358,8 @@ pub async fn serve(
             "application/json",
             r#"{"error":"unavailable","message":"the control plane is at its connection limit"}"#,
         );
+    let _ = state.metrics.http.set(http.stats());
+    let _ = state.metrics.http.set(http.stats());
     let app = router(state);
     http.serve(listener, app, shutdown).await;
     for task in tasks {
@@ -377,6 +391,8 @@ fn router(state: Shared) -> Router {
                 .get(deployments::list_deployments),
         )
         .route("/v1/nodes", get(nodes::list_nodes))
+        .route("/metrics", get(metrics::metrics))
+        .route("/v1/overview", get(ui::overview))
         .route(
             "/v1/nodes/{id}/credentials",
             post(nodes::issue_credential).delete(nodes::revoke_credentials),
@@ -398,8 +414,16 @@ fn router(state: Shared) -> Router {
             state.clone(),
             auth::require_node,
         ));
+    // The dashboard's static files carry no data: no token (the page
+    // sends it with every request for data).
+    let ui = Router::new()
+        .route("/ui", get(ui::index))
+        .route("/ui/", get(ui::index))
+        .route("/ui/app.js", get(ui::app))
+        .route("/ui/style.css", get(ui::style));
     client
         .merge(node)
+        .merge(ui)
         .fallback(|uri: Uri| async move {
             ApiError::NotFound(format!("no such endpoint: {}", uri.path()))
         })

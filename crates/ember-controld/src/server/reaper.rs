@@ -63,6 +63,10 @@ pub(super) async fn reap_lost_nodes(s: Shared) {
         match result {
             Ok((lost, requeued)) if !lost.is_empty() => {
                 tracing::warn!(lost = lost.len(), requeued, "runs lost with their nodes");
+                // Those not requeued end lost.
+                for _ in requeued..lost.len() {
+                    s.metrics.finished(RunState::Lost);
+                }
                 for r in &lost {
                     let _ = s.log_events.send(r.id);
                     // A node that is only cut off, its stream still open

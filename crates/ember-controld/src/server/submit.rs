@@ -40,7 +40,12 @@ pub(super) async fn submit_loop(s: Shared, mut rx: mpsc::UnboundedReceiver<Pendi
             .and_then(|r| r);
         match results {
             Ok(results) => {
-                if results.iter().any(|r| r.as_ref().is_ok_and(|x| x.created)) {
+                let created = results
+                    .iter()
+                    .filter(|r| r.as_ref().is_ok_and(|x| x.created))
+                    .count();
+                s.metrics.submitted(created);
+                if created > 0 {
                     s.wake.notify_one();
                 }
                 for (tx, r) in answers.into_iter().zip(results) {

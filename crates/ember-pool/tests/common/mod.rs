@@ -4,14 +4,15 @@
 //!
 //! These tests need root, overlayfs, the cgroup v1 freezer and runc, which
 //! this machine has, and the static agent binary, which is built once with
-//! `crates/ember-agent/build-static.sh` when missing. Without it, every
-//! test fails and says why: a test that passes without checking anything
-//! hides a broken build (CI builds the agent first, in scripts/test.sh).
+//! `crates/ember-agent/build-static.sh` when missing. Without one of them,
+//! every test fails and says why (`ember_testkit::require`): a test that
+//! passes without checking anything hides a broken build (CI builds the
+//! agent first, in scripts/test.sh). `EMBER_TEST_SKIP_PRIVILEGED=1` skips
+//! them instead, for an unprivileged checkout; CI never sets it.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -26,61 +27,25 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// The static agent, built if missing; panics, saying why, when it cannot
-/// be had.
-pub fn agent() -> PathBuf {
-    static AGENT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let found = AGENT.get_or_init(|| {
-        if let Ok(p) = std::env::var("EMBER_AGENT") {
-            let p = PathBuf::from(p);
-            return if p.exists() {
-                Ok(p)
-            } else {
-                Err(format!("EMBER_AGENT={} does not exist", p.display()))
-            };
-        }
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join("target"));
-        let path = target.join("x86_64-unknown-linux-gnu/release/ember-agent");
-        if path.exists() {
-            return Ok(path);
-        }
-        eprintln!("building the static agent with build-static.sh (once)");
-        let script = workspace_root().join("crates/ember-agent/build-static.sh");
-        match Command::new(&script).output() {
-            Ok(out) if out.status.success() => {
-                let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-                if p.exists() {
-                    Ok(p)
-                } else {
-                    Err(format!(
-                        "build-static.sh printed {}, which does not exist",
-                        p.display()
-                    ))
-                }
-            }
-            Ok(out) => Err(format!(
-                "building the static agent failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )),
-            Err(e) => Err(format!("cannot run {}: {e}", script.display())),
-        }
-    });
-    match found {
-        Ok(p) => p.clone(),
-        Err(why) => panic!(
-            "the pool tests need the static ember-agent \
-             (crates/ember-agent/build-static.sh, or EMBER_AGENT=PATH): {why}"
-        ),
-    }
+/// The static agent, for a test that also has root and runc; `None` (the
+/// test then returns) only when `EMBER_TEST_SKIP_PRIVILEGED=1` says to skip
+/// what is missing. Without that, a missing piece fails the test, saying
+/// what is missing (see `ember_testkit::require`).
+pub fn privileged_agent() -> Option<PathBuf> {
+    let agent = ember_testkit::require::agent_binary()?;
+    (ember_testkit::require::root() && ember_testkit::require::runc().is_some()).then_some(agent)
 }
 
-/// The static agent, or a failed test saying why it is missing.
+/// The static agent, with root and runc; returns from the calling test
+/// when the environment says to skip privileged tests, and fails it,
+/// saying why, when one of them is missing otherwise.
 #[macro_export]
 macro_rules! require_agent {
     () => {
-        common::agent()
+        match common::privileged_agent() {
+            Some(agent) => agent,
+            None => return,
+        }
     };
 }
 

@@ -1,6 +1,7 @@
 //! Shared fixtures: hand-built layers, an image configuration, unique ids.
 //!
-//! These tests need root, overlayfs and runc, which this machine has.
+//! These tests need root, overlayfs and runc, which this machine has; a
+//! test that lacks them fails saying so ([`Fixture::privileged`]).
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -47,6 +48,15 @@ impl Fixture {
             base,
             tmp,
         }
+    }
+
+    /// [`Fixture::new`] for a test that needs root and runc: `None` (the
+    /// test then returns) only when `EMBER_TEST_SKIP_PRIVILEGED=1` says to
+    /// skip what is missing; without it, a missing one fails the test,
+    /// saying what is missing (`ember_testkit::require`).
+    pub fn privileged() -> Option<Fixture> {
+        (ember_testkit::require::root() && ember_testkit::require::runc().is_some())
+            .then(Fixture::new)
     }
 
     /// Prepares container `id` running `args` under `run`.

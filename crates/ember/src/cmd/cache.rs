@@ -60,6 +60,42 @@ pub struct Args {
     /// or manifest share one upstream request either way.
     #[arg(long, default_value_t = 5, value_name = "SECONDS")]
     pub negative_ttl: u64,
+    /// Directory cache: bytes each scope may hold before its least
+    /// recently used entries are evicted.
+    #[arg(long, default_value = "10G", value_name = "SIZE")]
+    pub dircache_scope_bytes: String,
+    /// Directory cache: seconds an entry may go unrestored before it is
+    /// removed [default: 7 days].
+    #[arg(long, default_value_t = 7 * 24 * 3600, value_name = "SECONDS")]
+    pub dircache_max_unused: u64,
+    /// Directory cache: a scope (e.g. the default branch) every client may
+    /// read but only clients with the write token may save into or remove
+    /// from (repeatable).
+    #[arg(long = "dircache-protected-scope", value_name = "S")]
+    pub dircache_protected: Vec<String>,
+    /// Directory cache: the bearer token that may write protected scopes.
+    #[arg(
+        long,
+        env = "EMBER_DIRCACHE_WRITE_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub dircache_write_token: Option<String>,
+    /// Directory cache: seconds an unreferenced chunk is kept after its
+    /// last use (covers a save between its upload and its manifest).
+    #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
+    pub dircache_gc_grace: u64,
+    /// Turborepo remote-cache API (`/v8/artifacts`): a bearer token it
+    /// accepts (repeatable, or comma-separated in the environment); the API
+    /// is off without one.
+    #[arg(
+        long = "turbo-token",
+        env = "EMBER_TURBO_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub turbo_tokens: Vec<String>,
     #[command(flatten)]
     pub connections: ServerLimits,
 }
@@ -80,6 +116,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     config.low_watermark = args.low_watermark;
     config.negative_ttl = Duration::from_secs(args.negative_ttl);
     config.http = args.connections.limits();
+    config.dircache.scope_bytes = parse_size(&args.dircache_scope_bytes)?;
+    config.dircache.max_unused = Duration::from_secs(args.dircache_max_unused);
+    config.dircache.protected_scopes = args.dircache_protected;
+    config.dircache.write_token = args.dircache_write_token;
+    config.dircache.gc_grace = Duration::from_secs(args.dircache_gc_grace);
+    config.dircache.turbo_tokens = args.turbo_tokens;
     if let Some(f) = &args.auth_file {
         let mut c = Credentials::none();
         c.load_docker_config(f).map_err(anyhow::Error::msg)?;

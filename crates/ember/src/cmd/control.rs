@@ -64,6 +64,10 @@ pub struct Args {
     /// sends a keepalive line (nodes reconnect after three silent intervals).
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
     pub keepalive: u64,
+    /// The cluster cache's URL (`ember cache`): the dashboard (`/ui`)
+    /// shows its hit ratio and upstream bytes, read from its `/metrics`.
+    #[arg(long, value_name = "URL")]
+    pub cache: Option<String>,
     #[command(flatten)]
     pub connections: ServerLimits,
     /// What one run may store in the control plane, and how long logs stay.
@@ -242,6 +246,7 @@ pub async fn open(args: &Args) -> anyhow::Result<(Arc<dyn StateStore>, ServerCon
     config.heartbeat_timeout = Duration::from_secs(args.heartbeat_timeout.max(1));
     config.keepalive = Duration::from_secs(args.keepalive.max(1));
     config.http = args.connections.limits();
+    config.cache_url = args.cache.clone();
     args.limits.apply(&mut config)?;
     args.prepull.apply(&mut config)?;
     Ok((store, config))

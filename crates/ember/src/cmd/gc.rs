@@ -67,6 +67,16 @@ pub fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
         for i in &report.removed_images {
             println!("evicted {i}");
         }
+        for n in &report.snapshots.removed_snapshots {
+            println!("removed snapshot {n} (its image is gone)");
+        }
+        if report.snapshots.removed_artifacts > 0 {
+            println!(
+                "removed {} unreferenced snapshot artifacts ({})",
+                report.snapshots.removed_artifacts,
+                human_bytes(report.snapshots.bytes_freed)
+            );
+        }
         println!(
             "{} -> {} ({} images and {} layers removed, {} kept in use)",
             human_bytes(report.bytes_before),

@@ -51,6 +51,10 @@ pub struct Args {
     /// used first. `0`: no GC.
     #[arg(long, default_value = "0", value_name = "SIZE")]
     pub image_budget: String,
+    /// Serve the node's Prometheus metrics at http://ADDR/metrics (no
+    /// token: use a loopback or private address) [default: not served].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Builds the node configuration; shared with `ember up`.
@@ -87,6 +91,7 @@ pub fn config(root: &Path, args: Args) -> anyhow::Result<NodeAgentConfig> {
             )
             .filter(|&b| b > 0),
         },
+        metrics_listen: args.metrics_listen,
     })
 }
 

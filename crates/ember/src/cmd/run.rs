@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 /// removed on exit, on Ctrl-C and on timeout.
 #[derive(clap::Args, Debug)]
 #[command(after_help = "Examples:\n  ember run --rm busybox echo hi\n  \
-ember run --timings --memory 256M --cpus 0.5 127.0.0.1:5000/app:v1 -- ./job --fast")]
+ember run --timings --memory 256M --cpus 0.5 127.0.0.1:5000/app:v1 -- ./job --fast\n  \
+ember run --snapshot slow --timings -- hello world")]
 pub struct Args {
     /// Remove the container when it exits (always the case today: Ember
     /// does not keep stopped containers; accepted for Docker compatibility).
@@ -68,9 +69,24 @@ pub struct Args {
     pub pull: bool,
     #[command(flatten)]
     pub registry: RegistryArgs,
-    /// Image reference.
-    #[arg(value_name = "IMAGE")]
-    pub image: String,
+    /// Start from snapshot NAME (`ember snapshot create`) instead of an
+    /// image: a copy of its checkpoint is restored and its parked start-up
+    /// resumed with the run's arguments (the positional arguments; no
+    /// IMAGE) and `--env`. When the checkpoint cannot be used here (CRIU
+    /// missing, another kernel, CRIU version or CPU, a corrupt artifact),
+    /// this says why and falls back to a fresh start of the start-up.
+    #[arg(long, value_name = "NAME")]
+    pub snapshot: Option<String>,
+    /// With --snapshot: fail (exit 125) instead of falling back to a fresh
+    /// start when the snapshot cannot be restored.
+    #[arg(long, requires = "snapshot")]
+    pub no_fallback: bool,
+    /// With --snapshot: the CRIU binary.
+    #[arg(long, value_name = "PATH", env = "EMBER_CRIU")]
+    pub criu: Option<std::path::PathBuf>,
+    /// Image reference (not with --snapshot).
+    #[arg(value_name = "IMAGE", required_unless_present = "snapshot")]
+    pub image: Option<String>,
     /// Command and arguments (replace the image's Cmd; its Entrypoint stays).
     #[arg(
         value_name = "CMD",
@@ -138,7 +154,11 @@ fn forward(from: OwnedFd, mut to: impl Write + Send + 'static, first: Arc<OnceLo
 }
 
 /// Runs `ember run`.
-pub async fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
+pub async fn run(root: &Path, mut args: Args) -> anyhow::Result<ExitCode> {
+    if let Some(name) = args.snapshot.clone() {
+        return crate::cmd::snapshot::run_snapshot(root, &name, args).await;
+    }
+    let image_ref = args.image.take().context("IMAGE is required")?;
     let t0 = Instant::now();
     let mut t = RunTimings::default();
     let env = args
@@ -166,12 +186,12 @@ pub async fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
     let local = if args.pull {
         None
     } else {
-        find_local(&store, &args.image)?
+        find_local(&store, &image_ref)?
     };
     t.resolve_ms = ms(t0.elapsed());
     let mut progress = None;
     let ready = resolve_or_pull(&store, local, || {
-        let mut pull = pull_for(&args.image, &args.registry, false)?;
+        let mut pull = pull_for(&image_ref, &args.registry, false)?;
         let p = Arc::new(Progress::new(args.timings.is_some()));
         pull.progress = p.clone();
         progress = Some(p);
@@ -190,9 +210,9 @@ pub async fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
             t.unpack_ms = ms(report.timings.unpack + report.timings.commit);
             report.image
         }
-        Err(ImageError::Setup(e)) => return Err(e.context(format!("pulling {}", args.image))),
+        Err(ImageError::Setup(e)) => return Err(e.context(format!("pulling {image_ref}"))),
         Err(ImageError::Pull { source, .. }) => {
-            return Err(anyhow::Error::new(*source).context(format!("pulling {}", args.image)));
+            return Err(anyhow::Error::new(*source).context(format!("pulling {image_ref}")));
         }
     };
     let config = store.image_config(&image)?;
@@ -200,7 +220,10 @@ pub async fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
     let id = container_id();
     // Claim the image first so a concurrent `ember gc` leaves it alone.
     store.add_user(&id, &image.manifest, std::process::id())?;
-    let result = run_container(root, &args, &id, &layers, &config, env, memory, &mut t, t0).await;
+    let result = run_container(
+        root, &args, &image_ref, &id, &layers, &config, env, memory, &mut t, t0,
+    )
+    .await;
     store.remove_user(&id);
     if let Err(e) = store.touch(&image.manifest) {
         tracing::warn!(error = %e, "could not update the image's last use");
@@ -237,6 +260,7 @@ pub async fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
 async fn run_container(
     root: &Path,
     args: &Args,
+    image_ref: &str,
     id: &str,
     layers: &[std::path::PathBuf],
     config: &oci_spec::image::ImageConfiguration,
@@ -259,7 +283,7 @@ async fn run_container(
     let dir = root.join("containers").join(id);
     let prepared = Container::new(runc, id, &dir)
         .prepare(layers, config, &spec)
-        .with_context(|| format!("preparing container for {}", args.image))?;
+        .with_context(|| format!("preparing container for {image_ref}"))?;
     let pt = prepared.timings();
     t.mount_ms = ms(pt.mount);
     t.create_ms = ms(pt.resolve_user + pt.config);
@@ -355,7 +379,7 @@ async fn run_container(
     if let Err(e) = cleaned {
         tracing::warn!(error = %e, "cleaning up the container");
     }
-    let outcome = result.with_context(|| format!("running container for {}", args.image))?;
+    let outcome = result.with_context(|| format!("running container for {image_ref}"))?;
     if outcome.timed_out {
         eprintln!(
             "ember: container killed after the {}s timeout",

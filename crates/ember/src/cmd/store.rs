@@ -8,7 +8,7 @@ use std::process::ExitCode;
 /// Store subcommands.
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
-    /// Re-check the store: blob digests, and every layer directory against
+    /// Re-check the store: blob and snapshot artifact digests, and every layer directory against
     /// the record of its tree written when it was pulled (so a file
     /// changed, added or deleted later, or a layer torn by a crash, is
     /// found). With --repair, remove what is bad, together with the index
@@ -36,9 +36,18 @@ pub fn run(root: &Path, cmd: Command) -> anyhow::Result<ExitCode> {
             let store =
                 Store::open(root).with_context(|| format!("opening store {}", root.display()))?;
             let report = store.verify(repair).context("verifying the store")?;
+            let snapshots = store
+                .verify_snapshots(repair)
+                .context("verifying snapshot artifacts")?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                let mut v = serde_json::to_value(&report)?;
+                v["snapshot_problems"] = serde_json::to_value(&snapshots)?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
+                for p in &snapshots {
+                    let state = if p.repaired { "removed" } else { "found" };
+                    println!("{}: {} ({state})", p.object, p.detail);
+                }
                 for p in &report.problems {
                     let state = if p.repaired {
                         "removed"
@@ -75,11 +84,13 @@ pub fn run(root: &Path, cmd: Command) -> anyhow::Result<ExitCode> {
                     }
                 );
             }
-            Ok(if report.consistent() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            Ok(
+                if report.consistent() && snapshots.iter().all(|p| p.repaired) {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                },
+            )
         }
     }
 }

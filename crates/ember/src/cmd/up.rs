@@ -59,7 +59,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let client_token = random_token()?;
     let node_token = random_token()?;
 
-    let (store, config) = control::open(&control::Args {
+    let (store, mut config) = control::open(&control::Args {
         listen: args.listen.clone(),
         db: args
             .db
@@ -75,6 +75,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         limits: control::LimitArgs::default(),
         prepull: control::PrepullArgs::default(),
         connections: Default::default(),
+        cache: None,
     })
     .await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
@@ -90,14 +91,6 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let server = tokio::spawn(serve(
-        listener,
-        store,
-        Arc::new(SystemClock),
-        config,
-        stopped(stop_rx.clone()),
-    ));
-
     let cache = if args.upstreams.is_empty() {
         None
     } else {
@@ -114,6 +107,15 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(ember_cache::spawn(config, l).context("starting the cache")?)
     };
     let cache_url = cache.as_ref().map(|c| c.url());
+    // The dashboard shows the cache's hit ratio.
+    config.cache_url = cache_url.clone();
+    let server = tokio::spawn(serve(
+        listener,
+        store,
+        Arc::new(SystemClock),
+        config,
+        stopped(stop_rx.clone()),
+    ));
 
     let mut nodes = tokio::task::JoinSet::new();
     for i in 0..args.nodes {
@@ -132,6 +134,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 &agent,
             )?),
             prepull: Default::default(),
+            metrics_listen: None,
         };
         nodes.spawn(run_node(cfg, stopped(stop_rx.clone())));
     }
@@ -141,7 +144,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     std::fs::write(&env_path, &env).with_context(|| format!("writing {}", env_path.display()))?;
     print!("{env}");
     eprintln!(
-        "ember up: control plane {control_url}, {} node(s){}; env in {}",
+        "ember up: control plane {control_url}, {} node(s){}; dashboard {control_url}/ui; env in {}",
         args.nodes,
         cache_url
             .as_ref()

@@ -107,6 +107,7 @@ pub(crate) async fn apply_reports(
     batch: Vec<RunReports>,
 ) -> Result<Vec<Result<Run, StoreError>>, ApiError> {
     let n = node.to_owned();
+    let kinds = crate::server::metrics::ControlMetrics::kinds(&batch);
     let (out, handed, mut freed) = s
         .db(move |st| {
             let out = st.report_batch(&n, &batch)?;
@@ -151,6 +152,7 @@ pub(crate) async fn apply_reports(
             Ok((out, handed, freed))
         })
         .await?;
+    s.metrics.reported(&kinds, &out);
     for next in handed {
         let Some(run) = next else {
             freed += 1;

@@ -168,6 +168,7 @@ pub(crate) async fn cancel_run(
             .await
         {
             Ok(run) => {
+                s.metrics.finished(run.state);
                 if let Some(node) = &run.node
                     && from.is_active()
                 {

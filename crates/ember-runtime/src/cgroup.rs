@@ -1,12 +1,14 @@
-//! The cgroup v1 files the pool reads and writes for one runner.
+//! The cgroup v1 files of one container: freezer, memory and CPU counters,
+//! and removing what runc left behind. The one place Ember touches cgroups
+//! (the warm pool and [`recover`](mod@crate::recover) both come here).
 //!
-//! runc puts a runner in the cgroup path of its `config.json`
+//! runc puts a container in the cgroup path of its `config.json`
 //! (`/ember/<id>` by default) under every v1 hierarchy. Where each
 //! controller is mounted differs between machines (`cpu,cpuacct` joined or
 //! apart, under `/sys/fs/cgroup` or elsewhere), so the mount points come
 //! from `/proc/self/mountinfo`, looked up once per process.
 //!
-//! The pool freezes idle runners by writing the freezer's `freezer.state`
+//! The warm pool freezes idle runners by writing the freezer's `freezer.state`
 //! directly: one `write(2)` instead of exec'ing `runc pause` (a Go binary
 //! that starts, reads its state and then writes the same file; about 10 ms).
 //! runc reads the same file, so `runc state` still reports `paused`.
@@ -18,13 +20,26 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use crate::mount::{self, MountEntry};
+
+/// How often [`remove_dir`] tries to remove a busy cgroup, and how long it
+/// waits between tries (after killing what is still in it): 2 s in all,
+/// enough for the kernel to reap SIGKILLed tasks on a loaded machine.
+const REMOVE_TRIES: u32 = 100;
+const REMOVE_PAUSE: Duration = Duration::from_millis(20);
+
 /// The v1 hierarchies, by controller name, as mounted in this process's
 /// mount namespace.
 fn hierarchies() -> &'static HashMap<String, PathBuf> {
     static H: OnceLock<HashMap<String, PathBuf>> = OnceLock::new();
     H.get_or_init(|| {
-        fs::read_to_string("/proc/self/mountinfo")
-            .map(|t| parse_v1_mounts(&t))
+        // No mount table, no cgroups: every lookup then finds nothing,
+        // which callers treat as "not mounted".
+        mount::mounts()
+            .map(|m| v1_hierarchies(&m))
             .unwrap_or_default()
     })
 }
@@ -32,24 +47,16 @@ fn hierarchies() -> &'static HashMap<String, PathBuf> {
 /// Controller name → mount point of every `cgroup` (v1) mount in a
 /// mountinfo text. A hierarchy with several controllers (`cpu,cpuacct`)
 /// appears under each of them; named hierarchies (`name=systemd`) under
-/// their full option.
+/// their full option. The lines are read by the one mountinfo parser,
+/// [`mount::parse_mountinfo`].
 pub fn parse_v1_mounts(mountinfo: &str) -> HashMap<String, PathBuf> {
+    v1_hierarchies(&mount::parse_mountinfo(mountinfo))
+}
+
+fn v1_hierarchies(mounts: &[MountEntry]) -> HashMap<String, PathBuf> {
     let mut out = HashMap::new();
-    for line in mountinfo.lines() {
-        let Some((pre, post)) = line.split_once(" - ") else {
-            continue;
-        };
-        let mut post = post.split(' ');
-        if post.next() != Some("cgroup") {
-            continue;
-        }
-        let _source = post.next();
-        let Some(opts) = post.next() else { continue };
-        let Some(mount_point) = pre.split(' ').nth(4) else {
-            continue;
-        };
-        let mount_point = PathBuf::from(unescape(mount_point));
-        for opt in opts.split(',') {
+    for m in mounts.iter().filter(|m| m.fs_type == "cgroup") {
+        for opt in m.super_options.split(',') {
             // Mount flags and options that are not controllers.
             if matches!(
                 opt,
@@ -61,31 +68,10 @@ pub fn parse_v1_mounts(mountinfo: &str) -> HashMap<String, PathBuf> {
                 continue;
             }
             out.entry(opt.to_owned())
-                .or_insert_with(|| mount_point.clone());
+                .or_insert_with(|| m.mount_point.clone());
         }
     }
     out
-}
-
-/// Decodes mountinfo's octal escapes (`\040` for a space).
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The cgroup directories of one container.
@@ -154,7 +140,7 @@ impl Cgroups {
 
     /// Lets every task run again.
     pub fn thaw(&self) -> io::Result<()> {
-        fs::write(self.freezer_file()?, "THAWED")
+        thaw_file(&self.freezer_file()?)
     }
 
     /// The freezer's state.
@@ -233,6 +219,27 @@ impl Cgroups {
             .collect())
     }
 
+    /// Removes the directories that still exist (runc removes them when
+    /// the container's init exits; a runc killed halfway leaves them
+    /// behind), thawing and killing what is left in them first. Every
+    /// directory is tried; the first error is returned.
+    pub fn remove_leftovers(&self) -> io::Result<()> {
+        let dirs = self.existing_dirs();
+        if let Some(f) = &self.freezer
+            && f.is_dir()
+        {
+            // Frozen tasks do not act on SIGKILL until thawed.
+            thaw_dir(f);
+        }
+        let mut first = None;
+        for d in dirs {
+            if let Err(e) = remove_dir(&d) {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
     /// The directories that exist right now (for leak checks).
     pub fn existing_dirs(&self) -> Vec<PathBuf> {
         [&self.freezer, &self.memory, &self.cpuacct]
@@ -251,6 +258,68 @@ pub struct MemoryEvents {
     pub failcnt: u64,
     /// `oom_kill` of `memory.oom_control`.
     pub oom_kill: u64,
+}
+
+/// The `cgroupsPath` of the `config.json` in bundle `dir`, if it has one
+/// (a directory that crashed before its config was written has none).
+pub fn bundle_cgroups_path(dir: &Path) -> Option<String> {
+    let text = fs::read(dir.join(crate::spec::CONFIG_FILE)).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    v.get("linux")?
+        .get("cgroupsPath")?
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// The directories of cgroup path `rel` (`ember/<id>`) that exist in any
+/// mounted hierarchy, v1 or v2, named ones included.
+pub fn existing_in_every_hierarchy(rel: &str) -> Result<Vec<PathBuf>, mount::MountError> {
+    let rel = rel.trim_start_matches('/');
+    Ok(mount::mounts()?
+        .iter()
+        .filter(|m| m.fs_type == "cgroup" || m.fs_type == "cgroup2")
+        .map(|m| m.mount_point.join(rel))
+        .filter(|p| p.is_dir())
+        .collect())
+}
+
+/// Thaws the cgroup `dir` if it has a freezer (a v1 freezer hierarchy's
+/// `freezer.state`); errors are ignored, since the caller's next step (a
+/// kill, a removal) reports what still fails.
+pub fn thaw_dir(dir: &Path) {
+    let state = dir.join("freezer.state");
+    if state.exists() {
+        let _ = thaw_file(&state);
+    }
+}
+
+/// The one thaw: `THAWED` into a `freezer.state`. Thawing takes effect at
+/// once (unlike freezing), so there is nothing to wait for or retry.
+fn thaw_file(state: &Path) -> io::Result<()> {
+    fs::write(state, "THAWED")
+}
+
+/// Removes cgroup directory `dir`, killing what is left in it first (the
+/// one retry policy: 100 tries 20 ms apart). A
+/// directory already gone counts as removed.
+pub fn remove_dir(dir: &Path) -> io::Result<()> {
+    for _ in 0..REMOVE_TRIES {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                // Processes remain: kill them and try again.
+                if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+                    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    }
+                }
+                std::thread::sleep(REMOVE_PAUSE);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::from_raw_os_error(libc::EBUSY))
 }
 
 fn read_u64(path: &Path) -> Option<u64> {
@@ -279,5 +348,18 @@ mod tests {
         assert_eq!(m["pids"], PathBuf::from("/mnt/a b"));
         assert!(!m.contains_key("rw") && !m.contains_key("xattr"));
         assert_eq!(m.len(), 6);
+    }
+
+    #[test]
+    fn removing_a_missing_cgroup_succeeds_and_a_file_fails() {
+        let d = tempfile::tempdir().unwrap();
+        remove_dir(&d.path().join("gone")).unwrap();
+        let f = d.path().join("file");
+        fs::write(&f, b"").unwrap();
+        assert!(remove_dir(&f).is_err());
+        let empty = d.path().join("empty");
+        fs::create_dir(&empty).unwrap();
+        remove_dir(&empty).unwrap();
+        assert!(!empty.exists());
     }
 }

@@ -1,0 +1,140 @@
+//! The one definition of each phase of a run's start, shared by
+//! `ember bench burst`, `ember runs --stats`, the control plane's
+//! `/metrics` and its dashboard, so that "queue time" means the same thing
+//! wherever Ember shows it.
+//!
+//! The phases follow the timestamps of [`StartTimes`]: a run is *queued*
+//! (submit, or re-queue after a loss), *claimed* by a scheduler (the queue
+//! ends, placement begins), *scheduled* on a node, then the node has the
+//! *image*, a *runner*, and the *process* starts. A warm hand-off (a node's
+//! idle runner takes a queued run directly) claims and schedules at the same
+//! instant, so its placement is 0.
+
+use crate::model::{Millis, StartTimes};
+
+/// `b - a` when both are known (saturating: clocks of replicas may differ).
+pub fn span(a: Option<Millis>, b: Option<Millis>) -> Option<Millis> {
+    Some(b?.saturating_sub(a?))
+}
+
+/// One phase of a run's start: a name, what it spans, and how to read it
+/// from the run's timestamps.
+#[derive(Clone, Copy)]
+pub struct Phase {
+    /// Short name (`queue`), used as a column and a JSON key.
+    pub name: &'static str,
+    /// From which timestamp to which, in words.
+    pub spans: &'static str,
+    /// The phase's duration, when both ends are known.
+    pub of: fn(&StartTimes) -> Option<Millis>,
+}
+
+impl std::fmt::Debug for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Phase")
+            .field("name", &self.name)
+            .field("spans", &self.spans)
+            .finish()
+    }
+}
+
+/// Queued → claimed by a scheduler: the wait for the scheduler's
+/// attention. Runs stored before `claimed` existed end it at `scheduled`
+/// (placement then counts in the queue, as it did).
+pub const QUEUE: Phase = Phase {
+    name: "queue",
+    spans: "submit → picked up by the scheduler",
+    of: |t| span(t.queued, t.claimed.or(t.scheduled)),
+};
+
+/// Claimed → assigned to a node: choosing the node (0 for a warm
+/// hand-off, which claims and schedules at once).
+pub const PLACEMENT: Phase = Phase {
+    name: "placement",
+    spans: "→ assigned to a node; 0 for a warm hand-off",
+    of: |t| span(t.claimed, t.scheduled),
+};
+
+/// Assigned → the node has the image's layers.
+pub const IMAGE: Phase = Phase {
+    name: "image",
+    spans: "→ image on the node",
+    of: |t| span(t.scheduled, t.image_ready),
+};
+
+/// Image ready → a runner (warm or new) ready.
+pub const RUNNER: Phase = Phase {
+    name: "runner",
+    spans: "→ runner ready",
+    of: |t| span(t.image_ready, t.runner_ready),
+};
+
+/// Runner ready → the process started.
+pub const PROCESS: Phase = Phase {
+    name: "process",
+    spans: "→ process started",
+    of: |t| span(t.runner_ready, t.process_started),
+};
+
+/// Assigned → process started: the node's whole part (image + runner +
+/// process).
+pub const NODE: Phase = Phase {
+    name: "node",
+    spans: "assigned to a node → process started",
+    of: |t| span(t.scheduled, t.process_started),
+};
+
+/// Submit → process started: the whole start.
+pub const TOTAL: Phase = Phase {
+    name: "total",
+    spans: "submit → process started",
+    of: |t| span(t.queued, t.process_started),
+};
+
+/// The phases `ember runs --stats` reports, in order: consecutive, so
+/// they add up to [`TOTAL`] (which is last).
+pub const PHASES: [Phase; 6] = [QUEUE, PLACEMENT, IMAGE, RUNNER, PROCESS, TOTAL];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn times(q: u64, c: Option<u64>, s: u64, i: u64, r: u64, p: u64) -> StartTimes {
+        StartTimes {
+            queued: Some(q),
+            claimed: c,
+            scheduled: Some(s),
+            image_ready: Some(i),
+            runner_ready: Some(r),
+            process_started: Some(p),
+            finished: None,
+        }
+    }
+
+    #[test]
+    fn consecutive_phases_add_up_to_the_total() {
+        let t = times(100, Some(103), 110, 120, 135, 136);
+        let parts: Vec<u64> = PHASES[..5]
+            .iter()
+            .map(|p| (p.of)(&t).expect("known"))
+            .collect();
+        assert_eq!(parts, vec![3, 7, 10, 15, 1]);
+        assert_eq!((TOTAL.of)(&t), Some(parts.iter().sum()));
+        // The node's part is image + runner + process.
+        assert_eq!((NODE.of)(&t), Some(26));
+    }
+
+    #[test]
+    fn queue_ends_at_the_claim_not_the_placement() {
+        // Claimed at 103, placed at 110: queue 3, placement 7.
+        let t = times(100, Some(103), 110, 110, 110, 110);
+        assert_eq!(((QUEUE.of)(&t), (PLACEMENT.of)(&t)), (Some(3), Some(7)));
+        // A warm hand-off claims and schedules at once.
+        let t = times(100, Some(110), 110, 110, 110, 110);
+        assert_eq!(((QUEUE.of)(&t), (PLACEMENT.of)(&t)), (Some(10), Some(0)));
+        // A record from before `claimed` existed: the queue runs to the
+        // placement, and placement is unknown.
+        let t = times(100, None, 110, 110, 110, 110);
+        assert_eq!(((QUEUE.of)(&t), (PLACEMENT.of)(&t)), (Some(10), None));
+    }
+}
