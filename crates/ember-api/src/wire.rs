@@ -91,6 +91,27 @@ pub enum WorkMessage {
         /// Idle runners of the key wanted on this node.
         count: u32,
     },
+    /// This node's pull plan ([`ember_control::pullplan`]): images to
+    /// pre-pull at low priority, most launched first, and the images its
+    /// garbage collector must keep. Each plan replaces the one before.
+    /// Nodes that do not know this type ignore the line.
+    PullPlan {
+        /// Images to pull, most launched first.
+        pulls: Vec<PlannedPull>,
+        /// Manifest digests the node's GC keeps (planned or in use here).
+        keep: Vec<String>,
+    },
+}
+
+/// One pre-pull of a [`WorkMessage::PullPlan`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedPull {
+    /// The image, pinned as the runs that launched it pinned it.
+    pub image: PinnedImage,
+    /// Its bytes as the nodes holding it report them (0 when unknown):
+    /// what the node reports as arriving while it pulls.
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 /// One record of a run's log (`GET /v1/runs/{id}/logs`), one JSON object a
@@ -168,6 +189,22 @@ mod tests {
         assert!(
             serde_json::from_str::<LogRecord>(r#"{"stream":"stdout","data":"not base64!"}"#)
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn pull_plan_lines() {
+        let m: WorkMessage = serde_json::from_str(
+            r#"{"type":"pull_plan","keep":["sha256:k"],
+                "pulls":[{"image":{"reference":"app","digest":"sha256:x"},"bytes":7}]}"#,
+        )
+        .expect("parse");
+        let WorkMessage::PullPlan { pulls, keep } = m else {
+            panic!("not a pull plan: {m:?}")
+        };
+        assert_eq!(
+            (pulls[0].bytes, keep.as_slice()),
+            (7, ["sha256:k".to_string()].as_slice())
         );
     }
 

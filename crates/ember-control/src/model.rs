@@ -565,6 +565,26 @@ pub struct Inventory {
     /// arriving.
     #[serde(default)]
     pub pulling: BTreeMap<String, u64>,
+    /// The most bytes of images the node's store may hold (its GC's
+    /// high watermark), when it has one: the pull planner's budget for
+    /// the node. Absent: what it holds plus its free disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_budget_bytes: Option<u64>,
+    /// Image manifest digest → its layers, for the images in `images`:
+    /// what the pull planner needs to count a layer shared by several
+    /// images once. Absent (an older node): each image counts as one layer
+    /// of its bytes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub image_layers: BTreeMap<String, Vec<ImageLayer>>,
+}
+
+/// One layer of an image a node holds ([`Inventory::image_layers`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageLayer {
+    /// The layer's `sha256:` diff_id (what layers are shared by).
+    pub diff_id: String,
+    /// Its bytes on the node's disk.
+    pub bytes: u64,
 }
 
 /// What a node says about itself when it registers or heartbeats.

@@ -142,6 +142,8 @@ async fn documented_schemas_cover_what_the_server_sends() {
     let store = Arc::new(SqliteStore::open_in_memory(Arc::new(SystemClock)).expect("store"));
     let mut config = ServerConfig::new();
     config.keepalive = std::time::Duration::from_millis(100);
+    // A plan keeping the image the node holds follows its run's submit.
+    config.prepull_interval = Some(std::time::Duration::from_millis(100));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -167,9 +169,11 @@ async fn documented_schemas_cover_what_the_server_sends() {
     };
     let get = |path: &str| http.get(format!("{base}{path}")).send();
 
+    // It holds the image its run uses, so its pull plan keeps it.
     let node = serde_json::json!({
         "id": "n1", "slots": 2, "labels": {"zone": "a"},
-        "inventory": {"images": {}, "idle_runners": {}, "free_disk_bytes": 1}
+        "inventory": {"images": {digest.clone(): 10}, "idle_runners": {}, "free_disk_bytes": 1,
+                      "image_layers": {digest.clone(): [{"diff_id": "sha256:layer", "bytes": 10}]}}
     });
     let resp = send(reqwest::Method::PUT, "/v1/nodes/n1", node)
         .await
@@ -239,12 +243,13 @@ async fn documented_schemas_cover_what_the_server_sends() {
     let id = submitted["run"]["id"].as_i64().expect("id");
 
     // active, prewarm (the node has room, the deployment wants one),
-    // assign, then keepalives while nothing happens.
-    while seen.len() < 4 {
+    // assign, pull_plan (keeping the image the node holds), then
+    // keepalives while nothing happens.
+    while seen.len() < 5 {
         let line = next_line().await;
         seen.insert(check_line(&line));
     }
-    for t in ["active", "prewarm", "assign", "keepalive"] {
+    for t in ["active", "pull_plan", "prewarm", "assign", "keepalive"] {
         assert!(seen.contains(t), "no {t} line among {seen:?}");
     }
     for event in [r#"{"event":"accepted"}"#, r#"{"event":"started"}"#] {

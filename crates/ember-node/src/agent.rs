@@ -1,8 +1,8 @@
 //! The node agent's state, and how it starts and shuts down.
 //!
-//! [`run_node`] builds one [`NodeAgent`] and starts three long-lived tasks
-//! on it: the reporter (`report`), the heartbeat (`register`) and the work
-//! stream (`stream`). The work stream spawns a task per assigned run
+//! [`run_node`] builds one [`NodeAgent`] and starts four long-lived tasks
+//! on it: the reporter (`report`), the heartbeat (`register`), the work
+//! stream (`stream`) and the pre-puller (`prepull`). The work stream spawns a task per assigned run
 //! (`execute`) and per pre-warm order (`prewarm`). Shutdown: when the
 //! caller's `shutdown` future completes, the three tasks are aborted, every
 //! run still executing is cancelled (its runner is destroyed on release),
@@ -71,6 +71,8 @@ pub(crate) struct NodeAgent {
     pub(crate) reporter: mpsc::UnboundedSender<ReportJob>,
     /// Set by the reporter while it has a request out.
     pub(crate) reporting: AtomicBool,
+    /// The pull plan and pre-pulls (`prepull`).
+    pub(crate) prepull: Arc<crate::prepull::Prepull>,
     /// Counters for `/metrics` ([`crate::metrics`]).
     pub(crate) metrics: crate::metrics::NodeMetrics,
 }
@@ -102,6 +104,7 @@ pub async fn run_node(
     })?);
     let client = ControlClient::new(&cfg.control, cfg.token.clone())?;
     let (reporter, reports) = mpsc::unbounded_channel();
+    let (cfg_root, cfg_bandwidth) = (cfg.root.clone(), cfg.prepull.bandwidth);
     let agent = Arc::new(NodeAgent {
         reporter,
         slots: Arc::new(Semaphore::new(cfg.slots.max(1) as usize)),
@@ -118,6 +121,7 @@ pub async fn run_node(
         prewarm_failed: Mutex::new(HashMap::new()),
         inventory_changed: Notify::new(),
         reporting: AtomicBool::new(false),
+        prepull: Arc::new(crate::prepull::Prepull::new(&cfg_root, cfg_bandwidth)),
         metrics: Default::default(),
     });
     let metrics_listener = match agent.cfg.metrics_listen {
@@ -133,10 +137,13 @@ pub async fn run_node(
     let span = tracing::info_span!("node", node = %agent.cfg.id);
     let reporter = tokio::spawn(report_loop(agent.clone(), reports).instrument(span.clone()));
     let hb = tokio::spawn(crate::register::heartbeat_loop(agent.clone()).instrument(span.clone()));
+    let prepulls =
+        tokio::spawn(crate::prepull::prepull_loop(agent.clone()).instrument(span.clone()));
     let work = tokio::spawn(crate::stream::work_loop(agent.clone()).instrument(span));
     shutdown.await;
     hb.abort();
     work.abort();
+    prepulls.abort();
     reporter.abort();
     if let Some(m) = metrics {
         m.abort();

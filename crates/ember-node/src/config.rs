@@ -33,9 +33,25 @@ pub struct NodeAgentConfig {
     /// shutting down; `None`: no watchdog (runners of a killed node then
     /// stay until the next node process starts on the root).
     pub watchdog: Option<WatchdogCommand>,
+    /// How this node pre-pulls and collects images.
+    pub prepull: PrepullConfig,
     /// Where to serve the node's Prometheus `/metrics` (no token: use a
     /// loopback or private address); `None`: not served.
     pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+/// How a node pre-pulls the images its pull plan names and keeps its
+/// store within budget.
+#[derive(Debug, Clone, Default)]
+pub struct PrepullConfig {
+    /// Bytes per second one pre-pull may read (`None`: no cap). Runs'
+    /// own pulls are never capped.
+    pub bandwidth: Option<u64>,
+    /// The most bytes of images the store holds: above it, the node's GC
+    /// evicts (down to it) what its plan does not keep, and the
+    /// control plane plans within it. `None`: no GC, and the planner's
+    /// budget is what the node holds plus its free disk.
+    pub image_budget: Option<u64>,
 }
 
 /// The command line that runs [`watch_node`](crate::watch_node) for a node's root (the

@@ -141,10 +141,13 @@ impl crate::agent::NodeAgent {
             .unwrap_or_else(|e| e.into_inner())
             .get(&image.digest)
             .cloned();
-        // Set only if a pull is needed; counts it until this returns.
+        // Set only if a pull is needed: counted until this returns, and
+        // pre-pulls hold still until it ends.
         let mut _pulling = None;
+        let mut pulling = None;
         let ready = resolve_or_pull(&self.store, known, || {
             _pulling = Some(self.metrics.pull());
+            pulling = Some(self.prepull.run_pull(&image.digest));
             Ok::<_, String>(Pull {
                 reference: pinned_reference(image)?,
                 registry: self.registry.clone(),
@@ -156,7 +159,9 @@ impl crate::agent::NodeAgent {
         .map_err(|e| match e {
             ImageError::Setup(e) => e,
             e @ ImageError::Pull { .. } => ember_api::client::error_chain(&e),
-        })?;
+        });
+        drop(pulling);
+        let ready = ready?;
         match ready {
             ReadyImage::Local(record) => Ok(record),
             ReadyImage::Pulled(report) => {

@@ -53,6 +53,8 @@
 //!
 //! * `execute`: one assigned run, from image to exit, through the pool.
 //! * `prewarm`: idle runners a `prewarm` order asks for.
+//! * `prepull`: the images a `pull_plan` names, pulled one at a time at
+//!   low priority (paused while a run pulls), and the GC that keeps them.
 //! * [`images`]: resolve-or-pull, shared with `ember run`.
 //! * `agent`: the agent's state and its start and shutdown.
 //! * `metrics`: the node's own `/metrics` listener (off unless
@@ -66,6 +68,7 @@ mod execute;
 pub mod images;
 mod logs;
 mod metrics;
+mod prepull;
 mod prewarm;
 mod register;
 mod report;
@@ -74,5 +77,5 @@ mod stream;
 mod watchdog;
 
 pub use agent::run_node;
-pub use config::{NodeAgentConfig, NodeError, WatchdogCommand};
+pub use config::{NodeAgentConfig, NodeError, PrepullConfig, WatchdogCommand};
 pub use watchdog::{WatchReport, watch_node};

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ember_api::client::ClientError;
-use ember_control::model::{Inventory, NodeSpec};
+use ember_control::model::{ImageLayer, Inventory, NodeSpec};
 
 use crate::agent::NodeAgent;
 
@@ -21,12 +21,25 @@ impl NodeAgent {
         if let Ok(ix) = self.store.read_index() {
             for rec in ix.images.values() {
                 let bytes = ix.bytes_of([rec]);
+                let layers: Vec<ImageLayer> = rec
+                    .layers
+                    .iter()
+                    .map(|l| ImageLayer {
+                        diff_id: l.diff_id.to_string(),
+                        bytes: ix.layers.get(&l.diff_id).map_or(0, |r| r.bytes),
+                    })
+                    .collect();
                 inv.images.insert(rec.manifest.to_string(), bytes);
+                inv.image_layers
+                    .insert(rec.manifest.to_string(), layers.clone());
                 if let Some(index) = &rec.index {
                     inv.images.insert(index.to_string(), bytes);
+                    inv.image_layers.insert(index.to_string(), layers);
                 }
             }
         }
+        inv.pulling = self.prepull.pulling();
+        inv.image_budget_bytes = self.cfg.prepull.image_budget;
         let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         for idle in self.pool.idle_runners() {
             if let Some(k) = keys.get(idle.key.as_str()) {

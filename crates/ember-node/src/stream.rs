@@ -141,9 +141,12 @@ fn handle(agent: &Arc<NodeAgent>, msg: WorkMessage) {
             }
             let agent = agent.clone();
             tracing::debug!(run = %run.id, "assigned");
+            // The run's image is not the node GC's to evict meanwhile.
+            let busy = agent.prepull.busy(&run.image.digest);
             let span = tracing::info_span!("run", run = %run.id);
             tokio::spawn(tracing::Instrument::instrument(
                 async move {
+                    let _busy = busy;
                     let id = run.id;
                     let permit = agent.slots.clone().acquire_owned().await;
                     tracing::debug!(run = %id, "slot taken");
@@ -208,6 +211,7 @@ fn handle(agent: &Arc<NodeAgent>, msg: WorkMessage) {
             }
         }
         WorkMessage::Keepalive => {}
+        WorkMessage::PullPlan { pulls, keep } => agent.prepull.set_plan(pulls, keep),
         WorkMessage::Prewarm {
             deployment,
             key,

@@ -102,6 +102,7 @@ async fn node_metrics_show_pulls_warm_hits_runners_and_store() {
             heartbeat: Duration::from_secs(1),
             watchdog: None,
             metrics_listen: Some(metrics_addr),
+            prepull: Default::default(),
         },
         async {
             let _ = node_stopped.await;

@@ -161,6 +161,7 @@ async fn a_silent_work_stream_is_replaced_and_missed_work_arrives() {
             labels: Default::default(),
             heartbeat: Duration::from_secs(1),
             watchdog: None,
+            prepull: Default::default(),
             metrics_listen: None,
         },
         async {

@@ -36,7 +36,9 @@ mod verify;
 
 pub use error::StoreError;
 pub use index::{ImageRecord, Index, LayerRecord, LayerRef};
-pub use pull::{PullOptions, PullProgress, PullReport, PullTimings, SilentProgress, pull};
+pub use pull::{
+    PullGate, PullOptions, PullProgress, PullReport, PullTimings, SilentProgress, pull, pull_gated,
+};
 pub use snapshot::{SnapshotError, SnapshotGcReport, SnapshotManifest, StartUp};
 pub use verify::{Problem, ProblemKind, VerifyReport};
 
@@ -111,6 +113,20 @@ pub struct GcReport {
     /// Snapshots of removed images and unreferenced snapshot artifacts
     /// that went with them (see `snapshot`).
     pub snapshots: SnapshotGcReport,
+}
+
+/// An image as [`Store::gc_in_order`] offers it to the caller's ordering.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GcCandidate {
+    /// Manifest digest.
+    pub manifest: Digest,
+    /// The index digest it was pulled through, if any (a control plane
+    /// may name the image by it).
+    pub index: Option<Digest>,
+    /// Its last use ([`Store::last_used_ms`]).
+    pub last_used_ms: u64,
+    /// A live container uses it: it is never evicted.
+    pub in_use: bool,
 }
 
 /// A container's claim on an image, so GC leaves it alone.
@@ -622,6 +638,25 @@ impl Store {
     /// `high` bytes, remove images (oldest use first, never one a live
     /// container uses) until they are at or below `low`.
     pub fn gc(&self, high: u64, low: u64) -> Result<GcReport, StoreError> {
+        self.gc_in_order(high, low, |held| {
+            let mut v: Vec<&GcCandidate> = held.iter().collect();
+            v.sort_by_key(|c| c.last_used_ms);
+            v.into_iter().map(|c| c.manifest.clone()).collect()
+        })
+    }
+
+    /// Eviction in the caller's order: when layer bytes exceed `high`,
+    /// `order` is given every image held and returns the manifest digests
+    /// that may be evicted, first to go first; they are removed in that
+    /// order (never one a live container uses, whatever `order` says)
+    /// until the bytes are at or below `low`. Images `order` leaves out
+    /// are kept. Runs under the index lock, so `order` must be quick.
+    pub fn gc_in_order(
+        &self,
+        high: u64,
+        low: u64,
+        order: impl FnOnce(&[GcCandidate]) -> Vec<Digest>,
+    ) -> Result<GcReport, StoreError> {
         let users = self.live_users();
         let lock = self.lock()?;
         let mut ix = self.read_index()?;
@@ -630,8 +665,20 @@ impl Store {
             ..Default::default()
         };
         if report.bytes_before > high {
-            let mut order: Vec<ImageRecord> = ix.images.values().cloned().collect();
-            order.sort_by_key(|i| self.last_used_ms(i));
+            let held: Vec<GcCandidate> = ix
+                .images
+                .values()
+                .map(|i| GcCandidate {
+                    manifest: i.manifest.clone(),
+                    index: i.index.clone(),
+                    last_used_ms: self.last_used_ms(i),
+                    in_use: users.iter().any(|(_, d)| d == &i.manifest),
+                })
+                .collect();
+            let order: Vec<ImageRecord> = order(&held)
+                .into_iter()
+                .filter_map(|d| ix.images.get(&d).cloned())
+                .collect();
             for img in order {
                 if ix.bytes_of(ix.images.values()) <= low {
                     break;

@@ -76,6 +76,19 @@ pub trait PullProgress: Send + Sync {
 pub struct SilentProgress;
 impl PullProgress for SilentProgress {}
 
+/// Paces a pull: awaited by every layer download after each chunk it
+/// receives, so a low-priority pull (a node's pre-pull) can be held to a
+/// bandwidth or paused outright while a run's pull goes first. While a
+/// gate holds a download, its connection stays open and nothing more is
+/// read from it.
+pub trait PullGate: Send + Sync {
+    /// `bytes` more arrived; returns when the download may read on.
+    fn admit(
+        &self,
+        bytes: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
+}
+
 /// Where a pull's time went. Download and unpack overlap: `fetch` runs from
 /// the first layer request until the last byte arrived; `unpack` is the
 /// extraction that was still going after that; `commit` the sync and
@@ -116,6 +129,18 @@ pub async fn pull(
     reference: &Reference,
     opts: &PullOptions,
     progress: Arc<dyn PullProgress>,
+) -> Result<PullReport, StoreError> {
+    pull_gated(store, client, reference, opts, progress, None).await
+}
+
+/// [`pull`], with every layer download paced by `gate` (see [`PullGate`]).
+pub async fn pull_gated(
+    store: &Store,
+    client: &Arc<RegistryClient>,
+    reference: &Reference,
+    opts: &PullOptions,
+    progress: Arc<dyn PullProgress>,
+    gate: Option<Arc<dyn PullGate>>,
 ) -> Result<PullReport, StoreError> {
     let t0 = Instant::now();
     let refname = reference.to_string();
@@ -223,7 +248,7 @@ pub async fn pull(
             progress.layer_done(&l.digest, true);
             continue;
         }
-        let (store, client, r, l, sem, progress, opts, cancel) = (
+        let (store, client, r, l, sem, progress, opts, cancel, gate) = (
             store.clone(),
             client.clone(),
             reference.clone(),
@@ -232,6 +257,7 @@ pub async fn pull(
             progress.clone(),
             opts.clone(),
             cancel.clone(),
+            gate.clone(),
         );
         tasks.spawn(async move {
             let _permit = sem.acquire_owned().await;
@@ -241,7 +267,18 @@ pub async fn pull(
                     detail: "cancelled".into(),
                 });
             }
-            fetch_layer(&store, &client, &r, &l, &opts, progress.as_ref(), &cancel).await
+            let gate = gate.as_deref();
+            fetch_layer(
+                &store,
+                &client,
+                &r,
+                &l,
+                &opts,
+                progress.as_ref(),
+                &cancel,
+                gate,
+            )
+            .await
         });
     }
     let mut fetched = Vec::new();
@@ -432,6 +469,7 @@ struct FetchedLayer {
 }
 
 /// One layer with retries: each attempt starts over in a fresh temp dir.
+#[allow(clippy::too_many_arguments)]
 async fn fetch_layer(
     store: &Store,
     client: &RegistryClient,
@@ -440,12 +478,17 @@ async fn fetch_layer(
     opts: &PullOptions,
     progress: &dyn PullProgress,
     cancel: &std::sync::atomic::AtomicBool,
+    gate: Option<&dyn PullGate>,
 ) -> Result<FetchedLayer, StoreError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
         progress.layer_started(&layer.digest, layer.size);
-        match fetch_layer_once(store, client, reference, layer, opts, progress, cancel).await {
+        match fetch_layer_once(
+            store, client, reference, layer, opts, progress, cancel, gate,
+        )
+        .await
+        {
             Ok(f) => {
                 progress.layer_done(&layer.digest, false);
                 return Ok(f);
@@ -469,6 +512,7 @@ enum Fed {
     Failed(String),
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn fetch_layer_once(
     store: &Store,
     client: &RegistryClient,
@@ -477,6 +521,7 @@ async fn fetch_layer_once(
     opts: &PullOptions,
     progress: &dyn PullProgress,
     cancel: &std::sync::atomic::AtomicBool,
+    gate: Option<&dyn PullGate>,
 ) -> Result<FetchedLayer, (StoreError, bool)> {
     let refname = reference.to_string();
     let mut stream = client.blob(reference, &layer.digest).await.map_err(|e| {
@@ -532,8 +577,12 @@ async fn fetch_layer_once(
                         .await;
                     break;
                 }
+                let n = c.len() as u64;
                 if tx.send(Fed::Chunk(c)).await.is_err() {
                     break;
+                }
+                if let Some(g) = gate {
+                    g.admit(n).await;
                 }
             }
             Ok(None) => break,

@@ -634,7 +634,6 @@ fn pack_tree<W: Write>(b: &mut tar::Builder<W>, root: &Path) -> io::Result<u64> 
     Ok(total)
 }
 
-
 /// A file's extended attributes (not following symlinks).
 fn list_xattrs(p: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
     let c = crate::unpack::cstr(p)?;
@@ -781,7 +780,6 @@ fn unpack_entry<R: Read>(
     }
     Ok(())
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -12,6 +12,7 @@
 //! | `submit.rs` | the submit batcher (group commit) |
 //! | `dispatch.rs` | the dispatcher: claim, place, assign, push |
 //! | `prewarm_loop.rs` | pushes the pre-warm planner's orders ([`ember_control::prewarm`]) |
+//! | `prepull_loop.rs` | launch statistics, and each node's pull plan ([`ember_control::pullplan`]) |
 //! | `reaper.rs` | the lost-node reaper and the log pruner |
 //! | `ui.rs`, `ui/` | the `/ui` dashboard (static files) and `GET /v1/overview`, its one JSON view |
 //! | `metrics.rs` | `GET /metrics`: Prometheus counters, start-time histograms by phase, queue and node gauges |
@@ -47,6 +48,7 @@ mod auth;
 mod dispatch;
 mod error;
 mod metrics;
+mod prepull_loop;
 mod prewarm_loop;
 mod reaper;
 mod routes;
@@ -116,6 +118,13 @@ pub struct ServerConfig {
     /// ([`ember_http`]). Work streams and log follows have a request in
     /// flight, so the idle timeout never cuts them.
     pub http: ember_http::Limits,
+    /// How often the pre-puller plans and pushes pull plans (also at once
+    /// when a node connects); `None`: no pre-pulls.
+    pub prepull_interval: Option<Duration>,
+    /// The pull planner's knobs.
+    pub prepull: ember_control::pullplan::PlanConfig,
+    /// Half-life of the launch statistics.
+    pub popularity_half_life_ms: u64,
     /// The cluster cache's URL (`ember cache`), whose `/metrics` the
     /// dashboard's overview reads for the hit ratio; `None`: no cache shown.
     pub cache_url: Option<String>,
@@ -126,7 +135,8 @@ impl ServerConfig {
     /// a keepalive after 10 s of silence on a work stream; 64 KiB of
     /// environment and command per run, 1 MiB request bodies, 64 MiB of
     /// output per run, logs of finished runs kept 7 days and 8 GiB in
-    /// all, pruned every minute; [`ember_http::Limits::new`] connections.
+    /// all, pruned every minute; [`ember_http::Limits::new`] connections;
+    /// pull plans every minute.
     pub fn new() -> Self {
         ServerConfig {
             client_token: None,
@@ -144,6 +154,9 @@ impl ServerConfig {
             },
             prune_interval: Duration::from_secs(60),
             http: ember_http::Limits::new(),
+            prepull_interval: Some(Duration::from_secs(60)),
+            prepull: ember_control::pullplan::PlanConfig::default(),
+            popularity_half_life_ms: ember_control::popularity::DEFAULT_HALF_LIFE_MS,
             cache_url: None,
         }
     }
@@ -218,6 +231,9 @@ struct AppState {
     /// Wakes the pre-warmer ([`prewarm_loop`]; one permit, like `wake`);
     /// notified by deploys, node heartbeats and connects.
     prewarm: Notify,
+    /// Wakes the pre-puller ([`prepull_loop`]) early; notified when a node
+    /// opens its work stream, so a node that joins gets its plan at once.
+    prepull: Notify,
     /// Each connected node's work stream. Written by the work-stream
     /// handler (insert, and remove on drop) and by credential reloads
     /// (remove on revocation); read by every task that pushes work. The
@@ -289,6 +305,7 @@ pub async fn serve(
         config,
         wake: Notify::new(),
         prewarm: Notify::new(),
+        prepull: Notify::new(),
         streams: Mutex::new(HashMap::new()),
         next_conn: AtomicU64::new(1),
         credentials: Credentials::default(),
@@ -305,6 +322,7 @@ pub async fn serve(
         tokio::spawn(reaper::prune_loop(state.clone())),
         tokio::spawn(auth::credentials_loop(state.clone())),
         tokio::spawn(prewarm_loop::prewarm_loop(state.clone())),
+        tokio::spawn(prepull_loop::prepull_loop(state.clone())),
     ];
     // Runs submitted and output appended through other replicas sharing the
     // database wake this dispatcher and these log followers too

@@ -73,6 +73,46 @@ pub struct Args {
     /// What one run may store in the control plane, and how long logs stay.
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// Pre-pulls: how often pull plans go out, and the planner's knobs.
+    #[command(flatten)]
+    pub prepull: PrepullArgs,
+}
+
+/// `ember control`'s pre-pull settings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PrepullArgs {
+    /// How often each node is sent its pull plan (also at once when a node
+    /// connects); `0` switches pre-pulls off.
+    #[arg(long, default_value = "60s", value_name = "AGE")]
+    pub prepull_interval: String,
+    /// Replicas per unit of launch share and node: an image with a share
+    /// p of recent launches is planned on ceil(R × nodes × p) nodes.
+    #[arg(long, default_value_t = 0.5, value_name = "R")]
+    pub prepull_replication: f64,
+    /// Images with fewer (decayed) launches than this are not pre-pulled.
+    #[arg(long, default_value_t = 2.0, value_name = "LAUNCHES")]
+    pub prepull_min_score: f64,
+}
+
+impl Default for PrepullArgs {
+    fn default() -> Self {
+        PrepullArgs {
+            prepull_interval: "60s".into(),
+            prepull_replication: 0.5,
+            prepull_min_score: 2.0,
+        }
+    }
+}
+
+impl PrepullArgs {
+    /// Applies the settings to `config`.
+    fn apply(&self, config: &mut ServerConfig) -> anyhow::Result<()> {
+        let every = parse_age(&self.prepull_interval).context("--prepull-interval")?;
+        config.prepull_interval = (!every.is_zero()).then_some(every);
+        config.prepull.replication = self.prepull_replication.max(0.0);
+        config.prepull.min_score = self.prepull_min_score.max(0.0);
+        Ok(())
+    }
 }
 
 /// `ember control`'s limits on what runs store (sizes: `64k`, `16M`, `8G`;
@@ -208,6 +248,7 @@ pub async fn open(args: &Args) -> anyhow::Result<(Arc<dyn StateStore>, ServerCon
     config.http = args.connections.limits();
     config.cache_url = args.cache.clone();
     args.limits.apply(&mut config)?;
+    args.prepull.apply(&mut config)?;
     Ok((store, config))
 }
 

@@ -42,6 +42,15 @@ pub struct Args {
     /// Seconds between liveness heartbeats.
     #[arg(long, default_value_t = 3, value_name = "SECONDS")]
     pub heartbeat: u64,
+    /// Bytes per second one pre-pull may read (`10M`, `500k`; `0`: no
+    /// cap). A run's own pull is never capped, and pauses pre-pulls.
+    #[arg(long, default_value = "0", value_name = "SIZE")]
+    pub prepull_bandwidth: String,
+    /// The most bytes of images the store holds (`20G`); above it the
+    /// node's GC evicts what its pull plan does not keep, least recently
+    /// used first. `0`: no GC.
+    #[arg(long, default_value = "0", value_name = "SIZE")]
+    pub image_budget: String,
     /// Serve the node's Prometheus metrics at http://ADDR/metrics (no
     /// token: use a loopback or private address) [default: not served].
     #[arg(long, value_name = "ADDR")]
@@ -72,6 +81,16 @@ pub fn config(root: &Path, args: Args) -> anyhow::Result<NodeAgentConfig> {
         labels,
         heartbeat: Duration::from_secs(args.heartbeat.max(1)),
         watchdog: Some(watchdog(root, &agent)?),
+        prepull: ember_node::PrepullConfig {
+            bandwidth: Some(
+                crate::util::parse_size(&args.prepull_bandwidth).context("--prepull-bandwidth")?,
+            )
+            .filter(|&b| b > 0),
+            image_budget: Some(
+                crate::util::parse_size(&args.image_budget).context("--image-budget")?,
+            )
+            .filter(|&b| b > 0),
+        },
         metrics_listen: args.metrics_listen,
     })
 }

@@ -73,6 +73,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         heartbeat_timeout: 15,
         keepalive: 10,
         limits: control::LimitArgs::default(),
+        prepull: control::PrepullArgs::default(),
         connections: Default::default(),
         cache: None,
     })
@@ -132,6 +133,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 &data.join(format!("node-{i}")),
                 &agent,
             )?),
+            prepull: Default::default(),
             metrics_listen: None,
         };
         nodes.spawn(run_node(cfg, stopped(stop_rx.clone())));

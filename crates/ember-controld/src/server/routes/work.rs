@@ -74,6 +74,7 @@ pub(crate) async fn work_stream(
     tracing::info!(node = %id, "work stream opened");
     s.wake.notify_one();
     s.prewarm.notify_one();
+    s.prepull.notify_one();
 
     /// Removes the stream from the table when the response body is dropped
     /// (the node disconnected).

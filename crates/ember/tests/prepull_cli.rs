@@ -1,0 +1,253 @@
+//! Pre-pulls on the real system: `ember control` with two `ember node`s
+//! and a real docker-registry. Which node a run lands on is steered only
+//! by which nodes are up (there is no node selector on `ember submit`).
+//!
+//! 1. After launches of busybox on node A, node B, joining, is sent its
+//!    pull plan at once and holds busybox before the next launch lands
+//!    there; that launch pulls nothing.
+//! 2. While B pre-pulls `big` (capped to 1 MiB/s), a run of `layers` on B
+//!    pulls at once: B's journal shows the pre-pull paused after the run's
+//!    pull started and resumed only after it ended.
+//! 3. B's image budget fits busybox, big and layers (which an idle spare
+//!    runner uses), not `devices` too, pulled into B's store by hand after
+//!    them: its GC evicts devices (never launched, so unplanned; used most
+//!    recently) and keeps busybox (planned; used longest ago), which
+//!    least-recently-used eviction would have taken first.
+
+mod common;
+
+use common::cluster::*;
+use common::*;
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// The events of a node's `<root>/prepull.log`, as (event, image) pairs
+/// in the order they were written.
+fn journal(node_root: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(node_root.join("prepull.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| {
+            (
+                v["event"].as_str().unwrap_or("").to_owned(),
+                v["image"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Manifest digests of the complete images in a store's index.
+fn held(root: &Path) -> BTreeSet<String> {
+    let Ok(b) = std::fs::read(root.join("index.json")) else {
+        return BTreeSet::new();
+    };
+    let ix: serde_json::Value = serde_json::from_slice(&b).expect("index JSON");
+    ix["images"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// Bytes the layers of `images` take in the store at `root`, each layer
+/// once (as the store and the planner count them).
+fn union_bytes(root: &Path, images: &[&str]) -> u64 {
+    let ix: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("index.json")).expect("index"))
+            .expect("index JSON");
+    let mut seen = BTreeSet::new();
+    let mut total = 0;
+    for img in images {
+        for l in ix["images"][*img]["layers"].as_array().expect("layers") {
+            let d = l["diff_id"].as_str().expect("diff_id").to_owned();
+            if seen.insert(d.clone()) {
+                total += ix["layers"][&d]["bytes"].as_u64().expect("bytes");
+            }
+        }
+    }
+    total
+}
+
+/// Polls until `cond` holds (the test waiting, not the system).
+fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not after {within:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Submits `image` (its default command) and waits for the run to
+/// succeed; returns it.
+fn launch(url: &str, image: &str) -> serde_json::Value {
+    let sub: serde_json::Value =
+        serde_json::from_str(&client_ok(url, &["submit", "--json", image, "--", "true"]))
+            .expect("submit JSON");
+    let id = sub["id"]
+        .as_u64()
+        .or_else(|| sub["run"]["id"].as_u64())
+        .expect("run id")
+        .to_string();
+    let mut run = serde_json::Value::Null;
+    wait_for(&format!("run {id} final"), Duration::from_secs(180), || {
+        run = run_json(url, &id);
+        matches!(
+            run["state"].as_str(),
+            Some("succeeded" | "failed" | "cancelled" | "lost")
+        )
+    });
+    assert_eq!(run["state"], "succeeded", "{run}");
+    run
+}
+
+#[test]
+fn nodes_pre_pull_what_is_launched_yield_to_runs_and_keep_planned_images() {
+    let Some(agent) = static_agent() else {
+        eprintln!("skipped: the static ember-agent could not be built");
+        return;
+    };
+    let registry = registry_with(&["busybox", "big", "layers", "devices"]);
+    let r = |n: &str| format!("{}/ember/{n}:latest", registry.addr());
+    let tmp = tempfile::tempdir().expect("tempdir");
+
+    // B's budget: busybox, big and layers, and half of what devices adds.
+    // Measured on a scratch store, since layer bytes are what the store
+    // counts.
+    let scratch = tmp.path().join("scratch");
+    for n in ["busybox", "big", "layers", "devices"] {
+        ember_ok(&scratch, &["pull", "-q", &r(n)]);
+    }
+    let digest_in = |n: &str| -> String {
+        let images: serde_json::Value =
+            serde_json::from_str(&ember_ok(&scratch, &["images", "--json"])).expect("json");
+        images
+            .as_array()
+            .expect("images")
+            .iter()
+            .find(|i| {
+                i["names"].as_array().is_some_and(|ns| {
+                    let tail = format!("/ember/{n}:latest");
+                    ns.iter()
+                        .any(|x| x.as_str().is_some_and(|x| x.ends_with(&tail)))
+                })
+            })
+            .and_then(|i| i["manifest"].as_str())
+            .unwrap_or_else(|| panic!("{n} not in the scratch store"))
+            .to_owned()
+    };
+    let (bb, big, layers) = (digest_in("busybox"), digest_in("big"), digest_in("layers"));
+    let devices = digest_in("devices");
+    let planned = union_bytes(&scratch, &[&bb, &big, &layers]);
+    let all = union_bytes(&scratch, &[&bb, &big, &layers, &devices]);
+    assert!(all > planned + 1, "devices adds nothing to the others");
+    let budget = (planned + (all - planned) / 2).to_string();
+
+    let (_control, url) = start_control(
+        &tmp.path().join("control"),
+        &tmp.path().join("control.db").to_string_lossy(),
+        &[
+            "--prepull-interval",
+            "1s",
+            "--prepull-replication",
+            "2",
+            "--prepull-min-score",
+            "1.5",
+        ],
+    );
+    let (a_root, b_root) = (tmp.path().join("a"), tmp.path().join("b"));
+    let b_args = [
+        "--prepull-bandwidth",
+        "1M",
+        "--image-budget",
+        budget.as_str(),
+    ];
+
+    // 1. Two launches on A (the only node), then B joins.
+    let mut a = start_node(&a_root, &url, "a", 2, &agent, &[]);
+    for _ in 0..2 {
+        let run = launch(&url, &r("busybox"));
+        assert_eq!(run["node"], "a");
+        assert_eq!(run["image"]["digest"], bb.as_str());
+    }
+    let mut b = start_node(&b_root, &url, "b", 2, &agent, &b_args);
+    // The journal's `done` follows the store's commit.
+    wait_for("B pre-pulls busybox", Duration::from_secs(120), || {
+        journal(&b_root).contains(&("done".into(), bb.clone()))
+    });
+    assert!(held(&b_root).contains(&bb));
+    // The next launch lands on B (A is gone) and pulls nothing.
+    a.stop();
+    let run = launch(&url, &r("busybox"));
+    assert_eq!(run["node"], "b");
+    let j = journal(&b_root);
+    assert!(
+        !j.contains(&("run_pull_started".into(), bb.clone())),
+        "the run on B pulled busybox: {j:?}"
+    );
+
+    // 2. Two launches of big on A (B is down), then B rejoins and
+    // pre-pulls big at 1 MiB/s; a run of layers on B meanwhile.
+    b.stop();
+    let mut a = start_node(&a_root, &url, "a", 2, &agent, &[]);
+    for _ in 0..2 {
+        assert_eq!(launch(&url, &r("big"))["node"], "a");
+    }
+    let _b = start_node(&b_root, &url, "b", 2, &agent, &b_args);
+    wait_for("B starts pre-pulling big", Duration::from_secs(120), || {
+        journal(&b_root).contains(&("started".into(), big.clone()))
+    });
+    a.stop();
+    let run = launch(&url, &r("layers"));
+    assert_eq!(run["node"], "b");
+    // The journal's `done` follows the store's commit.
+    wait_for(
+        "B finishes pre-pulling big",
+        Duration::from_secs(600),
+        || journal(&b_root).contains(&("done".into(), big.clone())),
+    );
+    assert!(held(&b_root).contains(&big));
+    let j = journal(&b_root);
+    let at = |ev: &str, img: &str| {
+        j.iter()
+            .position(|(e, i)| e == ev && i == img)
+            .unwrap_or_else(|| panic!("no {ev} of {img} in {j:?}"))
+    };
+    let (started, done) = (
+        at("run_pull_started", &layers),
+        at("run_pull_done", &layers),
+    );
+    // The pre-pull of big was paused after the run's pull started, stayed
+    // paused until it ended, and finished only after it.
+    let paused = j[started..done]
+        .iter()
+        .any(|(e, i)| e == "paused" && i == &big);
+    assert!(paused, "big was not paused during the run's pull: {j:?}");
+    assert!(
+        !j[started..done]
+            .iter()
+            .any(|(e, i)| e == "resumed" && i == &big),
+        "big resumed while the run pulled: {j:?}"
+    );
+    assert!(at("done", &big) > done, "{j:?}");
+
+    // 3. Another image arrives in B's store, not through a launch: over
+    // budget now, B's GC evicts it, keeps busybox and big.
+    ember_ok(&b_root, &["pull", "-q", &r("devices")]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while held(&b_root).contains(&devices) {
+        assert!(
+            Instant::now() < deadline,
+            "B's GC did not evict devices: {:?}",
+            &journal(&b_root)[..]
+                .iter()
+                .rev()
+                .take(10)
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let h = held(&b_root);
+    assert!(h.contains(&bb) && h.contains(&big), "{h:?}");
+    assert!(journal(&b_root).iter().any(|(e, _)| e == "evicted"));
+}
