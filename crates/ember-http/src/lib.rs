@@ -457,6 +457,10 @@ impl Registry {
         bound: usize,
         shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> bool {
+        // The usual case, without arming a notification.
+        if self.lock().len() < bound {
+            return true;
+        }
         loop {
             let left = self.left.notified();
             tokio::pin!(left);

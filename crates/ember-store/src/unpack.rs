@@ -423,26 +423,20 @@ impl Unpacker {
                 self.apply_xattrs(&path, &xattrs)?;
                 if let (Some(record), Some(h)) = (&mut self.record, hasher) {
                     let xxh3 = h.finish();
-                    match (u32::try_from(uid), u32::try_from(gid)) {
-                        // `set_meta_fd` set exactly these: as root, chmod
-                        // keeps setgid whatever the group, and every
-                        // filesystem stores an mtime in 1970..2038 as is.
-                        (Ok(uid), Ok(gid)) if self.root && (0..1 << 31).contains(&mtime) => record
-                            .file(
-                                &rel,
-                                NewFile {
-                                    mode,
-                                    uid,
-                                    gid,
-                                    size: n,
-                                    mtime,
-                                    xxh3,
-                                },
-                            ),
-                        // An owner beyond 32 bits (left as created), or
-                        // what a filesystem may clamp or a non-root chmod
-                        // may drop: ask the file at the end.
-                        _ => record.file_later(&rel, xxh3),
+                    match kept_exactly(self.root, uid, gid, mtime) {
+                        Some((uid, gid)) => record.file(
+                            &rel,
+                            NewFile {
+                                mode,
+                                uid,
+                                gid,
+                                size: n,
+                                mtime,
+                                xxh3,
+                            },
+                        ),
+                        // Ask the file at the end.
+                        None => record.file_later(&rel, xxh3),
                     }
                 }
             }
@@ -553,10 +547,7 @@ impl Unpacker {
         if rel.as_os_str().is_empty() || self.opaque.contains(rel) {
             return;
         }
-        if let (Ok(uid), Ok(gid)) = (u32::try_from(d.uid), u32::try_from(d.gid))
-            && self.root
-            && (0..1 << 31).contains(&d.mtime)
-        {
+        if let Some((uid, gid)) = kept_exactly(self.root, d.uid, d.gid, d.mtime) {
             record.dir(
                 rel,
                 NewDir {
@@ -708,6 +699,16 @@ impl Unpacker {
 /// opened with `O_NOFOLLOW | O_DIRECTORY`, so if anything but that very
 /// directory is at the path now (a symlink a later entry put there), the
 /// metadata goes nowhere instead of to the symlink's target.
+/// The owner as `set_meta_fd` sets it, when the filesystem then keeps
+/// owner, mode and mtime exactly as set, so the tree record can take them
+/// from the tar: as root (chmod keeps setgid whatever the group), an owner
+/// within 32 bits (beyond, it is left as created), and an mtime in
+/// 1970..2038 (which every filesystem stores as is; ext4 clamps others).
+fn kept_exactly(root: bool, uid: u64, gid: u64, mtime: i64) -> Option<(u32, u32)> {
+    let owner = (u32::try_from(uid).ok()?, u32::try_from(gid).ok()?);
+    (root && (0..1 << 31).contains(&mtime)).then_some(owner)
+}
+
 /// True if the metadata was applied (false: something else is there now).
 fn apply_dir_meta(d: &DirMeta) -> Result<bool, UnpackError> {
     let f = match fs::OpenOptions::new()
