@@ -1,0 +1,1 @@
+//! Runs of snapshot deployments on a node.
