@@ -548,6 +548,7 @@ async fn ensure_deployment(
         readonly_rootfs: false,
         warm_runners: 0,
         node_selector: BTreeMap::new(),
+        snapshot: false,
     };
     let created = client.deploy(&spec).await;
     let Err(e) = created else {
@@ -873,6 +874,7 @@ mod tests {
                 process_started: Some(p),
                 finished: Some(f),
             },
+            snapshot: None,
         }
     }
 

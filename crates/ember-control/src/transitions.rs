@@ -8,7 +8,7 @@
 
 use crate::model::{
     Deployment, LogChunk, LogStream, Millis, ModelError, NodeReport, Run, RunId, RunSpec, RunState,
-    StartTimes,
+    RunSnapshot, StartTimes,
 };
 use crate::store::{Appended, LogRetention, StoreError};
 
@@ -46,11 +46,13 @@ pub(crate) fn resolve(
     deployment: Option<Deployment>,
     now: Millis,
 ) -> Result<Run, StoreError> {
+    let mut snapshot = false;
     let (deployment, image, mut command, mut env, resources, recycle_key, readonly, mut selector) =
         match (&spec.deployment, &spec.image) {
             (Some(name), None) => {
                 let d = deployment.ok_or_else(|| StoreError::DeploymentNotFound(name.clone()))?;
                 let s = d.spec;
+                snapshot = s.snapshot;
                 (
                     Some(s.name),
                     s.image,
@@ -77,10 +79,19 @@ pub(crate) fn resolve(
             }
             _ => return Err(ModelError::RunTarget.into()),
         };
-    if !spec.command.is_empty() {
-        command = spec.command.clone();
+    // A snapshot deployment's command and env are its start-up's, which
+    // its checkpoint is keyed by; the run's own go to the start-up
+    // through `Resume`.
+    let run_snapshot = snapshot.then(|| RunSnapshot {
+        argv: spec.command.clone(),
+        env: spec.env.clone(),
+    });
+    if run_snapshot.is_none() {
+        if !spec.command.is_empty() {
+            command = spec.command.clone();
+        }
+        env.extend(spec.env.clone());
     }
-    env.extend(spec.env.clone());
     selector.extend(spec.node_selector.clone());
     Ok(Run {
         id: RunId(0),
@@ -105,6 +116,7 @@ pub(crate) fn resolve(
             queued: Some(now),
             ..StartTimes::default()
         },
+        snapshot: run_snapshot,
     })
 }
 
@@ -154,6 +166,13 @@ pub(crate) fn apply_report(
         NodeReport::RunnerReady => {
             accept(run)?;
             run.times.runner_ready = Some(now);
+        }
+        NodeReport::Snapshot { restored, note } => {
+            accept(run)?;
+            if *restored {
+                run.times.snapshot_restored = Some(now);
+            }
+            run.times.snapshot_note = note.clone();
         }
         NodeReport::Started => {
             accept(run)?;
@@ -227,6 +246,7 @@ pub(crate) fn apply_reports(
         t.claimed,
         t.scheduled,
         t.image_ready,
+        t.snapshot_restored,
         t.runner_ready,
         t.process_started,
     ]
@@ -468,6 +488,7 @@ mod tests {
                 readonly_rootfs: true,
                 warm_runners: 0,
                 node_selector: Default::default(),
+                snapshot: false,
             },
             created_at: 0,
         };
