@@ -75,7 +75,6 @@ pub enum Command {
         /// Print the reports as JSON.
         #[arg(long)]
         json: bool,
-        snapshot: None,
     },
 }
 
@@ -127,7 +126,6 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             prepull_share,
             half_life_hours,
             json,
-            snapshot: None,
         } => {
             anyhow::ensure!(
                 nodes > 0 && slots > 0,
