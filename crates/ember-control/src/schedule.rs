@@ -639,7 +639,10 @@ mod tests {
             nodes: vec![n1.clone(), n2.clone()],
         };
         let p = place(&view, &run).expect("room");
-        assert_eq!((p.node.as_str(), p.reason), ("n2", PlacementReason::Snapshot));
+        assert_eq!(
+            (p.node.as_str(), p.reason),
+            ("n2", PlacementReason::Snapshot)
+        );
         // Another checkpoint (a new start-up): no preference, n1 by load.
         let other = RunRequirements {
             snapshot_key: Some("d.app.00000000000000bb".into()),

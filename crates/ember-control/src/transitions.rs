@@ -7,8 +7,8 @@
 //! SQLite and PostgreSQL cannot drift apart in behaviour.
 
 use crate::model::{
-    Deployment, LogChunk, LogStream, Millis, ModelError, NodeReport, Run, RunId, RunSpec, RunState,
-    RunSnapshot, StartTimes,
+    Deployment, LogChunk, LogStream, Millis, ModelError, NodeReport, Run, RunId, RunSnapshot,
+    RunSpec, RunState, StartTimes,
 };
 use crate::store::{Appended, LogRetention, StoreError};
 

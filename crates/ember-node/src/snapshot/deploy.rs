@@ -32,8 +32,8 @@ use ember_store::{ImageRecord, Store};
 use tokio::sync::mpsc;
 
 use super::{
-    CaptureRequest, ResumeRequest, RunEvent, RunOutcome, RunTimings, SnapshotError,
-    SnapshotHost, StartWith,
+    CaptureRequest, ResumeRequest, RunEvent, RunOutcome, RunTimings, SnapshotError, SnapshotHost,
+    StartWith,
 };
 use crate::agent::NodeAgent;
 use crate::execute::{Event, RunHandle, SIGKILL};
@@ -122,7 +122,9 @@ impl NodeSnapshots {
                         bytes = r.bytes_freed,
                         "removed the checkpoint of an earlier image or start-up"
                     ),
-                    Err(e) => tracing::warn!(snapshot = %m.name, error = %e, "removing a checkpoint"),
+                    Err(e) => {
+                        tracing::warn!(snapshot = %m.name, error = %e, "removing a checkpoint")
+                    }
                 }
             }
         }
@@ -154,7 +156,8 @@ impl NodeSnapshots {
         {
             return;
         }
-        let (me, agent, key, record) = (self.clone(), agent.clone(), key.to_owned(), record.clone());
+        let (me, agent, key, record) =
+            (self.clone(), agent.clone(), key.to_owned(), record.clone());
         let (argv, image_name) = (run.command.clone(), run.image.reference.clone());
         let env: Vec<(String, String)> = run.env.clone().into_iter().collect();
         let release = key.clone();
@@ -234,7 +237,10 @@ pub(crate) fn exec_snapshot(
         return Err("cancelled before it started".into());
     }
     let claim = format!("snapshot-run-{}-{}", run.id, run.attempts);
-    if let Err(e) = host.store.add_user(&claim, &record.manifest, std::process::id()) {
+    if let Err(e) = host
+        .store
+        .add_user(&claim, &record.manifest, std::process::id())
+    {
         tracing::warn!(error = %e, "claiming the image for a run");
     }
     let req = ResumeRequest {

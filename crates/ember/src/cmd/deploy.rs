@@ -10,9 +10,11 @@ use std::process::ExitCode;
 /// Create a deployment pinned to the image's current digest; `ember submit
 /// --deployment NAME` then runs it.
 #[derive(clap::Args, Debug)]
-#[command(after_help = "Example (snapshot starts):\n  ember deploy --snapshot slow busybox -- \\\n    \
+#[command(
+    after_help = "Example (snapshot starts):\n  ember deploy --snapshot slow busybox -- \\\n    \
 sh -c 'sleep 3; echo ready >&3; read -r req <&3; echo \"$req\"'\n  \
-ember submit --deployment slow --wait -- hello")]
+ember submit --deployment slow --wait -- hello"
+)]
 pub struct Args {
     #[command(flatten)]
     pub control: ControlArgs,
