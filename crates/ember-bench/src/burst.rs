@@ -873,6 +873,7 @@ mod tests {
                 runner_ready: Some(s),
                 process_started: Some(p),
                 finished: Some(f),
+                ..StartTimes::default()
             },
             snapshot: None,
         }

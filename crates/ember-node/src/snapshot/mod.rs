@@ -62,7 +62,7 @@ pub enum SnapshotError {
     /// CRIU, `runc checkpoint` or `runc restore`, or a checkpoint that
     /// does not match this machine.
     #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
+    Checkpoint(Box<CheckpointError>),
     /// Preparing or removing a runner's bundle.
     #[error("preparing a runner for {image}")]
     Prepare {
@@ -121,6 +121,13 @@ pub enum SnapshotError {
     Encode(#[from] serde_json::Error),
 }
 
+impl From<CheckpointError> for SnapshotError {
+    fn from(e: CheckpointError) -> Self {
+        // Boxed: the largest error by far, and rare.
+        SnapshotError::Checkpoint(Box::new(e))
+    }
+}
+
 impl SnapshotError {
     fn agent(what: impl Into<String>) -> impl FnOnce(ember_agent_proto::ClientError) -> Self {
         let what = what.into();
@@ -131,13 +138,13 @@ impl SnapshotError {
     /// message: the error with its causes.
     pub fn why_not_restored(&self) -> String {
         let head = match self {
-            SnapshotError::Checkpoint(
-                CheckpointError::CriuMissing { .. } | CheckpointError::CriuUnusable { .. },
-            ) => "CRIU is not usable here: ",
-            SnapshotError::Checkpoint(CheckpointError::Mismatch { .. }) => {
-                "the checkpoint does not match this machine: "
-            }
-            SnapshotError::Checkpoint(_) => "restore failed: ",
+            SnapshotError::Checkpoint(c) => match **c {
+                CheckpointError::CriuMissing { .. } | CheckpointError::CriuUnusable { .. } => {
+                    "CRIU is not usable here: "
+                }
+                CheckpointError::Mismatch { .. } => "the checkpoint does not match this machine: ",
+                _ => "restore failed: ",
+            },
             _ => "",
         };
         let mut s = format!("{head}{self}");
@@ -647,6 +654,7 @@ pub struct RunOutcome {
 /// start-up with `req`; if the copy cannot be restored, calls
 /// `fallback_ok` with the reason, and unless it says no, starts the
 /// captured start-up fresh instead. `t0` is when the run began.
+#[allow(clippy::too_many_arguments)]
 pub fn run_from_snapshot(
     host: &SnapshotHost,
     manifest: &SnapshotManifest,
