@@ -510,4 +510,89 @@ mod tests {
         });
         assert_eq!(r.recycle_key.as_deref(), Some("mine"));
     }
+
+    #[test]
+    fn a_snapshot_deployments_run_keeps_the_start_up_and_resumes_with_its_own_args() {
+        let d = Deployment {
+            spec: DeploymentSpec {
+                name: "slow".into(),
+                image: image(),
+                command: vec!["/start-up".into()],
+                env: [("MODE".to_owned(), "warm".to_owned())].into(),
+                resources: Default::default(),
+                recycle_key: None,
+                readonly_rootfs: false,
+                warm_runners: 0,
+                node_selector: Default::default(),
+                snapshot: true,
+            },
+            created_at: 0,
+        };
+        let r = resolve(
+            &RunSpec {
+                deployment: Some("slow".into()),
+                command: vec!["hello".into()],
+                env: [("MODE".to_owned(), "run".to_owned())].into(),
+                ..RunSpec::default()
+            },
+            Some(d.clone()),
+            1,
+        )
+        .expect("run");
+        // The start-up (what the checkpoint is keyed by) is the
+        // deployment's; the run's command and env go to Resume.
+        assert_eq!(r.command, vec!["/start-up".to_owned()]);
+        assert_eq!(r.env["MODE"], "warm");
+        let snap = r.snapshot.clone().expect("a snapshot run");
+        assert_eq!(snap.argv, vec!["hello".to_owned()]);
+        assert_eq!(snap.env["MODE"], "run");
+        // So runs with other arguments restore the same checkpoint.
+        let other = resolve(
+            &RunSpec {
+                deployment: Some("slow".into()),
+                command: vec!["bye".into()],
+                ..RunSpec::default()
+            },
+            Some(d.clone()),
+            1,
+        )
+        .expect("run");
+        assert_eq!(r.snapshot_key(), other.snapshot_key());
+        let key = r.snapshot_key().expect("a key");
+        assert!(key.starts_with("d.slow."), "{key}");
+        assert_eq!(crate::model::snapshot_key_deployment(&key), Some("slow"));
+        // A new start-up command or image makes a new checkpoint.
+        let mut changed = d.clone();
+        changed.spec.command = vec!["/start-up".into(), "--more".into()];
+        let r2 = resolve(
+            &RunSpec {
+                deployment: Some("slow".into()),
+                ..RunSpec::default()
+            },
+            Some(changed),
+            1,
+        )
+        .expect("run");
+        assert_ne!(r2.snapshot_key(), r.snapshot_key());
+        let mut moved = r.clone();
+        moved.image.digest = format!("sha256:{}", "b".repeat(64));
+        assert_ne!(moved.snapshot_key(), r.snapshot_key());
+        // Other runs have no checkpoint.
+        let mut plain = d;
+        plain.spec.snapshot = false;
+        let r3 = resolve(
+            &RunSpec {
+                deployment: Some("slow".into()),
+                command: vec!["hello".into()],
+                ..RunSpec::default()
+            },
+            Some(plain),
+            1,
+        )
+        .expect("run");
+        assert_eq!(
+            (r3.snapshot_key(), r3.command),
+            (None, vec!["hello".to_owned()])
+        );
+    }
 }
