@@ -167,6 +167,24 @@ fn a_snapshot_deployment_starts_fresh_once_then_restores_independent_copies() {
     let timings = client_ok(&url, &["runs", "--timings"]);
     assert!(timings.contains("restore"), "{timings}");
 
+    // A corrupt checkpoint is refused by its digest, and the run starts
+    // fresh instead of failing, saying why.
+    let blobs: Vec<_> = std::fs::read_dir(node_root.join("snapshots/blobs"))
+        .expect("the node's artifacts")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(blobs.len(), 1, "{blobs:?}");
+    let mut bytes = std::fs::read(&blobs[0]).expect("read artifact");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&blobs[0], &bytes).expect("write artifact");
+    let (req, _, run) = run_once(&url, &["after-corruption"]);
+    assert_eq!(req["restored"], false, "{req}");
+    assert_eq!(run["state"], "succeeded", "{run}");
+    let note = run["times"]["snapshot_note"].as_str().unwrap_or_default();
+    assert!(note.contains("digest"), "{run}");
+
     // Each restored copy is gone after its run.
     let left: Vec<_> = std::fs::read_dir(node_root.join("snapshot/containers"))
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
