@@ -62,11 +62,21 @@ pub const IMAGE: Phase = Phase {
     of: |t| span(t.scheduled, t.image_ready),
 };
 
-/// Image ready → a runner (warm or new) ready.
+/// Image ready → a snapshot run's copy restored from the node's
+/// checkpoint (absent for other runs and for a snapshot run that started
+/// fresh: its start-up then counts in the runner phase).
+pub const RESTORE: Phase = Phase {
+    name: "restore",
+    spans: "→ snapshot restored (snapshot runs)",
+    of: |t| span(t.image_ready, t.snapshot_restored),
+};
+
+/// Image ready (or the snapshot restored) → a runner (warm, new or
+/// restored, its agent connected) ready.
 pub const RUNNER: Phase = Phase {
     name: "runner",
     spans: "→ runner ready",
-    of: |t| span(t.image_ready, t.runner_ready),
+    of: |t| span(t.snapshot_restored.or(t.image_ready), t.runner_ready),
 };
 
 /// Runner ready → the process started.
@@ -92,8 +102,9 @@ pub const TOTAL: Phase = Phase {
 };
 
 /// The phases `ember runs --stats` reports, in order: consecutive, so
-/// they add up to [`TOTAL`] (which is last).
-pub const PHASES: [Phase; 6] = [QUEUE, PLACEMENT, IMAGE, RUNNER, PROCESS, TOTAL];
+/// they add up to [`TOTAL`] (which is last); [`RESTORE`] only for the
+/// runs restored from a snapshot.
+pub const PHASES: [Phase; 7] = [QUEUE, PLACEMENT, IMAGE, RESTORE, RUNNER, PROCESS, TOTAL];
 
 #[cfg(test)]
 mod tests {
@@ -108,20 +119,34 @@ mod tests {
             runner_ready: Some(r),
             process_started: Some(p),
             finished: None,
+            ..StartTimes::default()
         }
     }
 
     #[test]
     fn consecutive_phases_add_up_to_the_total() {
         let t = times(100, Some(103), 110, 120, 135, 136);
-        let parts: Vec<u64> = PHASES[..5]
+        let parts: Vec<u64> = PHASES[..6]
             .iter()
+            .filter(|p| p.name != RESTORE.name)
             .map(|p| (p.of)(&t).expect("known"))
             .collect();
         assert_eq!(parts, vec![3, 7, 10, 15, 1]);
         assert_eq!((TOTAL.of)(&t), Some(parts.iter().sum()));
         // The node's part is image + runner + process.
         assert_eq!((NODE.of)(&t), Some(26));
+        // Not a snapshot run: no restore phase.
+        assert_eq!((RESTORE.of)(&t), None);
+    }
+
+    #[test]
+    fn a_restored_run_splits_its_runner_phase_at_the_restore() {
+        let mut t = times(100, Some(103), 110, 120, 135, 136);
+        t.snapshot_restored = Some(131);
+        // Image ready at 120, restored at 131, agent connected at 135.
+        assert_eq!(((RESTORE.of)(&t), (RUNNER.of)(&t)), (Some(11), Some(4)));
+        let sum: u64 = PHASES[..6].iter().filter_map(|p| (p.of)(&t)).sum();
+        assert_eq!(Some(sum), (TOTAL.of)(&t));
     }
 
     #[test]

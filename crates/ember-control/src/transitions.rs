@@ -7,8 +7,8 @@
 //! SQLite and PostgreSQL cannot drift apart in behaviour.
 
 use crate::model::{
-    Deployment, LogChunk, LogStream, Millis, ModelError, NodeReport, Run, RunId, RunSpec, RunState,
-    StartTimes,
+    Deployment, LogChunk, LogStream, Millis, ModelError, NodeReport, Run, RunId, RunSnapshot,
+    RunSpec, RunState, StartTimes,
 };
 use crate::store::{Appended, LogRetention, StoreError};
 
@@ -46,11 +46,13 @@ pub(crate) fn resolve(
     deployment: Option<Deployment>,
     now: Millis,
 ) -> Result<Run, StoreError> {
+    let mut snapshot = false;
     let (deployment, image, mut command, mut env, resources, recycle_key, readonly, mut selector) =
         match (&spec.deployment, &spec.image) {
             (Some(name), None) => {
                 let d = deployment.ok_or_else(|| StoreError::DeploymentNotFound(name.clone()))?;
                 let s = d.spec;
+                snapshot = s.snapshot;
                 (
                     Some(s.name),
                     s.image,
@@ -77,10 +79,19 @@ pub(crate) fn resolve(
             }
             _ => return Err(ModelError::RunTarget.into()),
         };
-    if !spec.command.is_empty() {
-        command = spec.command.clone();
+    // A snapshot deployment's command and env are its start-up's, which
+    // its checkpoint is keyed by; the run's own go to the start-up
+    // through `Resume`.
+    let run_snapshot = snapshot.then(|| RunSnapshot {
+        argv: spec.command.clone(),
+        env: spec.env.clone(),
+    });
+    if run_snapshot.is_none() {
+        if !spec.command.is_empty() {
+            command = spec.command.clone();
+        }
+        env.extend(spec.env.clone());
     }
-    env.extend(spec.env.clone());
     selector.extend(spec.node_selector.clone());
     Ok(Run {
         id: RunId(0),
@@ -105,6 +116,7 @@ pub(crate) fn resolve(
             queued: Some(now),
             ..StartTimes::default()
         },
+        snapshot: run_snapshot,
     })
 }
 
@@ -154,6 +166,13 @@ pub(crate) fn apply_report(
         NodeReport::RunnerReady => {
             accept(run)?;
             run.times.runner_ready = Some(now);
+        }
+        NodeReport::Snapshot { restored, note } => {
+            accept(run)?;
+            if *restored {
+                run.times.snapshot_restored = Some(now);
+            }
+            run.times.snapshot_note = note.clone();
         }
         NodeReport::Started => {
             accept(run)?;
@@ -227,6 +246,7 @@ pub(crate) fn apply_reports(
         t.claimed,
         t.scheduled,
         t.image_ready,
+        t.snapshot_restored,
         t.runner_ready,
         t.process_started,
     ]
@@ -468,6 +488,7 @@ mod tests {
                 readonly_rootfs: true,
                 warm_runners: 0,
                 node_selector: Default::default(),
+                snapshot: false,
             },
             created_at: 0,
         };
@@ -488,5 +509,90 @@ mod tests {
             ..RunSpec::default()
         });
         assert_eq!(r.recycle_key.as_deref(), Some("mine"));
+    }
+
+    #[test]
+    fn a_snapshot_deployments_run_keeps_the_start_up_and_resumes_with_its_own_args() {
+        let d = Deployment {
+            spec: DeploymentSpec {
+                name: "slow".into(),
+                image: image(),
+                command: vec!["/start-up".into()],
+                env: [("MODE".to_owned(), "warm".to_owned())].into(),
+                resources: Default::default(),
+                recycle_key: None,
+                readonly_rootfs: false,
+                warm_runners: 0,
+                node_selector: Default::default(),
+                snapshot: true,
+            },
+            created_at: 0,
+        };
+        let r = resolve(
+            &RunSpec {
+                deployment: Some("slow".into()),
+                command: vec!["hello".into()],
+                env: [("MODE".to_owned(), "run".to_owned())].into(),
+                ..RunSpec::default()
+            },
+            Some(d.clone()),
+            1,
+        )
+        .expect("run");
+        // The start-up (what the checkpoint is keyed by) is the
+        // deployment's; the run's command and env go to Resume.
+        assert_eq!(r.command, vec!["/start-up".to_owned()]);
+        assert_eq!(r.env["MODE"], "warm");
+        let snap = r.snapshot.clone().expect("a snapshot run");
+        assert_eq!(snap.argv, vec!["hello".to_owned()]);
+        assert_eq!(snap.env["MODE"], "run");
+        // So runs with other arguments restore the same checkpoint.
+        let other = resolve(
+            &RunSpec {
+                deployment: Some("slow".into()),
+                command: vec!["bye".into()],
+                ..RunSpec::default()
+            },
+            Some(d.clone()),
+            1,
+        )
+        .expect("run");
+        assert_eq!(r.snapshot_key(), other.snapshot_key());
+        let key = r.snapshot_key().expect("a key");
+        assert!(key.starts_with("d.slow."), "{key}");
+        assert_eq!(crate::model::snapshot_key_deployment(&key), Some("slow"));
+        // A new start-up command or image makes a new checkpoint.
+        let mut changed = d.clone();
+        changed.spec.command = vec!["/start-up".into(), "--more".into()];
+        let r2 = resolve(
+            &RunSpec {
+                deployment: Some("slow".into()),
+                ..RunSpec::default()
+            },
+            Some(changed),
+            1,
+        )
+        .expect("run");
+        assert_ne!(r2.snapshot_key(), r.snapshot_key());
+        let mut moved = r.clone();
+        moved.image.digest = format!("sha256:{}", "b".repeat(64));
+        assert_ne!(moved.snapshot_key(), r.snapshot_key());
+        // Other runs have no checkpoint.
+        let mut plain = d;
+        plain.spec.snapshot = false;
+        let r3 = resolve(
+            &RunSpec {
+                deployment: Some("slow".into()),
+                command: vec!["hello".into()],
+                ..RunSpec::default()
+            },
+            Some(plain),
+            1,
+        )
+        .expect("run");
+        assert_eq!(
+            (r3.snapshot_key(), r3.command),
+            (None, vec!["hello".to_owned()])
+        );
     }
 }

@@ -567,6 +567,7 @@ async fn query_values_are_percent_decoded() {
         readonly_rootfs: false,
         warm_runners: 0,
         node_selector: Default::default(),
+        snapshot: false,
     })
     .await
     .expect("deploy");

@@ -75,6 +75,9 @@ pub(crate) struct NodeAgent {
     pub(crate) prepull: Arc<crate::prepull::Prepull>,
     /// Counters for `/metrics` ([`crate::metrics`]).
     pub(crate) metrics: crate::metrics::NodeMetrics,
+    /// Checkpoints of snapshot deployments and their captures
+    /// ([`crate::snapshot::deploy`]).
+    pub(crate) snapshots: Arc<crate::snapshot::deploy::NodeSnapshots>,
 }
 
 /// Runs the node agent until `shutdown` completes; then destroys its
@@ -105,7 +108,13 @@ pub async fn run_node(
     let client = ControlClient::new(&cfg.control, cfg.token.clone())?;
     let (reporter, reports) = mpsc::unbounded_channel();
     let (cfg_root, cfg_bandwidth) = (cfg.root.clone(), cfg.prepull.bandwidth);
+    let snapshots = Arc::new(crate::snapshot::deploy::NodeSnapshots::new(
+        &cfg.root,
+        store.clone(),
+        cfg.agent.clone(),
+    ));
     let agent = Arc::new(NodeAgent {
+        snapshots,
         reporter,
         slots: Arc::new(Semaphore::new(cfg.slots.max(1) as usize)),
         cfg,

@@ -26,9 +26,12 @@ use crate::agent::NodeAgent;
 pub(crate) struct RunHandle {
     /// The attempt being executed (the assignment's `attempts`).
     pub(crate) attempt: u32,
-    cancelled: AtomicBool,
+    pub(crate) cancelled: AtomicBool,
     /// The exec to signal, once started.
     exec: Mutex<Option<(Canceller, u64)>>,
+    /// A snapshot run's exec to signal, once resumed: its agent's socket
+    /// and the exec id (snapshot runners are not the pool's).
+    pub(crate) snapshot_exec: Mutex<Option<(std::path::PathBuf, u64)>>,
 }
 
 impl RunHandle {
@@ -49,12 +52,22 @@ impl RunHandle {
         {
             tracing::warn!(error = %e, "cancelling an exec");
         }
+        let snapshot_exec = self
+            .snapshot_exec
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some((socket, id)) = snapshot_exec
+            && let Err(e) = crate::snapshot::signal_exec(&socket, id, SIGKILL)
+        {
+            tracing::warn!(error = %e, "cancelling a snapshot run's exec");
+        }
     }
 }
 
 /// SIGKILL (the same number on every Linux architecture), without a libc
 /// dependency for one constant.
-const SIGKILL: i32 = 9;
+pub(crate) const SIGKILL: i32 = 9;
 
 impl NodeAgent {
     /// `record` as the pool runs it, read from the store the first time.
@@ -78,14 +91,14 @@ impl NodeAgent {
 }
 
 /// What the blocking executor tells the async side, in order.
-enum Event {
+pub(crate) enum Event {
     /// A report, and when it happened.
     Report(NodeReport, Instant),
     Output(LogStream, Vec<u8>),
 }
 
 impl Event {
-    fn report(r: NodeReport) -> Event {
+    pub(crate) fn report(r: NodeReport) -> Event {
         Event::Report(r, Instant::now())
     }
 
@@ -96,7 +109,10 @@ impl Event {
         matches!(
             self,
             Event::Report(
-                NodeReport::ImageReady | NodeReport::RunnerReady | NodeReport::Started,
+                NodeReport::ImageReady
+                    | NodeReport::Snapshot { .. }
+                    | NodeReport::RunnerReady
+                    | NodeReport::Started,
                 _
             )
         )
@@ -167,7 +183,14 @@ pub(crate) async fn execute(agent: &Arc<NodeAgent>, run: Run, handle: Arc<RunHan
         let agent = agent.clone();
         let run = run.clone();
         tokio::task::spawn_blocking(move || {
-            let last = match exec_blocking(&agent, &run, &record, &handle, &tx) {
+            // A snapshot deployment's runs restore from (or start fresh
+            // beside) the node's checkpoint, outside the pool.
+            let done = if run.snapshot.is_some() {
+                crate::snapshot::deploy::exec_snapshot(&agent, &run, &record, &handle, &tx)
+            } else {
+                exec_blocking(&agent, &run, &record, &handle, &tx)
+            };
+            let last = match done {
                 Ok((code, runner_idle)) => NodeReport::Exited { code, runner_idle },
                 Err(error) => NodeReport::Failed { error },
             };

@@ -73,6 +73,7 @@ mod prewarm;
 mod register;
 mod report;
 mod root;
+pub mod snapshot;
 mod stream;
 mod watchdog;
 

@@ -16,6 +16,7 @@ impl NodeAgent {
     fn inventory(&self) -> Inventory {
         let mut inv = Inventory {
             free_disk_bytes: self.store.free_bytes().unwrap_or(0),
+            snapshots: self.snapshots.held(),
             ..Inventory::default()
         };
         if let Ok(ix) = self.store.read_index() {
