@@ -26,6 +26,7 @@
 //! unprivileged host user may reach them.
 
 mod error;
+pub mod import;
 pub mod index;
 mod pull;
 pub mod snapshot;
@@ -35,6 +36,7 @@ pub mod unpack;
 mod verify;
 
 pub use error::StoreError;
+pub use import::{ImportError, ImportFormat, ImportOptions, ImportPlan, ImportReport, ImportSource};
 pub use index::{ImageRecord, Index, LayerRecord, LayerRef};
 pub use pull::{
     PullGate, PullOptions, PullProgress, PullReport, PullTimings, SilentProgress, pull, pull_gated,
