@@ -715,7 +715,9 @@ impl ImportPlan {
             match media::manifest_kind(&desc.media_type) {
                 Some(ManifestKind::Index) => {
                     let doc: ember_oci::manifest::IndexDoc = serde_json::from_slice(&top_bytes)
-                        .map_err(|e| ImportError::BadImage(format!("index {}: {e}", desc.digest)))?;
+                        .map_err(|e| {
+                            ImportError::BadImage(format!("index {}: {e}", desc.digest))
+                        })?;
                     let chosen = doc
                         .manifests
                         .iter()
@@ -743,7 +745,12 @@ impl ImportPlan {
                         chosen.media_type.clone(),
                     )
                 }
-                _ => (None, desc.digest.clone(), top_bytes, desc.media_type.clone()),
+                _ => (
+                    None,
+                    desc.digest.clone(),
+                    top_bytes,
+                    desc.media_type.clone(),
+                ),
             };
         let doc: ember_oci::manifest::ManifestDoc = serde_json::from_slice(&manifest_bytes)
             .map_err(|e| ImportError::BadImage(format!("manifest {manifest_digest}: {e}")))?;

@@ -36,7 +36,9 @@ pub mod unpack;
 mod verify;
 
 pub use error::StoreError;
-pub use import::{ImportError, ImportFormat, ImportOptions, ImportPlan, ImportReport, ImportSource};
+pub use import::{
+    ImportError, ImportFormat, ImportOptions, ImportPlan, ImportReport, ImportSource,
+};
 pub use index::{ImageRecord, Index, LayerRecord, LayerRef};
 pub use pull::{
     PullGate, PullOptions, PullProgress, PullReport, PullTimings, SilentProgress, pull, pull_gated,
