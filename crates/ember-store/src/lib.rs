@@ -294,6 +294,13 @@ impl Store {
         Ok(IndexLock { file })
     }
 
+    /// The index file. Every update replaces it by rename, so its mtime
+    /// changes with each one (a node agent watches it to report images
+    /// other processes put in its store).
+    pub fn index_path(&self) -> PathBuf {
+        self.root.join("index.json")
+    }
+
     /// Reads the index (an empty one if none was written yet). Readers do
     /// not need the lock: the file is only ever replaced by rename.
     pub fn read_index(&self) -> Result<Index, StoreError> {
