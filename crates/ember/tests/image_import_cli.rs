@@ -463,3 +463,91 @@ fn push_goes_to_a_real_registry_and_pulls_back_the_same_digest() {
     );
     run_without_pull(&root, NAME);
 }
+
+/// Whether the control plane's view of node `id` lists image `digest`.
+fn node_lists(url: &str, id: &str, digest: &str) -> bool {
+    let nodes: serde_json::Value =
+        serde_json::from_str(&common::cluster::client_ok(url, &["nodes", "--json"]))
+            .expect("nodes JSON");
+    nodes.as_array().into_iter().flatten().any(|n| {
+        let spec = n.get("spec").unwrap_or(n);
+        spec["id"] == id && spec["inventory"]["images"].get(digest).is_some()
+    })
+}
+
+#[test]
+fn an_import_on_a_node_is_reported_at_once_and_its_next_run_lands_there_without_a_pull() {
+    use common::cluster::*;
+    use std::time::{Duration, Instant};
+    if !prerequisites() {
+        return;
+    }
+    let Some(agent) = static_agent() else {
+        eprintln!("skipped: the static ember-agent could not be built");
+        return;
+    };
+    let b = built();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // Heartbeats far apart (and a control plane that waits for them), so
+    // only the node's watch on its store index can report the import in
+    // time; ties between equal nodes go to the lower id, "a".
+    let (_control, url) = start_control(
+        &tmp.path().join("control"),
+        &tmp.path().join("control.db").to_string_lossy(),
+        &["--heartbeat-timeout", "900"],
+    );
+    let (a_root, b_root) = (tmp.path().join("a"), tmp.path().join("b"));
+    let slow = ["--heartbeat", "600"];
+    let _a = start_node(&a_root, &url, "a", 2, &agent, &slow);
+    let _b = start_node(&b_root, &url, "b", 2, &agent, &slow);
+
+    // Imported into B's store while B runs.
+    let r = import_json(&b_root, &[path_str(&b.docker_archive)]);
+    let digest = r["manifest"].as_str().expect("digest").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !node_lists(&url, "b", &digest) {
+        assert!(
+            Instant::now() < deadline,
+            "node b did not report the imported image"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!node_lists(&url, "a", &digest));
+
+    // The image is in no registry: the run can only succeed where it was
+    // imported, with nothing pulled.
+    let image = format!("{NAME}@{digest}");
+    let sub: serde_json::Value = serde_json::from_str(&client_ok(
+        &url,
+        &["submit", "--json", &image, "--", "cat", "/hello"],
+    ))
+    .expect("submit JSON");
+    let id = sub["id"]
+        .as_u64()
+        .or_else(|| sub["run"]["id"].as_u64())
+        .expect("run id")
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let run = loop {
+        let run = run_json(&url, &id);
+        if matches!(
+            run["state"].as_str(),
+            Some("succeeded" | "failed" | "cancelled" | "lost")
+        ) {
+            break run;
+        }
+        assert!(Instant::now() < deadline, "run {id} never finished: {run}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(run["state"], "succeeded", "{run}");
+    assert_eq!(run["node"], "b", "{run}");
+    let logs = client_ok(&url, &["logs", &id]);
+    assert!(logs.contains(GREETING), "{logs}");
+    let t = &run["times"];
+    let image_ms = t["image_ready"].as_u64().zip(t["scheduled"].as_u64());
+    eprintln!(
+        "image phase of the first run after the import: {:?} ms",
+        image_ms.map(|(ready, sched)| ready.saturating_sub(sched))
+    );
+    assert!(image_ms.is_some(), "no image phase recorded: {run}");
+}
