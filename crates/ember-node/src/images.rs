@@ -147,6 +147,24 @@ pub(crate) fn pinned_reference(image: &PinnedImage) -> Result<Reference, String>
 }
 
 impl crate::agent::NodeAgent {
+    /// Whether the image pinned as `digest` is here without a pull: one
+    /// this agent ran or pulled before, or one it finds complete in the
+    /// store's index (an `ember image import`), then remembered, so the
+    /// first run of an imported image reports `ImageReady` at once.
+    pub(crate) fn image_at_hand(&self, digest: &str) -> bool {
+        let images = || self.images.lock().unwrap_or_else(|e| e.into_inner());
+        if images().contains_key(digest) {
+            return true;
+        }
+        match stored(&self.store, digest).filter(|r| is_complete(&self.store, r)) {
+            Some(r) => {
+                images().insert(digest.to_string(), r);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// `image` in the store, pulled (through the cache if any) when this
     /// process has not pulled it before or its layers have gone since.
     pub(crate) async fn ensure_image(&self, image: &PinnedImage) -> Result<ImageRecord, String> {

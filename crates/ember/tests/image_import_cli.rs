@@ -517,37 +517,44 @@ fn an_import_on_a_node_is_reported_at_once_and_its_next_run_lands_there_without_
     // The image is in no registry: the run can only succeed where it was
     // imported, with nothing pulled.
     let image = format!("{NAME}@{digest}");
-    let sub: serde_json::Value = serde_json::from_str(&client_ok(
-        &url,
-        &["submit", "--json", &image, "--", "cat", "/hello"],
-    ))
-    .expect("submit JSON");
-    let id = sub["id"]
-        .as_u64()
-        .or_else(|| sub["run"]["id"].as_u64())
-        .expect("run id")
-        .to_string();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let run = loop {
-        let run = run_json(&url, &id);
-        if matches!(
-            run["state"].as_str(),
-            Some("succeeded" | "failed" | "cancelled" | "lost")
-        ) {
-            break run;
-        }
-        assert!(Instant::now() < deadline, "run {id} never finished: {run}");
-        std::thread::sleep(Duration::from_millis(200));
+    let launch = || {
+        let sub: serde_json::Value = serde_json::from_str(&client_ok(
+            &url,
+            &["submit", "--json", &image, "--", "cat", "/hello"],
+        ))
+        .expect("submit JSON");
+        let id = sub["id"]
+            .as_u64()
+            .or_else(|| sub["run"]["id"].as_u64())
+            .expect("run id")
+            .to_string();
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let run = loop {
+            let run = run_json(&url, &id);
+            if matches!(
+                run["state"].as_str(),
+                Some("succeeded" | "failed" | "cancelled" | "lost")
+            ) {
+                break run;
+            }
+            assert!(Instant::now() < deadline, "run {id} never finished: {run}");
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert_eq!(run["state"], "succeeded", "{run}");
+        assert_eq!(run["node"], "b", "{run}");
+        let logs = client_ok(&url, &["logs", &id]);
+        assert!(logs.contains(GREETING), "{logs}");
+        let t = &run["times"];
+        let (ready, sched) = t["image_ready"]
+            .as_u64()
+            .zip(t["scheduled"].as_u64())
+            .unwrap_or_else(|| panic!("no image phase recorded: {run}"));
+        ready.saturating_sub(sched)
     };
-    assert_eq!(run["state"], "succeeded", "{run}");
-    assert_eq!(run["node"], "b", "{run}");
-    let logs = client_ok(&url, &["logs", &id]);
-    assert!(logs.contains(GREETING), "{logs}");
-    let t = &run["times"];
-    let image_ms = t["image_ready"].as_u64().zip(t["scheduled"].as_u64());
-    eprintln!(
-        "image phase of the first run after the import: {:?} ms",
-        image_ms.map(|(ready, sched)| ready.saturating_sub(sched))
-    );
-    assert!(image_ms.is_some(), "no image phase recorded: {run}");
+    // Printed, not asserted (no timing assertions): the first run's image
+    // phase is the assignment's and the report's trip, as for a run of an
+    // image the node has run before (the second).
+    let first = launch();
+    let second = launch();
+    eprintln!("image phase: first run after the import {first} ms, second run {second} ms");
 }
