@@ -108,11 +108,7 @@ async fn import(root: &Path, args: ImportArgs) -> anyhow::Result<ExitCode> {
         ..Default::default()
     };
     // Checked before the import, so a bad target fails before any work.
-    let push_to = args
-        .push
-        .as_deref()
-        .map(|t| push_target(t, args.name.as_deref()))
-        .transpose()?;
+    let push_to = args.push.as_deref().map(push_target).transpose()?;
     let path = args.path.clone();
     let progress = Arc::new(Progress::new(args.quiet));
     let (plan, report) = {
@@ -188,7 +184,7 @@ async fn import(root: &Path, args: ImportArgs) -> anyhow::Result<ExitCode> {
 
 /// The push target: `Some` if it says its tag (or digest), `None` if the
 /// tag is to come from the imported name.
-fn push_target(t: &str, _name: Option<&str>) -> anyhow::Result<Option<Reference>> {
+fn push_target(t: &str) -> anyhow::Result<Option<Reference>> {
     let r: Reference = t.parse().with_context(|| format!("invalid --push {t:?}"))?;
     if r.digest().is_some() {
         bail!("invalid --push {t:?}: push to a tag (REGISTRY/REPO[:TAG]), not a digest");
