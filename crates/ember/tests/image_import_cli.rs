@@ -24,7 +24,15 @@ struct Built {
     oci_archive: PathBuf,
     /// Written by skopeo, whose layout names the image by its tag only.
     oci_layout: PathBuf,
+    /// A docker-archive of two images: the first, and [`SECOND`] built
+    /// on it (`podman save --multi-image-archive`).
+    multi_archive: PathBuf,
 }
+
+/// The second image, whose default command prints [`SECOND_GREETING`].
+const SECOND: &str = "localhost/ember-import-test:v2";
+/// What it prints.
+const SECOND_GREETING: &str = "second-image";
 
 fn podman(dir: &Path) -> Command {
     let mut c = Command::new("podman");
@@ -77,6 +85,43 @@ fn built() -> &'static Built {
                 ])
                 .arg(&ctx),
         );
+        std::fs::write(
+            ctx.join("Containerfile.2"),
+            format!("FROM {NAME}\nRUN echo {SECOND_GREETING} > /hello\n"),
+        )
+        .expect("Containerfile.2");
+        sh_ok(
+            podman(&dir)
+                .args([
+                    "build",
+                    "--quiet",
+                    "--network",
+                    "none",
+                    "--ulimit",
+                    "nofile=1024:1024",
+                    "--ulimit",
+                    "nproc=1024:1024",
+                    "-t",
+                    SECOND,
+                    "-f",
+                ])
+                .arg(ctx.join("Containerfile.2"))
+                .arg(&ctx),
+        );
+        let multi_archive = dir.join("multi.tar");
+        sh_ok(
+            podman(&dir)
+                .args([
+                    "save",
+                    "--quiet",
+                    "--multi-image-archive",
+                    "--format",
+                    "docker-archive",
+                    "-o",
+                ])
+                .arg(&multi_archive)
+                .args([NAME, SECOND]),
+        );
         let docker_archive = dir.join("docker.tar");
         let oci_archive = dir.join("oci.tar");
         let oci_layout = dir.join("layout");
@@ -101,6 +146,7 @@ fn built() -> &'static Built {
             docker_archive,
             oci_archive,
             oci_layout,
+            multi_archive,
         }
     })
 }
@@ -193,6 +239,29 @@ fn imports_what_podman_builds_in_each_form_and_runs_it_without_a_pull() {
     assert_eq!(r["format"], "oci-layout", "{r}");
     assert_eq!(r["names"][0], "localhost/from-layout:v2", "{r}");
     run_without_pull(&root, "localhost/from-layout:v2");
+
+    // Two images in one archive: refused without --name, naming both;
+    // --name picks one of them.
+    let root = tmp.path().join("multi");
+    let out = run_ember(&root, &["image", "import", path_str(&b.multi_archive)]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("2 images")
+            && err.contains(NAME)
+            && err.contains(SECOND)
+            && err.contains("--name"),
+        "{err}"
+    );
+    assert!(
+        !root.join("index.json").exists(),
+        "a refused import wrote the index"
+    );
+    let r = import_json(&root, &["--name", SECOND, path_str(&b.multi_archive)]);
+    assert_eq!(r["names"], serde_json::json!([SECOND]), "{r}");
+    assert_eq!(r["layers"], 4, "{r}");
+    let out = ember_ok(&root, &["run", "--rm", SECOND]);
+    assert_eq!(out, format!("{SECOND_GREETING}\n"));
 }
 
 /// A tar whose one member is named `name` (any bytes, even `../x`, which
