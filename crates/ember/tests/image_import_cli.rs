@@ -18,7 +18,7 @@ const GREETING: &str = "built-by-podman";
 const NAME: &str = "localhost/ember-import-test:v1";
 
 /// The podman-built image, saved in the three forms; built once per test
-/// binary (the directory is left for the process's lifetime).
+/// binary run.
 struct Built {
     docker_archive: PathBuf,
     oci_archive: PathBuf,
@@ -56,7 +56,11 @@ fn podman(dir: &Path) -> Command {
 fn built() -> &'static Built {
     static BUILT: OnceLock<Built> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tempdir").keep();
+        // Under the target's test directory, replaced on each run, so
+        // repeated runs do not pile podman stores up in /tmp.
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("image-import");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
         let ctx = dir.join("ctx");
         std::fs::create_dir_all(&ctx).expect("mkdir");
         std::fs::copy("/usr/bin/busybox", ctx.join("busybox")).expect("static busybox");
