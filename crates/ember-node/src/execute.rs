@@ -154,11 +154,7 @@ async fn hold_milestones(
 pub(crate) async fn execute(agent: &Arc<NodeAgent>, run: Run, handle: Arc<RunHandle>) {
     let id = run.id;
     let at = Some(run.attempts);
-    let cached = agent
-        .images
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .contains_key(&run.image.digest);
+    let cached = agent.image_at_hand(&run.image.digest);
     // With the image at hand, `ImageReady` follows at once and implies
     // acceptance: one request per run fewer. A pull may take seconds, so
     // then the control plane hears first that the run was taken.
