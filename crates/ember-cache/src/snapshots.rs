@@ -352,13 +352,17 @@ async fn get_blob(State(s): St, UrlPath(digest): UrlPath<String>, method: Method
         // Read from the pinned file in chunks as the client takes them:
         // memory stays bounded whatever the artifact's size.
         Body::from_stream(
-            flight::body(Source::Stored(pinned), 0, Some(size), s.cache.metrics.clone()).inspect(
-                move |c| {
-                    if let Ok(b) = c {
-                        Metrics::add(&metrics.snapshot_served_bytes, b.len() as u64);
-                    }
-                },
-            ),
+            flight::body(
+                Source::Stored(pinned),
+                0,
+                Some(size),
+                s.cache.metrics.clone(),
+            )
+            .inspect(move |c| {
+                if let Ok(b) = c {
+                    Metrics::add(&metrics.snapshot_served_bytes, b.len() as u64);
+                }
+            }),
         )
     };
     b.body(body).unwrap_or_else(|_| Response::default())
@@ -427,9 +431,8 @@ async fn upload(
         let mut verifier = d.verifier();
         let mut stream = body.into_data_stream();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| {
-                CacheError::BadRequest(format!("upload of {d} broke off: {e}"))
-            })?;
+            let chunk = chunk
+                .map_err(|e| CacheError::BadRequest(format!("upload of {d} broke off: {e}")))?;
             verifier.update(&chunk);
             if !store.keeps(verifier.len()) {
                 return Err(too_large(verifier.len()));
