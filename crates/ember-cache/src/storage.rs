@@ -437,6 +437,12 @@ impl Store {
                 actual: format!("a file of {on_disk} bytes"),
             });
         }
+        let mut meta = meta;
+        // The same bytes committed again (an image blob that is also a
+        // snapshot artifact) stay a snapshot artifact.
+        if self.lock().entries.get(d).is_some_and(|e| e.meta.snapshot) {
+            meta.snapshot = true;
+        }
         self.write_meta(d, &meta)?;
         let dest = self.blob_path(d);
         {
