@@ -344,6 +344,48 @@ impl DirStore {
         }
     }
 
+    /// Several compressed chunks, framed for `POST chunks/fetch` (see
+    /// [`ember_dircache::wire::FETCH_FRAME`]): each as a 4-byte big-endian
+    /// length and its bytes, in the order asked. `Err(BlobUnknown)` names
+    /// the first one absent; nothing is framed then. Blocking.
+    pub fn get_chunks_framed(&self, digests: &[String]) -> Result<Vec<u8>, CacheError> {
+        let mut total = 0u64;
+        {
+            let idx = self.lock();
+            for d in digests {
+                match idx.chunks.get(d.as_str()) {
+                    Some(c) => total += 4 + c.size,
+                    None => return Err(CacheError::BlobUnknown(d.clone())),
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+        for d in digests {
+            let start = out.len();
+            out.extend_from_slice(&[0u8; 4]);
+            match File::open(self.chunk_path(d)).and_then(|mut f| {
+                use std::io::Read as _;
+                f.read_to_end(&mut out)
+            }) {
+                Ok(n) => {
+                    let n = u32::try_from(n).map_err(|_| {
+                        CacheError::io(
+                            format!("reading chunk {d}"),
+                            std::io::Error::other("too large"),
+                        )
+                    })?;
+                    out[start..start + 4].copy_from_slice(&n.to_be_bytes());
+                }
+                // Collected between the lookup and the read.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(CacheError::BlobUnknown(d.clone()));
+                }
+                Err(e) => return Err(CacheError::io(format!("reading chunk {d}"), e)),
+            }
+        }
+        Ok(out)
+    }
+
     /// The digests of `req` the store lacks; those it has are marked used.
     pub fn missing(&self, req: &MissingRequest) -> MissingResponse {
         let now = SystemTime::now();
@@ -793,6 +835,7 @@ pub fn spawn_gc(store: &Arc<DirStore>) {
 pub fn router<S>(store: Arc<DirStore>) -> Router<S> {
     Router::new()
         .route("/chunks/missing", post(missing))
+        .route("/chunks/fetch", post(fetch_chunks))
         .route(
             "/chunks/{hex}",
             get(get_chunk).head(head_chunk).put(put_chunk),
@@ -875,6 +918,33 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, CacheErr
 
 async fn missing(State(s): St, body: Bytes) -> Response {
     answer(parse_body::<MissingRequest>(&body).map(|req| s.missing(&req)))
+}
+
+async fn fetch_chunks(State(s): St, body: Bytes) -> Response {
+    let r = async {
+        let req: MissingRequest = parse_body(&body)?;
+        if req.digests.len() > ember_dircache::wire::MAX_FETCH {
+            return Err(CacheError::BadRequest(format!(
+                "{} chunks asked for at once (at most {})",
+                req.digests.len(),
+                ember_dircache::wire::MAX_FETCH
+            )));
+        }
+        for d in &req.digests {
+            digest_param(d)?;
+        }
+        blocking(move || s.get_chunks_framed(&req.digests)).await
+    }
+    .await;
+    match r {
+        Ok(bytes) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, ember_dircache::wire::FETCH_FRAME)],
+            bytes,
+        )
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn head_chunk(State(s): St, UrlPath(hex): UrlPath<String>) -> Response {
