@@ -38,7 +38,7 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Largest compressed chunk accepted (an incompressible chunk of the
@@ -111,6 +111,18 @@ pub struct DirStore {
     config: DircacheConfig,
     index: Mutex<Index>,
     seq: AtomicU64,
+    peers: OnceLock<Peers>,
+}
+
+/// Marks a request one cache server sends another on a miss: the peer
+/// answers from its own store only, so a miss never bounces between them.
+pub const PEER_HEADER: &str = "x-ember-dircache-peer";
+
+/// The other cache servers, asked in order when a chunk or an entry is
+/// missing here.
+struct Peers {
+    urls: Vec<String>,
+    http: reqwest::Client,
 }
 
 /// Response headers kept with an entry (name -> value).
@@ -173,6 +185,7 @@ impl DirStore {
             config,
             index: Mutex::new(Index::default()),
             seq: AtomicU64::new(0),
+            peers: OnceLock::new(),
         };
         store.rebuild()?;
         Ok(Arc::new(store))
@@ -181,6 +194,119 @@ impl DirStore {
     /// Its configuration.
     pub fn config(&self) -> &DircacheConfig {
         &self.config
+    }
+
+    /// Sets the other cache servers (base URLs, this one excluded) that a
+    /// chunk or entry missing here is asked from. Once, at start; later
+    /// calls are ignored.
+    pub fn set_peers(&self, urls: Vec<String>) -> Result<(), CacheError> {
+        if urls.is_empty() {
+            return Ok(());
+        }
+        // Short connect timeout: a dead peer is skipped quickly.
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .read_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| CacheError::io("building the HTTP client", std::io::Error::other(e)))?;
+        let urls = urls
+            .into_iter()
+            .map(|u| u.trim_end_matches('/').to_string())
+            .collect();
+        let _ = self.peers.set(Peers { urls, http });
+        Ok(())
+    }
+
+    /// Which of `digests` are not stored here.
+    pub fn absent(&self, digests: &[String]) -> Vec<String> {
+        let idx = self.lock();
+        let mut seen = HashSet::new();
+        digests
+            .iter()
+            .filter(|d| !idx.chunks.contains_key(d.as_str()) && seen.insert(d.as_str()))
+            .cloned()
+            .collect()
+    }
+
+    /// Fetches chunk `hex` from the first peer that has it, verifies its
+    /// digest and stores it here (unreferenced, so collected after the
+    /// grace period unless an entry comes to name it). False when no peer
+    /// has a good copy.
+    pub async fn chunk_from_peers(self: &Arc<Self>, hex: &str) -> bool {
+        let Some(p) = self.peers.get() else {
+            return false;
+        };
+        for url in &p.urls {
+            let resp = p
+                .http
+                .get(format!("{url}/dircache/v1/chunks/{hex}"))
+                .header(PEER_HEADER, "1")
+                .send()
+                .await;
+            let body = match resp {
+                Ok(r) if r.status().is_success() => match r.bytes().await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::warn!(peer = %url, chunk = hex, error = %e, "peer broke off a chunk");
+                        continue;
+                    }
+                },
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(peer = %url, error = %e, "peer unreachable");
+                    continue;
+                }
+            };
+            let s = self.clone();
+            let h = hex.to_string();
+            // put_chunk verifies the digest before anything is stored.
+            match blocking(move || s.put_chunk(&h, &body)).await {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::warn!(peer = %url, chunk = hex, error = %e, "peer served a bad chunk");
+                }
+            }
+        }
+        false
+    }
+
+    /// Asks the peers, in order, for an entry (`path` under `/dircache/v1`,
+    /// a GET, or a POST of `body`); the first valid answer. Not stored
+    /// here: its chunks come through [`Self::chunk_from_peers`] as a
+    /// restore asks for them.
+    async fn entry_from_peers(&self, path: &str, body: Option<Bytes>) -> Option<Found> {
+        let p = self.peers.get()?;
+        for url in &p.urls {
+            let u = format!("{url}/dircache/v1/{path}");
+            let req = match &body {
+                Some(b) => p.http.post(&u).body(b.clone()),
+                None => p.http.get(&u),
+            };
+            let resp = match req.header(PEER_HEADER, "1").send().await {
+                Ok(r) if r.status().is_success() => r,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(peer = %url, error = %e, "peer unreachable");
+                    continue;
+                }
+            };
+            let Ok(bytes) = resp.bytes().await else {
+                continue;
+            };
+            let Ok(found) = serde_json::from_slice::<Found>(&bytes) else {
+                tracing::warn!(peer = %url, "peer sent an unreadable entry");
+                continue;
+            };
+            // Checked as a manifest PUT would be; the client checks again.
+            if let Err(e) = found.manifest.validate(Policy {
+                allow_absolute_symlinks: true,
+            }) {
+                tracing::warn!(peer = %url, error = %e, "peer sent an invalid manifest");
+                continue;
+            }
+            return Some(found);
+        }
+        None
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
@@ -920,7 +1046,12 @@ async fn missing(State(s): St, body: Bytes) -> Response {
     answer(parse_body::<MissingRequest>(&body).map(|req| s.missing(&req)))
 }
 
-async fn fetch_chunks(State(s): St, body: Bytes) -> Response {
+/// Whether a request came from a peer (answered from this store only).
+fn from_peer(headers: &HeaderMap) -> bool {
+    headers.contains_key(PEER_HEADER)
+}
+
+async fn fetch_chunks(State(s): St, headers: HeaderMap, body: Bytes) -> Response {
     let r = async {
         let req: MissingRequest = parse_body(&body)?;
         if req.digests.len() > ember_dircache::wire::MAX_FETCH {
@@ -932,6 +1063,10 @@ async fn fetch_chunks(State(s): St, body: Bytes) -> Response {
         }
         for d in &req.digests {
             digest_param(d)?;
+        }
+        if !from_peer(&headers) && s.peers.get().is_some() {
+            let absent = s.absent(&req.digests);
+            futures_util::future::join_all(absent.iter().map(|d| s.chunk_from_peers(d))).await;
         }
         blocking(move || s.get_chunks_framed(&req.digests)).await
     }
@@ -958,9 +1093,16 @@ async fn head_chunk(State(s): St, UrlPath(hex): UrlPath<String>) -> Response {
     }
 }
 
-async fn get_chunk(State(s): St, UrlPath(hex): UrlPath<String>) -> Response {
+async fn get_chunk(State(s): St, headers: HeaderMap, UrlPath(hex): UrlPath<String>) -> Response {
     let r = async {
         let hex = digest_param(&hex)?;
+        let (s2, h) = (s.clone(), hex.clone());
+        if let Some(b) = blocking(move || s2.get_chunk(&h)).await? {
+            return Ok(b);
+        }
+        if from_peer(&headers) || !s.chunk_from_peers(&hex).await {
+            return Err(CacheError::BlobUnknown(hex));
+        }
         let h = hex.clone();
         blocking(move || s.get_chunk(&h))
             .await?
@@ -990,12 +1132,20 @@ async fn put_chunk(State(s): St, UrlPath(hex): UrlPath<String>, body: Bytes) -> 
     }
 }
 
-async fn get_entry(State(s): St, uri: Uri) -> Response {
+async fn get_entry(State(s): St, headers: HeaderMap, uri: Uri) -> Response {
     let r = async {
         let (scope, key) = scope_key(&uri, true)?;
         let what = format!("{scope}/{key}");
-        blocking(move || s.get_entry(&scope, &key))
-            .await?
+        let s2 = s.clone();
+        if let Some(f) = blocking(move || s2.get_entry(&scope, &key)).await? {
+            return Ok(f);
+        }
+        if from_peer(&headers) {
+            return Err(CacheError::EntryUnknown(what));
+        }
+        let path = format!("entry?{}", uri.query().unwrap_or(""));
+        s.entry_from_peers(&path, None)
+            .await
             .ok_or(CacheError::EntryUnknown(what))
     }
     .await;
@@ -1028,12 +1178,19 @@ async fn delete_entry(State(s): St, uri: Uri, headers: HeaderMap) -> Response {
     }
 }
 
-async fn lookup(State(s): St, body: Bytes) -> Response {
+async fn lookup(State(s): St, headers: HeaderMap, body: Bytes) -> Response {
     let r = async {
         let req: LookupRequest = parse_body(&body)?;
         let what = req.key.clone();
-        blocking(move || s.lookup(&req))
-            .await?
+        let s2 = s.clone();
+        if let Some(f) = blocking(move || s2.lookup(&req)).await? {
+            return Ok(f);
+        }
+        if from_peer(&headers) {
+            return Err(CacheError::EntryUnknown(what));
+        }
+        s.entry_from_peers("lookup", Some(body))
+            .await
             .ok_or(CacheError::EntryUnknown(what))
     }
     .await;
