@@ -704,16 +704,38 @@ impl DirStore {
         data: &[u8],
         meta: BTreeMap<String, String>,
     ) -> Result<(), CacheError> {
+        self.put_blob_from(scope, key, data, u64::MAX, meta)
+            .map(|_| ())
+    }
+
+    /// [`DirStore::put_blob`] reading from `src` as it arrives: one chunk
+    /// (at most 256 KiB) held at a time, so an artifact of any size costs
+    /// bounded memory. More than `limit` bytes fails (the chunks already
+    /// stored are collected as unreferenced). Returns the bytes stored.
+    /// Blocking.
+    pub fn put_blob_from(
+        &self,
+        scope: &str,
+        key: &str,
+        src: impl std::io::Read,
+        limit: u64,
+        meta: BTreeMap<String, String>,
+    ) -> Result<u64, CacheError> {
         let mut chunks = Vec::new();
-        for (off, len) in ember_dircache::chunk::split(data) {
-            let piece = &data[off..off + len];
-            let digest = ember_dircache::chunk::digest_hex(piece);
-            let stored = ember_dircache::chunk::compress(piece)
+        let mut total = 0u64;
+        for data in ember_dircache::chunk::stream(src) {
+            let data = data.map_err(|e| CacheError::io("reading an artifact", e))?;
+            total += data.len() as u64;
+            if total > limit {
+                return Err(CacheError::TooLarge(format!("artifact over {limit} bytes")));
+            }
+            let digest = ember_dircache::chunk::digest_hex(&data);
+            let stored = ember_dircache::chunk::compress(&data)
                 .map_err(|e| CacheError::io("compressing an artifact", std::io::Error::other(e)))?;
             self.put_chunk(&digest, &stored)?;
             chunks.push(ember_dircache::manifest::ChunkRef {
                 digest,
-                size: len as u32,
+                size: data.len() as u32,
             });
         }
         let manifest = Manifest {
@@ -722,7 +744,7 @@ impl DirStore {
                 path: "artifact".into(),
                 kind: ember_dircache::manifest::NodeKind::File {
                     offset: 0,
-                    size: data.len() as u64,
+                    size: total,
                 },
                 mode: 0o644,
                 uid: 0,
@@ -733,7 +755,7 @@ impl DirStore {
             chunks,
         };
         match self.store_entry(scope, key, manifest, 0, meta) {
-            Ok(_) | Err(CacheError::EntryExists(_)) => Ok(()),
+            Ok(_) | Err(CacheError::EntryExists(_)) => Ok(total),
             Err(e) => Err(e),
         }
     }
@@ -750,14 +772,36 @@ impl DirStore {
         };
         let mut out = Vec::with_capacity(found.manifest.data_bytes() as usize);
         for c in &found.manifest.chunks {
-            let Some(stored) = self.get_chunk(&c.digest)? else {
-                return Ok(None);
-            };
-            let data = ember_dircache::chunk::open(&c.digest, &stored, Some(c.size))
-                .map_err(|e| CacheError::io("reading an artifact", std::io::Error::other(e)))?;
-            out.extend_from_slice(&data);
+            match self.blob_chunk(c)? {
+                Some(data) => out.extend_from_slice(&data),
+                None => return Ok(None),
+            }
         }
         Ok(Some((out, meta)))
+    }
+
+    /// A stored artifact's manifest and headers, to stream it chunk by
+    /// chunk with [`DirStore::blob_chunk`]; `None` if absent. Blocking.
+    pub fn blob_manifest(
+        &self,
+        scope: &str,
+        key: &str,
+    ) -> Result<Option<(Manifest, Headers)>, CacheError> {
+        Ok(self.read_stored(scope, key)?.map(|(f, h)| (f.manifest, h)))
+    }
+
+    /// One chunk of an artifact, decompressed and verified; `None` if it
+    /// is gone. Blocking.
+    pub fn blob_chunk(
+        &self,
+        c: &ember_dircache::manifest::ChunkRef,
+    ) -> Result<Option<Vec<u8>>, CacheError> {
+        let Some(stored) = self.get_chunk(&c.digest)? else {
+            return Ok(None);
+        };
+        ember_dircache::chunk::open(&c.digest, &stored, Some(c.size))
+            .map(Some)
+            .map_err(|e| CacheError::io("reading an artifact", std::io::Error::other(e)))
     }
 
     /// Whether `scope`/`key` has an entry.

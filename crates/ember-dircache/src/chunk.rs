@@ -91,6 +91,18 @@ pub fn open_into(
     Ok(())
 }
 
+/// Cuts a byte stream at the same content-defined points as [`split`],
+/// reading as it goes (one chunk's bytes held at a time): each item is a
+/// chunk's bytes, or the read error that ended the stream.
+pub fn stream<R: std::io::Read>(src: R) -> impl Iterator<Item = std::io::Result<Vec<u8>>> {
+    fastcdc::v2020::StreamCDC::new(src, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK).map(|c| {
+        c.map(|c| c.data).map_err(|e| match e {
+            fastcdc::v2020::Error::IoError(e) => e,
+            e => std::io::Error::other(e.to_string()),
+        })
+    })
+}
+
 /// Cuts bytes held in memory at the same content-defined points a saved
 /// stream gets: `(offset, length)` of each chunk.
 pub fn split(data: &[u8]) -> Vec<(usize, usize)> {
