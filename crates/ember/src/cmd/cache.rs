@@ -28,8 +28,9 @@ pub struct Args {
     #[arg(long, value_name = "SIZE")]
     pub max_bytes: String,
     /// Upstream registry: `URL` for the default one, `HOST=URL` for one
-    /// selected by `?ns=HOST` or a `HOST/` path prefix (repeatable).
-    #[arg(long = "upstream", value_name = "[HOST=]URL", required = true)]
+    /// selected by `?ns=HOST` or a `HOST/` path prefix (repeatable). None:
+    /// the cache serves only `ember dircache` and the Turborepo API.
+    #[arg(long = "upstream", value_name = "[HOST=]URL")]
     pub upstreams: Vec<String>,
     /// Another cache server sharing the load (repeatable; give every
     /// server the same list).
