@@ -336,7 +336,7 @@ impl Store {
                 Ok(f) => f,
                 Err(e) => {
                     // Deleted behind our back: forget it, it is a miss.
-                    tracing::warn!(digest = %d, error = %e, "cached blob vanished");
+                    tracing::warn!(digest = %d, error = %ember_error::chain(&e), "cached blob vanished");
                     let mut idx = self.lock();
                     if let Some(e) = idx.entries.remove(d) {
                         idx.total -= e.size;
@@ -477,7 +477,9 @@ impl Store {
                 // by this unlink.
                 match fs::rename(self.blob_path(&d), &trash) {
                     Ok(()) => doomed.push(trash),
-                    Err(e) => tracing::warn!(digest = %d, error = %e, "evicting"),
+                    Err(e) => {
+                        tracing::warn!(digest = %d, error = %ember_error::chain(&e), "evicting")
+                    }
                 }
                 if let Some(e) = idx.entries.remove(&d) {
                     idx.total -= e.size;
@@ -546,7 +548,9 @@ impl Store {
                 ));
                 match fs::rename(self.blob_path(&d), &trash) {
                     Ok(()) => doomed.push(trash),
-                    Err(e) => tracing::warn!(digest = %d, error = %e, "evicting"),
+                    Err(e) => {
+                        tracing::warn!(digest = %d, error = %ember_error::chain(&e), "evicting")
+                    }
                 }
                 if let Some(e) = idx.entries.remove(&d) {
                     idx.total -= e.size;
