@@ -511,7 +511,7 @@ fn capture(
     let (artifact, artifact_bytes, unpacked_bytes) = packed.context("storing the checkpoint")?;
     let pack = t_pack.elapsed();
     if let Err(e) = runner.prepared.cleanup() {
-        tracing::warn!(error = %e, "removing the captured runner");
+        tracing::warn!(error = %ember_error::chain(&e), "removing the captured runner");
     }
     let manifest = SnapshotManifest {
         name: a.name.clone(),
@@ -536,7 +536,7 @@ fn capture(
     store.put_snapshot(&manifest)?;
     // Replacing a snapshot of the same name leaves its artifact unnamed.
     if let Err(e) = store.gc_snapshots_of(None) {
-        tracing::warn!(error = %e, "collecting replaced snapshot artifacts");
+        tracing::warn!(error = %ember_error::chain(&e), "collecting replaced snapshot artifacts");
     }
     eprintln!(
         "start-up {:.1} s until ready | runner {:.1} ms | checkpoint {:.1} ms (CRIU dump {:.1} ms) | pack {:.1} ms",
@@ -780,12 +780,15 @@ fn why_not(e: &anyhow::Error) -> String {
     if let Some(c) = e.downcast_ref::<CheckpointError>() {
         return match c {
             CheckpointError::CriuMissing { .. } | CheckpointError::CriuUnusable { .. } => {
-                format!("CRIU is not usable here: {c}")
+                format!("CRIU is not usable here: {}", ember_error::chain(c))
             }
             CheckpointError::Mismatch { .. } => {
-                format!("the checkpoint does not match this machine: {c}")
+                format!(
+                    "the checkpoint does not match this machine: {}",
+                    ember_error::chain(c)
+                )
             }
-            _ => format!("restore failed: {c}"),
+            _ => format!("restore failed: {}", ember_error::chain(c)),
         };
     }
     crate::util::error_chain(e)
@@ -856,7 +859,7 @@ fn restore_run(
             drop(client);
             let mut restored = restored;
             if let Err(e) = restored.cleanup() {
-                tracing::warn!(error = %e, "removing the restored container");
+                tracing::warn!(error = %ember_error::chain(&e), "removing the restored container");
             }
             drop(sock);
             t.cleanup_ms = ms(tc.elapsed());
@@ -938,7 +941,7 @@ fn fresh_start(
     let tc = Instant::now();
     runner.client = None;
     if let Err(e) = runner.prepared.cleanup() {
-        tracing::warn!(error = %e, "removing the runner");
+        tracing::warn!(error = %ember_error::chain(&e), "removing the runner");
     }
     drop(runner);
     t.cleanup_ms = ms(tc.elapsed());
