@@ -150,7 +150,12 @@ mod tests {
     fn a_json_error_is_passed_on_transparently() {
         let e = Document::parse(media::OCI_MANIFEST, b"{").expect_err("not JSON");
         assert!(matches!(e, ManifestError::Json(_)), "{e}");
-        assert_eq!(ember_error::repeated_source(&e), None, "{}", ember_error::chain(&e));
+        assert_eq!(
+            ember_error::repeated_source(&e),
+            None,
+            "{}",
+            ember_error::chain(&e)
+        );
         assert!(e.to_string().contains("EOF"), "{e}");
     }
 

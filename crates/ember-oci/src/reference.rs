@@ -397,11 +397,24 @@ mod tests {
 
     #[test]
     fn a_bad_digest_is_said_once_in_the_chain() {
-        let e = "app@sha256:zz".parse::<Reference>().expect_err("bad digest");
-        assert_eq!(ember_error::repeated_source(&e), None, "{}", ember_error::chain(&e));
+        let e = "app@sha256:zz"
+            .parse::<Reference>()
+            .expect_err("bad digest");
+        assert_eq!(
+            ember_error::repeated_source(&e),
+            None,
+            "{}",
+            ember_error::chain(&e)
+        );
         let chain = ember_error::chain(&e).to_string();
-        assert!(chain.starts_with("invalid reference \"app@sha256:zz\": "), "{chain}");
-        assert!(chain.len() > "invalid reference \"app@sha256:zz\": ".len(), "{chain}");
+        assert!(
+            chain.starts_with("invalid reference \"app@sha256:zz\": "),
+            "{chain}"
+        );
+        assert!(
+            chain.len() > "invalid reference \"app@sha256:zz\": ".len(),
+            "{chain}"
+        );
     }
 
     #[test]
