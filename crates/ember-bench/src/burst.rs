@@ -607,7 +607,7 @@ async fn submit_all(
                         .submit(&spec, None)
                         .await
                         .map(|s| s.run.id)
-                        .map_err(|e| e.to_string()),
+                        .map_err(|e| ember_error::chain(&e).to_string()),
                 );
             }
             out

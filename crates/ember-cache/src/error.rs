@@ -137,7 +137,7 @@ pub enum CacheError {
     #[error("denied: {0}")]
     WriteDenied(String),
     /// Local disk trouble.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: String,
@@ -201,7 +201,7 @@ impl CacheError {
             CacheError::UpstreamDenied { upstream, .. } => {
                 format!("upstream {upstream} refused the cache's credentials")
             }
-            e => e.to_string(),
+            e => ember_error::chain(e).to_string(),
         }
     }
 }
@@ -210,9 +210,9 @@ impl IntoResponse for CacheError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         if status.is_server_error() || status == StatusCode::BAD_GATEWAY {
-            tracing::warn!(error = %self, "request failed");
+            tracing::warn!(error = %ember_error::chain(&self), "request failed");
         } else {
-            tracing::debug!(error = %self, "request refused");
+            tracing::debug!(error = %ember_error::chain(&self), "request refused");
         }
         let body = serde_json::json!({
             "errors": [{"code": code, "message": self.public_message(), "detail": null}]
@@ -239,5 +239,28 @@ impl IntoResponse for CacheError {
             _ => {}
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_errors_say_their_source_once_and_stay_out_of_responses() {
+        let e = CacheError::io("writing blob sha256:ab", std::io::Error::other("ENOSPC"));
+        assert_eq!(ember_error::repeated_source(&e), None);
+        assert_eq!(
+            ember_error::chain(&e).to_string(),
+            "writing blob sha256:ab: ENOSPC"
+        );
+        // Internal details go to the log, not to clients.
+        assert_eq!(e.public_message(), "internal error");
+        let shared = CacheError::Shared(std::sync::Arc::new(e));
+        assert_eq!(ember_error::repeated_source(&shared), None);
+        assert_eq!(
+            ember_error::chain(&shared).to_string(),
+            "writing blob sha256:ab: ENOSPC"
+        );
     }
 }

@@ -340,7 +340,7 @@ impl Store {
                 Ok(f) => f,
                 Err(e) => {
                     // Deleted behind our back: forget it, it is a miss.
-                    tracing::warn!(digest = %d, error = %e, "cached blob vanished");
+                    tracing::warn!(digest = %d, error = %ember_error::chain(&e), "cached blob vanished");
                     let mut idx = self.lock();
                     if let Some(e) = idx.entries.remove(d) {
                         idx.total -= e.size;
@@ -526,7 +526,9 @@ impl Store {
                 // by this unlink.
                 match fs::rename(self.blob_path(&d), &trash) {
                     Ok(()) => doomed.push(trash),
-                    Err(e) => tracing::warn!(digest = %d, error = %e, "evicting"),
+                    Err(e) => {
+                        tracing::warn!(digest = %d, error = %ember_error::chain(&e), "evicting")
+                    }
                 }
                 if let Some(e) = idx.entries.remove(&d) {
                     idx.total -= e.size;
@@ -595,7 +597,9 @@ impl Store {
                 ));
                 match fs::rename(self.blob_path(&d), &trash) {
                     Ok(()) => doomed.push(trash),
-                    Err(e) => tracing::warn!(digest = %d, error = %e, "evicting"),
+                    Err(e) => {
+                        tracing::warn!(digest = %d, error = %ember_error::chain(&e), "evicting")
+                    }
                 }
                 if let Some(e) = idx.entries.remove(&d) {
                     idx.total -= e.size;

@@ -56,7 +56,7 @@ impl CacheClient {
             .build()
             .map_err(|e| DircacheError::Transport {
                 url: url.to_string(),
-                detail: e.to_string(),
+                detail: ember_error::chain(&e).to_string(),
             })?;
         Ok(CacheClient {
             base: url.trim_end_matches('/').to_string(),
@@ -331,19 +331,9 @@ impl CacheClient {
 }
 
 fn transport(url: &str, e: &reqwest::Error) -> DircacheError {
-    let mut detail = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        let t = s.to_string();
-        if !detail.contains(&t) {
-            detail.push_str(": ");
-            detail.push_str(&t);
-        }
-        src = s.source();
-    }
     DircacheError::Transport {
         url: url.to_string(),
-        detail,
+        detail: ember_error::chain(e).to_string(),
     }
 }
 

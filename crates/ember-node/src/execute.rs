@@ -50,7 +50,7 @@ impl RunHandle {
         if let Some((c, id)) = exec
             && let Err(e) = c.cancel(id, SIGKILL)
         {
-            tracing::warn!(error = %e, "cancelling an exec");
+            tracing::warn!(error = %ember_error::chain(&e), "cancelling an exec");
         }
         let snapshot_exec = self
             .snapshot_exec
@@ -81,7 +81,7 @@ impl NodeAgent {
             return Ok(image.clone());
         }
         let image = RunnerImage::from_store(&self.store, record)
-            .map_err(|e| format!("reading the image config: {e}"))?;
+            .map_err(|e| format!("reading the image config: {}", ember_error::chain(&e)))?;
         self.runner_images
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -235,7 +235,7 @@ pub(crate) async fn execute(agent: &Arc<NodeAgent>, run: Run, handle: Arc<RunHan
                 id,
                 at,
                 NodeReport::Failed {
-                    error: format!("executor failed: {e}"),
+                    error: format!("executor failed: {}", ember_error::chain(&e)),
                 },
             )
             .await;
@@ -256,7 +256,7 @@ fn exec_blocking(
 ) -> Result<(i32, bool), String> {
     let image = agent.runner_image(record)?;
     let argv = ember_runtime::spec::process_args(&image.config, Some(&run.command))
-        .map_err(|e| format!("command: {e}"))?;
+        .map_err(|e| format!("command: {}", ember_error::chain(&e)))?;
     // Runners are shared only within the run's recycling scope (its
     // deployment or recycling key); a plain run's spec has none, so the
     // pool gives it a never-used runner and destroys it afterwards.
@@ -268,7 +268,7 @@ fn exec_blocking(
     let mut lease = agent
         .pool
         .acquire(&spec)
-        .map_err(|e| format!("starting a runner: {e}"))?;
+        .map_err(|e| format!("starting a runner: {}", ember_error::chain(&e)))?;
     agent.metrics.lease(lease.info().reused);
     if spec.recyclable() {
         agent
@@ -316,7 +316,7 @@ fn exec_blocking(
             // The whole chain: "exec in runner ..." alone hides why the
             // agent refused (a bad environment entry, an argv it cannot
             // pass on).
-            return Err(format!("exec: {}", ember_api::client::error_chain(&e)));
+            return Err(format!("exec: {}", ember_error::chain(&e)));
         }
     };
     // A non-zero exit is the program's answer, not a sign the runner is

@@ -354,7 +354,7 @@ impl Runner {
             Ok(()) => Ok(r),
             Err(e) => {
                 if let Err(t) = r.destroy() {
-                    tracing::warn!(id, error = %t, "cleaning up a runner that failed to start");
+                    tracing::warn!(id, error = %ember_error::chain(&t), "cleaning up a runner that failed to start");
                 }
                 Err(e)
             }
@@ -544,7 +544,7 @@ impl Runner {
             if exited {
                 let how = match self.process.take().map(RuncProcess::wait) {
                     Some(Ok(exit)) => format!("exit code {}", exit.exit_code),
-                    Some(Err(e)) => e.to_string(),
+                    Some(Err(e)) => ember_error::chain(&e).to_string(),
                     None => "no runc process".into(),
                 };
                 return Err(RunnerError::EarlyExit {
@@ -706,7 +706,9 @@ impl Runner {
             if !killed {
                 match self.runc.kill(&self.id, Signal::SIGKILL, true) {
                     Ok(()) | Err(RuncError::NotFound { .. }) => {}
-                    Err(e) => tracing::debug!(id = %self.id, error = %e, "runc kill"),
+                    Err(e) => {
+                        tracing::debug!(id = %self.id, error = %ember_error::chain(&e), "runc kill")
+                    }
                 }
             }
             let mut exited = p.wait_timeout(EXIT_WAIT).unwrap_or(false);
@@ -837,7 +839,7 @@ impl RunnerContainer for Runner {
 impl Drop for Runner {
     fn drop(&mut self) {
         if let Err(e) = self.destroy() {
-            tracing::warn!(id = %self.id, error = %e, "destroying runner");
+            tracing::warn!(id = %self.id, error = %ember_error::chain(&e), "destroying runner");
         }
     }
 }

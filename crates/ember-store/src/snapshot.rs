@@ -49,7 +49,7 @@ const NAME_MAX: usize = 128;
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     /// A filesystem operation failed.
-    #[error("{op} {path}: {source}", path = path.display())]
+    #[error("{op} {path}", path = path.display())]
     Io {
         /// What was being done.
         op: &'static str,
@@ -401,7 +401,7 @@ impl Store {
             SnapshotError::Io {
                 op: "write",
                 path: dest.clone(),
-                source: io::Error::other(e.to_string()),
+                source: io::Error::other(ember_error::chain(&e).to_string()),
             }
         })
     }
@@ -439,7 +439,9 @@ impl Store {
             };
             match self.snapshot(name) {
                 Ok(m) => out.push(m),
-                Err(e) => tracing::warn!(error = %e, "skipping snapshot manifest"),
+                Err(e) => {
+                    tracing::warn!(error = %ember_error::chain(&e), "skipping snapshot manifest")
+                }
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -544,7 +546,7 @@ impl Store {
                         e.path()
                     };
                     if let Err(err) = remove_any(&target) {
-                        tracing::warn!(path = %target.display(), error = %err, "could not remove");
+                        tracing::warn!(path = %target.display(), error = %ember_error::chain(&err), "could not remove");
                     }
                 }
             }
@@ -564,7 +566,7 @@ impl Store {
             .map_err(|e| SnapshotError::Io {
                 op: "read index",
                 path: self.root().join("index.json"),
-                source: io::Error::other(e.to_string()),
+                source: io::Error::other(ember_error::chain(&e).to_string()),
             })?
             .images
             .keys()

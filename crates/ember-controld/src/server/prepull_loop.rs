@@ -305,12 +305,12 @@ pub(super) async fn prepull_loop(s: Shared) {
             }
             Ok((st, Err(e))) => {
                 stats = Some(st);
-                tracing::warn!(error = %e, "planning pre-pulls failed");
+                tracing::warn!(error = %ember_error::chain(&e), "planning pre-pulls failed");
             }
             Err(e) => {
                 // The store task itself failed: start the statistics over
                 // from the store next round rather than stop planning.
-                tracing::warn!(error = %e, "planning pre-pulls failed");
+                tracing::warn!(error = %ember_error::chain(&e), "planning pre-pulls failed");
                 stats = Some(LaunchStats::new(s.config.popularity_half_life_ms));
             }
         }

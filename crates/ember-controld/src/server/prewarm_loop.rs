@@ -66,7 +66,9 @@ pub(super) async fn prewarm_loop(s: Shared) {
                     s.push(&o.node, message(&o));
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "planning warm runners failed"),
+            Err(e) => {
+                tracing::warn!(error = %ember_error::chain(&e), "planning warm runners failed")
+            }
         }
     }
 }

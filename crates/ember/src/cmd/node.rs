@@ -141,7 +141,7 @@ pub async fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
     eprintln!("ember node {}: connecting to {}", cfg.id, cfg.control);
     let stop = async {
         if let Err(e) = stop_signal().await {
-            tracing::error!(error = %e, "signal handling");
+            tracing::error!(error = %ember_error::chain(e.as_ref()), "signal handling");
         }
     };
     run_node(cfg, stop).await?;

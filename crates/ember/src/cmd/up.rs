@@ -161,7 +161,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(r) = nodes.join_next() => {
             failed = true;
             match r {
-                Ok(Err(e)) => eprintln!("ember up: node: {e}"),
+                Ok(Err(e)) => eprintln!("ember up: node: {}", ember_error::chain(&e)),
                 Err(e) => eprintln!("ember up: node task: {e}"),
                 Ok(Ok(())) => eprintln!("ember up: a node stopped"),
             }
@@ -171,7 +171,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let _ = stop_tx.send(true);
     while let Some(r) = nodes.join_next().await {
         match r {
-            Ok(Err(e)) => eprintln!("ember up: node: {e}"),
+            Ok(Err(e)) => eprintln!("ember up: node: {}", ember_error::chain(&e)),
             Err(e) => eprintln!("ember up: node task: {e}"),
             Ok(Ok(())) => {}
         }
