@@ -6,7 +6,9 @@
 //! The phases follow the timestamps of [`StartTimes`]: a run is *queued*
 //! (submit, or re-queue after a loss), *claimed* by a scheduler (the queue
 //! ends, placement begins), *scheduled* on a node, then the node has the
-//! *image*, a *runner*, and the *process* starts. A warm hand-off (a node's
+//! *image*, a *runner*, its declared directory caches are restored
+//! (*cache_restore*, only for runs that declare caches), and the
+//! *process* starts. A warm hand-off (a node's
 //! idle runner takes a queued run directly) claims and schedules at the same
 //! instant, so its placement is 0.
 
@@ -69,11 +71,20 @@ pub const RUNNER: Phase = Phase {
     of: |t| span(t.image_ready, t.runner_ready),
 };
 
-/// Runner ready → the process started.
+/// Runner ready → the run's declared directory caches restored into it;
+/// unknown (not 0) for a run that declares none, so its statistics are
+/// those of the runs that restore caches.
+pub const CACHE_RESTORE: Phase = Phase {
+    name: "cache_restore",
+    spans: "→ declared caches restored (runs with caches only)",
+    of: |t| span(t.runner_ready, t.caches_restored),
+};
+
+/// Runner ready (or caches restored) → the process started.
 pub const PROCESS: Phase = Phase {
     name: "process",
     spans: "→ process started",
-    of: |t| span(t.runner_ready, t.process_started),
+    of: |t| span(t.caches_restored.or(t.runner_ready), t.process_started),
 };
 
 /// Assigned → process started: the node's whole part (image + runner +
@@ -92,8 +103,17 @@ pub const TOTAL: Phase = Phase {
 };
 
 /// The phases `ember runs --stats` reports, in order: consecutive, so
-/// they add up to [`TOTAL`] (which is last).
-pub const PHASES: [Phase; 6] = [QUEUE, PLACEMENT, IMAGE, RUNNER, PROCESS, TOTAL];
+/// they add up to [`TOTAL`] (which is last; [`CACHE_RESTORE`] counts as
+/// 0 for runs without caches).
+pub const PHASES: [Phase; 7] = [
+    QUEUE,
+    PLACEMENT,
+    IMAGE,
+    RUNNER,
+    CACHE_RESTORE,
+    PROCESS,
+    TOTAL,
+];
 
 #[cfg(test)]
 mod tests {
@@ -106,6 +126,7 @@ mod tests {
             scheduled: Some(s),
             image_ready: Some(i),
             runner_ready: Some(r),
+            caches_restored: None,
             process_started: Some(p),
             finished: None,
         }
@@ -114,14 +135,27 @@ mod tests {
     #[test]
     fn consecutive_phases_add_up_to_the_total() {
         let t = times(100, Some(103), 110, 120, 135, 136);
-        let parts: Vec<u64> = PHASES[..5]
+        let parts: Vec<u64> = PHASES[..6]
             .iter()
-            .map(|p| (p.of)(&t).expect("known"))
+            .map(|p| (p.of)(&t).unwrap_or(0))
             .collect();
-        assert_eq!(parts, vec![3, 7, 10, 15, 1]);
+        assert_eq!(parts, vec![3, 7, 10, 15, 0, 1]);
         assert_eq!((TOTAL.of)(&t), Some(parts.iter().sum()));
         // The node's part is image + runner + process.
         assert_eq!((NODE.of)(&t), Some(26));
+    }
+
+    #[test]
+    fn cache_restore_sits_between_the_runner_and_the_process() {
+        let mut t = times(100, Some(103), 110, 120, 135, 140);
+        assert_eq!((CACHE_RESTORE.of)(&t), None, "no caches declared");
+        t.caches_restored = Some(138);
+        assert_eq!(
+            ((RUNNER.of)(&t), (CACHE_RESTORE.of)(&t), (PROCESS.of)(&t)),
+            (Some(15), Some(3), Some(2))
+        );
+        let sum: u64 = PHASES[..6].iter().filter_map(|p| (p.of)(&t)).sum();
+        assert_eq!((TOTAL.of)(&t), Some(sum));
     }
 
     #[test]

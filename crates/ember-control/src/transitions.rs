@@ -46,37 +46,54 @@ pub(crate) fn resolve(
     deployment: Option<Deployment>,
     now: Millis,
 ) -> Result<Run, StoreError> {
-    let (deployment, image, mut command, mut env, resources, recycle_key, readonly, mut selector) =
-        match (&spec.deployment, &spec.image) {
-            (Some(name), None) => {
-                let d = deployment.ok_or_else(|| StoreError::DeploymentNotFound(name.clone()))?;
-                let s = d.spec;
-                (
-                    Some(s.name),
-                    s.image,
-                    s.command,
-                    s.env,
-                    s.resources,
-                    s.recycle_key,
-                    s.readonly_rootfs,
-                    s.node_selector,
-                )
-            }
-            (None, Some(image)) => {
-                image.validate()?;
-                (
-                    None,
-                    image.clone(),
-                    Vec::new(),
-                    Default::default(),
-                    Default::default(),
-                    None,
-                    false,
-                    Default::default(),
-                )
-            }
-            _ => return Err(ModelError::RunTarget.into()),
-        };
+    let (
+        deployment,
+        image,
+        mut command,
+        mut env,
+        resources,
+        recycle_key,
+        readonly,
+        mut selector,
+        caches,
+    ) = match (&spec.deployment, &spec.image) {
+        (Some(name), None) => {
+            let d = deployment.ok_or_else(|| StoreError::DeploymentNotFound(name.clone()))?;
+            let s = d.spec;
+            (
+                Some(s.name),
+                s.image,
+                s.command,
+                s.env,
+                s.resources,
+                s.recycle_key,
+                s.readonly_rootfs,
+                s.node_selector,
+                s.caches,
+            )
+        }
+        (None, Some(image)) => {
+            image.validate()?;
+            (
+                None,
+                image.clone(),
+                Vec::new(),
+                Default::default(),
+                Default::default(),
+                None,
+                false,
+                Default::default(),
+                Vec::new(),
+            )
+        }
+        _ => return Err(ModelError::RunTarget.into()),
+    };
+    // The run's own are checked here (a deployment's were when it was
+    // deployed), and the merged list again: a run's cache may overlap
+    // one of its deployment's.
+    crate::cachedecl::validate_caches(&spec.caches).map_err(ModelError::from)?;
+    let caches = crate::cachedecl::merge_caches(caches, &spec.caches);
+    crate::cachedecl::validate_caches(&caches).map_err(ModelError::from)?;
     if !spec.command.is_empty() {
         command = spec.command.clone();
     }
@@ -105,6 +122,8 @@ pub(crate) fn resolve(
             queued: Some(now),
             ..StartTimes::default()
         },
+        caches,
+        cache_notes: Vec::new(),
     })
 }
 
@@ -154,6 +173,11 @@ pub(crate) fn apply_report(
         NodeReport::RunnerReady => {
             accept(run)?;
             run.times.runner_ready = Some(now);
+        }
+        NodeReport::CachesRestored { notes } => {
+            accept(run)?;
+            run.times.caches_restored = Some(now);
+            run.cache_notes = notes.clone();
         }
         NodeReport::Started => {
             accept(run)?;
@@ -228,6 +252,7 @@ pub(crate) fn apply_reports(
         t.scheduled,
         t.image_ready,
         t.runner_ready,
+        t.caches_restored,
         t.process_started,
     ]
     .into_iter()
