@@ -484,6 +484,7 @@ mod tests {
 
         let d = Deployment {
             spec: DeploymentSpec {
+                caches: Vec::new(),
                 name: "web".into(),
                 image: image(),
                 command: vec![],
@@ -513,5 +514,110 @@ mod tests {
             ..RunSpec::default()
         });
         assert_eq!(r.recycle_key.as_deref(), Some("mine"));
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+    use crate::model::{CacheDecl, DeploymentSpec, PinnedImage};
+
+    fn image() -> PinnedImage {
+        PinnedImage::new("app", format!("sha256:{}", "a".repeat(64))).expect("pin")
+    }
+
+    fn deployment(caches: Vec<CacheDecl>) -> Deployment {
+        Deployment {
+            spec: DeploymentSpec {
+                name: "web".into(),
+                image: image(),
+                command: vec![],
+                env: Default::default(),
+                resources: Default::default(),
+                recycle_key: None,
+                readonly_rootfs: false,
+                warm_runners: 0,
+                node_selector: Default::default(),
+                caches,
+            },
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn a_run_takes_its_deployments_caches_with_its_own_merged_over() {
+        let d = deployment(vec![
+            CacheDecl::new("/root/.cache/pip", "pip-{{ hash \"req.txt\" }}"),
+            CacheDecl::new("/root/.npm", "npm"),
+        ]);
+        let spec = RunSpec {
+            deployment: Some("web".into()),
+            caches: vec![CacheDecl::new("/root/.npm", "npm-mine")],
+            ..RunSpec::default()
+        };
+        let run = resolve(&spec, Some(d), 1).expect("resolve");
+        let keys: Vec<_> = run.caches.iter().map(|c| c.key.as_str()).collect();
+        assert_eq!(keys, vec!["pip-{{ hash \"req.txt\" }}", "npm-mine"]);
+    }
+
+    #[test]
+    fn bad_declarations_are_refused_as_invalid_input() {
+        for bad in [
+            CacheDecl::new("relative/dir", "k"),
+            CacheDecl::new("/a/../b", "k"),
+            CacheDecl::new("/c", "k-{{ hash \"f\""),
+            CacheDecl::new("/c", "x".repeat(600)),
+        ] {
+            let spec = RunSpec {
+                image: Some(image()),
+                caches: vec![bad.clone()],
+                ..RunSpec::default()
+            };
+            let e = resolve(&spec, None, 1).expect_err("refused");
+            assert!(matches!(e, StoreError::Invalid(_)), "{bad:?}: {e}");
+        }
+        // A run's cache overlapping its deployment's is refused too.
+        let d = deployment(vec![CacheDecl::new("/root/.cache", "k")]);
+        let spec = RunSpec {
+            deployment: Some("web".into()),
+            caches: vec![CacheDecl::new("/root/.cache/pip", "k")],
+            ..RunSpec::default()
+        };
+        assert!(matches!(
+            resolve(&spec, Some(d), 1),
+            Err(StoreError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn caches_restored_stamps_its_time_and_keeps_the_notes() {
+        let spec = RunSpec {
+            image: Some(image()),
+            caches: vec![CacheDecl::new("/c", "k")],
+            ..RunSpec::default()
+        };
+        let mut run = resolve(&spec, None, 1).expect("resolve");
+        run.apply(RunState::Scheduled, 2).expect("schedule");
+        run.node = Some("n1".into());
+        apply_report(&mut run, "n1", &NodeReport::RunnerReady, 3).expect("runner");
+        let notes = vec!["cache /c: no entry".to_owned()];
+        apply_report(
+            &mut run,
+            "n1",
+            &NodeReport::CachesRestored {
+                notes: notes.clone(),
+            },
+            5,
+        )
+        .expect("caches");
+        assert_eq!(
+            (run.times.caches_restored, &run.cache_notes),
+            (Some(5), &notes)
+        );
+        // A retry starts without the lost attempt's notes.
+        run.apply(RunState::Lost, 6).expect("lose");
+        run.max_attempts = 2;
+        run.apply(RunState::Queued, 7).expect("retry");
+        assert!(run.cache_notes.is_empty() && run.times.caches_restored.is_none());
     }
 }

@@ -558,6 +558,7 @@ async fn query_values_are_percent_decoded() {
     let s = server().await;
     let c = ControlClient::new(&s.url, Some("c".into())).expect("client");
     c.deploy(&ember_control::model::DeploymentSpec {
+        caches: Vec::new(),
         name: "x y".into(),
         image: image(),
         command: vec![],
