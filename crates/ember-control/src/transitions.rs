@@ -89,8 +89,8 @@ pub(crate) fn resolve(
         _ => return Err(ModelError::RunTarget.into()),
     };
     // The run's own are checked here (a deployment's were when it was
-    // deployed), and the merged list again: a run's cache may overlap
-    // one of its deployment's.
+    // deployed), and the merged list again: together they may be too
+    // many.
     crate::cachedecl::validate_caches(&spec.caches).map_err(ModelError::from)?;
     let caches = crate::cachedecl::merge_caches(caches, &spec.caches);
     crate::cachedecl::validate_caches(&caches).map_err(ModelError::from)?;
@@ -576,11 +576,18 @@ mod cache_tests {
             let e = resolve(&spec, None, 1).expect_err("refused");
             assert!(matches!(e, StoreError::Invalid(_)), "{bad:?}: {e}");
         }
-        // A run's cache overlapping its deployment's is refused too.
-        let d = deployment(vec![CacheDecl::new("/root/.cache", "k")]);
+        // The merged list is checked too: a run's caches with its
+        // deployment's may be too many.
+        let d = deployment(
+            (0..10)
+                .map(|i| CacheDecl::new(format!("/d{i}"), "k"))
+                .collect(),
+        );
         let spec = RunSpec {
             deployment: Some("web".into()),
-            caches: vec![CacheDecl::new("/root/.cache/pip", "k")],
+            caches: (0..10)
+                .map(|i| CacheDecl::new(format!("/r{i}"), "k"))
+                .collect(),
             ..RunSpec::default()
         };
         assert!(matches!(
