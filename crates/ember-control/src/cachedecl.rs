@@ -149,6 +149,10 @@ pub enum Part {
     Hash(Vec<String>),
 }
 
+/// What [`KeyTemplate::render`] hashes files with: the hex digest of the
+/// files named, or the file that failed and why.
+pub type HashFiles<'a> = dyn FnMut(&[String]) -> Result<String, (String, String)> + 'a;
+
 /// A parsed key template ([module docs](self)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyTemplate {
@@ -226,10 +230,7 @@ impl KeyTemplate {
 
     /// Renders the key; `hash(files)` returns the hex digest of the files
     /// (or why one could not be read: the file that failed and the reason).
-    pub fn render(
-        &self,
-        hash: &mut dyn FnMut(&[String]) -> Result<String, (String, String)>,
-    ) -> Result<String, TemplateError> {
+    pub fn render(&self, hash: &mut HashFiles<'_>) -> Result<String, TemplateError> {
         let mut out = String::new();
         for p in &self.parts {
             match p {
