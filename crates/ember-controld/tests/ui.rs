@@ -153,9 +153,17 @@ async fn dashboard_files_are_public_and_its_overview_is_not() {
         .collect();
     assert_eq!(
         names,
-        ["queue", "placement", "image", "runner", "process", "total"]
+        [
+            "queue",
+            "placement",
+            "image",
+            "runner",
+            "cache_restore",
+            "process",
+            "total"
+        ]
     );
-    assert!(run["phases"][5][1].is_u64(), "total known: {run}");
+    assert!(run["phases"][6][1].is_u64(), "total known: {run}");
     let d = &v["deployments"][0];
     documented(
         &doc,
