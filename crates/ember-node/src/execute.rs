@@ -317,7 +317,15 @@ fn exec_blocking(
     let mut to_save = None;
     if !run.caches.is_empty() {
         match restore_caches(agent, run, &lease, tx) {
-            Ok(saving) => to_save = Some(saving),
+            Ok(saving) => {
+                // A restore can take a while: a cancel during it stops
+                // the run before its process starts.
+                if handle.cancelled.load(Ordering::SeqCst) {
+                    agent.pool.release(lease, Outcome::Succeeded);
+                    return Err("cancelled before it started".into());
+                }
+                to_save = Some(saving);
+            }
             Err(e) => {
                 // The runner is as healthy as before; the restore leaves
                 // a cache's target as it was on failure.
