@@ -549,6 +549,7 @@ async fn ensure_deployment(
         readonly_rootfs: false,
         warm_runners: 0,
         node_selector: BTreeMap::new(),
+        snapshot: false,
     };
     let created = client.deploy(&spec).await;
     let Err(e) = created else {
@@ -876,7 +877,9 @@ mod tests {
                 runner_ready: Some(s),
                 process_started: Some(p),
                 finished: Some(f),
+                ..StartTimes::default()
             },
+            snapshot: None,
         }
     }
 

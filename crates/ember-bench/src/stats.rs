@@ -5,7 +5,7 @@
 
 use ember_control::model::{Millis, Run};
 pub use ember_control::phase::{
-    IMAGE, NODE, PHASES, PLACEMENT, PROCESS, Phase, QUEUE, RUNNER, TOTAL, span,
+    IMAGE, NODE, PHASES, PLACEMENT, PROCESS, Phase, QUEUE, RESTORE, RUNNER, TOTAL, span,
 };
 use std::time::Duration;
 

@@ -524,6 +524,7 @@ async fn fetch_and_store(
         } else {
             vec![up.name.clone()]
         },
+        ..Default::default()
     };
     let (d, b) = (m.digest.clone(), m.bytes.clone());
     blocking(move || store.put_bytes(&d, &b, meta)).await?;

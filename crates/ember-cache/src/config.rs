@@ -113,6 +113,10 @@ pub struct CacheConfig {
     pub http: ember_http::Limits,
     /// The directory cache's budgets, expiry and protected scopes.
     pub dircache: crate::dircache::DircacheConfig,
+    /// The bearer token that may upload and delete snapshots
+    /// (`/ember/v1/snapshots`); none: snapshots are read-only (a restore
+    /// runs the uploaded memory image, so writes are never open).
+    pub snapshot_write_token: Option<String>,
 }
 
 impl CacheConfig {
@@ -132,6 +136,7 @@ impl CacheConfig {
             negative_ttl: Duration::from_secs(5),
             http: ember_http::Limits::new(),
             dircache: Default::default(),
+            snapshot_write_token: None,
         }
     }
 

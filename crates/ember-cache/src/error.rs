@@ -122,6 +122,20 @@ pub enum CacheError {
     /// A body over a limit (a chunk, an entry over its scope's budget).
     #[error("too large: {0}")]
     TooLarge(String),
+    /// An upload whose bytes do not hash to the digest it was PUT under.
+    #[error("upload of {expected}: the bytes hash to {actual}; refused")]
+    UploadDigestMismatch {
+        /// The digest in the URL.
+        expected: String,
+        /// What the bytes hash to.
+        actual: String,
+    },
+    /// No snapshot manifest of that key.
+    #[error("snapshot unknown: {0}")]
+    SnapshotUnknown(String),
+    /// A write (upload, delete) the client may not make.
+    #[error("denied: {0}")]
+    WriteDenied(String),
     /// Local disk trouble.
     #[error("{what}: {source}")]
     Io {
@@ -169,6 +183,9 @@ impl CacheError {
             ScopeReadOnly(_) => (StatusCode::FORBIDDEN, "DENIED"),
             ChunksMissing(_) => (StatusCode::BAD_REQUEST, "CHUNKS_MISSING"),
             TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID"),
+            UploadDigestMismatch { .. } => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
+            SnapshotUnknown(_) => (StatusCode::NOT_FOUND, "SNAPSHOT_UNKNOWN"),
+            WriteDenied(_) => (StatusCode::FORBIDDEN, "DENIED"),
             Io { .. } | Config(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
         }
     }

@@ -233,6 +233,7 @@ impl Flights {
                     } else {
                         vec![flight.upstream.name.clone()]
                     },
+                    ..Default::default()
                 };
                 let store = self.store.clone();
                 let file = flight.file.clone();

@@ -27,6 +27,10 @@
 //! * **Directory cache** ([`dircache`]): `/dircache/v1` stores the
 //!   deduplicated chunks and entries of `ember dircache save|restore`;
 //!   the same store serves the Turborepo remote-cache API ([`turbo`]).
+//! * **Snapshots** ([`snapshots`]): `/ember/v1/snapshots` stores CRIU
+//!   checkpoint artifacts (verified while they upload) and their
+//!   manifests, under the blob store's byte budget, so a node restores a
+//!   start-up another node captured.
 //! * **Bounded connections**: served by [`ember_http`] (header and idle
 //!   timeouts, a connection cap that closes the longest-idle connection).
 //!
@@ -58,6 +62,7 @@ pub mod negative;
 pub mod peers;
 pub mod route;
 pub mod server;
+pub mod snapshots;
 pub mod storage;
 pub mod tags;
 pub mod turbo;
@@ -139,7 +144,8 @@ pub fn spawn(
     dircache::spawn_gc(&dir);
     let router = server::router(cache.clone())
         .nest("/dircache/v1", dircache::router(dir.clone()))
-        .merge(turbo::router(dir.clone()));
+        .merge(turbo::router(dir.clone()))
+        .merge(snapshots::router(cache.clone())?);
     let http = ember_http::Server::new(cache.config.http.clone()).refusal(
         "application/json",
         r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"the cache is at its connection limit"}]}"#,

@@ -106,6 +106,7 @@ fn deployment(name: &str, n: u64) -> DeploymentSpec {
         readonly_rootfs: false,
         warm_runners: 1,
         node_selector: Default::default(),
+        snapshot: false,
     }
 }
 

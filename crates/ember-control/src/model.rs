@@ -7,7 +7,7 @@
 //! from an injected [`Clock`](crate::Clock), never read here, so tests are
 //! deterministic.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -154,6 +154,12 @@ pub struct DeploymentSpec {
     /// save after it exits 0 ([`CacheDecl`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub caches: Vec<CacheDecl>,
+    /// Snapshot starts: `command` is a start-up that signals readiness
+    /// (docs/agent-protocol.md); a node checkpoints it once and starts
+    /// later runs from a copy, handing each run's command and env to the
+    /// start-up through `Resume` ([`RunSnapshot`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub snapshot: bool,
 }
 
 impl DeploymentSpec {
@@ -422,6 +428,14 @@ pub struct StartTimes {
     pub process_started: Option<Millis>,
     /// It reached a final state.
     pub finished: Option<Millis>,
+    /// A snapshot run's copy was restored from the node's checkpoint (the
+    /// restore phase ends; absent when it started fresh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_restored: Option<Millis>,
+    /// Why a snapshot run started fresh instead of restoring (no
+    /// checkpoint on the node yet, a failed restore).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_note: Option<String>,
 }
 
 /// A run as stored: the resolved spec (deployment fields copied in at
@@ -475,6 +489,48 @@ pub struct Run {
     /// restored from a fallback.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cache_notes: Vec<String>,
+    /// A run of a snapshot deployment: what `Resume` hands its start-up
+    /// (`command` and `env` above are the deployment's start-up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<RunSnapshot>,
+}
+
+/// What a run of a snapshot deployment hands the restored (or freshly
+/// started) start-up through `Resume`: the run's own command and
+/// environment, as submitted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSnapshot {
+    /// The run's arguments (`argv` of the resume message).
+    #[serde(default)]
+    pub argv: Vec<String>,
+    /// The run's environment (`env` of the resume message, as `K=V`).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// How every [`Run::snapshot_key`] begins.
+pub const SNAPSHOT_KEY_PREFIX: &str = "d.";
+
+/// The deployment part of a [`Run::snapshot_key`] (`d.<name>.` ), so a
+/// node can find the other checkpoints of the same deployment.
+pub fn snapshot_key_deployment(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix(SNAPSHOT_KEY_PREFIX)?;
+    let (name, hash) = rest.rsplit_once('.')?;
+    (hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit())).then_some(name)
+}
+
+/// Longest deployment-name part of a [`Run::snapshot_key`].
+const SNAPSHOT_KEY_NAME_MAX: usize = 48;
+
+/// 64-bit FNV-1a: a hash that stays the same across builds and hosts (a
+/// snapshot key is stored on nodes and compared by the control plane).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 /// The warm key of runs of `image` with `resources`, `readonly_rootfs`
@@ -537,6 +593,43 @@ impl Run {
     /// Whether its runner may serve other runs (it has a scope).
     pub fn recyclable(&self) -> bool {
         self.recycle_scope().is_some()
+    }
+
+    /// The key of the checkpoint a run of a snapshot deployment restores
+    /// from (`None` for other runs): its deployment, image and start-up
+    /// (command, env, runtime shape), so a new image or start-up command
+    /// makes a new checkpoint. It is also the checkpoint's snapshot name
+    /// in the node's store, and what nodes report in
+    /// [`Inventory::snapshots`]: `d.<deployment>.<16 hex digits>`
+    /// (letters, digits, `.`, `_`, `-`).
+    pub fn snapshot_key(&self) -> Option<String> {
+        self.snapshot.as_ref()?;
+        let deployment = self.deployment.as_deref().unwrap_or("");
+        let canon = serde_json::json!([
+            deployment,
+            self.image.digest,
+            self.command,
+            self.env,
+            self.resources.cpu_millis,
+            self.resources.memory_bytes,
+            self.readonly_rootfs,
+        ]);
+        let name: String = deployment
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(SNAPSHOT_KEY_NAME_MAX)
+            .collect();
+        Some(format!(
+            "{}{name}.{:016x}",
+            SNAPSHOT_KEY_PREFIX,
+            fnv1a(canon.to_string().as_bytes())
+        ))
     }
 
     /// Moves the run to `to` if the state machine allows it, stamping the
@@ -605,6 +698,11 @@ pub struct Inventory {
     /// of its bytes.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub image_layers: BTreeMap<String, Vec<ImageLayer>>,
+    /// Checkpoints of snapshot deployments the node holds
+    /// ([`Run::snapshot_key`]): the scheduler prefers a node that holds a
+    /// run's.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub snapshots: BTreeSet<String>,
 }
 
 /// One layer of an image a node holds ([`Inventory::image_layers`]).
@@ -659,6 +757,16 @@ pub enum NodeReport {
         /// which key, missed, skipped and why).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         notes: Vec<String>,
+    },
+    /// A snapshot run restored its copy from the node's checkpoint
+    /// (`restored`, stamps `snapshot_restored`) or starts fresh instead,
+    /// with the reason in `note` (kept in `snapshot_note`).
+    Snapshot {
+        /// Whether the copy was restored.
+        restored: bool,
+        /// Why not, when it was not.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        note: Option<String>,
     },
     /// The process started (`starting → running`).
     Started,
@@ -849,6 +957,7 @@ mod tests {
             },
             caches: vec![],
             cache_notes: vec![],
+            snapshot: None,
         }
     }
 

@@ -64,11 +64,21 @@ pub const IMAGE: Phase = Phase {
     of: |t| span(t.scheduled, t.image_ready),
 };
 
-/// Image ready → a runner (warm or new) ready.
+/// Image ready → a snapshot run's copy restored from the node's
+/// checkpoint (absent for other runs and for a snapshot run that started
+/// fresh: its start-up then counts in the runner phase).
+pub const RESTORE: Phase = Phase {
+    name: "restore",
+    spans: "→ snapshot restored (snapshot runs)",
+    of: |t| span(t.image_ready, t.snapshot_restored),
+};
+
+/// Image ready (or the snapshot restored) → a runner (warm, new or
+/// restored, its agent connected) ready.
 pub const RUNNER: Phase = Phase {
     name: "runner",
     spans: "→ runner ready",
-    of: |t| span(t.image_ready, t.runner_ready),
+    of: |t| span(t.snapshot_restored.or(t.image_ready), t.runner_ready),
 };
 
 /// Runner ready → the run's declared directory caches restored into it;
@@ -103,12 +113,14 @@ pub const TOTAL: Phase = Phase {
 };
 
 /// The phases `ember runs --stats` reports, in order: consecutive, so
-/// they add up to [`TOTAL`] (which is last; [`CACHE_RESTORE`] counts as
-/// 0 for runs without caches).
-pub const PHASES: [Phase; 7] = [
+/// they add up to [`TOTAL`] (which is last); [`RESTORE`] only for the
+/// runs restored from a snapshot, [`CACHE_RESTORE`] only for runs that
+/// declare directory caches.
+pub const PHASES: [Phase; 8] = [
     QUEUE,
     PLACEMENT,
     IMAGE,
+    RESTORE,
     RUNNER,
     CACHE_RESTORE,
     PROCESS,
@@ -126,23 +138,36 @@ mod tests {
             scheduled: Some(s),
             image_ready: Some(i),
             runner_ready: Some(r),
-            caches_restored: None,
             process_started: Some(p),
             finished: None,
+            ..StartTimes::default()
         }
     }
 
     #[test]
     fn consecutive_phases_add_up_to_the_total() {
         let t = times(100, Some(103), 110, 120, 135, 136);
-        let parts: Vec<u64> = PHASES[..6]
+        let parts: Vec<u64> = PHASES[..7]
             .iter()
-            .map(|p| (p.of)(&t).unwrap_or(0))
+            .filter(|p| p.name != RESTORE.name && p.name != CACHE_RESTORE.name)
+            .map(|p| (p.of)(&t).expect("known"))
             .collect();
-        assert_eq!(parts, vec![3, 7, 10, 15, 0, 1]);
+        assert_eq!(parts, vec![3, 7, 10, 15, 1]);
         assert_eq!((TOTAL.of)(&t), Some(parts.iter().sum()));
         // The node's part is image + runner + process.
         assert_eq!((NODE.of)(&t), Some(26));
+        // Not a snapshot run: no restore phase.
+        assert_eq!((RESTORE.of)(&t), None);
+    }
+
+    #[test]
+    fn a_restored_run_splits_its_runner_phase_at_the_restore() {
+        let mut t = times(100, Some(103), 110, 120, 135, 136);
+        t.snapshot_restored = Some(131);
+        // Image ready at 120, restored at 131, agent connected at 135.
+        assert_eq!(((RESTORE.of)(&t), (RUNNER.of)(&t)), (Some(11), Some(4)));
+        let sum: u64 = PHASES[..7].iter().filter_map(|p| (p.of)(&t)).sum();
+        assert_eq!(Some(sum), (TOTAL.of)(&t));
     }
 
     #[test]
@@ -154,7 +179,7 @@ mod tests {
             ((RUNNER.of)(&t), (CACHE_RESTORE.of)(&t), (PROCESS.of)(&t)),
             (Some(15), Some(3), Some(2))
         );
-        let sum: u64 = PHASES[..6].iter().filter_map(|p| (p.of)(&t)).sum();
+        let sum: u64 = PHASES[..7].iter().filter_map(|p| (p.of)(&t)).sum();
         assert_eq!((TOTAL.of)(&t), Some(sum));
     }
 

@@ -147,6 +147,7 @@ mod tests {
                 readonly_rootfs: false,
                 warm_runners: warm,
                 node_selector: BTreeMap::new(),
+                snapshot: false,
             },
             created_at: 1,
         }
@@ -160,6 +161,7 @@ mod tests {
             labels: BTreeMap::new(),
             images: BTreeMap::new(),
             idle_runners: BTreeMap::new(),
+            snapshots: Default::default(),
         }
     }
 

@@ -6,7 +6,10 @@
 //!
 //! 1. a node with an idle warm runner for the run's key (a warm start skips
 //!    the image and the runner: 100 ms instead of seconds);
-//! 2. otherwise the best combined score of *image locality* and *load* (the
+//! 2. for a run of a snapshot deployment, a node that holds its checkpoint
+//!    ([`Run::snapshot_key`]; elsewhere the run starts fresh, seconds of
+//!    start-up), the least loaded of them;
+//! 3. otherwise the best combined score of *image locality* and *load* (the
 //!    fraction of free slots). Locality is scored by the bytes of the image
 //!    a node is *missing* ([`Locality::MissingBytes`], the default): what a
 //!    start there would have to pull, counting an image that is arriving
@@ -20,12 +23,12 @@
 //!    Kubernetes ImageLocality rule (the fraction held, scaled by the
 //!    fraction of nodes holding the image), kept for `ember sim`'s
 //!    baseline;
-//! 3. ties go to the lower node id, so results are reproducible.
+//! 4. ties go to the lower node id, so results are reproducible.
 //!
 //! Only nodes with a free slot and every label of the run's selector are
 //! candidates.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +69,9 @@ pub struct NodeView {
     pub images: BTreeMap<String, u64>,
     /// Warm key → idle runners.
     pub idle_runners: BTreeMap<String, u32>,
+    /// Checkpoints of snapshot deployments it holds ([`Run::snapshot_key`]).
+    #[serde(default)]
+    pub snapshots: BTreeSet<String>,
 }
 
 impl NodeView {
@@ -124,6 +130,7 @@ impl ClusterView {
                 labels: n.spec.labels.clone(),
                 images: held_or_arriving(&n.spec.inventory),
                 idle_runners: n.spec.inventory.idle_runners.clone(),
+                snapshots: n.spec.inventory.snapshots.clone(),
             })
             .collect();
         ClusterView { nodes }
@@ -153,6 +160,9 @@ pub struct RunRequirements {
     pub warm_key: Option<String>,
     /// Labels a node must have.
     pub node_selector: BTreeMap<String, String>,
+    /// The checkpoint a snapshot run restores from ([`Run::snapshot_key`]).
+    #[serde(default)]
+    pub snapshot_key: Option<String>,
 }
 
 impl From<&Run> for RunRequirements {
@@ -163,6 +173,7 @@ impl From<&Run> for RunRequirements {
             // A plain run has no warm runner to prefer: its runner must be fresh.
             warm_key: run.recyclable().then(|| run.warm_key()),
             node_selector: run.node_selector.clone(),
+            snapshot_key: run.snapshot_key(),
         }
     }
 }
@@ -173,6 +184,8 @@ impl From<&Run> for RunRequirements {
 pub enum PlacementReason {
     /// It has an idle runner with the run's key.
     WarmRunner,
+    /// It holds the checkpoint the run restores from.
+    Snapshot,
     /// It holds some of the image.
     ImageLocality,
     /// It holds none of the image; chosen by load.
@@ -221,6 +234,23 @@ pub fn place_with(
             return Some(Placement {
                 node: n.id.clone(),
                 reason: PlacementReason::WarmRunner,
+            });
+        }
+    }
+
+    if let Some(key) = &run.snapshot_key {
+        let holder = candidates
+            .iter()
+            .filter(|n| n.snapshots.contains(key))
+            .max_by(|a, b| {
+                a.load_score()
+                    .total_cmp(&b.load_score())
+                    .then_with(|| b.id.cmp(&a.id))
+            });
+        if let Some(n) = holder {
+            return Some(Placement {
+                node: n.id.clone(),
+                reason: PlacementReason::Snapshot,
             });
         }
     }
@@ -382,6 +412,7 @@ mod tests {
                     labels,
                     images,
                     idle_runners,
+                    snapshots: BTreeSet::new(),
                 }
             })
             .collect();
@@ -402,6 +433,7 @@ mod tests {
                 None
             },
             node_selector,
+            snapshot_key: None,
         }
     }
 
@@ -515,6 +547,7 @@ mod tests {
                     labels: BTreeMap::new(),
                     images: [("sha256:pop".to_owned(), 500)].into(),
                     idle_runners: BTreeMap::new(),
+                    snapshots: BTreeSet::new(),
                 })
                 .collect();
             // Some nodes without the image: they may take runs once the
@@ -527,6 +560,7 @@ mod tests {
                     labels: BTreeMap::new(),
                     images: BTreeMap::new(),
                     idle_runners: BTreeMap::new(),
+                    snapshots: BTreeSet::new(),
                 });
             }
             let run = RunRequirements {
@@ -534,6 +568,7 @@ mod tests {
                 image_bytes: Some(500),
                 warm_key: None,
                 node_selector: BTreeMap::new(),
+                snapshot_key: None,
             };
             let runs = vec![run; holders * slots as usize / 2];
             let mut per_node: BTreeMap<String, u32> = BTreeMap::new();
@@ -569,6 +604,7 @@ mod tests {
                     BTreeMap::new()
                 },
                 idle_runners: BTreeMap::new(),
+                snapshots: BTreeSet::new(),
             })
             .collect();
         let run = RunRequirements {
@@ -584,6 +620,43 @@ mod tests {
         assert!((2..10).contains(&on_holder), "{placed:?}");
     }
 
+    #[test]
+    fn prefers_a_node_holding_the_runs_checkpoint() {
+        // n1 holds the image and is idle; n2 holds the checkpoint and is
+        // busier: the checkpoint wins (a restore instead of seconds of
+        // start-up), as long as n2 has a slot.
+        let mut n1 = bare("n1", 4, &[("sha256:x", 100)]);
+        n1.active = 0;
+        let mut n2 = bare("n2", 4, &[("sha256:x", 100)]);
+        n2.active = 2;
+        n2.snapshots.insert("d.app.00000000000000aa".into());
+        let run = RunRequirements {
+            image_digest: "sha256:x".into(),
+            snapshot_key: Some("d.app.00000000000000aa".into()),
+            ..RunRequirements::default()
+        };
+        let view = ClusterView {
+            nodes: vec![n1.clone(), n2.clone()],
+        };
+        let p = place(&view, &run).expect("room");
+        assert_eq!(
+            (p.node.as_str(), p.reason),
+            ("n2", PlacementReason::Snapshot)
+        );
+        // Another checkpoint (a new start-up): no preference, n1 by load.
+        let other = RunRequirements {
+            snapshot_key: Some("d.app.00000000000000bb".into()),
+            ..run.clone()
+        };
+        assert_eq!(place(&view, &other).expect("room").node, "n1");
+        // The holder full: the run goes elsewhere and starts fresh.
+        n2.active = 4;
+        let view = ClusterView {
+            nodes: vec![n1, n2],
+        };
+        assert_eq!(place(&view, &run).expect("room").node, "n1");
+    }
+
     fn bare(id: &str, slots: u32, images: &[(&str, u64)]) -> NodeView {
         NodeView {
             id: id.into(),
@@ -592,6 +665,7 @@ mod tests {
             labels: BTreeMap::new(),
             images: images.iter().map(|(d, b)| (d.to_string(), *b)).collect(),
             idle_runners: BTreeMap::new(),
+            snapshots: BTreeSet::new(),
         }
     }
 
@@ -703,6 +777,7 @@ mod tests {
                 labels: BTreeMap::new(),
                 images: BTreeMap::new(),
                 idle_runners: BTreeMap::new(),
+                snapshots: BTreeSet::new(),
             }],
         };
         let run = RunRequirements::default();
@@ -754,6 +829,7 @@ mod tests {
             error: None,
             submitted_at: 0,
             times: StartTimes::default(),
+            snapshot: None,
         };
         let nodes = [node("fresh", 1_000), node("stale", 100)];
         let runs = [
@@ -790,6 +866,7 @@ mod tests {
                     labels: BTreeMap::new(),
                     images: BTreeMap::new(),
                     idle_runners: [("k".to_owned(), 1)].into(),
+                    snapshots: BTreeSet::new(),
                 },
                 NodeView {
                     id: "b".into(),
@@ -798,6 +875,7 @@ mod tests {
                     labels: BTreeMap::new(),
                     images: BTreeMap::new(),
                     idle_runners: BTreeMap::new(),
+                    snapshots: BTreeSet::new(),
                 },
             ],
         };

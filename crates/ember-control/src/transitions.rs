@@ -7,8 +7,8 @@
 //! SQLite and PostgreSQL cannot drift apart in behaviour.
 
 use crate::model::{
-    Deployment, LogChunk, LogStream, Millis, ModelError, NodeReport, Run, RunId, RunSpec, RunState,
-    StartTimes,
+    Deployment, LogChunk, LogStream, Millis, ModelError, NodeReport, Run, RunId, RunSnapshot,
+    RunSpec, RunState, StartTimes,
 };
 use crate::store::{Appended, LogRetention, StoreError};
 
@@ -46,6 +46,7 @@ pub(crate) fn resolve(
     deployment: Option<Deployment>,
     now: Millis,
 ) -> Result<Run, StoreError> {
+    let mut snapshot = false;
     let (
         deployment,
         image,
@@ -60,6 +61,7 @@ pub(crate) fn resolve(
         (Some(name), None) => {
             let d = deployment.ok_or_else(|| StoreError::DeploymentNotFound(name.clone()))?;
             let s = d.spec;
+            snapshot = s.snapshot;
             (
                 Some(s.name),
                 s.image,
@@ -94,10 +96,19 @@ pub(crate) fn resolve(
     crate::cachedecl::validate_caches(&spec.caches).map_err(ModelError::from)?;
     let caches = crate::cachedecl::merge_caches(caches, &spec.caches);
     crate::cachedecl::validate_caches(&caches).map_err(ModelError::from)?;
-    if !spec.command.is_empty() {
-        command = spec.command.clone();
+    // A snapshot deployment's command and env are its start-up's, which
+    // its checkpoint is keyed by; the run's own go to the start-up
+    // through `Resume`.
+    let run_snapshot = snapshot.then(|| RunSnapshot {
+        argv: spec.command.clone(),
+        env: spec.env.clone(),
+    });
+    if run_snapshot.is_none() {
+        if !spec.command.is_empty() {
+            command = spec.command.clone();
+        }
+        env.extend(spec.env.clone());
     }
-    env.extend(spec.env.clone());
     selector.extend(spec.node_selector.clone());
     Ok(Run {
         id: RunId(0),
@@ -124,6 +135,7 @@ pub(crate) fn resolve(
         },
         caches,
         cache_notes: Vec::new(),
+        snapshot: run_snapshot,
     })
 }
 
@@ -178,6 +190,13 @@ pub(crate) fn apply_report(
             accept(run)?;
             run.times.caches_restored = Some(now);
             run.cache_notes = notes.clone();
+        }
+        NodeReport::Snapshot { restored, note } => {
+            accept(run)?;
+            if *restored {
+                run.times.snapshot_restored = Some(now);
+            }
+            run.times.snapshot_note = note.clone();
         }
         NodeReport::Started => {
             accept(run)?;
@@ -251,6 +270,7 @@ pub(crate) fn apply_reports(
         t.claimed,
         t.scheduled,
         t.image_ready,
+        t.snapshot_restored,
         t.runner_ready,
         t.caches_restored,
         t.process_started,
@@ -494,6 +514,7 @@ mod tests {
                 readonly_rootfs: true,
                 warm_runners: 0,
                 node_selector: Default::default(),
+                snapshot: false,
             },
             created_at: 0,
         };
@@ -515,6 +536,92 @@ mod tests {
         });
         assert_eq!(r.recycle_key.as_deref(), Some("mine"));
     }
+
+    #[test]
+    fn a_snapshot_deployments_run_keeps_the_start_up_and_resumes_with_its_own_args() {
+        let d = Deployment {
+            spec: DeploymentSpec {
+                caches: Vec::new(),
+                name: "slow".into(),
+                image: image(),
+                command: vec!["/start-up".into()],
+                env: [("MODE".to_owned(), "warm".to_owned())].into(),
+                resources: Default::default(),
+                recycle_key: None,
+                readonly_rootfs: false,
+                warm_runners: 0,
+                node_selector: Default::default(),
+                snapshot: true,
+            },
+            created_at: 0,
+        };
+        let r = resolve(
+            &RunSpec {
+                deployment: Some("slow".into()),
+                command: vec!["hello".into()],
+                env: [("MODE".to_owned(), "run".to_owned())].into(),
+                ..RunSpec::default()
+            },
+            Some(d.clone()),
+            1,
+        )
+        .expect("run");
+        // The start-up (what the checkpoint is keyed by) is the
+        // deployment's; the run's command and env go to Resume.
+        assert_eq!(r.command, vec!["/start-up".to_owned()]);
+        assert_eq!(r.env["MODE"], "warm");
+        let snap = r.snapshot.clone().expect("a snapshot run");
+        assert_eq!(snap.argv, vec!["hello".to_owned()]);
+        assert_eq!(snap.env["MODE"], "run");
+        // So runs with other arguments restore the same checkpoint.
+        let other = resolve(
+            &RunSpec {
+                deployment: Some("slow".into()),
+                command: vec!["bye".into()],
+                ..RunSpec::default()
+            },
+            Some(d.clone()),
+            1,
+        )
+        .expect("run");
+        assert_eq!(r.snapshot_key(), other.snapshot_key());
+        let key = r.snapshot_key().expect("a key");
+        assert!(key.starts_with("d.slow."), "{key}");
+        assert_eq!(crate::model::snapshot_key_deployment(&key), Some("slow"));
+        // A new start-up command or image makes a new checkpoint.
+        let mut changed = d.clone();
+        changed.spec.command = vec!["/start-up".into(), "--more".into()];
+        let r2 = resolve(
+            &RunSpec {
+                deployment: Some("slow".into()),
+                ..RunSpec::default()
+            },
+            Some(changed),
+            1,
+        )
+        .expect("run");
+        assert_ne!(r2.snapshot_key(), r.snapshot_key());
+        let mut moved = r.clone();
+        moved.image.digest = format!("sha256:{}", "b".repeat(64));
+        assert_ne!(moved.snapshot_key(), r.snapshot_key());
+        // Other runs have no checkpoint.
+        let mut plain = d;
+        plain.spec.snapshot = false;
+        let r3 = resolve(
+            &RunSpec {
+                deployment: Some("slow".into()),
+                command: vec!["hello".into()],
+                ..RunSpec::default()
+            },
+            Some(plain),
+            1,
+        )
+        .expect("run");
+        assert_eq!(
+            (r3.snapshot_key(), r3.command),
+            (None, vec!["hello".to_owned()])
+        );
+    }
 }
 
 #[cfg(test)]
@@ -529,6 +636,7 @@ mod cache_tests {
     fn deployment(caches: Vec<CacheDecl>) -> Deployment {
         Deployment {
             spec: DeploymentSpec {
+                snapshot: false,
                 name: "web".into(),
                 image: image(),
                 command: vec![],

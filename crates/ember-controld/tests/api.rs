@@ -568,6 +568,7 @@ async fn query_values_are_percent_decoded() {
         readonly_rootfs: false,
         warm_runners: 0,
         node_selector: Default::default(),
+        snapshot: false,
     })
     .await
     .expect("deploy");
@@ -911,6 +912,7 @@ async fn cache_declarations_are_copied_to_runs_and_checked() {
     let c = ControlClient::new(&s.url, Some("c".into())).expect("client");
     let deployment = |caches: Vec<CacheDecl>| DeploymentSpec {
         caches,
+        snapshot: false,
         name: "ci".into(),
         image: image(),
         command: vec![],

@@ -77,6 +77,9 @@ pub(crate) struct NodeAgent {
     pub(crate) metrics: crate::metrics::NodeMetrics,
     /// The directory cache runs' declared caches go to (`cfg.dircache`).
     pub(crate) dircache: Option<ember_dircache::CacheClient>,
+    /// Checkpoints of snapshot deployments and their captures
+    /// ([`crate::snapshot::deploy`]).
+    pub(crate) snapshots: Arc<crate::snapshot::deploy::NodeSnapshots>,
 }
 
 /// Runs the node agent until `shutdown` completes; then destroys its
@@ -112,7 +115,13 @@ pub async fn run_node(
         .transpose()?;
     let (reporter, reports) = mpsc::unbounded_channel();
     let (cfg_root, cfg_bandwidth) = (cfg.root.clone(), cfg.prepull.bandwidth);
+    let snapshots = Arc::new(crate::snapshot::deploy::NodeSnapshots::new(
+        &cfg.root,
+        store.clone(),
+        cfg.agent.clone(),
+    ));
     let agent = Arc::new(NodeAgent {
+        snapshots,
         reporter,
         slots: Arc::new(Semaphore::new(cfg.slots.max(1) as usize)),
         cfg,

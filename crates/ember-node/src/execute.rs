@@ -35,9 +35,12 @@ use crate::caches::{self, Prepared, RunnerFs};
 pub(crate) struct RunHandle {
     /// The attempt being executed (the assignment's `attempts`).
     pub(crate) attempt: u32,
-    cancelled: AtomicBool,
+    pub(crate) cancelled: AtomicBool,
     /// The exec to signal, once started.
     exec: Mutex<Option<(Canceller, u64)>>,
+    /// A snapshot run's exec to signal, once resumed: its agent's socket
+    /// and the exec id (snapshot runners are not the pool's).
+    pub(crate) snapshot_exec: Mutex<Option<(std::path::PathBuf, u64)>>,
 }
 
 impl RunHandle {
@@ -58,12 +61,22 @@ impl RunHandle {
         {
             tracing::warn!(error = %e, "cancelling an exec");
         }
+        let snapshot_exec = self
+            .snapshot_exec
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some((socket, id)) = snapshot_exec
+            && let Err(e) = crate::snapshot::signal_exec(&socket, id, SIGKILL)
+        {
+            tracing::warn!(error = %e, "cancelling a snapshot run's exec");
+        }
     }
 }
 
 /// SIGKILL (the same number on every Linux architecture), without a libc
 /// dependency for one constant.
-const SIGKILL: i32 = 9;
+pub(crate) const SIGKILL: i32 = 9;
 
 impl NodeAgent {
     /// `record` as the pool runs it, read from the store the first time.
@@ -87,14 +100,14 @@ impl NodeAgent {
 }
 
 /// What the blocking executor tells the async side, in order.
-enum Event {
+pub(crate) enum Event {
     /// A report, and when it happened.
     Report(NodeReport, Instant),
     Output(LogStream, Vec<u8>),
 }
 
 impl Event {
-    fn report(r: NodeReport) -> Event {
+    pub(crate) fn report(r: NodeReport) -> Event {
         Event::Report(r, Instant::now())
     }
 
@@ -106,6 +119,7 @@ impl Event {
             self,
             Event::Report(
                 NodeReport::ImageReady
+                    | NodeReport::Snapshot { .. }
                     | NodeReport::RunnerReady
                     | NodeReport::CachesRestored { .. }
                     | NodeReport::Started,
@@ -150,11 +164,7 @@ async fn hold_milestones(
 pub(crate) async fn execute(agent: &Arc<NodeAgent>, run: Run, handle: Arc<RunHandle>) {
     let id = run.id;
     let at = Some(run.attempts);
-    let cached = agent
-        .images
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .contains_key(&run.image.digest);
+    let cached = agent.image_at_hand(&run.image.digest);
     // With the image at hand, `ImageReady` follows at once and implies
     // acceptance: one request per run fewer. A pull may take seconds, so
     // then the control plane hears first that the run was taken.
@@ -179,7 +189,16 @@ pub(crate) async fn execute(agent: &Arc<NodeAgent>, run: Run, handle: Arc<RunHan
         let agent = agent.clone();
         let run = run.clone();
         tokio::task::spawn_blocking(move || {
-            let last = match exec_blocking(&agent, &run, &record, &handle, &tx) {
+            // A snapshot deployment's runs restore from (or start fresh
+            // beside) the node's checkpoint, outside the pool (and without
+            // its declared caches).
+            let done = if run.snapshot.is_some() {
+                crate::snapshot::deploy::exec_snapshot(&agent, &run, &record, &handle, &tx)
+                    .map(|(code, idle)| Done::Exited(code, idle))
+            } else {
+                exec_blocking(&agent, &run, &record, &handle, &tx)
+            };
+            let last = match done {
                 Ok(Done::Exited(code, runner_idle)) => NodeReport::Exited { code, runner_idle },
                 Ok(Done::Reported) => return,
                 Err(error) => NodeReport::Failed { error },

@@ -117,6 +117,21 @@ pub async fn resolve_or_pull<E>(
     })
 }
 
+/// The image the store holds under manifest (or index) digest `digest`:
+/// one `ember image import` or an earlier agent put there. Read only when
+/// this agent has not seen the digest yet, a path that would otherwise
+/// pull (and an imported image may be in no registry at all).
+fn stored(store: &Store, digest: &str) -> Option<ImageRecord> {
+    let ix = store.read_index().ok()?;
+    ix.images
+        .values()
+        .find(|i| {
+            i.manifest.to_string() == digest
+                || i.index.as_ref().is_some_and(|d| d.to_string() == digest)
+        })
+        .cloned()
+}
+
 /// The reference a pinned image is pulled by: its name with the pinned
 /// digest, so the pull gets exactly what the control plane pinned.
 pub(crate) fn pinned_reference(image: &PinnedImage) -> Result<Reference, String> {
@@ -132,6 +147,24 @@ pub(crate) fn pinned_reference(image: &PinnedImage) -> Result<Reference, String>
 }
 
 impl crate::agent::NodeAgent {
+    /// Whether the image pinned as `digest` is here without a pull: one
+    /// this agent ran or pulled before, or one it finds complete in the
+    /// store's index (an `ember image import`), then remembered, so the
+    /// first run of an imported image reports `ImageReady` at once.
+    pub(crate) fn image_at_hand(&self, digest: &str) -> bool {
+        let images = || self.images.lock().unwrap_or_else(|e| e.into_inner());
+        if images().contains_key(digest) {
+            return true;
+        }
+        match stored(&self.store, digest).filter(|r| is_complete(&self.store, r)) {
+            Some(r) => {
+                images().insert(digest.to_string(), r);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// `image` in the store, pulled (through the cache if any) when this
     /// process has not pulled it before or its layers have gone since.
     pub(crate) async fn ensure_image(&self, image: &PinnedImage) -> Result<ImageRecord, String> {
@@ -140,7 +173,8 @@ impl crate::agent::NodeAgent {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&image.digest)
-            .cloned();
+            .cloned()
+            .or_else(|| stored(&self.store, &image.digest));
         // Set only if a pull is needed: counted until this returns, and
         // pre-pulls hold still until it ends.
         let mut _pulling = None;
@@ -163,7 +197,14 @@ impl crate::agent::NodeAgent {
         drop(pulling);
         let ready = ready?;
         match ready {
-            ReadyImage::Local(record) => Ok(record),
+            ReadyImage::Local(record) => {
+                self.images
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(image.digest.clone())
+                    .or_insert_with(|| record.clone());
+                Ok(record)
+            }
             ReadyImage::Pulled(report) => {
                 self.images
                     .lock()

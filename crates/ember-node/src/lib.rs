@@ -58,6 +58,9 @@
 //! * `prepull`: the images a `pull_plan` names, pulled one at a time at
 //!   low priority (paused while a run pulls), and the GC that keeps them.
 //! * [`images`]: resolve-or-pull, shared with `ember run`.
+//! * [`snapshot_cache`]: snapshots pushed to and fetched from the cluster
+//!   cache (compatibility checked before the download), shared with
+//!   `ember snapshot push|pull`.
 //! * `agent`: the agent's state and its start and shutdown.
 //! * `metrics`: the node's own `/metrics` listener (off unless
 //!   [`NodeAgentConfig::metrics_listen`] is set).
@@ -76,6 +79,8 @@ mod prewarm;
 mod register;
 mod report;
 mod root;
+pub mod snapshot;
+pub mod snapshot_cache;
 mod stream;
 mod watchdog;
 

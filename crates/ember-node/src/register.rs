@@ -16,6 +16,7 @@ impl NodeAgent {
     fn inventory(&self) -> Inventory {
         let mut inv = Inventory {
             free_disk_bytes: self.store.free_bytes().unwrap_or(0),
+            snapshots: self.snapshots.held(),
             ..Inventory::default()
         };
         if let Ok(ix) = self.store.read_index() {
@@ -70,14 +71,45 @@ impl NodeAgent {
 /// the heartbeat (the exit report carries what the warm hand-off needs).
 const INVENTORY_MIN_GAP: Duration = Duration::from_millis(100);
 
+/// How often the store's index file is looked at for changes made by
+/// other processes (`ember image import`, `ember pull`, `ember rmi` on the
+/// node's store): one `stat` a tick, and an imported image is in the
+/// control plane's view within about this long.
+const INDEX_WATCH: Duration = Duration::from_millis(500);
+
+/// The store index's modification time (and size, for writes within one
+/// timestamp tick); `None` while there is no index yet.
+fn index_stamp(agent: &NodeAgent) -> Option<(std::time::SystemTime, u64)> {
+    let m = std::fs::metadata(agent.store.index_path()).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// Returns once the store's index differs from `seen` (every index write
+/// renames a new file into place, so the stamp changes with each one).
+async fn index_changed(agent: &NodeAgent, seen: Option<(std::time::SystemTime, u64)>) {
+    loop {
+        tokio::time::sleep(INDEX_WATCH).await;
+        if index_stamp(agent) != seen {
+            return;
+        }
+    }
+}
+
 /// Heartbeats until aborted: at the interval, or sooner when the
-/// inventory changed.
+/// inventory changed, whether by this agent (it notifies) or by another
+/// process writing the store's index (an `ember image import` on this
+/// node's store: runs of that image then prefer this node at once).
 pub(crate) async fn heartbeat_loop(agent: Arc<NodeAgent>) {
+    let mut seen = index_stamp(&agent);
     loop {
         tokio::select! {
             () = tokio::time::sleep(agent.cfg.heartbeat) => {}
             () = agent.inventory_changed.notified() => {}
+            () = index_changed(&agent, seen) => {}
         }
+        // Taken before the heartbeat reads the index, so a write that
+        // lands while it is sent triggers the next one.
+        seen = index_stamp(&agent);
         let sent = tokio::time::Instant::now();
         if let Err(e) = agent.heartbeat().await {
             tracing::warn!(error = %e, "heartbeat failed");

@@ -319,10 +319,10 @@ struct AuthState {
 /// auth, tokens, retries and manifest verification.
 #[derive(Clone)]
 pub struct RegistryClient {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     http: reqwest::Client,
     opts: RegistryOptions,
     auth: Mutex<AuthState>,
@@ -350,7 +350,7 @@ impl RegistryClient {
         })
     }
 
-    fn endpoints(&self, r: &Reference) -> Result<Vec<Endpoint>, RegistryError> {
+    pub(crate) fn endpoints(&self, r: &Reference) -> Result<Vec<Endpoint>, RegistryError> {
         let opts = &self.inner.opts;
         let mut eps = Vec::new();
         for m in &opts.mirrors {
@@ -730,8 +730,26 @@ impl Inner {
         headers: &[(HeaderName, String)],
         what: &str,
     ) -> Result<reqwest::Response, RegistryError> {
-        self.ping_endpoint(ep).await?;
         let url = ep.url(path);
+        self.send_url(ep, method, repo, &url, headers, None, what)
+            .await
+    }
+
+    /// [`Inner::send`] to a full URL (an upload's `Location`), with a body
+    /// made afresh for every attempt (a retry or an auth round resends it).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn send_url(
+        &self,
+        ep: &Endpoint,
+        method: reqwest::Method,
+        repo: &str,
+        url: &str,
+        headers: &[(HeaderName, String)],
+        body: Option<&(dyn Fn() -> Result<reqwest::Body, RegistryError> + Send + Sync)>,
+        what: &str,
+    ) -> Result<reqwest::Response, RegistryError> {
+        self.ping_endpoint(ep).await?;
+        let url = url.to_string();
         let mut attempt = 0;
         let mut auth_rounds = 0;
         loop {
@@ -739,6 +757,9 @@ impl Inner {
             let mut req = self.http.request(method.clone(), &url);
             for (k, v) in headers {
                 req = req.header(k, v);
+            }
+            if let Some(b) = body {
+                req = req.body(b()?);
             }
             if let Some(h) = self.auth_header(ep, repo) {
                 req = req.header(AUTHORIZATION, h);
@@ -930,7 +951,7 @@ impl Inner {
     }
 }
 
-fn blob_path(repo: &str, digest: &Digest) -> String {
+pub(crate) fn blob_path(repo: &str, digest: &Digest) -> String {
     format!("/v2/{repo}/blobs/{digest}")
 }
 

@@ -1,4 +1,4 @@
-//! A client for the read side of the OCI distribution API.
+//! A client for the OCI distribution API: pulls, and pushes (`push`).
 //!
 //! [`RegistryClient`] fetches manifests and blobs for an
 //! [`ember_oci::Reference`]. It handles what real registries ask of a client:
@@ -28,6 +28,7 @@
 mod auth;
 mod client;
 mod error;
+mod push;
 
 pub use auth::{Challenge, Credential, Credentials, basic_auth_value, parse_challenge};
 pub use client::{
@@ -35,3 +36,4 @@ pub use client::{
     percent_encode,
 };
 pub use error::RegistryError;
+pub use push::{OpenBlob, PushBlob, PushReport};

@@ -153,3 +153,100 @@ async fn mirror_cut_mid_blob_continues_from_the_origin() {
     assert!(err.is_retryable(), "{err}");
     assert!(err.to_string().contains("truncated"), "{err}");
 }
+
+/// A push through the bearer flow: an anonymous token (pull only) is
+/// refused, a credential with `pull,push` pushes blobs then the manifest,
+/// a second push skips the blobs (HEAD), and a pull reads back the same
+/// manifest digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_through_bearer_tokens_then_pull_back() {
+    use ember_registry::{Credential, Credentials, PushBlob};
+    use std::sync::Arc;
+    if !installed("docker-registry", "--version")
+        || !installed("openssl", "version")
+        || !installed("python3", "--version")
+    {
+        eprintln!("SKIP: needs docker-registry, openssl and python3");
+        return;
+    }
+    let plain = Registry::start().unwrap();
+    let token = TokenServer::start().unwrap();
+    let realm = format!("{}/token", token.url());
+    let reg = Registry::start_token_auth(&plain.storage_dir(), &token, &realm).unwrap();
+    let r: Reference = format!("{}/pushed/app:v1", reg.addr()).parse().unwrap();
+
+    let layer = b"not really a tar, but the registry only checks the digest".to_vec();
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#
+            .to_vec();
+    let blob = |bytes: Vec<u8>| PushBlob {
+        digest: Digest::sha256_of(&bytes),
+        size: bytes.len() as u64,
+        open: Arc::new(move || {
+            Ok(Box::new(std::io::Cursor::new(bytes.clone())) as Box<dyn std::io::Read + Send>)
+        }),
+    };
+    let blobs = [blob(layer.clone()), blob(config.clone())];
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": ember_oci::media::OCI_MANIFEST,
+        "config": {"mediaType": ember_oci::media::OCI_CONFIG,
+                   "digest": blobs[1].digest.to_string(), "size": blobs[1].size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": blobs[0].digest.to_string(), "size": blobs[0].size}],
+    }))
+    .unwrap();
+    let media = ember_oci::media::OCI_MANIFEST;
+    let quiet = |_: &Digest, _: bool| {};
+
+    // Anonymous: the token service grants pull only.
+    let anon = RegistryClient::new(RegistryOptions::default()).unwrap();
+    let e = anon
+        .push_image(&r, &blobs, media, manifest.clone().into(), &quiet)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("unauthorized"), "{e}");
+
+    let mut credentials = Credentials::none();
+    credentials.insert(
+        &reg.addr(),
+        Credential {
+            username: "alice".into(),
+            password: "s3cret".into(),
+        },
+    );
+    let alice = RegistryClient::new(RegistryOptions {
+        credentials,
+        ..RegistryOptions::default()
+    })
+    .unwrap();
+    let report = alice
+        .push_image(&r, &blobs, media, manifest.clone().into(), &quiet)
+        .await
+        .unwrap();
+    assert_eq!((report.blobs_pushed, report.blobs_skipped), (2, 0));
+    assert_eq!(report.bytes_pushed, (layer.len() + config.len()) as u64);
+    let digest = Digest::sha256_of(&manifest);
+    assert_eq!(report.manifest.as_ref(), Some(&digest));
+    assert!(
+        token
+            .requests()
+            .iter()
+            .any(|e| e["scope"].as_array().is_some_and(|s| s
+                .iter()
+                .any(|s| s.as_str().is_some_and(|s| s.contains("push"))))),
+        "no push scope asked for: {:?}",
+        token.requests()
+    );
+
+    let again = alice
+        .push_image(&r, &blobs, media, manifest.clone().into(), &quiet)
+        .await
+        .unwrap();
+    assert_eq!((again.blobs_pushed, again.blobs_skipped), (0, 2));
+
+    let m = anon.manifest(&r, "v1").await.unwrap();
+    assert_eq!(m.digest, digest);
+    let (n, ok) = read_blob(&anon, &r, &blobs[0].digest).await;
+    assert_eq!((n, ok), (layer.len() as u64, true));
+}

@@ -358,6 +358,7 @@ impl<'a> Sim<'a> {
             image_bytes: Some(size_of(&launch.layers)),
             warm_key: None,
             node_selector: BTreeMap::new(),
+            snapshot_key: None,
         };
         let Some(p) = place_with(&self.view, &req, self.locality()) else {
             return false;
@@ -588,6 +589,7 @@ pub fn replay(trace: &[Launch], cfg: &SimConfig, policy: Policy) -> Report {
                     labels: BTreeMap::new(),
                     images: BTreeMap::new(),
                     idle_runners: BTreeMap::new(),
+                    snapshots: Default::default(),
                 })
                 .collect(),
         },

@@ -26,6 +26,7 @@
 //! unprivileged host user may reach them.
 
 mod error;
+pub mod import;
 pub mod index;
 mod pull;
 pub mod snapshot;
@@ -35,6 +36,9 @@ pub mod unpack;
 mod verify;
 
 pub use error::StoreError;
+pub use import::{
+    ImportError, ImportFormat, ImportOptions, ImportPlan, ImportReport, ImportSource,
+};
 pub use index::{ImageRecord, Index, LayerRecord, LayerRef};
 pub use pull::{
     PullGate, PullOptions, PullProgress, PullReport, PullTimings, SilentProgress, pull, pull_gated,
@@ -288,6 +292,13 @@ impl Store {
             return Err(io("lock", &p)(std::io::Error::last_os_error()));
         }
         Ok(IndexLock { file })
+    }
+
+    /// The index file. Every update replaces it by rename, so its mtime
+    /// changes with each one (a node agent watches it to report images
+    /// other processes put in its store).
+    pub fn index_path(&self) -> PathBuf {
+        self.root.join("index.json")
     }
 
     /// Reads the index (an empty one if none was written yet). Readers do

@@ -314,30 +314,11 @@ pub async fn pull_gated(
     // Commit: make the data durable, then rename layers into place and
     // record the image under the lock (so GC cannot interleave).
     let t_commit = Instant::now();
-    // Each layer's tree record, written before the sync (which covers it,
-    // so no fsync per record) and renamed into `trees/` just before its
-    // layer goes into `layers/`.
-    let records = fetched
-        .iter()
-        .map(|f| stage_record(store, &f.stats))
-        .collect::<Result<Vec<_>, _>>()?;
-    if opts.durable && !fetched.is_empty() {
-        let root = std::fs::File::open(store.root()).map_err(io("open", store.root()))?;
-        // SAFETY: syncfs on a descriptor we own.
-        if unsafe { libc::syncfs(root.as_raw_fd()) } != 0 {
-            return Err(io("syncfs", store.root())(std::io::Error::last_os_error()));
-        }
-    }
-    if let (Some(d), Some(b)) = (&index_digest, &index_bytes) {
-        store.put_blob(d, b)?;
-    }
-    store.put_blob(&manifest.digest, &manifest.bytes)?;
-    store.put_blob(&doc.config.digest, &config_bytes)?;
     let now = now_ms();
     let record = ImageRecord {
         manifest: manifest.digest.clone(),
         media_type: manifest.media_type.clone(),
-        index: index_digest,
+        index: index_digest.clone(),
         repository: reference.name(),
         platform: opts.platform.to_string(),
         config: doc.config.digest.clone(),
@@ -347,60 +328,21 @@ pub async fn pull_gated(
     };
     let bytes_downloaded = fetched.iter().map(|f| f.compressed).sum();
     let layers_fetched = fetched.len();
-    {
-        let lock = store.lock()?;
-        let mut ix = store.read_index()?;
-        for (f, record) in fetched.into_iter().zip(records) {
-            let dest = store.layer_dir(&f.diff_id);
-            // Record first: a crash between the renames leaves a record
-            // without a layer (harmless), never a layer without a record.
-            let put_record = || -> Result<(), StoreError> {
-                if let Some(r) = &record {
-                    let p = store.tree_path(&f.diff_id);
-                    std::fs::rename(r.path(), &p).map_err(io("rename", &p))?;
-                    r.keep();
-                }
-                Ok(())
-            };
-            if dest.exists() {
-                if ix.layers.contains_key(&f.diff_id) {
-                    // Another pull committed the same layer first; theirs
-                    // is just as verified as ours (ours goes with its guard).
-                } else {
-                    // An orphan nobody vouches for: replace it with ours.
-                    let old = store.tmp_path("orphan");
-                    std::fs::rename(&dest, &old).map_err(io("rename", &dest))?;
-                    let _ = remove_any(&old);
-                    put_record()?;
-                    std::fs::rename(f.tmp.path(), &dest).map_err(io("rename", &dest))?;
-                    f.tmp.keep();
-                }
-            } else {
-                put_record()?;
-                std::fs::rename(f.tmp.path(), &dest).map_err(io("rename", &dest))?;
-                f.tmp.keep();
-            }
-            ix.layers.insert(
-                f.diff_id.clone(),
-                LayerRecord {
-                    bytes: f.stats.bytes,
-                    entries: f.stats.entries,
-                    unsynced_boot: (!opts.durable).then(crate::boot_id).flatten(),
-                },
-            );
-        }
-        for l in &layers {
-            if !store.layer_dir(&l.diff_id).is_dir() || !ix.layers.contains_key(&l.diff_id) {
-                return Err(bad(format!(
-                    "layer {} was removed by a concurrent gc; pull again",
-                    l.diff_id
-                )));
-            }
-        }
-        ix.images.insert(record.manifest.clone(), record.clone());
-        ix.refs.insert(refname.clone(), record.manifest.clone());
-        store.write_index(&lock, &ix)?;
+    let mut blobs: Vec<(&Digest, &[u8])> = Vec::new();
+    if let (Some(d), Some(b)) = (&index_digest, &index_bytes) {
+        blobs.push((d, b));
     }
+    blobs.push((&manifest.digest, &manifest.bytes));
+    blobs.push((&doc.config.digest, &config_bytes));
+    commit_image(
+        store,
+        &refname,
+        fetched,
+        &blobs,
+        &record,
+        std::slice::from_ref(&refname),
+        opts.durable,
+    )?;
     let commit = t_commit.elapsed();
     Ok(PullReport {
         image: record,
@@ -415,6 +357,100 @@ pub async fn pull_gated(
         layers_present: present,
         layers_fetched,
     })
+}
+
+/// Commits verified layers (still in their temp dirs), the image's small
+/// blobs and its index record, naming it `refs`: the one commit path of
+/// pulls and imports. Layers are made durable first when `durable` (else
+/// marked with the boot id), renamed into `layers/` under the index lock
+/// (so GC cannot interleave), and the index is written last, so a failure
+/// anywhere before leaves the store as it was (temp dirs go with their
+/// guards). `label` names the image in errors.
+pub(crate) fn commit_image(
+    store: &Store,
+    label: &str,
+    fetched: Vec<FetchedLayer>,
+    blobs: &[(&Digest, &[u8])],
+    record: &ImageRecord,
+    refs: &[String],
+    durable: bool,
+) -> Result<(), StoreError> {
+    let bad = |detail: String| StoreError::BadImage {
+        reference: label.to_string(),
+        detail,
+    };
+    // Each layer's tree record, written before the sync (which covers it,
+    // so no fsync per record) and renamed into `trees/` just before its
+    // layer goes into `layers/`.
+    let records = fetched
+        .iter()
+        .map(|f| stage_record(store, &f.stats))
+        .collect::<Result<Vec<_>, _>>()?;
+    if durable && !fetched.is_empty() {
+        let root = std::fs::File::open(store.root()).map_err(io("open", store.root()))?;
+        // SAFETY: syncfs on a descriptor we own.
+        if unsafe { libc::syncfs(root.as_raw_fd()) } != 0 {
+            return Err(io("syncfs", store.root())(std::io::Error::last_os_error()));
+        }
+    }
+    for (d, b) in blobs {
+        store.put_blob(d, b)?;
+    }
+    let lock = store.lock()?;
+    let mut ix = store.read_index()?;
+    for (f, record) in fetched.into_iter().zip(records) {
+        let dest = store.layer_dir(&f.diff_id);
+        // Record first: a crash between the renames leaves a record
+        // without a layer (harmless), never a layer without a record.
+        let put_record = || -> Result<(), StoreError> {
+            if let Some(r) = &record {
+                let p = store.tree_path(&f.diff_id);
+                std::fs::rename(r.path(), &p).map_err(io("rename", &p))?;
+                r.keep();
+            }
+            Ok(())
+        };
+        if dest.exists() {
+            if ix.layers.contains_key(&f.diff_id) {
+                // Another pull committed the same layer first; theirs
+                // is just as verified as ours (ours goes with its guard).
+            } else {
+                // An orphan nobody vouches for: replace it with ours.
+                let old = store.tmp_path("orphan");
+                std::fs::rename(&dest, &old).map_err(io("rename", &dest))?;
+                let _ = remove_any(&old);
+                put_record()?;
+                std::fs::rename(f.tmp.path(), &dest).map_err(io("rename", &dest))?;
+                f.tmp.keep();
+            }
+        } else {
+            put_record()?;
+            std::fs::rename(f.tmp.path(), &dest).map_err(io("rename", &dest))?;
+            f.tmp.keep();
+        }
+        ix.layers.insert(
+            f.diff_id.clone(),
+            LayerRecord {
+                bytes: f.stats.bytes,
+                entries: f.stats.entries,
+                unsynced_boot: (!durable).then(crate::boot_id).flatten(),
+            },
+        );
+    }
+    for l in &record.layers {
+        if !store.layer_dir(&l.diff_id).is_dir() || !ix.layers.contains_key(&l.diff_id) {
+            return Err(bad(format!(
+                "layer {} was removed by a concurrent gc; try again",
+                l.diff_id
+            )));
+        }
+    }
+    ix.images.insert(record.manifest.clone(), record.clone());
+    for r in refs {
+        ix.refs.insert(r.clone(), record.manifest.clone());
+    }
+    store.write_index(&lock, &ix)?;
+    Ok(())
 }
 
 /// Writes a fetched layer's tree record to a temporary file, to be renamed
@@ -437,13 +473,21 @@ fn stage_record(store: &Store, stats: &UnpackStats) -> Result<Option<TmpGuard>, 
 /// A temporary directory removed when dropped unless kept: a layer task
 /// that fails, or a pull future that is dropped (timeout, Ctrl-C), does
 /// not leave partial layers behind in a long-running process.
-struct TmpGuard {
+pub(crate) struct TmpGuard {
     path: std::path::PathBuf,
     keep: std::sync::atomic::AtomicBool,
 }
 
 impl TmpGuard {
-    fn path(&self) -> &std::path::Path {
+    /// A guard for `path` (not created here), removed on drop.
+    pub(crate) fn new(path: std::path::PathBuf) -> TmpGuard {
+        TmpGuard {
+            path,
+            keep: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn path(&self) -> &std::path::Path {
         &self.path
     }
 
@@ -460,12 +504,13 @@ impl Drop for TmpGuard {
     }
 }
 
-struct FetchedLayer {
-    diff_id: Digest,
-    tmp: TmpGuard,
-    stats: UnpackStats,
-    compressed: u64,
-    last_byte_at: Instant,
+/// A verified layer in its temp dir, waiting for [`commit_image`].
+pub(crate) struct FetchedLayer {
+    pub(crate) diff_id: Digest,
+    pub(crate) tmp: TmpGuard,
+    pub(crate) stats: UnpackStats,
+    pub(crate) compressed: u64,
+    pub(crate) last_byte_at: Instant,
 }
 
 /// One layer with retries: each attempt starts over in a fresh temp dir.
@@ -555,7 +600,14 @@ async fn fetch_layer_once(
             layer.diff_id.clone(),
         );
         let record = opts.record_trees;
-        tokio::task::spawn_blocking(move || extract(rx, compression, digest, diff_id, &dir, record))
+        tokio::task::spawn_blocking(move || {
+            let src = ChannelReader {
+                rx,
+                cur: Bytes::new(),
+                done: false,
+            };
+            extract(src, compression, digest, diff_id, &dir, record)
+        })
     };
     // Feed the extraction thread; stop early if it has stopped reading.
     let mut net_err: Option<RegistryError> = None;
@@ -718,11 +770,10 @@ fn describe_decode_error(compression: Compression, e: &std::io::Error) -> String
     }
 }
 
-/// Reads chunks from the network task, hashing every byte it hands out.
+/// Reads chunks from the network task.
 struct ChannelReader {
     rx: tokio::sync::mpsc::Receiver<Fed>,
     cur: Bytes,
-    verifier: Verifier,
     done: bool,
 }
 
@@ -746,7 +797,6 @@ impl Read for ChannelReader {
         }
         let n = buf.len().min(self.cur.len());
         let chunk = self.cur.split_to(n);
-        self.verifier.update(&chunk);
         buf[..n].copy_from_slice(&chunk);
         Ok(n)
     }
@@ -767,7 +817,7 @@ impl<R: Read> Read for HashingReader<R> {
 }
 
 /// The outcome of the diff_id check.
-enum DiffCheck {
+pub(crate) enum DiffCheck {
     /// Every decompressed byte was hashed and the digest is the config's.
     Match,
     /// Every byte was hashed and the digest is this one instead.
@@ -778,26 +828,30 @@ enum DiffCheck {
     Incomplete(String),
 }
 
-struct Extracted {
-    compressed: Result<Digest, Digest>,
-    compressed_len: u64,
-    diff_id: DiffCheck,
-    unpack: Result<UnpackStats, UnpackError>,
+/// What [`extract`] found: each check's outcome, for the caller to turn
+/// into its own error (the compressed digest first: if it is wrong, any
+/// later error is only a symptom).
+pub(crate) struct Extracted {
+    pub(crate) compressed: Result<Digest, Digest>,
+    pub(crate) compressed_len: u64,
+    pub(crate) diff_id: DiffCheck,
+    pub(crate) unpack: Result<UnpackStats, UnpackError>,
 }
 
-fn extract(
-    rx: tokio::sync::mpsc::Receiver<Fed>,
+/// Decompresses and unpacks the layer blob `src` into `dest`, hashing
+/// the blob (against `digest`) and the decompressed stream (against
+/// `diff_id`) on the way: the one extraction path of pulls and imports.
+pub(crate) fn extract(
+    src: impl Read,
     compression: Compression,
     digest: Digest,
     diff_id: Digest,
     dest: &std::path::Path,
     record: bool,
 ) -> Extracted {
-    let mut cr = ChannelReader {
-        rx,
-        cur: Bytes::new(),
+    let mut cr = HashingReader {
+        inner: src,
         verifier: Verifier::new(digest),
-        done: false,
     };
     let (unpack, diff) = {
         let decoder: std::io::Result<Box<dyn Read + '_>> = match compression {

@@ -127,7 +127,7 @@ fn main() -> ExitCode {
             Command::Images(a) => cmd::images::run(&cli.root, a),
             Command::Rmi(a) => cmd::rmi::run(&cli.root, a),
             Command::Gc(a) => cmd::gc::run(&cli.root, a),
-            Command::Image(c) => cmd::image::run(&cli.root, c),
+            Command::Image(c) => cmd::image::run(&cli.root, c).await,
             Command::Store(c) => cmd::store::run(&cli.root, c),
             Command::Snapshot(c) => cmd::snapshot::run(&cli.root, c).await,
             Command::Cache(a) => cmd::cache::run(a).await,

@@ -368,6 +368,7 @@ mod tests {
                 error: None,
                 submitted_at: 1000,
                 times: Default::default(),
+                snapshot: None,
             });
         }
         let nodes = [node("a", &[(&digest, 100)], 1000), node("b", &[], 1000)];

@@ -93,6 +93,7 @@ mod tests {
                 readonly_rootfs: false,
                 warm_runners: 1,
                 node_selector: Default::default(),
+                snapshot: false,
             },
             created_at: 1,
         };
@@ -104,6 +105,7 @@ mod tests {
                 labels: Default::default(),
                 images: Default::default(),
                 idle_runners: Default::default(),
+                snapshots: Default::default(),
             }],
         };
         let orders = prewarm::plan(&view, std::slice::from_ref(&d));

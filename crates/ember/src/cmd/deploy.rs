@@ -10,6 +10,11 @@ use std::process::ExitCode;
 /// Create a deployment pinned to the image's current digest; `ember submit
 /// --deployment NAME` then runs it.
 #[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Example (snapshot starts):\n  ember deploy --snapshot slow busybox -- \\\n    \
+sh -c 'sleep 3; echo ready >&3; read -r req <&3; echo \"$req\"'\n  \
+ember submit --deployment slow --wait -- hello"
+)]
 pub struct Args {
     #[command(flatten)]
     pub control: ControlArgs,
@@ -44,6 +49,15 @@ pub struct Args {
     /// PATH=KEY[,restore=PREFIX]...[,scope=S][,fallback=S]...[,read-only].
     #[arg(long = "cache", value_name = "PATH=KEY[,OPT]...", value_parser = crate::cmd::submit::parse_cache)]
     pub caches: Vec<CacheDecl>,
+    /// Start its runs from a checkpoint: CMD is a start-up that signals
+    /// readiness (writes `ready` to the descriptor in $EMBER_READY_FD,
+    /// then reads one JSON line from it; see docs/agent-protocol.md). A
+    /// node checkpoints it with CRIU the first time and restores a copy
+    /// for each later run; `ember submit --deployment NAME -- ARGS` hands
+    /// ARGS and its -e variables to the start-up as `argv` and `env` of
+    /// that line (`restored` says whether the copy was restored).
+    #[arg(long)]
+    pub snapshot: bool,
     /// Command and arguments (default: the image's).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -81,6 +95,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             readonly_rootfs: args.read_only,
             warm_runners: args.warm,
             node_selector: BTreeMap::new(),
+            snapshot: args.snapshot,
         })
         .await?;
     println!(

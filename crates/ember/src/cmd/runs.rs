@@ -11,9 +11,11 @@ use std::process::ExitCode;
 #[derive(clap::Args, Debug)]
 #[command(after_help = "--stats phases: queue (submit → picked up by the \
 scheduler), placement (→ assigned to a node; 0 for a warm hand-off), image (→ image \
-on the node), runner (→ runner ready), process (→ process started), total (submit → \
-process started). The same phases as `ember bench burst`'s queue, placement and \
-node (= image + runner + process).")]
+on the node), restore (→ snapshot restored; runs of snapshot deployments that restored), \
+runner (→ runner ready), process (→ process started), total (submit → process started). \
+The same phases as `ember bench burst`'s queue, placement and node (= image + \
+restore + runner + process). --timings shows each run's phases, and for a snapshot \
+run why it started fresh.")]
 pub struct Args {
     #[command(flatten)]
     pub control: ControlArgs,
@@ -24,6 +26,10 @@ pub struct Args {
     /// newest --limit N).
     #[arg(long)]
     pub stats: bool,
+    /// Print each run's start-time breakdown by phase (ms), and why a
+    /// snapshot run started fresh instead of restoring.
+    #[arg(long, conflicts_with_all = ["stats", "json"])]
+    pub timings: bool,
     /// Show the newest N runs (default: one page of the server's default
     /// size, 100).
     #[arg(long, value_name = "N", conflicts_with = "all")]
@@ -115,7 +121,23 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let mut stdout = std::io::stdout().lock();
-    let more = if args.json {
+    let more = if args.timings {
+        for_each_page(&client, wanted, |runs| {
+            for r in runs {
+                let phases: Vec<String> = PHASES
+                    .iter()
+                    .filter_map(|p| (p.of)(&r.times).map(|ms| format!("{} {ms}", p.name)))
+                    .collect();
+                let mut line = format!("{:<10} {}", r.id.to_string(), phases.join(" | "));
+                if let Some(note) = &r.times.snapshot_note {
+                    line.push_str(&format!(" | snapshot not restored: {note}"));
+                }
+                writeln!(stdout, "{line}")?;
+            }
+            Ok(())
+        })
+        .await?
+    } else if args.json {
         // One JSON array, written a page at a time.
         let mut first = true;
         write!(stdout, "[")?;

@@ -56,7 +56,10 @@ pub struct Args {
     /// Print the run as JSON.
     #[arg(long)]
     pub json: bool,
-    /// Command and arguments (default: the image's).
+    /// Command and arguments (default: the image's). For a snapshot
+    /// deployment (`ember deploy --snapshot`), the arguments and the -e
+    /// variables go to its start-up as `argv` and `env` of the resume line
+    /// instead, and its start-up command stays.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
 }

@@ -1,0 +1,350 @@
+//! Runs of snapshot deployments on a node.
+//!
+//! A run of a snapshot deployment ([`Run::snapshot`]) restores from this
+//! node's checkpoint of its deployment, image and start-up (the snapshot
+//! named [`Run::snapshot_key`] in the node's store). When there is none
+//! yet, the run starts its start-up fresh at once (then `Resume` with
+//! `restored: false`), and a capture of the same start-up begins beside
+//! it on a thread of its own, one per key at a time: a run never waits on
+//! a checkpoint being taken. A restore that fails falls back to a fresh
+//! start; the run's `Snapshot` report carries the reason into its
+//! breakdown (`snapshot_note`).
+//!
+//! Checkpoints go with their deployment's image (the store's GC removes
+//! snapshots whose image left the store) and are replaced when the
+//! deployment's image or start-up changed: a run with a new key removes
+//! the node's other checkpoints of its deployment.
+//!
+//! Snapshot runners live beside the pool, not in it (their own runc root
+//! under `<root>/snapshot/`), and each restored copy is destroyed after
+//! its run.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ember_api::wire::LogStream;
+use ember_control::model::{NodeReport, Run, SNAPSHOT_KEY_PREFIX, snapshot_key_deployment};
+use ember_runtime::{Criu, Runc};
+use ember_store::{ImageRecord, Store};
+use tokio::sync::mpsc;
+
+use super::{
+    CaptureRequest, ResumeRequest, RunEvent, RunOutcome, RunTimings, SnapshotError, SnapshotHost,
+    StartWith,
+};
+use crate::agent::NodeAgent;
+use crate::execute::{Event, RunHandle, SIGKILL};
+
+/// How long a failed capture of a key keeps the node from trying again
+/// (a node without a working CRIU would otherwise start a capture beside
+/// every run).
+const CAPTURE_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// How long a capture's start-up may take to become ready.
+const CAPTURE_READY_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The node's snapshot state: where its snapshot runners live, and the
+/// captures in flight.
+pub(crate) struct NodeSnapshots {
+    host: SnapshotHost,
+    /// Keys being captured now (one capture per key). Written by run tasks
+    /// and capture threads.
+    capturing: Mutex<HashSet<String>>,
+    /// Key → when its last capture failed.
+    failed: Mutex<HashMap<String, Instant>>,
+}
+
+impl NodeSnapshots {
+    /// Snapshot runners under `<root>/snapshot/`; leftovers of an earlier
+    /// node process there are removed. CRIU is `$EMBER_CRIU` or `criu`.
+    pub(crate) fn new(root: &Path, store: Store, agent: PathBuf) -> NodeSnapshots {
+        let base = root.join("snapshot");
+        let host = SnapshotHost {
+            store,
+            runc: Runc::new(base.join("runc")),
+            containers: base.join("containers"),
+            criu: Criu::new(std::env::var_os("EMBER_CRIU").unwrap_or_else(|| "criu".into())),
+            agent,
+        };
+        if host.containers.is_dir() {
+            match ember_runtime::recover(&host.containers, &host.runc) {
+                Ok(r) if !r.is_clean() => {
+                    tracing::info!(?r, "removed snapshot runners of an earlier node process")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "removing old snapshot runners"),
+            }
+        }
+        NodeSnapshots {
+            host,
+            capturing: Mutex::new(HashSet::new()),
+            failed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The checkpoints of snapshot deployments this node holds, for its
+    /// inventory.
+    pub(crate) fn held(&self) -> BTreeSet<String> {
+        self.host
+            .store
+            .snapshots()
+            .map(|list| {
+                list.into_iter()
+                    .map(|m| m.name)
+                    .filter(|n| snapshot_key_deployment(n).is_some())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Removes this node's other checkpoints of `key`'s deployment: its
+    /// image or start-up changed, so no run will restore them again.
+    fn forget_others(&self, key: &str) {
+        let Some(deployment) = snapshot_key_deployment(key) else {
+            return;
+        };
+        let Ok(list) = self.host.store.snapshots() else {
+            return;
+        };
+        let capturing = self.capturing.lock().unwrap_or_else(|e| e.into_inner());
+        for m in list {
+            if m.name != key
+                && m.name.starts_with(SNAPSHOT_KEY_PREFIX)
+                && snapshot_key_deployment(&m.name) == Some(deployment)
+                && !capturing.contains(&m.name)
+            {
+                match self.host.store.remove_snapshot(&m.name) {
+                    Ok(r) => tracing::info!(
+                        snapshot = %m.name,
+                        bytes = r.bytes_freed,
+                        "removed the checkpoint of an earlier image or start-up"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(snapshot = %m.name, error = %e, "removing a checkpoint")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts capturing `run`'s start-up as `key` on a thread of its own,
+    /// unless it is being captured or its last capture failed recently.
+    fn capture_in_background(
+        self: &Arc<Self>,
+        agent: &Arc<NodeAgent>,
+        key: &str,
+        run: &Run,
+        record: &ImageRecord,
+    ) {
+        if self
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .is_some_and(|t| t.elapsed() < CAPTURE_RETRY_AFTER)
+        {
+            return;
+        }
+        if !self
+            .capturing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_owned())
+        {
+            return;
+        }
+        let (me, agent, key, record) =
+            (self.clone(), agent.clone(), key.to_owned(), record.clone());
+        let (argv, image_name) = (run.command.clone(), run.image.reference.clone());
+        let env: Vec<(String, String)> = run.env.clone().into_iter().collect();
+        let release = key.clone();
+        let spawned = std::thread::Builder::new()
+            .name("snapshot-capture".into())
+            .spawn(move || {
+                let t0 = Instant::now();
+                let claim = format!("snapshot-capture-{key}");
+                // The image stays while its start-up is captured.
+                if let Err(e) = me.host.store.add_user(&claim, &record.manifest, std::process::id()) {
+                    tracing::warn!(error = %e, "claiming the image for a capture");
+                }
+                let r = super::capture(
+                    &me.host,
+                    &CaptureRequest {
+                        name: &key,
+                        image: &record,
+                        image_name: &image_name,
+                        argv: &argv,
+                        env: &env,
+                        ready_timeout: CAPTURE_READY_TIMEOUT,
+                        t0,
+                    },
+                    &mut |_, _| {},
+                );
+                me.host.store.remove_user(&claim);
+                match r {
+                    Ok(c) => tracing::info!(
+                        snapshot = %key,
+                        bytes = c.manifest.artifact_bytes,
+                        capture_ms = c.manifest.capture_ms,
+                        "captured a deployment's start-up"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(snapshot = %key, error = %e.why_not_restored(), "capturing a deployment's start-up");
+                        me.failed
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(key.clone(), Instant::now());
+                    }
+                }
+                me.capturing
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&key);
+                // The checkpoint is placement locality now.
+                agent.inventory_changed.notify_one();
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "starting a capture thread");
+            self.capturing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&release);
+        }
+    }
+}
+
+/// Executes a run of a snapshot deployment (blocking): restore, or a
+/// fresh start while a capture runs beside it. Returns the exit code and
+/// whether the runner is idle again (never: each copy serves one run), or
+/// why the run could not run.
+pub(crate) fn exec_snapshot(
+    agent: &Arc<NodeAgent>,
+    run: &Run,
+    record: &ImageRecord,
+    handle: &RunHandle,
+    tx: &mpsc::UnboundedSender<Event>,
+) -> Result<(i32, bool), String> {
+    let (Some(key), Some(snap)) = (run.snapshot_key(), run.snapshot.as_ref()) else {
+        return Err("not a run of a snapshot deployment".into());
+    };
+    let snapshots = &agent.snapshots;
+    let host = &snapshots.host;
+    snapshots.forget_others(&key);
+    if handle.cancelled.load(Ordering::SeqCst) {
+        return Err("cancelled before it started".into());
+    }
+    let claim = format!("snapshot-run-{}-{}", run.id, run.attempts);
+    if let Err(e) = host
+        .store
+        .add_user(&claim, &record.manifest, std::process::id())
+    {
+        tracing::warn!(error = %e, "claiming the image for a run");
+    }
+    let req = ResumeRequest {
+        name: key.clone(),
+        argv: snap.argv.clone(),
+        env: snap.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        timeout: run.timeout_ms.map(Duration::from_millis),
+    };
+    let t0 = Instant::now();
+    let mut on_event = |ev: RunEvent<'_>| match ev {
+        RunEvent::Restored => {
+            let _ = tx.send(Event::report(NodeReport::Snapshot {
+                restored: true,
+                note: None,
+            }));
+        }
+        RunEvent::FreshStart(why) => {
+            let _ = tx.send(Event::report(NodeReport::Snapshot {
+                restored: false,
+                note: Some(why.to_owned()),
+            }));
+        }
+        RunEvent::Resuming { socket, exec_id } => {
+            *handle
+                .snapshot_exec
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some((socket.to_path_buf(), exec_id));
+            let _ = tx.send(Event::report(NodeReport::RunnerReady));
+            let _ = tx.send(Event::report(NodeReport::Started));
+            // A cancel that arrived before the exec could be signalled.
+            if handle.cancelled.load(Ordering::SeqCst) {
+                let _ = super::signal_exec(socket, exec_id, SIGKILL);
+            }
+        }
+    };
+    let mut on_output = |is_stderr: bool, data: &[u8]| {
+        let stream = if is_stderr {
+            LogStream::Stderr
+        } else {
+            LogStream::Stdout
+        };
+        let _ = tx.send(Event::Output(stream, data.to_vec()));
+    };
+    let manifest = host
+        .store
+        .snapshot(&key)
+        .ok()
+        .filter(|m| m.image == record.manifest);
+    let outcome: Result<RunOutcome, SnapshotError> = match manifest {
+        Some(m) => super::run_from_snapshot(
+            host,
+            &m,
+            record,
+            &req,
+            t0,
+            &mut |e| {
+                // A corrupt artifact is not used again: the next run
+                // captures a new one.
+                if matches!(
+                    e,
+                    SnapshotError::Artifact(
+                        ember_store::SnapshotError::DigestMismatch { .. }
+                            | ember_store::SnapshotError::Malformed { .. }
+                    )
+                ) && let Err(e) = host.store.remove_snapshot(&key)
+                {
+                    tracing::warn!(snapshot = %key, error = %e, "removing a corrupt checkpoint");
+                }
+                true
+            },
+            &mut on_event,
+            &mut on_output,
+        ),
+        None => {
+            on_event(RunEvent::FreshStart(
+                "no checkpoint of this deployment's start-up on the node yet: started fresh \
+                 while one is captured for the next runs",
+            ));
+            snapshots.capture_in_background(agent, &key, run, record);
+            let env: Vec<(String, String)> = run.env.clone().into_iter().collect();
+            super::fresh_start(
+                host,
+                record,
+                &StartWith::Command {
+                    argv: &run.command,
+                    env: &env,
+                },
+                &req,
+                t0,
+                RunTimings::default(),
+                &mut on_event,
+                &mut on_output,
+            )
+        }
+    };
+    host.store.remove_user(&claim);
+    *handle
+        .snapshot_exec
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = None;
+    let outcome = outcome.map_err(|e| format!("snapshot start: {}", e.why_not_restored()))?;
+    tracing::debug!(run = %run.id, timings = ?outcome.timings, "snapshot run");
+    if let Some(e) = &outcome.result.spawn_error {
+        return Err(format!("starting the process: {e}"));
+    }
+    Ok((super::exit_code(&outcome.result), false))
+}

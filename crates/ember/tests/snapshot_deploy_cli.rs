@@ -1,0 +1,193 @@
+//! Snapshot deployments through the control plane, end to end: `ember
+//! control` + `ember node` as processes, a real registry, overlayfs, runc,
+//! CRIU and the static exec agent. The first run of `ember deploy
+//! --snapshot` starts fresh while the node captures its start-up; later
+//! runs are restored copies, each with its own seed and entropy.
+//!
+//! Needs root, runc, a working CRIU (scripts/install-criu.sh) and the
+//! static agent (crates/ember-agent/build-static.sh); fails with a pointer
+//! to them when one is missing, unless EMBER_TEST_SKIP_PRIVILEGED=1.
+
+mod common;
+
+use common::cluster::*;
+use common::*;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A start-up that takes a second, then is parked until a run resumes it
+/// with its request; it prints the request and 8 bytes read from
+/// /dev/urandom after the resume.
+const STARTUP: &str = "sleep 1; echo ready >&\"$EMBER_READY_FD\"; \
+                       read -r req <&\"$EMBER_READY_FD\"; echo \"$req\"; \
+                       echo \"random $(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \\n')\"";
+
+/// The static agent, always (re)built by its script (as snapshot_cli
+/// does: an older agent in `target/` would lack the readiness protocol).
+fn fresh_agent() -> Option<std::path::PathBuf> {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new(root.join("crates/ember-agent/build-static.sh"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+fn prerequisites() -> Option<std::path::PathBuf> {
+    let skip = std::env::var("EMBER_TEST_SKIP_PRIVILEGED").as_deref() == Ok("1");
+    let criu = Command::new("criu").arg("check").output();
+    let agent = fresh_agent();
+    let problem = match (&criu, &agent) {
+        (Ok(o), Some(_)) if o.status.success() => None,
+        (Ok(o), _) if !o.status.success() => Some(format!(
+            "`criu check` failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        )),
+        (Err(e), _) => Some(format!("cannot execute criu: {e}")),
+        _ => Some("the static ember-agent could not be built".to_owned()),
+    };
+    match problem {
+        None => agent,
+        Some(p) if skip => {
+            eprintln!("skipping (EMBER_TEST_SKIP_PRIVILEGED=1): {p}");
+            None
+        }
+        Some(p) => panic!(
+            "this test needs root, runc, CRIU and the static agent: {p}\n\
+             install CRIU with scripts/install-criu.sh and build the agent with \
+             crates/ember-agent/build-static.sh, or set EMBER_TEST_SKIP_PRIVILEGED=1"
+        ),
+    }
+}
+
+/// One `ember submit --wait` of the deployment: its request line (parsed),
+/// its random value, and the run as the control plane stores it.
+fn run_once(url: &str, args: &[&str]) -> (serde_json::Value, String, serde_json::Value) {
+    let mut all = vec!["submit", "--wait", "--json", "--deployment", "slow", "--"];
+    all.extend_from_slice(args);
+    let out = client(url, &all);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {stdout}\n{stderr}", out.status);
+    let mut lines = stdout.lines();
+    let submitted: serde_json::Value =
+        serde_json::from_str(lines.next().unwrap_or_default()).expect("the run as JSON");
+    let req: serde_json::Value = serde_json::from_str(lines.next().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("no request line ({e}) in {stdout:?}; stderr: {stderr}"));
+    let random = lines
+        .next()
+        .and_then(|l| l.strip_prefix("random "))
+        .unwrap_or_else(|| panic!("no random line in {stdout:?}"))
+        .to_owned();
+    let id = submitted["id"].as_i64().expect("run id").to_string();
+    (req, random, run_json(url, &id))
+}
+
+#[test]
+fn a_snapshot_deployment_starts_fresh_once_then_restores_independent_copies() {
+    let Some(agent) = prerequisites() else { return };
+    let registry = registry_with(&["busybox"]);
+    let image = format!("{}/ember/busybox:latest", registry.addr());
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let db = tmp.path().join("control.db");
+    let (_control, url) = start_control(&tmp.path().join("control"), &db.to_string_lossy(), &[]);
+    let node_root = tmp.path().join("node");
+    let _node = start_node(&node_root, &url, "n1", 2, &agent, &[]);
+
+    client_ok(
+        &url,
+        &[
+            "deploy",
+            "--snapshot",
+            "slow",
+            &image,
+            "--",
+            "/bin/sh",
+            "-c",
+            STARTUP,
+        ],
+    );
+
+    // The first run: no checkpoint on the node yet, so a fresh start
+    // (which does not wait for the capture beside it).
+    let (req, _, first) = run_once(&url, &["first"]);
+    assert_eq!(req["restored"], false, "{req}");
+    assert_eq!(req["argv"], serde_json::json!(["first"]), "{req}");
+    assert_eq!(first["state"], "succeeded", "{first}");
+    assert!(first["times"]["snapshot_restored"].is_null(), "{first}");
+    let note = first["times"]["snapshot_note"].as_str().unwrap_or_default();
+    assert!(note.contains("no checkpoint"), "{first}");
+
+    // The node reports the checkpoint once it is captured. This is the
+    // test waiting, not a run.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let nodes = client_ok(&url, &["nodes", "--json"]);
+        if nodes.contains("\"d.slow.") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node never reported a checkpoint: {nodes}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Later runs restore, each its own copy: own request, seed and
+    // entropy.
+    let mut seeds = Vec::new();
+    let mut randoms = Vec::new();
+    for n in 0..2 {
+        let arg = format!("run{n}");
+        let (req, random, run) = run_once(&url, &["hello", &arg]);
+        assert_eq!(req["restored"], true, "{req} {run}");
+        assert_eq!(req["argv"], serde_json::json!(["hello", arg]), "{req}");
+        assert_eq!(run["state"], "succeeded", "{run}");
+        let t = &run["times"];
+        assert!(t["snapshot_restored"].is_number(), "{run}");
+        assert!(t["snapshot_note"].is_null(), "{run}");
+        assert!(
+            t["image_ready"].as_u64() <= t["snapshot_restored"].as_u64()
+                && t["snapshot_restored"].as_u64() <= t["runner_ready"].as_u64(),
+            "{run}"
+        );
+        eprintln!("restored run {n}: times {t}");
+        seeds.push(req["seed"].as_str().expect("seed").to_owned());
+        randoms.push(random);
+    }
+    assert_ne!(seeds[0], seeds[1]);
+    assert_ne!(randoms[0], randoms[1]);
+
+    // The breakdown shows the restore phase for the restored runs.
+    let stats: serde_json::Value =
+        serde_json::from_str(&client_ok(&url, &["runs", "--stats", "--json"])).expect("stats");
+    assert_eq!(stats["restore"]["n"], 2, "{stats}");
+    let timings = client_ok(&url, &["runs", "--timings"]);
+    assert!(timings.contains("restore"), "{timings}");
+
+    // A corrupt checkpoint is refused by its digest, and the run starts
+    // fresh instead of failing, saying why.
+    let blobs: Vec<_> = std::fs::read_dir(node_root.join("snapshots/blobs"))
+        .expect("the node's artifacts")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(blobs.len(), 1, "{blobs:?}");
+    let mut bytes = std::fs::read(&blobs[0]).expect("read artifact");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&blobs[0], &bytes).expect("write artifact");
+    let (req, _, run) = run_once(&url, &["after-corruption"]);
+    assert_eq!(req["restored"], false, "{req}");
+    assert_eq!(run["state"], "succeeded", "{run}");
+    let note = run["times"]["snapshot_note"].as_str().unwrap_or_default();
+    assert!(note.contains("digest"), "{run}");
+
+    // Each restored copy is gone after its run.
+    let left: Vec<_> = std::fs::read_dir(node_root.join("snapshot/containers"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "snapshot runners left: {left:?}");
+}
