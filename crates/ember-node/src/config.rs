@@ -21,6 +21,12 @@ pub struct NodeAgentConfig {
     pub root: PathBuf,
     /// A registry mirror (`ember cache`) to pull through.
     pub cache: Option<String>,
+    /// The cluster cache's URL for directory caches (`/dircache/v1`) runs
+    /// declare; `None`: declared caches are skipped (with a note on the
+    /// run), never failing it.
+    pub dircache: Option<String>,
+    /// Bearer token for saves into the cache's protected scopes.
+    pub dircache_token: Option<String>,
     /// The static `ember-agent` binary.
     pub agent: PathBuf,
     /// Labels for node selectors.
@@ -91,6 +97,9 @@ pub enum NodeError {
         /// The failure.
         source: std::io::Error,
     },
+    /// The dircache URL is not usable.
+    #[error("dircache client: {0}")]
+    Dircache(#[from] ember_dircache::DircacheError),
     /// Another node agent is running on this root.
     #[error("another node agent holds {}", .0.display())]
     RootInUse(PathBuf),

@@ -2,9 +2,17 @@
 //!
 //! ```text
 //! Assign ─► [Accepted ─► pull, only if the image is not here] ─► ImageReady
-//!        ─► pool.acquire(key) ─► RunnerReady ─► exec ─► Started ─► output → logs endpoint
+//!        ─► pool.acquire(key) ─► RunnerReady ─► [restore caches ─► CachesRestored]
+//!        ─► exec ─► Started ─► output → logs endpoint
 //!        ─► release (runner back to idle) ─► Exited { code, runner_idle }
 //! ```
+//!
+//! A run that declares caches (`caches`) and exits 0 is reported exited
+//! as soon as its process exits (`runner_idle: false`: the runner is still
+//! held), then its caches are saved from the runner, and only then is the
+//! runner released: the save needs the runner's files as the run left
+//! them, and the release resets them. The run's slot on the node is held
+//! until the save ends; the next heartbeat reports the runner idle.
 //!
 //! The blocking side sends its reports and output to the run's task in
 //! order; the task sends them on (`report`, `logs`) in that order.
@@ -20,6 +28,7 @@ use ember_store::ImageRecord;
 use tokio::sync::mpsc;
 
 use crate::agent::NodeAgent;
+use crate::caches::{self, Prepared, RunnerFs};
 
 /// Cancellation state of one run on this node.
 #[derive(Default)]
@@ -112,6 +121,7 @@ impl Event {
                 NodeReport::ImageReady
                     | NodeReport::Snapshot { .. }
                     | NodeReport::RunnerReady
+                    | NodeReport::CachesRestored { .. }
                     | NodeReport::Started,
                 _
             )
@@ -180,14 +190,17 @@ pub(crate) async fn execute(agent: &Arc<NodeAgent>, run: Run, handle: Arc<RunHan
         let run = run.clone();
         tokio::task::spawn_blocking(move || {
             // A snapshot deployment's runs restore from (or start fresh
-            // beside) the node's checkpoint, outside the pool.
+            // beside) the node's checkpoint, outside the pool (and without
+            // its declared caches).
             let done = if run.snapshot.is_some() {
                 crate::snapshot::deploy::exec_snapshot(&agent, &run, &record, &handle, &tx)
+                    .map(|(code, idle)| Done::Exited(code, idle))
             } else {
                 exec_blocking(&agent, &run, &record, &handle, &tx)
             };
             let last = match done {
-                Ok((code, runner_idle)) => NodeReport::Exited { code, runner_idle },
+                Ok(Done::Exited(code, runner_idle)) => NodeReport::Exited { code, runner_idle },
+                Ok(Done::Reported) => return,
                 Err(error) => NodeReport::Failed { error },
             };
             let _ = tx.send(Event::report(last));
@@ -244,16 +257,54 @@ pub(crate) async fn execute(agent: &Arc<NodeAgent>, run: Run, handle: Arc<RunHan
     agent.inventory_changed.notify_one();
 }
 
-/// Acquires a runner, runs the process and releases the runner; returns
-/// the exit code (128+N for signal N) and whether the runner is idle in
-/// the pool again, or why the run could not run.
+/// How [`exec_blocking`] ended, when the run ran.
+enum Done {
+    /// The exit code (128+N for signal N) and whether the runner is idle
+    /// in the pool again: still to be reported.
+    Exited(i32, bool),
+    /// The exit was reported already (before the caches' save).
+    Reported,
+}
+
+/// Restores `run`'s declared caches into the leased runner and reports
+/// `CachesRestored`; returns the runner's filesystem and the caches to
+/// save after a successful exit, or the run's error (a key's file
+/// missing).
+fn restore_caches(
+    agent: &NodeAgent,
+    run: &Run,
+    lease: &ember_pool::Lease,
+    tx: &mpsc::UnboundedSender<Event>,
+) -> Result<(RunnerFs, Vec<Prepared>), String> {
+    let defaults = lease.defaults();
+    let owner = (defaults.uid.unwrap_or(0), defaults.gid.unwrap_or(0));
+    let pids = lease
+        .cgroups()
+        .procs()
+        .map_err(|e| format!("caches: listing the runner's processes: {e}"))?;
+    let fs = RunnerFs::of_init(&pids, &defaults.cwd, owner).map_err(|e| format!("caches: {e}"))?;
+    let prepared = caches::prepare(run, &fs)?;
+    let restored = tokio::runtime::Handle::current().block_on(caches::restore_all(
+        agent.dircache.as_ref(),
+        prepared,
+        &fs,
+    ));
+    let _ = tx.send(Event::report(NodeReport::CachesRestored {
+        notes: restored.notes,
+    }));
+    Ok((fs, restored.to_save))
+}
+
+/// Acquires a runner, restores the run's caches, runs the process, saves
+/// the caches after a successful exit and releases the runner; returns
+/// how it ended ([`Done`]), or why the run could not run.
 fn exec_blocking(
     agent: &NodeAgent,
     run: &Run,
     record: &ImageRecord,
     handle: &RunHandle,
     tx: &mpsc::UnboundedSender<Event>,
-) -> Result<(i32, bool), String> {
+) -> Result<Done, String> {
     let image = agent.runner_image(record)?;
     let argv = ember_runtime::spec::process_args(&image.config, Some(&run.command))
         .map_err(|e| format!("command: {}", ember_error::chain(&e)))?;
@@ -281,6 +332,26 @@ fn exec_blocking(
     if handle.cancelled.load(Ordering::SeqCst) {
         agent.pool.release(lease, Outcome::Succeeded);
         return Err("cancelled before it started".into());
+    }
+    let mut to_save = None;
+    if !run.caches.is_empty() {
+        match restore_caches(agent, run, &lease, tx) {
+            Ok(saving) => {
+                // A restore can take a while: a cancel during it stops
+                // the run before its process starts.
+                if handle.cancelled.load(Ordering::SeqCst) {
+                    agent.pool.release(lease, Outcome::Succeeded);
+                    return Err("cancelled before it started".into());
+                }
+                to_save = Some(saving);
+            }
+            Err(e) => {
+                // The runner is as healthy as before; the restore leaves
+                // a cache's target as it was on failure.
+                agent.pool.release(lease, Outcome::Succeeded);
+                return Err(e);
+            }
+        }
     }
     let mut req = lease.command(argv);
     for (k, v) in &run.env {
@@ -331,18 +402,34 @@ fn exec_blocking(
     } else {
         Outcome::Failed
     };
+    let code = match (result.exit_code, result.signal) {
+        (Some(c), _) => c,
+        (None, Some(s)) => 128 + s,
+        (None, None) => 255,
+    };
+    // Saved only after a clean exit 0, in writable mode, with a cache to
+    // save to: the exit is reported first, so the run's end does not wait
+    // for the upload, and the runner is released after it.
+    if let (Some((fs, saving)), Some(client), None, 0) =
+        (&to_save, agent.dircache.as_ref(), &result.spawn_error, code)
+        && !saving.is_empty()
+        && outcome == Outcome::Succeeded
+    {
+        let _ = tx.send(Event::report(NodeReport::Exited {
+            code,
+            runner_idle: false,
+        }));
+        tokio::runtime::Handle::current().block_on(caches::save_all(client, saving, fs));
+        agent.pool.release(lease, outcome);
+        return Ok(Done::Reported);
+    }
     // Recycled: back in the pool idle (not discarded for its outcome, a
     // failed reset or the pool's budget).
     let runner_idle = matches!(agent.pool.release(lease, outcome), Released::Recycled);
     if let Some(e) = result.spawn_error {
         return Err(format!("starting the process: {e}"));
     }
-    let code = match (result.exit_code, result.signal) {
-        (Some(c), _) => c,
-        (None, Some(s)) => 128 + s,
-        (None, None) => 255,
-    };
-    Ok((code, runner_idle))
+    Ok(Done::Exited(code, runner_idle))
 }
 
 /// The runner shape for a run's (or a deployment's) resources and root

@@ -52,6 +52,8 @@
 //! And what it does on its own:
 //!
 //! * `execute`: one assigned run, from image to exit, through the pool.
+//! * `caches`: a run's declared directory caches, restored into its
+//!   runner before the process starts and saved after it exits 0.
 //! * `prewarm`: idle runners a `prewarm` order asks for.
 //! * `prepull`: the images a `pull_plan` names, pulled one at a time at
 //!   low priority (paused while a run pulls), and the GC that keeps them.
@@ -66,6 +68,7 @@
 //!   up after an agent that died.
 
 mod agent;
+mod caches;
 mod config;
 mod execute;
 pub mod images;

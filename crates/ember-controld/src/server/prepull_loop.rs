@@ -347,6 +347,8 @@ mod tests {
         let mut stats = LaunchStats::new(3_600_000);
         for i in 0..3 {
             stats.record(&Run {
+                cache_notes: Vec::new(),
+                caches: Vec::new(),
                 id: RunId(i + 1),
                 deployment: Some("web".into()),
                 image: image.clone(),

@@ -85,6 +85,7 @@ mod tests {
     fn an_order_becomes_its_prewarm_message() {
         let d = Deployment {
             spec: DeploymentSpec {
+                caches: Vec::new(),
                 name: "web".into(),
                 image: PinnedImage::new("app", format!("sha256:{}", "a".repeat(64))).expect("pin"),
                 command: vec![],

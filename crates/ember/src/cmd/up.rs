@@ -126,6 +126,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             slots: args.slots.max(1),
             root: data.join(format!("node-{i}")),
             cache: cache_url.clone(),
+            // The cluster cache serves directory caches too.
+            dircache: cache_url.clone(),
+            dircache_token: None,
             agent: agent.clone(),
             labels: BTreeMap::new(),
             heartbeat: Duration::from_secs(3),
