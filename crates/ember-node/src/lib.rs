@@ -71,6 +71,7 @@ mod metrics;
 mod prepull;
 mod prewarm;
 mod register;
+mod relay;
 mod report;
 mod root;
 mod stream;
