@@ -205,3 +205,70 @@ pub(crate) async fn relay(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exited() -> Event {
+        Event::report(NodeReport::Exited {
+            code: 0,
+            runner_idle: true,
+        })
+    }
+
+    #[tokio::test]
+    async fn progress_wakes_an_idle_task_but_waits_in_a_hold_for_the_exit() {
+        let (tx, rx) = channel();
+        let mut pending = Vec::new();
+        // Nothing held: the task waits, and progress alone wakes it (a
+        // long run's start must not wait for its exit).
+        assert!(!rx.take(&mut pending, true));
+        tx.send(Event::report(NodeReport::Started)).expect("send");
+        tokio::time::timeout(Duration::from_secs(30), rx.0.wake.notified())
+            .await
+            .expect("progress woke the idle task");
+        assert!(!rx.take(&mut pending, false));
+        assert_eq!(pending.len(), 1);
+
+        // Holding: more progress is queued quietly, and the hold ends
+        // with the exit (long before its limit), all of it in order.
+        tx.send(Event::report(NodeReport::RunnerReady))
+            .expect("send");
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            tx.send(exited()).expect("send");
+            tx
+        });
+        let until = tokio::time::Instant::now() + Duration::from_secs(3600);
+        assert!(
+            rx.hold(&mut pending, until).await,
+            "the exit ended the hold"
+        );
+        assert_eq!(pending.len(), 3);
+        assert!(matches!(
+            pending[2],
+            Event::Report(NodeReport::Exited { .. }, _)
+        ));
+
+        // Dropping the sender ends the relay.
+        drop(sender.join().expect("sender thread"));
+        pending.clear();
+        assert!(rx.take(&mut pending, true));
+        assert!(pending.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_hold_on_progress_alone_runs_out() {
+        let (tx, rx) = channel();
+        let mut pending = Vec::new();
+        tx.send(Event::report(NodeReport::ImageReady))
+            .expect("send");
+        rx.take(&mut pending, false);
+        let until = tokio::time::Instant::now() + Duration::from_millis(20);
+        tx.send(Event::report(NodeReport::RunnerReady))
+            .expect("send");
+        assert!(!rx.hold(&mut pending, until).await);
+        assert_eq!(pending.len(), 2, "the queued progress is taken at the end");
+    }
+}
