@@ -15,19 +15,19 @@
 //! until the save ends; the next heartbeat reports the runner idle.
 //!
 //! The blocking side sends its reports and output to the run's task in
-//! order; the task sends them on (`report`, `logs`) in that order.
+//! order; the task sends them on (`report`, `logs`) in that order
+//! (`relay`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
+use crate::agent::NodeAgent;
+use crate::relay::{self, Event, EventTx};
 use ember_api::wire::LogStream;
 use ember_control::model::{NodeReport, Resources, Run};
 use ember_pool::{Canceller, Outcome, Released, RunnerImage, RunnerShape, RunnerSpec};
 use ember_store::ImageRecord;
-use tokio::sync::mpsc;
 
-use crate::agent::NodeAgent;
 use crate::caches::{self, Prepared, RunnerFs};
 
 /// Cancellation state of one run on this node.
@@ -99,67 +99,6 @@ impl NodeAgent {
     }
 }
 
-/// What the blocking executor tells the async side, in order.
-pub(crate) enum Event {
-    /// A report, and when it happened.
-    Report(NodeReport, Instant),
-    Output(LogStream, Vec<u8>),
-}
-
-impl Event {
-    pub(crate) fn report(r: NodeReport) -> Event {
-        Event::Report(r, Instant::now())
-    }
-
-    /// Image ready, runner ready, process started: progress worth a
-    /// request of its own only when the next report does not follow at
-    /// once.
-    fn is_milestone(&self) -> bool {
-        matches!(
-            self,
-            Event::Report(
-                NodeReport::ImageReady
-                    | NodeReport::Snapshot { .. }
-                    | NodeReport::RunnerReady
-                    | NodeReport::CachesRestored { .. }
-                    | NodeReport::Started,
-                _
-            )
-        )
-    }
-}
-
-/// How long a run's progress reports wait for the next report to travel
-/// with. On a warm start the process starts well within it, and a short
-/// one exits within it too, so such a run costs the control plane one
-/// report row update instead of two or three; a cold runner (hundreds of
-/// ms) or a longer process still shows its progress this much later. The
-/// reports keep their own times either way, and output is never held.
-const MILESTONE_HOLD: Duration = Duration::from_millis(5);
-
-/// How long progress reports wait in all when the reporter is busy at the
-/// end of [`MILESTONE_HOLD`] (a burst): under load a warm run's process
-/// often exits only after 5 ms, and its progress would otherwise go in a
-/// request of its own, a second one per run.
-const MILESTONE_HOLD_BUSY: Duration = Duration::from_millis(50);
-
-/// Adds to `pending` what arrives on `rx` until `until`, or until a report
-/// that is not progress (or output) arrived; `true` in that case.
-async fn hold_milestones(
-    rx: &mut mpsc::UnboundedReceiver<Event>,
-    pending: &mut Vec<Event>,
-    until: tokio::time::Instant,
-) -> bool {
-    while let Ok(Some(ev)) = tokio::time::timeout_at(until, rx.recv()).await {
-        let last = !ev.is_milestone();
-        pending.push(ev);
-        if last {
-            return true;
-        }
-    }
-    false
-}
-
 /// Executes `run` (the slot is the caller's) and reports how it went.
 pub(crate) async fn execute(agent: &Arc<NodeAgent>, run: Run, handle: Arc<RunHandle>) {
     let id = run.id;
@@ -183,7 +122,7 @@ pub(crate) async fn execute(agent: &Arc<NodeAgent>, run: Run, handle: Arc<RunHan
         agent.inventory_changed.notify_one();
     }
 
-    let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+    let (tx, rx) = relay::channel();
     let _ = tx.send(Event::report(NodeReport::ImageReady));
     let exec = {
         let agent = agent.clone();
@@ -206,43 +145,18 @@ pub(crate) async fn execute(agent: &Arc<NodeAgent>, run: Run, handle: Arc<RunHan
             let _ = tx.send(Event::report(last));
         })
     };
-    // Events are posted in order, so every byte of output is stored before
-    // the exit is reported (log followers stop at the final state). What
-    // arrived while the last request was in flight goes out together.
-    let mut pending = Vec::new();
-    while let Some(ev) = rx.recv().await {
-        pending.push(ev);
-        while let Ok(ev) = rx.try_recv() {
-            pending.push(ev);
-        }
-        if pending.iter().all(Event::is_milestone) {
-            let start = tokio::time::Instant::now();
-            let done = hold_milestones(&mut rx, &mut pending, start + MILESTONE_HOLD).await;
-            // Still only progress, and the reporter has a request out: the
-            // node is busy, and this progress would cost a request of its
-            // own (each one is node CPU taken from the runs). It waits for
-            // the run's next report a while longer.
-            if !done && agent.reporter_busy() {
-                hold_milestones(&mut rx, &mut pending, start + MILESTONE_HOLD_BUSY).await;
-            }
-        }
-        let mut reports = Vec::new();
-        for ev in pending.drain(..) {
-            match ev {
-                Event::Report(r, at) => reports.push((r, at)),
-                Event::Output(stream, data) => {
-                    if !reports.is_empty() {
-                        agent.report_all(id, at, std::mem::take(&mut reports)).await;
-                    }
-                    agent.ship_output(id, stream, data).await;
-                }
-            }
-        }
-        if !reports.is_empty() {
-            agent.report_all(id, at, reports).await;
-        }
-    }
-    if let Err(e) = exec.await {
+    // A final report relayed means the executor ran to its end: only a
+    // panic would make its join say more, so the task need not wait (a
+    // wake-up) for the blocking thread to finish.
+    let finished = relay::relay(agent, id, at, rx).await;
+    // A run with caches is reported exited before their save: its slot
+    // stays taken until the executor (the save) is done.
+    let saving = !run.caches.is_empty() && run.snapshot.is_none();
+    if finished && !saving {
+        drop(exec);
+    } else if let Err(e) = exec.await
+        && !finished
+    {
         agent
             .report(
                 id,
@@ -274,7 +188,7 @@ fn restore_caches(
     agent: &NodeAgent,
     run: &Run,
     lease: &ember_pool::Lease,
-    tx: &mpsc::UnboundedSender<Event>,
+    tx: &EventTx,
 ) -> Result<(RunnerFs, Vec<Prepared>), String> {
     let defaults = lease.defaults();
     let owner = (defaults.uid.unwrap_or(0), defaults.gid.unwrap_or(0));
@@ -303,7 +217,7 @@ fn exec_blocking(
     run: &Run,
     record: &ImageRecord,
     handle: &RunHandle,
-    tx: &mpsc::UnboundedSender<Event>,
+    tx: &EventTx,
 ) -> Result<Done, String> {
     let image = agent.runner_image(record)?;
     let argv = ember_runtime::spec::process_args(&image.config, Some(&run.command))

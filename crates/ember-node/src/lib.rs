@@ -77,6 +77,7 @@ mod metrics;
 mod prepull;
 mod prewarm;
 mod register;
+mod relay;
 mod report;
 mod root;
 pub mod snapshot;

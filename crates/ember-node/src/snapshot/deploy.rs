@@ -29,14 +29,14 @@ use ember_api::wire::LogStream;
 use ember_control::model::{NodeReport, Run, SNAPSHOT_KEY_PREFIX, snapshot_key_deployment};
 use ember_runtime::{Criu, Runc};
 use ember_store::{ImageRecord, Store};
-use tokio::sync::mpsc;
 
 use super::{
     CaptureRequest, ResumeRequest, RunEvent, RunOutcome, RunTimings, SnapshotError, SnapshotHost,
     StartWith,
 };
 use crate::agent::NodeAgent;
-use crate::execute::{Event, RunHandle, SIGKILL};
+use crate::execute::{RunHandle, SIGKILL};
+use crate::relay::{Event, EventTx};
 
 /// How long a failed capture of a key keeps the node from trying again
 /// (a node without a working CRIU would otherwise start a capture beside
@@ -225,7 +225,7 @@ pub(crate) fn exec_snapshot(
     run: &Run,
     record: &ImageRecord,
     handle: &RunHandle,
-    tx: &mpsc::UnboundedSender<Event>,
+    tx: &EventTx,
 ) -> Result<(i32, bool), String> {
     let (Some(key), Some(snap)) = (run.snapshot_key(), run.snapshot.as_ref()) else {
         return Err("not a run of a snapshot deployment".into());
