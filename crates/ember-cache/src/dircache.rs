@@ -247,13 +247,13 @@ impl DirStore {
                 Ok(r) if r.status().is_success() => match r.bytes().await {
                     Ok(b) => b,
                     Err(e) => {
-                        tracing::warn!(peer = %url, chunk = hex, error = %e, "peer broke off a chunk");
+                        tracing::warn!(peer = %url, chunk = hex, error = %ember_error::chain(&e), "peer broke off a chunk");
                         continue;
                     }
                 },
                 Ok(_) => continue,
                 Err(e) => {
-                    tracing::warn!(peer = %url, error = %e, "peer unreachable");
+                    tracing::warn!(peer = %url, error = %ember_error::chain(&e), "peer unreachable");
                     continue;
                 }
             };
@@ -263,7 +263,7 @@ impl DirStore {
             match blocking(move || s.put_chunk(&h, &body)).await {
                 Ok(()) => return true,
                 Err(e) => {
-                    tracing::warn!(peer = %url, chunk = hex, error = %e, "peer served a bad chunk");
+                    tracing::warn!(peer = %url, chunk = hex, error = %ember_error::chain(&e), "peer served a bad chunk");
                 }
             }
         }
@@ -286,7 +286,7 @@ impl DirStore {
                 Ok(r) if r.status().is_success() => r,
                 Ok(_) => continue,
                 Err(e) => {
-                    tracing::warn!(peer = %url, error = %e, "peer unreachable");
+                    tracing::warn!(peer = %url, error = %ember_error::chain(&e), "peer unreachable");
                     continue;
                 }
             };
@@ -301,7 +301,7 @@ impl DirStore {
             if let Err(e) = found.manifest.validate(Policy {
                 allow_absolute_symlinks: true,
             }) {
-                tracing::warn!(peer = %url, error = %e, "peer sent an invalid manifest");
+                tracing::warn!(peer = %url, error = %ember_error::chain(&e), "peer sent an invalid manifest");
                 continue;
             }
             return Some(found);

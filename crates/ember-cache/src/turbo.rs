@@ -205,7 +205,7 @@ async fn get_artifact(
                     Err(e) => Err(std::io::Error::other(e.to_string())),
                 };
                 if let Err(e) = &r {
-                    tracing::warn!(error = %e, "serving a Turborepo artifact");
+                    tracing::warn!(error = %ember_error::chain(&e), "serving a Turborepo artifact");
                 }
                 let end = r.is_err();
                 if tx.blocking_send(r).is_err() || end {

@@ -69,7 +69,7 @@ impl RunHandle {
         if let Some((socket, id)) = snapshot_exec
             && let Err(e) = crate::snapshot::signal_exec(&socket, id, SIGKILL)
         {
-            tracing::warn!(error = %e, "cancelling a snapshot run's exec");
+            tracing::warn!(error = %ember_error::chain(&e), "cancelling a snapshot run's exec");
         }
     }
 }

@@ -75,7 +75,9 @@ impl NodeSnapshots {
                     tracing::info!(?r, "removed snapshot runners of an earlier node process")
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "removing old snapshot runners"),
+                Err(e) => {
+                    tracing::warn!(error = %ember_error::chain(&e), "removing old snapshot runners")
+                }
             }
         }
         NodeSnapshots {
@@ -123,7 +125,7 @@ impl NodeSnapshots {
                         "removed the checkpoint of an earlier image or start-up"
                     ),
                     Err(e) => {
-                        tracing::warn!(snapshot = %m.name, error = %e, "removing a checkpoint")
+                        tracing::warn!(snapshot = %m.name, error = %ember_error::chain(&e), "removing a checkpoint")
                     }
                 }
             }
@@ -168,7 +170,7 @@ impl NodeSnapshots {
                 let claim = format!("snapshot-capture-{key}");
                 // The image stays while its start-up is captured.
                 if let Err(e) = me.host.store.add_user(&claim, &record.manifest, std::process::id()) {
-                    tracing::warn!(error = %e, "claiming the image for a capture");
+                    tracing::warn!(error = %ember_error::chain(&e), "claiming the image for a capture");
                 }
                 let r = super::capture(
                     &me.host,
@@ -207,7 +209,7 @@ impl NodeSnapshots {
                 agent.inventory_changed.notify_one();
             });
         if let Err(e) = spawned {
-            tracing::warn!(error = %e, "starting a capture thread");
+            tracing::warn!(error = %ember_error::chain(&e), "starting a capture thread");
             self.capturing
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -241,7 +243,7 @@ pub(crate) fn exec_snapshot(
         .store
         .add_user(&claim, &record.manifest, std::process::id())
     {
-        tracing::warn!(error = %e, "claiming the image for a run");
+        tracing::warn!(error = %ember_error::chain(&e), "claiming the image for a run");
     }
     let req = ResumeRequest {
         name: key.clone(),
@@ -307,7 +309,7 @@ pub(crate) fn exec_snapshot(
                     )
                 ) && let Err(e) = host.store.remove_snapshot(&key)
                 {
-                    tracing::warn!(snapshot = %key, error = %e, "removing a corrupt checkpoint");
+                    tracing::warn!(snapshot = %key, error = %ember_error::chain(&e), "removing a corrupt checkpoint");
                 }
                 true
             },
