@@ -11,6 +11,13 @@
 //! * **Capped.** The same gate holds a pre-pull to
 //!   [`PrepullConfig::bandwidth`](crate::PrepullConfig::bandwidth) bytes
 //!   per second.
+//! * **Taken over.** A run that needs the image being pre-pulled right now
+//!   does not start a second pull of it, nor wait behind a paused one: it
+//!   takes the pre-pull over ([`Prepull::take_over`]). From then on its
+//!   gate neither pauses nor paces (it is the run's pull now, and it pauses
+//!   the other pre-pulls as one), the layers already fetched are kept, and
+//!   the run waits for its outcome; only if it fails does the run pull for
+//!   itself. An image a run is pulling is not pre-pulled meanwhile.
 //! * **Reported.** While an image is pre-pulled, the node's inventory
 //!   lists it under `pulling`, so the scheduler counts it as arriving.
 //! * **Kept.** With an image budget, the node's GC runs when a plan
@@ -23,22 +30,23 @@
 //! What happens is also written to `<root>/prepull.log`, one JSON object a
 //! line (`{"t_ms":…,"event":"paused","image":…}`), so what a node did with
 //! its plan can be checked after the fact: `plan`, `started`, `paused`,
-//! `resumed`, `done`, `failed`, `run_pull_started`, `run_pull_done`,
-//! `evicted`, `over_budget` (what is left cannot be evicted).
+//! `resumed`, `taken_over` (by a run), `done`, `failed`,
+//! `run_pull_started`, `run_pull_done`, `evicted`, `over_budget` (what is
+//! left cannot be evicted).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ember_api::wire::PlannedPull;
 use ember_control::pullplan::{self, HeldImage};
-use ember_store::{PullGate, PullOptions, SilentProgress};
-use tokio::sync::Notify;
+use ember_store::{ImageRecord, PullGate, PullOptions, SilentProgress};
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::agent::NodeAgent;
@@ -65,6 +73,24 @@ struct Plan {
     generation: u64,
 }
 
+/// How a pre-pull ended, for a run that took it over: the image, or why
+/// not (`None` while it is in flight).
+type Outcome = Option<Result<ImageRecord, String>>;
+
+/// A pre-pull in flight, which a run of the same image can take over.
+struct InFlight {
+    /// Bytes the plan says it brings, for the inventory.
+    bytes: u64,
+    /// Set once by [`Prepull::take_over`]: the gate lets everything
+    /// through from then on.
+    promoted: AtomicBool,
+    /// Wakes a gate holding or pacing this pull when it is taken over.
+    promote: Notify,
+    /// Its outcome. Dropped without one if the pre-pull task is aborted
+    /// (shutdown): the run then pulls for itself.
+    done: watch::Sender<Outcome>,
+}
+
 /// The node's pre-pull state, shared by the work stream (which sets plans),
 /// run pulls (which pause pre-pulls), the heartbeat (which reports what is
 /// arriving) and the pre-pull task.
@@ -78,8 +104,10 @@ pub(crate) struct Prepull {
     runs_done: Notify,
     /// A run pull started.
     run_started: Notify,
-    /// Image digest → bytes, for what is being pre-pulled now.
-    pulling: Mutex<BTreeMap<String, u64>>,
+    /// Image digest → the pre-pull of it in flight now.
+    pulling: Mutex<BTreeMap<String, Arc<InFlight>>>,
+    /// Image digest → runs pulling it now (so it is not pre-pulled too).
+    run_images: Mutex<BTreeMap<String, usize>>,
     /// Image digest → runs executing here with it (never evicted).
     busy: Mutex<BTreeMap<String, usize>>,
     /// Images whose pre-pull failed, and when.
@@ -101,6 +129,7 @@ impl Prepull {
             runs_done: Notify::new(),
             run_started: Notify::new(),
             pulling: Mutex::new(BTreeMap::new()),
+            run_images: Mutex::new(BTreeMap::new()),
             busy: Mutex::new(BTreeMap::new()),
             failed: Mutex::new(BTreeMap::new()),
             over_budget: Mutex::new(None),
@@ -144,12 +173,36 @@ impl Prepull {
         self.pulling
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .iter()
+            .map(|(d, f)| (d.clone(), f.bytes))
+            .collect()
+    }
+
+    /// Takes over the pre-pull of `image` if one is in flight: lifts its
+    /// pause and cap and returns where its outcome will appear. `None`
+    /// when `image` is not being pre-pulled (then it either never was or
+    /// is already recorded where the caller looks next: a pre-pull records
+    /// its image before it leaves the in-flight map).
+    pub(crate) fn take_over(&self, image: &str) -> Option<watch::Receiver<Outcome>> {
+        let pulling = self.pulling.lock().unwrap_or_else(|e| e.into_inner());
+        let flight = pulling.get(image)?;
+        if !flight.promoted.swap(true, Ordering::SeqCst) {
+            self.note("taken_over", image);
+            tracing::info!(image, "a run takes over the pre-pull of its image");
+        }
+        flight.promote.notify_waiters();
+        Some(flight.done.subscribe())
     }
 
     /// Marks a run's pull of `image` as in flight until the guard drops:
     /// pre-pulls hold still meanwhile.
     pub(crate) fn run_pull(self: &Arc<Self>, image: &str) -> RunPull {
+        *self
+            .run_images
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(image.to_owned())
+            .or_default() += 1;
         self.run_pulls.fetch_add(1, Ordering::SeqCst);
         self.note("run_pull_started", image);
         self.run_started.notify_waiters();
@@ -184,6 +237,15 @@ pub(crate) struct RunPull {
 impl Drop for RunPull {
     fn drop(&mut self) {
         self.p.note("run_pull_done", &self.image);
+        {
+            let mut images = self.p.run_images.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = images.get_mut(&self.image) {
+                *n -= 1;
+                if *n == 0 {
+                    images.remove(&self.image);
+                }
+            }
+        }
         if self.p.run_pulls.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.p.runs_done.notify_waiters();
         }
@@ -208,9 +270,11 @@ impl Drop for Busy {
     }
 }
 
-/// The gate of one pre-pull: pauses while runs pull, paces to the cap.
+/// The gate of one pre-pull: pauses while runs pull, paces to the cap,
+/// until a run takes it over.
 struct Gate {
     p: Arc<Prepull>,
+    flight: Arc<InFlight>,
     image: String,
     /// Bytes admitted since `since`, for the cap.
     pace: Mutex<(Instant, u64)>,
@@ -218,8 +282,22 @@ struct Gate {
 
 impl Gate {
     /// Holds the download while a run pulls, then paces it to the cap; a
-    /// run pull starting during the pacing pause holds it at once.
+    /// run pull starting during the pacing pause holds it at once. Once a
+    /// run has taken the pre-pull over, neither: it returns at once, and
+    /// a take-over during a pause or pacing ends it.
     async fn wait(&self, bytes: u64) {
+        let promoted = self.flight.promote.notified();
+        if self.flight.promoted.load(Ordering::SeqCst) {
+            return;
+        }
+        tokio::select! {
+            () = self.held(bytes) => {}
+            () = promoted => {}
+        }
+    }
+
+    /// [`Gate::wait`] before any take-over.
+    async fn held(&self, bytes: u64) {
         let due = self.p.bandwidth.map(|bw| {
             let mut pace = self.pace.lock().unwrap_or_else(|e| e.into_inner());
             pace.1 += bytes;
@@ -380,10 +458,19 @@ impl NodeAgent {
             .failed
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        let run_images = self
+            .prepull
+            .run_images
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // An image a run is pulling now would be fetched twice; once the
+        // run has it, it is held.
         let next = pulls.into_iter().find(|p| {
             failed
                 .get(&p.image.digest)
                 .is_none_or(|t| t.elapsed() >= RETRY_AFTER)
+                && !run_images.contains_key(&p.image.digest)
                 && !self.held(&p.image.digest)
         });
         (generation, next)
@@ -404,16 +491,23 @@ impl NodeAgent {
                 return;
             }
         };
+        let flight = Arc::new(InFlight {
+            bytes: pull.bytes,
+            promoted: AtomicBool::new(false),
+            promote: Notify::new(),
+            done: watch::Sender::new(None),
+        });
         self.prepull
             .pulling
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(digest.clone(), pull.bytes);
+            .insert(digest.clone(), flight.clone());
         self.inventory_changed.notify_one();
         self.prepull.note("started", &digest);
         tracing::info!(image = %pull.image.reference, "pre-pulling");
         let gate = Arc::new(Gate {
             p: self.prepull.clone(),
+            flight: flight.clone(),
             image: digest.clone(),
             pace: Mutex::new((Instant::now(), 0)),
         });
@@ -426,30 +520,36 @@ impl NodeAgent {
             Some(gate),
         )
         .await;
-        self.prepull
-            .pulling
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&digest);
-        match res {
+        // Recorded before it leaves the in-flight map, so a run that finds
+        // no pre-pull to take over finds the image instead.
+        let outcome = match res {
             Ok(report) => {
                 self.prepull.note("done", &digest);
                 tracing::info!(image = %pull.image.reference, bytes = report.bytes_downloaded, "pre-pulled");
                 self.images
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(digest, report.image);
+                    .insert(digest.clone(), report.image.clone());
+                Ok(report.image)
             }
             Err(e) => {
                 self.prepull.note("failed", &digest);
-                tracing::warn!(image = %pull.image.reference, error = %ember_api::client::error_chain(&e), "pre-pull failed");
+                let chain = ember_api::client::error_chain(&e);
+                tracing::warn!(image = %pull.image.reference, error = %chain, "pre-pull failed");
                 self.prepull
                     .failed
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(digest, Instant::now());
+                    .insert(digest.clone(), Instant::now());
+                Err(chain)
             }
-        }
+        };
+        flight.done.send_replace(Some(outcome));
+        self.prepull
+            .pulling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&digest);
         self.inventory_changed.notify_one();
     }
 }
