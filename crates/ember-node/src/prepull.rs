@@ -25,14 +25,18 @@
 //!   [`pullplan::eviction_order`]: never what the plan keeps, what a run
 //!   executing here uses, what a container uses (the store checks) or what
 //!   was used in the last [`GC_MIN_AGE`]; among the rest the least
-//!   recently used first.
+//!   recently used first. Idle warm runners do not keep an image forever:
+//!   when all that GC could still evict is kept only by idle runners that
+//!   no pre-warm order asks for, they are retired and their image goes
+//!   (least recently used first; a runner a run holds is never retired).
 //!
 //! What happens is also written to `<root>/prepull.log`, one JSON object a
 //! line (`{"t_ms":…,"event":"paused","image":…}`), so what a node did with
 //! its plan can be checked after the fact: `plan`, `started`, `paused`,
 //! `resumed`, `taken_over` (by a run), `done`, `failed`,
 //! `run_pull_started`, `run_pull_done`, `evicted`, `over_budget` (what is
-//! left cannot be evicted).
+//! left cannot be evicted), `retired` (idle runners of an image, so that it
+//! can be).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -45,7 +49,12 @@ use std::time::Duration;
 
 use ember_api::wire::PlannedPull;
 use ember_control::pullplan::{self, HeldImage};
-use ember_store::{ImageRecord, PullGate, PullOptions, SilentProgress};
+use ember_oci::Reference;
+use ember_registry::RegistryClient;
+use ember_store::{
+    ImageRecord, PullGate, PullOptions, PullProgress, PullReport, SilentProgress, Store,
+    StoreError,
+};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
@@ -228,8 +237,9 @@ impl Prepull {
     }
 }
 
-/// A run's pull in flight ([`Prepull::run_pull`]).
-pub(crate) struct RunPull {
+/// A run's pull in flight ([`Prepuller::run_pull`]): pre-pulls hold
+/// still until it drops.
+pub struct RunPull {
     p: Arc<Prepull>,
     image: String,
 }
@@ -355,11 +365,19 @@ impl NodeAgent {
     }
 
     /// Evicts down to the image budget what the plan does not keep (see
-    /// the module docs); a no-op without a budget.
+    /// the module docs); a no-op without a budget. When what is left over
+    /// the budget is kept only by idle runners nobody asks for, they are
+    /// retired and the GC runs again ([`NodeAgent::retire_for_gc`]).
     fn collect(&self) {
-        let Some(high) = self.cfg.prepull.image_budget else {
-            return;
-        };
+        while let Some((protected, recent)) = self.collect_once()
+            && self.retire_for_gc(&protected, recent)
+        {}
+    }
+
+    /// One GC pass; when it leaves the store over budget, what it
+    /// protected and the time after which an image counts as recent.
+    fn collect_once(&self) -> Option<(BTreeSet<String>, u64)> {
+        let high = self.cfg.prepull.image_budget?;
         // Down to the budget itself: the planner planned within it.
         let low = high;
         let mut protected = self
@@ -430,6 +448,7 @@ impl NodeAgent {
                 if !r.removed_images.is_empty() {
                     self.inventory_changed.notify_one();
                 }
+                return Some((protected, recent));
             }
             Ok(r) if !r.removed_images.is_empty() => {
                 for img in &r.removed_images {
@@ -445,6 +464,73 @@ impl NodeAgent {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "image GC failed"),
         }
+        None
+    }
+
+    /// After a GC that left the store over budget: if every image it could
+    /// still evict is kept only by idle runners that no pre-warm order has
+    /// asked for lately, retires the runners of the least recently used
+    /// one (so the next pass evicts it) and returns `true`. Never touches
+    /// an image the plan keeps or a run executing here uses (`protected`),
+    /// a leased runner, or an image used since `recent`; and retires
+    /// nothing while an image without users is left (too recent to evict
+    /// yet, it goes first once it is old enough).
+    fn retire_for_gc(&self, protected: &BTreeSet<String>, recent: u64) -> bool {
+        let Ok(ix) = self.store.read_index() else {
+            return false;
+        };
+        let users = self.store.users();
+        let idle: BTreeMap<String, String> = self
+            .pool
+            .idle_runners()
+            .into_iter()
+            .map(|r| (r.id, r.key.as_str().to_owned()))
+            .collect();
+        let wanted = {
+            let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+            let asked = self.prewarm_asked.lock().unwrap_or_else(|e| e.into_inner());
+            move |pool_key: &str| {
+                keys.get(pool_key)
+                    .and_then(|k| asked.get(k))
+                    .is_some_and(|t| t.elapsed() < crate::prewarm::PREWARM_ASKED_FOR)
+            }
+        };
+        let mut candidates = Vec::new();
+        for rec in ix.images.values() {
+            let digest = rec.manifest.to_string();
+            if protected.contains(&digest)
+                || rec
+                    .index
+                    .as_ref()
+                    .is_some_and(|i| protected.contains(&i.to_string()))
+            {
+                continue;
+            }
+            let ids: Vec<String> = users
+                .iter()
+                .filter(|(_, m)| m == &rec.manifest)
+                .map(|(id, _)| id.clone())
+                .collect();
+            if ids.is_empty() {
+                return false;
+            }
+            let last_used = self.store.last_used_ms(rec);
+            if last_used <= recent
+                && ids
+                    .iter()
+                    .all(|id| idle.get(id).is_some_and(|k| !wanted(k)))
+            {
+                candidates.push((last_used, digest, ids));
+            }
+        }
+        let Some((_, digest, ids)) = candidates.into_iter().min() else {
+            return false;
+        };
+        let retired = self.pool.retire_idle(&ids);
+        tracing::info!(image = %digest, runners = ?retired, "retired idle runners so that GC can evict their image");
+        self.prepull.note("retired", &digest);
+        self.inventory_changed.notify_one();
+        !retired.is_empty()
     }
 
     /// The next image of the plan to pre-pull, with the plan's generation.
@@ -491,66 +577,139 @@ impl NodeAgent {
                 return;
             }
         };
-        let flight = Arc::new(InFlight {
-            bytes: pull.bytes,
-            promoted: AtomicBool::new(false),
-            promote: Notify::new(),
-            done: watch::Sender::new(None),
-        });
-        self.prepull
-            .pulling
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(digest.clone(), flight.clone());
-        self.inventory_changed.notify_one();
-        self.prepull.note("started", &digest);
-        tracing::info!(image = %pull.image.reference, "pre-pulling");
-        let gate = Arc::new(Gate {
-            p: self.prepull.clone(),
-            flight: flight.clone(),
-            image: digest.clone(),
-            pace: Mutex::new((Instant::now(), 0)),
-        });
-        let res = ember_store::pull_gated(
-            &self.store,
-            &self.registry,
-            &reference,
-            &PullOptions::default(),
-            Arc::new(SilentProgress),
-            Some(gate),
-        )
-        .await;
-        // Recorded before it leaves the in-flight map, so a run that finds
-        // no pre-pull to take over finds the image instead.
-        let outcome = match res {
+        let res = self
+            .prepull
+            .pull_into(
+                &self.store,
+                &self.registry,
+                &digest,
+                &reference,
+                pull.bytes,
+                Arc::new(SilentProgress),
+                || self.inventory_changed.notify_one(),
+                |image| {
+                    self.images
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(digest.clone(), image.clone());
+                },
+            )
+            .await;
+        match res {
             Ok(report) => {
-                self.prepull.note("done", &digest);
                 tracing::info!(image = %pull.image.reference, bytes = report.bytes_downloaded, "pre-pulled");
-                self.images
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(digest.clone(), report.image.clone());
-                Ok(report.image)
             }
             Err(e) => {
-                self.prepull.note("failed", &digest);
-                let chain = ember_api::client::error_chain(&e);
-                tracing::warn!(image = %pull.image.reference, error = %chain, "pre-pull failed");
+                tracing::warn!(image = %pull.image.reference, error = %ember_api::client::error_chain(&e), "pre-pull failed");
                 self.prepull
                     .failed
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(digest.clone(), Instant::now());
-                Err(chain)
+                    .insert(digest, Instant::now());
+            }
+        }
+        self.inventory_changed.notify_one();
+    }
+}
+
+impl Prepull {
+    /// Pre-pulls `reference` (the plan's `digest`, `bytes` big) into
+    /// `store` through a gate, listed in flight meanwhile (`listed` is
+    /// called once it is) so a run can take it over. `record` is given
+    /// the image before it leaves the in-flight map, so a run that finds
+    /// no pre-pull to take over finds the image where `record` put it.
+    #[allow(clippy::too_many_arguments)]
+    async fn pull_into(
+        self: &Arc<Self>,
+        store: &Store,
+        registry: &Arc<RegistryClient>,
+        digest: &str,
+        reference: &Reference,
+        bytes: u64,
+        progress: Arc<dyn PullProgress>,
+        listed: impl FnOnce(),
+        record: impl FnOnce(&ImageRecord),
+    ) -> Result<PullReport, StoreError> {
+        let flight = Arc::new(InFlight {
+            bytes,
+            promoted: AtomicBool::new(false),
+            promote: Notify::new(),
+            done: watch::Sender::new(None),
+        });
+        self.pulling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(digest.to_owned(), flight.clone());
+        listed();
+        self.note("started", digest);
+        tracing::info!(image = %reference, "pre-pulling");
+        let gate = Arc::new(Gate {
+            p: self.clone(),
+            flight: flight.clone(),
+            image: digest.to_owned(),
+            pace: Mutex::new((Instant::now(), 0)),
+        });
+        let res = ember_store::pull_gated(
+            store,
+            registry,
+            reference,
+            &PullOptions::default(),
+            progress,
+            Some(gate),
+        )
+        .await;
+        let outcome = match &res {
+            Ok(report) => {
+                self.note("done", digest);
+                record(&report.image);
+                Ok(report.image.clone())
+            }
+            Err(e) => {
+                self.note("failed", digest);
+                Err(ember_api::client::error_chain(e))
             }
         };
         flight.done.send_replace(Some(outcome));
-        self.prepull
-            .pulling
+        self.pulling
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&digest);
-        self.inventory_changed.notify_one();
+            .remove(digest);
+        res
+    }
+}
+
+/// The node's pre-pull gate on its own, outside a node agent, for `ember
+/// bench prepull` (which measures what pre-pulls in flight cost a run's
+/// pull): the same code as the node's, so pre-pulls pause while a run
+/// pulls ([`Prepuller::run_pull`]), are paced to the cap and can be taken
+/// over.
+pub struct Prepuller(Arc<Prepull>);
+
+impl Prepuller {
+    /// Pre-pulls paced to `bandwidth` bytes per second (`None`: no cap),
+    /// journalled to `<dir>/prepull.log`.
+    pub fn new(dir: &std::path::Path, bandwidth: Option<u64>) -> Self {
+        Prepuller(Arc::new(Prepull::new(dir, bandwidth)))
+    }
+
+    /// Pre-pulls `reference` into `store` at low priority, as a node does.
+    pub async fn prepull(
+        &self,
+        store: &Store,
+        registry: &Arc<RegistryClient>,
+        reference: &Reference,
+        progress: Arc<dyn PullProgress>,
+    ) -> Result<PullReport, StoreError> {
+        let name = reference.to_string();
+        self.0
+            .pull_into(store, registry, &name, reference, 0, progress, || {}, |_| {})
+            .await
+    }
+
+    /// Marks a run's pull of `image` as in flight until the guard drops,
+    /// as the node does around a run's own pull: pre-pulls hold still.
+    pub fn run_pull(&self, image: &str) -> RunPull {
+        self.0.run_pull(image)
     }
 }
 

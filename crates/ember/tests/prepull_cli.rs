@@ -7,7 +7,11 @@
 //!    there; that launch pulls nothing.
 //! 2. While B pre-pulls `big` (capped to 1 MiB/s), a run of `layers` on B
 //!    pulls at once: B's journal shows the pre-pull paused after the run's
-//!    pull started and resumed only after it ended.
+//!    pull started and resumed only after it ended. Then a run of `big`
+//!    itself arrives while big is still being pre-pulled: it takes that
+//!    pre-pull over (B's journal says `taken_over`) and succeeds, and the
+//!    registry served each of big's layers to B at most once (the 110 MiB
+//!    one exactly once): no second download.
 //! 3. B's image budget fits busybox, big and layers (which an idle spare
 //!    runner uses), not `devices` too, pulled into B's store by hand after
 //!    them: its GC evicts devices (never launched, so unplanned; used most
@@ -67,6 +71,24 @@ fn union_bytes(root: &Path, images: &[&str]) -> u64 {
         }
     }
     total
+}
+
+/// The layer digests and sizes of image `manifest` in the store at `root`.
+fn layer_blobs(root: &Path, manifest: &str) -> Vec<(String, u64)> {
+    let ix: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("index.json")).expect("index"))
+            .expect("index JSON");
+    ix["images"][manifest]["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().expect("digest").to_owned(),
+                l["size"].as_u64().expect("size"),
+            )
+        })
+        .collect()
 }
 
 /// Polls until `cond` holds (the test waiting, not the system).
@@ -193,13 +215,28 @@ fn nodes_pre_pull_what_is_launched_yield_to_runs_and_keep_planned_images() {
     for _ in 0..2 {
         assert_eq!(launch(&url, &r("big"))["node"], "a");
     }
+    let big_blobs = layer_blobs(&scratch, &big);
+    let (largest, _) = big_blobs
+        .iter()
+        .max_by_key(|(_, size)| *size)
+        .expect("big has layers")
+        .clone();
     let _b = start_node(&b_root, &url, "b", 2, &agent, &b_args);
     wait_for("B starts pre-pulling big", Duration::from_secs(120), || {
         journal(&b_root).contains(&("started".into(), big.clone()))
     });
+    // What the registry served of big before B's pre-pull (the scratch
+    // store's and A's pulls; B's requests are logged when they complete).
+    let served = |d: &str| registry.count_requests("GET", &format!("/blobs/{d}"));
+    let before: Vec<usize> = big_blobs.iter().map(|(d, _)| served(d)).collect();
     a.stop();
     let run = launch(&url, &r("layers"));
     assert_eq!(run["node"], "b");
+    // A run of big now: at 1 MiB/s the pre-pull of its 110 MiB layer has
+    // most of the way to go, so the run takes it over.
+    let run = launch(&url, &r("big"));
+    assert_eq!(run["node"], "b");
+    assert_eq!(run["image"]["digest"], big.as_str());
     // The journal's `done` follows the store's commit.
     wait_for(
         "B finishes pre-pulling big",
@@ -230,6 +267,32 @@ fn nodes_pre_pull_what_is_launched_yield_to_runs_and_keep_planned_images() {
         "big resumed while the run pulled: {j:?}"
     );
     assert!(at("done", &big) > done, "{j:?}");
+    // The run of big took the pre-pull over, which then finished.
+    assert!(at("taken_over", &big) < at("done", &big), "{j:?}");
+    assert!(
+        !j.contains(&("run_pull_started".into(), big.clone()))
+            || at("run_pull_started", &big) > at("taken_over", &big),
+        "the run of big started a pull of its own: {j:?}"
+    );
+    // No second download: B fetched big's large layer once, and no layer
+    // of big more than once.
+    let i = big_blobs
+        .iter()
+        .position(|(d, _)| *d == largest)
+        .expect("largest");
+    assert_eq!(
+        registry.wait_for_requests(
+            "GET",
+            &format!("/blobs/{largest}"),
+            before[i] + 1,
+            Duration::from_secs(30)
+        ),
+        before[i] + 1,
+        "B did not fetch big's large layer exactly once"
+    );
+    for ((d, _), b) in big_blobs.iter().zip(&before) {
+        assert!(served(d) <= b + 1, "{d} served to B more than once");
+    }
 
     // 3. Another image arrives in B's store, not through a launch: over
     // budget now, B's GC evicts it, keeps busybox and big.
