@@ -17,6 +17,11 @@
 //!    them: its GC evicts devices (never launched, so unplanned; used most
 //!    recently) and keeps busybox (planned; used longest ago), which
 //!    least-recently-used eviction would have taken first.
+//! 4. A run of devices on B brings it back (and leaves an idle spare
+//!    runner of it): over budget again, with nothing left to evict that
+//!    no runner uses, B's GC retires the idle spare runner of layers (no
+//!    pre-warm asks for it, and it is the least recently used) and evicts
+//!    layers, keeping busybox and big.
 
 mod common;
 
@@ -313,4 +318,20 @@ fn nodes_pre_pull_what_is_launched_yield_to_runs_and_keep_planned_images() {
     let h = held(&b_root);
     assert!(h.contains(&bb) && h.contains(&big), "{h:?}");
     assert!(journal(&b_root).iter().any(|(e, _)| e == "evicted"));
+
+    // 4. Only idle runners keep what is over the budget now.
+    let run = launch(&url, &r("devices"));
+    assert_eq!(run["node"], "b");
+    wait_for(
+        "B's GC retires the idle runner of layers and evicts it",
+        Duration::from_secs(120),
+        || !held(&b_root).contains(&layers),
+    );
+    let j = journal(&b_root);
+    assert!(
+        j.contains(&("retired".into(), layers.clone())),
+        "layers went without its runner being retired: {j:?}"
+    );
+    let h = held(&b_root);
+    assert!(h.contains(&bb) && h.contains(&big), "{h:?}");
 }
