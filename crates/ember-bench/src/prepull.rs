@@ -115,7 +115,11 @@ impl std::fmt::Display for PrepullReport {
             self.reps,
             self.others.join(", ")
         )?;
-        writeln!(f, "  alone:            median {:.0} ms", self.median_alone_ms)?;
+        writeln!(
+            f,
+            "  alone:            median {:.0} ms",
+            self.median_alone_ms
+        )?;
         writeln!(
             f,
             "  with pre-pulls:   median {:.0} ms  ratio {:.3}  (pre-pull bytes during the pull, max {})",
@@ -167,11 +171,21 @@ pub async fn run(
     let mut unyielding = Vec::new();
     let mut image_bytes = 0;
     let arms = if cfg.unyielding { 3 } else { 2 };
+    // The pre-pull store of the arm before, removed one arm later (by then
+    // its aborted extraction has surely stopped writing).
+    let mut last_pre: Option<PathBuf> = None;
     for rep in 0..cfg.reps {
         for k in 0..arms {
             let arm = (rep + k) % arms;
-            let run_store = fresh(&cfg.dir, "run")?;
-            let pre_store = fresh(&cfg.dir, "prepull")?;
+            // New directories every time: an aborted pre-pull's extraction
+            // may still be finishing in the last ones.
+            if let Some(p) = last_pre.take() {
+                let _ = std::fs::remove_dir_all(p);
+            }
+            let run_store = fresh(&cfg.dir, &format!("run-{rep}-{arm}"))?;
+            let pre_name = format!("prepull-{rep}-{arm}");
+            let pre_store = fresh(&cfg.dir, &pre_name)?;
+            last_pre = Some(cfg.dir.join(pre_name));
             let prepuller = Arc::new(ember_node::Prepuller::new(&cfg.dir, cfg.bandwidth));
             let counted = Arc::new(Counted::default());
             // The other images, one after another, as a node pre-pulls.
@@ -210,28 +224,31 @@ pub async fn run(
             }
             let before = counted.0.load(Ordering::Relaxed);
             let t0 = Instant::now();
-            let report = {
+            let (report, took, got) = {
                 let _run = (arm == 1).then(|| prepuller.run_pull(&cfg.image.to_string()));
-                ember_store::pull(
+                let r = ember_store::pull(
                     &run_store,
                     registry,
                     &cfg.image,
                     &PullOptions::default(),
                     Arc::new(SilentProgress),
                 )
-                .await
-            }
-            .map_err(|source| PrepullBenchError::Store {
+                .await;
+                // Read before the guard drops and the pre-pulls read on.
+                let got = counted.0.load(Ordering::Relaxed) - before;
+                (r, ms(t0.elapsed()), got)
+            };
+            let report = report.map_err(|source| PrepullBenchError::Store {
                 what: format!("pulling {}", cfg.image),
                 source,
             })?;
-            let took = ms(t0.elapsed());
-            let got = counted.0.load(Ordering::Relaxed) - before;
             image_bytes = report.bytes_downloaded;
             if let Some(b) = background {
                 b.abort();
                 let _ = b.await;
             }
+            drop(run_store);
+            let _ = std::fs::remove_dir_all(cfg.dir.join(format!("run-{rep}-{arm}")));
             let name = ["alone", "with pre-pulls", "ungated pulls"][arm];
             say(&format!("rep {}: {name}: {took:.0} ms", rep + 1));
             match arm {
@@ -244,8 +261,9 @@ pub async fn run(
             }
         }
     }
-    let _ = std::fs::remove_dir_all(cfg.dir.join("run"));
-    let _ = std::fs::remove_dir_all(cfg.dir.join("prepull"));
+    if let Some(p) = last_pre {
+        let _ = std::fs::remove_dir_all(p);
+    }
     let median = |v: &[f64]| {
         let mut s = v.to_vec();
         s.sort_by(f64::total_cmp);

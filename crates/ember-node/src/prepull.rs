@@ -20,6 +20,12 @@
 //!   itself. An image a run is pulling is not pre-pulled meanwhile.
 //! * **Reported.** While an image is pre-pulled, the node's inventory
 //!   lists it under `pulling`, so the scheduler counts it as arriving.
+//! * **Trending first in the cache.** When a plan arrives and the node
+//!   pulls through a cluster cache (`ember cache`), the node asks the cache
+//!   to fetch the plan's first [`WARM_HEAD`] images now
+//!   (`POST /ember/v1/warm`), at the cache's full speed: the node's own
+//!   capped, one-at-a-time pre-pulls (and every other node's) then read
+//!   them from the cache.
 //! * **Kept.** With an image budget, the node's GC runs when a plan
 //!   arrives, after each pre-pull and every few seconds, evicting in
 //!   [`pullplan::eviction_order`]: never what the plan keeps, what a run
@@ -34,7 +40,8 @@
 //! line (`{"t_ms":…,"event":"paused","image":…}`), so what a node did with
 //! its plan can be checked after the fact: `plan`, `started`, `paused`,
 //! `resumed`, `taken_over` (by a run), `done`, `failed`,
-//! `run_pull_started`, `run_pull_done`, `evicted`, `over_budget` (what is
+//! `run_pull_started`, `run_pull_done`, `cache_warmed`,
+//! `cache_warm_failed`, `evicted`, `over_budget` (what is
 //! left cannot be evicted), `retired` (idle runners of an image, so that it
 //! can be).
 
@@ -52,8 +59,7 @@ use ember_control::pullplan::{self, HeldImage};
 use ember_oci::Reference;
 use ember_registry::RegistryClient;
 use ember_store::{
-    ImageRecord, PullGate, PullOptions, PullProgress, PullReport, SilentProgress, Store,
-    StoreError,
+    ImageRecord, PullGate, PullOptions, PullProgress, PullReport, SilentProgress, Store, StoreError,
 };
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
@@ -72,6 +78,13 @@ const GC_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A pre-pull that failed is tried again after this, not at every plan.
 const RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// How many of a new plan's images the cluster cache is asked to fetch at
+/// once: the head of the plan, the images most likely to be launched.
+const WARM_HEAD: usize = 4;
+
+/// How long the cache may take over fetching them.
+const WARM_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The plan in force.
 #[derive(Debug, Default)]
@@ -702,7 +715,16 @@ impl Prepuller {
     ) -> Result<PullReport, StoreError> {
         let name = reference.to_string();
         self.0
-            .pull_into(store, registry, &name, reference, 0, progress, || {}, |_| {})
+            .pull_into(
+                store,
+                registry,
+                &name,
+                reference,
+                0,
+                progress,
+                || {},
+                |_| {},
+            )
             .await
     }
 
@@ -710,6 +732,77 @@ impl Prepuller {
     /// as the node does around a run's own pull: pre-pulls hold still.
     pub fn run_pull(&self, image: &str) -> RunPull {
         self.0.run_pull(image)
+    }
+}
+
+impl NodeAgent {
+    /// Asks the cluster cache, if the node pulls through one, to fetch the
+    /// head of the plan in force; journals what it answered, per image.
+    async fn warm_cache(self: Arc<Self>) {
+        let Some(cache) = self.cfg.cache.clone() else {
+            return;
+        };
+        let head: Vec<(String, String)> = self
+            .prepull
+            .plan
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pulls
+            .iter()
+            .take(WARM_HEAD)
+            .filter_map(|p| {
+                let r = pinned_reference(&p.image).ok()?;
+                Some((p.image.digest.clone(), r.to_string()))
+            })
+            .collect();
+        if head.is_empty() {
+            return;
+        }
+        let url = format!("{}/ember/v1/warm", cache.trim_end_matches('/'));
+        let body = serde_json::json!({
+            "images": head.iter().map(|(_, r)| r).collect::<Vec<_>>(),
+        });
+        let answer = async {
+            let http = reqwest::Client::builder()
+                .timeout(WARM_TIMEOUT)
+                .build()
+                .map_err(|e| e.to_string())?;
+            let resp = http
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .and_then(|r| r.error_for_status())
+                .map_err(|e| ember_api::client::error_chain(&e))?;
+            let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
+            serde_json::from_slice::<serde_json::Value>(&bytes).map_err(|e| e.to_string())
+        }
+        .await;
+        match answer {
+            Ok(v) => {
+                let results = v["images"].as_array().cloned().unwrap_or_default();
+                for (digest, reference) in &head {
+                    let r = results.iter().find(|r| r["image"] == reference.as_str());
+                    match r {
+                        Some(r) if r["error"].is_null() => {
+                            self.prepull.note("cache_warmed", digest);
+                        }
+                        other => {
+                            let why = other.map(|r| r["error"].to_string()).unwrap_or_default();
+                            tracing::warn!(image = %reference, error = %why, "the cache did not warm it");
+                            self.prepull.note("cache_warm_failed", digest);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(cache = %cache, error = %e, "asking the cache to warm the plan's head");
+                for (digest, _) in &head {
+                    self.prepull.note("cache_warm_failed", digest);
+                }
+            }
+        }
     }
 }
 
@@ -726,6 +819,9 @@ pub(crate) async fn prepull_loop(agent: Arc<NodeAgent>) {
         };
         if generation != seen {
             seen = generation;
+            // Beside the pulls, not before them: the cache's fetch of the
+            // whole head can take long.
+            tokio::spawn(agent.clone().warm_cache());
             let a = agent.clone();
             let _ = tokio::task::spawn_blocking(move || a.collect()).await;
         }

@@ -521,5 +521,8 @@ fn retiring_idle_runners_destroys_only_the_idle_ones_named() {
     assert!(!f.fake.destroyed().contains(&c));
     let idle: Vec<String> = f.pool.idle_runners().into_iter().map(|r| r.id).collect();
     assert_eq!(idle, vec![b]);
-    assert_eq!(f.pool.release(leased, Outcome::Succeeded), Released::Recycled);
+    assert_eq!(
+        f.pool.release(leased, Outcome::Succeeded),
+        Released::Recycled
+    );
 }

@@ -335,3 +335,142 @@ fn nodes_pre_pull_what_is_launched_yield_to_runs_and_keep_planned_images() {
     let h = held(&b_root);
     assert!(h.contains(&bb) && h.contains(&big), "{h:?}");
 }
+
+/// `ember cache` on a free port in front of `upstream`; killed on drop.
+struct Cache(std::process::Child, String);
+
+impl Drop for Cache {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_cache(dir: &Path, upstream: &str) -> Cache {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let child = std::process::Command::new(ember())
+        .args(["cache", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--max-bytes", "1G", "--upstream", upstream])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn ember cache");
+    let cache = Cache(child, format!("http://127.0.0.1:{port}"));
+    wait_for("ember cache listens", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    cache
+}
+
+/// The cluster cache is asked to fetch the head of a node's plan when the
+/// plan arrives: node B, pulling through `ember cache` and pre-pulling at
+/// 4 KiB/s (one image at a time, so it starts only one of the two planned
+/// images), journals `cache_warmed` for both, and the origin has served
+/// the layers of the image B has not even started to the cache.
+#[test]
+fn the_cache_fetches_the_head_of_a_plan_ahead_of_the_node() {
+    let Some(agent) = static_agent() else {
+        eprintln!("skipped: the static ember-agent could not be built");
+        return;
+    };
+    let registry = registry_with(&["busybox", "big", "layers"]);
+    let r = |n: &str| format!("{}/ember/{n}:latest", registry.addr());
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cache = start_cache(&tmp.path().join("cache"), &registry.url());
+    let (_control, url) = start_control(
+        &tmp.path().join("control"),
+        &tmp.path().join("control.db").to_string_lossy(),
+        &[
+            "--prepull-interval",
+            "1s",
+            "--prepull-replication",
+            "2",
+            "--prepull-min-score",
+            "1.5",
+        ],
+    );
+    let (a_root, b_root) = (tmp.path().join("a"), tmp.path().join("b"));
+    let mut a = start_node(&a_root, &url, "a", 2, &agent, &[]);
+    let mut digests = Vec::new();
+    for n in ["big", "layers"] {
+        for _ in 0..2 {
+            let run = launch(&url, &r(n));
+            assert_eq!(run["node"], "a");
+            digests.push(run["image"]["digest"].as_str().expect("digest").to_owned());
+        }
+    }
+    let (big, layers) = (digests[0].clone(), digests[2].clone());
+    // For each image, the layers only it has, with what the origin has
+    // served of each so far (to A).
+    let served = |d: &str| registry.count_requests("GET", &format!("/blobs/{d}"));
+    let own = |img: &str, other: &str| -> Vec<(String, usize)> {
+        let theirs = layer_blobs(&a_root, other);
+        layer_blobs(&a_root, img)
+            .into_iter()
+            .filter(|(d, _)| !theirs.iter().any(|(t, _)| t == d))
+            .map(|(d, _)| {
+                let n = served(&d);
+                (d, n)
+            })
+            .collect()
+    };
+    let own_of = [
+        (big.clone(), own(&big, &layers)),
+        (layers.clone(), own(&layers, &big)),
+    ];
+    assert!(own_of.iter().all(|(_, o)| !o.is_empty()));
+    a.stop();
+
+    let _b = start_node(
+        &b_root,
+        &url,
+        "b",
+        2,
+        &agent,
+        &["--cache", &cache.1, "--prepull-bandwidth", "4k"],
+    );
+    wait_for(
+        "B's cache warms both planned images",
+        Duration::from_secs(300),
+        || {
+            let j = journal(&b_root);
+            j.contains(&("cache_warmed".into(), big.clone()))
+                && j.contains(&("cache_warmed".into(), layers.clone()))
+        },
+    );
+    let j = journal(&b_root);
+    // B pre-pulls one image at a time, slowly: one of the two is not even
+    // started, and neither is done.
+    let started: Vec<&String> = [&big, &layers]
+        .into_iter()
+        .filter(|d| j.contains(&("started".into(), (*d).clone())))
+        .collect();
+    assert!(started.len() <= 1, "{j:?}");
+    assert!(
+        !j.iter().any(|(e, _)| e == "done"),
+        "a pre-pull finished at 4 KiB/s: {j:?}"
+    );
+    // Only the warm request can have brought the own layers of the image
+    // B has not started into the cache.
+    let (img, own) = own_of
+        .iter()
+        .find(|(d, _)| !started.contains(&d))
+        .expect("an image B has not started");
+    for (d, b) in own {
+        assert_eq!(
+            registry.wait_for_requests(
+                "GET",
+                &format!("/blobs/{d}"),
+                b + 1,
+                Duration::from_secs(30)
+            ),
+            b + 1,
+            "the origin did not serve {d} (of {img}) to the cache once"
+        );
+    }
+}
