@@ -56,9 +56,9 @@ pub enum PrepullBenchError {
     Store {
         /// What was being done.
         what: String,
-        /// Why it failed.
+        /// Why it failed (boxed: a store error is large).
         #[source]
-        source: ember_store::StoreError,
+        source: Box<ember_store::StoreError>,
     },
     /// The pre-pulls never started streaming.
     #[error("the pre-pulls of {0} received nothing within 60 s")]
@@ -150,7 +150,7 @@ fn fresh(dir: &std::path::Path, name: &str) -> Result<Store, PrepullBenchError> 
     let _ = std::fs::remove_dir_all(&p);
     Store::open(&p).map_err(|source| PrepullBenchError::Store {
         what: format!("opening a store in {}", p.display()),
-        source,
+        source: Box::new(source),
     })
 }
 
@@ -240,7 +240,7 @@ pub async fn run(
             };
             let report = report.map_err(|source| PrepullBenchError::Store {
                 what: format!("pulling {}", cfg.image),
-                source,
+                source: Box::new(source),
             })?;
             image_bytes = report.bytes_downloaded;
             if let Some(b) = background {
