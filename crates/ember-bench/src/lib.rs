@@ -5,6 +5,9 @@
 //! - [`burst`]: N runs submitted at once to a running control plane, next
 //!   to the node's raw warm-pool throughput measured in the same run.
 //! - [`pool`]: the raw warm-pool loop both use.
+//! - [`prepull`]: a run's pull alone and while the node's pre-pulls are
+//!   in flight, for the target that a pre-pull never delays it by more
+//!   than 10 %.
 //! - [`stats`]: percentiles, and the one definition of each phase of a
 //!   run's start (queue, placement, image, runner, process), which
 //!   `ember runs --stats` uses too.
@@ -16,6 +19,7 @@
 
 pub mod burst;
 pub mod pool;
+pub mod prepull;
 pub mod stats;
 pub mod warm;
 

@@ -61,6 +61,9 @@ pub(crate) struct NodeAgent {
     /// Warm key → runners being created for a pre-warm order, so a
     /// repeated order does not create them twice.
     pub(crate) prewarming: Mutex<HashMap<String, u32>>,
+    /// Warm key → when a pre-warm order last named it (the image GC does
+    /// not retire idle runners of a key still asked for).
+    pub(crate) prewarm_asked: Mutex<HashMap<String, Instant>>,
     /// Warm key → when a pre-warm of it last failed.
     pub(crate) prewarm_failed: Mutex<HashMap<String, Instant>>,
     /// Runs executed at once (`cfg.slots`).
@@ -135,6 +138,7 @@ pub async fn run_node(
         runs: Mutex::new(HashMap::new()),
         prewarming: Mutex::new(HashMap::new()),
         prewarm_failed: Mutex::new(HashMap::new()),
+        prewarm_asked: Mutex::new(HashMap::new()),
         inventory_changed: Notify::new(),
         reporting: AtomicBool::new(false),
         prepull: Arc::new(crate::prepull::Prepull::new(&cfg_root, cfg_bandwidth)),

@@ -174,6 +174,23 @@ impl crate::agent::NodeAgent {
     /// `image` in the store, pulled (through the cache if any) when this
     /// process has not pulled it before or its layers have gone since.
     pub(crate) async fn ensure_image(&self, image: &PinnedImage) -> Result<ImageRecord, String> {
+        // Being pre-pulled right now: take that pull over rather than
+        // start a second one (or wait behind it while it is paused).
+        if let Some(mut outcome) = self.prepull.take_over(&image.digest) {
+            let _counted = self.metrics.pull();
+            // Other pre-pulls hold still meanwhile, as for any run pull.
+            let _pulling = self.prepull.run_pull(&image.digest);
+            match outcome.wait_for(Option::is_some).await.as_deref() {
+                Ok(Some(Ok(record))) if is_complete(&self.store, record) => {
+                    return Ok(record.clone());
+                }
+                // It failed, or the pre-pull task was stopped: pull below.
+                Ok(Some(Err(e))) => {
+                    tracing::info!(image = %image.digest, error = %e, "the pre-pull taken over failed; pulling");
+                }
+                _ => {}
+            }
+        }
         let known = self
             .images
             .lock()

@@ -87,4 +87,5 @@ mod watchdog;
 
 pub use agent::run_node;
 pub use config::{NodeAgentConfig, NodeError, PrepullConfig, WatchdogCommand};
+pub use prepull::{Prepuller, RunPull};
 pub use watchdog::{WatchReport, watch_node};

@@ -16,9 +16,19 @@ use crate::agent::NodeAgent;
 /// order at every heartbeat.
 const PREWARM_RETRY: Duration = Duration::from_secs(30);
 
+/// Idle runners of a warm key a `prewarm` order named this recently are
+/// not retired by the image GC (the control plane repeats its orders at
+/// every heartbeat, so a key it still wants is named far more often).
+pub(crate) const PREWARM_ASKED_FOR: Duration = Duration::from_secs(60);
+
 /// Carries out `order` (of `deployment`) in a task of its own; a failure
 /// holds off further orders of its key for [`PREWARM_RETRY`].
 pub(crate) fn spawn_prewarm(agent: &Arc<NodeAgent>, deployment: String, order: PrewarmOrder) {
+    agent
+        .prewarm_asked
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(order.key.clone(), Instant::now());
     let agent = agent.clone();
     tokio::spawn(async move {
         match prewarm(&agent, &order).await {

@@ -1133,6 +1133,25 @@ impl Pool {
             .collect()
     }
 
+    /// Destroys the idle runners among `ids` now and returns their ids,
+    /// once they are gone; leased runners (and ids not idle) are left
+    /// alone. For a node's image GC: an image whose only users are idle
+    /// runners nobody asks for can be evicted once they are retired.
+    pub fn retire_idle(&self, ids: &[String]) -> Vec<String> {
+        let runners: Vec<Runner> = {
+            let mut st = self.inner.lock();
+            let (retired, kept): (Vec<Idle>, Vec<Idle>) = std::mem::take(&mut st.idle)
+                .into_iter()
+                .partition(|i| ids.contains(&i.runner.id));
+            st.idle = kept;
+            st.destroying += retired.len();
+            retired.into_iter().map(|i| i.runner).collect()
+        };
+        let retired = runners.iter().map(|r| r.id.clone()).collect();
+        self.inner.destroy_now(runners);
+        retired
+    }
+
     /// Waits until no runner is being destroyed (or `timeout` passes);
     /// `true` if none is.
     pub fn wait_destroyed(&self, timeout: Duration) -> bool {

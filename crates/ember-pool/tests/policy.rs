@@ -504,3 +504,25 @@ fn recover_asks_the_runtime() {
     f.pool.recover().unwrap();
     assert_eq!(f.fake.calls(), [Call::Recover]);
 }
+
+#[test]
+fn retiring_idle_runners_destroys_only_the_idle_ones_named() {
+    let f = pool(|_| {});
+    let a = use_once(&f.pool, &spec("a", Some("k")));
+    let b = use_once(&f.pool, &spec("b", Some("k")));
+    let leased = f.pool.acquire(&spec("c", Some("k"))).unwrap();
+    let c = leased.id().to_owned();
+    // A leased runner is not retired even when named, an idle one not
+    // named is kept, and the named idle one is gone when this returns.
+    let retired = f.pool.retire_idle(&[a.clone(), c.clone()]);
+    assert_eq!(retired, vec![a.clone()]);
+    assert!(f.fake.destroyed().contains(&a), "{:?}", f.fake.destroyed());
+    assert!(!f.fake.destroyed().contains(&b));
+    assert!(!f.fake.destroyed().contains(&c));
+    let idle: Vec<String> = f.pool.idle_runners().into_iter().map(|r| r.id).collect();
+    assert_eq!(idle, vec![b]);
+    assert_eq!(
+        f.pool.release(leased, Outcome::Succeeded),
+        Released::Recycled
+    );
+}

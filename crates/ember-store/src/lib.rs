@@ -470,6 +470,12 @@ impl Store {
         let _ = fs::remove_file(self.root.join("users").join(format!("{id}.json")));
     }
 
+    /// Containers using images, as (container id, image manifest), for a
+    /// node's GC to see which images only idle runners hold.
+    pub fn users(&self) -> Vec<(String, Digest)> {
+        self.live_users()
+    }
+
     /// Live users: (container id, image). Claims of dead processes are
     /// removed as they are found.
     fn live_users(&self) -> Vec<(String, Digest)> {

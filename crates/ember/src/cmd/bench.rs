@@ -42,6 +42,42 @@ pub enum Command {
     /// warm`) with as many threads as the cluster has slots, and the
     /// control plane's overhead is 1 − burst runs/s ÷ raw runs/s.
     Burst(BurstArgs),
+    /// A run's pull of an image alone, and while the node's pre-pulls of
+    /// other images are in flight (the same pre-pull code as `ember node`,
+    /// yielding to the run's pull), repeated; prints the medians and their
+    /// ratio. The target is that pre-pulls never delay a run's pull by more
+    /// than 10 %. Stores live in `<root>/bench/prepull/`, emptied as it goes.
+    Prepull(PrepullArgs),
+}
+
+/// Options of `ember bench prepull`.
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Example:\n  ember bench prepull --image 127.0.0.1:5000/ember/big:latest \\\n    \
+--prepull 127.0.0.1:5000/ember/multi:latest --reps 5 --unyielding"
+)]
+pub struct PrepullArgs {
+    /// The run's image.
+    #[arg(long, value_name = "REF")]
+    pub image: String,
+    /// An image pre-pulled meanwhile (repeatable; pulled one after another).
+    #[arg(long = "prepull", value_name = "REF", required = true)]
+    pub prepull: Vec<String>,
+    /// Repetitions of each arm.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub reps: usize,
+    /// The pre-pulls' cap per second (as `ember node --prepull-bandwidth`;
+    /// 0 = uncapped, the hardest case for the yield).
+    #[arg(long, value_name = "BYTES", default_value = "0")]
+    pub bandwidth: String,
+    /// Also measure the pull next to ungated pulls of the other images.
+    #[arg(long)]
+    pub unyielding: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
 }
 
 /// Options of `ember bench warm`.
@@ -166,7 +202,39 @@ pub async fn run(root: &Path, cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
         Command::Warm(args) => run_warm(root, args).await,
         Command::Burst(args) => run_burst(root, args).await,
+        Command::Prepull(args) => run_prepull(root, args).await,
     }
+}
+
+async fn run_prepull(root: &Path, args: PrepullArgs) -> anyhow::Result<ExitCode> {
+    let bandwidth = crate::util::parse_size(&args.bandwidth).context("--bandwidth")?;
+    let cfg = ember_bench::prepull::PrepullConfig {
+        image: args.image.parse().context("--image")?,
+        others: args
+            .prepull
+            .iter()
+            .map(|r| r.parse().with_context(|| format!("--prepull {r}")))
+            .collect::<anyhow::Result<_>>()?,
+        reps: args.reps,
+        bandwidth: (bandwidth > 0).then_some(bandwidth),
+        unyielding: args.unyielding,
+        dir: root.join("bench").join("prepull"),
+    };
+    std::fs::create_dir_all(&cfg.dir).with_context(|| format!("creating {}", cfg.dir.display()))?;
+    let registry = args.registry.client()?;
+    let json = args.json;
+    let say: Say = Arc::new(move |s: &str| {
+        if !json {
+            eprintln!("prepull: {s}");
+        }
+    });
+    let report = ember_bench::prepull::run(&cfg, &registry, &say).await?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{report}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Opens the store under `root` and returns it with `reference`'s image,
