@@ -20,47 +20,6 @@ const STARTUP: &str = "sleep 3; echo warm > /warm; echo ready >&\"$EMBER_READY_F
                        case \"$req\" in *'\"wait\"'*) sleep 60;; esac";
 const STARTUP_SECS: f64 = 3.0;
 
-/// The static agent, always (re)built by its script: cargo makes that a
-/// no-op when it is current, and an agent left in `target/` by an older
-/// checkout would lack the readiness protocol.
-fn fresh_agent() -> Option<std::path::PathBuf> {
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = Command::new(root.join("crates/ember-agent/build-static.sh"))
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-}
-
-fn prerequisites() -> Option<std::path::PathBuf> {
-    let skip = std::env::var("EMBER_TEST_SKIP_PRIVILEGED").as_deref() == Ok("1");
-    let criu = Command::new("criu").arg("check").output();
-    let agent = fresh_agent();
-    let problem = match (&criu, &agent) {
-        (Ok(o), Some(_)) if o.status.success() => None,
-        (Ok(o), _) if !o.status.success() => Some(format!(
-            "`criu check` failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        )),
-        (Err(e), _) => Some(format!("cannot execute criu: {e}")),
-        _ => Some("the static ember-agent could not be built".to_owned()),
-    };
-    match problem {
-        None => agent,
-        Some(p) if skip => {
-            eprintln!("skipping (EMBER_TEST_SKIP_PRIVILEGED=1): {p}");
-            None
-        }
-        Some(p) => panic!(
-            "this test needs root, runc, CRIU and the static agent: {p}\n\
-             install CRIU with scripts/install-criu.sh and build the agent with \
-             crates/ember-agent/build-static.sh, or set EMBER_TEST_SKIP_PRIVILEGED=1"
-        ),
-    }
-}
-
 fn ember_env(root: &Path, agent: &Path, env: &[(&str, &str)], args: &[&str]) -> (Output, f64) {
     let t = Instant::now();
     let mut c = Command::new(ember());
@@ -115,7 +74,9 @@ fn assert_no_leftovers(root: &Path) {
 
 #[test]
 fn a_slow_start_up_is_captured_once_and_every_run_restores_its_own_copy() {
-    let Some(agent) = prerequisites() else { return };
+    let Some(agent) = snapshot_prerequisites() else {
+        return;
+    };
     let registry = registry_with(&["busybox"]);
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path().join("store");

@@ -12,7 +12,6 @@ mod common;
 
 use common::cluster::*;
 use common::*;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// A start-up that takes a second, then is parked until a run resumes it
@@ -21,46 +20,6 @@ use std::time::{Duration, Instant};
 const STARTUP: &str = "sleep 1; echo ready >&\"$EMBER_READY_FD\"; \
                        read -r req <&\"$EMBER_READY_FD\"; echo \"$req\"; \
                        echo \"random $(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \\n')\"";
-
-/// The static agent, always (re)built by its script (as snapshot_cli
-/// does: an older agent in `target/` would lack the readiness protocol).
-fn fresh_agent() -> Option<std::path::PathBuf> {
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = Command::new(root.join("crates/ember-agent/build-static.sh"))
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-}
-
-fn prerequisites() -> Option<std::path::PathBuf> {
-    let skip = std::env::var("EMBER_TEST_SKIP_PRIVILEGED").as_deref() == Ok("1");
-    let criu = Command::new("criu").arg("check").output();
-    let agent = fresh_agent();
-    let problem = match (&criu, &agent) {
-        (Ok(o), Some(_)) if o.status.success() => None,
-        (Ok(o), _) if !o.status.success() => Some(format!(
-            "`criu check` failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        )),
-        (Err(e), _) => Some(format!("cannot execute criu: {e}")),
-        _ => Some("the static ember-agent could not be built".to_owned()),
-    };
-    match problem {
-        None => agent,
-        Some(p) if skip => {
-            eprintln!("skipping (EMBER_TEST_SKIP_PRIVILEGED=1): {p}");
-            None
-        }
-        Some(p) => panic!(
-            "this test needs root, runc, CRIU and the static agent: {p}\n\
-             install CRIU with scripts/install-criu.sh and build the agent with \
-             crates/ember-agent/build-static.sh, or set EMBER_TEST_SKIP_PRIVILEGED=1"
-        ),
-    }
-}
 
 /// One `ember submit --wait` of the deployment: its request line (parsed),
 /// its random value, and the run as the control plane stores it.
@@ -87,7 +46,9 @@ fn run_once(url: &str, args: &[&str]) -> (serde_json::Value, String, serde_json:
 
 #[test]
 fn a_snapshot_deployment_starts_fresh_once_then_restores_independent_copies() {
-    let Some(agent) = prerequisites() else { return };
+    let Some(agent) = snapshot_prerequisites() else {
+        return;
+    };
     let registry = registry_with(&["busybox"]);
     let image = format!("{}/ember/busybox:latest", registry.addr());
     let tmp = tempfile::tempdir().expect("tempdir");

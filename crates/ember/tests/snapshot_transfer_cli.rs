@@ -13,7 +13,7 @@ mod common;
 
 use common::*;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 
 /// Parks after a start-up that leaves a file behind; a resumed run prints
@@ -27,34 +27,6 @@ impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-fn prerequisites() -> Option<PathBuf> {
-    let skip = std::env::var("EMBER_TEST_SKIP_PRIVILEGED").as_deref() == Ok("1");
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let agent = Command::new(root.join("crates/ember-agent/build-static.sh"))
-        .stderr(Stdio::inherit())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
-    let criu_ok = Command::new("criu")
-        .arg("check")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    match (criu_ok, agent) {
-        (true, Some(a)) => Some(a),
-        _ if skip => {
-            eprintln!("skipping (EMBER_TEST_SKIP_PRIVILEGED=1): CRIU or the static agent missing");
-            None
-        }
-        (criu, agent) => panic!(
-            "this test needs root, runc, CRIU and the static agent (criu check ok: {criu}, \
-             agent built: {}); install CRIU with scripts/install-criu.sh and build the agent \
-             with crates/ember-agent/build-static.sh, or set EMBER_TEST_SKIP_PRIVILEGED=1",
-            agent.is_some()
-        ),
     }
 }
 
@@ -117,7 +89,9 @@ fn no_snapshot(root: &Path, agent: &Path) {
 
 #[test]
 fn a_snapshot_captured_on_one_store_restores_on_another_through_the_cache() {
-    let Some(agent) = prerequisites() else { return };
+    let Some(agent) = snapshot_prerequisites() else {
+        return;
+    };
     let registry = registry_with(&["busybox"]);
     let image = format!("{}/ember/busybox:latest", registry.addr());
     let tmp = tempfile::tempdir().expect("tempdir");

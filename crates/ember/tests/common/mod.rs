@@ -182,18 +182,49 @@ pub fn registry_with(names: &[&str]) -> ember_testkit::registry::Registry {
     registry
 }
 
-/// The static exec agent, built with its script if it is not there yet;
-/// `None` if it cannot be built here.
+/// The static exec agent, always (re)built by its script: cargo makes
+/// that a no-op when it is current, and an agent left in `target/` by an
+/// older checkout would lack what the tests of this one expect (the
+/// readiness protocol, say). `None` if it cannot be built here.
 pub fn static_agent() -> Option<PathBuf> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let p = root.join("target/x86_64-unknown-linux-gnu/release/ember-agent");
-    if p.exists() {
-        return Some(p);
-    }
     let out = Command::new(root.join("crates/ember-agent/build-static.sh"))
+        .stderr(std::process::Stdio::inherit())
         .output()
         .ok()?;
     out.status
         .success()
         .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// What the snapshot tests need: root, runc, a CRIU that passes `criu
+/// check` (scripts/install-criu.sh) and the static agent, whose path it
+/// returns. Missing any of them fails the test with what to do, unless
+/// `EMBER_TEST_SKIP_PRIVILEGED=1` says to skip (`None`).
+#[allow(dead_code)]
+pub fn snapshot_prerequisites() -> Option<PathBuf> {
+    let skip = std::env::var("EMBER_TEST_SKIP_PRIVILEGED").as_deref() == Ok("1");
+    let criu = Command::new("criu").arg("check").output();
+    let agent = static_agent();
+    let problem = match (&criu, &agent) {
+        (Ok(o), Some(_)) if o.status.success() => None,
+        (Ok(o), _) if !o.status.success() => Some(format!(
+            "`criu check` failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        )),
+        (Err(e), _) => Some(format!("cannot execute criu: {e}")),
+        _ => Some("the static ember-agent could not be built".to_owned()),
+    };
+    match problem {
+        None => agent,
+        Some(p) if skip => {
+            eprintln!("skipping (EMBER_TEST_SKIP_PRIVILEGED=1): {p}");
+            None
+        }
+        Some(p) => panic!(
+            "this test needs root, runc, CRIU and the static agent: {p}\n\
+             install CRIU with scripts/install-criu.sh and build the agent with \
+             crates/ember-agent/build-static.sh, or set EMBER_TEST_SKIP_PRIVILEGED=1"
+        ),
+    }
 }
