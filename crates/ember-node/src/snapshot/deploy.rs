@@ -290,12 +290,13 @@ pub(crate) fn exec_snapshot(
         .ok()
         .filter(|m| m.image == record.manifest);
     let outcome: Result<RunOutcome, SnapshotError> = match manifest {
-        Some(m) => super::run_from_snapshot(
+        Some(m) => super::run_from_snapshot_with(
             host,
             &m,
             record,
             &req,
             t0,
+            super::Cleanup::Background,
             &mut |e| {
                 // A corrupt artifact is not used again: the next run
                 // captures a new one.
