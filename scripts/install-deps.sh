@@ -14,6 +14,7 @@ PKGS=(
   debootstrap         # the Debian root filesystem of the `debian` fixture
   libc6-dev           # libc.a for the statically linked exec agent
   hyperfine           # repeated timing in benchmarks
+  time                # /usr/bin/time: CPU seconds in the directory-cache benchmark
   iproute2 jq curl    # test and benchmark plumbing
   util-linux          # nsenter: the partition test's processes in their network namespaces
   apache2-utils       # htpasswd (bcrypt) for the registry auth tests

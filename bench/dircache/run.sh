@@ -12,7 +12,9 @@
 #
 # Page cache warm (the trees were just copied), loopback network, both tools
 # single-stream compression at zstd level 3; every timed restore ends with a
-# `sync`, so each pays for its own writeback. BENCH_TMPDIR=/dev/shm takes the
+# `sync`, so each pays for its own writeback. CPU (user + system) of the ember
+# restore and of `tar -x` is recorded too: on a shared machine it is steadier
+# than wall time. BENCH_TMPDIR=/dev/shm takes the
 # disk out (the numbers in the README). Measurements, not tests.
 # Writes bench/dircache/results/latest.md and latest.json.
 set -euo pipefail
@@ -57,8 +59,8 @@ ADDED_BYTES=$(du -sb "$W/v2/$ADDED" | cut -f1)
 log "v2: $V2_FILES files, $V2_BYTES bytes; v1 lacks $ADDED ($ADDED_BYTES bytes)"
 
 CP=$(free_port)
-"$EMBER" cache --listen 127.0.0.1:$CP --dir "$W/cache" --max-bytes 10G \
-  --upstream http://127.0.0.1:9 >"$W/cache.log" 2>&1 &
+# No --upstream: a pure build cache.
+"$EMBER" cache --listen 127.0.0.1:$CP --dir "$W/cache" --max-bytes 10G >"$W/cache.log" 2>&1 &
 PIDS+=($!)
 NP=$(free_port)
 mkdir -p "$W/nginx/www" "$W/nginx/tmp"
@@ -92,21 +94,26 @@ Z1=$(stat -c %s "$W/nginx/www/v1.tar.zst"); Z2=$(stat -c %s "$W/nginx/www/v2.tar
 tar -C "$W/v2" -cf "$W/v2.tar" .
 TAR_BYTES=$(stat -c %s "$W/v2.tar")
 
-ER=(); TR=(); XR=()
+ER=(); TR=(); XR=(); EC=(); XC=()
+# CPU seconds (user+system) of one command, appended to the named array.
+cpu() { local a=$1; shift; /usr/bin/time -f "%U %S" -o "$W/cpu" "$@"; eval "$a+=(\"$(awk '{print $1+$2}' "$W/cpu")\")"; }
 for i in $(seq "$REPS"); do
   log "restores, round $i/$REPS"
   rm -rf "$W/r"; sync
-  t=$(now); R=$(dc restore "$W/r" --scope main --key reg-v2); sync; ER+=("$(secs "$t" "$(now)")")
+  t=$(now); cpu EC "$EMBER" --root "$W/root" dircache restore "$W/r" --scope main --key reg-v2 \
+    --cache "$URL" --quiet --json >"$W/r.json"; sync; ER+=("$(secs "$t" "$(now)")")
+  R=$(cat "$W/r.json")
   rm -rf "$W/r"; mkdir -p "$W/r"; sync
   t=$(now); curl -sf "$NG/v2.tar.zst" | zstd -q -d | tar -C "$W/r" -x; sync; TR+=("$(secs "$t" "$(now)")")
   rm -rf "$W/r"; mkdir -p "$W/r"; sync
-  t=$(now); tar -C "$W/r" -xf "$W/v2.tar"; sync; XR+=("$(secs "$t" "$(now)")")
+  t=$(now); cpu XC tar -C "$W/r" -xf "$W/v2.tar"; sync; XR+=("$(secs "$t" "$(now)")")
 done
 diff -r "$W/v2" "$W/r" >/dev/null || { echo "tar restore differs" >&2; exit 1; }
 rm -rf "$W/r"; dc restore "$W/r" --scope main --key reg-v2 >/dev/null
 diff -r "$W/v2" "$W/r" >/dev/null || { echo "ember restore differs from the source" >&2; exit 1; }
 
 ER_M=$(median "${ER[@]}"); TR_M=$(median "${TR[@]}"); XR_M=$(median "${XR[@]}")
+EC_M=$(median "${EC[@]}"); XC_M=$(median "${XC[@]}")
 mkdir -p "$OUT"
 python3 - "$OUT" <<PY
 import json, sys
@@ -117,10 +124,12 @@ d = dict(
     kernel="$(uname -r)", date="$(date -u +%FT%TZ)", network="loopback", page_cache="warm",
     fs="$(df --output=fstype "$W" | tail -1)", load="$(cut -d' ' -f1-3 /proc/loadavg)"),
   ember=dict(save_v1=s1, save_v2=s2, save_v1_s=$t1, save_v2_s=$t2, restore_v2_s=[${ER[*]/%/,}],
-    restore_v2_median_s=$ER_M, stored_chunk_bytes=$STORED),
+    restore_v2_median_s=$ER_M, restore_v2_cpu_s=[${EC[*]/%/,}], restore_v2_cpu_median_s=$EC_M,
+    stored_chunk_bytes=$STORED),
   tar_zstd=dict(save_v1_s=$b1, save_v2_s=$b2, v1_bytes=$Z1, v2_bytes=$Z2,
     restore_v2_s=[${TR[*]/%/,}], restore_v2_median_s=$TR_M),
-  tar_x_uncompressed=dict(tar_bytes=$TAR_BYTES, restore_s=[${XR[*]/%/,}], median_s=$XR_M),
+  tar_x_uncompressed=dict(tar_bytes=$TAR_BYTES, restore_s=[${XR[*]/%/,}], median_s=$XR_M,
+    cpu_s=[${XC[*]/%/,}], cpu_median_s=$XC_M),
 )
 e = d["ember"]
 v2_share = s2["bytes_uploaded"] / max(1, r["stored_bytes"])
@@ -145,10 +154,11 @@ md = f"""| cargo registry src ({$V2_FILES} files, {mb($V2_BYTES)}) | ember dirca
   (file bytes of v1 + v2 over distinct chunk bytes) is {dedup:.2f}x, and with compression (over bytes on the
   cache's disk) {storage:.1f}x; the two tar.zst archives store {(s1["bytes_chunked"] + s2["bytes_chunked"]) / ($Z1 + $Z2):.1f}x.
 - Restore vs \`tar -x\` of the uncompressed tar from local disk ({$XR_M:.2f} s): {$ER_M / $XR_M:.2f}x;
-  vs curl | zstd -d | tar -x: {$ER_M / $TR_M:.2f}x.
+  vs curl | zstd -d | tar -x: {$ER_M / $TR_M:.2f}x. CPU (user + system, medians): ember restore
+  {$EC_M:.2f} s, \`tar -x\` {$XC_M:.2f} s (the cache server's own CPU not counted).
 - Conditions: {$(nproc)} cores shared with other jobs (load {d['conditions']['load']}), work directory on
-  {d['conditions']['fs']}, loopback, warm page cache, zstd level 3 on both sides, ember with 8 chunk transfers
-  in flight, every restore timed through a final sync; {d['conditions']['date']}.
+  {d['conditions']['fs']}, loopback, warm page cache, zstd level 3 on both sides, ember with 8 requests of up to
+  32 chunks in flight, every restore timed through a final sync; {d['conditions']['date']}.
 """
 open(sys.argv[1] + "/latest.md", "w").write(md)
 print(md)

@@ -1058,12 +1058,26 @@ fn micros(d: Duration) -> u64 {
 }
 
 fn bad_frame_message(e: &ProtoError) -> String {
-    let mut msg = format!("bad frame: {e}");
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
+    format!("bad frame: {}", ember_error::chain(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fatal frame's text says why the JSON was refused, once.
+    #[test]
+    fn bad_frame_message_prints_the_chain_once() {
+        let source = serde_json::from_slice::<u32>(b"{").expect_err("not a number");
+        let why = source.to_string();
+        let e = ProtoError::BadJson {
+            kind: "exec",
+            source,
+        };
+        assert_eq!(ember_error::repeated_source(&e), None);
+        assert_eq!(
+            bad_frame_message(&e),
+            format!("bad frame: malformed exec frame: {why}")
+        );
     }
-    msg
 }

@@ -68,24 +68,14 @@ fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
-/// `e` and its sources, `: `-separated, each said once: what a one-line
-/// message needs when the cause is several layers down.
+/// `e` and its sources, `: `-separated: what a one-line message needs when
+/// the cause is several layers down. The same as [`ember_error::chain`].
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     chain(e)
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
+    ember_error::chain(e).to_string()
 }
 
 /// A client for one control plane with one bearer token.

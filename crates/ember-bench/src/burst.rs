@@ -539,6 +539,7 @@ async fn ensure_deployment(
 ) -> Result<String, BurstError> {
     let name = deployment_name(image, command);
     let spec = DeploymentSpec {
+        caches: Vec::new(),
         name: name.clone(),
         image: image.clone(),
         command: command.to_vec(),
@@ -607,7 +608,7 @@ async fn submit_all(
                         .submit(&spec, None)
                         .await
                         .map(|s| s.run.id)
-                        .map_err(|e| e.to_string()),
+                        .map_err(|e| ember_error::chain(&e).to_string()),
                 );
             }
             out
@@ -844,6 +845,8 @@ mod tests {
         f: Millis,
     ) -> Run {
         Run {
+            cache_notes: Vec::new(),
+            caches: Vec::new(),
             id: RunId(id),
             deployment: Some("d".into()),
             image: PinnedImage {
@@ -866,6 +869,7 @@ mod tests {
             error: None,
             submitted_at: q,
             times: StartTimes {
+                caches_restored: None,
                 queued: Some(q),
                 claimed: Some(c),
                 scheduled: Some(s),

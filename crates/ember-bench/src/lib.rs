@@ -46,12 +46,5 @@ pub fn show_command(argv: &[String]) -> String {
 /// An error and its causes on one line (`a: b: c`), for reports that keep
 /// why a part was skipped.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
+    ember_error::chain(e).to_string()
 }

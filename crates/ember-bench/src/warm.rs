@@ -431,7 +431,7 @@ fn runc_exec_loop(
         Ok(loop_stats(samples, t.elapsed()))
     })();
     if let Err(e) = handle.cleanup() {
-        tracing::warn!(error = %e, "removing the runc exec container");
+        tracing::warn!(error = %ember_error::chain(&e), "removing the runc exec container");
     }
     let _ = runner.join();
     result

@@ -275,7 +275,7 @@ impl Cache {
     ) -> Result<(Arc<Doc>, bool), CacheError> {
         match self.stored_doc_local(&rec.digest, up).await? {
             Some(doc) => {
-                tracing::warn!(upstream = %up.name, repo, error = %err, "upstream down: serving a stale tag");
+                tracing::warn!(upstream = %up.name, repo, error = %ember_error::chain(&err), "upstream down: serving a stale tag");
                 Metrics::add(&self.metrics.stale_served, 1);
                 Ok((doc, true))
             }
@@ -524,6 +524,7 @@ async fn fetch_and_store(
         } else {
             vec![up.name.clone()]
         },
+        ..Default::default()
     };
     let (d, b) = (m.digest.clone(), m.bytes.clone());
     blocking(move || store.put_bytes(&d, &b, meta)).await?;

@@ -16,7 +16,8 @@ pub enum ConfigError {
     /// More than one upstream without a name.
     #[error("more than one default upstream (give the others a HOST= alias)")]
     TwoDefaults,
-    /// No upstream at all.
+    /// No upstream at all. No longer returned: a cache without upstreams
+    /// serves only the directory cache and the Turborepo API.
     #[error("no upstream configured")]
     NoUpstream,
     /// Watermarks outside 1..=100 or low above high.
@@ -90,7 +91,9 @@ pub struct CacheConfig {
     pub high_watermark: u8,
     /// ...and goes down to this percentage.
     pub low_watermark: u8,
-    /// Upstream registries.
+    /// Upstream registries. None: a pure build cache (`/dircache/v1`,
+    /// `/v8/artifacts`); the registry routes then answer that no registry
+    /// is configured.
     pub upstreams: Vec<UpstreamSpec>,
     /// The cache's own credentials, by upstream name or URL host.
     pub credentials: Credentials,
@@ -113,6 +116,10 @@ pub struct CacheConfig {
     pub http: ember_http::Limits,
     /// The directory cache's budgets, expiry and protected scopes.
     pub dircache: crate::dircache::DircacheConfig,
+    /// The bearer token that may upload and delete snapshots
+    /// (`/ember/v1/snapshots`); none: snapshots are read-only (a restore
+    /// runs the uploaded memory image, so writes are never open).
+    pub snapshot_write_token: Option<String>,
 }
 
 impl CacheConfig {
@@ -132,14 +139,12 @@ impl CacheConfig {
             negative_ttl: Duration::from_secs(5),
             http: ember_http::Limits::new(),
             dircache: Default::default(),
+            snapshot_write_token: None,
         }
     }
 
     /// Checks what cannot be checked while parsing one flag.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.upstreams.is_empty() {
-            return Err(ConfigError::NoUpstream);
-        }
         if self.upstreams.iter().filter(|u| u.alias.is_none()).count() > 1 {
             return Err(ConfigError::TwoDefaults);
         }
@@ -196,5 +201,8 @@ mod tests {
         c.validate().unwrap();
         c.low_watermark = 99;
         assert!(c.validate().is_err());
+        // No upstream: a directory-cache-only server is a valid setup.
+        let c = CacheConfig::new("/x".into(), 1, vec![]);
+        c.validate().unwrap();
     }
 }

@@ -38,7 +38,7 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Largest compressed chunk accepted (an incompressible chunk of the
@@ -111,6 +111,18 @@ pub struct DirStore {
     config: DircacheConfig,
     index: Mutex<Index>,
     seq: AtomicU64,
+    peers: OnceLock<Peers>,
+}
+
+/// Marks a request one cache server sends another on a miss: the peer
+/// answers from its own store only, so a miss never bounces between them.
+pub const PEER_HEADER: &str = "x-ember-dircache-peer";
+
+/// The other cache servers, asked in order when a chunk or an entry is
+/// missing here.
+struct Peers {
+    urls: Vec<String>,
+    http: reqwest::Client,
 }
 
 /// Response headers kept with an entry (name -> value).
@@ -173,6 +185,7 @@ impl DirStore {
             config,
             index: Mutex::new(Index::default()),
             seq: AtomicU64::new(0),
+            peers: OnceLock::new(),
         };
         store.rebuild()?;
         Ok(Arc::new(store))
@@ -181,6 +194,119 @@ impl DirStore {
     /// Its configuration.
     pub fn config(&self) -> &DircacheConfig {
         &self.config
+    }
+
+    /// Sets the other cache servers (base URLs, this one excluded) that a
+    /// chunk or entry missing here is asked from. Once, at start; later
+    /// calls are ignored.
+    pub fn set_peers(&self, urls: Vec<String>) -> Result<(), CacheError> {
+        if urls.is_empty() {
+            return Ok(());
+        }
+        // Short connect timeout: a dead peer is skipped quickly.
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .read_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| CacheError::io("building the HTTP client", std::io::Error::other(e)))?;
+        let urls = urls
+            .into_iter()
+            .map(|u| u.trim_end_matches('/').to_string())
+            .collect();
+        let _ = self.peers.set(Peers { urls, http });
+        Ok(())
+    }
+
+    /// Which of `digests` are not stored here.
+    pub fn absent(&self, digests: &[String]) -> Vec<String> {
+        let idx = self.lock();
+        let mut seen = HashSet::new();
+        digests
+            .iter()
+            .filter(|d| !idx.chunks.contains_key(d.as_str()) && seen.insert(d.as_str()))
+            .cloned()
+            .collect()
+    }
+
+    /// Fetches chunk `hex` from the first peer that has it, verifies its
+    /// digest and stores it here (unreferenced, so collected after the
+    /// grace period unless an entry comes to name it). False when no peer
+    /// has a good copy.
+    pub async fn chunk_from_peers(self: &Arc<Self>, hex: &str) -> bool {
+        let Some(p) = self.peers.get() else {
+            return false;
+        };
+        for url in &p.urls {
+            let resp = p
+                .http
+                .get(format!("{url}/dircache/v1/chunks/{hex}"))
+                .header(PEER_HEADER, "1")
+                .send()
+                .await;
+            let body = match resp {
+                Ok(r) if r.status().is_success() => match r.bytes().await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::warn!(peer = %url, chunk = hex, error = %ember_error::chain(&e), "peer broke off a chunk");
+                        continue;
+                    }
+                },
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(peer = %url, error = %ember_error::chain(&e), "peer unreachable");
+                    continue;
+                }
+            };
+            let s = self.clone();
+            let h = hex.to_string();
+            // put_chunk verifies the digest before anything is stored.
+            match blocking(move || s.put_chunk(&h, &body)).await {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::warn!(peer = %url, chunk = hex, error = %ember_error::chain(&e), "peer served a bad chunk");
+                }
+            }
+        }
+        false
+    }
+
+    /// Asks the peers, in order, for an entry (`path` under `/dircache/v1`,
+    /// a GET, or a POST of `body`); the first valid answer. Not stored
+    /// here: its chunks come through [`Self::chunk_from_peers`] as a
+    /// restore asks for them.
+    async fn entry_from_peers(&self, path: &str, body: Option<Bytes>) -> Option<Found> {
+        let p = self.peers.get()?;
+        for url in &p.urls {
+            let u = format!("{url}/dircache/v1/{path}");
+            let req = match &body {
+                Some(b) => p.http.post(&u).body(b.clone()),
+                None => p.http.get(&u),
+            };
+            let resp = match req.header(PEER_HEADER, "1").send().await {
+                Ok(r) if r.status().is_success() => r,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(peer = %url, error = %ember_error::chain(&e), "peer unreachable");
+                    continue;
+                }
+            };
+            let Ok(bytes) = resp.bytes().await else {
+                continue;
+            };
+            let Ok(found) = serde_json::from_slice::<Found>(&bytes) else {
+                tracing::warn!(peer = %url, "peer sent an unreadable entry");
+                continue;
+            };
+            // Checked as a manifest PUT would be; the client checks again.
+            if let Err(e) = found.manifest.validate(Policy {
+                allow_absolute_symlinks: true,
+            }) {
+                tracing::warn!(peer = %url, error = %ember_error::chain(&e), "peer sent an invalid manifest");
+                continue;
+            }
+            return Some(found);
+        }
+        None
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
@@ -342,6 +468,48 @@ impl DirStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(CacheError::io(format!("reading chunk {hex}"), e)),
         }
+    }
+
+    /// Several compressed chunks, framed for `POST chunks/fetch` (see
+    /// [`ember_dircache::wire::FETCH_FRAME`]): each as a 4-byte big-endian
+    /// length and its bytes, in the order asked. `Err(BlobUnknown)` names
+    /// the first one absent; nothing is framed then. Blocking.
+    pub fn get_chunks_framed(&self, digests: &[String]) -> Result<Vec<u8>, CacheError> {
+        let mut total = 0u64;
+        {
+            let idx = self.lock();
+            for d in digests {
+                match idx.chunks.get(d.as_str()) {
+                    Some(c) => total += 4 + c.size,
+                    None => return Err(CacheError::BlobUnknown(d.clone())),
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+        for d in digests {
+            let start = out.len();
+            out.extend_from_slice(&[0u8; 4]);
+            match File::open(self.chunk_path(d)).and_then(|mut f| {
+                use std::io::Read as _;
+                f.read_to_end(&mut out)
+            }) {
+                Ok(n) => {
+                    let n = u32::try_from(n).map_err(|_| {
+                        CacheError::io(
+                            format!("reading chunk {d}"),
+                            std::io::Error::other("too large"),
+                        )
+                    })?;
+                    out[start..start + 4].copy_from_slice(&n.to_be_bytes());
+                }
+                // Collected between the lookup and the read.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(CacheError::BlobUnknown(d.clone()));
+                }
+                Err(e) => return Err(CacheError::io(format!("reading chunk {d}"), e)),
+            }
+        }
+        Ok(out)
     }
 
     /// The digests of `req` the store lacks; those it has are marked used.
@@ -536,16 +704,38 @@ impl DirStore {
         data: &[u8],
         meta: BTreeMap<String, String>,
     ) -> Result<(), CacheError> {
+        self.put_blob_from(scope, key, data, u64::MAX, meta)
+            .map(|_| ())
+    }
+
+    /// [`DirStore::put_blob`] reading from `src` as it arrives: one chunk
+    /// (at most 256 KiB) held at a time, so an artifact of any size costs
+    /// bounded memory. More than `limit` bytes fails (the chunks already
+    /// stored are collected as unreferenced). Returns the bytes stored.
+    /// Blocking.
+    pub fn put_blob_from(
+        &self,
+        scope: &str,
+        key: &str,
+        src: impl std::io::Read,
+        limit: u64,
+        meta: BTreeMap<String, String>,
+    ) -> Result<u64, CacheError> {
         let mut chunks = Vec::new();
-        for (off, len) in ember_dircache::chunk::split(data) {
-            let piece = &data[off..off + len];
-            let digest = ember_dircache::chunk::digest_hex(piece);
-            let stored = ember_dircache::chunk::compress(piece)
+        let mut total = 0u64;
+        for data in ember_dircache::chunk::stream(src) {
+            let data = data.map_err(|e| CacheError::io("reading an artifact", e))?;
+            total += data.len() as u64;
+            if total > limit {
+                return Err(CacheError::TooLarge(format!("artifact over {limit} bytes")));
+            }
+            let digest = ember_dircache::chunk::digest_hex(&data);
+            let stored = ember_dircache::chunk::compress(&data)
                 .map_err(|e| CacheError::io("compressing an artifact", std::io::Error::other(e)))?;
             self.put_chunk(&digest, &stored)?;
             chunks.push(ember_dircache::manifest::ChunkRef {
                 digest,
-                size: len as u32,
+                size: data.len() as u32,
             });
         }
         let manifest = Manifest {
@@ -554,7 +744,7 @@ impl DirStore {
                 path: "artifact".into(),
                 kind: ember_dircache::manifest::NodeKind::File {
                     offset: 0,
-                    size: data.len() as u64,
+                    size: total,
                 },
                 mode: 0o644,
                 uid: 0,
@@ -565,7 +755,7 @@ impl DirStore {
             chunks,
         };
         match self.store_entry(scope, key, manifest, 0, meta) {
-            Ok(_) | Err(CacheError::EntryExists(_)) => Ok(()),
+            Ok(_) | Err(CacheError::EntryExists(_)) => Ok(total),
             Err(e) => Err(e),
         }
     }
@@ -582,14 +772,36 @@ impl DirStore {
         };
         let mut out = Vec::with_capacity(found.manifest.data_bytes() as usize);
         for c in &found.manifest.chunks {
-            let Some(stored) = self.get_chunk(&c.digest)? else {
-                return Ok(None);
-            };
-            let data = ember_dircache::chunk::open(&c.digest, &stored, Some(c.size))
-                .map_err(|e| CacheError::io("reading an artifact", std::io::Error::other(e)))?;
-            out.extend_from_slice(&data);
+            match self.blob_chunk(c)? {
+                Some(data) => out.extend_from_slice(&data),
+                None => return Ok(None),
+            }
         }
         Ok(Some((out, meta)))
+    }
+
+    /// A stored artifact's manifest and headers, to stream it chunk by
+    /// chunk with [`DirStore::blob_chunk`]; `None` if absent. Blocking.
+    pub fn blob_manifest(
+        &self,
+        scope: &str,
+        key: &str,
+    ) -> Result<Option<(Manifest, Headers)>, CacheError> {
+        Ok(self.read_stored(scope, key)?.map(|(f, h)| (f.manifest, h)))
+    }
+
+    /// One chunk of an artifact, decompressed and verified; `None` if it
+    /// is gone. Blocking.
+    pub fn blob_chunk(
+        &self,
+        c: &ember_dircache::manifest::ChunkRef,
+    ) -> Result<Option<Vec<u8>>, CacheError> {
+        let Some(stored) = self.get_chunk(&c.digest)? else {
+            return Ok(None);
+        };
+        ember_dircache::chunk::open(&c.digest, &stored, Some(c.size))
+            .map(Some)
+            .map_err(|e| CacheError::io("reading an artifact", std::io::Error::other(e)))
     }
 
     /// Whether `scope`/`key` has an entry.
@@ -793,6 +1005,7 @@ pub fn spawn_gc(store: &Arc<DirStore>) {
 pub fn router<S>(store: Arc<DirStore>) -> Router<S> {
     Router::new()
         .route("/chunks/missing", post(missing))
+        .route("/chunks/fetch", post(fetch_chunks))
         .route(
             "/chunks/{hex}",
             get(get_chunk).head(head_chunk).put(put_chunk),
@@ -877,6 +1090,42 @@ async fn missing(State(s): St, body: Bytes) -> Response {
     answer(parse_body::<MissingRequest>(&body).map(|req| s.missing(&req)))
 }
 
+/// Whether a request came from a peer (answered from this store only).
+fn from_peer(headers: &HeaderMap) -> bool {
+    headers.contains_key(PEER_HEADER)
+}
+
+async fn fetch_chunks(State(s): St, headers: HeaderMap, body: Bytes) -> Response {
+    let r = async {
+        let req: MissingRequest = parse_body(&body)?;
+        if req.digests.len() > ember_dircache::wire::MAX_FETCH {
+            return Err(CacheError::BadRequest(format!(
+                "{} chunks asked for at once (at most {})",
+                req.digests.len(),
+                ember_dircache::wire::MAX_FETCH
+            )));
+        }
+        for d in &req.digests {
+            digest_param(d)?;
+        }
+        if !from_peer(&headers) && s.peers.get().is_some() {
+            let absent = s.absent(&req.digests);
+            futures_util::future::join_all(absent.iter().map(|d| s.chunk_from_peers(d))).await;
+        }
+        blocking(move || s.get_chunks_framed(&req.digests)).await
+    }
+    .await;
+    match r {
+        Ok(bytes) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, ember_dircache::wire::FETCH_FRAME)],
+            bytes,
+        )
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 async fn head_chunk(State(s): St, UrlPath(hex): UrlPath<String>) -> Response {
     let r = digest_param(&hex).and_then(|hex| {
         s.chunk_size(&hex)
@@ -888,9 +1137,16 @@ async fn head_chunk(State(s): St, UrlPath(hex): UrlPath<String>) -> Response {
     }
 }
 
-async fn get_chunk(State(s): St, UrlPath(hex): UrlPath<String>) -> Response {
+async fn get_chunk(State(s): St, headers: HeaderMap, UrlPath(hex): UrlPath<String>) -> Response {
     let r = async {
         let hex = digest_param(&hex)?;
+        let (s2, h) = (s.clone(), hex.clone());
+        if let Some(b) = blocking(move || s2.get_chunk(&h)).await? {
+            return Ok(b);
+        }
+        if from_peer(&headers) || !s.chunk_from_peers(&hex).await {
+            return Err(CacheError::BlobUnknown(hex));
+        }
         let h = hex.clone();
         blocking(move || s.get_chunk(&h))
             .await?
@@ -920,12 +1176,20 @@ async fn put_chunk(State(s): St, UrlPath(hex): UrlPath<String>, body: Bytes) -> 
     }
 }
 
-async fn get_entry(State(s): St, uri: Uri) -> Response {
+async fn get_entry(State(s): St, headers: HeaderMap, uri: Uri) -> Response {
     let r = async {
         let (scope, key) = scope_key(&uri, true)?;
         let what = format!("{scope}/{key}");
-        blocking(move || s.get_entry(&scope, &key))
-            .await?
+        let s2 = s.clone();
+        if let Some(f) = blocking(move || s2.get_entry(&scope, &key)).await? {
+            return Ok(f);
+        }
+        if from_peer(&headers) {
+            return Err(CacheError::EntryUnknown(what));
+        }
+        let path = format!("entry?{}", uri.query().unwrap_or(""));
+        s.entry_from_peers(&path, None)
+            .await
             .ok_or(CacheError::EntryUnknown(what))
     }
     .await;
@@ -958,12 +1222,19 @@ async fn delete_entry(State(s): St, uri: Uri, headers: HeaderMap) -> Response {
     }
 }
 
-async fn lookup(State(s): St, body: Bytes) -> Response {
+async fn lookup(State(s): St, headers: HeaderMap, body: Bytes) -> Response {
     let r = async {
         let req: LookupRequest = parse_body(&body)?;
         let what = req.key.clone();
-        blocking(move || s.lookup(&req))
-            .await?
+        let s2 = s.clone();
+        if let Some(f) = blocking(move || s2.lookup(&req)).await? {
+            return Ok(f);
+        }
+        if from_peer(&headers) {
+            return Err(CacheError::EntryUnknown(what));
+        }
+        s.entry_from_peers("lookup", Some(body))
+            .await
             .ok_or(CacheError::EntryUnknown(what))
     }
     .await;

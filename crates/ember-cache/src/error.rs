@@ -122,8 +122,22 @@ pub enum CacheError {
     /// A body over a limit (a chunk, an entry over its scope's budget).
     #[error("too large: {0}")]
     TooLarge(String),
+    /// An upload whose bytes do not hash to the digest it was PUT under.
+    #[error("upload of {expected}: the bytes hash to {actual}; refused")]
+    UploadDigestMismatch {
+        /// The digest in the URL.
+        expected: String,
+        /// What the bytes hash to.
+        actual: String,
+    },
+    /// No snapshot manifest of that key.
+    #[error("snapshot unknown: {0}")]
+    SnapshotUnknown(String),
+    /// A write (upload, delete) the client may not make.
+    #[error("denied: {0}")]
+    WriteDenied(String),
     /// Local disk trouble.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: String,
@@ -169,6 +183,9 @@ impl CacheError {
             ScopeReadOnly(_) => (StatusCode::FORBIDDEN, "DENIED"),
             ChunksMissing(_) => (StatusCode::BAD_REQUEST, "CHUNKS_MISSING"),
             TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID"),
+            UploadDigestMismatch { .. } => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
+            SnapshotUnknown(_) => (StatusCode::NOT_FOUND, "SNAPSHOT_UNKNOWN"),
+            WriteDenied(_) => (StatusCode::FORBIDDEN, "DENIED"),
             Io { .. } | Config(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
         }
     }
@@ -184,7 +201,7 @@ impl CacheError {
             CacheError::UpstreamDenied { upstream, .. } => {
                 format!("upstream {upstream} refused the cache's credentials")
             }
-            e => e.to_string(),
+            e => ember_error::chain(e).to_string(),
         }
     }
 }
@@ -193,9 +210,9 @@ impl IntoResponse for CacheError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         if status.is_server_error() || status == StatusCode::BAD_GATEWAY {
-            tracing::warn!(error = %self, "request failed");
+            tracing::warn!(error = %ember_error::chain(&self), "request failed");
         } else {
-            tracing::debug!(error = %self, "request refused");
+            tracing::debug!(error = %ember_error::chain(&self), "request refused");
         }
         let body = serde_json::json!({
             "errors": [{"code": code, "message": self.public_message(), "detail": null}]
@@ -222,5 +239,28 @@ impl IntoResponse for CacheError {
             _ => {}
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_errors_say_their_source_once_and_stay_out_of_responses() {
+        let e = CacheError::io("writing blob sha256:ab", std::io::Error::other("ENOSPC"));
+        assert_eq!(ember_error::repeated_source(&e), None);
+        assert_eq!(
+            ember_error::chain(&e).to_string(),
+            "writing blob sha256:ab: ENOSPC"
+        );
+        // Internal details go to the log, not to clients.
+        assert_eq!(e.public_message(), "internal error");
+        let shared = CacheError::Shared(std::sync::Arc::new(e));
+        assert_eq!(ember_error::repeated_source(&shared), None);
+        assert_eq!(
+            ember_error::chain(&shared).to_string(),
+            "writing blob sha256:ab: ENOSPC"
+        );
     }
 }

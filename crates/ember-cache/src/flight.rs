@@ -233,6 +233,7 @@ impl Flights {
                     } else {
                         vec![flight.upstream.name.clone()]
                     },
+                    ..Default::default()
                 };
                 let store = self.store.clone();
                 let file = flight.file.clone();
@@ -253,13 +254,17 @@ impl Flights {
                 .await;
                 match committed {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::error!(digest = %digest, error = %e, "commit failed"),
-                    Err(e) => tracing::error!(digest = %digest, error = %e, "commit task failed"),
+                    Ok(Err(e)) => {
+                        tracing::error!(digest = %digest, error = %ember_error::chain(&e), "commit failed")
+                    }
+                    Err(e) => {
+                        tracing::error!(digest = %digest, error = %ember_error::chain(&e), "commit task failed")
+                    }
                 }
             }
             Err(e) => {
                 Metrics::add(&m.upstream_failures, 1);
-                tracing::warn!(digest = %digest, upstream = %flight.upstream.name, error = %e, "blob download failed");
+                tracing::warn!(digest = %digest, upstream = %flight.upstream.name, error = %ember_error::chain(&e), "blob download failed");
                 let keep_partial = matches!(e, CacheError::Upstream { .. });
                 if !keep_partial || flight.file.metadata().map(|md| md.len()).unwrap_or(0) == 0 {
                     let _ = std::fs::remove_file(&path);
@@ -509,7 +514,10 @@ async fn next_chunk(st: &mut BodyState) -> Result<Option<Bytes>, std::io::Error>
                         *size
                     }
                     FlightState::Failed(e) => {
-                        return Err(std::io::Error::other(format!("download failed: {e}")));
+                        return Err(std::io::Error::other(format!(
+                            "download failed: {}",
+                            ember_error::chain(&**e)
+                        )));
                     }
                 };
                 (f.file.clone(), limit)

@@ -27,6 +27,10 @@
 //! * **Directory cache** ([`dircache`]): `/dircache/v1` stores the
 //!   deduplicated chunks and entries of `ember dircache save|restore`;
 //!   the same store serves the Turborepo remote-cache API ([`turbo`]).
+//! * **Snapshots** ([`snapshots`]): `/ember/v1/snapshots` stores CRIU
+//!   checkpoint artifacts (verified while they upload) and their
+//!   manifests, under the blob store's byte budget, so a node restores a
+//!   start-up another node captured.
 //! * **Bounded connections**: served by [`ember_http`] (header and idle
 //!   timeouts, a connection cap that closes the longest-idle connection).
 //!
@@ -58,6 +62,7 @@ pub mod negative;
 pub mod peers;
 pub mod route;
 pub mod server;
+pub mod snapshots;
 pub mod storage;
 pub mod tags;
 pub mod turbo;
@@ -122,7 +127,19 @@ impl RunningCache {
     }
 }
 
-/// Opens the cache described by `config` and serves it on `listener`.
+/// What the registry routes answer on a cache started without upstreams.
+async fn no_registry() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        axum::http::StatusCode::NOT_FOUND,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        r#"{"errors":[{"code":"UNSUPPORTED","message":"this ember cache has no registry upstream (started without --upstream): it serves only the directory cache (/dircache/v1) and the Turborepo API (/v8/artifacts)"}]}"#,
+    )
+        .into_response()
+}
+
+/// Opens the cache described by `config` and serves it on `listener`;
+/// with no upstreams configured, only as a build cache.
 pub fn spawn(
     config: CacheConfig,
     listener: tokio::net::TcpListener,
@@ -137,9 +154,26 @@ pub fn spawn(
         cache.config.dircache.clone(),
     )?;
     dircache::spawn_gc(&dir);
-    let router = server::router(cache.clone())
+    // Directory cache entries and chunks missing here are asked from the
+    // peers (all of them, in order: they are not placed by the ring).
+    if let Some(ring) = cache.ring() {
+        dir.set_peers(ring.others())?;
+    }
+    let mut registry = server::router(cache.clone());
+    if cache.config.upstreams.is_empty() {
+        // A pure build cache: say so on the registry API instead of each
+        // request failing on an "unknown upstream" named by its path.
+        registry = axum::Router::new()
+            .route("/v2", axum::routing::any(no_registry))
+            .route("/v2/", axum::routing::any(no_registry))
+            .route("/v2/{*rest}", axum::routing::any(no_registry))
+            .route("/ember/v1/warm", axum::routing::any(no_registry))
+            .merge(registry);
+    }
+    let router = registry
         .nest("/dircache/v1", dircache::router(dir.clone()))
-        .merge(turbo::router(dir.clone()));
+        .merge(turbo::router(dir.clone()))
+        .merge(snapshots::router(cache.clone())?);
     let http = ember_http::Server::new(cache.config.http.clone()).refusal(
         "application/json",
         r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"the cache is at its connection limit"}]}"#,

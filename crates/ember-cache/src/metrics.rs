@@ -47,6 +47,20 @@ pub struct Metrics {
     pub passthrough: AtomicU64,
     /// Requests answered "unknown" from a remembered upstream 404.
     pub negative_hits: AtomicU64,
+    /// Snapshot artifact downloads answered from disk.
+    pub snapshot_blob_hits: AtomicU64,
+    /// Snapshot manifests served.
+    pub snapshot_manifest_hits: AtomicU64,
+    /// Snapshot requests (artifact or manifest) for something not held.
+    pub snapshot_misses: AtomicU64,
+    /// Snapshot artifacts uploaded and committed.
+    pub snapshot_uploads: AtomicU64,
+    /// Bytes of snapshot artifacts uploaded and committed.
+    pub snapshot_uploaded_bytes: AtomicU64,
+    /// Snapshot uploads refused (digest mismatch, too large, denied).
+    pub snapshot_refused: AtomicU64,
+    /// Body bytes of snapshot artifacts sent to clients.
+    pub snapshot_served_bytes: AtomicU64,
     /// The HTTP server's connection counters, once it serves.
     pub http: OnceLock<Arc<ember_http::Stats>>,
 }
@@ -168,6 +182,42 @@ impl Metrics {
             "counter",
             "Requests answered from a remembered upstream \"not found\".",
             &[("", g(&self.negative_hits))],
+        );
+        metric(
+            "ember_cache_snapshot_hits_total",
+            "counter",
+            "Snapshot requests answered from the cache.",
+            &[
+                ("{kind=\"artifact\"}", g(&self.snapshot_blob_hits)),
+                ("{kind=\"manifest\"}", g(&self.snapshot_manifest_hits)),
+            ],
+        );
+        metric(
+            "ember_cache_snapshot_misses_total",
+            "counter",
+            "Snapshot requests for an artifact or manifest the cache does not hold.",
+            &[("", g(&self.snapshot_misses))],
+        );
+        metric(
+            "ember_cache_snapshot_uploads_total",
+            "counter",
+            "Snapshot artifact uploads, by outcome.",
+            &[
+                ("{outcome=\"stored\"}", g(&self.snapshot_uploads)),
+                ("{outcome=\"refused\"}", g(&self.snapshot_refused)),
+            ],
+        );
+        metric(
+            "ember_cache_snapshot_uploaded_bytes_total",
+            "counter",
+            "Bytes of snapshot artifacts uploaded and stored.",
+            &[("", g(&self.snapshot_uploaded_bytes))],
+        );
+        metric(
+            "ember_cache_snapshot_served_bytes_total",
+            "counter",
+            "Bytes of snapshot artifacts sent to clients.",
+            &[("", g(&self.snapshot_served_bytes))],
         );
         if let Some(h) = self.http.get() {
             use ember_http::Stats;

@@ -36,6 +36,15 @@ impl Ring {
         self.nodes.len() > 1
     }
 
+    /// The other servers' URLs.
+    pub fn others(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|n| **n != self.me)
+            .cloned()
+            .collect()
+    }
+
     /// This server's URL.
     pub fn me(&self) -> &str {
         &self.me

@@ -35,7 +35,7 @@ async fn metrics(State(cache): State<Arc<Cache>>) -> Response {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4"),
         )],
-        cache.metrics.render(),
+        cache.metrics.render() + &crate::snapshots::render_gauges(&cache),
     )
         .into_response()
 }

@@ -47,6 +47,10 @@ pub struct Meta {
     /// clients alone may get it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub private_to: Vec<String>,
+    /// A snapshot artifact uploaded through `/ember/v1/snapshots`: only
+    /// those routes serve it (see [`crate::snapshots`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub snapshot: bool,
 }
 
 impl Meta {
@@ -336,7 +340,7 @@ impl Store {
                 Ok(f) => f,
                 Err(e) => {
                     // Deleted behind our back: forget it, it is a miss.
-                    tracing::warn!(digest = %d, error = %e, "cached blob vanished");
+                    tracing::warn!(digest = %d, error = %ember_error::chain(&e), "cached blob vanished");
                     let mut idx = self.lock();
                     if let Some(e) = idx.entries.remove(d) {
                         idx.total -= e.size;
@@ -373,6 +377,45 @@ impl Store {
         self.write_meta(d, &meta)
     }
 
+    /// Marks committed blob `d` as a snapshot artifact too (an upload
+    /// whose bytes the cache already held); false if `d` is not
+    /// committed. Blocking.
+    pub fn mark_snapshot(&self, d: &Digest) -> Result<bool, CacheError> {
+        let meta = {
+            let mut idx = self.lock();
+            let Some(e) = idx.entries.get_mut(d) else {
+                return Ok(false);
+            };
+            if e.meta.snapshot {
+                return Ok(true);
+            }
+            e.meta.snapshot = true;
+            e.meta.clone()
+        };
+        self.write_meta(d, &meta)?;
+        Ok(true)
+    }
+
+    /// Count and bytes of committed blobs whose metadata passes `f`
+    /// (walks the index: for `/metrics`, not the request path).
+    pub fn count_where(&self, f: impl Fn(&Meta) -> bool) -> (u64, u64) {
+        let idx = self.lock();
+        idx.entries
+            .values()
+            .filter(|e| f(&e.meta))
+            .fold((0, 0), |(n, b), e| (n + 1, b + e.size))
+    }
+
+    /// A fresh name under `partial/` for an upload of `d` (several may
+    /// run at once; each commits or removes its own file).
+    pub fn upload_path(&self, d: &Digest) -> PathBuf {
+        self.root.join("partial").join(format!(
+            "{}.up{}",
+            key(d),
+            self.trash_seq.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
     /// Moves a verified download into the store and evicts as needed.
     /// The caller has verified the digest over `size` bytes and synced the
     /// file; a file of another length is refused (its digest was not
@@ -393,6 +436,12 @@ impl Store {
                 expected: format!("{size} verified bytes"),
                 actual: format!("a file of {on_disk} bytes"),
             });
+        }
+        let mut meta = meta;
+        // The same bytes committed again (an image blob that is also a
+        // snapshot artifact) stay a snapshot artifact.
+        if self.lock().entries.get(d).is_some_and(|e| e.meta.snapshot) {
+            meta.snapshot = true;
         }
         self.write_meta(d, &meta)?;
         let dest = self.blob_path(d);
@@ -477,7 +526,9 @@ impl Store {
                 // by this unlink.
                 match fs::rename(self.blob_path(&d), &trash) {
                     Ok(()) => doomed.push(trash),
-                    Err(e) => tracing::warn!(digest = %d, error = %e, "evicting"),
+                    Err(e) => {
+                        tracing::warn!(digest = %d, error = %ember_error::chain(&e), "evicting")
+                    }
                 }
                 if let Some(e) = idx.entries.remove(&d) {
                     idx.total -= e.size;
@@ -546,7 +597,9 @@ impl Store {
                 ));
                 match fs::rename(self.blob_path(&d), &trash) {
                     Ok(()) => doomed.push(trash),
-                    Err(e) => tracing::warn!(digest = %d, error = %e, "evicting"),
+                    Err(e) => {
+                        tracing::warn!(digest = %d, error = %ember_error::chain(&e), "evicting")
+                    }
                 }
                 if let Some(e) = idx.entries.remove(&d) {
                     idx.total -= e.size;

@@ -15,11 +15,19 @@ use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures_util::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// Largest artifact accepted.
-const MAX_ARTIFACT: usize = 512 << 20;
+/// Largest artifact accepted. Artifacts are streamed in and out, so this
+/// bounds disk use, not memory.
+const MAX_ARTIFACT: u64 = 16 << 30;
+
+/// Largest `POST /v8/artifacts` query body.
+const MAX_QUERY: usize = 4 << 20;
+
+/// Body frames or chunks buffered between the network and the store.
+const STREAM_AHEAD: usize = 4;
 
 /// Headers of an upload kept and sent back with the artifact.
 const KEPT: [&str; 2] = ["x-artifact-duration", "x-artifact-tag"];
@@ -34,7 +42,7 @@ pub fn router<S>(store: Arc<DirStore>) -> Router<S> {
             "/v8/artifacts/{hash}",
             get(get_artifact).head(get_artifact).put(put_artifact),
         )
-        .layer(DefaultBodyLimit::max(MAX_ARTIFACT))
+        .layer(DefaultBodyLimit::max(MAX_QUERY))
         .with_state(store)
 }
 
@@ -155,30 +163,82 @@ async fn get_artifact(
         let scope = authorize(&s, &uri, &headers)?;
         check_hash(&hash)?;
         let what = hash.clone();
-        blocking(move || s.get_blob(&scope, &hash))
+        let s2 = s.clone();
+        let (manifest, meta) = blocking(move || s2.blob_manifest(&scope, &hash))
             .await?
-            .ok_or(CacheError::NotFound(format!("artifact {what}")))
+            .ok_or_else(|| CacheError::NotFound(format!("artifact {what}")))?;
+        // Every chunk present before the first byte: a collected chunk is
+        // a clean 404, not a cut-off body.
+        let digests: Vec<String> = manifest.chunks.iter().map(|c| c.digest.clone()).collect();
+        if !s.absent(&digests).is_empty() {
+            return Err(CacheError::NotFound(format!("artifact {what}")));
+        }
+        Ok::<_, CacheError>((manifest, meta))
     }
     .await;
-    match r {
-        Ok((data, meta)) => {
-            let mut b = Response::builder()
-                .status(StatusCode::OK)
-                .header(header::CONTENT_TYPE, "application/octet-stream")
-                .header(header::CONTENT_LENGTH, data.len());
-            for (k, v) in &meta {
-                if let Ok(v) = HeaderValue::from_str(v) {
-                    b = b.header(k.as_str(), v);
+    let (manifest, meta) = match r {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    let mut b = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, manifest.data_bytes());
+    for (k, v) in &meta {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            b = b.header(k.as_str(), v);
+        }
+    }
+    let body = if method == Method::HEAD {
+        axum::body::Body::empty()
+    } else {
+        // Streamed: one chunk at a time is read, verified and handed on,
+        // at most STREAM_AHEAD ahead of the client. A chunk that fails its
+        // check ends the body early, so the client sees a cut-off answer
+        // (shorter than its Content-Length), never wrong bytes.
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(STREAM_AHEAD);
+        tokio::task::spawn_blocking(move || {
+            for c in &manifest.chunks {
+                let r = match s.blob_chunk(c) {
+                    Ok(Some(d)) => Ok(Bytes::from(d)),
+                    Ok(None) => Err(std::io::Error::other(format!("chunk {} is gone", c.digest))),
+                    Err(e) => Err(std::io::Error::other(e.to_string())),
+                };
+                if let Err(e) = &r {
+                    tracing::warn!(error = %ember_error::chain(&e), "serving a Turborepo artifact");
+                }
+                let end = r.is_err();
+                if tx.blocking_send(r).is_err() || end {
+                    break;
                 }
             }
-            let body = if method == Method::HEAD {
-                axum::body::Body::empty()
-            } else {
-                axum::body::Body::from(data)
-            };
-            b.body(body).unwrap_or_else(|_| Response::default())
+        });
+        axum::body::Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|x| (x, rx))
+        }))
+    };
+    b.body(body).unwrap_or_else(|_| Response::default())
+}
+
+/// The request body as a blocking reader, for the chunker.
+struct BodyReader {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+    cur: Bytes,
+}
+
+impl std::io::Read for BodyReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => self.cur = b,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
         }
-        Err(e) => e.into_response(),
+        let n = out.len().min(self.cur.len());
+        out[..n].copy_from_slice(&self.cur[..n]);
+        let _ = self.cur.split_to(n);
+        Ok(n)
     }
 }
 
@@ -187,7 +247,7 @@ async fn put_artifact(
     UrlPath(hash): UrlPath<String>,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Response {
     let r = async {
         let scope = authorize(&s, &uri, &headers)?;
@@ -200,8 +260,31 @@ async fn put_artifact(
                 meta.insert(k.to_string(), v.to_string());
             }
         }
+        // Streamed into the chunk store as it arrives: the channel holds a
+        // few body frames, the chunker one chunk.
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(STREAM_AHEAD);
         let h = hash.clone();
-        blocking(move || s.put_blob(&scope, &h, &body, meta)).await?;
+        let store = tokio::task::spawn_blocking(move || {
+            let src = BodyReader {
+                rx,
+                cur: Bytes::new(),
+            };
+            s.put_blob_from(&scope, &h, src, MAX_ARTIFACT, meta)
+        });
+        let mut frames = body.into_data_stream();
+        while let Some(f) = frames.next().await {
+            // A body broken off is an error for the chunker, so a
+            // truncated upload is never stored as an artifact.
+            let f = f.map_err(std::io::Error::other);
+            let end = f.is_err();
+            if tx.send(f).await.is_err() || end {
+                break; // the store stopped; its error is reported below
+            }
+        }
+        drop(tx);
+        store
+            .await
+            .map_err(|e| CacheError::io("a worker thread", std::io::Error::other(e)))??;
         Ok::<_, CacheError>(hash)
     }
     .await;

@@ -121,7 +121,7 @@ impl Upstream {
             },
             e => CacheError::Upstream {
                 upstream: self.name.clone(),
-                detail: e.to_string(),
+                detail: ember_error::chain(&e).to_string(),
             },
         }
     }
@@ -209,17 +209,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// The error and its sources on one line.
 pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
+    ember_error::chain(e).to_string()
 }
 
 #[cfg(test)]

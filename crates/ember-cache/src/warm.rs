@@ -64,7 +64,7 @@ pub async fn warm(cache: &Arc<Cache>, body: &[u8]) -> Result<String, CacheError>
                 digest: None,
                 blobs: 0,
                 bytes: 0,
-                error: Some(e.to_string()),
+                error: Some(ember_error::chain(&e).to_string()),
             },
         });
     }
@@ -76,9 +76,9 @@ async fn warm_image(
     image: &str,
     platforms: Option<&[Platform]>,
 ) -> Result<(Digest, usize, u64), CacheError> {
-    let r: Reference = image
-        .parse()
-        .map_err(|e: ember_oci::ReferenceError| CacheError::BadRequest(e.to_string()))?;
+    let r: Reference = image.parse().map_err(|e: ember_oci::ReferenceError| {
+        CacheError::BadRequest(ember_error::chain(&e).to_string())
+    })?;
     let up = cache
         .upstream_named(r.registry())
         .or_else(|| cache.upstream_named(r.api_host()))
@@ -93,7 +93,7 @@ async fn warm_image(
     let (root, _) = cache.manifest(&up, &repo, &reference).await?;
     let invalid = |what: String, e: ManifestError| CacheError::ManifestInvalid {
         what,
-        detail: e.to_string(),
+        detail: ember_error::chain(&e).to_string(),
     };
     let mut manifests = vec![];
     match Document::parse(&root.media_type, &root.bytes)
@@ -185,13 +185,13 @@ async fn drain(cache: &Cache, url: &str) -> Result<(), String> {
         .header(crate::server::FORWARDED, "1")
         .send()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| ember_error::chain(&e).to_string())?;
     if !resp.status().is_success() {
         return Err(format!("answered {}", resp.status()));
     }
     let mut s = resp.bytes_stream();
     while let Some(c) = s.next().await {
-        c.map_err(|e| e.to_string())?;
+        c.map_err(|e| ember_error::chain(&e).to_string())?;
     }
     Ok(())
 }

@@ -96,6 +96,7 @@ fn image(n: u64) -> PinnedImage {
 
 fn deployment(name: &str, n: u64) -> DeploymentSpec {
     DeploymentSpec {
+        caches: Vec::new(),
         name: name.to_owned(),
         image: image(n),
         command: vec!["/bin/true".into()],

@@ -63,6 +63,7 @@
 //! # }
 //! ```
 
+pub mod cachedecl;
 mod claim;
 pub mod model;
 pub mod phase;

@@ -12,6 +12,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::cachedecl::CacheDecl;
+use crate::cachedecl::{CacheDeclError, validate_caches};
+
 /// Milliseconds since the Unix epoch.
 pub type Millis = u64;
 
@@ -53,6 +56,9 @@ pub enum ModelError {
         /// What was empty.
         what: &'static str,
     },
+    /// A declared directory cache is not acceptable.
+    #[error(transparent)]
+    Cache(#[from] CacheDeclError),
 }
 
 /// An image reference pinned to a manifest digest at deploy/submit time, so
@@ -144,6 +150,10 @@ pub struct DeploymentSpec {
     /// Node labels a node must carry to run this deployment.
     #[serde(default)]
     pub node_selector: BTreeMap<String, String>,
+    /// Directory caches its runs restore before their process starts and
+    /// save after it exits 0 ([`CacheDecl`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub caches: Vec<CacheDecl>,
     /// Snapshot starts: `command` is a start-up that signals readiness
     /// (docs/agent-protocol.md); a node checkpoints it once and starts
     /// later runs from a copy, handing each run's command and env to the
@@ -176,6 +186,7 @@ impl DeploymentSpec {
                 what: "deployment name",
             });
         }
+        validate_caches(&self.caches)?;
         self.image.validate()
     }
 }
@@ -228,6 +239,11 @@ pub struct RunSpec {
     /// deployment's).
     #[serde(default)]
     pub readonly_rootfs: bool,
+    /// Directory caches, merged over the deployment's: one with the path
+    /// of a deployment's cache replaces it
+    /// ([`merge_caches`](crate::cachedecl::merge_caches)).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub caches: Vec<CacheDecl>,
 }
 
 /// The scope in which runs share (recycle) runners: runs share a runner
@@ -404,6 +420,10 @@ pub struct StartTimes {
     pub image_ready: Option<Millis>,
     /// The node had a runner (warm or new) for it.
     pub runner_ready: Option<Millis>,
+    /// The node had restored the run's declared directory caches into the
+    /// runner (absent for a run that declares none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caches_restored: Option<Millis>,
     /// The process started.
     pub process_started: Option<Millis>,
     /// It reached a final state.
@@ -461,6 +481,14 @@ pub struct Run {
     pub submitted_at: Millis,
     /// The current attempt's start-time breakdown.
     pub times: StartTimes,
+    /// Directory caches to restore and save ([`CacheDecl`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub caches: Vec<CacheDecl>,
+    /// What the node said about the current attempt's caches that is not
+    /// a failure: a cache skipped (no cache URL on the node), missed or
+    /// restored from a fallback.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cache_notes: Vec<String>,
     /// A run of a snapshot deployment: what `Resume` hands its start-up
     /// (`command` and `env` above are the deployment's start-up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -615,6 +643,7 @@ impl Run {
                 self.node = None;
                 self.exit_code = None;
                 self.error = None;
+                self.cache_notes.clear();
                 self.times = StartTimes {
                     queued: Some(now),
                     ..StartTimes::default()
@@ -720,6 +749,15 @@ pub enum NodeReport {
     ImageReady,
     /// A runner is ready (stamps `runner_ready`).
     RunnerReady,
+    /// The run's declared directory caches are restored into the runner,
+    /// or skipped (stamps `caches_restored`; sent only by runs that
+    /// declare caches, between `RunnerReady` and `Started`).
+    CachesRestored {
+        /// One line per cache worth telling the user (restored from
+        /// which key, missed, skipped and why).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        notes: Vec<String>,
+    },
     /// A snapshot run restored its copy from the node's checkpoint
     /// (`restored`, stamps `snapshot_restored`) or starts fresh instead,
     /// with the reason in `note` (kept in `snapshot_note`).
@@ -917,6 +955,8 @@ mod tests {
                 queued: Some(5),
                 ..StartTimes::default()
             },
+            caches: vec![],
+            cache_notes: vec![],
             snapshot: None,
         }
     }

@@ -6,7 +6,9 @@
 //! The phases follow the timestamps of [`StartTimes`]: a run is *queued*
 //! (submit, or re-queue after a loss), *claimed* by a scheduler (the queue
 //! ends, placement begins), *scheduled* on a node, then the node has the
-//! *image*, a *runner*, and the *process* starts. A warm hand-off (a node's
+//! *image*, a *runner*, its declared directory caches are restored
+//! (*cache_restore*, only for runs that declare caches), and the
+//! *process* starts. A warm hand-off (a node's
 //! idle runner takes a queued run directly) claims and schedules at the same
 //! instant, so its placement is 0.
 
@@ -79,11 +81,20 @@ pub const RUNNER: Phase = Phase {
     of: |t| span(t.snapshot_restored.or(t.image_ready), t.runner_ready),
 };
 
-/// Runner ready → the process started.
+/// Runner ready → the run's declared directory caches restored into it;
+/// unknown (not 0) for a run that declares none, so its statistics are
+/// those of the runs that restore caches.
+pub const CACHE_RESTORE: Phase = Phase {
+    name: "cache_restore",
+    spans: "→ declared caches restored (runs with caches only)",
+    of: |t| span(t.runner_ready, t.caches_restored),
+};
+
+/// Runner ready (or caches restored) → the process started.
 pub const PROCESS: Phase = Phase {
     name: "process",
     spans: "→ process started",
-    of: |t| span(t.runner_ready, t.process_started),
+    of: |t| span(t.caches_restored.or(t.runner_ready), t.process_started),
 };
 
 /// Assigned → process started: the node's whole part (image + runner +
@@ -103,8 +114,18 @@ pub const TOTAL: Phase = Phase {
 
 /// The phases `ember runs --stats` reports, in order: consecutive, so
 /// they add up to [`TOTAL`] (which is last); [`RESTORE`] only for the
-/// runs restored from a snapshot.
-pub const PHASES: [Phase; 7] = [QUEUE, PLACEMENT, IMAGE, RESTORE, RUNNER, PROCESS, TOTAL];
+/// runs restored from a snapshot, [`CACHE_RESTORE`] only for runs that
+/// declare directory caches.
+pub const PHASES: [Phase; 8] = [
+    QUEUE,
+    PLACEMENT,
+    IMAGE,
+    RESTORE,
+    RUNNER,
+    CACHE_RESTORE,
+    PROCESS,
+    TOTAL,
+];
 
 #[cfg(test)]
 mod tests {
@@ -126,9 +147,9 @@ mod tests {
     #[test]
     fn consecutive_phases_add_up_to_the_total() {
         let t = times(100, Some(103), 110, 120, 135, 136);
-        let parts: Vec<u64> = PHASES[..6]
+        let parts: Vec<u64> = PHASES[..7]
             .iter()
-            .filter(|p| p.name != RESTORE.name)
+            .filter(|p| p.name != RESTORE.name && p.name != CACHE_RESTORE.name)
             .map(|p| (p.of)(&t).expect("known"))
             .collect();
         assert_eq!(parts, vec![3, 7, 10, 15, 1]);
@@ -145,8 +166,21 @@ mod tests {
         t.snapshot_restored = Some(131);
         // Image ready at 120, restored at 131, agent connected at 135.
         assert_eq!(((RESTORE.of)(&t), (RUNNER.of)(&t)), (Some(11), Some(4)));
-        let sum: u64 = PHASES[..6].iter().filter_map(|p| (p.of)(&t)).sum();
+        let sum: u64 = PHASES[..7].iter().filter_map(|p| (p.of)(&t)).sum();
         assert_eq!(Some(sum), (TOTAL.of)(&t));
+    }
+
+    #[test]
+    fn cache_restore_sits_between_the_runner_and_the_process() {
+        let mut t = times(100, Some(103), 110, 120, 135, 140);
+        assert_eq!((CACHE_RESTORE.of)(&t), None, "no caches declared");
+        t.caches_restored = Some(138);
+        assert_eq!(
+            ((RUNNER.of)(&t), (CACHE_RESTORE.of)(&t), (PROCESS.of)(&t)),
+            (Some(15), Some(3), Some(2))
+        );
+        let sum: u64 = PHASES[..7].iter().filter_map(|p| (p.of)(&t)).sum();
+        assert_eq!((TOTAL.of)(&t), Some(sum));
     }
 
     #[test]

@@ -137,6 +137,7 @@ mod tests {
     fn deployment(name: &str, image: char, warm: u32) -> Deployment {
         Deployment {
             spec: DeploymentSpec {
+                caches: Vec::new(),
                 name: name.into(),
                 image: PinnedImage::new("app", digest(image)).expect("pin"),
                 command: vec![],

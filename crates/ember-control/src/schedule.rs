@@ -805,6 +805,8 @@ mod tests {
             last_heartbeat,
         };
         let run = |id, state, node: &str| Run {
+            cache_notes: Vec::new(),
+            caches: Vec::new(),
             id: RunId(id),
             deployment: None,
             image: PinnedImage {

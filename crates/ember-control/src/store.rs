@@ -97,7 +97,7 @@ pub enum StoreError {
         actual: RunState,
     },
     /// The state machine refuses the change.
-    #[error("{run}: {source}")]
+    #[error("{run}")]
     Transition {
         /// The run.
         run: RunId,
@@ -123,7 +123,7 @@ pub enum StoreError {
         owner: String,
     },
     /// The database failed.
-    #[error("state store: {0}")]
+    #[error("state store")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
@@ -454,4 +454,31 @@ pub enum StoreEvent {
     Queue,
     /// Run output was appended.
     Log(RunId),
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    #[test]
+    fn store_errors_say_their_source_once_in_the_chain() {
+        let transition = StoreError::Transition {
+            run: RunId(7),
+            source: TransitionError::Illegal {
+                from: RunState::Succeeded,
+                to: RunState::Running,
+            },
+        };
+        let backend = StoreError::Backend("disk I/O error".into());
+        for (e, want) in [
+            (
+                &transition,
+                "run-7: illegal run transition succeeded -> running",
+            ),
+            (&backend, "state store: disk I/O error"),
+        ] {
+            assert_eq!(ember_error::repeated_source(e), None, "{want}");
+            assert_eq!(ember_error::chain(e).to_string(), want);
+        }
+    }
 }

@@ -47,38 +47,55 @@ pub(crate) fn resolve(
     now: Millis,
 ) -> Result<Run, StoreError> {
     let mut snapshot = false;
-    let (deployment, image, mut command, mut env, resources, recycle_key, readonly, mut selector) =
-        match (&spec.deployment, &spec.image) {
-            (Some(name), None) => {
-                let d = deployment.ok_or_else(|| StoreError::DeploymentNotFound(name.clone()))?;
-                let s = d.spec;
-                snapshot = s.snapshot;
-                (
-                    Some(s.name),
-                    s.image,
-                    s.command,
-                    s.env,
-                    s.resources,
-                    s.recycle_key,
-                    s.readonly_rootfs,
-                    s.node_selector,
-                )
-            }
-            (None, Some(image)) => {
-                image.validate()?;
-                (
-                    None,
-                    image.clone(),
-                    Vec::new(),
-                    Default::default(),
-                    Default::default(),
-                    None,
-                    false,
-                    Default::default(),
-                )
-            }
-            _ => return Err(ModelError::RunTarget.into()),
-        };
+    let (
+        deployment,
+        image,
+        mut command,
+        mut env,
+        resources,
+        recycle_key,
+        readonly,
+        mut selector,
+        caches,
+    ) = match (&spec.deployment, &spec.image) {
+        (Some(name), None) => {
+            let d = deployment.ok_or_else(|| StoreError::DeploymentNotFound(name.clone()))?;
+            let s = d.spec;
+            snapshot = s.snapshot;
+            (
+                Some(s.name),
+                s.image,
+                s.command,
+                s.env,
+                s.resources,
+                s.recycle_key,
+                s.readonly_rootfs,
+                s.node_selector,
+                s.caches,
+            )
+        }
+        (None, Some(image)) => {
+            image.validate()?;
+            (
+                None,
+                image.clone(),
+                Vec::new(),
+                Default::default(),
+                Default::default(),
+                None,
+                false,
+                Default::default(),
+                Vec::new(),
+            )
+        }
+        _ => return Err(ModelError::RunTarget.into()),
+    };
+    // The run's own are checked here (a deployment's were when it was
+    // deployed), and the merged list again: together they may be too
+    // many.
+    crate::cachedecl::validate_caches(&spec.caches).map_err(ModelError::from)?;
+    let caches = crate::cachedecl::merge_caches(caches, &spec.caches);
+    crate::cachedecl::validate_caches(&caches).map_err(ModelError::from)?;
     // A snapshot deployment's command and env are its start-up's, which
     // its checkpoint is keyed by; the run's own go to the start-up
     // through `Resume`.
@@ -116,6 +133,8 @@ pub(crate) fn resolve(
             queued: Some(now),
             ..StartTimes::default()
         },
+        caches,
+        cache_notes: Vec::new(),
         snapshot: run_snapshot,
     })
 }
@@ -166,6 +185,11 @@ pub(crate) fn apply_report(
         NodeReport::RunnerReady => {
             accept(run)?;
             run.times.runner_ready = Some(now);
+        }
+        NodeReport::CachesRestored { notes } => {
+            accept(run)?;
+            run.times.caches_restored = Some(now);
+            run.cache_notes = notes.clone();
         }
         NodeReport::Snapshot { restored, note } => {
             accept(run)?;
@@ -248,6 +272,7 @@ pub(crate) fn apply_reports(
         t.image_ready,
         t.snapshot_restored,
         t.runner_ready,
+        t.caches_restored,
         t.process_started,
     ]
     .into_iter()
@@ -479,6 +504,7 @@ mod tests {
 
         let d = Deployment {
             spec: DeploymentSpec {
+                caches: Vec::new(),
                 name: "web".into(),
                 image: image(),
                 command: vec![],
@@ -515,6 +541,7 @@ mod tests {
     fn a_snapshot_deployments_run_keeps_the_start_up_and_resumes_with_its_own_args() {
         let d = Deployment {
             spec: DeploymentSpec {
+                caches: Vec::new(),
                 name: "slow".into(),
                 image: image(),
                 command: vec!["/start-up".into()],
@@ -594,5 +621,118 @@ mod tests {
             (r3.snapshot_key(), r3.command),
             (None, vec!["hello".to_owned()])
         );
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+    use crate::model::{CacheDecl, DeploymentSpec, PinnedImage};
+
+    fn image() -> PinnedImage {
+        PinnedImage::new("app", format!("sha256:{}", "a".repeat(64))).expect("pin")
+    }
+
+    fn deployment(caches: Vec<CacheDecl>) -> Deployment {
+        Deployment {
+            spec: DeploymentSpec {
+                snapshot: false,
+                name: "web".into(),
+                image: image(),
+                command: vec![],
+                env: Default::default(),
+                resources: Default::default(),
+                recycle_key: None,
+                readonly_rootfs: false,
+                warm_runners: 0,
+                node_selector: Default::default(),
+                caches,
+            },
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn a_run_takes_its_deployments_caches_with_its_own_merged_over() {
+        let d = deployment(vec![
+            CacheDecl::new("/root/.cache/pip", "pip-{{ hash \"req.txt\" }}"),
+            CacheDecl::new("/root/.npm", "npm"),
+        ]);
+        let spec = RunSpec {
+            deployment: Some("web".into()),
+            caches: vec![CacheDecl::new("/root/.npm", "npm-mine")],
+            ..RunSpec::default()
+        };
+        let run = resolve(&spec, Some(d), 1).expect("resolve");
+        let keys: Vec<_> = run.caches.iter().map(|c| c.key.as_str()).collect();
+        assert_eq!(keys, vec!["pip-{{ hash \"req.txt\" }}", "npm-mine"]);
+    }
+
+    #[test]
+    fn bad_declarations_are_refused_as_invalid_input() {
+        for bad in [
+            CacheDecl::new("relative/dir", "k"),
+            CacheDecl::new("/a/../b", "k"),
+            CacheDecl::new("/c", "k-{{ hash \"f\""),
+            CacheDecl::new("/c", "x".repeat(600)),
+        ] {
+            let spec = RunSpec {
+                image: Some(image()),
+                caches: vec![bad.clone()],
+                ..RunSpec::default()
+            };
+            let e = resolve(&spec, None, 1).expect_err("refused");
+            assert!(matches!(e, StoreError::Invalid(_)), "{bad:?}: {e}");
+        }
+        // The merged list is checked too: a run's caches with its
+        // deployment's may be too many.
+        let d = deployment(
+            (0..10)
+                .map(|i| CacheDecl::new(format!("/d{i}"), "k"))
+                .collect(),
+        );
+        let spec = RunSpec {
+            deployment: Some("web".into()),
+            caches: (0..10)
+                .map(|i| CacheDecl::new(format!("/r{i}"), "k"))
+                .collect(),
+            ..RunSpec::default()
+        };
+        assert!(matches!(
+            resolve(&spec, Some(d), 1),
+            Err(StoreError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn caches_restored_stamps_its_time_and_keeps_the_notes() {
+        let spec = RunSpec {
+            image: Some(image()),
+            caches: vec![CacheDecl::new("/c", "k")],
+            ..RunSpec::default()
+        };
+        let mut run = resolve(&spec, None, 1).expect("resolve");
+        run.apply(RunState::Scheduled, 2).expect("schedule");
+        run.node = Some("n1".into());
+        apply_report(&mut run, "n1", &NodeReport::RunnerReady, 3).expect("runner");
+        let notes = vec!["cache /c: no entry".to_owned()];
+        apply_report(
+            &mut run,
+            "n1",
+            &NodeReport::CachesRestored {
+                notes: notes.clone(),
+            },
+            5,
+        )
+        .expect("caches");
+        assert_eq!(
+            (run.times.caches_restored, &run.cache_notes),
+            (Some(5), &notes)
+        );
+        // A retry starts without the lost attempt's notes.
+        run.apply(RunState::Lost, 6).expect("lose");
+        run.max_attempts = 2;
+        run.apply(RunState::Queued, 7).expect("retry");
+        assert!(run.cache_notes.is_empty() && run.times.caches_restored.is_none());
     }
 }

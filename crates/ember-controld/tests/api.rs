@@ -558,6 +558,7 @@ async fn query_values_are_percent_decoded() {
     let s = server().await;
     let c = ControlClient::new(&s.url, Some("c".into())).expect("client");
     c.deploy(&ember_control::model::DeploymentSpec {
+        caches: Vec::new(),
         name: "x y".into(),
         image: image(),
         command: vec![],
@@ -899,4 +900,77 @@ async fn every_route_is_behind_its_auth_layer() {
     // Nothing was stored on the way.
     let c = ControlClient::new(&s.url, Some("c".into())).expect("client");
     assert!(c.runs().await.expect("runs").is_empty());
+}
+
+/// A deployment's caches reach its runs (a run's own replacing the one of
+/// the same path), and bad declarations are refused with 400 and the
+/// reason, on deploy and on submit.
+#[tokio::test]
+async fn cache_declarations_are_copied_to_runs_and_checked() {
+    use ember_control::model::{CacheDecl, DeploymentSpec};
+    let s = server().await;
+    let c = ControlClient::new(&s.url, Some("c".into())).expect("client");
+    let deployment = |caches: Vec<CacheDecl>| DeploymentSpec {
+        caches,
+        snapshot: false,
+        name: "ci".into(),
+        image: image(),
+        command: vec![],
+        env: Default::default(),
+        resources: Default::default(),
+        recycle_key: None,
+        readonly_rootfs: false,
+        warm_runners: 0,
+        node_selector: Default::default(),
+    };
+    let err = c
+        .deploy(&deployment(vec![CacheDecl::new("root/.npm", "npm")]))
+        .await
+        .expect_err("a relative path");
+    assert_eq!(err.status(), Some(400), "{err}");
+    assert!(err.to_string().contains("must be absolute"), "{err}");
+
+    let mut pip = CacheDecl::new("/root/.cache/pip", r#"pip-{{ hash "requirements.txt" }}"#);
+    pip.restore_keys = vec!["pip-".into()];
+    c.deploy(&deployment(vec![
+        pip.clone(),
+        CacheDecl::new("/root/.npm", "npm"),
+    ]))
+    .await
+    .expect("deploy");
+    let mut mine = CacheDecl::new("/root/.npm", "npm-mine");
+    mine.read_only = true;
+    let run = c
+        .submit(
+            &RunSpec {
+                deployment: Some("ci".into()),
+                caches: vec![mine.clone()],
+                ..RunSpec::default()
+            },
+            None,
+        )
+        .await
+        .expect("submit")
+        .run;
+    assert_eq!(run.caches, vec![pip, mine]);
+    assert_eq!(c.run(run.id).await.expect("run").caches, run.caches);
+
+    for (bad, why) in [
+        (CacheDecl::new("/c", r#"k-{{ hash "f""#), "unclosed"),
+        (CacheDecl::new("/a/../b", "k"), "`..`"),
+        (CacheDecl::new("/c", "k".repeat(97)), "at most 96"),
+    ] {
+        let err = c
+            .submit(
+                &RunSpec {
+                    caches: vec![bad],
+                    ..spec()
+                },
+                None,
+            )
+            .await
+            .expect_err(why);
+        assert_eq!(err.status(), Some(400), "{err}");
+        assert!(err.to_string().contains(why), "{why}: {err}");
+    }
 }

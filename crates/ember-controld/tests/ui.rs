@@ -159,11 +159,12 @@ async fn dashboard_files_are_public_and_its_overview_is_not() {
             "image",
             "restore",
             "runner",
+            "cache_restore",
             "process",
             "total"
         ]
     );
-    assert!(run["phases"][6][1].is_u64(), "total known: {run}");
+    assert!(run["phases"][7][1].is_u64(), "total known: {run}");
     let d = &v["deployments"][0];
     documented(
         &doc,

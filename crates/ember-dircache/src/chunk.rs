@@ -56,6 +56,53 @@ pub fn open(digest: &str, stored: &[u8], size: Option<u32>) -> Result<Vec<u8>, D
     Ok(data)
 }
 
+/// [`open`] for a restore's hot loop: decompresses with a reused
+/// decompression context into `buf` (cleared first, its allocation kept),
+/// then checks the size and the digest. The bound on the output is
+/// `size` (itself at most [`MAX_CHUNK_BYTES`], as validated manifests are):
+/// a chunk that would decompress to more fails as corrupt.
+pub fn open_into(
+    dctx: &mut zstd::bulk::Decompressor<'_>,
+    digest: &str,
+    stored: &[u8],
+    size: u32,
+    buf: &mut Vec<u8>,
+) -> Result<(), DircacheError> {
+    let corrupt = |detail: String| DircacheError::CorruptChunk {
+        digest: digest.to_string(),
+        detail,
+    };
+    let want = size.min(MAX_CHUNK_BYTES) as usize;
+    buf.clear();
+    // Room for `want` bytes; zstd writes at most the capacity, which
+    // `reserve_exact` keeps at the largest chunk this buffer has held (at
+    // most MAX_CHUNK_BYTES), so decompression stays bounded.
+    buf.reserve_exact(want);
+    let n = dctx
+        .decompress_to_buffer(stored, buf)
+        .map_err(|e| corrupt(format!("does not decompress: {e}")))?;
+    if n != size as usize {
+        return Err(corrupt(format!("{n} bytes, the manifest says {size}")));
+    }
+    let actual = digest_hex(buf);
+    if actual != digest {
+        return Err(corrupt(format!("content has digest {actual}")));
+    }
+    Ok(())
+}
+
+/// Cuts a byte stream at the same content-defined points as [`split`],
+/// reading as it goes (one chunk's bytes held at a time): each item is a
+/// chunk's bytes, or the read error that ended the stream.
+pub fn stream<R: std::io::Read>(src: R) -> impl Iterator<Item = std::io::Result<Vec<u8>>> {
+    fastcdc::v2020::StreamCDC::new(src, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK).map(|c| {
+        c.map(|c| c.data).map_err(|e| match e {
+            fastcdc::v2020::Error::IoError(e) => e,
+            e => std::io::Error::other(e.to_string()),
+        })
+    })
+}
+
 /// Cuts bytes held in memory at the same content-defined points a saved
 /// stream gets: `(offset, length)` of each chunk.
 pub fn split(data: &[u8]) -> Vec<(usize, usize)> {

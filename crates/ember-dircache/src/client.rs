@@ -7,6 +7,8 @@ use crate::wire::{
     EntryInfo, EntryList, Found, GcReport, LookupRequest, MissingRequest, MissingResponse,
 };
 use bytes::Bytes;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// A connection pool to one cache server.
@@ -15,6 +17,9 @@ pub struct CacheClient {
     base: String,
     http: reqwest::Client,
     token: Option<String>,
+    /// Set once the server turned out not to know `chunks/fetch` (an older
+    /// cache): chunks are then asked for one request each.
+    no_batch: Arc<AtomicBool>,
 }
 
 /// Whether an entry PUT stored a new entry.
@@ -51,12 +56,13 @@ impl CacheClient {
             .build()
             .map_err(|e| DircacheError::Transport {
                 url: url.to_string(),
-                detail: e.to_string(),
+                detail: ember_error::chain(&e).to_string(),
             })?;
         Ok(CacheClient {
             base: url.trim_end_matches('/').to_string(),
             http,
             token,
+            no_batch: Arc::default(),
         })
     }
 
@@ -133,6 +139,93 @@ impl CacheClient {
         tokio::task::spawn_blocking(move || chunk::open(&digest, &stored, Some(size)))
             .await
             .map_err(|e| DircacheError::io("verifying a chunk", std::io::Error::other(e)))?
+    }
+
+    /// Downloads several chunks in one request (`chunks/fetch`), returned
+    /// as stored: compressed and **not yet verified**; pass each through
+    /// [`chunk::open`] or [`chunk::open_into`]. In the order asked; a
+    /// server without that route gets one GET per chunk instead.
+    pub async fn fetch_stored(&self, digests: &[&str]) -> Result<Vec<Bytes>, DircacheError> {
+        if !self.no_batch.load(Ordering::Relaxed) {
+            match self.fetch_batch(digests).await? {
+                Some(v) => return Ok(v),
+                None => self.no_batch.store(true, Ordering::Relaxed),
+            }
+        }
+        let one = |d: &str| {
+            let d = d.to_string();
+            async move {
+                let (url, r) = self.req(reqwest::Method::GET, &format!("chunks/{d}"));
+                let resp = match self.send(&format!("chunk {d}"), &url, r).await {
+                    Err(DircacheError::Refused { status: 404, .. }) => {
+                        return Err(DircacheError::ChunkMissing(d));
+                    }
+                    r => r?,
+                };
+                resp.bytes().await.map_err(|e| transport(&url, &e))
+            }
+        };
+        futures_util::future::try_join_all(digests.iter().map(|d| one(d))).await
+    }
+
+    /// `Ok(None)` when the server lacks the route.
+    async fn fetch_batch(&self, digests: &[&str]) -> Result<Option<Vec<Bytes>>, DircacheError> {
+        let (url, r) = self.req(reqwest::Method::POST, "chunks/fetch");
+        let body = serde_json::to_vec(&MissingRequest {
+            digests: digests.iter().map(|d| d.to_string()).collect(),
+        })
+        .map_err(|e| DircacheError::io("encoding a request", e.into()))?;
+        let resp = match self.send("a chunk fetch", &url, r.body(body)).await {
+            Ok(resp) => resp,
+            Err(DircacheError::Refused {
+                status: 404,
+                code,
+                message,
+                ..
+            }) if code == "BLOB_UNKNOWN" => {
+                // The message names the digest; report the first one asked
+                // for that it mentions.
+                let d = digests
+                    .iter()
+                    .find(|d| message.contains(**d))
+                    .map_or_else(|| message.clone(), |d| d.to_string());
+                return Err(DircacheError::ChunkMissing(d));
+            }
+            // No such route (404 without a registry code) or method.
+            Err(DircacheError::Refused {
+                status: 404 | 405, ..
+            }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let body = resp.bytes().await.map_err(|e| transport(&url, &e))?;
+        let mut out = Vec::with_capacity(digests.len());
+        let mut pos = 0usize;
+        let short = |got: usize| DircacheError::Transport {
+            url: url.clone(),
+            detail: format!(
+                "the chunk fetch answer ends after {got} of {} chunks",
+                digests.len()
+            ),
+        };
+        for _ in digests {
+            let Some(len) = body.get(pos..pos + 4) else {
+                return Err(short(out.len()));
+            };
+            let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            pos += 4;
+            if body.len() - pos < len {
+                return Err(short(out.len()));
+            }
+            out.push(body.slice(pos..pos + len));
+            pos += len;
+        }
+        if pos != body.len() {
+            return Err(DircacheError::Transport {
+                url,
+                detail: "the chunk fetch answer is longer than the chunks asked for".into(),
+            });
+        }
+        Ok(Some(out))
     }
 
     /// Stores an entry's manifest under `scope` and `key`.
@@ -238,19 +331,9 @@ impl CacheClient {
 }
 
 fn transport(url: &str, e: &reqwest::Error) -> DircacheError {
-    let mut detail = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        let t = s.to_string();
-        if !detail.contains(&t) {
-            detail.push_str(": ");
-            detail.push_str(&t);
-        }
-        src = s.source();
-    }
     DircacheError::Transport {
         url: url.to_string(),
-        detail,
+        detail: ember_error::chain(e).to_string(),
     }
 }
 

@@ -67,7 +67,7 @@ pub enum DircacheError {
         message: String,
     },
     /// Local disk trouble.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: String,
@@ -87,5 +87,17 @@ impl DircacheError {
 
     pub(crate) fn invalid(msg: impl Into<String>) -> Self {
         DircacheError::InvalidManifest(msg.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_errors_say_their_source_once_in_the_chain() {
+        let e = DircacheError::io("reading the tree", std::io::Error::other("EIO"));
+        assert_eq!(ember_error::repeated_source(&e), None);
+        assert_eq!(ember_error::chain(&e).to_string(), "reading the tree: EIO");
     }
 }

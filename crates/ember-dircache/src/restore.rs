@@ -4,6 +4,7 @@
 //! atomic exchange when the target exists). On any failure the fresh
 //! directory is removed and the target is as it was.
 
+use crate::chunk;
 use crate::client::CacheClient;
 use crate::error::DircacheError;
 use crate::manifest::{Manifest, NodeKind, Policy, check_name};
@@ -155,55 +156,8 @@ pub async fn restore_manifest(
         .total_bytes
         .store(manifest.data_bytes(), Ordering::Relaxed);
 
-    // Fetch in order with `concurrency` in flight; the writer thread takes
-    // them in stream order.
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(opts.concurrency.max(1) * 2);
-    let m = manifest.clone();
-    let dir = staging.clone();
-    let same_owner = opts.same_owner;
-    let wprogress = opts.progress.clone();
-    let writer =
-        tokio::task::spawn_blocking(move || write_tree(&m, &dir, rx, same_owner, &wprogress));
-    let mut fetched = 0u64;
-    let mut fetch_err = None;
-    {
-        let mut chunks = futures_util::stream::iter(
-            manifest
-                .chunks
-                .iter()
-                .map(|c| async move { client.get_chunk(&c.digest, c.size).await }),
-        )
-        .buffered(opts.concurrency.max(1));
-        while let Some(c) = chunks.next().await {
-            match c {
-                Ok(data) => {
-                    fetched += 1;
-                    opts.progress
-                        .chunks_uploaded
-                        .fetch_add(1, Ordering::Relaxed);
-                    let tx = tx.clone();
-                    // The channel is bounded: hand over on a blocking
-                    // thread so a slow disk does not stall the runtime.
-                    let sent = tokio::task::spawn_blocking(move || tx.send(data).is_ok())
-                        .await
-                        .map_err(join_err)?;
-                    if !sent {
-                        break; // the writer failed; its error is reported
-                    }
-                }
-                Err(e) => {
-                    fetch_err = Some(e);
-                    break;
-                }
-            }
-        }
-    }
-    drop(tx);
-    let written = writer.await.map_err(join_err)?;
-    if let Some(e) = fetch_err {
-        return Err(e);
-    }
-    let (nodes, bytes) = written?;
+    let (fetched, written) = run_pipeline(client, manifest, &staging, opts).await?;
+    let (nodes, bytes) = written;
 
     swap_into_place(&staging, target)?;
     guard.0 = None;
@@ -223,6 +177,184 @@ pub async fn restore_manifest(
         chunks: fetched,
         elapsed: t0.elapsed(),
     })
+}
+
+/// Chunks asked for in one `chunks/fetch` request.
+const BATCH_CHUNKS: usize = 32;
+/// Uncompressed bytes asked for in one request, at most (a batch of
+/// incompressible chunks stays a few MiB).
+const BATCH_BYTES: u64 = 4 << 20;
+
+/// Threads decompressing and verifying: both cores of a small machine (the
+/// file writer and the network share them), at most 4.
+fn decoders() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, std::num::NonZeroUsize::get)
+        .clamp(1, 4)
+}
+
+/// A chunk decoded (or the reason it could not be), for the writer.
+type Decoded = Result<Vec<u8>, DircacheError>;
+
+/// Fetches, verifies and writes: batches of chunks fetched in order with
+/// `concurrency` requests in flight; chunk `i` goes to decoder `i % D`,
+/// which decompresses (one reused zstd context) and checks its digest into
+/// a recycled buffer; the writer thread takes chunk `i` from decoder
+/// `i % D` (so the stream stays in order without a reorder buffer) and
+/// hands the buffer back. Decompressing and hashing thus run on every
+/// core, overlapped with the file writes. Returns (chunks fetched,
+/// (nodes, bytes) written).
+async fn run_pipeline(
+    client: &CacheClient,
+    manifest: &Manifest,
+    staging: &Path,
+    opts: &RestoreOptions,
+) -> Result<(u64, (u64, u64)), DircacheError> {
+    let m = Arc::new(manifest.clone());
+    let d = decoders();
+    let mut to_dec = Vec::with_capacity(d);
+    let mut from_dec = Vec::with_capacity(d);
+    let mut back_tx = Vec::with_capacity(d);
+    let mut decoders = Vec::with_capacity(d);
+    for _ in 0..d {
+        let (in_tx, mut in_rx) =
+            tokio::sync::mpsc::channel::<(usize, bytes::Bytes)>(BATCH_CHUNKS * 2);
+        let (out_tx, out_rx) = std::sync::mpsc::sync_channel::<Decoded>(16);
+        let (btx, brx) = std::sync::mpsc::channel::<Vec<u8>>();
+        to_dec.push(in_tx);
+        from_dec.push(out_rx);
+        back_tx.push(btx);
+        let m = m.clone();
+        decoders.push(
+            std::thread::Builder::new()
+                .name("dircache-decode".into())
+                .spawn(move || {
+                    let mut dctx = match zstd::bulk::Decompressor::new() {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let _ = out_tx.send(Err(DircacheError::io("starting zstd", e)));
+                            return;
+                        }
+                    };
+                    while let Some((i, stored)) = in_rx.blocking_recv() {
+                        let c = &m.chunks[i];
+                        let mut buf = brx.try_recv().unwrap_or_default();
+                        let r = chunk::open_into(&mut dctx, &c.digest, &stored, c.size, &mut buf)
+                            .map(|()| buf);
+                        let failed = r.is_err();
+                        if out_tx.send(r).is_err() || failed {
+                            break;
+                        }
+                    }
+                })
+                .map_err(|e| DircacheError::io("starting a decoder thread", e))?,
+        );
+    }
+    let dir = staging.to_path_buf();
+    let same_owner = opts.same_owner;
+    let wprogress = opts.progress.clone();
+    let wm = m.clone();
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut src = ChunkSource {
+            from: from_dec,
+            back: back_tx,
+            next: 0,
+            cur: Vec::new(),
+            cur_from: None,
+        };
+        write_tree(&wm, &dir, &mut src, same_owner, &wprogress)
+    });
+
+    // Batches of consecutive chunks.
+    let mut batches: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut start = 0usize;
+    let mut bytes = 0u64;
+    for (i, c) in manifest.chunks.iter().enumerate() {
+        if i > start && (i - start == BATCH_CHUNKS || bytes + u64::from(c.size) > BATCH_BYTES) {
+            batches.push(start..i);
+            start = i;
+            bytes = 0;
+        }
+        bytes += u64::from(c.size);
+    }
+    if start < manifest.chunks.len() {
+        batches.push(start..manifest.chunks.len());
+    }
+    let mut fetched = 0u64;
+    let mut fetch_err = None;
+    {
+        let mut stream = futures_util::stream::iter(batches.into_iter().map(|r| {
+            let digests: Vec<&str> = manifest.chunks[r.clone()]
+                .iter()
+                .map(|c| c.digest.as_str())
+                .collect();
+            async move { client.fetch_stored(&digests).await.map(|v| (r.start, v)) }
+        }))
+        .buffered(opts.concurrency.max(1));
+        'fetch: while let Some(b) = stream.next().await {
+            match b {
+                Ok((first, stored)) => {
+                    for (k, data) in stored.into_iter().enumerate() {
+                        let i = first + k;
+                        // Bounded: waits (without blocking the runtime)
+                        // while the decoders and the disk catch up.
+                        if to_dec[i % d].send((i, data)).await.is_err() {
+                            break 'fetch; // the pipeline failed; its error is reported
+                        }
+                        fetched += 1;
+                        opts.progress
+                            .chunks_uploaded
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(e) => {
+                    fetch_err = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    drop(to_dec);
+    let written = writer.await.map_err(join_err)?;
+    for t in decoders {
+        let _ = t.join();
+    }
+    if let Some(e) = fetch_err {
+        return Err(e);
+    }
+    Ok((fetched, written?))
+}
+
+/// The data stream as the writer reads it: chunk `next` from decoder
+/// `next % D`, the previous chunk's buffer handed back to its decoder.
+struct ChunkSource {
+    from: Vec<std::sync::mpsc::Receiver<Decoded>>,
+    back: Vec<std::sync::mpsc::Sender<Vec<u8>>>,
+    next: usize,
+    cur: Vec<u8>,
+    cur_from: Option<usize>,
+}
+
+impl ChunkSource {
+    /// The next chunk's bytes; `Ok(None)` at the end of the stream.
+    fn next_chunk(&mut self) -> Result<Option<&[u8]>, DircacheError> {
+        if let Some(w) = self.cur_from.take() {
+            // Recycled: the decoder reuses the allocation (its pages are
+            // already mapped) instead of faulting in a fresh one.
+            let _ = self.back[w].send(std::mem::take(&mut self.cur));
+        }
+        let w = self.next % self.from.len();
+        match self.from[w].recv() {
+            Ok(Ok(buf)) => {
+                self.next += 1;
+                self.cur = buf;
+                self.cur_from = Some(w);
+                Ok(Some(&self.cur))
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Ok(None),
+        }
+    }
 }
 
 /// Puts the finished `staging` tree at `target`: an atomic exchange if
@@ -262,7 +394,7 @@ fn swap_into_place(staging: &Path, target: &Path) -> Result<(), DircacheError> {
 fn write_tree(
     m: &Manifest,
     dir: &Path,
-    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    src: &mut ChunkSource,
     same_owner: bool,
     progress: &Progress,
 ) -> Result<(u64, u64), DircacheError> {
@@ -273,49 +405,61 @@ fn write_tree(
         nix::unistd::geteuid().as_raw(),
         nix::unistd::getegid().as_raw(),
     );
-    let mut buf: Vec<u8> = Vec::new();
+    // Files are created with their final permission bits when the umask
+    // lets them through unchanged, which saves tar's extra fchmod.
+    let umask = process_umask();
     let mut pos = 0usize;
+    let mut len = 0usize;
     let mut bytes = 0u64;
     for n in &m.nodes {
         let p = dir.join(&n.path);
         match &n.kind {
             NodeKind::Dir => fs::create_dir(&p).map_err(|e| io("creating", &p, e))?,
             NodeKind::File { size, .. } => {
+                // setuid/setgid are not restored from a cache: an entry is
+                // outside input and must not hand out privileges.
+                let mode = n.mode & 0o1777;
+                let create = mode & 0o777;
                 // create_new + O_NOFOLLOW: never through or over anything.
+                // The creating descriptor may write even when the mode is
+                // read-only.
                 let mut f = OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .custom_flags(libc_nofollow())
-                    .mode(0o600)
+                    .mode(create)
                     .open(&p)
                     .map_err(|e| io("creating", &p, e))?;
                 let mut left = *size;
                 while left > 0 {
-                    if pos == buf.len() {
-                        buf = rx.recv().map_err(|_| {
-                            DircacheError::InvalidManifest("the data stream ended early".into())
-                        })?;
+                    if pos == len {
+                        let Some(c) = src.next_chunk()? else {
+                            return Err(DircacheError::InvalidManifest(
+                                "the data stream ended early".into(),
+                            ));
+                        };
+                        len = c.len();
                         pos = 0;
                     }
-                    let take = (buf.len() - pos).min(usize::try_from(left).unwrap_or(usize::MAX));
-                    f.write_all(&buf[pos..pos + take])
+                    let take = (len - pos).min(usize::try_from(left).unwrap_or(usize::MAX));
+                    f.write_all(&src.cur[pos..pos + take])
                         .map_err(|e| io("writing", &p, e))?;
                     pos += take;
                     left -= take as u64;
                     bytes += take as u64;
-                    progress
-                        .bytes_done
-                        .fetch_add(take as u64, Ordering::Relaxed);
                 }
+                progress.bytes_done.fetch_add(*size, Ordering::Relaxed);
                 // Metadata through the open descriptor: no second path walk.
                 if same_owner && (n.uid, n.gid) != me {
                     std::os::unix::fs::fchown(&f, Some(n.uid), Some(n.gid))
                         .map_err(|e| io("chown", &p, e))?;
                 }
-                // setuid/setgid are not restored from a cache: an entry is
-                // outside input and must not hand out privileges.
-                f.set_permissions(fs::Permissions::from_mode(n.mode & 0o1777))
-                    .map_err(|e| io("chmod", &p, e))?;
+                // fchown clears setuid-like bits only; the sticky bit or a
+                // umask-masked bit still needs the chmod.
+                if mode != create & !umask || mode & 0o1000 != 0 {
+                    f.set_permissions(fs::Permissions::from_mode(mode))
+                        .map_err(|e| io("chmod", &p, e))?;
+                }
                 f.set_modified(mtime(n))
                     .map_err(|e| io("setting the mtime of", &p, e))?;
             }
@@ -328,7 +472,7 @@ fn write_tree(
             }
         }
     }
-    if pos != buf.len() || rx.recv().is_ok() {
+    if pos != len || src.next_chunk()?.is_some() {
         return Err(DircacheError::InvalidManifest(
             "the data stream is longer than the files".into(),
         ));
@@ -374,6 +518,20 @@ fn mtime(n: &crate::manifest::Node) -> std::time::SystemTime {
     } else {
         std::time::UNIX_EPOCH - d
     }
+}
+
+/// The process's umask, read from /proc (reading it with umask(2) would
+/// change it for every thread for a moment). Unreadable counts as "masks
+/// everything", so every file then gets its chmod.
+fn process_umask() -> u32 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o777)
 }
 
 fn libc_nofollow() -> i32 {

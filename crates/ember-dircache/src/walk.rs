@@ -146,7 +146,7 @@ impl DataStream {
 }
 
 fn fail(slot: &Mutex<Option<DircacheError>>, e: DircacheError) -> std::io::Error {
-    let msg = e.to_string();
+    let msg = ember_error::chain(&e).to_string();
     let mut f = slot.lock().unwrap_or_else(|p| p.into_inner());
     f.get_or_insert(e);
     std::io::Error::other(msg)

@@ -4,6 +4,8 @@
 //! ```text
 //! HEAD|GET|PUT /dircache/v1/chunks/<hex>      a chunk, zstd-compressed; PUT verified
 //! POST         /dircache/v1/chunks/missing    MissingRequest -> MissingResponse
+//! POST         /dircache/v1/chunks/fetch      MissingRequest -> the chunks, framed
+//!                                             (FETCH_FRAME); 404 if one is absent
 //! PUT          /dircache/v1/entry?scope&key   a Manifest; 409 if the key exists
 //! GET|DELETE   /dircache/v1/entry?scope&key   exact key -> Found
 //! POST         /dircache/v1/lookup            LookupRequest -> Found, or 404
@@ -20,6 +22,15 @@ pub struct MissingRequest {
     /// Hex digests.
     pub digests: Vec<String>,
 }
+
+/// Content type of a `chunks/fetch` answer: for each digest asked, in
+/// order, a 4-byte big-endian length and that many bytes of the stored
+/// (compressed, not yet verified) chunk. One request for many chunks
+/// saves a restore thousands of round trips and server wake-ups.
+pub const FETCH_FRAME: &str = "application/vnd.ember.dircache.chunks.v1";
+
+/// Most digests one `chunks/fetch` may ask for (at most 256 MiB framed).
+pub const MAX_FETCH: usize = 256;
 
 /// The ones it lacks. Those it has are marked used, so a garbage
 /// collection running before the entry is stored spares them.

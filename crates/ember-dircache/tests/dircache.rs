@@ -588,3 +588,135 @@ async fn unused_entries_expire_and_entries_survive_a_restart() {
     assert!(gc.removed_chunks >= 3);
     assert!(client.list("main").await.unwrap().is_empty());
 }
+
+/// How the proxy in front of the cache misbehaves on `chunks/fetch`.
+#[derive(Clone, Copy)]
+enum Proxy {
+    /// Answers 404 without a registry code: an older cache without it.
+    Old,
+    /// Cuts the framed answer short (a well-formed, shorter HTTP body).
+    Cut,
+}
+
+/// A one-request-per-connection HTTP proxy to `upstream` on a free port;
+/// returns its URL and a count of per-chunk GETs it forwarded.
+async fn proxy(
+    upstream: String,
+    mode: Proxy,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let gets = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let g = gets.clone();
+    let http = reqwest::Client::new();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let (upstream, http, g) = (upstream.clone(), http.clone(), g.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 8192];
+                let head_end = loop {
+                    let n = s.read(&mut tmp).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&tmp[..n]);
+                    if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break p + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                let mut lines = head.lines();
+                let first: Vec<&str> = lines.next().unwrap().split(' ').collect();
+                let (method, path) = (first[0].to_string(), first[1].to_string());
+                let len: usize = lines
+                    .filter_map(|l| l.split_once(':'))
+                    .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                    .map_or(0, |(_, v)| v.trim().parse().unwrap());
+                while buf.len() < head_end + len {
+                    let n = s.read(&mut tmp).await.unwrap();
+                    buf.extend_from_slice(&tmp[..n]);
+                }
+                let body = buf[head_end..head_end + len].to_vec();
+                let fetch = path.ends_with("/chunks/fetch");
+                if fetch && matches!(mode, Proxy::Old) {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .await;
+                    return;
+                }
+                if method == "GET" && path.contains("/chunks/") {
+                    g.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+                let r = http
+                    .request(m, format!("{upstream}{path}"))
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let mut out = r.bytes().await.unwrap().to_vec();
+                if fetch && status == 200 {
+                    out.truncate(out.len() - 10);
+                }
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                            out.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+                let _ = s.write_all(&out).await;
+            });
+        }
+    });
+    (url, gets)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restores_from_an_older_cache_and_refuses_a_cut_off_chunk_fetch() {
+    let cache = start(DircacheConfig::default()).await;
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    rich_tree(&src);
+    save(&cache.client(), &src, &SaveOptions::new("main", "k"))
+        .await
+        .unwrap();
+
+    // A cache without `chunks/fetch`: one GET per chunk, same tree.
+    let (url, gets) = proxy(cache.url(), Proxy::Old).await;
+    let old = CacheClient::new(&url, None).unwrap();
+    let dst = work.path().join("old");
+    let r = restore(&old, &dst, &ropts(&["main"], "k", &[]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_same_tree(&src, &dst);
+    assert!(r.chunks > 1);
+    assert_eq!(
+        gets.load(std::sync::atomic::Ordering::Relaxed) as u64,
+        r.chunks,
+        "not one GET per chunk"
+    );
+
+    // A framed answer cut short fails the restore; the target is as it was.
+    let (url, _) = proxy(cache.url(), Proxy::Cut).await;
+    let cut = CacheClient::new(&url, None).unwrap();
+    let parent = work.path().join("ws");
+    let dst = parent.join("target");
+    write(&dst.join("mine"), b"keep me");
+    let e = restore(&cut, &dst, &ropts(&["main"], "k", &[]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, DircacheError::Transport { ref detail, .. } if detail.contains("ends after")),
+        "{e}"
+    );
+    assert_eq!(names(&dst), vec!["mine"]);
+    assert_eq!(names(&parent), vec!["target"]);
+}

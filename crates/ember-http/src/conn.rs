@@ -264,7 +264,7 @@ pub(crate) async fn serve_connection(
         tokio::select! {
             r = http.as_mut() => {
                 if let Err(e) = r {
-                    tracing::debug!(error = %e, "connection ended with an error");
+                    tracing::debug!(error = %ember_error::chain(&e), "connection ended with an error");
                 }
                 break;
             }

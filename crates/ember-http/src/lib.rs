@@ -247,7 +247,7 @@ impl Server {
                     // Out of descriptors (or memory): make room the same
                     // way the cap does, and give the close a moment.
                     if once_in_a_while(&mut warned_at) {
-                        tracing::warn!(error = %e, open = registry.live(), "accept failed; closing the oldest idle connection");
+                        tracing::warn!(error = %ember_error::chain(&e), open = registry.live(), "accept failed; closing the oldest idle connection");
                     }
                     if registry.evict_oldest() {
                         Stats::add(&stats.evicted);

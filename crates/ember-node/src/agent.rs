@@ -75,6 +75,8 @@ pub(crate) struct NodeAgent {
     pub(crate) prepull: Arc<crate::prepull::Prepull>,
     /// Counters for `/metrics` ([`crate::metrics`]).
     pub(crate) metrics: crate::metrics::NodeMetrics,
+    /// The directory cache runs' declared caches go to (`cfg.dircache`).
+    pub(crate) dircache: Option<ember_dircache::CacheClient>,
     /// Checkpoints of snapshot deployments and their captures
     /// ([`crate::snapshot::deploy`]).
     pub(crate) snapshots: Arc<crate::snapshot::deploy::NodeSnapshots>,
@@ -106,6 +108,11 @@ pub async fn run_node(
         ..Default::default()
     })?);
     let client = ControlClient::new(&cfg.control, cfg.token.clone())?;
+    let dircache = cfg
+        .dircache
+        .as_deref()
+        .map(|url| ember_dircache::CacheClient::new(url, cfg.dircache_token.clone()))
+        .transpose()?;
     let (reporter, reports) = mpsc::unbounded_channel();
     let (cfg_root, cfg_bandwidth) = (cfg.root.clone(), cfg.prepull.bandwidth);
     let snapshots = Arc::new(crate::snapshot::deploy::NodeSnapshots::new(
@@ -132,6 +139,7 @@ pub async fn run_node(
         reporting: AtomicBool::new(false),
         prepull: Arc::new(crate::prepull::Prepull::new(&cfg_root, cfg_bandwidth)),
         metrics: Default::default(),
+        dircache,
     });
     let metrics_listener = match agent.cfg.metrics_listen {
         Some(addr) => Some(crate::metrics::bind(addr).await?),

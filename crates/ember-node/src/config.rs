@@ -21,6 +21,12 @@ pub struct NodeAgentConfig {
     pub root: PathBuf,
     /// A registry mirror (`ember cache`) to pull through.
     pub cache: Option<String>,
+    /// The cluster cache's URL for directory caches (`/dircache/v1`) runs
+    /// declare; `None`: declared caches are skipped (with a note on the
+    /// run), never failing it.
+    pub dircache: Option<String>,
+    /// Bearer token for saves into the cache's protected scopes.
+    pub dircache_token: Option<String>,
     /// The static `ember-agent` binary.
     pub agent: PathBuf,
     /// Labels for node selectors.
@@ -70,19 +76,19 @@ pub struct WatchdogCommand {
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     /// The store could not be opened.
-    #[error("opening the store: {0}")]
+    #[error("opening the store")]
     Store(#[from] ember_store::StoreError),
     /// The pool could not be started.
-    #[error("starting the warm pool: {0}")]
+    #[error("starting the warm pool")]
     Pool(#[from] ember_pool::PoolError),
     /// The registry client could not be built.
-    #[error("registry client: {0}")]
+    #[error("registry client")]
     Registry(#[from] ember_registry::RegistryError),
     /// The control plane refused us.
     #[error(transparent)]
     Control(#[from] ClientError),
     /// The node's root could not be locked, or the watchdog started.
-    #[error("{what} {}: {source}", path.display())]
+    #[error("{what} {}", path.display())]
     Io {
         /// What was being done.
         what: &'static str,
@@ -91,7 +97,34 @@ pub enum NodeError {
         /// The failure.
         source: std::io::Error,
     },
+    /// The dircache URL is not usable.
+    #[error("dircache client: {0}")]
+    Dircache(#[from] ember_dircache::DircacheError),
     /// Another node agent is running on this root.
     #[error("another node agent holds {}", .0.display())]
     RootInUse(PathBuf),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_errors_say_their_source_once_in_the_chain() {
+        let registry = NodeError::Registry(ember_registry::RegistryError::Config(
+            "bad mirror URL".into(),
+        ));
+        let io = NodeError::Io {
+            what: "locking",
+            path: "/var/lib/ember/node.lock".into(),
+            source: std::io::Error::other("EROFS"),
+        };
+        for (e, want) in [
+            (&registry, "registry client: bad mirror URL"),
+            (&io, "locking /var/lib/ember/node.lock: EROFS"),
+        ] {
+            assert_eq!(ember_error::repeated_source(e), None, "{want}");
+            assert_eq!(ember_error::chain(e).to_string(), want);
+        }
+    }
 }

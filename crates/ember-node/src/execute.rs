@@ -2,24 +2,33 @@
 //!
 //! ```text
 //! Assign ─► [Accepted ─► pull, only if the image is not here] ─► ImageReady
-//!        ─► pool.acquire(key) ─► RunnerReady ─► exec ─► Started ─► output → logs endpoint
+//!        ─► pool.acquire(key) ─► RunnerReady ─► [restore caches ─► CachesRestored]
+//!        ─► exec ─► Started ─► output → logs endpoint
 //!        ─► release (runner back to idle) ─► Exited { code, runner_idle }
 //! ```
 //!
+//! A run that declares caches (`caches`) and exits 0 is reported exited
+//! as soon as its process exits (`runner_idle: false`: the runner is still
+//! held), then its caches are saved from the runner, and only then is the
+//! runner released: the save needs the runner's files as the run left
+//! them, and the release resets them. The run's slot on the node is held
+//! until the save ends; the next heartbeat reports the runner idle.
+//!
 //! The blocking side sends its reports and output to the run's task in
-//! order; the task sends them on (`report`, `logs`) in that order.
+//! order; the task sends them on (`report`, `logs`) in that order
+//! (`relay`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
+use crate::agent::NodeAgent;
+use crate::relay::{self, Event, EventTx};
 use ember_api::wire::LogStream;
 use ember_control::model::{NodeReport, Resources, Run};
 use ember_pool::{Canceller, Outcome, Released, RunnerImage, RunnerShape, RunnerSpec};
 use ember_store::ImageRecord;
-use tokio::sync::mpsc;
 
-use crate::agent::NodeAgent;
+use crate::caches::{self, Prepared, RunnerFs};
 
 /// Cancellation state of one run on this node.
 #[derive(Default)]
@@ -50,7 +59,7 @@ impl RunHandle {
         if let Some((c, id)) = exec
             && let Err(e) = c.cancel(id, SIGKILL)
         {
-            tracing::warn!(error = %e, "cancelling an exec");
+            tracing::warn!(error = %ember_error::chain(&e), "cancelling an exec");
         }
         let snapshot_exec = self
             .snapshot_exec
@@ -60,7 +69,7 @@ impl RunHandle {
         if let Some((socket, id)) = snapshot_exec
             && let Err(e) = crate::snapshot::signal_exec(&socket, id, SIGKILL)
         {
-            tracing::warn!(error = %e, "cancelling a snapshot run's exec");
+            tracing::warn!(error = %ember_error::chain(&e), "cancelling a snapshot run's exec");
         }
     }
 }
@@ -81,73 +90,13 @@ impl NodeAgent {
             return Ok(image.clone());
         }
         let image = RunnerImage::from_store(&self.store, record)
-            .map_err(|e| format!("reading the image config: {e}"))?;
+            .map_err(|e| format!("reading the image config: {}", ember_error::chain(&e)))?;
         self.runner_images
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(record.manifest.clone(), image.clone());
         Ok(image)
     }
-}
-
-/// What the blocking executor tells the async side, in order.
-pub(crate) enum Event {
-    /// A report, and when it happened.
-    Report(NodeReport, Instant),
-    Output(LogStream, Vec<u8>),
-}
-
-impl Event {
-    pub(crate) fn report(r: NodeReport) -> Event {
-        Event::Report(r, Instant::now())
-    }
-
-    /// Image ready, runner ready, process started: progress worth a
-    /// request of its own only when the next report does not follow at
-    /// once.
-    fn is_milestone(&self) -> bool {
-        matches!(
-            self,
-            Event::Report(
-                NodeReport::ImageReady
-                    | NodeReport::Snapshot { .. }
-                    | NodeReport::RunnerReady
-                    | NodeReport::Started,
-                _
-            )
-        )
-    }
-}
-
-/// How long a run's progress reports wait for the next report to travel
-/// with. On a warm start the process starts well within it, and a short
-/// one exits within it too, so such a run costs the control plane one
-/// report row update instead of two or three; a cold runner (hundreds of
-/// ms) or a longer process still shows its progress this much later. The
-/// reports keep their own times either way, and output is never held.
-const MILESTONE_HOLD: Duration = Duration::from_millis(5);
-
-/// How long progress reports wait in all when the reporter is busy at the
-/// end of [`MILESTONE_HOLD`] (a burst): under load a warm run's process
-/// often exits only after 5 ms, and its progress would otherwise go in a
-/// request of its own, a second one per run.
-const MILESTONE_HOLD_BUSY: Duration = Duration::from_millis(50);
-
-/// Adds to `pending` what arrives on `rx` until `until`, or until a report
-/// that is not progress (or output) arrived; `true` in that case.
-async fn hold_milestones(
-    rx: &mut mpsc::UnboundedReceiver<Event>,
-    pending: &mut Vec<Event>,
-    until: tokio::time::Instant,
-) -> bool {
-    while let Ok(Some(ev)) = tokio::time::timeout_at(until, rx.recv()).await {
-        let last = !ev.is_milestone();
-        pending.push(ev);
-        if last {
-            return true;
-        }
-    }
-    false
 }
 
 /// Executes `run` (the slot is the caller's) and reports how it went.
@@ -173,69 +122,47 @@ pub(crate) async fn execute(agent: &Arc<NodeAgent>, run: Run, handle: Arc<RunHan
         agent.inventory_changed.notify_one();
     }
 
-    let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+    let (tx, rx) = relay::channel();
     let _ = tx.send(Event::report(NodeReport::ImageReady));
     let exec = {
         let agent = agent.clone();
         let run = run.clone();
         tokio::task::spawn_blocking(move || {
             // A snapshot deployment's runs restore from (or start fresh
-            // beside) the node's checkpoint, outside the pool.
+            // beside) the node's checkpoint, outside the pool (and without
+            // its declared caches).
             let done = if run.snapshot.is_some() {
                 crate::snapshot::deploy::exec_snapshot(&agent, &run, &record, &handle, &tx)
+                    .map(|(code, idle)| Done::Exited(code, idle))
             } else {
                 exec_blocking(&agent, &run, &record, &handle, &tx)
             };
             let last = match done {
-                Ok((code, runner_idle)) => NodeReport::Exited { code, runner_idle },
+                Ok(Done::Exited(code, runner_idle)) => NodeReport::Exited { code, runner_idle },
+                Ok(Done::Reported) => return,
                 Err(error) => NodeReport::Failed { error },
             };
             let _ = tx.send(Event::report(last));
         })
     };
-    // Events are posted in order, so every byte of output is stored before
-    // the exit is reported (log followers stop at the final state). What
-    // arrived while the last request was in flight goes out together.
-    let mut pending = Vec::new();
-    while let Some(ev) = rx.recv().await {
-        pending.push(ev);
-        while let Ok(ev) = rx.try_recv() {
-            pending.push(ev);
-        }
-        if pending.iter().all(Event::is_milestone) {
-            let start = tokio::time::Instant::now();
-            let done = hold_milestones(&mut rx, &mut pending, start + MILESTONE_HOLD).await;
-            // Still only progress, and the reporter has a request out: the
-            // node is busy, and this progress would cost a request of its
-            // own (each one is node CPU taken from the runs). It waits for
-            // the run's next report a while longer.
-            if !done && agent.reporter_busy() {
-                hold_milestones(&mut rx, &mut pending, start + MILESTONE_HOLD_BUSY).await;
-            }
-        }
-        let mut reports = Vec::new();
-        for ev in pending.drain(..) {
-            match ev {
-                Event::Report(r, at) => reports.push((r, at)),
-                Event::Output(stream, data) => {
-                    if !reports.is_empty() {
-                        agent.report_all(id, at, std::mem::take(&mut reports)).await;
-                    }
-                    agent.ship_output(id, stream, data).await;
-                }
-            }
-        }
-        if !reports.is_empty() {
-            agent.report_all(id, at, reports).await;
-        }
-    }
-    if let Err(e) = exec.await {
+    // A final report relayed means the executor ran to its end: only a
+    // panic would make its join say more, so the task need not wait (a
+    // wake-up) for the blocking thread to finish.
+    let finished = relay::relay(agent, id, at, rx).await;
+    // A run with caches is reported exited before their save: its slot
+    // stays taken until the executor (the save) is done.
+    let saving = !run.caches.is_empty() && run.snapshot.is_none();
+    if finished && !saving {
+        drop(exec);
+    } else if let Err(e) = exec.await
+        && !finished
+    {
         agent
             .report(
                 id,
                 at,
                 NodeReport::Failed {
-                    error: format!("executor failed: {e}"),
+                    error: format!("executor failed: {}", ember_error::chain(&e)),
                 },
             )
             .await;
@@ -244,19 +171,57 @@ pub(crate) async fn execute(agent: &Arc<NodeAgent>, run: Run, handle: Arc<RunHan
     agent.inventory_changed.notify_one();
 }
 
-/// Acquires a runner, runs the process and releases the runner; returns
-/// the exit code (128+N for signal N) and whether the runner is idle in
-/// the pool again, or why the run could not run.
+/// How [`exec_blocking`] ended, when the run ran.
+enum Done {
+    /// The exit code (128+N for signal N) and whether the runner is idle
+    /// in the pool again: still to be reported.
+    Exited(i32, bool),
+    /// The exit was reported already (before the caches' save).
+    Reported,
+}
+
+/// Restores `run`'s declared caches into the leased runner and reports
+/// `CachesRestored`; returns the runner's filesystem and the caches to
+/// save after a successful exit, or the run's error (a key's file
+/// missing).
+fn restore_caches(
+    agent: &NodeAgent,
+    run: &Run,
+    lease: &ember_pool::Lease,
+    tx: &EventTx,
+) -> Result<(RunnerFs, Vec<Prepared>), String> {
+    let defaults = lease.defaults();
+    let owner = (defaults.uid.unwrap_or(0), defaults.gid.unwrap_or(0));
+    let pids = lease
+        .cgroups()
+        .procs()
+        .map_err(|e| format!("caches: listing the runner's processes: {e}"))?;
+    let fs = RunnerFs::of_init(&pids, &defaults.cwd, owner).map_err(|e| format!("caches: {e}"))?;
+    let prepared = caches::prepare(run, &fs)?;
+    let restored = tokio::runtime::Handle::current().block_on(caches::restore_all(
+        agent.dircache.as_ref(),
+        prepared,
+        &fs,
+    ));
+    let _ = tx.send(Event::report(NodeReport::CachesRestored {
+        notes: restored.notes,
+    }));
+    Ok((fs, restored.to_save))
+}
+
+/// Acquires a runner, restores the run's caches, runs the process, saves
+/// the caches after a successful exit and releases the runner; returns
+/// how it ended ([`Done`]), or why the run could not run.
 fn exec_blocking(
     agent: &NodeAgent,
     run: &Run,
     record: &ImageRecord,
     handle: &RunHandle,
-    tx: &mpsc::UnboundedSender<Event>,
-) -> Result<(i32, bool), String> {
+    tx: &EventTx,
+) -> Result<Done, String> {
     let image = agent.runner_image(record)?;
     let argv = ember_runtime::spec::process_args(&image.config, Some(&run.command))
-        .map_err(|e| format!("command: {e}"))?;
+        .map_err(|e| format!("command: {}", ember_error::chain(&e)))?;
     // Runners are shared only within the run's recycling scope (its
     // deployment or recycling key); a plain run's spec has none, so the
     // pool gives it a never-used runner and destroys it afterwards.
@@ -268,7 +233,7 @@ fn exec_blocking(
     let mut lease = agent
         .pool
         .acquire(&spec)
-        .map_err(|e| format!("starting a runner: {e}"))?;
+        .map_err(|e| format!("starting a runner: {}", ember_error::chain(&e)))?;
     agent.metrics.lease(lease.info().reused);
     if spec.recyclable() {
         agent
@@ -281,6 +246,26 @@ fn exec_blocking(
     if handle.cancelled.load(Ordering::SeqCst) {
         agent.pool.release(lease, Outcome::Succeeded);
         return Err("cancelled before it started".into());
+    }
+    let mut to_save = None;
+    if !run.caches.is_empty() {
+        match restore_caches(agent, run, &lease, tx) {
+            Ok(saving) => {
+                // A restore can take a while: a cancel during it stops
+                // the run before its process starts.
+                if handle.cancelled.load(Ordering::SeqCst) {
+                    agent.pool.release(lease, Outcome::Succeeded);
+                    return Err("cancelled before it started".into());
+                }
+                to_save = Some(saving);
+            }
+            Err(e) => {
+                // The runner is as healthy as before; the restore leaves
+                // a cache's target as it was on failure.
+                agent.pool.release(lease, Outcome::Succeeded);
+                return Err(e);
+            }
+        }
     }
     let mut req = lease.command(argv);
     for (k, v) in &run.env {
@@ -316,7 +301,7 @@ fn exec_blocking(
             // The whole chain: "exec in runner ..." alone hides why the
             // agent refused (a bad environment entry, an argv it cannot
             // pass on).
-            return Err(format!("exec: {}", ember_api::client::error_chain(&e)));
+            return Err(format!("exec: {}", ember_error::chain(&e)));
         }
     };
     // A non-zero exit is the program's answer, not a sign the runner is
@@ -331,18 +316,34 @@ fn exec_blocking(
     } else {
         Outcome::Failed
     };
+    let code = match (result.exit_code, result.signal) {
+        (Some(c), _) => c,
+        (None, Some(s)) => 128 + s,
+        (None, None) => 255,
+    };
+    // Saved only after a clean exit 0, in writable mode, with a cache to
+    // save to: the exit is reported first, so the run's end does not wait
+    // for the upload, and the runner is released after it.
+    if let (Some((fs, saving)), Some(client), None, 0) =
+        (&to_save, agent.dircache.as_ref(), &result.spawn_error, code)
+        && !saving.is_empty()
+        && outcome == Outcome::Succeeded
+    {
+        let _ = tx.send(Event::report(NodeReport::Exited {
+            code,
+            runner_idle: false,
+        }));
+        tokio::runtime::Handle::current().block_on(caches::save_all(client, saving, fs));
+        agent.pool.release(lease, outcome);
+        return Ok(Done::Reported);
+    }
     // Recycled: back in the pool idle (not discarded for its outcome, a
     // failed reset or the pool's budget).
     let runner_idle = matches!(agent.pool.release(lease, outcome), Released::Recycled);
     if let Some(e) = result.spawn_error {
         return Err(format!("starting the process: {e}"));
     }
-    let code = match (result.exit_code, result.signal) {
-        (Some(c), _) => c,
-        (None, Some(s)) => 128 + s,
-        (None, None) => 255,
-    };
-    Ok((code, runner_idle))
+    Ok(Done::Exited(code, runner_idle))
 }
 
 /// The runner shape for a run's (or a deployment's) resources and root

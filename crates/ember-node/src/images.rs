@@ -135,14 +135,20 @@ fn stored(store: &Store, digest: &str) -> Option<ImageRecord> {
 /// The reference a pinned image is pulled by: its name with the pinned
 /// digest, so the pull gets exactly what the control plane pinned.
 pub(crate) fn pinned_reference(image: &PinnedImage) -> Result<Reference, String> {
-    let reference: Reference = image
-        .reference
-        .parse()
-        .map_err(|e| format!("image reference {:?}: {e}", image.reference))?;
-    let digest: Digest = image
-        .digest
-        .parse()
-        .map_err(|e| format!("image digest {:?}: {e}", image.digest))?;
+    let reference: Reference = image.reference.parse().map_err(|e| {
+        format!(
+            "image reference {:?}: {}",
+            image.reference,
+            ember_error::chain(&e)
+        )
+    })?;
+    let digest: Digest = image.digest.parse().map_err(|e| {
+        format!(
+            "image digest {:?}: {}",
+            image.digest,
+            ember_error::chain(&e)
+        )
+    })?;
     Ok(reference.with_digest(digest))
 }
 
@@ -192,7 +198,7 @@ impl crate::agent::NodeAgent {
         .await
         .map_err(|e| match e {
             ImageError::Setup(e) => e,
-            e @ ImageError::Pull { .. } => ember_api::client::error_chain(&e),
+            e @ ImageError::Pull { .. } => ember_error::chain(&e).to_string(),
         });
         drop(pulling);
         let ready = ready?;

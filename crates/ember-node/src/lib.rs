@@ -52,10 +52,15 @@
 //! And what it does on its own:
 //!
 //! * `execute`: one assigned run, from image to exit, through the pool.
+//! * `caches`: a run's declared directory caches, restored into its
+//!   runner before the process starts and saved after it exits 0.
 //! * `prewarm`: idle runners a `prewarm` order asks for.
 //! * `prepull`: the images a `pull_plan` names, pulled one at a time at
 //!   low priority (paused while a run pulls), and the GC that keeps them.
 //! * [`images`]: resolve-or-pull, shared with `ember run`.
+//! * [`snapshot_cache`]: snapshots pushed to and fetched from the cluster
+//!   cache (compatibility checked before the download), shared with
+//!   `ember snapshot push|pull`.
 //! * `agent`: the agent's state and its start and shutdown.
 //! * `metrics`: the node's own `/metrics` listener (off unless
 //!   [`NodeAgentConfig::metrics_listen`] is set).
@@ -63,6 +68,7 @@
 //!   up after an agent that died.
 
 mod agent;
+mod caches;
 mod config;
 mod execute;
 pub mod images;
@@ -71,9 +77,11 @@ mod metrics;
 mod prepull;
 mod prewarm;
 mod register;
+mod relay;
 mod report;
 mod root;
 pub mod snapshot;
+pub mod snapshot_cache;
 mod stream;
 mod watchdog;
 

@@ -19,7 +19,7 @@ impl NodeAgent {
             .append_log(&self.cfg.id, run, stream, Bytes::from(data))
             .await
         {
-            tracing::debug!(run = %run, error = %e, "log append refused");
+            tracing::debug!(run = %run, error = %ember_error::chain(&e), "log append refused");
         }
     }
 }

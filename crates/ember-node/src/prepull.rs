@@ -365,7 +365,7 @@ impl NodeAgent {
                 self.inventory_changed.notify_one();
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "image GC failed"),
+            Err(e) => tracing::warn!(error = %ember_error::chain(&e), "image GC failed"),
         }
     }
 
@@ -442,7 +442,7 @@ impl NodeAgent {
             }
             Err(e) => {
                 self.prepull.note("failed", &digest);
-                tracing::warn!(image = %pull.image.reference, error = %ember_api::client::error_chain(&e), "pre-pull failed");
+                tracing::warn!(image = %pull.image.reference, error = %ember_error::chain(&e), "pre-pull failed");
                 self.prepull
                     .failed
                     .lock()

@@ -71,7 +71,7 @@ async fn prewarm(agent: &Arc<NodeAgent>, order: &PrewarmOrder) -> Result<u32, St
     let (shape, scope, count) = (order.shape.clone(), order.scope.clone(), order.count);
     tokio::task::spawn_blocking(move || {
         let image = RunnerImage::from_store(&agent.store, &record)
-            .map_err(|e| format!("reading the image config: {e}"))?;
+            .map_err(|e| format!("reading the image config: {}", ember_error::chain(&e)))?;
         let spec = RunnerSpec::new(image, shape, scope);
         let pool_key = spec.key().as_str().to_owned();
         agent
@@ -110,7 +110,12 @@ async fn prewarm(agent: &Arc<NodeAgent>, order: &PrewarmOrder) -> Result<u32, St
                     }
                     // The node is stopping: not a failure of the order.
                     Err(ember_pool::PoolError::ShutDown) => result = Err(None),
-                    Err(e) => result = Err(Some(format!("creating a runner: {e}"))),
+                    Err(e) => {
+                        result = Err(Some(format!(
+                            "creating a runner: {}",
+                            ember_error::chain(&e)
+                        )))
+                    }
                 }
             }
             // Only now that the runner is idle (and so counted there) does

@@ -112,7 +112,7 @@ pub(crate) async fn heartbeat_loop(agent: Arc<NodeAgent>) {
         seen = index_stamp(&agent);
         let sent = tokio::time::Instant::now();
         if let Err(e) = agent.heartbeat().await {
-            tracing::warn!(error = %e, "heartbeat failed");
+            tracing::warn!(error = %ember_error::chain(&e), "heartbeat failed");
         }
         tokio::time::sleep_until(sent + INVENTORY_MIN_GAP).await;
     }

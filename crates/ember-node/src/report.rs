@@ -78,11 +78,11 @@ impl NodeAgent {
                     return;
                 }
                 Err(e @ ClientError::Http { .. }) if attempt + 1 < REPORT_ATTEMPTS => {
-                    tracing::warn!(runs = batch.len(), error = %e, "report failed; retrying");
+                    tracing::warn!(runs = batch.len(), error = %ember_error::chain(&e), "report failed; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 Err(e) => {
-                    tracing::warn!(runs = batch.len(), error = %e, "reports refused");
+                    tracing::warn!(runs = batch.len(), error = %ember_error::chain(&e), "reports refused");
                     return;
                 }
             }

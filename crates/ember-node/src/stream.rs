@@ -40,7 +40,7 @@ pub(crate) async fn work_loop(agent: Arc<NodeAgent>) {
     loop {
         let mut connected = false;
         if let Err(e) = work_once(&agent, &mut connected).await {
-            tracing::warn!(error = %e, "work stream ended");
+            tracing::warn!(error = %ember_error::chain(&e), "work stream ended");
         }
         // A stream that delivered its first line was a working connection:
         // the next failure starts the backoff over.
@@ -53,7 +53,7 @@ pub(crate) async fn work_loop(agent: Arc<NodeAgent>) {
         tokio::time::sleep(backoff + jitter(backoff / 5)).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
         if let Err(e) = agent.heartbeat().await {
-            tracing::warn!(error = %e, "re-registering failed");
+            tracing::warn!(error = %ember_error::chain(&e), "re-registering failed");
         }
     }
 }
@@ -96,7 +96,7 @@ async fn work_once(agent: &Arc<NodeAgent>, connected: &mut bool) -> Result<(), C
         };
         let chunk = chunk.map_err(|e| ClientError::Http {
             url: agent.client.base().to_owned(),
-            detail: e.to_string(),
+            detail: ember_error::chain(&e).to_string(),
         })?;
         let Some(chunk) = chunk else { return Ok(()) };
         buf.extend_from_slice(&chunk);
@@ -112,7 +112,7 @@ async fn work_once(agent: &Arc<NodeAgent>, connected: &mut bool) -> Result<(), C
                     }
                     handle(agent, msg);
                 }
-                Err(e) => tracing::warn!(error = %e, "bad work message"),
+                Err(e) => tracing::warn!(error = %ember_error::chain(&e), "bad work message"),
             }
         }
     }

@@ -97,6 +97,8 @@ async fn node_metrics_show_pulls_warm_hits_runners_and_store() {
             slots: 1,
             root: tmp.path().join("node"),
             cache: None,
+            dircache: None,
+            dircache_token: None,
             agent,
             labels: Default::default(),
             heartbeat: Duration::from_secs(1),

@@ -157,6 +157,8 @@ async fn a_silent_work_stream_is_replaced_and_missed_work_arrives() {
             slots: 1,
             root: tmp.path().join("node"),
             cache: None,
+            dircache: None,
+            dircache_token: None,
             agent,
             labels: Default::default(),
             heartbeat: Duration::from_secs(1),

@@ -99,7 +99,7 @@ pub enum ManifestError {
     #[error("unsupported manifest type {0:?}")]
     Unsupported(String),
     /// Not valid JSON of the expected shape.
-    #[error("{0}")]
+    #[error(transparent)]
     Json(#[from] serde_json::Error),
 }
 
@@ -145,6 +145,19 @@ mod tests {
     use super::*;
 
     const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn a_json_error_is_passed_on_transparently() {
+        let e = Document::parse(media::OCI_MANIFEST, b"{").expect_err("not JSON");
+        assert!(matches!(e, ManifestError::Json(_)), "{e}");
+        assert_eq!(
+            ember_error::repeated_source(&e),
+            None,
+            "{}",
+            ember_error::chain(&e)
+        );
+        assert!(e.to_string().contains("EOF"), "{e}");
+    }
 
     #[test]
     fn parses_manifests_and_indexes() {

@@ -44,7 +44,7 @@ pub enum ReferenceError {
         tag: String,
     },
     /// The part after `@` is not a digest.
-    #[error("invalid reference {reference:?}: {source}")]
+    #[error("invalid reference {reference:?}")]
     Digest {
         /// The whole input.
         reference: String,
@@ -393,6 +393,28 @@ mod tests {
         assert_eq!(r.tag(), Some("v1"));
         assert_eq!(r.manifest_reference(), D);
         assert_eq!(r.to_string(), format!("docker.io/library/app:v1@{D}"));
+    }
+
+    #[test]
+    fn a_bad_digest_is_said_once_in_the_chain() {
+        let e = "app@sha256:zz"
+            .parse::<Reference>()
+            .expect_err("bad digest");
+        assert_eq!(
+            ember_error::repeated_source(&e),
+            None,
+            "{}",
+            ember_error::chain(&e)
+        );
+        let chain = ember_error::chain(&e).to_string();
+        assert!(
+            chain.starts_with("invalid reference \"app@sha256:zz\": "),
+            "{chain}"
+        );
+        assert!(
+            chain.len() > "invalid reference \"app@sha256:zz\": ".len(),
+            "{chain}"
+        );
     }
 
     #[test]

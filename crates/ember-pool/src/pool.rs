@@ -459,14 +459,14 @@ impl Inner {
         if let Err(e) = spawned {
             // The closure (and the runners in it) was dropped, which
             // destroyed them on this thread; only the count is left.
-            tracing::warn!(error = %e, "no thread for destroying runners");
+            tracing::warn!(error = %ember_error::chain(&e), "no thread for destroying runners");
         }
     }
 
     fn destroy_now(&self, runners: Vec<Runner>) {
         for mut r in runners {
             if let Err(e) = r.destroy() {
-                tracing::warn!(id = %r.id, error = %e, "destroying runner");
+                tracing::warn!(id = %r.id, error = %ember_error::chain(&e), "destroying runner");
             }
             let mut st = self.lock();
             st.live.remove(&r.id);
@@ -566,7 +566,7 @@ impl Inner {
             // runner to be gone.
             drop(st);
             if let Err(e) = runner.destroy() {
-                tracing::warn!(id = %runner.id, error = %e, "destroying runner");
+                tracing::warn!(id = %runner.id, error = %ember_error::chain(&e), "destroying runner");
             }
             let mut st = self.lock();
             st.creating -= 1;
@@ -657,7 +657,7 @@ impl Inner {
                     match made {
                         Some(Ok(_)) => st.stats.spares += 1,
                         Some(Err(PoolError::ShutDown)) | None => {}
-                        Some(Err(e)) => tracing::warn!(key = spec.key().short(), error = %e, "creating a spare runner"),
+                        Some(Err(e)) => tracing::warn!(key = spec.key().short(), error = %ember_error::chain(&e), "creating a spare runner"),
                     }
                     if let Some(n) = st.spares_creating.get_mut(spec.key()) {
                         *n = n.saturating_sub(1);
@@ -668,7 +668,7 @@ impl Inner {
                 }
             });
         if let Err(e) = spawned {
-            tracing::warn!(error = %e, "no thread for creating spare runners");
+            tracing::warn!(error = %ember_error::chain(&e), "no thread for creating spare runners");
             let mut st = self.lock();
             st.spares_creating.remove(&key);
         }
@@ -697,7 +697,7 @@ impl Inner {
                             Err(e) => {
                                 // Don't retry every tick: it stays unfrozen
                                 // until reused or expired.
-                                tracing::warn!(error = %e, "freezing idle runner");
+                                tracing::warn!(error = %ember_error::chain(&e), "freezing idle runner");
                                 idle.no_freeze = true;
                             }
                         }
@@ -728,7 +728,9 @@ impl Inner {
                     // Thawed by an acquire meanwhile, or still FREEZING: a
                     // later thaw puts it right either way.
                     Ok(false) => tracing::debug!(id, "runner not FROZEN after freezing"),
-                    Err(e) => tracing::debug!(id, error = %e, "reading freezer state"),
+                    Err(e) => {
+                        tracing::debug!(id, error = %ember_error::chain(&e), "reading freezer state")
+                    }
                 }
             }
             self.destroy_later(doomed);
@@ -964,7 +966,7 @@ impl Pool {
                     });
                 }
                 Err(e) => {
-                    tracing::info!(id = %runner.id, error = %e, "idle runner unhealthy; replacing it");
+                    tracing::info!(id = %runner.id, error = %ember_error::chain(&e), "idle runner unhealthy; replacing it");
                     replaced += 1;
                     {
                         let mut st = inner.lock();
@@ -1028,7 +1030,9 @@ impl Pool {
             Some(r) => Some(r),
             None => match runner.container.reset_scratch(runner.lease_started) {
                 Ok(()) => None,
-                Err(e) => Some(DiscardReason::ResetFailed(e.to_string())),
+                Err(e) => Some(DiscardReason::ResetFailed(
+                    ember_error::chain(&e).to_string(),
+                )),
             },
         };
         if reason.is_none() {
@@ -1076,7 +1080,9 @@ impl Pool {
             for idle in st.idle.iter_mut().filter(|i| !i.runner.frozen) {
                 match idle.runner.freeze() {
                     Ok(()) => froze += 1,
-                    Err(e) => tracing::warn!(error = %e, "freezing idle runner"),
+                    Err(e) => {
+                        tracing::warn!(error = %ember_error::chain(&e), "freezing idle runner")
+                    }
                 }
             }
             st.stats.freezes += froze;
@@ -1168,7 +1174,7 @@ impl Pool {
                 let inner = &self.inner;
                 s.spawn(move || {
                     if let Err(e) = r.destroy() {
-                        tracing::warn!(id = %r.id, error = %e, "destroying runner");
+                        tracing::warn!(id = %r.id, error = %ember_error::chain(&e), "destroying runner");
                     }
                     inner.lock().live.remove(&r.id);
                 });

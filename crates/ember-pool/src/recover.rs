@@ -53,7 +53,9 @@ pub(crate) fn recover(env: &Env) -> Result<PoolRecoverReport, PoolError> {
             ) {
                 match cg.thaw() {
                     Ok(()) => report.thawed.push(id.clone()),
-                    Err(e) => tracing::warn!(id, error = %e, "thawing a leftover runner"),
+                    Err(e) => {
+                        tracing::warn!(id, error = %ember_error::chain(&e), "thawing a leftover runner")
+                    }
                 }
             }
         }

@@ -259,7 +259,7 @@ impl BlobStream {
                 return Err(err);
             };
             tracing::warn!(
-                from = %self.endpoint, to = %ep.base, at = self.pos, error = %err,
+                from = %self.endpoint, to = %ep.base, at = self.pos, error = %ember_error::chain(&err),
                 "blob broke off; continuing from the next endpoint"
             );
             match self
@@ -418,7 +418,7 @@ impl RegistryClient {
             match got {
                 Ok(m) => return Ok(m),
                 Err(e) if i + 1 < n => {
-                    tracing::warn!(mirror = %ep.base, error = %e, "mirror failed; trying next");
+                    tracing::warn!(mirror = %ep.base, error = %ember_error::chain(&e), "mirror failed; trying next");
                 }
                 Err(e) => return Err(e),
             }
@@ -516,7 +516,7 @@ impl RegistryClient {
             {
                 Ok(o) => return Ok(self.stream(o, ep, r.repository(), digest, what, eps)),
                 Err(e) if !eps.is_empty() => {
-                    tracing::warn!(mirror = %ep.base, error = %e, "mirror failed; trying next");
+                    tracing::warn!(mirror = %ep.base, error = %ember_error::chain(&e), "mirror failed; trying next");
                 }
                 Err(e) => return Err(e),
             }
@@ -787,7 +787,7 @@ impl Inner {
                 return Err(err);
             }
             let delay = self.opts.retry_delay * 4u32.pow(attempt - 1);
-            tracing::debug!(%url, attempt, ?delay, error = %err, "retrying");
+            tracing::debug!(%url, attempt, ?delay, error = %ember_error::chain(&err), "retrying");
             tokio::time::sleep(delay).await;
         }
     }

@@ -97,15 +97,5 @@ impl RegistryError {
 /// Formats an error and its causes on one line, as reqwest's `Display` only
 /// shows the outermost layer ("error sending request").
 pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let msg = c.to_string();
-        if !s.contains(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
-        cur = c.source();
-    }
-    s
+    ember_error::chain(e).to_string()
 }

@@ -79,9 +79,7 @@ const LOG_TAIL_LINES: usize = 12;
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     /// The CRIU binary could not be executed.
-    #[error(
-        "CRIU is missing: cannot execute {binary} ({source}); install it with scripts/install-criu.sh"
-    )]
+    #[error("CRIU is missing: cannot execute {binary}; install it with scripts/install-criu.sh")]
     CriuMissing {
         /// The binary.
         binary: PathBuf,
@@ -864,7 +862,7 @@ impl Restored {
 impl Drop for Restored {
     fn drop(&mut self) {
         if let Err(e) = self.cleanup() {
-            tracing::warn!(id = %self.id, error = %e, "cleanup of restored container failed");
+            tracing::warn!(id = %self.id, error = %ember_error::chain(&e), "cleanup of restored container failed");
         }
     }
 }
@@ -1270,5 +1268,43 @@ mod tests {
     fn tail_keeps_the_last_lines() {
         assert_eq!(tail("a\nb\nc\n", 2), "b\nc");
         assert_eq!(tail("a", 5), "a");
+    }
+
+    #[test]
+    fn errors_say_their_source_once_in_the_chain() {
+        let enoent = || io::Error::from(io::ErrorKind::NotFound);
+        let errors = [
+            CheckpointError::CriuMissing {
+                binary: "/usr/sbin/criu".into(),
+                source: enoent(),
+            },
+            CheckpointError::Io {
+                what: "reading",
+                path: "/x".into(),
+                source: enoent(),
+            },
+            CheckpointError::Runc(RuncError::Spawn {
+                op: "restore",
+                id: "c1".into(),
+                binary: "/usr/bin/runc".into(),
+                source: enoent(),
+            }),
+        ];
+        for e in &errors {
+            assert_eq!(
+                ember_error::repeated_source(e),
+                None,
+                "{}",
+                ember_error::chain(e)
+            );
+            // The cause is still printed, once, at the end.
+            let chain = ember_error::chain(e).to_string();
+            assert!(chain.ends_with(&enoent().to_string()), "{chain}");
+        }
+        let missing = ember_error::chain(&errors[0]).to_string();
+        assert!(
+            missing.starts_with("CRIU is missing: cannot execute /usr/sbin/criu; install it"),
+            "{missing}"
+        );
     }
 }

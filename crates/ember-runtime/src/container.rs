@@ -448,7 +448,7 @@ impl Inner {
             loop {
                 drop(state);
                 if let Err(e) = self.runc.kill(&self.id, Signal::SIGKILL, false) {
-                    tracing::debug!(id = %self.id, error = %e, "kill during cleanup");
+                    tracing::debug!(id = %self.id, error = %ember_error::chain(&e), "kill during cleanup");
                 }
                 state = self.lock();
                 let (s, _) = self
@@ -705,7 +705,9 @@ impl Prepared {
         for _ in 0..100 {
             match inner.runc.kill(&inner.id, Signal::SIGKILL, false) {
                 Ok(()) | Err(RuncError::NotFound { .. }) => {}
-                Err(e) => tracing::warn!(error = %e, "killing timed-out container"),
+                Err(e) => {
+                    tracing::warn!(error = %ember_error::chain(&e), "killing timed-out container")
+                }
             }
             if exited_within(Duration::from_millis(100))? {
                 return Ok(());
@@ -746,7 +748,7 @@ impl Prepared {
                 timed_out = true;
                 // It may exit on its own meanwhile; the wait tells.
                 if let Err(e) = inner.runc.kill(&inner.id, Signal::SIGKILL, false) {
-                    tracing::debug!(id = %inner.id, error = %e, "kill after timeout");
+                    tracing::debug!(id = %inner.id, error = %ember_error::chain(&e), "kill after timeout");
                 }
                 runc::wait_container(&inner.id, created.pid, None)?.unwrap_or(137)
             }
@@ -785,7 +787,7 @@ fn reader<R: io::Read + Send + 'static>(mut r: R) -> std::thread::JoinHandle<Vec
 impl Drop for Prepared {
     fn drop(&mut self) {
         if let Err(e) = self.inner.cleanup() {
-            tracing::warn!(id = %self.inner.id, error = %e, "cleanup failed");
+            tracing::warn!(id = %self.inner.id, error = %ember_error::chain(&e), "cleanup failed");
         }
     }
 }

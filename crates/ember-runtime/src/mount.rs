@@ -250,7 +250,7 @@ impl RootFs {
 impl Drop for RootFs {
     fn drop(&mut self) {
         if let Err(e) = self.unmount() {
-            tracing::warn!(error = %e, "leaving overlay mounted");
+            tracing::warn!(error = %ember_error::chain(&e), "leaving overlay mounted");
         }
     }
 }

@@ -434,9 +434,11 @@ fn missing_or_bogus_criu_is_reported_clearly_and_the_container_is_untouched() {
     let missing = Criu::new("/nonexistent/criu");
     let e = missing.probe().unwrap_err();
     assert!(matches!(e, CheckpointError::CriuMissing { .. }), "{e:?}");
-    let msg = e.to_string();
+    let msg = ember_error::chain(&e).to_string();
     assert!(
-        msg.contains("CRIU is missing") && msg.contains("install-criu.sh"),
+        msg.contains("CRIU is missing")
+            && msg.contains("install-criu.sh")
+            && msg.contains("No such file"),
         "{msg}"
     );
     // A binary that is not CRIU at all.

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A filesystem operation on the store failed.
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Io {
         /// What was being done.
         op: &'static str,
@@ -20,7 +20,7 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// The registry could not give us something.
-    #[error("pulling {reference}: {source}")]
+    #[error("pulling {reference}")]
     Registry {
         /// The image being pulled.
         reference: String,
@@ -80,7 +80,7 @@ pub enum StoreError {
         detail: String,
     },
     /// A layer could not be unpacked (hostile, corrupt or truncated tar).
-    #[error("pulling {reference}: layer {digest}: {source}")]
+    #[error("pulling {reference}: layer {digest}")]
     Unpack {
         /// The image being pulled.
         reference: String,
@@ -145,5 +145,73 @@ pub(crate) fn registry(reference: &Reference) -> impl FnOnce(RegistryError) -> S
     move |source| StoreError::Registry {
         reference: reference.to_string(),
         source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::SnapshotError;
+    use crate::tree::RecordError;
+
+    fn eio() -> std::io::Error {
+        std::io::Error::other("EIO")
+    }
+
+    /// Each error says its own level; its source is printed once, by
+    /// whoever prints the chain.
+    #[test]
+    fn errors_say_their_source_once_in_the_chain() {
+        let digest: Digest =
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+                .parse()
+                .expect("digest");
+        let unpack = || UnpackError::Io {
+            path: "/l/etc/passwd".into(),
+            op: "create",
+            source: eio(),
+        };
+        let cases: Vec<(Box<dyn std::error::Error>, &str)> = vec![
+            (
+                Box::new(io("read", "/s/index.json")(eio())),
+                "read /s/index.json: EIO",
+            ),
+            (
+                Box::new(StoreError::Registry {
+                    reference: "app:v2".into(),
+                    source: RegistryError::Config("no such mirror".into()),
+                }),
+                "pulling app:v2: no such mirror",
+            ),
+            (
+                Box::new(StoreError::Unpack {
+                    reference: "app:v2".into(),
+                    digest,
+                    source: unpack(),
+                }),
+                "pulling app:v2: layer sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855: unpacking /l/etc/passwd: create: EIO",
+            ),
+            (Box::new(UnpackError::Read(eio())), "reading layer tar: EIO"),
+            (
+                Box::new(UnpackError::ReadAt {
+                    entry: "a/b".into(),
+                    source: eio(),
+                }),
+                "reading layer tar at entry \"a/b\": EIO",
+            ),
+            (Box::new(RecordError::Io(eio())), "reading tree record: EIO"),
+            (
+                Box::new(SnapshotError::Io {
+                    op: "write",
+                    path: "/s/m.json".into(),
+                    source: eio(),
+                }),
+                "write /s/m.json: EIO",
+            ),
+        ];
+        for (e, want) in &cases {
+            assert_eq!(ember_error::repeated_source(&**e), None, "{want}");
+            assert_eq!(ember_error::chain(&**e).to_string(), *want);
+        }
     }
 }

@@ -640,7 +640,7 @@ impl Store {
             let t = self.tmp_path("gc");
             let target = if fs::rename(&d, &t).is_ok() { t } else { d };
             if let Err(e) = remove_any(&target) {
-                tracing::warn!(path = %target.display(), error = %e, "could not remove layer");
+                tracing::warn!(path = %target.display(), error = %ember_error::chain(&e), "could not remove layer");
             }
         }
     }
@@ -717,7 +717,7 @@ impl Store {
         // A snapshot cannot be restored without its image's layers.
         match self.gc_snapshots(&std::collections::BTreeSet::new()) {
             Ok(s) => report.snapshots = s,
-            Err(e) => tracing::warn!(error = %e, "snapshot GC failed"),
+            Err(e) => tracing::warn!(error = %ember_error::chain(&e), "snapshot GC failed"),
         }
         Ok(report)
     }

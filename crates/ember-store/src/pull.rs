@@ -543,8 +543,8 @@ async fn fetch_layer(
                     && attempt < opts.layer_attempts.max(1)
                     && !cancel.load(std::sync::atomic::Ordering::Relaxed) =>
             {
-                tracing::warn!(layer = %layer.digest, error = %e, attempt, "layer download failed; retrying");
-                progress.layer_retry(&layer.digest, &e.to_string());
+                tracing::warn!(layer = %layer.digest, error = %ember_error::chain(&e), attempt, "layer download failed; retrying");
+                progress.layer_retry(&layer.digest, &ember_error::chain(&e).to_string());
                 tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
             }
             Err((e, _)) => return Err(e),
@@ -639,7 +639,8 @@ async fn fetch_layer_once(
             }
             Ok(None) => break,
             Err(e) => {
-                let _ = tx.send(Fed::Failed(e.to_string())).await;
+                let failed = Fed::Failed(ember_error::chain(&e).to_string());
+                let _ = tx.send(failed).await;
                 net_err = Some(e);
                 break;
             }
@@ -893,7 +894,7 @@ pub(crate) fn extract(
                     },
                     // The unpack error is what gets reported; decompressing
                     // the rest would only spend CPU on a stream we refuse.
-                    Err(e) => DiffCheck::Incomplete(e.to_string()),
+                    Err(e) => DiffCheck::Incomplete(ember_error::chain(e).to_string()),
                 };
                 (unpack, diff)
             }

@@ -49,7 +49,7 @@ const NAME_MAX: usize = 128;
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     /// A filesystem operation failed.
-    #[error("{op} {path}: {source}", path = path.display())]
+    #[error("{op} {path}", path = path.display())]
     Io {
         /// What was being done.
         op: &'static str,
@@ -305,6 +305,87 @@ impl Store {
         Ok((digest, bytes, files_bytes))
     }
 
+    /// Takes an artifact from elsewhere (the cluster cache): streams
+    /// `reader` to a file under `tmp/` while hashing it and renames it into
+    /// `snapshots/blobs/` only if it hashes to `digest` and has
+    /// `expected_bytes` (when given). A read error, a short or long stream
+    /// or a mismatch removes the file and leaves the store as it was.
+    /// Returns the bytes taken. The artifact is collectable until a
+    /// manifest names it: use [`Store::import_snapshot`] to do both.
+    pub fn import_snapshot_artifact(
+        &self,
+        reader: impl Read,
+        digest: &Digest,
+        expected_bytes: Option<u64>,
+    ) -> Result<u64, SnapshotError> {
+        let blobs = self.snapshots_dir("blobs")?;
+        let tmp = self.tmp_path("snapshot-import");
+        let result = (|| {
+            let file = File::create(&tmp).map_err(io_err("create", &tmp))?;
+            let mut hashing = Hashing {
+                inner: reader,
+                hash: Sha256::new(),
+                bytes: 0,
+            };
+            let mut w = io::BufWriter::new(file);
+            io::copy(&mut hashing, &mut w).map_err(io_err("receive", &tmp))?;
+            let file = w
+                .into_inner()
+                .map_err(|e| io_err("write", &tmp)(e.into_error()))?;
+            let (hash, bytes) = (hashing.hash, hashing.bytes);
+            if let Some(want) = expected_bytes
+                && want != bytes
+            {
+                return Err(SnapshotError::Malformed {
+                    digest: digest.clone(),
+                    detail: format!(
+                        "{bytes} bytes arrived but the manifest says {want} (truncated or padded); it is not used"
+                    ),
+                });
+            }
+            let actual = digest_of(hash);
+            if &actual != digest {
+                return Err(SnapshotError::DigestMismatch {
+                    digest: digest.clone(),
+                    actual,
+                });
+            }
+            file.sync_all().map_err(io_err("fsync", &tmp))?;
+            Ok(bytes)
+        })();
+        let bytes = match result {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        let dest = blobs.join(digest.hex());
+        if let Err(e) = fs::rename(&tmp, &dest) {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err("rename", &dest)(e));
+        }
+        Ok(bytes)
+    }
+
+    /// [`Store::import_snapshot_artifact`], then the manifest: the
+    /// snapshot appears whole or not at all. The manifest is checked
+    /// first (its name), so a bad one costs no download.
+    pub fn import_snapshot(
+        &self,
+        manifest: &SnapshotManifest,
+        reader: impl Read,
+    ) -> Result<u64, SnapshotError> {
+        validate_name(&manifest.name)?;
+        let bytes = self.import_snapshot_artifact(
+            reader,
+            &manifest.artifact,
+            Some(manifest.artifact_bytes),
+        )?;
+        self.put_snapshot(manifest)?;
+        Ok(bytes)
+    }
+
     /// Writes a snapshot's manifest (replacing one of the same name; the
     /// artifact it named is then collectable).
     pub fn put_snapshot(&self, manifest: &SnapshotManifest) -> Result<(), SnapshotError> {
@@ -320,7 +401,7 @@ impl Store {
             SnapshotError::Io {
                 op: "write",
                 path: dest.clone(),
-                source: io::Error::other(e.to_string()),
+                source: io::Error::other(ember_error::chain(&e).to_string()),
             }
         })
     }
@@ -358,7 +439,9 @@ impl Store {
             };
             match self.snapshot(name) {
                 Ok(m) => out.push(m),
-                Err(e) => tracing::warn!(error = %e, "skipping snapshot manifest"),
+                Err(e) => {
+                    tracing::warn!(error = %ember_error::chain(&e), "skipping snapshot manifest")
+                }
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -463,7 +546,7 @@ impl Store {
                         e.path()
                     };
                     if let Err(err) = remove_any(&target) {
-                        tracing::warn!(path = %target.display(), error = %err, "could not remove");
+                        tracing::warn!(path = %target.display(), error = %ember_error::chain(&err), "could not remove");
                     }
                 }
             }
@@ -483,7 +566,7 @@ impl Store {
             .map_err(|e| SnapshotError::Io {
                 op: "read index",
                 path: self.root().join("index.json"),
-                source: io::Error::other(e.to_string()),
+                source: io::Error::other(ember_error::chain(&e).to_string()),
             })?
             .images
             .keys()
@@ -943,6 +1026,69 @@ mod tests {
             store.remove_snapshot("keep"),
             Err(SnapshotError::Unknown(_))
         ));
+    }
+
+    #[test]
+    fn imports_are_verified_and_leave_nothing_when_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = Store::open(tmp.path().join("a")).unwrap();
+        let b = Store::open(tmp.path().join("b")).unwrap();
+        let dir = a.tmp_path("ckpt");
+        fs::create_dir_all(dir.join("criu")).unwrap();
+        fs::write(dir.join("criu/pages-1.img"), vec![3u8; 50_000]).unwrap();
+        let (digest, bytes, _) = a.put_snapshot_dir(&dir).unwrap();
+        let mut m = manifest(&a, "app", digest.clone(), Digest::sha256_of(b"img"));
+        m.artifact_bytes = bytes;
+        let good = fs::read(a.artifact_path(&digest)).unwrap();
+        let tmp_entries = |s: &Store| {
+            fs::read_dir(s.root().join("tmp"))
+                .unwrap()
+                .flatten()
+                .filter(|e| !e.file_name().to_string_lossy().ends_with("-lock"))
+                .count()
+        };
+
+        // Truncated, corrupt, broken off: refused, nothing left.
+        let mut flipped = good.clone();
+        flipped[good.len() / 2] ^= 1;
+        struct Broken(usize);
+        impl Read for Broken {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(io::Error::other("connection reset"));
+                }
+                let n = self.0.min(buf.len());
+                buf[..n].fill(0);
+                self.0 -= n;
+                Ok(n)
+            }
+        }
+        let r = b.import_snapshot(&m, &good[..good.len() - 10]);
+        assert!(
+            matches!(r, Err(SnapshotError::Malformed { .. })),
+            "truncated: {r:?}"
+        );
+        let r = b.import_snapshot(&m, flipped.as_slice());
+        assert!(
+            matches!(r, Err(SnapshotError::DigestMismatch { .. })),
+            "flipped: {r:?}"
+        );
+        let r = b.import_snapshot(&m, Broken(1000));
+        assert!(matches!(r, Err(SnapshotError::Io { .. })), "broken: {r:?}");
+        assert!(b.snapshots().unwrap().is_empty());
+        assert!(!b.artifact_path(&digest).exists());
+        assert_eq!(tmp_entries(&b), 0);
+
+        // The real bytes: a snapshot that unpacks to the same tree.
+        assert_eq!(b.import_snapshot(&m, good.as_slice()).unwrap(), bytes);
+        assert_eq!(b.snapshot("app").unwrap(), m);
+        let (u, fresh) = b.unpack_snapshot(&m).unwrap();
+        assert!(fresh);
+        assert_eq!(
+            fs::read(u.join("criu/pages-1.img")).unwrap(),
+            vec![3u8; 50_000]
+        );
+        assert_eq!(tmp_entries(&b), 0);
     }
 
     #[test]

@@ -137,7 +137,7 @@ pub(crate) fn clean(tmp: &Path, mine: &str) -> Result<Vec<PathBuf>, StoreError> 
                 // Cannot tell: keep them rather than pull the floor from
                 // under a live process.
                 Err(e) => {
-                    tracing::warn!(path = %lock_path.display(), error = %e, "cannot tell whether tmp/ entries are abandoned");
+                    tracing::warn!(path = %lock_path.display(), error = %ember_error::chain(&e), "cannot tell whether tmp/ entries are abandoned");
                     continue;
                 }
             },
@@ -155,7 +155,7 @@ fn remove_all(paths: &[PathBuf], removed: &mut Vec<PathBuf>) {
         match crate::remove_any(p) {
             Ok(()) => removed.push(p.clone()),
             Err(e) => {
-                tracing::warn!(path = %p.display(), error = %e, "removing abandoned temporary data")
+                tracing::warn!(path = %p.display(), error = %ember_error::chain(&e), "removing abandoned temporary data")
             }
         }
     }

@@ -80,7 +80,7 @@ pub enum RecordError {
     #[error("no tree record")]
     Missing,
     /// The file could not be read.
-    #[error("reading tree record: {0}")]
+    #[error("reading tree record")]
     Io(#[source] io::Error),
     /// The file ends early or is malformed (a crash while it was written).
     #[error("tree record is torn or malformed: {0}")]

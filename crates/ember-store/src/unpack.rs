@@ -54,7 +54,7 @@ pub enum Mode {
 pub enum UnpackError {
     /// Reading the tar stream failed (which includes a failed download or a
     /// corrupt compressed stream feeding it).
-    #[error("reading layer tar: {0}")]
+    #[error("reading layer tar")]
     Read(#[source] io::Error),
     /// The tar names a path that would leave the layer directory.
     #[error("hostile layer: entry {path:?} {why}")]
@@ -65,7 +65,7 @@ pub enum UnpackError {
         why: String,
     },
     /// Reading the tar stream failed at or after an entry.
-    #[error("reading layer tar at entry {entry:?}: {source}")]
+    #[error("reading layer tar at entry {entry:?}")]
     ReadAt {
         /// The last entry read (its path as written in the tar).
         entry: String,
@@ -74,7 +74,7 @@ pub enum UnpackError {
         source: io::Error,
     },
     /// A filesystem operation failed.
-    #[error("unpacking {path}: {op}: {source}")]
+    #[error("unpacking {path}: {op}")]
     Io {
         /// The path being written.
         path: PathBuf,
@@ -688,7 +688,7 @@ impl Unpacker {
             }
             if let Err(e) = set_xattr(path, name, value) {
                 // Filesystems without user xattrs are common; not fatal.
-                tracing::warn!(path = %path.display(), xattr = %name, error = %e, "could not set xattr");
+                tracing::warn!(path = %path.display(), xattr = %name, error = %ember_error::chain(&e), "could not set xattr");
             }
         }
         Ok(())

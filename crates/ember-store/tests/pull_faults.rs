@@ -152,7 +152,7 @@ async fn flipped_byte_in_a_layer_is_a_digest_mismatch() {
         }
         other => panic!("expected a digest mismatch, got {other:?}"),
     }
-    let msg = err.to_string();
+    let msg = ember_error::chain(&err).to_string();
     assert!(
         msg.contains(&r.to_string()) && msg.contains(&layer),
         "{msg}"
@@ -209,7 +209,7 @@ async fn truncated_layer_is_a_size_error() {
         } => {}
         other => panic!("expected a size mismatch or truncation, got {other:?}"),
     }
-    let msg = err.to_string();
+    let msg = ember_error::chain(&err).to_string();
     assert!(
         msg.contains(&r.to_string()) && msg.contains(&layer),
         "{msg}"
@@ -245,7 +245,7 @@ async fn deleted_layer_is_not_found() {
         ),
         "expected not found, got {err:?}"
     );
-    let msg = err.to_string();
+    let msg = ember_error::chain(&err).to_string();
     assert!(
         msg.contains(&r.to_string()) && msg.contains(&layer),
         "{msg}"
@@ -285,7 +285,10 @@ async fn registry_500_fails_after_retries() {
         ),
         "{err:?}"
     );
-    assert!(err.to_string().contains(&layer), "{err}");
+    assert!(
+        ember_error::chain(&err).to_string().contains(&layer),
+        "{err}"
+    );
     sd.assert_untouched(&before);
     fs::remove_dir(&path).expect("remove dir");
 
@@ -309,7 +312,7 @@ async fn registry_500_fails_after_retries() {
         }
         other => panic!("expected a registry status error, got {other:?}"),
     }
-    let msg = err.to_string();
+    let msg = ember_error::chain(&err).to_string();
     assert!(
         msg.contains(&r.to_string()) && msg.contains(&layer),
         "{msg}"
@@ -443,7 +446,7 @@ async fn hostile_layer_with_correct_digests_is_refused() {
         }
         other => panic!("expected a hostile-layer error, got {other:?}"),
     }
-    let msg = err.to_string();
+    let msg = ember_error::chain(&err).to_string();
     assert!(msg.contains("../escape") && msg.contains(&layer), "{msg}");
     assert!(msg.contains("ember/hostile-dotdot:latest"), "{msg}");
 
@@ -457,7 +460,7 @@ async fn hostile_layer_with_correct_digests_is_refused() {
         matches!(&err, StoreError::Unpack { digest, source: UnpackError::Hostile { .. }, .. } if digest.to_string() == layer),
         "{err:?}"
     );
-    assert!(err.to_string().contains("up"), "{err}");
+    assert!(ember_error::chain(&err).to_string().contains("up"), "{err}");
 }
 
 /// End-to-end form of the deferred-chmod escape (see unpack_hostile.rs):
@@ -534,7 +537,7 @@ async fn wrong_diff_id_is_refused() {
         }
         other => panic!("expected a diff_id mismatch, got {other:?}"),
     }
-    let msg = err.to_string();
+    let msg = ember_error::chain(&err).to_string();
     assert!(
         msg.contains(&forged) && msg.contains(&pushed.layers[0]),
         "{msg}"
@@ -567,7 +570,7 @@ async fn unknown_tag_is_not_found() {
             ),
             "{name}: {err:?}"
         );
-        let msg = err.to_string();
+        let msg = ember_error::chain(&err).to_string();
         assert!(msg.contains(name) && msg.contains("not found"), "{msg}");
         sd.assert_untouched(&before);
     }
@@ -603,7 +606,7 @@ async fn index_without_the_platform_lists_what_it_has() {
         }
         other => panic!("expected no-platform, got {other:?}"),
     }
-    let msg = err.to_string();
+    let msg = ember_error::chain(&err).to_string();
     assert!(
         msg.contains("linux/s390x") && msg.contains("linux/arm/v7") && msg.contains(&r.to_string()),
         "{msg}"

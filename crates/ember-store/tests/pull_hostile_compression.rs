@@ -148,7 +148,7 @@ async fn attack(
     let err = pull_ref(&sd, c, &r)
         .await
         .expect_err("a layer whose diff_id was not verified must be refused");
-    let msg = err.to_string();
+    let msg = ember_error::chain(&err).to_string();
     assert!(msg.contains(&r.to_string()), "names the image: {msg}");
     assert!(msg.contains(&pushed.layers[0]), "names the blob: {msg}");
     assert!(!msg.contains('\n'), "one line: {msg}");
@@ -271,7 +271,7 @@ async fn a_tar_that_ends_inside_an_entry_is_refused() {
         let before = sd.snapshot();
         let r = reference(&registry, &format!("{repo}:latest"));
         let err = pull_ref(&sd, &c, &r).await.expect_err("truncated tar");
-        let msg = err.to_string();
+        let msg = ember_error::chain(&err).to_string();
         assert!(msg.contains("data.bin"), "names the entry: {msg}");
         assert!(matches!(err, StoreError::Unpack { .. }), "{err:?}");
         sd.assert_untouched(&before);

@@ -107,8 +107,12 @@ fn main() -> ExitCode {
     logging::init(&cli.log, cli.log_format);
 
     // `run` is latency-bound and mostly waits on runc: one thread starts
-    // faster than a pool. Servers and pulls get the multi-thread runtime.
-    let mut builder = if matches!(cli.command, Command::Run(_)) {
+    // faster than a pool. The node agent's async side only relays (the
+    // work stream, reports, output; runs execute on blocking threads), and
+    // on one thread a run's wake-ups from its executor cost no hand-offs
+    // and steals between workers: under a burst that was about a quarter
+    // of its CPU. Servers and pulls get the multi-thread runtime.
+    let mut builder = if matches!(cli.command, Command::Run(_) | Command::Node(_)) {
         tokio::runtime::Builder::new_current_thread()
     } else {
         tokio::runtime::Builder::new_multi_thread()

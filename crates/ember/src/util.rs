@@ -4,18 +4,10 @@ use anyhow::{Context, bail};
 use ember_registry::{Credentials, RegistryClient, RegistryOptions};
 use std::sync::Arc;
 
-/// One line: the error and its causes, without repeating text a cause
-/// already put in its parent's message.
+/// One line: the error and its causes (`a: b: c`). Errors do not repeat
+/// their source in their own message, so nothing is de-duplicated here.
 pub fn error_chain(e: &anyhow::Error) -> String {
-    let mut out = e.to_string();
-    for c in e.chain().skip(1) {
-        let s = c.to_string();
-        if !out.contains(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-    }
-    out
+    ember_error::chain(e.as_ref()).to_string()
 }
 
 /// Parses a byte size: `1024`, `512k`, `100M`, `1.5G`, `2GiB`, `10GB`
@@ -124,5 +116,22 @@ mod tests {
         assert!(parse_size("ten").is_err());
         assert!(parse_size("5X").is_err());
         assert_eq!(human_bytes(1536), "1.5 KiB");
+    }
+
+    /// Every layer is printed, once, in order; a cause that happens to
+    /// share words with its parent is no longer dropped.
+    #[test]
+    fn error_chain_prints_every_layer() {
+        let store = ember_store::StoreError::Registry {
+            reference: "app:v2".into(),
+            source: ember_registry::RegistryError::Config("no such mirror".into()),
+        };
+        let e = anyhow::Error::new(store).context("pulling app:v2 for ember run");
+        assert_eq!(
+            error_chain(&e),
+            "pulling app:v2 for ember run: pulling app:v2: no such mirror"
+        );
+        let e = anyhow::anyhow!("c").context("b").context("a");
+        assert_eq!(error_chain(&e), "a: b: c");
     }
 }

@@ -746,7 +746,12 @@ mod tests {
         pg.psql_in(db, "UPDATE ember_schema SET version = 99")
             .expect("bump version");
         let err = PostgresStore::open(&url, clock()).expect_err("newer schema");
-        assert!(err.to_string().contains("newer than this ember"), "{err}");
+        assert!(
+            ember_error::chain(&err)
+                .to_string()
+                .contains("newer than this ember"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -483,7 +483,12 @@ mod tests {
                 .expect("set version");
         }
         let err = SqliteStore::open(&path, clock()).expect_err("newer schema");
-        assert!(err.to_string().contains("newer than this ember"), "{err}");
+        assert!(
+            ember_error::chain(&err)
+                .to_string()
+                .contains("newer than this ember"),
+            "{err}"
+        );
     }
 
     #[test]

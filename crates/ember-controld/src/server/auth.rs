@@ -161,7 +161,7 @@ pub(super) async fn credentials_loop(s: Shared) {
     loop {
         tick.tick().await;
         if let Err(e) = reload_credentials(&s).await {
-            tracing::warn!(error = %e, "reloading node credentials failed");
+            tracing::warn!(error = %ember_error::chain(&e), "reloading node credentials failed");
         }
     }
 }

@@ -36,11 +36,11 @@ pub(super) async fn dispatch_loop(s: Shared) {
                 })) if assigned > 0 => {}
                 Ok(Ok(_)) => break,
                 Ok(Err(e)) => {
-                    tracing::error!(error = %e, "dispatch failed");
+                    tracing::error!(error = %ember_error::chain(&e), "dispatch failed");
                     break;
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "dispatch task failed");
+                    tracing::error!(error = %ember_error::chain(&e), "dispatch task failed");
                     break;
                 }
             }

@@ -80,20 +80,26 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// `e` and its sources on one line, for an error body: an error's own
+/// `Display` is only its outermost layer (see `ember_error`).
+pub(super) fn chain(e: &dyn std::error::Error) -> String {
+    ember_error::chain(e).to_string()
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match &e {
-            StoreError::Invalid(_) => ApiError::BadRequest(e.to_string()),
+            StoreError::Invalid(_) => ApiError::BadRequest(chain(&e)),
             StoreError::DeploymentNotFound(_)
             | StoreError::RunNotFound(_)
-            | StoreError::NodeNotFound(_) => ApiError::NotFound(e.to_string()),
+            | StoreError::NodeNotFound(_) => ApiError::NotFound(chain(&e)),
             StoreError::DeploymentExists(_)
             | StoreError::IdempotencyMismatch { .. }
             | StoreError::Conflict { .. }
             | StoreError::Transition { .. }
             | StoreError::NotAssigned { .. }
-            | StoreError::NotClaimed { .. } => ApiError::Conflict(e.to_string()),
-            StoreError::Backend(_) => ApiError::Internal(e.to_string()),
+            | StoreError::NotClaimed { .. } => ApiError::Conflict(chain(&e)),
+            StoreError::Backend(_) => ApiError::Internal(chain(&e)),
         }
     }
 }
@@ -163,4 +169,46 @@ pub(super) async fn json_errors(resp: Response) -> Response {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ember_control::model::{RunId, RunState, TransitionError};
+
+    /// A refused transition keeps its reason in the body although the
+    /// store error's own `Display` no longer repeats it.
+    #[test]
+    fn error_bodies_carry_the_whole_chain_once() {
+        let e = StoreError::Transition {
+            run: RunId(3),
+            source: TransitionError::Illegal {
+                from: RunState::Failed,
+                to: RunState::Running,
+            },
+        };
+        assert_eq!(ember_error::repeated_source(&e), None);
+        let body = ApiError::from(e).body();
+        assert_eq!(body.error, "conflict");
+        assert_eq!(
+            body.message,
+            "run-3: illegal run transition failed -> running"
+        );
+        // A database failure is logged in full and answered generically.
+        let body = ApiError::from(StoreError::Backend("disk full".into())).body();
+        assert_eq!(
+            (body.error.as_str(), body.message.as_str()),
+            ("internal", "internal error")
+        );
+    }
+
+    #[test]
+    fn server_io_errors_say_their_source_once() {
+        let e = super::super::ServerError::Io {
+            what: "binding 0.0.0.0:80".into(),
+            source: std::io::Error::other("EACCES"),
+        };
+        assert_eq!(ember_error::repeated_source(&e), None);
+        assert_eq!(chain(&e), "binding 0.0.0.0:80: EACCES");
+    }
 }

@@ -32,7 +32,7 @@ use ember_http::prom::{CONTENT_TYPE, Histogram, START_BUCKETS, Text};
 use super::{ApiError, Shared};
 
 /// The phases measured: consecutive, then the whole start.
-const PHASES: [Phase; 7] = phase::PHASES;
+const PHASES: [Phase; phase::PHASES.len()] = phase::PHASES;
 
 /// Outcomes of a finished run, as the `outcome` label spells them.
 const OUTCOMES: [RunState; 4] = [

@@ -172,7 +172,7 @@ impl Default for ServerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// Filesystem or socket failure.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: String,
@@ -344,7 +344,7 @@ pub async fn serve(
     })
     .await;
     if let Ok(Err(e)) | Err(e) = watched.map_err(|e| StoreError::Backend(Box::new(e))) {
-        tracing::warn!(error = %e, "not watching the database for other replicas' runs");
+        tracing::warn!(error = %ember_error::chain(&e), "not watching the database for other replicas' runs");
     }
     // Work left queued by an earlier run of the server is dispatched as
     // soon as nodes connect; this first wake covers runs already placeable.

@@ -305,12 +305,12 @@ pub(super) async fn prepull_loop(s: Shared) {
             }
             Ok((st, Err(e))) => {
                 stats = Some(st);
-                tracing::warn!(error = %e, "planning pre-pulls failed");
+                tracing::warn!(error = %ember_error::chain(&e), "planning pre-pulls failed");
             }
             Err(e) => {
                 // The store task itself failed: start the statistics over
                 // from the store next round rather than stop planning.
-                tracing::warn!(error = %e, "planning pre-pulls failed");
+                tracing::warn!(error = %ember_error::chain(&e), "planning pre-pulls failed");
                 stats = Some(LaunchStats::new(s.config.popularity_half_life_ms));
             }
         }
@@ -347,6 +347,8 @@ mod tests {
         let mut stats = LaunchStats::new(3_600_000);
         for i in 0..3 {
             stats.record(&Run {
+                cache_notes: Vec::new(),
+                caches: Vec::new(),
                 id: RunId(i + 1),
                 deployment: Some("web".into()),
                 image: image.clone(),

@@ -66,7 +66,9 @@ pub(super) async fn prewarm_loop(s: Shared) {
                     s.push(&o.node, message(&o));
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "planning warm runners failed"),
+            Err(e) => {
+                tracing::warn!(error = %ember_error::chain(&e), "planning warm runners failed")
+            }
         }
     }
 }
@@ -83,6 +85,7 @@ mod tests {
     fn an_order_becomes_its_prewarm_message() {
         let d = Deployment {
             spec: DeploymentSpec {
+                caches: Vec::new(),
                 name: "web".into(),
                 image: PinnedImage::new("app", format!("sha256:{}", "a".repeat(64))).expect("pin"),
                 command: vec![],

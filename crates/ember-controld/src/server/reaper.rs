@@ -27,7 +27,7 @@ pub(super) async fn prune_loop(s: Shared) {
                 tracing::info!(runs = p.runs, bytes = p.bytes, "pruned run logs");
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "pruning run logs failed"),
+            Err(e) => tracing::warn!(error = %ember_error::chain(&e), "pruning run logs failed"),
         }
     }
 }
@@ -85,7 +85,7 @@ pub(super) async fn reap_lost_nodes(s: Shared) {
                 s.wake.notify_one();
             }
             Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "reaping lost nodes failed"),
+            Err(e) => tracing::error!(error = %ember_error::chain(&e), "reaping lost nodes failed"),
         }
     }
 }

@@ -53,8 +53,8 @@ pub(super) async fn submit_loop(s: Shared, mut rx: mpsc::UnboundedReceiver<Pendi
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, runs = answers.len(), "storing submits failed");
-                let msg = e.to_string();
+                tracing::error!(error = %ember_error::chain(&e), runs = answers.len(), "storing submits failed");
+                let msg = ember_error::chain(&e).to_string();
                 for tx in answers {
                     let _ = tx.send(Err(StoreError::Backend(msg.clone().into())));
                 }

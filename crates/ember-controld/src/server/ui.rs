@@ -225,7 +225,10 @@ async fn cache_figures(url: &str) -> CacheFigures {
     let text = match text {
         Ok(t) => t,
         Err(e) => {
-            f.error = Some(format!("reading the cache's metrics: {e}"));
+            f.error = Some(format!(
+                "reading the cache's metrics: {}",
+                ember_error::chain(&e)
+            ));
             return f;
         }
     };

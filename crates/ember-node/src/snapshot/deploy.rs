@@ -29,14 +29,14 @@ use ember_api::wire::LogStream;
 use ember_control::model::{NodeReport, Run, SNAPSHOT_KEY_PREFIX, snapshot_key_deployment};
 use ember_runtime::{Criu, Runc};
 use ember_store::{ImageRecord, Store};
-use tokio::sync::mpsc;
 
 use super::{
     CaptureRequest, ResumeRequest, RunEvent, RunOutcome, RunTimings, SnapshotError, SnapshotHost,
     StartWith,
 };
 use crate::agent::NodeAgent;
-use crate::execute::{Event, RunHandle, SIGKILL};
+use crate::execute::{RunHandle, SIGKILL};
+use crate::relay::{Event, EventTx};
 
 /// How long a failed capture of a key keeps the node from trying again
 /// (a node without a working CRIU would otherwise start a capture beside
@@ -75,7 +75,9 @@ impl NodeSnapshots {
                     tracing::info!(?r, "removed snapshot runners of an earlier node process")
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "removing old snapshot runners"),
+                Err(e) => {
+                    tracing::warn!(error = %ember_error::chain(&e), "removing old snapshot runners")
+                }
             }
         }
         NodeSnapshots {
@@ -123,7 +125,7 @@ impl NodeSnapshots {
                         "removed the checkpoint of an earlier image or start-up"
                     ),
                     Err(e) => {
-                        tracing::warn!(snapshot = %m.name, error = %e, "removing a checkpoint")
+                        tracing::warn!(snapshot = %m.name, error = %ember_error::chain(&e), "removing a checkpoint")
                     }
                 }
             }
@@ -168,7 +170,7 @@ impl NodeSnapshots {
                 let claim = format!("snapshot-capture-{key}");
                 // The image stays while its start-up is captured.
                 if let Err(e) = me.host.store.add_user(&claim, &record.manifest, std::process::id()) {
-                    tracing::warn!(error = %e, "claiming the image for a capture");
+                    tracing::warn!(error = %ember_error::chain(&e), "claiming the image for a capture");
                 }
                 let r = super::capture(
                     &me.host,
@@ -207,7 +209,7 @@ impl NodeSnapshots {
                 agent.inventory_changed.notify_one();
             });
         if let Err(e) = spawned {
-            tracing::warn!(error = %e, "starting a capture thread");
+            tracing::warn!(error = %ember_error::chain(&e), "starting a capture thread");
             self.capturing
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -225,7 +227,7 @@ pub(crate) fn exec_snapshot(
     run: &Run,
     record: &ImageRecord,
     handle: &RunHandle,
-    tx: &mpsc::UnboundedSender<Event>,
+    tx: &EventTx,
 ) -> Result<(i32, bool), String> {
     let (Some(key), Some(snap)) = (run.snapshot_key(), run.snapshot.as_ref()) else {
         return Err("not a run of a snapshot deployment".into());
@@ -241,7 +243,7 @@ pub(crate) fn exec_snapshot(
         .store
         .add_user(&claim, &record.manifest, std::process::id())
     {
-        tracing::warn!(error = %e, "claiming the image for a run");
+        tracing::warn!(error = %ember_error::chain(&e), "claiming the image for a run");
     }
     let req = ResumeRequest {
         name: key.clone(),
@@ -308,7 +310,7 @@ pub(crate) fn exec_snapshot(
                     )
                 ) && let Err(e) = host.store.remove_snapshot(&key)
                 {
-                    tracing::warn!(snapshot = %key, error = %e, "removing a corrupt checkpoint");
+                    tracing::warn!(snapshot = %key, error = %ember_error::chain(&e), "removing a corrupt checkpoint");
                 }
                 true
             },

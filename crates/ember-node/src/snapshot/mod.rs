@@ -538,7 +538,7 @@ pub fn capture(
     store.put_snapshot(&manifest)?;
     // Replacing a snapshot of the same name leaves its artifact unnamed.
     if let Err(e) = store.gc_snapshots_of(None) {
-        tracing::warn!(error = %e, "collecting replaced snapshot artifacts");
+        tracing::warn!(error = %ember_error::chain(&e), "collecting replaced snapshot artifacts");
     }
     Ok(Captured {
         manifest,
@@ -554,7 +554,7 @@ pub fn capture(
 fn cleanup_runner(mut runner: FreshRunner) {
     runner.client = None;
     if let Err(e) = runner.prepared.cleanup() {
-        tracing::warn!(error = %e, "removing a snapshot runner");
+        tracing::warn!(error = %ember_error::chain(&e), "removing a snapshot runner");
     }
 }
 
@@ -768,7 +768,7 @@ pub fn run_from_snapshot_with(
     let tc = Instant::now();
     let remove = move || {
         if let Err(e) = restored.cleanup() {
-            tracing::warn!(error = %e, "removing the restored container");
+            tracing::warn!(error = %ember_error::chain(&e), "removing the restored container");
         }
         drop(sock);
     };

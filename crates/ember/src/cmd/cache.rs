@@ -28,8 +28,9 @@ pub struct Args {
     #[arg(long, value_name = "SIZE")]
     pub max_bytes: String,
     /// Upstream registry: `URL` for the default one, `HOST=URL` for one
-    /// selected by `?ns=HOST` or a `HOST/` path prefix (repeatable).
-    #[arg(long = "upstream", value_name = "[HOST=]URL", required = true)]
+    /// selected by `?ns=HOST` or a `HOST/` path prefix (repeatable). None:
+    /// the cache serves only `ember dircache` and the Turborepo API.
+    #[arg(long = "upstream", value_name = "[HOST=]URL")]
     pub upstreams: Vec<String>,
     /// Another cache server sharing the load (repeatable; give every
     /// server the same list).
@@ -96,6 +97,16 @@ pub struct Args {
         value_name = "TOKEN"
     )]
     pub turbo_tokens: Vec<String>,
+    /// Snapshots (`/ember/v1/snapshots`): the bearer token that may upload
+    /// and delete them; without one the cache serves snapshots but takes
+    /// none.
+    #[arg(
+        long,
+        env = "EMBER_SNAPSHOT_WRITE_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub snapshot_write_token: Option<String>,
     #[command(flatten)]
     pub connections: ServerLimits,
 }
@@ -122,6 +133,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     config.dircache.write_token = args.dircache_write_token;
     config.dircache.gc_grace = Duration::from_secs(args.dircache_gc_grace);
     config.dircache.turbo_tokens = args.turbo_tokens;
+    config.snapshot_write_token = args.snapshot_write_token;
     if let Some(f) = &args.auth_file {
         let mut c = Credentials::none();
         c.load_docker_config(f).map_err(anyhow::Error::msg)?;

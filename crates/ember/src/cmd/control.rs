@@ -273,7 +273,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     );
     let stop = async {
         if let Err(e) = stop_signal().await {
-            tracing::error!(error = %e, "signal handling");
+            tracing::error!(error = %ember_error::chain(e.as_ref()), "signal handling");
         }
     };
     serve(listener, store, Arc::new(SystemClock), config, stop).await?;

@@ -3,7 +3,7 @@
 use crate::cmd::cluster::ControlArgs;
 use crate::cmd::submit::pin;
 use anyhow::{Context, bail};
-use ember_control::model::{DeploymentSpec, Resources};
+use ember_control::model::{CacheDecl, DeploymentSpec, Resources};
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 
@@ -44,6 +44,11 @@ pub struct Args {
     /// of it arrives (the control plane orders them from the nodes).
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub warm: u32,
+    /// A directory cache its runs restore before their process starts and
+    /// save after it exits 0 (repeatable; see `ember submit --cache`):
+    /// PATH=KEY[,restore=PREFIX]...[,scope=S][,fallback=S]...[,read-only].
+    #[arg(long = "cache", value_name = "PATH=KEY[,OPT]...", value_parser = crate::cmd::submit::parse_cache)]
+    pub caches: Vec<CacheDecl>,
     /// Start its runs from a checkpoint: CMD is a start-up that signals
     /// readiness (writes `ready` to the descriptor in $EMBER_READY_FD,
     /// then reads one JSON line from it; see docs/agent-protocol.md). A
@@ -80,6 +85,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let d = client
         .deploy(&DeploymentSpec {
+            caches: args.caches,
             name,
             image: pin(&image).await?,
             command: args.command,

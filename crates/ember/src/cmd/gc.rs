@@ -53,10 +53,13 @@ pub fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
                     eprintln!("removed leftover container {id}");
                 }
                 for e in &r.errors {
-                    eprintln!("ember: gc: could not clean up: {e}");
+                    eprintln!("ember: gc: could not clean up: {}", ember_error::chain(e));
                 }
             }
-            Err(e) => eprintln!("ember: gc: recovering leftover containers: {e}"),
+            Err(e) => eprintln!(
+                "ember: gc: recovering leftover containers: {}",
+                ember_error::chain(&e)
+            ),
         }
     }
     let store = Store::open(root).with_context(|| format!("opening store {}", root.display()))?;

@@ -20,6 +20,7 @@ pub mod runs;
 pub mod serving;
 pub mod sim;
 pub mod snapshot;
+pub mod snapshot_transfer;
 pub mod store;
 pub mod submit;
 pub mod up;

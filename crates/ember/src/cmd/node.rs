@@ -32,6 +32,19 @@ pub struct Args {
     /// Registry mirror (`ember cache`) to pull through.
     #[arg(long, value_name = "URL")]
     pub cache: Option<String>,
+    /// The cluster cache (`ember cache`) that runs' declared directory
+    /// caches are restored from and saved to [default: --cache's URL;
+    /// with neither, declared caches are skipped with a note on the run].
+    #[arg(long, value_name = "URL")]
+    pub dircache: Option<String>,
+    /// Bearer token for saves into the directory cache's protected scopes.
+    #[arg(
+        long,
+        env = "EMBER_DIRCACHE_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub dircache_token: Option<String>,
     /// The static ember-agent binary [default: $EMBER_AGENT, or found next
     /// to this executable].
     #[arg(long, value_name = "PATH")]
@@ -76,6 +89,8 @@ pub fn config(root: &Path, args: Args) -> anyhow::Result<NodeAgentConfig> {
         id: args.id.unwrap_or_else(hostname),
         slots: args.slots,
         root: root.to_path_buf(),
+        dircache: args.dircache.or_else(|| args.cache.clone()),
+        dircache_token: args.dircache_token.filter(|t| !t.is_empty()),
         cache: args.cache,
         agent: agent.clone(),
         labels,
@@ -141,7 +156,7 @@ pub async fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
     eprintln!("ember node {}: connecting to {}", cfg.id, cfg.control);
     let stop = async {
         if let Err(e) = stop_signal().await {
-            tracing::error!(error = %e, "signal handling");
+            tracing::error!(error = %ember_error::chain(e.as_ref()), "signal handling");
         }
     };
     run_node(cfg, stop).await?;

@@ -24,7 +24,7 @@ pub fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
             Ok(Some(d)) => println!("deleted {d}"),
             Ok(None) => println!("untagged {r}"),
             Err(e) => {
-                eprintln!("ember: rmi {r}: {e}");
+                eprintln!("ember: rmi {r}: {}", ember_error::chain(&e));
                 failed = true;
             }
         }

@@ -226,7 +226,7 @@ pub async fn run(root: &Path, mut args: Args) -> anyhow::Result<ExitCode> {
     .await;
     store.remove_user(&id);
     if let Err(e) = store.touch(&image.manifest) {
-        tracing::warn!(error = %e, "could not update the image's last use");
+        tracing::warn!(error = %ember_error::chain(&e), "could not update the image's last use");
     }
     let code = result?;
     t.exit_code = code;
@@ -329,7 +329,7 @@ async fn run_container(
                 eprintln!("ember: killing the container");
             }
             if let Err(e) = handle.signal(sig) {
-                tracing::debug!(error = %e, "forwarding signal");
+                tracing::debug!(error = %ember_error::chain(&e), "forwarding signal");
             }
             if sig == Signal::SIGKILL {
                 return;
@@ -377,7 +377,7 @@ async fn run_container(
         t.start_ms = Some(ms(f.saturating_duration_since(spawned_at)));
     }
     if let Err(e) = cleaned {
-        tracing::warn!(error = %e, "cleaning up the container");
+        tracing::warn!(error = %ember_error::chain(&e), "cleaning up the container");
     }
     let outcome = result.with_context(|| format!("running container for {image_ref}"))?;
     if outcome.timed_out {

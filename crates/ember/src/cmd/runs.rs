@@ -99,7 +99,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         if !args.json {
             println!("{started} runs started (of {total})");
             println!(
-                "{:<10} {:>8} {:>8} {:>8} {:>8}",
+                "{:<13} {:>8} {:>8} {:>8} {:>8}",
                 "PHASE", "P50 ms", "P90 ms", "P99 ms", "MAX ms"
             );
         }
@@ -112,7 +112,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                     serde_json::json!({"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max, "n": p.n}),
                 );
             } else {
-                println!("{name:<10} {p50:>8} {p90:>8} {p99:>8} {max:>8}");
+                println!("{name:<13} {p50:>8} {p90:>8} {p99:>8} {max:>8}");
             }
         }
         if args.json {

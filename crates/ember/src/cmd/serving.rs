@@ -39,7 +39,7 @@ impl ServerLimits {
     /// (a server's connection cap is sized by it).
     pub fn limits(&self) -> ember_http::Limits {
         if let Err(e) = ember_http::raise_nofile_limit() {
-            tracing::warn!(error = %e, "could not raise the open-file limit");
+            tracing::warn!(error = %ember_error::chain(&e), "could not raise the open-file limit");
         }
         ember_http::Limits {
             header_timeout: Duration::from_secs(self.header_timeout.max(1)),

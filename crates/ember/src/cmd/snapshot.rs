@@ -60,6 +60,13 @@ ember run --snapshot slow -- hello"
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Send snapshot NAME to a cluster cache (`ember cache`), artifact
+    /// first (skipped if the cache has it), then its manifest.
+    Push(crate::cmd::snapshot_transfer::PushArgs),
+    /// Bring snapshot NAME from a cluster cache into this store, if it can
+    /// be restored on this machine (checked before the download); the
+    /// artifact is verified as it arrives.
+    Pull(crate::cmd::snapshot_transfer::PullArgs),
 }
 
 /// `ember snapshot create`.
@@ -105,6 +112,8 @@ pub async fn run(root: &Path, cmd: Command) -> anyhow::Result<ExitCode> {
     let store = Store::open(root).with_context(|| format!("opening store {}", root.display()))?;
     match cmd {
         Command::Create(a) => create(root, &store, *a).await,
+        Command::Push(a) => crate::cmd::snapshot_transfer::push(&store, a).await,
+        Command::Pull(a) => crate::cmd::snapshot_transfer::pull(&store, a).await,
         Command::Ls { json } => {
             let list = store.snapshots()?;
             if json {

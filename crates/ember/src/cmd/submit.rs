@@ -3,7 +3,7 @@
 use crate::cmd::cluster::ControlArgs;
 use crate::cmd::logs::print_logs;
 use anyhow::{Context, bail};
-use ember_control::model::{PinnedImage, RunSpec};
+use ember_control::model::{CacheDecl, PinnedImage, RunSpec};
 use ember_oci::Reference;
 use ember_registry::{RegistryClient, RegistryOptions};
 use std::collections::BTreeMap;
@@ -47,6 +47,12 @@ pub struct Args {
     /// /run and /dev/shm stay writable).
     #[arg(long)]
     pub read_only: bool,
+    /// A directory cache, restored before the process starts and saved
+    /// after it exits 0 (repeatable):
+    /// PATH=KEY[,restore=PREFIX]...[,scope=S][,fallback=S]...[,read-only].
+    /// KEY may hash files of the image: `pip-{{ hash "requirements.txt" }}`.
+    #[arg(long = "cache", value_name = "PATH=KEY[,OPT]...", value_parser = parse_cache)]
+    pub caches: Vec<CacheDecl>,
     /// Print the run as JSON.
     #[arg(long)]
     pub json: bool,
@@ -56,6 +62,62 @@ pub struct Args {
     /// instead, and its start-up command stays.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+/// Splits `s` at commas outside `{{ ... }}` actions (a key template's
+/// file names may hold commas).
+fn split_options(s: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut depth, mut start) = (0usize, 0usize);
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i..].starts_with(b"{{") {
+            depth += 1;
+            i += 2;
+            continue;
+        }
+        if b[i..].starts_with(b"}}") {
+            depth = depth.saturating_sub(1);
+            i += 2;
+            continue;
+        }
+        if b[i] == b',' && depth == 0 {
+            out.push(&s[start..i]);
+            start = i + 1;
+        }
+        i += 1;
+    }
+    out.push(&s[start..]);
+    out
+}
+
+/// Parses one `--cache PATH=KEY[,restore=PREFIX]...[,scope=S][,fallback=S]...[,read-only]`
+/// (the control plane checks the rest when the run or deployment arrives).
+pub fn parse_cache(s: &str) -> Result<CacheDecl, String> {
+    let (path, rest) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected PATH=KEY[,OPTION]..."))?;
+    let mut parts = split_options(rest).into_iter();
+    let key = parts.next().unwrap_or_default();
+    if key.is_empty() {
+        return Err(format!("{s:?}: the key is empty"));
+    }
+    let mut decl = CacheDecl::new(path, key);
+    for opt in parts {
+        match opt.split_once('=') {
+            Some(("restore", p)) => decl.restore_keys.push(p.to_owned()),
+            Some(("scope", v)) => decl.scope = Some(v.to_owned()),
+            Some(("fallback", v)) => decl.fallback_scopes.push(v.to_owned()),
+            None if opt == "read-only" => decl.read_only = true,
+            _ => {
+                return Err(format!(
+                    "{opt:?}: unknown cache option (restore=PREFIX, scope=S, fallback=S, read-only)"
+                ));
+            }
+        }
+    }
+    Ok(decl)
 }
 
 /// Pins `image` to its manifest digest by asking its registry.
@@ -91,6 +153,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let spec = RunSpec {
+        caches: args.caches.clone(),
         deployment: args.deployment.clone(),
         image,
         command: args.command.clone(),
@@ -137,5 +200,36 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             run.state,
             run.error.map(|e| format!(": {e}")).unwrap_or_default()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_flags_parse_keys_with_templates_and_options() {
+        let c = parse_cache(
+            r#"/root/.cache/pip=pip-{{ hash "a,b.txt" "c" }},restore=pip-,restore=p,scope=br,fallback=main,read-only"#,
+        )
+        .expect("parse");
+        assert_eq!(c.path, "/root/.cache/pip");
+        assert_eq!(c.key, r#"pip-{{ hash "a,b.txt" "c" }}"#);
+        assert_eq!(c.restore_keys, vec!["pip-", "p"]);
+        assert_eq!(
+            (
+                c.scope.as_deref(),
+                c.fallback_scopes.as_slice(),
+                c.read_only
+            ),
+            (Some("br"), &["main".to_owned()][..], true)
+        );
+        assert_eq!(
+            parse_cache("/c=k").expect("plain"),
+            CacheDecl::new("/c", "k")
+        );
+        assert!(parse_cache("/c").is_err());
+        assert!(parse_cache("/c=").is_err());
+        assert!(parse_cache("/c=k,bogus").is_err());
     }
 }

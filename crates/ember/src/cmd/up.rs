@@ -126,6 +126,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             slots: args.slots.max(1),
             root: data.join(format!("node-{i}")),
             cache: cache_url.clone(),
+            // The cluster cache serves directory caches too.
+            dircache: cache_url.clone(),
+            dircache_token: None,
             agent: agent.clone(),
             labels: BTreeMap::new(),
             heartbeat: Duration::from_secs(3),
@@ -161,7 +164,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(r) = nodes.join_next() => {
             failed = true;
             match r {
-                Ok(Err(e)) => eprintln!("ember up: node: {e}"),
+                Ok(Err(e)) => eprintln!("ember up: node: {}", ember_error::chain(&e)),
                 Err(e) => eprintln!("ember up: node task: {e}"),
                 Ok(Ok(())) => eprintln!("ember up: a node stopped"),
             }
@@ -171,7 +174,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let _ = stop_tx.send(true);
     while let Some(r) = nodes.join_next().await {
         match r {
-            Ok(Err(e)) => eprintln!("ember up: node: {e}"),
+            Ok(Err(e)) => eprintln!("ember up: node: {}", ember_error::chain(&e)),
             Err(e) => eprintln!("ember up: node task: {e}"),
             Ok(Ok(())) => {}
         }

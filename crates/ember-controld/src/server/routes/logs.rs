@@ -93,7 +93,7 @@ pub(crate) async fn get_logs(
                     return match encoded {
                         Ok(out) => Some((Ok::<Bytes, std::io::Error>(Bytes::from(out)), f)),
                         Err(e) => Some((
-                            Err(std::io::Error::other(e.to_string())),
+                            Err(std::io::Error::other(ember_error::chain(&e).to_string())),
                             Follow { done: true, ..f },
                         )),
                     };
@@ -102,7 +102,7 @@ pub(crate) async fn get_logs(
                 Ok(_) => {}
                 Err(e) => {
                     return Some((
-                        Err(std::io::Error::other(e.to_string())),
+                        Err(std::io::Error::other(ember_error::chain(&e).to_string())),
                         Follow { done: true, ..f },
                     ));
                 }

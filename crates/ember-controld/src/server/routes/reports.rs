@@ -145,7 +145,7 @@ pub(crate) async fn apply_reports(
                 Vec::new()
             } else {
                 st.claim_for_runners(&n, &keys).unwrap_or_else(|e| {
-                    tracing::warn!(node = %n, error = %e, "warm hand-off failed");
+                    tracing::warn!(node = %n, error = %ember_error::chain(&e), "warm hand-off failed");
                     vec![None; keys.len()]
                 })
             };

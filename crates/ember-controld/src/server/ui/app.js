@@ -6,7 +6,7 @@ const POLL_MS = 1000;
 const TOKEN_KEY = 'ember-token';
 // The consecutive phases, in the order /v1/overview gives them (the last
 // of its list is the total); defined in ember_control::phase.
-const PHASES = ['queue', 'placement', 'image', 'runner', 'process'];
+const PHASES = ['queue', 'placement', 'image', 'runner', 'cache_restore', 'process'];
 const ACTIVE = new Set(['scheduled', 'starting', 'running']);
 
 const $ = (sel) => document.querySelector(sel);
