@@ -115,10 +115,17 @@ pub async fn run_node(
         .transpose()?;
     let (reporter, reports) = mpsc::unbounded_channel();
     let (cfg_root, cfg_bandwidth) = (cfg.root.clone(), cfg.prepull.bandwidth);
+    // Checkpoints travel through the same cluster cache as the images.
+    let snapshot_cache = cfg.cache.as_deref().and_then(|url| {
+        crate::snapshot_cache::SnapshotCache::new(url, cfg.dircache_token.clone())
+            .map_err(|e| tracing::warn!(error = %ember_error::chain(&e), "snapshot cache client"))
+            .ok()
+    });
     let snapshots = Arc::new(crate::snapshot::deploy::NodeSnapshots::new(
         &cfg.root,
         store.clone(),
         cfg.agent.clone(),
+        snapshot_cache,
     ));
     let agent = Arc::new(NodeAgent {
         snapshots,
