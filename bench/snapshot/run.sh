@@ -13,6 +13,10 @@
 # (spawn of `ember` to its first line of stdout, bench/snapshot/firstout.py):
 #   fresh    FRESH_RUNS cold `ember run` of the same command (image on the node)
 #   restore  RESTORES restores in a row, then 8 at once
+#   cache    RESTORES restores in a second store ("node") that never ran the
+#            start-up: the image pulled, the checkpoint pushed to a real
+#            `ember cache` by the first and pulled from it (`ember snapshot
+#            push|pull`); its first restore unpacks and verifies the artifact
 #   warm     `ember bench warm --n WARM_RUNS` of the same command in a recycled
 #            warm runner (its p50/p99 are per action, spawn to exit: the
 #            program prints only at its end, so that is first output + exit)
@@ -65,8 +69,17 @@ for _ in $(seq 200); do curl -fs -o /dev/null "http://127.0.0.1:$PORT/v2/" && br
 "$FIXTURES" push --registry "127.0.0.1:$PORT" debian-python >&2
 IMAGE=127.0.0.1:$PORT/ember/debian-python:latest
 E=("$EMBER" --root "$W/store")
+E2=("$EMBER" --root "$W/store2")
 log "pulling $IMAGE"
 "${E[@]}" pull "$IMAGE" >&2
+"${E2[@]}" pull "$IMAGE" >&2
+CPORT=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+export EMBER_SNAPSHOT_TOKEN=bench-snapshot-token
+EMBER_SNAPSHOT_WRITE_TOKEN=$EMBER_SNAPSHOT_TOKEN "$EMBER" cache --listen "127.0.0.1:$CPORT" --dir "$W/cache" \
+  --max-bytes 4G --upstream "http://127.0.0.1:$PORT" >"$W/cache.log" 2>&1 &
+PIDS+=($!)
+CACHE=http://127.0.0.1:$CPORT
+for _ in $(seq 200); do curl -s -o /dev/null "$CACHE/" && break; sleep 0.05; done
 
 # p50 p99 max of a firstout.py JSON file's first_s (nearest rank).
 stats() { python3 - "$@" <<'PY'
@@ -100,6 +113,13 @@ print(m['artifact_bytes'], m['unpacked_bytes'])")
   RESTORE=("${E[@]}" run --snapshot "py$WU" --no-fallback -- x)
   python3 "$FIRSTOUT" "$RESTORES" 1 -- "${RESTORE[@]}" >"$W/seq$WU.json"
   python3 "$FIRSTOUT" 8 8 -- "${RESTORE[@]}" >"$W/conc$WU.json"
+  log "warm-up ${WU}s: through the cache into a second store, $RESTORES restores there"
+  "${E[@]}" snapshot push "py$WU" --cache "$CACHE" >&2
+  t0=$(date +%s.%N)
+  "${E2[@]}" snapshot pull "py$WU" --cache "$CACHE" >&2
+  t1=$(date +%s.%N)
+  FETCH=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}')
+  python3 "$FIRSTOUT" "$RESTORES" 1 -- "${E2[@]}" run --snapshot "py$WU" --no-fallback -- x >"$W/cache$WU.json"
   log "warm-up ${WU}s: warm runner, $WARM_RUNS actions"
   "${E[@]}" bench warm --image "$IMAGE" --n "$WARM_RUNS" --runc-n 0 --podman-n 0 --json \
     -- python3 -c "$APP" "$WU" >"$W/warm$WU.json" 2>"$W/warm$WU.err"
@@ -108,7 +128,8 @@ import json,sys; j=json.load(open('$W/warm$WU.json')); print('%.3f %.3f' % (j['p
   read -r F50 F99 FMAX FN < <(stats "$W/fresh$WU.json")
   read -r S50 S99 SMAX SN < <(stats "$W/seq$WU.json")
   read -r C50 C99 CMAX CN < <(stats "$W/conc$WU.json")
-  ROWS+=("| ${WU} s | $F50 / $F99 | $S50 / $S99 | $C50 / $CMAX | $WP50 / $WP99 | $(awk -v a="$F50" -v b="$S50" 'BEGIN {printf "%.1f", a / b}')× | $(awk -v a="$CMAX" -v b="$S50" 'BEGIN {printf "%.1f", a / b}')× | $CAP s | $((ABYTES / 1024)) KiB ($((UBYTES / 1048576)) MiB unpacked) |")
+  read -r K50 K99 KMAX KN < <(stats "$W/cache$WU.json")
+  ROWS+=("| ${WU} s | $F50 / $F99 | $S50 / $S99 | $C50 / $CMAX | $K50 / $K99 (pull $FETCH s) | $WP50 / $WP99 | $(awk -v a="$F50" -v b="$S50" 'BEGIN {printf "%.1f", a / b}')× | $(awk -v a="$CMAX" -v b="$S50" 'BEGIN {printf "%.1f", a / b}')× | $CAP s | $((ABYTES / 1024)) KiB ($((UBYTES / 1048576)) MiB unpacked) |")
   if [ -z "${DISTINCT:-}" ]; then
     log "warm-up ${WU}s: restores up to 100 in all (4 at once) for distinct values"
     left=$((100 - RESTORES - 8))
@@ -126,8 +147,8 @@ mkdir -p "$OUT"
   echo "$FRESH_RUNS fresh, $RESTORES restores in a row, 8 at once (p50 / max), $WARM_RUNS warm actions (spawn to exit);"
   echo "$(nproc) CPUs (load average $(cut -d' ' -f1 /proc/loadavg) at the end), $(uname -r), CRIU $(criu --version | awk '/Version/ {print $2}'), ember $(basename "$(dirname "$EMBER")") build."
   echo
-  echo "| warm-up | fresh | restore | 8 at once | warm runner | fresh / restore | slowest of 8 / lone p50 | capture | artifact |"
-  echo "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  echo "| warm-up | fresh | restore | 8 at once | 2nd store via cache | warm runner | fresh / restore | slowest of 8 / lone p50 | capture | artifact |"
+  echo "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
   for r in "${ROWS[@]}"; do echo "$r"; done
   echo
   echo "$DISTINCT."
