@@ -8,9 +8,23 @@
 # The tar is cached (default /var/cache/ember-test/debian-bookworm-minbase.tar,
 # or $EMBER_DEBIAN_TAR), so the tests need the Debian mirror only the first
 # time; scripts/install-deps.sh runs this. The mirror is the one apt uses.
+#
+# `debian-rootfs.sh python` builds the same with Debian's Python 3 and a few
+# python3-* libraries added (`--include`), cached as
+# debian-bookworm-python.tar (or $EMBER_DEBIAN_PYTHON_TAR): the init-heavy
+# image of the snapshot benchmark (fixture `debian-python`).
 set -euo pipefail
 
-out=${EMBER_DEBIAN_TAR:-/var/cache/ember-test/debian-bookworm-minbase.tar}
+flavour=${1:-minbase}
+include=""
+case "$flavour" in
+  minbase) out=${EMBER_DEBIAN_TAR:-/var/cache/ember-test/debian-bookworm-minbase.tar} ;;
+  python)
+    out=${EMBER_DEBIAN_PYTHON_TAR:-/var/cache/ember-test/debian-bookworm-python.tar}
+    include=--include=python3,python3-yaml,python3-requests,python3-jinja2,python3-numpy
+    ;;
+  *) echo "debian-rootfs.sh: unknown flavour $flavour (minbase, python)" >&2; exit 2 ;;
+esac
 if [ -s "$out" ]; then
   echo "$out"
   exit 0
@@ -41,7 +55,7 @@ if [ -s "$out" ]; then
 fi
 work=$(mktemp -d "$(dirname "$out")/.debootstrap.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-if ! debootstrap --variant=minbase bookworm "$work/root" "$mirror" >"$work/log" 2>&1; then
+if ! debootstrap --variant=minbase $include bookworm "$work/root" "$mirror" >"$work/log" 2>&1; then
   tail -n 30 "$work/log" >&2
   echo "debian-rootfs.sh: debootstrap from $mirror failed" >&2
   exit 1

@@ -1,21 +1,36 @@
 #!/usr/bin/env bash
-# `ember run --snapshot` (restore of a CRIU checkpoint taken after a slow
-# start-up) vs a cold `ember run` of the same start-up vs `podman run` of it,
-# side by side in one run, on the busybox fixture from a local
-# docker-registry. The start-up is a shell that sleeps WARMUP seconds
-# (standing in for imports and cache warming), then, under the readiness
-# protocol, signals ready and waits for its request; without it (cold runs,
-# podman) it goes straight on. Every run prints one line and exits 0.
+# Snapshot restore of an init-heavy Python start-up, side by side in one run
+# with a fresh start and a warm runner (issue 12's benchmark). The image is
+# the `debian-python` fixture (ember-fixtures: debootstrap bookworm with
+# Debian's python3, numpy, yaml, requests, jinja2) pushed to a local
+# docker-registry and pulled once; the start-up is bench/snapshot/app.py:
+# ~60 stdlib modules + those libraries imported, then WARMUP seconds of
+# warm-up, then (under the readiness protocol) `ready` and a wait for the
+# run's line; every run prints one random 64-bit value.
 #
-# Reports wall time per run (spawn to exit, as a caller sees it): median,
-# min and max of RUNS runs each, and the ratios of the medians. Needs root,
-# runc, CRIU (scripts/install-criu.sh), podman, docker-registry and the
-# static agent. Measurements, not tests: nothing fails on a number.
-# Writes bench/snapshot/results/latest.md.
+# For each WARMUP (default "1 3"), through the CLI (`ember snapshot create`,
+# `ember run --snapshot --no-fallback`, `ember run`), first-output latency
+# (spawn of `ember` to its first line of stdout, bench/snapshot/firstout.py):
+#   fresh    FRESH_RUNS cold `ember run` of the same command (image on the node)
+#   restore  RESTORES restores in a row, then 8 at once
+#   cache    RESTORES restores in a second store ("node") that never ran the
+#            start-up: the image pulled, the checkpoint pushed to a real
+#            `ember cache` by the first and pulled from it (`ember snapshot
+#            push|pull`); its first restore unpacks and verifies the artifact
+#   warm     `ember bench warm --n WARM_RUNS` of the same command in a recycled
+#            warm runner (its p50/p99 are per action, spawn to exit: the
+#            program prints only at its end, so that is first output + exit)
+# plus the capture's time and the artifact's size, and at the first WARMUP
+# that 100 restored runs printed 100 different values. Measurements, not
+# tests: nothing fails on a number. Needs root, runc, CRIU
+# (scripts/install-criu.sh), docker-registry, debootstrap (first time) and
+# the static agent. Writes bench/snapshot/results/latest.md.
 set -euo pipefail
 
-WARMUP=${WARMUP:-1}
-RUNS=${RUNS:-5}
+WARMUPS=${WARMUPS:-1 3}
+FRESH_RUNS=${FRESH_RUNS:-5}
+RESTORES=${RESTORES:-20}
+WARM_RUNS=${WARM_RUNS:-5}
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 pick() { [ -x "$ROOT/target/release/$1" ] && echo "$ROOT/target/release/$1" || echo "$ROOT/target/debug/$1"; }
@@ -25,18 +40,13 @@ export EMBER_AGENT=${EMBER_AGENT:-$("$ROOT/crates/ember-agent/build-static.sh")}
 OUT=${OUT:-$HERE/results}
 W=$(mktemp -d "${BENCH_TMPDIR:-/var/tmp}/ember-snapshot-bench.XXXXXX")
 PIDS=()
-# podman against a throwaway store, with the flags bench/run.sh uses (its
-# default rlimits are refused here); runroot kept short (podman's limit).
-PR=$(mktemp -d /tmp/pbs.XXXX)
-PODMAN=(podman --root "$W/podman-store" --runroot "$PR/run" --tmpdir "$PR/tmp"
-  --storage-driver overlay --runtime runc --cgroup-manager cgroupfs --events-backend file)
+FIRSTOUT=$HERE/firstout.py
+APP=$(cat "$HERE/app.py")
 
 log() { echo "== $*" >&2; }
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  "${PODMAN[@]}" rmi -af >/dev/null 2>&1 || true
-  rm -rf "$PR"
   [ -n "${KEEP:-}" ] && echo "work dir kept: $W" >&2 || rm -rf "$W"
 }
 trap cleanup EXIT
@@ -44,7 +54,6 @@ trap cleanup EXIT
 for t in "$EMBER" "$FIXTURES"; do
   [ -x "$t" ] || { echo "missing $t (cargo build -p ember -p ember-testkit)" >&2; exit 1; }
 done
-command -v podman >/dev/null || { echo "podman is missing" >&2; exit 1; }
 
 PORT=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
 mkdir -p "$W/registry"
@@ -57,62 +66,90 @@ CFG
 docker-registry serve "$W/registry/config.yml" >"$W/registry.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 200); do curl -fs -o /dev/null "http://127.0.0.1:$PORT/v2/" && break; sleep 0.05; done
-"$FIXTURES" push --registry "127.0.0.1:$PORT" busybox >&2
-IMAGE=127.0.0.1:$PORT/ember/busybox:latest
-STORE=$W/store
+"$FIXTURES" push --registry "127.0.0.1:$PORT" debian-python >&2
+IMAGE=127.0.0.1:$PORT/ember/debian-python:latest
+E=("$EMBER" --root "$W/store")
+E2=("$EMBER" --root "$W/store2")
+log "pulling $IMAGE"
+"${E[@]}" pull "$IMAGE" >&2
+"${E2[@]}" pull "$IMAGE" >&2
+CPORT=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+export EMBER_SNAPSHOT_TOKEN=bench-snapshot-token
+EMBER_SNAPSHOT_WRITE_TOKEN=$EMBER_SNAPSHOT_TOKEN "$EMBER" cache --listen "127.0.0.1:$CPORT" --dir "$W/cache" \
+  --max-bytes 4G --upstream "http://127.0.0.1:$PORT" >"$W/cache.log" 2>&1 &
+PIDS+=($!)
+CACHE=http://127.0.0.1:$CPORT
+for _ in $(seq 200); do curl -s -o /dev/null "$CACHE/" && break; sleep 0.05; done
 
-STARTUP="sleep $WARMUP; if [ -n \"\${EMBER_READY_FD:-}\" ]; then echo ready >&3; read -r req <&3; else req=cold; fi; echo \"\$req\" | head -c 40; echo"
-
-log "pulling into ember and podman"
-"$EMBER" --root "$STORE" pull "$IMAGE" >&2
-"${PODMAN[@]}" pull -q --tls-verify=false "$IMAGE" >/dev/null
-
-log "capturing snapshot (warm-up ${WARMUP}s)"
-t0=$(date +%s.%N)
-"$EMBER" --root "$STORE" snapshot create bench "$IMAGE" -- /bin/sh -c "$STARTUP" 2>"$W/capture.log"
-t1=$(date +%s.%N)
-CAPTURE_S=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}')
-SIZE=$("$EMBER" --root "$STORE" snapshot ls --json | python3 -c 'import json,sys;m=json.load(sys.stdin)[0];print(m["artifact_bytes"], m["unpacked_bytes"])')
-
-measure() { # NAME CMD... : RUNS wall times in seconds into $W/NAME
-  : >"$W/$1"
-  local name=$1; shift
-  for _ in $(seq "$RUNS"); do
-    local a b
-    a=$(date +%s.%N)
-    "$@" >"$W/$name.out" 2>"$W/$name.err" || { echo "$name failed:" >&2; cat "$W/$name.err" >&2; exit 1; }
-    b=$(date +%s.%N)
-    awk -v a="$a" -v b="$b" 'BEGIN {printf "%.4f\n", b - a}' >>"$W/$name"
-  done
+# p50 p99 max of a firstout.py JSON file's first_s (nearest rank).
+stats() { python3 - "$@" <<'PY'
+import json, math, sys
+xs = sorted(r["first_s"] for f in sys.argv[1:] for r in json.load(open(f)))
+rank = lambda q: xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
+print("%.3f %.3f %.3f %d" % (rank(0.5), rank(0.99), xs[-1], len(xs)))
+PY
+}
+distinct() { python3 - "$@" <<'PY'
+import json, sys
+lines = [r["line"] for f in sys.argv[1:] for r in json.load(open(f))]
+print(len(lines), len(set(lines)))
+PY
 }
 
-log "restore: $RUNS runs"
-measure restore "$EMBER" --root "$STORE" run --snapshot bench --no-fallback -- x
-log "cold ember run: $RUNS runs"
-measure cold "$EMBER" --root "$STORE" run "$IMAGE" /bin/sh -c "$STARTUP"
-log "podman run: $RUNS runs"
-measure podman "${PODMAN[@]}" run --rm --network none --ulimit nofile=1024:1024 \
-  --ulimit nproc=1024:1024 "$IMAGE" /bin/sh -c "$STARTUP"
-
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.1f", a / b}'; }
-stats() { sort -n "$W/$1" | awk '{a[NR]=$1} END {m = (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2; printf "%.3f %.3f %.3f\n", m, a[1], a[NR]}'; }
-read -r R_MED R_MIN R_MAX < <(stats restore)
-read -r C_MED C_MIN C_MAX < <(stats cold)
-read -r P_MED P_MIN P_MAX < <(stats podman)
-read -r A_BYTES U_BYTES <<<"$SIZE"
+ROWS=()
+for WU in $WARMUPS; do
+  log "warm-up ${WU}s: capture"
+  t0=$(date +%s.%N)
+  "${E[@]}" snapshot create "py$WU" "$IMAGE" -- python3 -c "$APP" "$WU" 2>"$W/capture$WU.log"
+  t1=$(date +%s.%N)
+  CAP=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}')
+  read -r ABYTES UBYTES < <("${E[@]}" snapshot ls --json | python3 -c "
+import json,sys
+m=[s for s in json.load(sys.stdin) if s['name']=='py$WU'][0]
+print(m['artifact_bytes'], m['unpacked_bytes'])")
+  log "warm-up ${WU}s: $FRESH_RUNS fresh starts"
+  python3 "$FIRSTOUT" "$FRESH_RUNS" 1 -- "${E[@]}" run "$IMAGE" python3 -c "$APP" "$WU" >"$W/fresh$WU.json"
+  log "warm-up ${WU}s: $RESTORES restores in a row, then 8 at once"
+  RESTORE=("${E[@]}" run --snapshot "py$WU" --no-fallback -- x)
+  python3 "$FIRSTOUT" "$RESTORES" 1 -- "${RESTORE[@]}" >"$W/seq$WU.json"
+  python3 "$FIRSTOUT" 8 8 -- "${RESTORE[@]}" >"$W/conc$WU.json"
+  log "warm-up ${WU}s: through the cache into a second store, $RESTORES restores there"
+  "${E[@]}" snapshot push "py$WU" --cache "$CACHE" >&2
+  t0=$(date +%s.%N)
+  "${E2[@]}" snapshot pull "py$WU" --cache "$CACHE" >&2
+  t1=$(date +%s.%N)
+  FETCH=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}')
+  python3 "$FIRSTOUT" "$RESTORES" 1 -- "${E2[@]}" run --snapshot "py$WU" --no-fallback -- x >"$W/cache$WU.json"
+  log "warm-up ${WU}s: warm runner, $WARM_RUNS actions"
+  "${E[@]}" bench warm --image "$IMAGE" --n "$WARM_RUNS" --runc-n 0 --podman-n 0 --json \
+    -- python3 -c "$APP" "$WU" >"$W/warm$WU.json" 2>"$W/warm$WU.err"
+  read -r WP50 WP99 < <(python3 -c "
+import json,sys; j=json.load(open('$W/warm$WU.json')); print('%.3f %.3f' % (j['p50_ms']/1e3, j['p99_ms']/1e3))")
+  read -r F50 F99 FMAX FN < <(stats "$W/fresh$WU.json")
+  read -r S50 S99 SMAX SN < <(stats "$W/seq$WU.json")
+  read -r C50 C99 CMAX CN < <(stats "$W/conc$WU.json")
+  read -r K50 K99 KMAX KN < <(stats "$W/cache$WU.json")
+  ROWS+=("| ${WU} s | $F50 / $F99 | $S50 / $S99 | $C50 / $CMAX | $K50 / $K99 (pull $FETCH s) | $WP50 / $WP99 | $(awk -v a="$F50" -v b="$S50" 'BEGIN {printf "%.1f", a / b}')× | $(awk -v a="$CMAX" -v b="$S50" 'BEGIN {printf "%.1f", a / b}')× | $CAP s | $((ABYTES / 1024)) KiB ($((UBYTES / 1048576)) MiB unpacked) |")
+  if [ -z "${DISTINCT:-}" ]; then
+    log "warm-up ${WU}s: restores up to 100 in all (4 at once) for distinct values"
+    left=$((100 - RESTORES - 8))
+    if [ "$left" -gt 0 ]; then python3 "$FIRSTOUT" "$left" 4 -- "${RESTORE[@]}" >"$W/more$WU.json"; else echo '[]' >"$W/more$WU.json"; fi
+    read -r DN DU < <(distinct "$W/seq$WU.json" "$W/conc$WU.json" "$W/more$WU.json")
+    DISTINCT="$DN restored runs (warm-up ${WU} s) printed $DU different values"
+  fi
+done
 
 mkdir -p "$OUT"
 {
-  echo "# ember run --snapshot vs cold ember run vs podman run ($(date -u +%Y-%m-%dT%H:%MZ))"
+  echo "# Snapshot restore vs fresh start vs warm runner, Python start-up ($(date -u +%Y-%m-%dT%H:%MZ))"
   echo
-  echo "busybox fixture, start-up: \`sleep $WARMUP\` then one line of output; $RUNS runs each,"
-  echo "wall time from spawn to exit; $(nproc) CPUs, $(uname -r), CRIU $(criu --version | awk '/Version/ {print $2}'),"
-  echo "podman $(podman --version | awk '{print $3}'); ember: $(basename "$(dirname "$EMBER")") build."
-  echo "Capture took $CAPTURE_S s; artifact $A_BYTES bytes ($U_BYTES unpacked)."
+  echo "debian-python fixture, bench/snapshot/app.py; first-output latency in seconds (p50 / p99);"
+  echo "$FRESH_RUNS fresh, $RESTORES restores in a row, 8 at once (p50 / max), $WARM_RUNS warm actions (spawn to exit);"
+  echo "$(nproc) CPUs (load average $(cut -d' ' -f1 /proc/loadavg) at the end), $(uname -r), CRIU $(criu --version | awk '/Version/ {print $2}'), ember $(basename "$(dirname "$EMBER")") build."
   echo
-  echo "| | median s | min s | max s | median vs restore |"
-  echo "| --- | ---: | ---: | ---: | ---: |"
-  echo "| ember run --snapshot (restore) | $R_MED | $R_MIN | $R_MAX | 1.0× |"
-  echo "| ember run (cold) | $C_MED | $C_MIN | $C_MAX | $(ratio "$C_MED" "$R_MED")× |"
-  echo "| podman run --network none | $P_MED | $P_MIN | $P_MAX | $(ratio "$P_MED" "$R_MED")× |"
+  echo "| warm-up | fresh | restore | 8 at once | 2nd store via cache | warm runner | fresh / restore | slowest of 8 / lone p50 | capture | artifact |"
+  echo "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  for r in "${ROWS[@]}"; do echo "$r"; done
+  echo
+  echo "$DISTINCT."
 } | tee "$OUT/latest.md"

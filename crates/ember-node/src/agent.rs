@@ -118,10 +118,23 @@ pub async fn run_node(
         .transpose()?;
     let (reporter, reports) = mpsc::unbounded_channel();
     let (cfg_root, cfg_bandwidth) = (cfg.root.clone(), cfg.prepull.bandwidth);
+    // Checkpoints travel through the same cluster cache as the images.
+    let snapshot_cache = cfg.cache.as_deref().and_then(|url| {
+        // Pushes need the cache's snapshot write token (as `ember snapshot
+        // push` takes it); else the directory cache's token.
+        let token = std::env::var("EMBER_SNAPSHOT_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .or_else(|| cfg.dircache_token.clone());
+        crate::snapshot_cache::SnapshotCache::new(url, token)
+            .map_err(|e| tracing::warn!(error = %ember_error::chain(&e), "snapshot cache client"))
+            .ok()
+    });
     let snapshots = Arc::new(crate::snapshot::deploy::NodeSnapshots::new(
         &cfg.root,
         store.clone(),
         cfg.agent.clone(),
+        snapshot_cache,
     ));
     let agent = Arc::new(NodeAgent {
         snapshots,

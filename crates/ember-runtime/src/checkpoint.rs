@@ -1012,6 +1012,14 @@ pub fn restore<P: AsRef<Path>>(
         },
     )?;
     restored.restore_time = t.elapsed();
+    if let Some(keep) = std::env::var_os("EMBER_CRIU_KEEP_LOGS") {
+        // Profiling aid: CRIU's restore log (with its timestamps) outlives
+        // the container.
+        let _ = fs::copy(
+            work.join("restore.log"),
+            Path::new(&keep).join(format!("{id}.log")),
+        );
+    }
     let pid_path = dir.join(PID_FILE);
     restored.pid = fs::read_to_string(&pid_path)
         .map_err(io_err("cannot read", &pid_path))?

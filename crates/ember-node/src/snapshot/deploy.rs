@@ -37,6 +37,7 @@ use super::{
 use crate::agent::NodeAgent;
 use crate::execute::{RunHandle, SIGKILL};
 use crate::relay::{Event, EventTx};
+use crate::snapshot_cache::SnapshotCache;
 
 /// How long a failed capture of a key keeps the node from trying again
 /// (a node without a working CRIU would otherwise start a capture beside
@@ -50,6 +51,10 @@ const CAPTURE_READY_TIMEOUT: Duration = Duration::from_secs(600);
 /// captures in flight.
 pub(crate) struct NodeSnapshots {
     host: SnapshotHost,
+    /// The cluster cache's snapshot routes (`ember node --cache`): a run
+    /// with no local checkpoint fetches one there, a capture is pushed
+    /// there.
+    cache: Option<SnapshotCache>,
     /// Keys being captured now (one capture per key). Written by run tasks
     /// and capture threads.
     capturing: Mutex<HashSet<String>>,
@@ -60,7 +65,12 @@ pub(crate) struct NodeSnapshots {
 impl NodeSnapshots {
     /// Snapshot runners under `<root>/snapshot/`; leftovers of an earlier
     /// node process there are removed. CRIU is `$EMBER_CRIU` or `criu`.
-    pub(crate) fn new(root: &Path, store: Store, agent: PathBuf) -> NodeSnapshots {
+    pub(crate) fn new(
+        root: &Path,
+        store: Store,
+        agent: PathBuf,
+        cache: Option<SnapshotCache>,
+    ) -> NodeSnapshots {
         let base = root.join("snapshot");
         let host = SnapshotHost {
             store,
@@ -82,6 +92,7 @@ impl NodeSnapshots {
         }
         NodeSnapshots {
             host,
+            cache,
             capturing: Mutex::new(HashSet::new()),
             failed: Mutex::new(HashMap::new()),
         }
@@ -187,12 +198,21 @@ impl NodeSnapshots {
                 );
                 me.host.store.remove_user(&claim);
                 match r {
-                    Ok(c) => tracing::info!(
-                        snapshot = %key,
-                        bytes = c.manifest.artifact_bytes,
-                        capture_ms = c.manifest.capture_ms,
-                        "captured a deployment's start-up"
-                    ),
+                    Ok(c) => {
+                        tracing::info!(
+                            snapshot = %key,
+                            bytes = c.manifest.artifact_bytes,
+                            capture_ms = c.manifest.capture_ms,
+                            "captured a deployment's start-up"
+                        );
+                        // On this capture thread, so no run waits for it.
+                        if let Some(cache) = &me.cache {
+                            match block_on(cache.push(&me.host.store, &key)) {
+                                Ok(p) => tracing::info!(snapshot = %key, uploaded = p.uploaded, bytes = p.bytes, "pushed a checkpoint to the cluster cache"),
+                                Err(e) => tracing::warn!(snapshot = %key, error = %ember_error::chain(&e), "pushing a checkpoint to the cluster cache"),
+                            }
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(snapshot = %key, error = %e.why_not_restored(), "capturing a deployment's start-up");
                         me.failed
@@ -286,18 +306,29 @@ pub(crate) fn exec_snapshot(
         };
         let _ = tx.send(Event::Output(stream, data.to_vec()));
     };
-    let manifest = host
+    let mut manifest = host
         .store
         .snapshot(&key)
         .ok()
         .filter(|m| m.image == record.manifest);
+    // Why the cluster cache did not supply a checkpoint, for the run's note.
+    let mut cache_note = None;
+    if manifest.is_none()
+        && let Some(cache) = &snapshots.cache
+    {
+        match fetch_from_cache(cache, host, &key, record) {
+            Ok(m) => manifest = Some(m),
+            Err(why) => cache_note = Some(why),
+        }
+    }
     let outcome: Result<RunOutcome, SnapshotError> = match manifest {
-        Some(m) => super::run_from_snapshot(
+        Some(m) => super::run_from_snapshot_with(
             host,
             &m,
             record,
             &req,
             t0,
+            super::Cleanup::Background,
             &mut |e| {
                 // A corrupt artifact is not used again: the next run
                 // captures a new one.
@@ -317,10 +348,13 @@ pub(crate) fn exec_snapshot(
             &mut on_output,
         ),
         None => {
-            on_event(RunEvent::FreshStart(
-                "no checkpoint of this deployment's start-up on the node yet: started fresh \
-                 while one is captured for the next runs",
-            ));
+            let mut why = "no checkpoint of this deployment's start-up on the node yet: started \
+                 fresh while one is captured for the next runs"
+                .to_owned();
+            if let Some(c) = &cache_note {
+                why.push_str(&format!(" (cluster cache: {c})"));
+            }
+            on_event(RunEvent::FreshStart(&why));
             snapshots.capture_in_background(agent, &key, run, record);
             let env: Vec<(String, String)> = run.env.clone().into_iter().collect();
             super::fresh_start(
@@ -349,4 +383,42 @@ pub(crate) fn exec_snapshot(
         return Err(format!("starting the process: {e}"));
     }
     Ok((super::exit_code(&outcome.result), false))
+}
+
+/// Fetches checkpoint `key` from the cluster cache into the node's store,
+/// if it was taken of `record`'s image on a machine a restore here can
+/// match (checked before the download); the reason when not.
+fn fetch_from_cache(
+    cache: &SnapshotCache,
+    host: &SnapshotHost,
+    key: &str,
+    record: &ImageRecord,
+) -> Result<ember_store::SnapshotManifest, String> {
+    let here = ember_runtime::checkpoint::HostFacts::here(&host.criu)
+        .map_err(|e| format!("cannot restore here: {}", ember_error::chain(&e)))?;
+    let t = Instant::now();
+    let f = block_on(cache.fetch(&host.store, key, &here))
+        .map_err(|e| ember_error::chain(&e).to_string())?;
+    if f.manifest.image != record.manifest {
+        return Err(format!(
+            "its checkpoint is of image {}, not {}",
+            f.manifest.image, record.manifest
+        ));
+    }
+    tracing::info!(snapshot = %key, downloaded = f.downloaded, bytes = f.bytes, ms = t.elapsed().as_millis() as u64, "fetched a checkpoint from the cluster cache");
+    Ok(f.manifest)
+}
+
+/// Runs a cache request from a blocking thread: on the node's runtime
+/// when the thread belongs to it (a run's blocking task), else on a
+/// runtime of its own (a capture thread).
+fn block_on<T>(fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => h.block_on(fut),
+        Err(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread runtime builds (only fails without OS resources)")
+            .block_on(fut),
+    }
 }

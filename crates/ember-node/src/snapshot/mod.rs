@@ -650,10 +650,24 @@ pub struct RunOutcome {
     pub timings: RunTimings,
 }
 
+/// When a restored copy is removed after its run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cleanup {
+    /// Before returning: for a process that exits right after the run
+    /// (`ember run --snapshot`), which must not leave the copy behind.
+    Inline,
+    /// On a thread of its own, off the run's critical path: for the node,
+    /// whose process outlives the run (and removes leftovers of an earlier
+    /// process at start, should it end first). The run's `cleanup` time is
+    /// then 0.
+    Background,
+}
+
 /// Restores a copy of `manifest` (whose image is `image`) and resumes its
 /// start-up with `req`; if the copy cannot be restored, calls
 /// `fallback_ok` with the reason, and unless it says no, starts the
-/// captured start-up fresh instead. `t0` is when the run began.
+/// captured start-up fresh instead. `t0` is when the run began. The copy
+/// is removed before this returns ([`Cleanup::Inline`]).
 #[allow(clippy::too_many_arguments)]
 pub fn run_from_snapshot(
     host: &SnapshotHost,
@@ -661,6 +675,32 @@ pub fn run_from_snapshot(
     image: &ImageRecord,
     req: &ResumeRequest,
     t0: Instant,
+    fallback_ok: &mut dyn FnMut(&SnapshotError) -> bool,
+    on_event: &mut dyn FnMut(RunEvent<'_>),
+    on_output: &mut dyn FnMut(bool, &[u8]),
+) -> Result<RunOutcome, SnapshotError> {
+    run_from_snapshot_with(
+        host,
+        manifest,
+        image,
+        req,
+        t0,
+        Cleanup::Inline,
+        fallback_ok,
+        on_event,
+        on_output,
+    )
+}
+
+/// [`run_from_snapshot`], removing the restored copy as `cleanup` says.
+#[allow(clippy::too_many_arguments)]
+pub fn run_from_snapshot_with(
+    host: &SnapshotHost,
+    manifest: &SnapshotManifest,
+    image: &ImageRecord,
+    req: &ResumeRequest,
+    t0: Instant,
+    cleanup: Cleanup,
     fallback_ok: &mut dyn FnMut(&SnapshotError) -> bool,
     on_event: &mut dyn FnMut(RunEvent<'_>),
     on_output: &mut dyn FnMut(bool, &[u8]),
@@ -726,10 +766,25 @@ pub fn run_from_snapshot(
     })();
     t.exit = t0.elapsed();
     let tc = Instant::now();
-    if let Err(e) = restored.cleanup() {
-        tracing::warn!(error = %ember_error::chain(&e), "removing the restored container");
+    let remove = move || {
+        if let Err(e) = restored.cleanup() {
+            tracing::warn!(error = %ember_error::chain(&e), "removing the restored container");
+        }
+        drop(sock);
+    };
+    match cleanup {
+        Cleanup::Inline => remove(),
+        Cleanup::Background => {
+            // `runc delete` and the unmount take 0.1–0.2 s; the run's
+            // result does not wait for them.
+            if let Err(e) = std::thread::Builder::new()
+                .name("snapshot-cleanup".into())
+                .spawn(remove)
+            {
+                tracing::warn!(error = %e, "no thread to remove a restored container");
+            }
+        }
     }
-    drop(sock);
     t.cleanup = tc.elapsed();
     Ok(RunOutcome {
         result: resumed?,
