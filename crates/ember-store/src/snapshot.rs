@@ -677,10 +677,7 @@ fn pack_tree<W: Write>(b: &mut tar::Builder<W>, root: &Path) -> io::Result<u64> 
             let m = fs::symlink_metadata(&path)?;
             let xattrs = list_xattrs(&path)?;
             if !xattrs.is_empty() {
-                let records: Vec<(String, Vec<u8>)> = xattrs
-                    .into_iter()
-                    .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v))
-                    .collect();
+                let records: Vec<(String, Vec<u8>)> = xattrs.into_iter().map(pax_record).collect();
                 b.append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
             }
             let mut h = tar::Header::new_gnu();
@@ -715,6 +712,39 @@ fn pack_tree<W: Write>(b: &mut tar::Builder<W>, root: &Path) -> io::Result<u64> 
     }
     b.finish()?;
     Ok(total)
+}
+
+/// PAX key of an extended attribute whose value is hex-encoded: the tar
+/// crate's reader splits PAX data at newlines before it looks at record
+/// lengths, so a binary value holding a `\n` byte (overlayfs's
+/// `trusted.overlay.origin` file handles do, now and then) would make the
+/// whole artifact unreadable.
+const HEX_XATTR: &str = "EMBER.xattr.hex.";
+
+/// The PAX record of one extended attribute: GNU tar's `SCHILY.xattr.`
+/// form when the value has no newline, [`HEX_XATTR`] otherwise.
+fn pax_record((name, value): (String, Vec<u8>)) -> (String, Vec<u8>) {
+    if value.contains(&b'\n') {
+        (
+            format!("{HEX_XATTR}{name}"),
+            hex::encode(&value).into_bytes(),
+        )
+    } else {
+        (format!("SCHILY.xattr.{name}"), value)
+    }
+}
+
+/// The extended attribute a PAX record carries, if it is one.
+fn xattr_of(key: &str, value: &[u8]) -> io::Result<Option<(String, Vec<u8>)>> {
+    if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+        return Ok(Some((name.to_owned(), value.to_vec())));
+    }
+    if let Some(name) = key.strip_prefix(HEX_XATTR) {
+        let v = hex::decode(value)
+            .map_err(|e| io::Error::other(format!("extended attribute {name}: {e}")))?;
+        return Ok(Some((name.to_owned(), v)));
+    }
+    Ok(None)
 }
 
 /// A file's extended attributes (not following symlinks).
@@ -812,8 +842,10 @@ fn unpack_entry<R: Read>(
     if let Some(exts) = entry.pax_extensions()? {
         for ext in exts {
             let ext = ext?;
-            if let Some(name) = ext.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) {
-                xattrs.push((name.to_owned(), ext.value_bytes().to_vec()));
+            if let Ok(key) = ext.key()
+                && let Some(x) = xattr_of(key, ext.value_bytes())?
+            {
+                xattrs.push(x);
             }
         }
     }
@@ -911,7 +943,24 @@ mod tests {
             )
         };
         assert_eq!(r, 0, "{}", io::Error::last_os_error());
+        // A binary value with newlines, as overlayfs's file handles in
+        // `trusted.overlay.origin` can be.
+        let c = crate::unpack::cstr(&dir.join("upper/warm")).unwrap();
+        // SAFETY: valid path, name and value of the given length.
+        let r = unsafe {
+            libc::lsetxattr(
+                c.as_ptr(),
+                c"trusted.overlay.origin".as_ptr(),
+                ORIGIN.as_ptr().cast(),
+                ORIGIN.len(),
+                0,
+            )
+        };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
     }
+
+    /// An xattr value with newline and NUL bytes.
+    const ORIGIN: &[u8] = b"\x00\xfb\n\n=1 \x0a\xff";
 
     fn same_tree(a: &Path, b: &Path) {
         for rel in ["criu/pages-1.img", "ember-checkpoint.json", "upper/warm"] {
@@ -927,6 +976,13 @@ mod tests {
         let m = fs::symlink_metadata(b.join("upper/gone")).unwrap();
         assert!(m.file_type().is_char_device() && m.rdev() == 0);
         assert!(crate::is_opaque(&b.join("upper/opq")));
+        let origin = list_xattrs(&b.join("upper/warm")).unwrap();
+        assert!(
+            origin
+                .iter()
+                .any(|(k, v)| k == "trusted.overlay.origin" && v == ORIGIN),
+            "{origin:?}"
+        );
     }
 
     #[test]
