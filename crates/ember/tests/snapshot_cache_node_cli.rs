@@ -23,69 +23,6 @@ const STARTUP: &str = "sleep 1; echo ready >&\"$EMBER_READY_FD\"; \
                        read -r req <&\"$EMBER_READY_FD\"; echo \"$req\"; \
                        echo \"random $(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \\n')\"";
 
-/// The static agent, always (re)built by its script (as snapshot_cli
-/// does: an older agent in `target/` would lack the readiness protocol).
-fn fresh_agent() -> Option<std::path::PathBuf> {
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = Command::new(root.join("crates/ember-agent/build-static.sh"))
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-}
-
-fn prerequisites() -> Option<std::path::PathBuf> {
-    let skip = std::env::var("EMBER_TEST_SKIP_PRIVILEGED").as_deref() == Ok("1");
-    let criu = Command::new("criu").arg("check").output();
-    let agent = fresh_agent();
-    let problem = match (&criu, &agent) {
-        (Ok(o), Some(_)) if o.status.success() => None,
-        (Ok(o), _) if !o.status.success() => Some(format!(
-            "`criu check` failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        )),
-        (Err(e), _) => Some(format!("cannot execute criu: {e}")),
-        _ => Some("the static ember-agent could not be built".to_owned()),
-    };
-    match problem {
-        None => agent,
-        Some(p) if skip => {
-            eprintln!("skipping (EMBER_TEST_SKIP_PRIVILEGED=1): {p}");
-            None
-        }
-        Some(p) => panic!(
-            "this test needs root, runc, CRIU and the static agent: {p}\n\
-             install CRIU with scripts/install-criu.sh and build the agent with \
-             crates/ember-agent/build-static.sh, or set EMBER_TEST_SKIP_PRIVILEGED=1"
-        ),
-    }
-}
-
-/// One `ember submit --wait` of the deployment: its request line (parsed),
-/// its random value, and the run as the control plane stores it.
-fn run_once(url: &str, args: &[&str]) -> (serde_json::Value, String, serde_json::Value) {
-    let mut all = vec!["submit", "--wait", "--json", "--deployment", "slow", "--"];
-    all.extend_from_slice(args);
-    let out = client(url, &all);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{}: {stdout}\n{stderr}", out.status);
-    let mut lines = stdout.lines();
-    let submitted: serde_json::Value =
-        serde_json::from_str(lines.next().unwrap_or_default()).expect("the run as JSON");
-    let req: serde_json::Value = serde_json::from_str(lines.next().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("no request line ({e}) in {stdout:?}; stderr: {stderr}"));
-    let random = lines
-        .next()
-        .and_then(|l| l.strip_prefix("random "))
-        .unwrap_or_else(|| panic!("no random line in {stdout:?}"))
-        .to_owned();
-    let id = submitted["id"].as_i64().expect("run id").to_string();
-    (req, random, run_json(url, &id))
-}
-
 const TOKEN: &str = "snapshot-secret";
 
 fn free_port() -> u16 {
@@ -135,7 +72,9 @@ fn start_cached_node(
 
 #[test]
 fn a_second_node_restores_the_first_nodes_checkpoint_through_the_cache() {
-    let Some(agent) = prerequisites() else { return };
+    let Some(agent) = snapshot_prerequisites() else {
+        return;
+    };
     let registry = registry_with(&["busybox"]);
     let image = format!("{}/ember/busybox:latest", registry.addr());
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -21,29 +21,6 @@ const STARTUP: &str = "sleep 1; echo ready >&\"$EMBER_READY_FD\"; \
                        read -r req <&\"$EMBER_READY_FD\"; echo \"$req\"; \
                        echo \"random $(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \\n')\"";
 
-/// One `ember submit --wait` of the deployment: its request line (parsed),
-/// its random value, and the run as the control plane stores it.
-fn run_once(url: &str, args: &[&str]) -> (serde_json::Value, String, serde_json::Value) {
-    let mut all = vec!["submit", "--wait", "--json", "--deployment", "slow", "--"];
-    all.extend_from_slice(args);
-    let out = client(url, &all);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{}: {stdout}\n{stderr}", out.status);
-    let mut lines = stdout.lines();
-    let submitted: serde_json::Value =
-        serde_json::from_str(lines.next().unwrap_or_default()).expect("the run as JSON");
-    let req: serde_json::Value = serde_json::from_str(lines.next().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("no request line ({e}) in {stdout:?}; stderr: {stderr}"));
-    let random = lines
-        .next()
-        .and_then(|l| l.strip_prefix("random "))
-        .unwrap_or_else(|| panic!("no random line in {stdout:?}"))
-        .to_owned();
-    let id = submitted["id"].as_i64().expect("run id").to_string();
-    (req, random, run_json(url, &id))
-}
-
 #[test]
 fn a_snapshot_deployment_starts_fresh_once_then_restores_independent_copies() {
     let Some(agent) = snapshot_prerequisites() else {

@@ -184,3 +184,29 @@ pub fn runners(node_root: &Path) -> usize {
         .map(|d| d.count())
         .unwrap_or(0)
 }
+
+/// One `ember submit --wait` of the snapshot deployment `slow`, whose
+/// start-up prints its request line and then `random <value>`: the request
+/// line (parsed), the random value, and the run as the control plane
+/// stores it.
+#[allow(dead_code)]
+pub fn run_once(url: &str, args: &[&str]) -> (serde_json::Value, String, serde_json::Value) {
+    let mut all = vec!["submit", "--wait", "--json", "--deployment", "slow", "--"];
+    all.extend_from_slice(args);
+    let out = client(url, &all);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {stdout}\n{stderr}", out.status);
+    let mut lines = stdout.lines();
+    let submitted: serde_json::Value =
+        serde_json::from_str(lines.next().unwrap_or_default()).expect("the run as JSON");
+    let req: serde_json::Value = serde_json::from_str(lines.next().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("no request line ({e}) in {stdout:?}; stderr: {stderr}"));
+    let random = lines
+        .next()
+        .and_then(|l| l.strip_prefix("random "))
+        .unwrap_or_else(|| panic!("no random line in {stdout:?}"))
+        .to_owned();
+    let id = submitted["id"].as_i64().expect("run id").to_string();
+    (req, random, run_json(url, &id))
+}
