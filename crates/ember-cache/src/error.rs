@@ -264,3 +264,32 @@ mod tests {
         );
     }
 }
+
+/// Most of a refused upload's body that is still read before the refusal
+/// is sent.
+const DISCARD_MAX_BYTES: usize = 64 << 20;
+/// How long reading a refused upload's body may take.
+const DISCARD_MAX_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads and drops what is left of an upload refused before its body was
+/// read (a missing token, a bad name, no room), within a byte and time cap.
+///
+/// Clients such as reqwest write their whole body before they read the
+/// response; if the server answers and closes first, they report a broken
+/// pipe instead of the refusal. Reading the body first (nginx's lingering
+/// close) lets them see the error; the caps keep a hostile client from
+/// holding the connection with an endless body.
+pub(crate) async fn discard_body(body: axum::body::Body) {
+    use futures_util::StreamExt;
+    let mut frames = body.into_data_stream();
+    let mut seen = 0usize;
+    let _ = tokio::time::timeout(DISCARD_MAX_TIME, async {
+        while let Some(Ok(f)) = frames.next().await {
+            seen += f.len();
+            if seen > DISCARD_MAX_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
+}

@@ -399,30 +399,42 @@ async fn upload(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(Digest, u64), CacheError> {
-    s.authorize(headers)?;
-    let d = parse_digest(digest)?;
     let store = s.cache.store.clone();
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let too_large = |n: u64| {
+    let too_large = |d: &Digest, n: u64| {
         CacheError::TooLarge(format!(
             "snapshot artifact {d} of at least {n} bytes is over the cache's byte budget"
         ))
     };
-    if let Some(n) = declared {
-        if !store.keeps(n) {
-            return Err(too_large(n));
+    // Refusals decided before the body is read.
+    let checked = async {
+        s.authorize(headers)?;
+        let d = parse_digest(digest)?;
+        if let Some(n) = declared {
+            if !store.keeps(n) {
+                return Err(too_large(&d, n));
+            }
+            let st = store.clone();
+            if !blocking(move || Ok(st.make_room(n))).await? {
+                return Err(CacheError::NoRoom {
+                    what: format!("snapshot artifact {d}"),
+                    bytes: n,
+                });
+            }
         }
-        let st = store.clone();
-        if !blocking(move || Ok(st.make_room(n))).await? {
-            return Err(CacheError::NoRoom {
-                what: format!("snapshot artifact {d}"),
-                bytes: n,
-            });
-        }
+        Ok(d)
     }
+    .await;
+    let d = match checked {
+        Ok(d) => d,
+        Err(e) => {
+            crate::error::discard_body(body).await;
+            return Err(e);
+        }
+    };
     let partial = store.upload_path(&d);
     let result = async {
         let mut file = tokio::fs::File::create(&partial)
@@ -435,7 +447,7 @@ async fn upload(
                 .map_err(|e| CacheError::BadRequest(format!("upload of {d} broke off: {e}")))?;
             verifier.update(&chunk);
             if !store.keeps(verifier.len()) {
-                return Err(too_large(verifier.len()));
+                return Err(too_large(&d, verifier.len()));
             }
             file.write_all(&chunk)
                 .await

@@ -249,9 +249,18 @@ async fn put_artifact(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Response {
-    let r = async {
-        let scope = authorize(&s, &uri, &headers)?;
+    let checked = authorize(&s, &uri, &headers).and_then(|scope| {
         check_hash(&hash)?;
+        Ok(scope)
+    });
+    let scope = match checked {
+        Ok(scope) => scope,
+        Err(e) => {
+            crate::error::discard_body(body).await;
+            return e.into_response();
+        }
+    };
+    let r = async {
         let mut meta = BTreeMap::new();
         for k in KEPT {
             if let Some(v) = headers.get(k).and_then(|v| v.to_str().ok())
