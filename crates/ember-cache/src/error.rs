@@ -242,29 +242,6 @@ impl IntoResponse for CacheError {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn io_errors_say_their_source_once_and_stay_out_of_responses() {
-        let e = CacheError::io("writing blob sha256:ab", std::io::Error::other("ENOSPC"));
-        assert_eq!(ember_error::repeated_source(&e), None);
-        assert_eq!(
-            ember_error::chain(&e).to_string(),
-            "writing blob sha256:ab: ENOSPC"
-        );
-        // Internal details go to the log, not to clients.
-        assert_eq!(e.public_message(), "internal error");
-        let shared = CacheError::Shared(std::sync::Arc::new(e));
-        assert_eq!(ember_error::repeated_source(&shared), None);
-        assert_eq!(
-            ember_error::chain(&shared).to_string(),
-            "writing blob sha256:ab: ENOSPC"
-        );
-    }
-}
-
 /// Most of a refused upload's body that is still read before the refusal
 /// is sent.
 const DISCARD_MAX_BYTES: usize = 64 << 20;
@@ -292,4 +269,27 @@ pub(crate) async fn discard_body(body: axum::body::Body) {
         }
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_errors_say_their_source_once_and_stay_out_of_responses() {
+        let e = CacheError::io("writing blob sha256:ab", std::io::Error::other("ENOSPC"));
+        assert_eq!(ember_error::repeated_source(&e), None);
+        assert_eq!(
+            ember_error::chain(&e).to_string(),
+            "writing blob sha256:ab: ENOSPC"
+        );
+        // Internal details go to the log, not to clients.
+        assert_eq!(e.public_message(), "internal error");
+        let shared = CacheError::Shared(std::sync::Arc::new(e));
+        assert_eq!(ember_error::repeated_source(&shared), None);
+        assert_eq!(
+            ember_error::chain(&shared).to_string(),
+            "writing blob sha256:ab: ENOSPC"
+        );
+    }
 }
