@@ -98,7 +98,7 @@ pub enum NodeError {
         source: std::io::Error,
     },
     /// The dircache URL is not usable.
-    #[error("dircache client: {0}")]
+    #[error("dircache client")]
     Dircache(#[from] ember_dircache::DircacheError),
     /// Another node agent is running on this root.
     #[error("another node agent holds {}", .0.display())]

@@ -117,7 +117,7 @@ pub enum SnapshotError {
     #[error("the agent kept its connection open; cannot checkpoint")]
     AgentConnected,
     /// Building the resume message.
-    #[error("encoding the resume message: {0}")]
+    #[error("encoding the resume message")]
     Encode(#[from] serde_json::Error),
 }
 
