@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ember_control::model::{
-    Deployment, DeploymentSpec, Node, NodeReport, NodeSpec, Run, RunId, RunSpec,
+    Deployment, DeploymentSpec, Node, NodeAnswer, NodeReport, NodeSpec, Run, RunId, RunSpec,
 };
 use serde::de::DeserializeOwned;
 
@@ -296,6 +296,13 @@ impl ControlClient {
         .await
     }
 
+    /// `DELETE /v1/deployments/{name}`: removes it; returns what it was.
+    pub async fn delete_deployment(&self, name: &str) -> Result<Deployment, ClientError> {
+        let path = format!("/v1/deployments/{}", path_segment(name));
+        self.json(&path, self.req(reqwest::Method::DELETE, &path))
+            .await
+    }
+
     /// `POST /v1/nodes/{id}/credentials`: a new credential for node `id`.
     pub async fn issue_node_credential(
         &self,
@@ -317,7 +324,7 @@ impl ControlClient {
     }
 
     /// `PUT /v1/nodes/{id}`: register or heartbeat.
-    pub async fn put_node(&self, spec: &NodeSpec) -> Result<Node, ClientError> {
+    pub async fn put_node(&self, spec: &NodeSpec) -> Result<NodeAnswer, ClientError> {
         let path = format!("/v1/nodes/{}", spec.id);
         self.json(
             &path,
@@ -404,4 +411,18 @@ impl ControlClient {
         .await
         .map(|_| ())
     }
+}
+
+/// `s` as one URL path segment: bytes other than unreserved characters
+/// percent-encoded (a deployment name may hold `/`, `?` or spaces).
+fn path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }

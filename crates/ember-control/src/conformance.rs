@@ -147,7 +147,7 @@ fn schedule(s: &dyn StateStore, id: RunId, node: &str) {
     s.release_claims("sched", &others).expect("release");
 }
 
-/// Deployments: create, get, list, duplicate names refused, unpinned images refused.
+/// Deployments: create, get, list, delete, duplicate names refused, unpinned images refused.
 pub fn deployments(h: &dyn Harness) {
     let s = h.open(clock());
     let d = s.create_deployment(&deployment("web", 1)).expect("create");
@@ -163,7 +163,7 @@ pub fn deployments(h: &dyn Harness) {
         s.create_deployment(&bad),
         Err(StoreError::Invalid(_))
     ));
-    assert_eq!(s.get_deployment("web").expect("get"), Some(d));
+    assert_eq!(s.get_deployment("web").expect("get"), Some(d.clone()));
     assert_eq!(s.get_deployment("nope").expect("get"), None);
     let names: Vec<String> = s
         .list_deployments()
@@ -172,6 +172,24 @@ pub fn deployments(h: &dyn Harness) {
         .map(|d| d.spec.name)
         .collect();
     assert_eq!(names, ["api", "web"]);
+
+    // Deleted: gone from get and list, a second delete finds nothing, and
+    // the name can be deployed again.
+    assert_eq!(s.delete_deployment("web").expect("delete"), d);
+    assert_eq!(s.get_deployment("web").expect("get"), None);
+    assert!(matches!(
+        s.delete_deployment("web"),
+        Err(StoreError::DeploymentNotFound(n)) if n == "web"
+    ));
+    let names: Vec<String> = s
+        .list_deployments()
+        .expect("list")
+        .into_iter()
+        .map(|d| d.spec.name)
+        .collect();
+    assert_eq!(names, ["api"]);
+    s.create_deployment(&deployment("web", 5))
+        .expect("create again");
 }
 
 /// A second submit with the same idempotency key returns the first run;

@@ -522,6 +522,41 @@ pub fn snapshot_key_deployment(key: &str) -> Option<&str> {
 /// Longest deployment-name part of a [`Run::snapshot_key`].
 const SNAPSHOT_KEY_NAME_MAX: usize = 48;
 
+/// The deployment-name part of the [`Run::snapshot_key`]s of deployment
+/// `deployment`: its name with characters a file name cannot hold
+/// replaced, cut to 48 characters (two long or odd names can share it).
+pub fn snapshot_key_name(deployment: &str) -> String {
+    deployment
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(SNAPSHOT_KEY_NAME_MAX)
+        .collect()
+}
+
+/// The checkpoints in `held` (a node's [`Inventory::snapshots`]) that no
+/// live snapshot deployment in `deployments` can restore again: their
+/// deployment was deleted or no longer has `snapshot` set. A key whose
+/// name part is shared with a live snapshot deployment is kept (a
+/// checkpoint of an earlier image or start-up of a live deployment is the
+/// node's to drop, when a run with the new key arrives).
+pub fn stale_snapshots(held: &BTreeSet<String>, deployments: &[Deployment]) -> BTreeSet<String> {
+    let live: BTreeSet<String> = deployments
+        .iter()
+        .filter(|d| d.spec.snapshot)
+        .map(|d| snapshot_key_name(&d.spec.name))
+        .collect();
+    held.iter()
+        .filter(|k| snapshot_key_deployment(k).is_some_and(|name| !live.contains(name)))
+        .cloned()
+        .collect()
+}
+
 /// 64-bit FNV-1a: a hash that stays the same across builds and hosts (a
 /// snapshot key is stored on nodes and compared by the control plane).
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -614,20 +649,10 @@ impl Run {
             self.resources.memory_bytes,
             self.readonly_rootfs,
         ]);
-        let name: String = deployment
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .take(SNAPSHOT_KEY_NAME_MAX)
-            .collect();
         Some(format!(
-            "{}{name}.{:016x}",
+            "{}{}.{:016x}",
             SNAPSHOT_KEY_PREFIX,
+            snapshot_key_name(deployment),
             fnv1a(canon.to_string().as_bytes())
         ))
     }
@@ -737,6 +762,22 @@ pub struct Node {
     pub spec: NodeSpec,
     /// When it last said it (control-plane clock, not the node's).
     pub last_heartbeat: Millis,
+}
+
+/// The answer to a node's registration or heartbeat (`PUT
+/// /v1/nodes/{id}`): the stored node, and what the node should drop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAnswer {
+    /// The node as stored.
+    #[serde(flatten)]
+    pub node: Node,
+    /// Checkpoints the node reported ([`Inventory::snapshots`]) whose
+    /// deployment is gone or no longer takes snapshots
+    /// ([`stale_snapshots`]): the node removes them from its store. Sent
+    /// on every heartbeat while the node still reports them, so a node
+    /// that was away when the deployment was deleted converges too.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub stale_snapshots: BTreeSet<String>,
 }
 
 /// What a node reports about a run assigned to it.

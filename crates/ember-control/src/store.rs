@@ -223,6 +223,12 @@ pub trait StateStore: Send + Sync {
     /// All deployments, by name.
     fn list_deployments(&self) -> Result<Vec<Deployment>, StoreError>;
 
+    /// Removes a deployment; [`StoreError::DeploymentNotFound`] if there is
+    /// none of that name. Its runs stay (each carries what it runs); new
+    /// submits naming it are refused. Nodes drop its checkpoints when they
+    /// next heartbeat ([`crate::model::NodeAnswer::stale_snapshots`]).
+    fn delete_deployment(&self, name: &str) -> Result<Deployment, StoreError>;
+
     /// Queues a run. With an idempotency key that was seen before, returns
     /// that run (`created == false`) if the spec is the same, and
     /// [`StoreError::IdempotencyMismatch`] if it is not. A batch of one

@@ -52,6 +52,7 @@ async fn every_documented_operation_is_served() {
                 path.replace("{id}", "1")
                     .replace("{node}", "n1")
                     .replace("{run}", "1")
+                    .replace("{name}", "web")
             );
             let method =
                 reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
@@ -90,7 +91,7 @@ async fn every_documented_operation_is_served() {
             }
         }
     }
-    assert_eq!(operations, 17, "every route is documented once");
+    assert_eq!(operations, 18, "every route is documented once");
     let _ = tx.send(());
 }
 
@@ -337,6 +338,48 @@ async fn documented_schemas_cover_what_the_server_sends() {
         serde_json::from_slice(logs.split(|&b| b == b'\n').next().expect("a line")).expect("JSON");
     assert_documented(&doc, "LogRecord", &schema("LogRecord"), &record);
     assert_eq!(record["data"], "AP8=", "raw bytes, base64");
+
+    // A node holding a checkpoint of a deployment that is not there (and
+    // of one that is, "web", but without snapshots) is told to drop both;
+    // once "snap" is a live snapshot deployment, its checkpoint is kept.
+    let snap = serde_json::json!({
+        "name": "snap", "image": {"reference": "app", "digest": digest},
+        "command": ["true"], "snapshot": true
+    });
+    let resp = send(reqwest::Method::POST, "/v1/deployments", snap)
+        .await
+        .expect("deploy");
+    assert_eq!(resp.status().as_u16(), 201);
+    let holder = serde_json::json!({
+        "id": "n9", "slots": 0,
+        "inventory": {"snapshots": ["d.gone.0123456789abcdef", "d.web.0123456789abcdef",
+                                    "d.snap.0123456789abcdef"]}
+    });
+    let answer = json(
+        send(reqwest::Method::PUT, "/v1/nodes/n9", holder.clone())
+            .await
+            .expect("put"),
+    )
+    .await;
+    assert_documented(&doc, "NodeAnswer", &schema("NodeAnswer"), &answer);
+    assert_eq!(
+        answer["stale_snapshots"],
+        serde_json::json!(["d.gone.0123456789abcdef", "d.web.0123456789abcdef"])
+    );
+    let resp = http
+        .delete(format!("{base}/v1/deployments/snap"))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_documented(&doc, "Deployment", &schema("Deployment"), &json(resp).await);
+    let answer = json(
+        send(reqwest::Method::PUT, "/v1/nodes/n9", holder)
+            .await
+            .expect("put"),
+    )
+    .await;
+    assert_eq!(answer["stale_snapshots"].as_array().map(Vec::len), Some(3));
     let _ = tx.send(());
 }
 

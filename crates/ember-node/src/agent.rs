@@ -134,6 +134,7 @@ pub async fn run_node(
         &cfg.root,
         store.clone(),
         cfg.agent.clone(),
+        cfg.criu.clone(),
         snapshot_cache,
     ));
     let agent = Arc::new(NodeAgent {

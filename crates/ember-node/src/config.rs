@@ -44,6 +44,9 @@ pub struct NodeAgentConfig {
     /// Where to serve the node's Prometheus `/metrics` (no token: use a
     /// loopback or private address); `None`: not served.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The CRIU binary snapshot deployments capture and restore with;
+    /// `None`: `$EMBER_CRIU`, else `criu` on the `PATH`.
+    pub criu: Option<PathBuf>,
 }
 
 /// How a node pre-pulls the images its pull plan names and keeps its

@@ -1,7 +1,9 @@
 //! Registration and heartbeats (`PUT /v1/nodes/{id}`): the node's slots,
 //! labels and inventory (images held, idle runners by warm key, free
 //! disk), sent at start, after every reconnect, at the heartbeat interval
-//! and soon after the inventory changes.
+//! and soon after the inventory changes. The answer names the
+//! checkpoints the node reported whose deployment is gone (deleted, or no
+//! longer a snapshot deployment); the node removes them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,7 +64,20 @@ impl NodeAgent {
             labels: self.cfg.labels.clone(),
             inventory,
         };
-        self.client.put_node(&spec).await.map(|_| ())
+        let answer = self.client.put_node(&spec).await?;
+        if !answer.stale_snapshots.is_empty() {
+            // Removing checkpoints is file work: off the runtime threads.
+            let me = self.clone();
+            let stale = answer.stale_snapshots;
+            let _ = tokio::task::spawn_blocking(move || {
+                if me.snapshots.drop_stale(&stale) > 0 {
+                    // The next heartbeat no longer reports them.
+                    me.inventory_changed.notify_one();
+                }
+            })
+            .await;
+        }
+        Ok(())
     }
 }
 

@@ -104,6 +104,7 @@ async fn node_metrics_show_pulls_warm_hits_runners_and_store() {
             heartbeat: Duration::from_secs(1),
             watchdog: None,
             metrics_listen: Some(metrics_addr),
+            criu: None,
             prepull: Default::default(),
         },
         async {

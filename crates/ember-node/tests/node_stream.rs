@@ -165,6 +165,7 @@ async fn a_silent_work_stream_is_replaced_and_missed_work_arrives() {
             watchdog: None,
             prepull: Default::default(),
             metrics_listen: None,
+            criu: None,
         },
         async {
             let _ = node_stopped.await;

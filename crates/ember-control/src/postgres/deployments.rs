@@ -1,4 +1,4 @@
-//! Deployments: create, get, list.
+//! Deployments: create, get, list, delete.
 
 use super::*;
 
@@ -37,5 +37,21 @@ pub(super) fn list_deployments(store: &PostgresStore) -> Result<Vec<Deployment>,
             .iter()
             .map(|r| parse(r.get::<_, &str>(0)))
             .collect()
+    })
+}
+
+pub(super) fn delete_deployment(
+    store: &PostgresStore,
+    name: &str,
+) -> Result<Deployment, StoreError> {
+    store.write(Commit::Synced, |db, _| {
+        let row = db.query_opt(
+            "DELETE FROM deployments WHERE name = $1 RETURNING body",
+            &[&name],
+        )?;
+        match row {
+            Some(r) => parse(r.get::<_, &str>(0)),
+            None => Err(StoreError::DeploymentNotFound(name.to_owned())),
+        }
     })
 }

@@ -554,6 +554,10 @@ impl StateStore for PostgresStore {
         deployments::list_deployments(self)
     }
 
+    fn delete_deployment(&self, name: &str) -> Result<Deployment, StoreError> {
+        deployments::delete_deployment(self, name)
+    }
+
     fn submit_runs(
         &self,
         specs: &[RunSpec],

@@ -1,4 +1,4 @@
-//! Deployments: create, get, list.
+//! Deployments: create, get, list, delete.
 
 use super::*;
 
@@ -55,4 +55,14 @@ pub(super) fn list_deployments(store: &SqliteStore) -> Result<Vec<Deployment>, S
         .iter()
         .map(|b| serde_json::from_str(b).map_err(StoreError::from))
         .collect()
+}
+
+pub(super) fn delete_deployment(store: &SqliteStore, name: &str) -> Result<Deployment, StoreError> {
+    store.write(Commit::Synced, |tx, _| {
+        let d = load_deployment(tx, name)?
+            .ok_or_else(|| StoreError::DeploymentNotFound(name.to_owned()))?;
+        tx.prepare_cached("DELETE FROM deployments WHERE name = ?1")?
+            .execute([name])?;
+        Ok(d)
+    })
 }

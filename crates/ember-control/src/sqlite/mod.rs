@@ -329,6 +329,10 @@ impl StateStore for SqliteStore {
         deployments::list_deployments(self)
     }
 
+    fn delete_deployment(&self, name: &str) -> Result<Deployment, StoreError> {
+        deployments::delete_deployment(self, name)
+    }
+
     fn submit_runs(
         &self,
         specs: &[RunSpec],

@@ -63,7 +63,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::http::Uri;
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use ember_api::wire::WorkMessage;
 use ember_control::model::{NodeId, RunId};
 use ember_control::{Clock, LogRetention, StateStore, StoreError, StoreEvent};
@@ -389,6 +389,10 @@ fn router(state: Shared) -> Router {
             post(deployments::create_deployment)
                 .layer(body_limit)
                 .get(deployments::list_deployments),
+        )
+        .route(
+            "/v1/deployments/{name}",
+            delete(deployments::delete_deployment),
         )
         .route("/v1/nodes", get(nodes::list_nodes))
         .route("/metrics", get(metrics::metrics))

@@ -64,11 +64,13 @@ pub(crate) struct NodeSnapshots {
 
 impl NodeSnapshots {
     /// Snapshot runners under `<root>/snapshot/`; leftovers of an earlier
-    /// node process there are removed. CRIU is `$EMBER_CRIU` or `criu`.
+    /// node process there are removed. CRIU is `criu` (`ember node
+    /// --criu`), else `$EMBER_CRIU`, else `criu` on the `PATH`.
     pub(crate) fn new(
         root: &Path,
         store: Store,
         agent: PathBuf,
+        criu: Option<PathBuf>,
         cache: Option<SnapshotCache>,
     ) -> NodeSnapshots {
         let base = root.join("snapshot");
@@ -76,7 +78,11 @@ impl NodeSnapshots {
             store,
             runc: Runc::new(base.join("runc")),
             containers: base.join("containers"),
-            criu: Criu::new(std::env::var_os("EMBER_CRIU").unwrap_or_else(|| "criu".into())),
+            criu: Criu::new(
+                criu.map(Into::into)
+                    .or_else(|| std::env::var_os("EMBER_CRIU"))
+                    .unwrap_or_else(|| "criu".into()),
+            ),
             agent,
         };
         if host.containers.is_dir() {
@@ -111,6 +117,50 @@ impl NodeSnapshots {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// Removes the checkpoints named in `stale` (the control plane's
+    /// heartbeat answer: their deployment was deleted or no longer takes
+    /// snapshots), except one being captured now (its capture thread
+    /// finishes it; the next heartbeat names it again). Returns how many
+    /// went.
+    pub(crate) fn drop_stale(&self, stale: &BTreeSet<String>) -> usize {
+        let mut dropped = 0;
+        let mut deployments = BTreeSet::new();
+        for key in stale {
+            let Some(deployment) = snapshot_key_deployment(key) else {
+                continue;
+            };
+            deployments.insert(deployment.to_owned());
+            if self
+                .capturing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(key)
+            {
+                continue;
+            }
+            match self.host.store.remove_snapshot(key) {
+                Ok(r) => {
+                    dropped += 1;
+                    tracing::info!(
+                        snapshot = %key,
+                        bytes = r.bytes_freed,
+                        "removed the checkpoint of a deleted deployment"
+                    );
+                }
+                Err(ember_store::SnapshotError::Unknown(_)) => {}
+                Err(e) => {
+                    tracing::warn!(snapshot = %key, error = %ember_error::chain(&e), "removing the checkpoint of a deleted deployment")
+                }
+            }
+        }
+        for deployment in &deployments {
+            // HOOK(spares): the lead wires `self.drop_spares(deployment)`
+            // here once `NodeSnapshots::drop_spares` is on main.
+            let _ = deployment;
+        }
+        dropped
     }
 
     /// Removes this node's other checkpoints of `key`'s deployment: its

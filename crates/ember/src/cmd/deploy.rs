@@ -1,4 +1,5 @@
-//! `ember deploy`: create a deployment (a named run template), or list them.
+//! `ember deploy`: create a deployment (a named run template), list them,
+//! or delete one.
 
 use crate::cmd::cluster::ControlArgs;
 use crate::cmd::submit::pin;
@@ -21,11 +22,16 @@ pub struct Args {
     /// List the deployments instead.
     #[arg(long, conflicts_with_all = ["name", "image"])]
     pub list: bool,
+    /// Delete deployment NAME instead: new runs of it are refused (runs
+    /// already submitted keep running), and every node removes its
+    /// checkpoints at its next heartbeat.
+    #[arg(long, conflicts_with_all = ["list", "image"], requires = "name")]
+    pub delete: bool,
     /// Its name.
     #[arg(value_name = "NAME", required_unless_present = "list")]
     pub name: Option<String>,
     /// Its image.
-    #[arg(value_name = "IMAGE", required_unless_present = "list")]
+    #[arg(value_name = "IMAGE", required_unless_present_any = ["list", "delete"])]
     pub image: Option<String>,
     /// Environment variable KEY=VALUE (repeatable).
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
@@ -71,6 +77,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             "{}",
             serde_json::to_string_pretty(&client.deployments().await?)?
         );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.delete {
+        let name = args.name.context("NAME is required")?;
+        let d = client.delete_deployment(&name).await?;
+        println!("deleted {}", d.spec.name);
         return Ok(ExitCode::SUCCESS);
     }
     let (Some(name), Some(image)) = (args.name, args.image) else {

@@ -68,6 +68,10 @@ pub struct Args {
     /// token: use a loopback or private address) [default: not served].
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The CRIU binary that snapshot deployments' checkpoints are taken
+    /// and restored with on this node [default: `criu` on the PATH].
+    #[arg(long, env = "EMBER_CRIU", value_name = "PATH")]
+    pub criu: Option<PathBuf>,
 }
 
 /// Builds the node configuration; shared with `ember up`.
@@ -107,6 +111,7 @@ pub fn config(root: &Path, args: Args) -> anyhow::Result<NodeAgentConfig> {
             .filter(|&b| b > 0),
         },
         metrics_listen: args.metrics_listen,
+        criu: args.criu,
     })
 }
 

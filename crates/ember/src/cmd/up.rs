@@ -138,6 +138,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             )?),
             prepull: Default::default(),
             metrics_listen: None,
+            criu: None,
         };
         nodes.spawn(run_node(cfg, stopped(stop_rx.clone())));
     }

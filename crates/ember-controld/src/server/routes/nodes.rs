@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use bytes::Bytes;
 use ember_api::wire::{NodeCredential, RevokedCredentials};
-use ember_control::model::NodeSpec;
+use ember_control::model::{NodeAnswer, NodeSpec, stale_snapshots};
 
 use super::parse_json;
 use crate::credentials;
@@ -68,10 +68,27 @@ pub(crate) async fn put_node(
             spec.id
         )));
     }
-    let node = s.db(move |st| st.upsert_node(&spec)).await?;
+    // A node that holds checkpoints of snapshot deployments learns here
+    // which of them no live deployment restores any more (deleted, or its
+    // snapshot setting gone); one that was away at the delete converges at
+    // its next heartbeat. Nodes with none pay no deployment read.
+    let answer = s
+        .db(move |st| {
+            let node = st.upsert_node(&spec)?;
+            let stale = if spec.inventory.snapshots.is_empty() {
+                Default::default()
+            } else {
+                stale_snapshots(&spec.inventory.snapshots, &st.list_deployments()?)
+            };
+            Ok(NodeAnswer {
+                node,
+                stale_snapshots: stale,
+            })
+        })
+        .await?;
     // New capacity or new warm runners may make queued runs placeable.
     s.wake.notify_one();
     // A heartbeat is where warm runners used up (or expired) show.
     s.prewarm.notify_one();
-    Ok(json_response(StatusCode::OK, &node))
+    Ok(json_response(StatusCode::OK, &answer))
 }
