@@ -381,7 +381,7 @@ impl NodeAgent {
     /// the module docs); a no-op without a budget. When what is left over
     /// the budget is kept only by idle runners nobody asks for, they are
     /// retired and the GC runs again ([`NodeAgent::retire_for_gc`]).
-    fn collect(&self) {
+    pub(crate) fn collect(&self) {
         while let Some((protected, recent)) = self.collect_once()
             && self.retire_for_gc(&protected, recent)
         {}
@@ -436,6 +436,16 @@ impl NodeAgent {
                 .filter_map(|d| d.parse().ok())
                 .collect()
         });
+        if let Ok(r) = &res
+            && !r.snapshots.evicted_snapshots.is_empty()
+        {
+            for s in &r.snapshots.evicted_snapshots {
+                self.prepull.note("evicted_snapshot", s);
+            }
+            tracing::info!(evicted = ?r.snapshots.evicted_snapshots, bytes = r.bytes_after, "snapshots evicted for the image budget");
+            // They are no longer placement locality.
+            self.inventory_changed.notify_one();
+        }
         match res {
             Ok(r) if r.bytes_after > high => {
                 // Everything left is planned, in use or too recent: say

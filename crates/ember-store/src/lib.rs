@@ -104,10 +104,13 @@ pub struct ImageSummary {
 /// What a GC pass did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct GcReport {
-    /// Bytes in layers before.
+    /// Bytes in layers and snapshots (artifacts and their unpacked
+    /// copies) before.
     pub bytes_before: u64,
-    /// Bytes in layers after.
+    /// Bytes in layers and snapshots after.
     pub bytes_after: u64,
+    /// Of `bytes_after`, the snapshots' bytes.
+    pub snapshot_bytes_after: u64,
     /// Images removed, by one of their names or digest.
     pub removed_images: Vec<String>,
     /// Layer directories removed.
@@ -127,7 +130,8 @@ pub struct GcCandidate {
     /// The index digest it was pulled through, if any (a control plane
     /// may name the image by it).
     pub index: Option<Digest>,
-    /// Its last use ([`Store::last_used_ms`]).
+    /// Its last use ([`Store::last_used_ms`], or the last restore of one
+    /// of its snapshots if that was later).
     pub last_used_ms: u64,
     /// A live container uses it: it is never evicted.
     pub in_use: bool,
@@ -651,9 +655,10 @@ impl Store {
         }
     }
 
-    /// Least-recently-used eviction of whole images: when layer bytes exceed
-    /// `high` bytes, remove images (oldest use first, never one a live
-    /// container uses) until they are at or below `low`.
+    /// Least-recently-used eviction of whole images and snapshots: when
+    /// layer and snapshot bytes exceed `high` bytes, remove images and
+    /// snapshots (oldest use first, never an image a live container uses
+    /// or a snapshot a restore holds) until they are at or below `low`.
     pub fn gc(&self, high: u64, low: u64) -> Result<GcReport, StoreError> {
         self.gc_in_order(high, low, |held| {
             let mut v: Vec<&GcCandidate> = held.iter().collect();
@@ -662,44 +667,124 @@ impl Store {
         })
     }
 
-    /// Eviction in the caller's order: when layer bytes exceed `high`,
-    /// `order` is given every image held and returns the manifest digests
-    /// that may be evicted, first to go first; they are removed in that
-    /// order (never one a live container uses, whatever `order` says)
-    /// until the bytes are at or below `low`. Images `order` leaves out
-    /// are kept. Runs under the index lock, so `order` must be quick.
+    /// Eviction in the caller's order: when layer and snapshot bytes
+    /// exceed `high`, `order` is given every image held and returns the
+    /// manifest digests that may be evicted, first to go first; they are
+    /// removed in that order (never one a live container uses, whatever
+    /// `order` says) until the bytes are at or below `low`. Images `order`
+    /// leaves out are kept. Snapshots (see the `snapshot` module) are
+    /// evicted beside them, least recently restored first and never one a
+    /// restore holds: each step takes the older of the next image (by its
+    /// last use) and the next snapshot. An image's snapshots go with it.
+    /// Runs under the index lock, so `order` must be quick.
     pub fn gc_in_order(
         &self,
         high: u64,
         low: u64,
         order: impl FnOnce(&[GcCandidate]) -> Vec<Digest>,
     ) -> Result<GcReport, StoreError> {
-        let users = self.live_users();
+        let mut users = self.live_users();
         let lock = self.lock()?;
         let mut ix = self.read_index()?;
+        let mut snapshots = self.snapshot_holdings();
+        // A restore reading a snapshot needs its image's layers too.
+        for s in snapshots.iter().filter(|s| s.in_use) {
+            for i in &s.images {
+                users.push((format!("snapshot {}", s.names.join(",")), i.clone()));
+            }
+        }
+        // A snapshot counts while its image is held (one of its images,
+        // for an artifact several names share).
+        let snapshot_bytes = |ix: &Index, snapshots: &[snapshot::SnapshotHeld]| -> u64 {
+            snapshots
+                .iter()
+                .filter(|s| s.images.iter().any(|i| ix.images.contains_key(i)))
+                .map(|s| s.bytes)
+                .sum()
+        };
+        let total = |ix: &Index, s: &[snapshot::SnapshotHeld]| {
+            ix.bytes_of(ix.images.values()) + snapshot_bytes(ix, s)
+        };
         let mut report = GcReport {
-            bytes_before: ix.bytes_of(ix.images.values()),
+            bytes_before: total(&ix, &snapshots),
             ..Default::default()
         };
+        let mut evicted_snapshots = Vec::new();
         if report.bytes_before > high {
+            // A restore uses its image's layers: an image is as recently
+            // used as its most recently restored snapshot, so it never
+            // goes (taking its snapshots with it) before they would.
+            let mut restored: std::collections::BTreeMap<&Digest, u64> = Default::default();
+            for s in &snapshots {
+                for i in &s.images {
+                    let t = restored.entry(i).or_default();
+                    *t = (*t).max(s.last_used_ms);
+                }
+            }
             let held: Vec<GcCandidate> = ix
                 .images
                 .values()
                 .map(|i| GcCandidate {
                     manifest: i.manifest.clone(),
                     index: i.index.clone(),
-                    last_used_ms: self.last_used_ms(i),
+                    last_used_ms: self
+                        .last_used_ms(i)
+                        .max(restored.get(&i.manifest).copied().unwrap_or(0)),
                     in_use: users.iter().any(|(_, d)| d == &i.manifest),
                 })
                 .collect();
-            let order: Vec<ImageRecord> = order(&held)
+            let last_used: std::collections::BTreeMap<&Digest, u64> =
+                held.iter().map(|c| (&c.manifest, c.last_used_ms)).collect();
+            let order: Vec<(ImageRecord, u64)> = order(&held)
                 .into_iter()
-                .filter_map(|d| ix.images.get(&d).cloned())
+                .filter_map(|d| {
+                    let used = last_used.get(&d).copied().unwrap_or(0);
+                    ix.images.get(&d).cloned().map(|i| (i, used))
+                })
                 .collect();
-            for img in order {
-                if ix.bytes_of(ix.images.values()) <= low {
+            let mut images = order.into_iter().peekable();
+            // Least recently restored first; `gone` marks the evicted.
+            let mut gone = vec![false; snapshots.len()];
+            let mut next = 0;
+            loop {
+                let alive: Vec<snapshot::SnapshotHeld> = snapshots
+                    .iter()
+                    .zip(&gone)
+                    .filter(|(_, g)| !**g)
+                    .map(|(s, _)| s.clone())
+                    .collect();
+                if total(&ix, &alive) <= low {
                     break;
                 }
+                // The next snapshot that may go: held by no restore, and
+                // not going with its image anyway.
+                while let Some(s) = snapshots.get(next) {
+                    if !s.images.iter().any(|i| ix.images.contains_key(i)) {
+                        next += 1;
+                    } else if s.in_use {
+                        report.snapshots.kept_in_use += 1;
+                        next += 1;
+                    } else {
+                        break;
+                    }
+                }
+                // The older of the next image and the next snapshot; on a
+                // tie the snapshot (an image is at least as recent as its
+                // snapshots' last restore, and a snapshot is the cheaper
+                // loss: its image stays for a fresh start).
+                let snapshot_first = match (images.peek(), snapshots.get(next)) {
+                    (None, None) => break,
+                    (Some(_), None) => false,
+                    (None, Some(_)) => true,
+                    (Some((_, img_used)), Some(s)) => s.last_used_ms <= *img_used,
+                };
+                if snapshot_first {
+                    gone[next] = true;
+                    evicted_snapshots.extend(snapshots[next].names.iter().cloned());
+                    next += 1;
+                    continue;
+                }
+                let Some((img, _)) = images.next() else { break };
                 if users.iter().any(|(_, d)| d == &img.manifest) {
                     report.kept_in_use += 1;
                     continue;
@@ -713,18 +798,29 @@ impl Store {
                 ix.images.remove(&img.manifest);
                 report.removed_images.push(label);
             }
+            snapshots = snapshots
+                .into_iter()
+                .zip(gone)
+                .filter(|(_, g)| !g)
+                .map(|(s, _)| s)
+                .collect();
         }
         let dropped = self.drop_unreferenced(&mut ix);
         report.removed_layers = dropped.len();
-        report.bytes_after = ix.bytes_of(ix.images.values());
+        report.snapshot_bytes_after = snapshot_bytes(&ix, &snapshots);
+        report.bytes_after = ix.bytes_of(ix.images.values()) + report.snapshot_bytes_after;
         self.write_index(&lock, &ix)?;
         drop(lock);
         self.delete_layers(dropped);
+        self.drop_snapshot_manifests(&evicted_snapshots);
         // A snapshot cannot be restored without its image's layers.
+        let kept_in_use = report.snapshots.kept_in_use;
         match self.gc_snapshots(&std::collections::BTreeSet::new()) {
             Ok(s) => report.snapshots = s,
             Err(e) => tracing::warn!(error = %ember_error::chain(&e), "snapshot GC failed"),
         }
+        report.snapshots.evicted_snapshots = evicted_snapshots;
+        report.snapshots.kept_in_use = kept_in_use;
         Ok(report)
     }
 

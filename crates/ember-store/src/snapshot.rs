@@ -27,6 +27,15 @@
 //! GC ([`Store::gc_snapshots`]) removes snapshots whose image is no longer
 //! in the store (their layers are gone, so they cannot be restored), and
 //! artifacts and unpacked copies no manifest names.
+//!
+//! The store's byte budget ([`Store::gc_in_order`]) counts snapshots too:
+//! an artifact's blob plus its unpacked copy (when there is one), once per
+//! artifact however many names share it. Over the budget, snapshots and
+//! images are evicted oldest use first, a snapshot's use being its last
+//! restore (`snapshots/lru/<name>`, touched by [`Store::claim_snapshot`];
+//! its creation before the first). A snapshot claimed by a live process
+//! (a restore reading its unpacked copy: `snapshots/users/`) is never
+//! evicted.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
@@ -155,12 +164,54 @@ pub struct SnapshotManifest {
 pub struct SnapshotGcReport {
     /// Snapshots whose image is gone.
     pub removed_snapshots: Vec<String>,
+    /// Snapshots evicted for the store's byte budget (least recently
+    /// restored first; see [`Store::gc_in_order`]).
+    pub evicted_snapshots: Vec<String>,
+    /// Snapshots over the budget kept because a restore holds them.
+    pub kept_in_use: usize,
     /// Artifacts (blobs) no manifest names.
     pub removed_artifacts: usize,
     /// Unpacked copies no manifest names.
     pub removed_unpacked: usize,
     /// Bytes of artifacts freed.
     pub bytes_freed: u64,
+}
+
+/// A restore's hold on a snapshot ([`Store::claim_snapshot`]): while it
+/// lives (and its process does), the store's GC does not evict the
+/// snapshot. Dropping it releases the claim.
+#[derive(Debug)]
+pub struct SnapshotClaim {
+    path: PathBuf,
+}
+
+impl Drop for SnapshotClaim {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// `snapshots/users/<claim>.json`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ClaimRecord {
+    name: String,
+    artifact: Digest,
+    pid: u32,
+}
+
+/// One artifact as the budget GC weighs it: every snapshot naming it.
+#[derive(Debug, Clone)]
+pub(crate) struct SnapshotHeld {
+    /// The snapshots naming the artifact (evicted together).
+    pub names: Vec<String>,
+    /// Their images: the artifact counts while one of them is held.
+    pub images: BTreeSet<Digest>,
+    /// Blob bytes plus the unpacked copy's, if there is one.
+    pub bytes: u64,
+    /// The latest restore (or creation) of any of the names.
+    pub last_used_ms: u64,
+    /// A live restore claims one of the names.
+    pub in_use: bool,
 }
 
 /// One problem [`Store::verify_snapshots`] found.
@@ -406,6 +457,118 @@ impl Store {
         })
     }
 
+    /// Claims `manifest`'s snapshot for a restore by this process: the
+    /// budget GC does not evict it while the claim lives, and the restore
+    /// counts as its last use (least recently restored snapshots go
+    /// first). Take it before [`Store::unpack_snapshot`]; drop it once
+    /// the restore no longer reads the unpacked copy. A GC pass that read
+    /// the claims just before this one may still remove the snapshot: the
+    /// restore then fails on the missing files (and falls back) rather
+    /// than reading half of them.
+    pub fn claim_snapshot(
+        &self,
+        manifest: &SnapshotManifest,
+    ) -> Result<SnapshotClaim, SnapshotError> {
+        let users = self.snapshots_dir("users")?;
+        let lru = self.snapshots_dir("lru")?.join(&manifest.name);
+        let path = users.join(format!(
+            "{}.json",
+            self.tmp_path("claim")
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ));
+        let rec = ClaimRecord {
+            name: manifest.name.clone(),
+            artifact: manifest.artifact.clone(),
+            pid: std::process::id(),
+        };
+        let bytes = serde_json::to_vec(&rec).map_err(|e| SnapshotError::BadManifest {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        fs::write(&path, bytes).map_err(io_err("write", &path))?;
+        let claim = SnapshotClaim { path };
+        fs::write(&lru, crate::now_ms().to_string()).map_err(io_err("write", &lru))?;
+        Ok(claim)
+    }
+
+    /// When snapshot `name` was last restored ([`Store::claim_snapshot`]),
+    /// Unix milliseconds; 0 if never.
+    pub fn snapshot_last_restored_ms(&self, name: &str) -> u64 {
+        fs::read_to_string(self.root().join("snapshots/lru").join(name))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Artifacts live processes claim ([`Store::claim_snapshot`]), by
+    /// snapshot name; claims of dead processes are removed.
+    fn claimed_snapshots(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        let Ok(rd) = fs::read_dir(self.root().join("snapshots/users")) else {
+            return out;
+        };
+        for e in rd.flatten() {
+            let rec: Option<ClaimRecord> = fs::read(e.path())
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            match rec {
+                Some(r) if crate::pid_alive(r.pid) => {
+                    out.insert(r.name);
+                }
+                // A claim being written is empty for a moment: only a
+                // parsed claim of a dead process is removed.
+                Some(_) => {
+                    let _ = fs::remove_file(e.path());
+                }
+                None => {}
+            }
+        }
+        out
+    }
+
+    /// The snapshots as the budget GC weighs them, one entry per artifact.
+    pub(crate) fn snapshot_holdings(&self) -> Vec<SnapshotHeld> {
+        let claimed = self.claimed_snapshots();
+        let mut by_artifact: std::collections::BTreeMap<Digest, SnapshotHeld> =
+            std::collections::BTreeMap::new();
+        for m in self.snapshots().unwrap_or_default() {
+            let used = self.snapshot_last_restored_ms(&m.name).max(m.created_ms);
+            let in_use = claimed.contains(&m.name);
+            let held = by_artifact.entry(m.artifact.clone()).or_insert_with(|| {
+                let blob = fs::metadata(self.artifact_path(&m.artifact)).map_or(0, |x| x.len());
+                let unpacked = if self.unpacked_path(&m.artifact).is_dir() {
+                    m.unpacked_bytes
+                } else {
+                    0
+                };
+                SnapshotHeld {
+                    names: Vec::new(),
+                    images: BTreeSet::new(),
+                    bytes: blob + unpacked,
+                    last_used_ms: 0,
+                    in_use: false,
+                }
+            });
+            held.names.push(m.name);
+            held.images.insert(m.image);
+            held.last_used_ms = held.last_used_ms.max(used);
+            held.in_use |= in_use;
+        }
+        let mut v: Vec<SnapshotHeld> = by_artifact.into_values().collect();
+        v.sort_by_key(|h| h.last_used_ms);
+        v
+    }
+
+    /// Removes the manifests of snapshots `names` (the budget GC's
+    /// evictions); [`Store::gc_snapshots_of`] then frees their files.
+    pub(crate) fn drop_snapshot_manifests(&self, names: &[String]) {
+        for n in names {
+            let _ = fs::remove_file(self.manifest_path(n));
+        }
+    }
+
     /// Reads the manifest of snapshot `name`.
     pub fn snapshot(&self, name: &str) -> Result<SnapshotManifest, SnapshotError> {
         validate_name(name)?;
@@ -516,6 +679,14 @@ impl Store {
                 report.removed_snapshots.push(m.name);
             } else {
                 keep.insert(m.artifact.hex().to_owned());
+            }
+        }
+        let names: BTreeSet<String> = self.snapshots()?.into_iter().map(|m| m.name).collect();
+        if let Ok(rd) = fs::read_dir(self.root().join("snapshots/lru")) {
+            for e in rd.flatten() {
+                if !names.contains(&*e.file_name().to_string_lossy()) {
+                    let _ = fs::remove_file(e.path());
+                }
             }
         }
         let blobs = self.root().join("snapshots/blobs");

@@ -262,6 +262,10 @@ impl NodeSnapshots {
                                 Err(e) => tracing::warn!(snapshot = %key, error = %ember_error::chain(&e), "pushing a checkpoint to the cluster cache"),
                             }
                         }
+                        // The new checkpoint counts against the store's
+                        // byte budget: evict down to it now, not at the
+                        // next GC interval.
+                        agent.collect();
                     }
                     Err(e) => {
                         tracing::warn!(snapshot = %key, error = %e.why_not_restored(), "capturing a deployment's start-up");

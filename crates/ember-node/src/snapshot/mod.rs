@@ -708,6 +708,9 @@ pub fn run_from_snapshot_with(
     let mut t = RunTimings::default();
     let attempt = (|| -> Result<(checkpoint::Restored, SocketDir), SnapshotError> {
         let tu = Instant::now();
+        // Held until the restore has read the unpacked copy: the store's
+        // budget GC never evicts a snapshot a restore is reading.
+        let _claim = host.store.claim_snapshot(manifest)?;
         let (dir, _unpacked) = host.store.unpack_snapshot(manifest)?;
         t.unpack = tu.elapsed();
         let sock = SocketDir::new(&host.store)?;

@@ -12,11 +12,13 @@ use std::process::ExitCode;
 /// (`kill -9`) are deleted and their mounts removed, so their images stop
 /// counting as in use.
 ///
-/// When unpacked layers take more than --max-bytes (the high watermark),
-/// whole images are removed, least recently pulled or run first, until usage
-/// is at or below --low (default 80% of --max-bytes). Images used by a
-/// running container are never removed. Without --max-bytes only
-/// unreferenced layers and blobs are removed.
+/// When unpacked layers and snapshots (artifacts and their unpacked
+/// copies) take more than --max-bytes (the high watermark), whole images
+/// and snapshots are removed, least recently pulled, run or restored
+/// first, until usage is at or below --low (default 80% of --max-bytes).
+/// Images used by a running container and snapshots a restore is reading
+/// are never removed. Without --max-bytes only unreferenced layers and
+/// blobs are removed.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Byte budget (high watermark), e.g. 20G.
@@ -70,6 +72,9 @@ pub fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
         for i in &report.removed_images {
             println!("evicted {i}");
         }
+        for n in &report.snapshots.evicted_snapshots {
+            println!("evicted snapshot {n}");
+        }
         for n in &report.snapshots.removed_snapshots {
             println!("removed snapshot {n} (its image is gone)");
         }
@@ -81,12 +86,15 @@ pub fn run(root: &Path, args: Args) -> anyhow::Result<ExitCode> {
             );
         }
         println!(
-            "{} -> {} ({} images and {} layers removed, {} kept in use)",
+            "{} -> {} ({} of snapshots; {} images, {} layers and {} snapshots removed, {} images and {} snapshots kept in use)",
             human_bytes(report.bytes_before),
             human_bytes(report.bytes_after),
+            human_bytes(report.snapshot_bytes_after),
             report.removed_images.len(),
             report.removed_layers,
-            report.kept_in_use
+            report.snapshots.evicted_snapshots.len(),
+            report.kept_in_use,
+            report.snapshots.kept_in_use
         );
     }
     Ok(ExitCode::SUCCESS)
