@@ -3,7 +3,8 @@
 //! captured a start-up restores it from here.
 //!
 //! ```text
-//! PUT|HEAD|GET /ember/v1/snapshots/blobs/sha256:<hex>   an artifact (tar + zstd)
+//! PUT|HEAD|GET /ember/v1/snapshots/blobs/sha256:<hex>   an artifact (tar + zstd;
+//!                                                        GET takes a `Range`)
 //! PUT|GET|DELETE /ember/v1/snapshots/manifests/<key>    a snapshot's manifest (JSON)
 //! GET /ember/v1/snapshots                                the manifests held
 //! ```
@@ -320,7 +321,15 @@ async fn list(State(s): St) -> Response {
     }
 }
 
-async fn get_blob(State(s): St, UrlPath(digest): UrlPath<String>, method: Method) -> Response {
+/// `GET|HEAD /ember/v1/snapshots/blobs/{digest}`: the artifact, or with a
+/// single-range `Range` header the bytes asked for (206), so a client
+/// whose download broke off resumes where it stopped.
+async fn get_blob(
+    State(s): St,
+    UrlPath(digest): UrlPath<String>,
+    method: Method,
+    headers: HeaderMap,
+) -> Response {
     let r = async {
         let d = parse_digest(&digest)?;
         let (store, d2) = (s.cache.store.clone(), d.clone());
@@ -339,11 +348,38 @@ async fn get_blob(State(s): St, UrlPath(digest): UrlPath<String>, method: Method
         Err(e) => return e.into_response(),
     };
     let size = pinned.size;
-    let b = Response::builder()
-        .status(StatusCode::OK)
+    let range = match headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::route::parse_range)
+        .map(|spec| spec.resolve(size))
+        .transpose()
+    {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let mut b = Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header(header::CONTENT_LENGTH, size)
+        .header(header::ACCEPT_RANGES, "bytes")
         .header("docker-content-digest", d.to_string());
+    let (start, end) = match range {
+        Some(r) => {
+            b = b
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(
+                    header::CONTENT_RANGE,
+                    format!("bytes {}-{}/{size}", r.start, r.end - 1),
+                )
+                .header(header::CONTENT_LENGTH, r.end - r.start);
+            (r.start, r.end)
+        }
+        None => {
+            b = b
+                .status(StatusCode::OK)
+                .header(header::CONTENT_LENGTH, size);
+            (0, size)
+        }
+    };
     let body = if method == Method::HEAD {
         Body::empty()
     } else {
@@ -354,8 +390,8 @@ async fn get_blob(State(s): St, UrlPath(digest): UrlPath<String>, method: Method
         Body::from_stream(
             flight::body(
                 Source::Stored(pinned),
-                0,
-                Some(size),
+                start,
+                Some(end),
                 s.cache.metrics.clone(),
             )
             .inspect(move |c| {

@@ -12,6 +12,10 @@
 //! [`Store::import_snapshot`], which hashes it on the way and renames it
 //! into place only if it matches, so a truncated or tampered download
 //! leaves the store without the snapshot (and without a partial file).
+//! A download that breaks off mid-body is resumed with a `Range` request
+//! from the first byte not yet received, into the same hashing import, so
+//! the digest checked at the end is the whole artifact's
+//! ([`RESUME_STALLS`] attempts in a row that bring nothing end it).
 //!
 //! Both the node and `ember snapshot push|pull` use this module.
 
@@ -28,6 +32,11 @@ use std::time::Duration;
 const UPLOAD_CHUNK: usize = 256 << 10;
 /// Chunks of a download buffered between the network and the store.
 const DOWNLOAD_QUEUE: usize = 16;
+/// Resumes in a row that bring no byte before a broken-off download is
+/// given up on.
+pub const RESUME_STALLS: u32 = 3;
+/// Most resumes of one download, however much each brings.
+const MAX_RESUMES: u32 = 64;
 
 /// Errors of snapshot transfers.
 #[derive(Debug, thiserror::Error)]
@@ -378,7 +387,7 @@ impl SnapshotCache {
             });
         }
         let (url, r) = self.req(reqwest::Method::GET, &format!("blobs/{d}"));
-        let mut resp = self
+        let resp = self
             .send(&format!("artifact {d} of {name}"), &url, r)
             .await?;
         let (tx, rx) = tokio::sync::mpsc::channel(DOWNLOAD_QUEUE);
@@ -393,22 +402,95 @@ impl SnapshotCache {
             )
         });
         let mut broke = None;
-        loop {
-            match resp.chunk().await {
-                Ok(Some(b)) => {
-                    if tx.send(Ok(b)).await.is_err() {
-                        break; // the import gave up; its error says why
+        // Bytes sent to the import so far, and bytes of the current
+        // response to drop first (a cache that ignored the `Range`).
+        let (mut received, mut skip) = (0u64, 0u64);
+        let (mut resumes, mut stalls, mut at_last_break) = (0u32, 0u32, 0u64);
+        let mut resp = Some(resp);
+        'download: loop {
+            let err = match resp.take() {
+                Some(mut r) => loop {
+                    match r.chunk().await {
+                        Ok(Some(mut b)) => {
+                            if skip > 0 {
+                                let n = skip.min(b.len() as u64);
+                                skip -= n;
+                                b = b.slice(n as usize..);
+                                if b.is_empty() {
+                                    continue;
+                                }
+                            }
+                            received += b.len() as u64;
+                            if tx.send(Ok(b)).await.is_err() {
+                                break 'download; // the import gave up; its error says why
+                            }
+                        }
+                        Ok(None) => break 'download,
+                        Err(e) => break transport(&url, &e),
+                    }
+                },
+                None => broke
+                    .take()
+                    .unwrap_or_else(|| SnapshotCacheError::Transport {
+                        url: url.clone(),
+                        detail: "no response".into(),
+                    }),
+            };
+            if received > at_last_break {
+                stalls = 0;
+            } else {
+                stalls += 1;
+            }
+            at_last_break = received;
+            if stalls >= RESUME_STALLS || resumes >= MAX_RESUMES || received >= m.artifact_bytes {
+                let _ = tx
+                    .send(Err(io::Error::other(format!("download broke off: {err}"))))
+                    .await;
+                broke = Some(err);
+                break;
+            }
+            resumes += 1;
+            tracing::info!(artifact = %d, received, of = m.artifact_bytes, error = %err, "artifact download broke off; resuming");
+            if stalls > 0 {
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(stalls))).await;
+            }
+            let (_, r) = self.req(reqwest::Method::GET, &format!("blobs/{d}"));
+            let r = r.header(reqwest::header::RANGE, format!("bytes={received}-"));
+            match r.send().await {
+                Ok(r) if r.status() == reqwest::StatusCode::PARTIAL_CONTENT => {
+                    let from = r
+                        .headers()
+                        .get(reqwest::header::CONTENT_RANGE)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.strip_prefix("bytes "))
+                        .and_then(|v| v.split_once('-'))
+                        .and_then(|(a, _)| a.parse::<u64>().ok());
+                    if from == Some(received) {
+                        skip = 0;
+                        resp = Some(r);
+                    } else {
+                        broke = Some(SnapshotCacheError::Transport {
+                            url: url.clone(),
+                            detail: format!(
+                                "asked to resume at byte {received}, the cache answered the range {from:?}"
+                            ),
+                        });
                     }
                 }
-                Ok(None) => break,
-                Err(e) => {
-                    let err = transport(&url, &e);
+                Ok(r) if r.status().is_success() => {
+                    // The whole artifact again: drop what was received.
+                    skip = received;
+                    resp = Some(r);
+                }
+                Ok(r) => {
+                    let err = refused(&format!("the resume of artifact {d} of {name}"), r).await;
                     let _ = tx
                         .send(Err(io::Error::other(format!("download broke off: {err}"))))
                         .await;
                     broke = Some(err);
                     break;
                 }
+                Err(e) => broke = Some(transport(&url, &e)),
             }
         }
         drop(tx);

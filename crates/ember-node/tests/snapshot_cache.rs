@@ -219,3 +219,65 @@ async fn snapshots_travel_verified_and_only_to_machines_that_can_restore_them() 
     assert!(client.fetch(&d, "app", &here).await.unwrap().downloaded);
     cache.shutdown().await.unwrap();
 }
+
+/// A download cut mid-body (a mirror between the node and the cache
+/// sends half the artifact, then closes) resumes with `Range` from where
+/// it stopped; the whole artifact's digest is still what decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broken_off_download_resumes_where_it_stopped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache_dir = tmp.path().join("cache");
+    let cache = start_cache(&cache_dir).await;
+    let here = facts("6.1.0-test");
+    let a = Store::open(tmp.path().join("a")).unwrap();
+    let m = snapshot(&a, "app", here.clone());
+    let direct = SnapshotCache::new(&cache.url(), Some(TOKEN.into())).unwrap();
+    direct.push(&a, "app").await.unwrap();
+    assert!(m.artifact_bytes > 50_000, "{}", m.artifact_bytes);
+
+    let origin = cache.url().trim_start_matches("http://").to_owned();
+    let mirror = ember_testkit::proxy::CuttingMirror::start(&origin, 10_000).unwrap();
+    let through = SnapshotCache::new(&mirror.url(), None).unwrap();
+    let served = metric(&cache, "ember_cache_snapshot_served_bytes_total");
+    let b = Store::open(tmp.path().join("b")).unwrap();
+    let f = through.fetch(&b, "app", &here).await.unwrap();
+    assert_eq!(mirror.cuts(), 1, "the first GET was cut");
+    assert!(f.downloaded);
+    assert_eq!(f.bytes, m.artifact_bytes);
+    assert_eq!(b.snapshot("app").unwrap(), m);
+    let (ub, fresh) = b.unpack_snapshot(&m).unwrap();
+    assert!(fresh);
+    let (ua, _) = a.unpack_snapshot(&m).unwrap();
+    assert_eq!(
+        std::fs::read(ua.join("criu/pages-1.img")).unwrap(),
+        std::fs::read(ub.join("criu/pages-1.img")).unwrap()
+    );
+    // The cache sent the whole artifact, and the resumed part only once
+    // more: at most the cut half over the artifact (what the mirror read
+    // ahead of its cut is not resent).
+    let sent = metric(&cache, "ember_cache_snapshot_served_bytes_total") - served;
+    assert!(
+        sent >= m.artifact_bytes && sent < m.artifact_bytes * 2,
+        "{sent} bytes served for an artifact of {}",
+        m.artifact_bytes
+    );
+
+    // The resumed bytes are checked with the rest: one flipped byte in the
+    // cache's copy, in the half that comes after the cut, is refused by
+    // the whole artifact's digest and leaves nothing.
+    let on_cache = cache_dir.join("blobs/sha256").join(m.artifact.hex());
+    let good = std::fs::read(&on_cache).unwrap();
+    let mut bad = good.clone();
+    bad[good.len() * 3 / 4] ^= 0x20;
+    std::fs::write(&on_cache, &bad).unwrap();
+    let c = Store::open(tmp.path().join("c")).unwrap();
+    match through.fetch(&c, "app", &here).await {
+        Err(SnapshotCacheError::Store(SnapshotError::DigestMismatch { digest, .. })) => {
+            assert_eq!(digest, m.artifact)
+        }
+        other => panic!("expected a digest mismatch, got {other:?}"),
+    }
+    assert_eq!(mirror.cuts(), 2);
+    assert_empty(&c);
+    cache.shutdown().await.unwrap();
+}
