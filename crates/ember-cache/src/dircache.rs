@@ -22,6 +22,7 @@
 //! mutex) is rebuilt from the files at start.
 
 use crate::error::CacheError;
+use crate::peers::PeerSet;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
@@ -111,19 +112,14 @@ pub struct DirStore {
     config: DircacheConfig,
     index: Mutex<Index>,
     seq: AtomicU64,
-    peers: OnceLock<Peers>,
+    /// The other cache servers, asked in order when a chunk or an entry
+    /// is missing here.
+    peers: OnceLock<PeerSet>,
 }
 
 /// Marks a request one cache server sends another on a miss: the peer
 /// answers from its own store only, so a miss never bounces between them.
 pub const PEER_HEADER: &str = "x-ember-dircache-peer";
-
-/// The other cache servers, asked in order when a chunk or an entry is
-/// missing here.
-struct Peers {
-    urls: Vec<String>,
-    http: reqwest::Client,
-}
 
 /// Response headers kept with an entry (name -> value).
 pub type Headers = BTreeMap<String, String>;
@@ -200,20 +196,9 @@ impl DirStore {
     /// chunk or entry missing here is asked from. Once, at start; later
     /// calls are ignored.
     pub fn set_peers(&self, urls: Vec<String>) -> Result<(), CacheError> {
-        if urls.is_empty() {
-            return Ok(());
+        if let Some(p) = PeerSet::new(urls, PEER_HEADER)? {
+            let _ = self.peers.set(p);
         }
-        // Short connect timeout: a dead peer is skipped quickly.
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .read_timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| CacheError::io("building the HTTP client", std::io::Error::other(e)))?;
-        let urls = urls
-            .into_iter()
-            .map(|u| u.trim_end_matches('/').to_string())
-            .collect();
-        let _ = self.peers.set(Peers { urls, http });
         Ok(())
     }
 
@@ -236,24 +221,17 @@ impl DirStore {
         let Some(p) = self.peers.get() else {
             return false;
         };
-        for url in &p.urls {
-            let resp = p
-                .http
-                .get(format!("{url}/dircache/v1/chunks/{hex}"))
-                .header(PEER_HEADER, "1")
-                .send()
-                .await;
-            let body = match resp {
-                Ok(r) if r.status().is_success() => match r.bytes().await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        tracing::warn!(peer = %url, chunk = hex, error = %ember_error::chain(&e), "peer broke off a chunk");
-                        continue;
-                    }
-                },
-                Ok(_) => continue,
+        for url in p.urls() {
+            let Some(resp) = p
+                .ask(url, |h| h.get(format!("{url}/dircache/v1/chunks/{hex}")))
+                .await
+            else {
+                continue;
+            };
+            let body = match resp.bytes().await {
+                Ok(b) => b,
                 Err(e) => {
-                    tracing::warn!(peer = %url, error = %ember_error::chain(&e), "peer unreachable");
+                    tracing::warn!(peer = %url, chunk = hex, error = %ember_error::chain(&e), "peer broke off a chunk");
                     continue;
                 }
             };
@@ -276,19 +254,16 @@ impl DirStore {
     /// restore asks for them.
     async fn entry_from_peers(&self, path: &str, body: Option<Bytes>) -> Option<Found> {
         let p = self.peers.get()?;
-        for url in &p.urls {
+        for url in p.urls() {
             let u = format!("{url}/dircache/v1/{path}");
-            let req = match &body {
-                Some(b) => p.http.post(&u).body(b.clone()),
-                None => p.http.get(&u),
-            };
-            let resp = match req.header(PEER_HEADER, "1").send().await {
-                Ok(r) if r.status().is_success() => r,
-                Ok(_) => continue,
-                Err(e) => {
-                    tracing::warn!(peer = %url, error = %ember_error::chain(&e), "peer unreachable");
-                    continue;
-                }
+            let Some(resp) = p
+                .ask(url, |h| match &body {
+                    Some(b) => h.post(&u).body(b.clone()),
+                    None => h.get(&u),
+                })
+                .await
+            else {
+                continue;
             };
             let Ok(bytes) = resp.bytes().await else {
                 continue;
@@ -1092,7 +1067,7 @@ async fn missing(State(s): St, body: Bytes) -> Response {
 
 /// Whether a request came from a peer (answered from this store only).
 fn from_peer(headers: &HeaderMap) -> bool {
-    headers.contains_key(PEER_HEADER)
+    crate::peers::from_peer(headers, PEER_HEADER)
 }
 
 async fn fetch_chunks(State(s): St, headers: HeaderMap, body: Bytes) -> Response {

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub snapshot_manifest_hits: AtomicU64,
     /// Snapshot requests (artifact or manifest) for something not held.
     pub snapshot_misses: AtomicU64,
+    /// Of those, answered by a peer (`--peer`) instead.
+    pub snapshot_peer_hits: AtomicU64,
     /// Snapshot artifacts uploaded and committed.
     pub snapshot_uploads: AtomicU64,
     /// Bytes of snapshot artifacts uploaded and committed.
@@ -197,6 +199,12 @@ impl Metrics {
             "counter",
             "Snapshot requests for an artifact or manifest the cache does not hold.",
             &[("", g(&self.snapshot_misses))],
+        );
+        metric(
+            "ember_cache_snapshot_peer_hits_total",
+            "counter",
+            "Snapshot requests not held here that a peer cache answered.",
+            &[("", g(&self.snapshot_peer_hits))],
         );
         metric(
             "ember_cache_snapshot_uploads_total",

@@ -5,9 +5,78 @@
 //! Each blob is thus fetched from upstream and stored on one server only,
 //! adding or removing a server moves only the blobs it owns, and no
 //! coordination is needed.
+//!
+//! What is not placed by the ring (directory cache entries and chunks,
+//! snapshot manifests and artifacts: they are stored where a client put
+//! them) is found by asking every peer in turn on a miss ([`PeerSet`]).
+//! Such a request carries a marker header, and a server answers a marked
+//! request from its own store only, so a miss never bounces between
+//! servers.
+
+use std::time::Duration;
 
 use ember_oci::Digest;
 use sha2::{Digest as _, Sha256};
+
+use crate::error::CacheError;
+
+/// The other cache servers, asked in order when something is missing here.
+pub struct PeerSet {
+    urls: Vec<String>,
+    http: reqwest::Client,
+    marker: &'static str,
+}
+
+impl PeerSet {
+    /// The peers at `urls` (base URLs, this server excluded), whose
+    /// requests carry header `marker`; `None` when there are none.
+    pub fn new(urls: Vec<String>, marker: &'static str) -> Result<Option<PeerSet>, CacheError> {
+        if urls.is_empty() {
+            return Ok(None);
+        }
+        // Short connect timeout: a dead peer is skipped quickly.
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .read_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| CacheError::io("building the HTTP client", std::io::Error::other(e)))?;
+        let urls = urls
+            .into_iter()
+            .map(|u| u.trim_end_matches('/').to_string())
+            .collect();
+        Ok(Some(PeerSet { urls, http, marker }))
+    }
+
+    /// Their base URLs, in the order they are asked.
+    pub fn urls(&self) -> &[String] {
+        &self.urls
+    }
+
+    /// Sends the request `build` makes with this set's client to peer
+    /// `url`, marked as a peer's; its response if it succeeded (2xx).
+    /// A peer that cannot be reached is logged; one that answers an error
+    /// (it does not have it) is not.
+    pub async fn ask(
+        &self,
+        url: &str,
+        build: impl FnOnce(&reqwest::Client) -> reqwest::RequestBuilder,
+    ) -> Option<reqwest::Response> {
+        match build(&self.http).header(self.marker, "1").send().await {
+            Ok(r) if r.status().is_success() => Some(r),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(peer = %url, error = %ember_error::chain(&e), "peer unreachable");
+                None
+            }
+        }
+    }
+}
+
+/// Whether a request carries the peer `marker` (it is answered from this
+/// server's own store only).
+pub fn from_peer(headers: &axum::http::HeaderMap, marker: &str) -> bool {
+    headers.contains_key(marker)
+}
 
 /// The servers sharing the load.
 #[derive(Debug, Clone)]

@@ -27,11 +27,19 @@
 //! [`CacheConfig::snapshot_write_token`](crate::CacheConfig): restoring a
 //! snapshot runs its memory image, so writes are never open; reads are,
 //! like the mirror's.
+//!
+//! With `--peer`s, a manifest or artifact missing here is asked from the
+//! other cache servers in turn ([`PeerSet`], as the directory cache
+//! does), marked with [`PEER_HEADER`] so the peer answers from its own
+//! store only. A peer's answer is passed through, not stored here (an
+//! artifact streams from the peer as the client reads it, `Range`
+//! included); the client verifies the artifact's digest as always.
 
 use crate::cache::Cache;
 use crate::error::CacheError;
 use crate::flight::{self, Source};
 use crate::metrics::Metrics;
+use crate::peers::{PeerSet, from_peer};
 use crate::storage::Meta;
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -57,6 +65,17 @@ const MAX_MANIFEST: usize = 1 << 20;
 /// Longest key (as `ember_store`'s snapshot names).
 const KEY_MAX: usize = 128;
 
+/// Marks a snapshot request one cache server sends another on a miss.
+pub const PEER_HEADER: &str = "x-ember-snapshot-peer";
+
+/// Response headers of a peer's artifact answer passed on to the client.
+const PASSED_HEADERS: [header::HeaderName; 4] = [
+    header::CONTENT_LENGTH,
+    header::CONTENT_RANGE,
+    header::CONTENT_TYPE,
+    header::ACCEPT_RANGES,
+];
+
 /// The snapshot routes' state.
 pub struct Snapshots {
     cache: Arc<Cache>,
@@ -64,6 +83,8 @@ pub struct Snapshots {
     dir: PathBuf,
     /// Distinguishes temporary manifest names.
     seq: AtomicU64,
+    /// The other cache servers (`--peer`), asked on a miss.
+    peers: Option<PeerSet>,
 }
 
 type St = State<Arc<Snapshots>>;
@@ -158,10 +179,15 @@ pub fn router<S>(cache: Arc<Cache>) -> Result<Router<S>, CacheError> {
             let _ = fs::remove_file(e.path());
         }
     }
+    let peers = match cache.ring() {
+        Some(ring) => PeerSet::new(ring.others(), PEER_HEADER)?,
+        None => None,
+    };
     let state = Arc::new(Snapshots {
         cache,
         dir,
         seq: AtomicU64::new(0),
+        peers,
     });
     Ok(Router::new()
         .route("/ember/v1/snapshots", get(list))
@@ -345,6 +371,14 @@ async fn get_blob(
     .await;
     let (d, pinned) = match r {
         Ok(x) => x,
+        Err(e @ CacheError::BlobUnknown(_)) => {
+            if !from_peer(&headers, PEER_HEADER)
+                && let Some(resp) = s.artifact_from_peers(&digest, &method, &headers).await
+            {
+                return resp;
+            }
+            return e.into_response();
+        }
         Err(e) => return e.into_response(),
     };
     let size = pinned.size;
@@ -539,7 +573,86 @@ async fn upload(
     Ok((d, size))
 }
 
-async fn get_manifest(State(s): St, UrlPath(key): UrlPath<String>) -> Response {
+impl Snapshots {
+    /// Artifact `digest` from the first peer that has it (`GET` or `HEAD`,
+    /// the client's `Range` passed on), streamed through as it arrives.
+    async fn artifact_from_peers(
+        &self,
+        digest: &str,
+        method: &Method,
+        headers: &HeaderMap,
+    ) -> Option<Response> {
+        let p = self.peers.as_ref()?;
+        let m = if method == Method::HEAD {
+            reqwest::Method::HEAD
+        } else {
+            reqwest::Method::GET
+        };
+        let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+        for url in p.urls() {
+            let u = format!("{url}/ember/v1/snapshots/blobs/{digest}");
+            let Some(resp) = p
+                .ask(url, |h| {
+                    let r = h.request(m.clone(), &u);
+                    match range {
+                        Some(v) => r.header(reqwest::header::RANGE, v),
+                        None => r,
+                    }
+                })
+                .await
+            else {
+                continue;
+            };
+            Metrics::add(&self.cache.metrics.snapshot_peer_hits, 1);
+            let mut b = Response::builder()
+                .status(resp.status().as_u16())
+                .header("docker-content-digest", digest);
+            for h in &PASSED_HEADERS {
+                if let Some(v) = resp.headers().get(h.as_str()).and_then(|v| v.to_str().ok()) {
+                    b = b.header(h, v);
+                }
+            }
+            let body = if method == Method::HEAD {
+                Body::empty()
+            } else {
+                let metrics = self.cache.metrics.clone();
+                Body::from_stream(resp.bytes_stream().inspect(move |c| {
+                    if let Ok(b) = c {
+                        Metrics::add(&metrics.snapshot_served_bytes, b.len() as u64);
+                    }
+                }))
+            };
+            return Some(b.body(body).unwrap_or_else(|_| Response::default()));
+        }
+        None
+    }
+
+    /// Manifest `key` from the first peer that has one naming an artifact.
+    async fn manifest_from_peers(&self, key: &str) -> Option<Vec<u8>> {
+        let p = self.peers.as_ref()?;
+        for url in p.urls() {
+            let u = format!("{url}/ember/v1/snapshots/manifests/{key}");
+            let Some(resp) = p.ask(url, |h| h.get(&u)).await else {
+                continue;
+            };
+            match resp.bytes().await {
+                Ok(b) if b.len() <= MAX_MANIFEST && artifact_of(&b).is_ok() => {
+                    Metrics::add(&self.cache.metrics.snapshot_peer_hits, 1);
+                    return Some(b.to_vec());
+                }
+                Ok(_) => {
+                    tracing::warn!(peer = %url, key, "peer sent an unreadable snapshot manifest")
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %url, key, error = %ember_error::chain(&e), "peer broke off a snapshot manifest")
+                }
+            }
+        }
+        None
+    }
+}
+
+async fn get_manifest(State(s): St, UrlPath(key): UrlPath<String>, headers: HeaderMap) -> Response {
     let r = async {
         check_key(&key)?;
         let (s2, k) = (s.clone(), key.clone());
@@ -560,7 +673,21 @@ async fn get_manifest(State(s): St, UrlPath(key): UrlPath<String>) -> Response {
                 .into_response()
         }
         Ok(None) => {
+            // Not held here, whether or not a peer has it.
             Metrics::add(&s.cache.metrics.snapshot_misses, 1);
+            if !from_peer(&headers, PEER_HEADER)
+                && let Some(bytes) = s.manifest_from_peers(&key).await
+            {
+                return (
+                    StatusCode::OK,
+                    [(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    )],
+                    bytes,
+                )
+                    .into_response();
+            }
             CacheError::SnapshotUnknown(key).into_response()
         }
         Err(e) => e.into_response(),

@@ -266,3 +266,103 @@ async fn artifacts_are_evicted_under_the_byte_budget_and_survive_a_restart() {
     assert_eq!(get(&format!("{base}/manifests/d")).await.0, 200);
     cache.stop().await;
 }
+
+/// Two caches that name each other as `--peer`s, both taking snapshot
+/// writes.
+async fn peered_pair() -> (TestCache, TestCache) {
+    init();
+    let la = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let lb = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (ua, ub) = (
+        format!("http://{}", la.local_addr().unwrap()),
+        format!("http://{}", lb.local_addr().unwrap()),
+    );
+    let mut out = vec![];
+    for (l, peer) in [(la, ub), (lb, ua)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path(), 64 << 20, &["http://127.0.0.1:9"]);
+        cfg.snapshot_write_token = Some(TOKEN.into());
+        cfg.peers = vec![peer];
+        out.push(TestCache {
+            server: ember_cache::spawn(cfg, l).unwrap(),
+            dir: Some(dir),
+        });
+    }
+    let b = out.pop().unwrap();
+    let a = out.pop().unwrap();
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_missing_here_is_asked_from_the_peers() {
+    let (a, b) = peered_pair().await;
+    let artifact = blob(7, 2 * MB);
+    let d = sha256(&artifact);
+    let (base_a, base_b) = (
+        format!("{}/ember/v1/snapshots", a.url()),
+        format!("{}/ember/v1/snapshots", b.url()),
+    );
+    let (s, body) = put(
+        &format!("{base_a}/blobs/{d}"),
+        Some(TOKEN),
+        artifact.clone(),
+    )
+    .await;
+    assert!(s.is_success(), "{body}");
+    let m = manifest(&d, artifact.len());
+    let (s, body) = put(&format!("{base_a}/manifests/app"), Some(TOKEN), m.clone()).await;
+    assert!(s.is_success(), "{body}");
+
+    // B holds neither, and answers both from A.
+    let (s, _, got) = get(&format!("{base_b}/manifests/app")).await;
+    assert_eq!(s, 200);
+    assert_eq!(got.unwrap(), m);
+    let (s, h, got) = get(&format!("{base_b}/blobs/{d}")).await;
+    assert_eq!(s, 200);
+    assert_eq!(h["content-length"], artifact.len().to_string().as_str());
+    assert_eq!(got.unwrap(), artifact);
+    let head = http()
+        .head(format!("{base_b}/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    // A range is passed on: a resumed download works through B too.
+    let part = http()
+        .get(format!("{base_b}/blobs/{d}"))
+        .header("range", "bytes=1000-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(part.status(), 206);
+    assert_eq!(
+        part.headers()["content-range"],
+        format!("bytes 1000-{}/{}", artifact.len() - 1, artifact.len()).as_str()
+    );
+    assert_eq!(part.bytes().await.unwrap(), artifact[1000..]);
+    let text = metrics_text(&b).await;
+    assert_eq!(gauge(&text, "ember_cache_snapshot_peer_hits_total"), 4);
+    // Passed through, not stored on B.
+    assert_eq!(
+        gauge(&text, "ember_cache_snapshot_peer_hits_total"),
+        gauge(&text, "ember_cache_snapshot_misses_total")
+    );
+    let listing: serde_json::Value =
+        serde_json::from_slice(&get(&base_b).await.2.unwrap()).unwrap();
+    assert_eq!(listing["snapshots"], serde_json::json!([]), "{listing}");
+
+    // A peer's own request is answered from its store only: no bounce.
+    let marked = http()
+        .get(format!("{base_b}/manifests/app"))
+        .header("x-ember-snapshot-peer", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(marked.status(), 404);
+    // Neither has it: 404 from B after asking A.
+    let (s, _, _) = get(&format!("{base_b}/manifests/nope")).await;
+    assert_eq!(s, 404);
+    let other = sha256(b"not stored anywhere");
+    let (s, _, _) = get(&format!("{base_b}/blobs/{other}")).await;
+    assert_eq!(s, 404);
+}
