@@ -5,9 +5,10 @@
 //! checks every answer: no 5xx, documented status codes, content types and
 //! bodies, valid requests accepted and invalid ones refused.
 //!
-//! Fuzzed: every operation, the client API (runs, deployments, the node
-//! list, node credentials) and the node agent's (registration, run
-//! events one by one and in batches, log appends), with the node token.
+//! Fuzzed: every operation, the client API (runs, deployments and their
+//! deletion, the node list, node credentials) and the node agent's
+//! (registration, run events one by one and in batches, log appends),
+//! with the node token.
 //! Left out: `follow=true` log reads and the node work stream
 //! (`GET /v1/nodes/{id}/work`), which stay open by design, so a fuzzer
 //! waiting for their end would wait for ever (they are tested in
@@ -126,7 +127,7 @@ fn the_document_and_the_server_agree_under_a_fuzzer() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("Tested: 16") && stdout.contains(" generated, "),
+        stdout.contains("Tested: 17") && stdout.contains(" generated, "),
         "the fuzzer did not test every operation but the work stream:\n{stdout}"
     );
     // Nothing the fuzzer sent took the server down.

@@ -146,3 +146,23 @@ fn deleting_a_deployment_removes_its_checkpoints_on_every_node() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("slow"), "{err}");
 }
+
+/// `ember node --criu` and `ember deploy --delete` are in their `--help`
+/// (with `EMBER_CRIU` as the fallback named).
+#[test]
+fn help_shows_the_node_criu_setting_and_the_delete() {
+    for (args, needles) in [
+        (["node", "--help"], &["--criu <PATH>", "EMBER_CRIU"][..]),
+        (["deploy", "--help"], &["--delete", "checkpoints"][..]),
+    ] {
+        let out = std::process::Command::new(ember())
+            .args(args)
+            .output()
+            .expect("spawn");
+        assert!(out.status.success());
+        let help = String::from_utf8_lossy(&out.stdout);
+        for n in needles {
+            assert!(help.contains(n), "{args:?} lacks {n:?}:\n{help}");
+        }
+    }
+}

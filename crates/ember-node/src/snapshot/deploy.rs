@@ -266,6 +266,19 @@ impl NodeSnapshots {
                         // byte budget: evict down to it now, not at the
                         // next GC interval.
                         agent.collect();
+                        if matches!(
+                            me.host.store.snapshot(&key),
+                            Err(ember_store::SnapshotError::Unknown(_))
+                        ) {
+                            // Evicted at once: what the plan keeps leaves
+                            // it no room. Capturing again beside every run
+                            // would only cost CPU; wait as after a failure.
+                            tracing::warn!(snapshot = %key, "the checkpoint does not fit the image budget beside the planned images; not capturing it again for a while");
+                            me.failed
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(key.clone(), Instant::now());
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(snapshot = %key, error = %e.why_not_restored(), "capturing a deployment's start-up");
