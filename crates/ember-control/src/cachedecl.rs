@@ -75,7 +75,7 @@ pub enum CacheDeclError {
         why: &'static str,
     },
     /// A key or restore key does not parse or is too long.
-    #[error("cache {path:?}: {what} {template:?}: {source}")]
+    #[error("cache {path:?}: {what} {template:?}")]
     Template {
         /// The cache's path.
         path: String,

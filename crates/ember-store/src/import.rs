@@ -83,7 +83,7 @@ impl std::fmt::Display for ImportFormat {
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
     /// Reading the input failed.
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Io {
         /// What was being done.
         op: &'static str,
