@@ -985,6 +985,11 @@ pub fn restore<P: AsRef<Path>>(
     let bytes = serde_json::to_vec(&config)
         .map_err(|e| io_err("cannot encode", &config_path)(io::Error::other(e)))?;
     fs::write(&config_path, bytes).map_err(io_err("cannot write", &config_path))?;
+    if crate::spec::uses_mask_dir(&config) {
+        // This copy's own empty directory behind its masked paths.
+        let mask = dir.join(crate::spec::MASK_DIR);
+        crate::spec::create_mask_dir(&dir).map_err(io_err("cannot create", &mask))?;
+    }
 
     let work = dir.join(CRIU_WORK_DIR);
     fs::create_dir_all(&work).map_err(io_err("cannot create", &work))?;

@@ -276,6 +276,8 @@ fn start_runner(
         // Root, to switch each exec to the image's user.
         user: Some("0:0".into()),
         pids_limit: Some(4096),
+        // No tmpfs for CRIU to tar and untar on every restore.
+        mask_with_binds: true,
         mounts: vec![
             BindMount {
                 source: host.agent.clone(),
