@@ -199,6 +199,10 @@ pub struct RunSpec {
     /// each): for containers that are checkpointed. Masked files stay
     /// `/dev/null` binds either way.
     pub mask_with_binds: bool,
+    /// With [`Network::None`]: join this network namespace (a path such as
+    /// [`crate::netns::NetnsHolder::path`]) instead of having runc make one.
+    /// CRIU then treats it as external: see [`crate::netns`].
+    pub netns_path: Option<PathBuf>,
 }
 
 impl Default for RunSpec {
@@ -219,6 +223,7 @@ impl Default for RunSpec {
             cgroup_parent: DEFAULT_CGROUP_PARENT.to_owned(),
             mount_cgroupfs: true,
             mask_with_binds: false,
+            netns_path: None,
         }
     }
 }
@@ -428,7 +433,13 @@ pub fn build_spec(
         kinds.push(LinuxNamespaceType::Network);
     }
     for typ in kinds {
-        namespaces.push(LinuxNamespaceBuilder::default().typ(typ).build()?);
+        let mut ns = LinuxNamespaceBuilder::default().typ(typ);
+        if typ == LinuxNamespaceType::Network
+            && let Some(path) = &run.netns_path
+        {
+            ns = ns.path(path.clone());
+        }
+        namespaces.push(ns.build()?);
     }
 
     let cgroups_path = format!("{}/{}", run.cgroup_parent.trim_end_matches('/'), id);
