@@ -1110,7 +1110,9 @@ fn skip_network_lock(images: &Path) -> Result<(), CheckpointError> {
 /// removed and one appended. `None` if it does not parse.
 fn inventory_with_lock_method(inventory: &[u8], method: u64) -> Option<Vec<u8>> {
     let word = |at: usize| -> Option<u32> {
-        Some(u32::from_le_bytes(inventory.get(at..at + 4)?.try_into().ok()?))
+        Some(u32::from_le_bytes(
+            inventory.get(at..at + 4)?.try_into().ok()?,
+        ))
     };
     if word(0)? != INVENTORY_MAGIC {
         return None;
@@ -1431,16 +1433,22 @@ mod tests {
         real.extend_from_slice(msg);
         let out = inventory_with_lock_method(&real, NETWORK_LOCK_SKIP).unwrap();
         let body = &out[8..];
-        assert_eq!(u32::from_le_bytes(out[4..8].try_into().unwrap()) as usize, body.len());
+        assert_eq!(
+            u32::from_le_bytes(out[4..8].try_into().unwrap()) as usize,
+            body.len()
+        );
         assert_eq!(
             body,
             [
-                0x08, 0x02, 0x10, 0x01, 0x1a, 0x02, 0x08, 0x01, 0x62, 0x00, 0x6a, 0x03, b'a',
-                b'b', b'c', 0x58, 0x02
+                0x08, 0x02, 0x10, 0x01, 0x1a, 0x02, 0x08, 0x01, 0x62, 0x00, 0x6a, 0x03, b'a', b'b',
+                b'c', 0x58, 0x02
             ]
         );
         // Idempotent, and appends when absent.
-        assert_eq!(inventory_with_lock_method(&out, NETWORK_LOCK_SKIP).unwrap(), out);
+        assert_eq!(
+            inventory_with_lock_method(&out, NETWORK_LOCK_SKIP).unwrap(),
+            out
+        );
         let mut bare = INVENTORY_MAGIC.to_le_bytes().to_vec();
         bare.extend_from_slice(&2u32.to_le_bytes());
         bare.extend_from_slice(&[0x08, 0x02]);

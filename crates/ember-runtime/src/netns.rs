@@ -134,8 +134,8 @@ mod tests {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let theirs = loop {
             let l = std::fs::read_link(h.path()).expect("holder netns");
-            let comm = std::fs::read_to_string(format!("/proc/{}/comm", h.child.id()))
-                .unwrap_or_default();
+            let comm =
+                std::fs::read_to_string(format!("/proc/{}/comm", h.child.id())).unwrap_or_default();
             if comm.trim() == HOLDER_PROGRAM || std::time::Instant::now() > deadline {
                 break l;
             }

@@ -612,8 +612,7 @@ pub fn create_mask_dir(bundle: &Path) -> io::Result<()> {
 /// bundle only lives as long as the container, and a crash discards it.
 pub fn write_config(bundle: &Path, spec: &Spec) -> Result<(), SpecError> {
     if spec.mounts().iter().flatten().any(|m| {
-        m.typ().as_deref() == Some("bind")
-            && m.source().as_deref() == Some(Path::new(MASK_DIR))
+        m.typ().as_deref() == Some("bind") && m.source().as_deref() == Some(Path::new(MASK_DIR))
     }) {
         create_mask_dir(bundle).map_err(|source| SpecError::Write {
             path: bundle.join(MASK_DIR),

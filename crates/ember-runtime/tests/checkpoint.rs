@@ -640,7 +640,11 @@ fn a_snapshot_runner_restores_with_masks_dev_and_network_as_a_fresh_container() 
         assert_eq!(line(report, "ifaces="), "lo");
         assert_eq!(line(report, "lo-flags="), line(&fresh_report, "lo-flags="));
         // The same /dev as a fresh container's, and an empty /dev/shm.
-        assert_eq!(line(report, "dev="), line(&fresh_report, "dev="), "{report}");
+        assert_eq!(
+            line(report, "dev="),
+            line(&fresh_report, "dev="),
+            "{report}"
+        );
         assert_eq!(line(report, "shm="), "0");
     }
     assert!(fresh_report.contains("fw-readonly"));
