@@ -544,13 +544,14 @@ fn four_restores_at_once_each_carry_on() {
 }
 
 /// A counter that also reports, every round, what a masked directory, /dev
-/// and the network look like from inside (into `/report`, via a rename).
+/// and the network look like from inside. Both files are replaced by a
+/// rename, so a checkpoint never catches one truncated.
 const REPORTER: &str = "tok=$(cat /proc/sys/kernel/random/uuid); i=0; \
     while :; do i=$((i+1)); { echo \"fw-entries=$(ls -A /sys/firmware | wc -l)\"; \
     if touch /sys/firmware/x 2>/dev/null; then echo fw-writable; else echo fw-readonly; fi; \
     echo \"lo-flags=$(cat /sys/class/net/lo/flags)\"; echo \"ifaces=$(ls /sys/class/net)\"; \
     echo \"dev=$(ls -A /dev)\"; echo \"shm=$(ls -A /dev/shm | wc -l)\"; } > /report.tmp; \
-    mv /report.tmp /report; echo \"$tok $i\" > /count; sleep 0.05; done";
+    mv /report.tmp /report; echo \"$tok $i\" > /count.tmp; mv /count.tmp /count; sleep 0.05; done";
 
 /// `/report` under a container's upper directory once `/count` is past `n`
 /// (so the report is one written after that moment).
