@@ -187,7 +187,9 @@ fn a_checkpoint_restores_twice_as_independent_containers_that_carry_on() {
     assert_gone(&f.runc, &first_id, &first_dir);
     let second = &restored[0];
     let count = second.bundle().join("upper/count");
-    let (_, now) = read_count(&count).unwrap();
+    // Waited for, not read once: the counter rewrites the file in place,
+    // so a read can catch it empty.
+    let (_, now) = wait_count(&count, |_, _| true);
     wait_count(&count, |t, n| t == tok && n >= now + 3);
 
     // The checkpoint restores again after all that.
