@@ -1065,8 +1065,17 @@ pub fn restore<P: AsRef<Path>>(
 /// Whether a configuration joins a network namespace (`path` set), which
 /// runc then hands CRIU as external.
 fn joins_netns(config: &serde_json::Value) -> bool {
-    let mut c = config.clone();
-    joined_netns(&mut c).is_some()
+    config
+        .pointer("/linux/namespaces")
+        .and_then(|n| n.as_array())
+        .into_iter()
+        .flatten()
+        .filter(|ns| ns.get("type").and_then(|t| t.as_str()) == Some("network"))
+        .any(|ns| {
+            ns.get("path")
+                .and_then(|p| p.as_str())
+                .is_some_and(|p| !p.is_empty())
+        })
 }
 
 /// CRIU's inventory image (`inventory.img`).
