@@ -27,6 +27,14 @@
 //! restored onto another kernel or onto a CPU lacking an instruction set it
 //! detected at start-up may crash later rather than fail now.
 //!
+//! A container that joins a network namespace (its configuration names a
+//! `path`) has it handed to CRIU as external; [`checkpoint`] then records
+//! in the dump that its network was not locked (unless it saves
+//! established TCP connections) and [`restore`] joins each copy to a new
+//! namespace of its own ([`crate::netns`]), which spares every restore
+//! CRIU's iptables lock and unlock (≈60–75 ms). A configuration binding the
+//! bundle-relative [`crate::spec::MASK_DIR`] gets the copy's own.
+//!
 //! CRIU's logs (`dump.log`, `restore.log`) are written into
 //! `<bundle>/criu-work/` of the container concerned; a failure quotes their
 //! `Error` lines and last lines.
@@ -55,6 +63,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::container::LOCK_FILE;
 use crate::mount::{MountError, RootFs, UPPER_DIR};
+use crate::netns::{NetnsError, NetnsHolder};
 use crate::runc::{self, ContainerStatus, PID_FILE, Runc, RuncError};
 use crate::spec::{BindMount, CONFIG_FILE};
 
@@ -192,6 +201,9 @@ pub enum CheckpointError {
     /// runc failed outside checkpoint/restore itself (state, pause, delete).
     #[error(transparent)]
     Runc(#[from] RuncError),
+    /// The restored copy's network namespace could not be made.
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
     /// Mounting the restored container's root filesystem failed.
     #[error("root filesystem of restored container {id}")]
     Mount {
@@ -695,6 +707,9 @@ pub fn checkpoint(
             },
         )?;
         let dump_time = t.elapsed();
+        if joins_netns(&config) && !options.tcp_established {
+            skip_network_lock(&images)?;
+        }
         copy_tree(&bundle.join(UPPER_DIR), &tmp.join(UPPER_DIR))?;
         Ok(dump_time)
     })();
@@ -927,6 +942,16 @@ pub fn restore<P: AsRef<Path>>(
             here: format!("{shape:?}"),
         });
     }
+    // A joined network namespace (see crate::netns) is external to CRIU:
+    // this copy joins a new one of its own, held until runc has restored.
+    let netns = match joined_netns(&mut config) {
+        Some(path) => {
+            let holder = NetnsHolder::spawn()?;
+            *path = serde_json::Value::String(holder.path().to_string_lossy().into_owned());
+            Some(holder)
+        }
+        None => None,
+    };
     for b in rebind {
         rebind_mount(&mut config, b).map_err(|what| CheckpointError::Rebind {
             dir: from.to_path_buf(),
@@ -985,6 +1010,11 @@ pub fn restore<P: AsRef<Path>>(
     let bytes = serde_json::to_vec(&config)
         .map_err(|e| io_err("cannot encode", &config_path)(io::Error::other(e)))?;
     fs::write(&config_path, bytes).map_err(io_err("cannot write", &config_path))?;
+    if crate::spec::uses_mask_dir(&config) {
+        // This copy's own empty directory behind its masked paths.
+        let mask = dir.join(crate::spec::MASK_DIR);
+        crate::spec::create_mask_dir(&dir).map_err(io_err("cannot create", &mask))?;
+    }
 
     let work = dir.join(CRIU_WORK_DIR);
     fs::create_dir_all(&work).map_err(io_err("cannot create", &work))?;
@@ -1012,6 +1042,8 @@ pub fn restore<P: AsRef<Path>>(
         },
     )?;
     restored.restore_time = t.elapsed();
+    // The restored tasks are in the namespace now and keep it.
+    drop(netns);
     if let Some(keep) = std::env::var_os("EMBER_CRIU_KEEP_LOGS") {
         // Profiling aid: CRIU's restore log (with its timestamps) outlives
         // the container.
@@ -1028,6 +1060,147 @@ pub fn restore<P: AsRef<Path>>(
         .map_err(|_| io_err("malformed pid in", &pid_path)(io::ErrorKind::InvalidData.into()))?;
     restored.total_time = started.elapsed();
     Ok(restored)
+}
+
+/// Whether a configuration joins a network namespace (`path` set), which
+/// runc then hands CRIU as external.
+fn joins_netns(config: &serde_json::Value) -> bool {
+    config
+        .pointer("/linux/namespaces")
+        .and_then(|n| n.as_array())
+        .into_iter()
+        .flatten()
+        .filter(|ns| ns.get("type").and_then(|t| t.as_str()) == Some("network"))
+        .any(|ns| {
+            ns.get("path")
+                .and_then(|p| p.as_str())
+                .is_some_and(|p| !p.is_empty())
+        })
+}
+
+/// CRIU's inventory image (`inventory.img`).
+const INVENTORY_IMAGE: &str = "inventory.img";
+/// Its magic number, the image's first four bytes (little-endian).
+const INVENTORY_MAGIC: u32 = 0x5831_3116;
+/// `inventory_entry.network_lock_method` (images/inventory.proto).
+const INVENTORY_NETWORK_LOCK_FIELD: u64 = 11;
+/// CRIU's `NETWORK_LOCK_SKIP` (criu/include/cr_options.h: iptables 0,
+/// nftables 1, skip 2).
+const NETWORK_LOCK_SKIP: u64 = 2;
+
+/// Records in a dump's inventory that its network was not locked, so a
+/// restore neither locks nor unlocks it.
+///
+/// Why: CRIU takes the lock method of a restore from the dump's inventory
+/// (`--network-lock` is ignored on restore), runc 1.1 cannot pass one to
+/// the dump (no option; its `org.criu.config` file route crashes CRIU
+/// 4.1.1, whose RPC config parser dereferences a null `argv` after any
+/// `network-lock` line), and the default, iptables, costs every restore
+/// ≈60–75 ms: after the tasks are restored and before they resume, CRIU
+/// runs `iptables-restore`/`ip6tables-restore` (nf_tables here) four or
+/// five times to remove lock rules.
+///
+/// Why it is safe, and only called then: the lock keeps packets away from
+/// restored TCP connections until they are repaired. The container joined
+/// a network namespace of its own (external to CRIU: its rules are neither
+/// saved nor restored, and each restore joins a new one with only `lo`,
+/// see [`crate::netns`]), and without
+/// [`CheckpointOptions::tcp_established`] no connected TCP socket is in
+/// the dump (CRIU refuses one), so nothing outside the restored tasks can
+/// reach them before they resume.
+fn skip_network_lock(images: &Path) -> Result<(), CheckpointError> {
+    let path = images.join(INVENTORY_IMAGE);
+    let bytes = fs::read(&path).map_err(io_err("cannot read", &path))?;
+    let rewritten = inventory_with_lock_method(&bytes, NETWORK_LOCK_SKIP).ok_or_else(|| {
+        CheckpointError::Metadata {
+            path: path.clone(),
+            reason: "not a CRIU inventory image this Ember can read".into(),
+        }
+    })?;
+    let tmp = images.join(".inventory.img.tmp");
+    fs::write(&tmp, rewritten).map_err(io_err("cannot write", &tmp))?;
+    fs::rename(&tmp, &path).map_err(io_err("cannot rename into place", &path))
+}
+
+/// `inventory` (magic, 32-bit size, one protobuf `inventory_entry`) with
+/// its `network_lock_method` set to `method`: the field's occurrences are
+/// removed and one appended. `None` if it does not parse.
+fn inventory_with_lock_method(inventory: &[u8], method: u64) -> Option<Vec<u8>> {
+    let word = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(
+            inventory.get(at..at + 4)?.try_into().ok()?,
+        ))
+    };
+    if word(0)? != INVENTORY_MAGIC {
+        return None;
+    }
+    let size = word(4)? as usize;
+    let message = inventory.get(8..8 + size)?;
+    let trailer = &inventory[8 + size..];
+    let mut kept = Vec::with_capacity(message.len() + 2);
+    let mut at = 0;
+    while at < message.len() {
+        let start = at;
+        let tag = read_varint(message, &mut at)?;
+        match tag & 7 {
+            0 => {
+                read_varint(message, &mut at)?;
+            }
+            1 => at += 8,
+            2 => {
+                let len = usize::try_from(read_varint(message, &mut at)?).ok()?;
+                at = at.checked_add(len)?;
+            }
+            5 => at += 4,
+            _ => return None,
+        }
+        if at > message.len() {
+            return None;
+        }
+        if tag != INVENTORY_NETWORK_LOCK_FIELD << 3 {
+            kept.extend_from_slice(&message[start..at]);
+        }
+    }
+    write_varint(&mut kept, INVENTORY_NETWORK_LOCK_FIELD << 3);
+    write_varint(&mut kept, method);
+    let mut out = Vec::with_capacity(8 + kept.len() + trailer.len());
+    out.extend_from_slice(&INVENTORY_MAGIC.to_le_bytes());
+    out.extend_from_slice(&u32::try_from(kept.len()).ok()?.to_le_bytes());
+    out.extend_from_slice(&kept);
+    out.extend_from_slice(trailer);
+    Some(out)
+}
+
+fn read_varint(buf: &[u8], at: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = *buf.get(*at)?;
+        *at += 1;
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+fn write_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// The `path` of the configuration's network namespace, if it joins one.
+fn joined_netns(config: &mut serde_json::Value) -> Option<&mut serde_json::Value> {
+    config
+        .pointer_mut("/linux/namespaces")?
+        .as_array_mut()?
+        .iter_mut()
+        .find(|ns| ns.get("type").and_then(|t| t.as_str()) == Some("network"))?
+        .get_mut("path")
+        .filter(|p| p.as_str().is_some_and(|p| !p.is_empty()))
 }
 
 /// Points the bind mount at `b.destination` to `b.source`.
@@ -1262,6 +1435,47 @@ mod tests {
             "(0.2) Error (criu/files.c:1): cause\n...\n(0.1) a\n(0.2) Error (criu/files.c:1): cause\n(0.3) b\n(0.4) c"
         );
         assert_eq!(quote_log("x\ny\n"), "x\ny");
+    }
+
+    #[test]
+    fn inventory_lock_method_is_replaced_and_the_rest_kept() {
+        // A real CRIU 4.1.1 inventory (iptables lock, field 11 = 0), then
+        // one without the field.
+        let mut real = INVENTORY_MAGIC.to_le_bytes().to_vec();
+        let msg: &[u8] = &[
+            0x08, 0x02, 0x10, 0x01, 0x1a, 0x02, 0x08, 0x01, 0x58, 0x00, 0x62, 0x00, 0x6a, 0x03,
+            b'a', b'b', b'c',
+        ];
+        real.extend_from_slice(&(msg.len() as u32).to_le_bytes());
+        real.extend_from_slice(msg);
+        let out = inventory_with_lock_method(&real, NETWORK_LOCK_SKIP).unwrap();
+        let body = &out[8..];
+        assert_eq!(
+            u32::from_le_bytes(out[4..8].try_into().unwrap()) as usize,
+            body.len()
+        );
+        assert_eq!(
+            body,
+            [
+                0x08, 0x02, 0x10, 0x01, 0x1a, 0x02, 0x08, 0x01, 0x62, 0x00, 0x6a, 0x03, b'a', b'b',
+                b'c', 0x58, 0x02
+            ]
+        );
+        // Idempotent, and appends when absent.
+        assert_eq!(
+            inventory_with_lock_method(&out, NETWORK_LOCK_SKIP).unwrap(),
+            out
+        );
+        let mut bare = INVENTORY_MAGIC.to_le_bytes().to_vec();
+        bare.extend_from_slice(&2u32.to_le_bytes());
+        bare.extend_from_slice(&[0x08, 0x02]);
+        assert_eq!(
+            &inventory_with_lock_method(&bare, NETWORK_LOCK_SKIP).unwrap()[8..],
+            [0x08, 0x02, 0x58, 0x02]
+        );
+        // Not an inventory, or truncated.
+        assert!(inventory_with_lock_method(b"\0\0\0\0\0\0\0\0", 2).is_none());
+        assert!(inventory_with_lock_method(&real[..real.len() - 2], 2).is_none());
     }
 
     #[test]

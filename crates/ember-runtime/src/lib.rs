@@ -55,6 +55,7 @@ pub mod cgroup;
 pub mod checkpoint;
 pub mod container;
 pub mod mount;
+pub mod netns;
 pub mod recover;
 pub mod runc;
 pub mod spec;

@@ -187,7 +187,9 @@ fn a_checkpoint_restores_twice_as_independent_containers_that_carry_on() {
     assert_gone(&f.runc, &first_id, &first_dir);
     let second = &restored[0];
     let count = second.bundle().join("upper/count");
-    let (_, now) = read_count(&count).unwrap();
+    // Waited for, not read once: the counter rewrites the file in place,
+    // so a read can catch it empty.
+    let (_, now) = wait_count(&count, |_, _| true);
     wait_count(&count, |t, n| t == tok && n >= now + 3);
 
     // The checkpoint restores again after all that.
@@ -541,4 +543,127 @@ fn four_restores_at_once_each_carry_on() {
             t == tok && n >= at + 3
         });
     }
+}
+
+/// A counter that also reports, every round, what a masked directory, /dev
+/// and the network look like from inside. Both files are replaced by a
+/// rename, so a checkpoint never catches one truncated.
+const REPORTER: &str = "tok=$(cat /proc/sys/kernel/random/uuid); i=0; \
+    while :; do i=$((i+1)); { echo \"fw-entries=$(ls -A /sys/firmware | wc -l)\"; \
+    if touch /sys/firmware/x 2>/dev/null; then echo fw-writable; else echo fw-readonly; fi; \
+    echo \"lo-flags=$(cat /sys/class/net/lo/flags)\"; echo \"ifaces=$(ls /sys/class/net)\"; \
+    echo \"dev=$(ls -A /dev)\"; echo \"shm=$(ls -A /dev/shm | wc -l)\"; } > /report.tmp; \
+    mv /report.tmp /report; echo \"$tok $i\" > /count.tmp; mv /count.tmp /count; sleep 0.05; done";
+
+/// `/report` under a container's upper directory once `/count` is past `n`
+/// (so the report is one written after that moment).
+fn report_after(bundle: &Path, n: u64) -> String {
+    let (_, at) = wait_count(&bundle.join("upper/count"), |_, c| c > n + 1);
+    assert!(at > n);
+    fs::read_to_string(bundle.join("upper/report")).unwrap()
+}
+
+fn line<'a>(report: &'a str, key: &str) -> &'a str {
+    report
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in {report}"))
+}
+
+#[test]
+fn a_snapshot_runner_restores_with_masks_dev_and_network_as_a_fresh_container() {
+    let Some(criu) = criu() else { return };
+    let f = Fixture::new();
+    // The runner shape ember-node uses for snapshots: masked /sys
+    // directories as read-only binds, a network namespace of its own.
+    let holder = ember_runtime::netns::NetnsHolder::spawn().unwrap();
+    let id = unique_id("snaprunner");
+    let spec = RunSpec {
+        mask_with_binds: true,
+        netns_path: Some(holder.path()),
+        ..RunSpec::default()
+    };
+    let p = f.prepare(&id, &["/bin/sh", "-c", REPORTER], spec);
+    f.runc
+        .create(&id, p.bundle(), ContainerStdio::null())
+        .unwrap();
+    f.runc.start(&id).unwrap();
+    // A fresh container of the default shape to compare with.
+    let fresh = start(&f, "fresh", &["/bin/sh", "-c", REPORTER]);
+    let fresh_report = report_after(fresh.bundle(), 1);
+    let runner_report = report_after(p.bundle(), 1);
+
+    let dest = f.tmp.path().join("checkpoints/runner");
+    checkpoint::checkpoint(
+        &f.runc,
+        &criu,
+        p.id(),
+        p.bundle(),
+        &dest,
+        &image(),
+        CheckpointOptions::default(),
+    )
+    .unwrap();
+    // The dump records no network lock (inventory field 11 = skip, 2).
+    let inv = fs::read(dest.join("criu/inventory.img")).unwrap();
+    assert!(inv.ends_with(&[0x58, 0x02]), "{inv:02x?}");
+    let (tok, at) = read_count(&dest.join("upper/count")).unwrap();
+    p.cleanup().unwrap();
+    drop(holder);
+
+    let mut reports = Vec::new();
+    let mut copies = Vec::new();
+    for n in 0..2 {
+        let id = unique_id(&format!("snapcopy{n}"));
+        let r = checkpoint::restore(
+            &f.runc,
+            &criu,
+            &dest,
+            &target(&id, &f.base.join(&id), &f.layers, &image()),
+        )
+        .unwrap();
+        let (t, _) = wait_count(&r.bundle().join("upper/count"), |_, c| c > at);
+        assert_eq!(t, tok, "restarted instead of restored");
+        reports.push(report_after(r.bundle(), at));
+        copies.push(r);
+    }
+    // Each copy has its own network namespace, not the other's.
+    let ns = |pid: i32| fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    assert_ne!(ns(copies[0].pid()), ns(copies[1].pid()));
+    assert_ne!(
+        ns(copies[0].pid()),
+        fs::read_link("/proc/self/ns/net").unwrap()
+    );
+    for report in reports.iter().chain([&runner_report]) {
+        // Masked: empty and read-only, as runc's tmpfs mask is.
+        assert_eq!(line(report, "fw-entries="), "0", "{report}");
+        assert!(report.contains("fw-readonly"), "{report}");
+        // Only lo, and up (IFF_UP | IFF_LOOPBACK), as in a fresh container.
+        assert_eq!(line(report, "ifaces="), line(&fresh_report, "ifaces="));
+        assert_eq!(line(report, "ifaces="), "lo");
+        assert_eq!(line(report, "lo-flags="), line(&fresh_report, "lo-flags="));
+        // The same /dev as a fresh container's, and an empty /dev/shm.
+        assert_eq!(
+            line(report, "dev="),
+            line(&fresh_report, "dev="),
+            "{report}"
+        );
+        assert_eq!(line(report, "shm="), "0");
+    }
+    assert!(fresh_report.contains("fw-readonly"));
+    // Each copy binds its own bundle's empty directory.
+    for r in &copies {
+        let mask = r.bundle().join(ember_runtime::spec::MASK_DIR);
+        assert!(mask.is_dir());
+        assert_eq!(fs::read_dir(&mask).unwrap().count(), 0);
+    }
+    let gone: Vec<_> = copies
+        .iter()
+        .map(|r| (r.id().to_owned(), r.bundle().to_path_buf()))
+        .collect();
+    drop(copies);
+    for (id, dir) in gone {
+        assert_gone(&f.runc, &id, &dir);
+    }
+    fresh.cleanup().unwrap();
 }

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use ember_agent_proto::{AgentClient, ExecRequest, ExecResult, Readiness};
 use ember_runtime::checkpoint::{self, CheckpointError, CheckpointOptions, RestoreTarget};
+use ember_runtime::netns::NetnsHolder;
 use ember_runtime::{
     BindMount, Container, ContainerStdio, Criu, ImageIdentity, Prepared, RunSpec, Runc,
 };
@@ -246,6 +247,9 @@ struct FreshRunner {
     request: ExecRequest,
     /// Preparing the container and starting it until the agent answered.
     started_in: Duration,
+    /// Holds the runner's network namespace at its path, which `runc
+    /// checkpoint` looks at; the runner keeps the namespace itself.
+    _netns: NetnsHolder,
 }
 
 /// Starts a runner for `image` and connects to its agent. `argv`/`env`
@@ -261,6 +265,10 @@ fn start_runner(
     let config = store.image_config(image)?;
     let id = unique_id("snap");
     let sock = SocketDir::new(store)?;
+    // A network namespace of its own that the runner joins: external to
+    // CRIU, so no capture or restore locks, saves or recreates it (see
+    // ember_runtime::netns).
+    let netns = NetnsHolder::spawn().map_err(CheckpointError::from)?;
     // The agent must be exactly PID 1's program: no Entrypoint before it.
     let mut runner_config = config.clone();
     if let Some(mut c) = runner_config.config().clone() {
@@ -276,6 +284,9 @@ fn start_runner(
         // Root, to switch each exec to the image's user.
         user: Some("0:0".into()),
         pids_limit: Some(4096),
+        // No tmpfs for CRIU to tar and untar on every restore.
+        mask_with_binds: true,
+        netns_path: Some(netns.path()),
         mounts: vec![
             BindMount {
                 source: host.agent.clone(),
@@ -349,6 +360,7 @@ fn start_runner(
         sock,
         request,
         started_in: t.elapsed(),
+        _netns: netns,
     })
 }
 
