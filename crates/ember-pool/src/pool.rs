@@ -915,8 +915,10 @@ impl Pool {
     }
 
     /// Lends a runner with `spec`'s key: the most recently used idle one
-    /// (thawed if frozen, health-checked through its agent; a dead or
-    /// unhealthy one is destroyed and the next tried), else a new one.
+    /// (thawed if frozen, health-checked through its agent, or only its
+    /// agent's process checked right after a clean exit
+    /// ([`PoolConfig::health_proof`]); a dead or unhealthy one is destroyed
+    /// and the next tried), else a new one.
     /// For a single-use spec (no recycling key) the idle one can only be a
     /// never-used spare, and the pool then starts making the next spare
     /// ([`PoolConfig::fresh_spares`]).
