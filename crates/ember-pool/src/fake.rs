@@ -57,6 +57,8 @@ pub enum Call {
     },
     /// [`RunnerContainer::health_check`].
     HealthCheck(String),
+    /// [`RunnerContainer::alive`].
+    Alive(String),
     /// [`RunnerContainer::freeze`].
     Freeze(String),
     /// [`RunnerContainer::thaw`].
@@ -78,6 +80,7 @@ impl Call {
         match self {
             Call::Create { id, .. }
             | Call::HealthCheck(id)
+            | Call::Alive(id)
             | Call::Freeze(id)
             | Call::Thaw(id)
             | Call::Exec(id, _)
@@ -364,6 +367,11 @@ impl RunnerContainer for FakeRunner {
             });
         }
         Ok(())
+    }
+
+    fn alive(&self) -> bool {
+        let st = self.record(Call::Alive(self.id.clone()));
+        !st.unhealthy.contains(&self.id)
     }
 
     fn freeze(&mut self) -> Result<(), RunnerError> {

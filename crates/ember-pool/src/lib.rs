@@ -15,7 +15,9 @@
 //!   single-use (a never-used runner, destroyed after the run).
 //! * [`Pool::acquire`] lends a runner of the key ([`Lease`]): an idle one,
 //!   thawed if it was frozen and health-checked through its agent (a dead
-//!   one is destroyed and replaced without failing the run), else a new one.
+//!   one is destroyed and replaced without failing the run; one whose last
+//!   exec ended cleanly a moment ago only has its agent's process checked,
+//!   [`PoolConfig::health_proof`]), else a new one.
 //! * [`Pool::prewarm`] creates an idle runner of a key before any run of
 //!   it arrives, so the first run starts warm too.
 //! * [`Lease::exec`] runs commands in it, streaming output.

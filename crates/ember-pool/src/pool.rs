@@ -89,6 +89,15 @@ pub struct PoolConfig {
     /// frozen, expired and evicted like the others. Default 1; 0 makes
     /// every single-use run create its runner.
     pub fresh_spares: usize,
+    /// How long after a clean exit (code 0, no signal, timeout, cancel or
+    /// connection error) a recycled runner is reused without a health
+    /// check: that exit proved its agent answering and idle, and the pool
+    /// only asks the kernel whether the agent's process still runs
+    /// ([`RunnerContainer::alive`]). A runner idle for longer, frozen, or
+    /// whose last exec ended otherwise (or that ran none) is pinged as
+    /// before. Default 1 s (the reuse gap under a burst is well under a
+    /// millisecond); zero pings every time.
+    pub health_proof: Duration,
 }
 
 impl PoolConfig {
@@ -112,6 +121,7 @@ impl PoolConfig {
             health_timeout: Duration::from_millis(500),
             reset_scratch: true,
             fresh_spares: 1,
+            health_proof: Duration::from_secs(1),
         }
     }
 }
@@ -212,6 +222,9 @@ pub struct PoolStats {
     pub reused: u64,
     /// Idle runners that failed their health check.
     pub unhealthy: u64,
+    /// Reuses without a health check: the runner's last exec had just
+    /// ended cleanly ([`PoolConfig::health_proof`]).
+    pub proven: u64,
     /// Releases that returned the runner to the pool.
     pub recycled: u64,
     /// Runners created idle by [`Pool::prewarm`].
@@ -281,6 +294,9 @@ struct Runner {
     mem_baseline: MemoryEvents,
     /// When the current lease began (for the scratch reset's ctime check).
     lease_started: SystemTime,
+    /// When it was released after a lease whose last exec ended cleanly
+    /// (see [`PoolConfig::health_proof`]); `None` otherwise.
+    proven_at: Option<Instant>,
     container: Box<dyn RunnerContainer>,
 }
 
@@ -295,6 +311,7 @@ impl Runner {
             single_use: !spec.recyclable(),
             mem_baseline: container.memory_events(),
             lease_started: SystemTime::now(),
+            proven_at: None,
             container,
         }
     }
@@ -369,6 +386,7 @@ struct Inner {
     max_memory_bytes: Option<u64>,
     budget_interval: Duration,
     health_timeout: Duration,
+    health_proof: Duration,
     fresh_spares: usize,
     state: Mutex<State>,
     /// Wakes the reaper (new deadlines, shutdown) and shutdown (destroys
@@ -406,6 +424,9 @@ pub struct Lease {
     broken: bool,
     timed_out: bool,
     cancelled: bool,
+    /// The lease's last exec exited 0 (no signal, timeout, cancel or
+    /// spawn error): the agent answered it and runs nothing.
+    clean_exit: bool,
 }
 
 impl std::fmt::Debug for Lease {
@@ -591,6 +612,7 @@ impl Inner {
             broken: false,
             timed_out: false,
             cancelled: false,
+            clean_exit: false,
         })
     }
 
@@ -867,6 +889,7 @@ impl Pool {
             max_memory_bytes: config.max_memory_bytes,
             budget_interval: config.budget_interval,
             health_timeout: config.health_timeout,
+            health_proof: config.health_proof,
             fresh_spares: config.fresh_spares,
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
@@ -892,8 +915,10 @@ impl Pool {
     }
 
     /// Lends a runner with `spec`'s key: the most recently used idle one
-    /// (thawed if frozen, health-checked through its agent; a dead or
-    /// unhealthy one is destroyed and the next tried), else a new one.
+    /// (thawed if frozen, health-checked through its agent, or only its
+    /// agent's process checked right after a clean exit
+    /// ([`PoolConfig::health_proof`]); a dead or unhealthy one is destroyed
+    /// and the next tried), else a new one.
     /// For a single-use spec (no recycling key) the idle one can only be a
     /// never-used spare, and the pool then starts making the next spare
     /// ([`PoolConfig::fresh_spares`]).
@@ -947,8 +972,23 @@ impl Pool {
             };
             runner.lease_started = std::time::SystemTime::now();
             let was_frozen = runner.frozen;
-            let healthy = (if was_frozen { runner.thaw() } else { Ok(()) })
-                .and_then(|()| runner.health_check(inner.health_timeout));
+            // A runner whose last exec ended cleanly a moment ago was
+            // answering and idle then: a kernel check that its agent still
+            // runs stands in for the ping (a round trip to the agent and
+            // four socket options). Anything else is pinged.
+            let proven = !was_frozen
+                && runner
+                    .proven_at
+                    .take()
+                    .is_some_and(|t| t.elapsed() < inner.health_proof)
+                && runner.container.alive();
+            let healthy = if proven {
+                inner.lock().stats.proven += 1;
+                Ok(())
+            } else {
+                (if was_frozen { runner.thaw() } else { Ok(()) })
+                    .and_then(|()| runner.health_check(inner.health_timeout))
+            };
             match healthy {
                 Ok(_) => {
                     return Ok(Lease {
@@ -963,6 +1003,7 @@ impl Pool {
                         broken: false,
                         timed_out: false,
                         cancelled: false,
+                        clean_exit: false,
                     });
                 }
                 Err(e) => {
@@ -1038,6 +1079,7 @@ impl Pool {
         if reason.is_none() {
             runner.runs += 1;
         }
+        runner.proven_at = (reason.is_none() && lease.clean_exit).then(Instant::now);
         self.inner.finish(runner, reason, true)
     }
 
@@ -1296,9 +1338,11 @@ impl Lease {
             Ok(r) => {
                 self.timed_out |= r.timed_out;
                 self.cancelled |= r.cancelled;
+                self.clean_exit = Outcome::of(&r) == Outcome::Succeeded && r.spawn_error.is_none();
                 Ok(r)
             }
             Err(source) => {
+                self.clean_exit = false;
                 if source.is_connection_error() {
                     self.broken = true;
                 }

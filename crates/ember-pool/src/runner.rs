@@ -855,6 +855,14 @@ impl RunnerContainer for Runner {
         Runner::health_check(self, timeout).map(drop)
     }
 
+    fn alive(&self) -> bool {
+        // The agent is the container's init (when its pid was found at
+        // start): its pidfd turns readable once it exits.
+        self.init
+            .as_ref()
+            .is_some_and(|p| matches!(p.wait_readable(Duration::ZERO), Ok(false)))
+    }
+
     fn freeze(&mut self) -> Result<(), RunnerError> {
         Runner::freeze(self)
     }

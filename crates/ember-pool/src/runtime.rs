@@ -57,6 +57,15 @@ pub trait RunnerContainer: Send + fmt::Debug {
     /// Asks the agent, within `timeout`, whether it is alive and idle.
     fn health_check(&mut self, timeout: Duration) -> Result<(), RunnerError>;
 
+    /// Whether the agent's process still runs, asked of the kernel
+    /// without a round trip to the agent (a pidfd poll): what the pool
+    /// asks instead of a health check of a runner whose last exec just
+    /// ended cleanly, which proved the agent answering and idle then.
+    /// `false` when it cannot tell (the pool then health-checks).
+    fn alive(&self) -> bool {
+        false
+    }
+
     /// Freezes every task (returns before the freezer settles).
     fn freeze(&mut self) -> Result<(), RunnerError>;
 

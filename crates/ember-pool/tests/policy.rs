@@ -526,3 +526,174 @@ fn retiring_idle_runners_destroys_only_the_idle_ones_named() {
         Released::Recycled
     );
 }
+
+/// Runs `true` on a lease of `spec` (the fake exits 0 unless scripted)
+/// and releases it as the node does; returns the runner's id and how the
+/// release went.
+fn run_once(f: &Fixture, spec: &RunnerSpec, outcome: Outcome) -> (String, Released) {
+    let mut lease = f.pool.acquire(spec).unwrap();
+    let id = lease.id().to_owned();
+    let req = lease.command(["true"]);
+    let _ = lease.exec(&req, &mut |_, _| {});
+    (id, f.pool.release(lease, outcome))
+}
+
+#[test]
+fn a_runner_whose_exec_just_ended_cleanly_is_reused_without_a_ping() {
+    let f = pool(|_| {});
+    let s = spec("busybox", Some("k"));
+    let (a, released) = run_once(&f, &s, Outcome::Succeeded);
+    assert_eq!(released, Released::Recycled);
+    let lease = f.pool.acquire(&s).unwrap();
+    assert_eq!(lease.id(), a);
+    assert!(lease.info().reused);
+    let calls = f.fake.calls_of(&a);
+    // The clean exit proved the agent idle; only its process is checked.
+    assert_eq!(calls.last(), Some(&Call::Alive(a.clone())), "{calls:?}");
+    assert!(!calls.contains(&Call::HealthCheck(a.clone())), "{calls:?}");
+    assert_eq!(f.pool.stats().proven, 1);
+    // A lease that ran nothing proves nothing: the next acquire pings.
+    f.pool.release(lease, Outcome::Succeeded);
+    let lease = f.pool.acquire(&s).unwrap();
+    assert_eq!(
+        f.fake.calls_of(&a).last(),
+        Some(&Call::HealthCheck(a.clone()))
+    );
+    assert_eq!(f.pool.stats().proven, 1);
+    f.pool.release(lease, Outcome::Succeeded);
+}
+
+#[test]
+fn a_runner_whose_exec_failed_or_was_killed_is_still_health_checked_before_reuse() {
+    let f = pool(|_| {});
+    let s = spec("busybox", Some("k"));
+    let a = use_once(&f.pool, &s);
+    // Results the node keeps the runner warm for (a non-zero exit), or a
+    // caller might (a signal), and ones the pool discards on its own.
+    let cases = [
+        (
+            "exit 1",
+            ExecResult {
+                exit_code: Some(1),
+                ..ExecResult::default()
+            },
+            None,
+        ),
+        (
+            "killed",
+            ExecResult {
+                signal: Some(9),
+                ..ExecResult::default()
+            },
+            None,
+        ),
+        (
+            "spawn error",
+            ExecResult {
+                exit_code: Some(127),
+                spawn_error: Some("no such file".into()),
+                ..ExecResult::default()
+            },
+            None,
+        ),
+        (
+            "timed out",
+            ExecResult {
+                exit_code: Some(0),
+                timed_out: true,
+                ..ExecResult::default()
+            },
+            Some(DiscardReason::TimedOut),
+        ),
+        (
+            "cancelled",
+            ExecResult {
+                exit_code: Some(0),
+                cancelled: true,
+                ..ExecResult::default()
+            },
+            Some(DiscardReason::Cancelled),
+        ),
+    ];
+    let mut id = a;
+    for (name, result, discarded) in cases {
+        f.fake.script_exec(&id, result);
+        let (ran_on, released) = run_once(&f, &s, Outcome::Succeeded);
+        assert_eq!(ran_on, id, "{name}");
+        match discarded {
+            Some(r) => {
+                assert_eq!(released, Released::Discarded(r), "{name}");
+                wait_destroyed(&f, &id);
+                id = use_once(&f.pool, &s);
+            }
+            None => {
+                assert_eq!(released, Released::Recycled, "{name}");
+                let lease = f.pool.acquire(&s).unwrap();
+                assert_eq!(lease.id(), id, "{name}");
+                assert_eq!(
+                    f.fake.calls_of(&id).last(),
+                    Some(&Call::HealthCheck(id.clone())),
+                    "{name}: pinged before reuse"
+                );
+                f.pool.release(lease, Outcome::Succeeded);
+            }
+        }
+    }
+    assert_eq!(f.pool.stats().proven, 0);
+}
+
+#[test]
+fn a_proven_runner_whose_agent_died_since_is_replaced_without_failing_the_acquire() {
+    let f = pool(|_| {});
+    let s = spec("busybox", Some("k"));
+    let mut lease = f.pool.acquire(&s).unwrap();
+    let dead = lease.id().to_owned();
+    assert!(exec(&mut lease).success());
+    // The agent dies after its clean exit, before the release.
+    f.fake.kill_agent(&dead);
+    assert_eq!(
+        f.pool.release(lease, Outcome::Succeeded),
+        Released::Recycled
+    );
+    let lease = f.pool.acquire(&s).unwrap();
+    assert_ne!(lease.id(), dead);
+    assert_eq!(lease.info().replaced, 1);
+    assert!(!lease.info().reused);
+    wait_destroyed(&f, &dead);
+    assert_eq!(f.pool.stats().unhealthy, 1);
+    assert_eq!(f.pool.stats().proven, 0);
+}
+
+#[test]
+fn a_proof_runs_out_and_a_frozen_runner_is_always_pinged() {
+    // health_proof zero: every reuse pings, clean exit or not.
+    let f = pool(|c| c.health_proof = Duration::ZERO);
+    let s = spec("busybox", Some("k"));
+    let (a, _) = run_once(&f, &s, Outcome::Succeeded);
+    let lease = f.pool.acquire(&s).unwrap();
+    assert_eq!(
+        f.fake.calls_of(&a).last(),
+        Some(&Call::HealthCheck(a.clone()))
+    );
+    f.pool.release(lease, Outcome::Succeeded);
+    assert_eq!(f.pool.stats().proven, 0);
+
+    // Frozen since its clean exit: thawed and pinged.
+    let f = pool(|c| c.pause_after = Some(Duration::ZERO));
+    let (a, _) = run_once(&f, &s, Outcome::Succeeded);
+    assert!(
+        f.fake
+            .wait_for(WAIT, |c| c.contains(&Call::Freeze(a.clone()))),
+        "not frozen: {:?}",
+        f.fake.calls()
+    );
+    let lease = f.pool.acquire(&s).unwrap();
+    assert_eq!(lease.id(), a);
+    let calls = f.fake.calls_of(&a);
+    assert_eq!(
+        calls[calls.len() - 2..],
+        [Call::Thaw(a.clone()), Call::HealthCheck(a.clone())]
+    );
+    f.pool.release(lease, Outcome::Succeeded);
+    assert_eq!(f.pool.stats().proven, 0);
+}
