@@ -139,6 +139,57 @@ import json,sys; j=json.load(open('$W/warm$WU.json')); print('%.3f %.3f' % (j['p
   fi
 done
 
+# Through `ember control` + `ember node` (a snapshot deployment of the same
+# app, first-output latency of `ember submit --wait`), at NODE_WARMUP: the
+# node's on-demand restore (--snapshot-spares 0) and prepared copies
+# (--snapshot-spares NODE_SPARES), lone runs and 8 at once, and a fresh
+# start through the node (a plain deployment of the same command) in the
+# same run for the ratio.
+NODE_WARMUP=${NODE_WARMUP:-1}
+NODE_SPARES=${NODE_SPARES:-8}
+NODE_RUNS=${NODE_RUNS:-10}
+NODE_ROWS=()
+spares_metric() { curl -fs "http://$1/metrics" | awk '/^ember_node_snapshot_spares/ {print int($2)}'; }
+for SP in 0 "$NODE_SPARES"; do
+  log "node, --snapshot-spares $SP: control plane + node"
+  NW=$W/node$SP
+  mkdir -p "$NW"
+  "$EMBER" --root "$NW/control" control --listen 127.0.0.1:0 --db "$NW/control.db" \
+    --client-token bench-client --node-token bench-node >"$NW/control.log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 200); do grep -qo 'http://[0-9.:]*' "$NW/control.log" && break; sleep 0.05; done
+  export EMBER_CONTROL=$(grep -o 'http://[0-9.:]*' "$NW/control.log" | head -1)
+  export EMBER_TOKEN=bench-client
+  MPORT=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+  "$EMBER" --root "$NW/node" node --control "$EMBER_CONTROL" --token bench-node --id n1 --slots 8 \
+    --agent "$EMBER_AGENT" --snapshot-spares "$SP" --metrics-listen "127.0.0.1:$MPORT" >"$NW/node.log" 2>&1 &
+  NPID=$!
+  PIDS+=($NPID)
+  for _ in $(seq 300); do "$EMBER" nodes --json 2>/dev/null | grep -q '"n1"' && break; sleep 0.1; done
+  "$EMBER" deploy --snapshot snap "$IMAGE" -- python3 -c "$APP" "$NODE_WARMUP" >&2
+  "$EMBER" deploy fresh "$IMAGE" -- python3 -c "$APP" "$NODE_WARMUP" >&2
+  "$EMBER" submit --wait --deployment snap -- x >/dev/null
+  for _ in $(seq 600); do "$EMBER" nodes --json | grep -q '"d.snap.' && break; sleep 0.1; done
+  python3 "$FIRSTOUT" 3 1 -- "$EMBER" submit --wait --deployment fresh >"$NW/fresh.json"
+  want=$((SP < 8 ? SP : 8))
+  waitspares() { for _ in $(seq 600); do [ "$(spares_metric "127.0.0.1:$MPORT")" -ge "$1" ] && break; sleep 0.1; done; }
+  lone=()
+  for i in $(seq "$NODE_RUNS"); do
+    if [ "$SP" -gt 0 ]; then waitspares "$want"; fi
+    python3 "$FIRSTOUT" 1 1 -- "$EMBER" submit --wait --deployment snap -- x >"$NW/lone$i.json"
+    lone+=("$NW/lone$i.json")
+  done
+  if [ "$SP" -gt 0 ]; then waitspares "$want"; fi
+  python3 "$FIRSTOUT" 8 8 -- "$EMBER" submit --wait --deployment snap -- x >"$NW/conc.json"
+  SERVED=$(curl -fs "http://127.0.0.1:$MPORT/metrics" | awk '/^ember_node_snapshot_runs_total/ {printf "%s ", $0}')
+  read -r F50 F99 FMAX FN < <(stats "$NW/fresh.json")
+  read -r L50 L99 LMAX LN < <(stats "${lone[@]}")
+  read -r C50 C99 CMAX CN < <(stats "$NW/conc.json")
+  NODE_ROWS+=("| $SP | $F50 | $L50 / $L99 | $C50 / $CMAX | $(awk -v a="$F50" -v b="$L50" 'BEGIN {printf "%.1f", a / b}')× | $(awk -v a="$CMAX" -v b="$L50" 'BEGIN {printf "%.1f", a / b}')× | $SERVED |")
+  kill "$NPID" 2>/dev/null || true
+  wait "$NPID" 2>/dev/null || true
+done
+
 mkdir -p "$OUT"
 {
   echo "# Snapshot restore vs fresh start vs warm runner, Python start-up ($(date -u +%Y-%m-%dT%H:%MZ))"
@@ -152,4 +203,10 @@ mkdir -p "$OUT"
   for r in "${ROWS[@]}"; do echo "$r"; done
   echo
   echo "$DISTINCT."
+  echo
+  echo "Through \`ember control\` + \`ember node\` (\`ember submit --wait\`, warm-up $NODE_WARMUP s, $NODE_RUNS lone runs, 8 at once; fresh: 3 runs of a plain deployment of the same command):"
+  echo
+  echo "| --snapshot-spares | fresh p50 | lone p50 / p99 | 8 at once p50 / max | fresh / lone | slowest of 8 / lone p50 | runs by restore |"
+  echo "| ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+  for r in "${NODE_ROWS[@]}"; do echo "$r"; done
 } | tee "$OUT/latest.md"

@@ -136,6 +136,7 @@ pub async fn run_node(
         cfg.agent.clone(),
         cfg.criu.clone(),
         snapshot_cache,
+        cfg.snapshot_spares,
     ));
     let agent = Arc::new(NodeAgent {
         snapshots,
@@ -191,10 +192,12 @@ pub async fn run_node(
         .values()
         .cloned()
         .collect();
+    let snapshots = agent.snapshots.clone();
     let _ = tokio::task::spawn_blocking(move || {
         for h in handles {
             h.cancel();
         }
+        snapshots.shutdown();
         pool.shutdown();
     })
     .await;

@@ -47,6 +47,10 @@ pub struct NodeAgentConfig {
     /// The CRIU binary snapshot deployments capture and restore with;
     /// `None`: `$EMBER_CRIU`, else `criu` on the `PATH`.
     pub criu: Option<PathBuf>,
+    /// Restored copies of each snapshot deployment's checkpoint kept
+    /// prepared ahead of its runs (agent connected, start-up parked before
+    /// `Resume`); 0: every run restores on demand.
+    pub snapshot_spares: usize,
 }
 
 /// How a node pre-pulls the images its pull plan names and keeps its

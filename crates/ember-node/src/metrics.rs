@@ -151,6 +151,29 @@ fn render(agent: &NodeAgent) -> String {
     );
     gauge(
         &mut t,
+        "ember_node_snapshot_spares",
+        "Restored copies of snapshot deployments prepared ahead of runs (agent connected, \
+         start-up parked before Resume).",
+        agent.snapshots.spares_held() as f64,
+    );
+    t.family(
+        "ember_node_snapshot_runs_total",
+        "counter",
+        "Runs of snapshot deployments with a checkpoint here, by how their copy was \
+         restored: from a prepared copy (spare) or on demand.",
+    );
+    for (how, n) in [
+        ("spare", &agent.snapshots.from_spare),
+        ("on_demand", &agent.snapshots.on_demand_total),
+    ] {
+        t.sample(
+            "ember_node_snapshot_runs_total",
+            &[("node", node), ("restore", how)],
+            n.load(Ordering::Relaxed) as f64,
+        );
+    }
+    gauge(
+        &mut t,
         "ember_node_store_bytes",
         "Bytes of the images' layers in the node's store.",
         store_bytes as f64,

@@ -105,6 +105,7 @@ async fn node_metrics_show_pulls_warm_hits_runners_and_store() {
             watchdog: None,
             metrics_listen: Some(metrics_addr),
             criu: None,
+            snapshot_spares: 0,
             prepull: Default::default(),
         },
         async {

@@ -166,6 +166,7 @@ async fn a_silent_work_stream_is_replaced_and_missed_work_arrives() {
             prepull: Default::default(),
             metrics_listen: None,
             criu: None,
+            snapshot_spares: 0,
         },
         async {
             let _ = node_stopped.await;

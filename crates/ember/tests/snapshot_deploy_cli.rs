@@ -32,7 +32,16 @@ fn a_snapshot_deployment_starts_fresh_once_then_restores_independent_copies() {
     let db = tmp.path().join("control.db");
     let (_control, url) = start_control(&tmp.path().join("control"), &db.to_string_lossy(), &[]);
     let node_root = tmp.path().join("node");
-    let _node = start_node(&node_root, &url, "n1", 2, &agent, &[]);
+    // No prepared copies: every run restores on demand, as before spares
+    // (snapshot_spares_cli.rs tests them).
+    let _node = start_node(
+        &node_root,
+        &url,
+        "n1",
+        2,
+        &agent,
+        &["--snapshot-spares", "0"],
+    );
 
     client_ok(
         &url,

@@ -21,18 +21,18 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ember_api::wire::LogStream;
 use ember_control::model::{NodeReport, Run, SNAPSHOT_KEY_PREFIX, snapshot_key_deployment};
 use ember_runtime::{Criu, Runc};
-use ember_store::{ImageRecord, Store};
+use ember_store::{ImageRecord, SnapshotManifest, Store};
 
 use super::{
-    CaptureRequest, ResumeRequest, RunEvent, RunOutcome, RunTimings, SnapshotError, SnapshotHost,
-    StartWith,
+    CaptureRequest, PreparedCopy, ResumeRequest, RunEvent, RunOutcome, RunTimings, SnapshotError,
+    SnapshotHost, StartWith,
 };
 use crate::agent::NodeAgent;
 use crate::execute::{RunHandle, SIGKILL};
@@ -60,7 +60,28 @@ pub(crate) struct NodeSnapshots {
     capturing: Mutex<HashSet<String>>,
     /// Key → when its last capture failed.
     failed: Mutex<HashMap<String, Instant>>,
+    /// Prepared copies kept per key (`ember node --snapshot-spares`).
+    spares_per_key: usize,
+    /// Key → its prepared copies, ready for a run to resume.
+    spares: Mutex<HashMap<String, Vec<PreparedCopy>>>,
+    /// Keys with a preparing thread now (one per key).
+    preparing: Mutex<HashSet<String>>,
+    /// Runs restoring on demand now: preparing threads wait while any is,
+    /// so spares never compete with a run that needs a restore now.
+    on_demand: AtomicUsize,
+    /// Set at node shutdown: preparing threads stop, spares are removed.
+    closed: AtomicBool,
+    /// Runs served from a prepared copy.
+    pub(crate) from_spare: AtomicU64,
+    /// Runs that restored on demand.
+    pub(crate) on_demand_total: AtomicU64,
 }
+
+/// Prepared copies per snapshot key when `ember node --snapshot-spares` is
+/// not given: one lone run in a row finds a copy ready, and a burst of a
+/// few finds that many, while idle copies hold little (a parked copy is
+/// its start-up's memory, tens of MB for an interpreter, and no CPU).
+pub const DEFAULT_SPARES: usize = 2;
 
 impl NodeSnapshots {
     /// Snapshot runners under `<root>/snapshot/`; leftovers of an earlier
@@ -72,6 +93,7 @@ impl NodeSnapshots {
         agent: PathBuf,
         criu: Option<PathBuf>,
         cache: Option<SnapshotCache>,
+        spares_per_key: usize,
     ) -> NodeSnapshots {
         let base = root.join("snapshot");
         let host = SnapshotHost {
@@ -101,6 +123,202 @@ impl NodeSnapshots {
             cache,
             capturing: Mutex::new(HashSet::new()),
             failed: Mutex::new(HashMap::new()),
+            spares_per_key,
+            spares: Mutex::new(HashMap::new()),
+            preparing: Mutex::new(HashSet::new()),
+            on_demand: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            from_spare: AtomicU64::new(0),
+            on_demand_total: AtomicU64::new(0),
+        }
+    }
+
+    /// Prepared copies held now, over all keys.
+    pub(crate) fn spares_held(&self) -> usize {
+        self.spares
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
+    /// Destroys the prepared copies of `deployment`'s snapshots (the
+    /// deployment was deleted). Blocking: `runc delete` per copy.
+    // Called by deployment deletion, which is wired separately.
+    #[allow(dead_code)]
+    pub fn drop_spares(&self, deployment: &str) {
+        let gone: Vec<PreparedCopy> = {
+            let mut spares = self.spares.lock().unwrap_or_else(|e| e.into_inner());
+            let keys: Vec<String> = spares
+                .keys()
+                .filter(|k| snapshot_key_deployment(k) == Some(deployment))
+                .cloned()
+                .collect();
+            keys.iter()
+                .filter_map(|k| spares.remove(k))
+                .flatten()
+                .collect()
+        };
+        remove_copies(gone);
+    }
+
+    /// Destroys the prepared copies of every key `drop` says yes to.
+    fn drop_spares_where(&self, drop: impl Fn(&str) -> bool) {
+        let gone: Vec<PreparedCopy> = {
+            let mut spares = self.spares.lock().unwrap_or_else(|e| e.into_inner());
+            let keys: Vec<String> = spares.keys().filter(|k| drop(k)).cloned().collect();
+            keys.iter()
+                .filter_map(|k| spares.remove(k))
+                .flatten()
+                .collect()
+        };
+        remove_copies(gone);
+    }
+
+    /// Node shutdown: no more spares are prepared, and those held are
+    /// destroyed. Blocking.
+    pub(crate) fn shutdown(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.drop_spares_where(|_| true);
+    }
+
+    /// Takes a prepared copy of `manifest` (by its key), if one is ready.
+    /// Copies of another version of the snapshot (its manifest changed or
+    /// it left the store) are destroyed, not used.
+    fn take_spare(&self, manifest: &SnapshotManifest) -> Option<PreparedCopy> {
+        let (copy, stale) = {
+            let mut spares = self.spares.lock().unwrap_or_else(|e| e.into_inner());
+            let list = spares.get_mut(&manifest.name)?;
+            let (fresh, stale): (Vec<_>, Vec<_>) = std::mem::take(list)
+                .into_iter()
+                .partition(|c| same_snapshot(&c.manifest, manifest));
+            *list = fresh;
+            (list.pop(), stale)
+        };
+        remove_copies(stale);
+        copy
+    }
+
+    /// Starts `key`'s preparing thread, unless it has one or spares are
+    /// off: it restores copies of the key's snapshot (as the store holds
+    /// it now) until `spares_per_key` are ready, one at a time, at a lower
+    /// CPU priority, and only while no run restores on demand.
+    fn prepare_in_background(self: &Arc<Self>, key: &str, record: &ImageRecord) {
+        if self.spares_per_key == 0 || self.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        if !self
+            .preparing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_owned())
+        {
+            return;
+        }
+        let (me, key, record) = (self.clone(), key.to_owned(), record.clone());
+        let release = key.clone();
+        let spawned = std::thread::Builder::new()
+            .name("snapshot-spares".into())
+            .spawn(move || {
+                lower_priority();
+                me.prepare_loop(&key, &record);
+                me.preparing
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&key);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %ember_error::chain(&e), "starting a preparing thread");
+            self.preparing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&release);
+        }
+    }
+
+    fn prepare_loop(&self, key: &str, record: &ImageRecord) {
+        loop {
+            // Runs that need a restore now go first.
+            while self.on_demand.load(Ordering::SeqCst) > 0 {
+                if self.closed.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if self.closed.load(Ordering::SeqCst) {
+                return;
+            }
+            let Some(manifest) = self
+                .host
+                .store
+                .snapshot(key)
+                .ok()
+                .filter(|m| m.image == record.manifest)
+            else {
+                // The snapshot left the store: its copies go too.
+                self.drop_spares_where(|k| k == key);
+                return;
+            };
+            let held = {
+                let spares = self.spares.lock().unwrap_or_else(|e| e.into_inner());
+                spares
+                    .get(key)
+                    .map(|l| {
+                        l.iter()
+                            .filter(|c| same_snapshot(&c.manifest, &manifest))
+                            .count()
+                    })
+                    .unwrap_or(0)
+            };
+            if held >= self.spares_per_key {
+                return;
+            }
+            let claim = format!("snapshot-spare-{key}");
+            if let Err(e) = self
+                .host
+                .store
+                .add_user(&claim, &record.manifest, std::process::id())
+            {
+                tracing::warn!(error = %ember_error::chain(&e), "claiming the image for a spare");
+            }
+            let r = super::prepare_copy(&self.host, &manifest, record);
+            self.host.store.remove_user(&claim);
+            let copy = match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Runs restore on demand (and fall back) as without
+                    // spares; this thread does not retry in a loop.
+                    tracing::warn!(snapshot = %key, error = %e.why_not_restored(), "preparing a restored copy");
+                    return;
+                }
+            };
+            tracing::debug!(snapshot = %key, timings = ?copy.timings, "prepared a restored copy");
+            // Replaced or closed meanwhile: not kept.
+            let current = self
+                .host
+                .store
+                .snapshot(key)
+                .ok()
+                .is_some_and(|m| same_snapshot(&m, &copy.manifest));
+            if !current || self.closed.load(Ordering::SeqCst) {
+                copy.remove();
+                continue;
+            }
+            let extra = {
+                let mut spares = self.spares.lock().unwrap_or_else(|e| e.into_inner());
+                let list = spares.entry(key.to_owned()).or_default();
+                if list.len() < self.spares_per_key {
+                    list.push(copy);
+                    None
+                } else {
+                    Some(copy)
+                }
+            };
+            if let Some(c) = extra {
+                c.remove();
+                return;
+            }
         }
     }
 
@@ -126,12 +344,10 @@ impl NodeSnapshots {
     /// went.
     pub(crate) fn drop_stale(&self, stale: &BTreeSet<String>) -> usize {
         let mut dropped = 0;
-        let mut deployments = BTreeSet::new();
         for key in stale {
-            let Some(deployment) = snapshot_key_deployment(key) else {
+            if snapshot_key_deployment(key).is_none() {
                 continue;
-            };
-            deployments.insert(deployment.to_owned());
+            }
             if self
                 .capturing
                 .lock()
@@ -155,11 +371,9 @@ impl NodeSnapshots {
                 }
             }
         }
-        for deployment in &deployments {
-            // HOOK(spares): the lead wires `self.drop_spares(deployment)`
-            // here once `NodeSnapshots::drop_spares` is on main.
-            let _ = deployment;
-        }
+        // Prepared copies of a stale key never serve a run again, whether
+        // or not its checkpoint could be removed yet.
+        self.drop_spares_where(|k| stale.contains(k));
         dropped
     }
 
@@ -169,6 +383,8 @@ impl NodeSnapshots {
         let Some(deployment) = snapshot_key_deployment(key) else {
             return;
         };
+        // Copies of the deployment's earlier image or start-up go first.
+        self.drop_spares_where(|k| k != key && snapshot_key_deployment(k) == Some(deployment));
         let Ok(list) = self.host.store.snapshots() else {
             return;
         };
@@ -294,6 +510,7 @@ impl NodeSnapshots {
                     .remove(&key);
                 // The checkpoint is placement locality now.
                 agent.inventory_changed.notify_one();
+                me.prepare_in_background(&key, &record);
             });
         if let Err(e) = spawned {
             tracing::warn!(error = %ember_error::chain(&e), "starting a capture thread");
@@ -388,33 +605,82 @@ pub(crate) fn exec_snapshot(
             Err(why) => cache_note = Some(why),
         }
     }
-    let outcome: Result<RunOutcome, SnapshotError> = match manifest {
-        Some(m) => super::run_from_snapshot_with(
-            host,
-            &m,
-            record,
-            &req,
-            t0,
-            super::Cleanup::Background,
-            &mut |e| {
-                // A corrupt artifact is not used again: the next run
-                // captures a new one.
-                if matches!(
-                    e,
-                    SnapshotError::Artifact(
-                        ember_store::SnapshotError::DigestMismatch { .. }
-                            | ember_store::SnapshotError::Malformed { .. }
-                    )
-                ) && let Err(e) = host.store.remove_snapshot(&key)
-                {
-                    tracing::warn!(snapshot = %key, error = %ember_error::chain(&e), "removing a corrupt checkpoint");
-                }
-                true
-            },
-            &mut on_event,
-            &mut on_output,
-        ),
-        None => {
+    // A copy prepared ahead: the run only resumes it.
+    let spare = manifest.as_ref().and_then(|m| snapshots.take_spare(m));
+    let outcome: Result<RunOutcome, SnapshotError> = match (manifest, spare) {
+        (Some(_), Some(copy)) => {
+            snapshots.from_spare.fetch_add(1, Ordering::Relaxed);
+            let waited = copy.ready_at.elapsed();
+            let _ = tx.send(Event::report(NodeReport::Snapshot {
+                restored: true,
+                note: Some(format!(
+                    "{SPARE_NOTE} (restored {} ms ahead, {} ms before this run)",
+                    copy.timings
+                        .restore
+                        .map(|d| d.as_millis())
+                        .unwrap_or_default()
+                        + copy.timings.connect.as_millis(),
+                    waited.as_millis()
+                )),
+            }));
+            // Its restore happened before the run: the run's own restore
+            // phase is 0, and the copy's restore is in the note.
+            let t = RunTimings {
+                restored: true,
+                ..RunTimings::default()
+            };
+            // A replacement is restored beside the run.
+            snapshots.prepare_in_background(&key, record);
+            super::resume_copy(
+                copy,
+                &req,
+                t0,
+                t,
+                super::Cleanup::Background,
+                &mut on_event,
+                &mut on_output,
+            )
+        }
+        (Some(m), None) => {
+            snapshots.on_demand_total.fetch_add(1, Ordering::Relaxed);
+            let demand = OnDemand::new(&snapshots.on_demand);
+            let r = super::run_from_snapshot_with(
+                host,
+                &m,
+                record,
+                &req,
+                t0,
+                super::Cleanup::Background,
+                &mut |e| {
+                    // A corrupt artifact is not used again: the next run
+                    // captures a new one.
+                    if matches!(
+                        e,
+                        SnapshotError::Artifact(
+                            ember_store::SnapshotError::DigestMismatch { .. }
+                                | ember_store::SnapshotError::Malformed { .. }
+                        )
+                    ) && let Err(e) = host.store.remove_snapshot(&key)
+                    {
+                        tracing::warn!(snapshot = %key, error = %ember_error::chain(&e), "removing a corrupt checkpoint");
+                    }
+                    true
+                },
+                &mut |ev| {
+                    // Restored: preparing threads may go on while it runs.
+                    if matches!(ev, RunEvent::Restored | RunEvent::FreshStart(_)) {
+                        demand.done();
+                    }
+                    on_event(ev)
+                },
+                &mut on_output,
+            );
+            drop(demand);
+            // Spares for the next runs, after this run used its restore.
+            snapshots.prepare_in_background(&key, record);
+            r
+        }
+        (None, _) => {
             let mut why = "no checkpoint of this deployment's start-up on the node yet: started \
                  fresh while one is captured for the next runs"
                 .to_owned();
@@ -487,5 +753,65 @@ fn block_on<T>(fut: impl std::future::Future<Output = T>) -> T {
             .build()
             .expect("a current-thread runtime builds (only fails without OS resources)")
             .block_on(fut),
+    }
+}
+
+/// The start of a run's `snapshot_note` when it was served from a copy
+/// prepared ahead.
+pub const SPARE_NOTE: &str = "from a prepared copy";
+
+/// Whether two manifests name the same capture of a snapshot (a copy of
+/// one may serve a run of the other).
+fn same_snapshot(a: &SnapshotManifest, b: &SnapshotManifest) -> bool {
+    a.name == b.name
+        && a.artifact == b.artifact
+        && a.image == b.image
+        && a.created_ms == b.created_ms
+}
+
+/// Destroys prepared copies (each a `runc delete` and an unmount; only
+/// when a key is replaced or dropped, so not on a run's usual path).
+fn remove_copies(copies: Vec<PreparedCopy>) {
+    for c in copies {
+        c.remove();
+    }
+}
+
+/// Runs this thread (and the runc and CRIU it starts, which inherit it)
+/// at a lower CPU priority: spares are restored in idle time.
+fn lower_priority() {
+    // SAFETY: setpriority on this thread's own id; no memory is shared.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "lowering a preparing thread's priority");
+    }
+}
+
+/// A run restoring on demand, counted in `on_demand` until its restore
+/// is done (or the guard dropped).
+struct OnDemand<'a> {
+    count: &'a AtomicUsize,
+    done: std::cell::Cell<bool>,
+}
+
+impl<'a> OnDemand<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        OnDemand {
+            count,
+            done: std::cell::Cell::new(false),
+        }
+    }
+
+    fn done(&self) {
+        if !self.done.replace(true) {
+            self.count.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for OnDemand<'_> {
+    fn drop(&mut self) {
+        self.done();
     }
 }

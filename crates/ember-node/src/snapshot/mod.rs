@@ -704,71 +704,133 @@ pub fn run_from_snapshot(
     )
 }
 
-/// [`run_from_snapshot`], removing the restored copy as `cleanup` says.
-#[allow(clippy::too_many_arguments)]
-pub fn run_from_snapshot_with(
+/// A restored copy of a snapshot whose agent is connected and whose
+/// start-up is still parked before `Resume`: exactly what a run restores
+/// before it resumes. The node keeps some ready ahead of runs
+/// ([`deploy`]'s spares); one serves one run and is destroyed after it.
+pub struct PreparedCopy {
+    restored: checkpoint::Restored,
+    client: AgentClient,
+    // Removed after the container ([`PreparedCopy::remove`]).
+    sock: SocketDir,
+    /// The snapshot it was restored from (its artifact names the content).
+    pub manifest: SnapshotManifest,
+    /// What restoring it took (unpack, restore, CRIU restore, connect).
+    pub timings: RunTimings,
+    /// When it was ready.
+    pub ready_at: Instant,
+}
+
+impl std::fmt::Debug for PreparedCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedCopy")
+            .field("id", &self.restored.id())
+            .field("snapshot", &self.manifest.name)
+            .finish()
+    }
+}
+
+impl PreparedCopy {
+    /// Destroys the copy (its container, overlay and socket directory)
+    /// without running it; a failure is logged.
+    pub fn remove(self) {
+        let PreparedCopy {
+            mut restored,
+            client,
+            sock,
+            ..
+        } = self;
+        drop(client);
+        if let Err(e) = restored.cleanup() {
+            tracing::warn!(error = %ember_error::chain(&e), "removing a restored container");
+        }
+        drop(sock);
+    }
+}
+
+/// Restores a copy of `manifest` (whose image is `image`) and connects
+/// to its agent, leaving the start-up parked: the first half of
+/// [`run_from_snapshot_with`].
+pub fn prepare_copy(
     host: &SnapshotHost,
     manifest: &SnapshotManifest,
     image: &ImageRecord,
+) -> Result<PreparedCopy, SnapshotError> {
+    let mut t = RunTimings::default();
+    let tu = Instant::now();
+    // Held until the restore has read the unpacked copy: the store's
+    // budget GC never evicts a snapshot a restore is reading.
+    let _claim = host.store.claim_snapshot(manifest)?;
+    let (dir, _unpacked) = host.store.unpack_snapshot(manifest)?;
+    t.unpack = tu.elapsed();
+    let sock = SocketDir::new(&host.store)?;
+    let id = unique_id("restore");
+    let layers = host.store.layer_dirs(image);
+    let rebind = [BindMount {
+        source: sock.dir.clone(),
+        destination: SOCKET_DIR.into(),
+        readonly: false,
+    }];
+    let mut restored = checkpoint::restore(
+        &host.runc,
+        &host.criu,
+        &dir,
+        &RestoreTarget {
+            id: &id,
+            dir: &host.containers.join(&id),
+            layers: &layers,
+            image: &identity(image),
+            rebind: &rebind,
+        },
+    )?;
+    t.restore = Some(restored.total_time);
+    t.criu_restore = Some(restored.restore_time);
+    let tc = Instant::now();
+    let client = match AgentClient::connect_timeout(&sock.socket, AGENT_WAIT) {
+        Ok(c) => c,
+        Err(source) => {
+            if let Err(e) = restored.cleanup() {
+                tracing::warn!(error = %ember_error::chain(&e), "removing a restored container");
+            }
+            return Err(SnapshotError::Agent {
+                what: "connecting to the restored agent".into(),
+                source,
+            });
+        }
+    };
+    t.connect = tc.elapsed();
+    t.restored = true;
+    Ok(PreparedCopy {
+        restored,
+        client,
+        sock,
+        manifest: manifest.clone(),
+        timings: t,
+        ready_at: Instant::now(),
+    })
+}
+
+/// Resumes a prepared copy's start-up with `req` (a fresh seed, the run's
+/// argv and env) and removes the copy as `cleanup` says: the second half
+/// of [`run_from_snapshot_with`]. `t` holds what the caller measured
+/// (for a copy prepared ahead, no restore: it happened before the run).
+pub fn resume_copy(
+    copy: PreparedCopy,
     req: &ResumeRequest,
     t0: Instant,
+    mut t: RunTimings,
     cleanup: Cleanup,
-    fallback_ok: &mut dyn FnMut(&SnapshotError) -> bool,
     on_event: &mut dyn FnMut(RunEvent<'_>),
     on_output: &mut dyn FnMut(bool, &[u8]),
 ) -> Result<RunOutcome, SnapshotError> {
-    let mut t = RunTimings::default();
-    let attempt = (|| -> Result<(checkpoint::Restored, SocketDir), SnapshotError> {
-        let tu = Instant::now();
-        // Held until the restore has read the unpacked copy: the store's
-        // budget GC never evicts a snapshot a restore is reading.
-        let _claim = host.store.claim_snapshot(manifest)?;
-        let (dir, _unpacked) = host.store.unpack_snapshot(manifest)?;
-        t.unpack = tu.elapsed();
-        let sock = SocketDir::new(&host.store)?;
-        let id = unique_id("restore");
-        let layers = host.store.layer_dirs(image);
-        let rebind = [BindMount {
-            source: sock.dir.clone(),
-            destination: SOCKET_DIR.into(),
-            readonly: false,
-        }];
-        let restored = checkpoint::restore(
-            &host.runc,
-            &host.criu,
-            &dir,
-            &RestoreTarget {
-                id: &id,
-                dir: &host.containers.join(&id),
-                layers: &layers,
-                image: &identity(image),
-                rebind: &rebind,
-            },
-        )?;
-        t.restore = Some(restored.total_time);
-        t.criu_restore = Some(restored.restore_time);
-        Ok((restored, sock))
-    })();
-    let (mut restored, sock) = match attempt {
-        Ok(r) => r,
-        Err(e) => {
-            if !fallback_ok(&e) {
-                return Err(e);
-            }
-            let why = e.why_not_restored();
-            on_event(RunEvent::FreshStart(&why));
-            t.fallback = Some(why);
-            let start = StartWith::Captured(&manifest.start);
-            return fresh_start(host, image, &start, req, t0, t, on_event, on_output);
-        }
-    };
-    on_event(RunEvent::Restored);
-    let tc = Instant::now();
+    let PreparedCopy {
+        mut restored,
+        mut client,
+        sock,
+        manifest,
+        ..
+    } = copy;
     let resumed = (|| {
-        let mut client = AgentClient::connect_timeout(&sock.socket, AGENT_WAIT)
-            .map_err(SnapshotError::agent("connecting to the restored agent"))?;
-        t.connect = tc.elapsed();
-        t.restored = true;
         let msg = req.message(true)?;
         on_event(RunEvent::Resuming {
             socket: &sock.socket,
@@ -779,6 +841,7 @@ pub fn run_from_snapshot_with(
             .resume(manifest.start.exec_id, &msg, timeout_ms, on_output)
             .map_err(SnapshotError::agent("resuming the restored start-up"))
     })();
+    drop(client);
     t.exit = t0.elapsed();
     let tc = Instant::now();
     let remove = move || {
@@ -805,6 +868,40 @@ pub fn run_from_snapshot_with(
         result: resumed?,
         timings: t,
     })
+}
+
+/// [`run_from_snapshot`], removing the restored copy as `cleanup` says.
+#[allow(clippy::too_many_arguments)]
+pub fn run_from_snapshot_with(
+    host: &SnapshotHost,
+    manifest: &SnapshotManifest,
+    image: &ImageRecord,
+    req: &ResumeRequest,
+    t0: Instant,
+    cleanup: Cleanup,
+    fallback_ok: &mut dyn FnMut(&SnapshotError) -> bool,
+    on_event: &mut dyn FnMut(RunEvent<'_>),
+    on_output: &mut dyn FnMut(bool, &[u8]),
+) -> Result<RunOutcome, SnapshotError> {
+    let copy = match prepare_copy(host, manifest, image) {
+        Ok(c) => c,
+        Err(e) => {
+            if !fallback_ok(&e) {
+                return Err(e);
+            }
+            let why = e.why_not_restored();
+            on_event(RunEvent::FreshStart(&why));
+            let t = RunTimings {
+                fallback: Some(why),
+                ..RunTimings::default()
+            };
+            let start = StartWith::Captured(&manifest.start);
+            return fresh_start(host, image, &start, req, t0, t, on_event, on_output);
+        }
+    };
+    on_event(RunEvent::Restored);
+    let t = copy.timings.clone();
+    resume_copy(copy, req, t0, t, cleanup, on_event, on_output)
 }
 
 /// What a fresh start runs.

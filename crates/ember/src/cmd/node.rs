@@ -72,6 +72,13 @@ pub struct Args {
     /// and restored with on this node [default: `criu` on the PATH].
     #[arg(long, env = "EMBER_CRIU", value_name = "PATH")]
     pub criu: Option<PathBuf>,
+    /// Restored copies of each snapshot deployment's checkpoint to keep
+    /// prepared ahead of its runs: a run then only resumes one (no restore
+    /// on its path) and a replacement is restored in the background.
+    /// Each parked copy holds its start-up's memory. `0`: every run
+    /// restores on demand.
+    #[arg(long, default_value_t = ember_node::DEFAULT_SNAPSHOT_SPARES, value_name = "N")]
+    pub snapshot_spares: usize,
 }
 
 /// Builds the node configuration; shared with `ember up`.
@@ -112,6 +119,7 @@ pub fn config(root: &Path, args: Args) -> anyhow::Result<NodeAgentConfig> {
         },
         metrics_listen: args.metrics_listen,
         criu: args.criu,
+        snapshot_spares: args.snapshot_spares,
     })
 }
 

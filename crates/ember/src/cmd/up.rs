@@ -139,6 +139,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             prepull: Default::default(),
             metrics_listen: None,
             criu: None,
+            snapshot_spares: ember_node::DEFAULT_SNAPSHOT_SPARES,
         };
         nodes.spawn(run_node(cfg, stopped(stop_rx.clone())));
     }
