@@ -17,7 +17,7 @@
 //! * **Restore** ([`restore`]): exact key, else the newest entry with the
 //!   key as prefix, else each restore-key prefix, over an ordered list of
 //!   scopes; chunks fetched in parallel and verified; the tree is written
-//!   beside the target and renamed into place, so a failure leaves the
+//!   (files by several threads) beside the target and renamed into place, so a failure leaves the
 //!   target as it was.
 //!
 //! # Example
@@ -48,6 +48,7 @@ pub mod restore;
 pub mod save;
 pub mod walk;
 pub mod wire;
+mod writer;
 
 pub use client::{CacheClient, Stored};
 pub use error::DircacheError;

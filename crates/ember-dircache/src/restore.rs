@@ -1,20 +1,20 @@
 //! Restoring an entry: look it up, check its manifest, fetch and verify
 //! its chunks (in order, several in flight), write the tree into a fresh
-//! directory beside the target, then put it in place with one rename (an
-//! atomic exchange when the target exists). On any failure the fresh
-//! directory is removed and the target is as it was.
+//! directory beside the target (files by several threads: the `writer`
+//! module), then put it in place with one rename (an atomic exchange when
+//! the target exists). On any failure the fresh directory is removed and
+//! the target is as it was.
 
 use crate::chunk;
 use crate::client::CacheClient;
 use crate::error::DircacheError;
-use crate::manifest::{Manifest, NodeKind, Policy, check_name};
+use crate::manifest::{Manifest, Policy, check_name};
 use crate::progress::Progress;
 use crate::save::join_err;
 use crate::wire::{EntryInfo, LookupRequest};
+use crate::writer::{Chunk, ChunkSource, Decoded, write_tree};
 use futures_util::StreamExt;
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -193,17 +193,15 @@ fn decoders() -> usize {
         .clamp(1, 4)
 }
 
-/// A chunk decoded (or the reason it could not be), for the writer.
-type Decoded = Result<Vec<u8>, DircacheError>;
-
 /// Fetches, verifies and writes: batches of chunks fetched in order with
 /// `concurrency` requests in flight; chunk `i` goes to decoder `i % D`,
 /// which decompresses (one reused zstd context) and checks its digest into
-/// a recycled buffer; the writer thread takes chunk `i` from decoder
-/// `i % D` (so the stream stays in order without a reorder buffer) and
-/// hands the buffer back. Decompressing and hashing thus run on every
-/// core, overlapped with the file writes. Returns (chunks fetched,
-/// (nodes, bytes) written).
+/// a recycled buffer; the tree walk takes chunk `i` from decoder `i % D`
+/// (so the stream stays in order without a reorder buffer) and hands
+/// files to `D` writer threads (the `writer` module), the buffer going back
+/// once its files are written. Decompressing, hashing and creating files
+/// thus all run on every core. Returns (chunks fetched, (nodes, bytes)
+/// written).
 async fn run_pipeline(
     client: &CacheClient,
     manifest: &Manifest,
@@ -214,16 +212,15 @@ async fn run_pipeline(
     let d = decoders();
     let mut to_dec = Vec::with_capacity(d);
     let mut from_dec = Vec::with_capacity(d);
-    let mut back_tx = Vec::with_capacity(d);
     let mut decoders = Vec::with_capacity(d);
     for _ in 0..d {
         let (in_tx, mut in_rx) =
             tokio::sync::mpsc::channel::<(usize, bytes::Bytes)>(BATCH_CHUNKS * 2);
         let (out_tx, out_rx) = std::sync::mpsc::sync_channel::<Decoded>(16);
-        let (btx, brx) = std::sync::mpsc::channel::<Vec<u8>>();
+        // Buffers come home here when the files using them are written.
+        let (home, spare) = std::sync::mpsc::channel::<Vec<u8>>();
         to_dec.push(in_tx);
         from_dec.push(out_rx);
-        back_tx.push(btx);
         let m = m.clone();
         decoders.push(
             std::thread::Builder::new()
@@ -238,9 +235,9 @@ async fn run_pipeline(
                     };
                     while let Some((i, stored)) = in_rx.blocking_recv() {
                         let c = &m.chunks[i];
-                        let mut buf = brx.try_recv().unwrap_or_default();
+                        let mut buf = spare.try_recv().unwrap_or_default();
                         let r = chunk::open_into(&mut dctx, &c.digest, &stored, c.size, &mut buf)
-                            .map(|()| buf);
+                            .map(|()| Chunk::new(buf, home.clone()));
                         let failed = r.is_err();
                         if out_tx.send(r).is_err() || failed {
                             break;
@@ -255,14 +252,8 @@ async fn run_pipeline(
     let wprogress = opts.progress.clone();
     let wm = m.clone();
     let writer = tokio::task::spawn_blocking(move || {
-        let mut src = ChunkSource {
-            from: from_dec,
-            back: back_tx,
-            next: 0,
-            cur: Vec::new(),
-            cur_from: None,
-        };
-        write_tree(&wm, &dir, &mut src, same_owner, &wprogress)
+        let mut src = ChunkSource::new(from_dec);
+        write_tree(&wm, &dir, &mut src, same_owner, &wprogress, d)
     });
 
     // Batches of consecutive chunks.
@@ -325,38 +316,6 @@ async fn run_pipeline(
     Ok((fetched, written?))
 }
 
-/// The data stream as the writer reads it: chunk `next` from decoder
-/// `next % D`, the previous chunk's buffer handed back to its decoder.
-struct ChunkSource {
-    from: Vec<std::sync::mpsc::Receiver<Decoded>>,
-    back: Vec<std::sync::mpsc::Sender<Vec<u8>>>,
-    next: usize,
-    cur: Vec<u8>,
-    cur_from: Option<usize>,
-}
-
-impl ChunkSource {
-    /// The next chunk's bytes; `Ok(None)` at the end of the stream.
-    fn next_chunk(&mut self) -> Result<Option<&[u8]>, DircacheError> {
-        if let Some(w) = self.cur_from.take() {
-            // Recycled: the decoder reuses the allocation (its pages are
-            // already mapped) instead of faulting in a fresh one.
-            let _ = self.back[w].send(std::mem::take(&mut self.cur));
-        }
-        let w = self.next % self.from.len();
-        match self.from[w].recv() {
-            Ok(Ok(buf)) => {
-                self.next += 1;
-                self.cur = buf;
-                self.cur_from = Some(w);
-                Ok(Some(&self.cur))
-            }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Ok(None),
-        }
-    }
-}
-
 /// Puts the finished `staging` tree at `target`: an atomic exchange if
 /// the target exists (then the old tree is removed), else a rename.
 fn swap_into_place(staging: &Path, target: &Path) -> Result<(), DircacheError> {
@@ -386,154 +345,4 @@ fn swap_into_place(staging: &Path, target: &Path) -> Result<(), DircacheError> {
         }),
         Err(_) => fs::rename(staging, target).map_err(io),
     }
-}
-
-/// Writes every node under `dir` (an empty directory we created), file
-/// data taken in order from `rx`; then modes, owners and mtimes, deepest
-/// directories last. Returns (nodes, bytes). Blocking.
-fn write_tree(
-    m: &Manifest,
-    dir: &Path,
-    src: &mut ChunkSource,
-    same_owner: bool,
-    progress: &Progress,
-) -> Result<(u64, u64), DircacheError> {
-    let io = |what: &str, p: &Path, e| DircacheError::io(format!("{what} {}", p.display()), e);
-    // What new files get anyway: chown is skipped for nodes that already
-    // match (most of a tree saved and restored by the same user).
-    let me = (
-        nix::unistd::geteuid().as_raw(),
-        nix::unistd::getegid().as_raw(),
-    );
-    // Files are created with their final permission bits when the umask
-    // lets them through unchanged, which saves tar's extra fchmod.
-    let umask = process_umask();
-    let mut pos = 0usize;
-    let mut len = 0usize;
-    let mut bytes = 0u64;
-    for n in &m.nodes {
-        let p = dir.join(&n.path);
-        match &n.kind {
-            NodeKind::Dir => fs::create_dir(&p).map_err(|e| io("creating", &p, e))?,
-            NodeKind::File { size, .. } => {
-                // setuid/setgid are not restored from a cache: an entry is
-                // outside input and must not hand out privileges.
-                let mode = n.mode & 0o1777;
-                let create = mode & 0o777;
-                // create_new + O_NOFOLLOW: never through or over anything.
-                // The creating descriptor may write even when the mode is
-                // read-only.
-                let mut f = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .custom_flags(libc_nofollow())
-                    .mode(create)
-                    .open(&p)
-                    .map_err(|e| io("creating", &p, e))?;
-                let mut left = *size;
-                while left > 0 {
-                    if pos == len {
-                        let Some(c) = src.next_chunk()? else {
-                            return Err(DircacheError::InvalidManifest(
-                                "the data stream ended early".into(),
-                            ));
-                        };
-                        len = c.len();
-                        pos = 0;
-                    }
-                    let take = (len - pos).min(usize::try_from(left).unwrap_or(usize::MAX));
-                    f.write_all(&src.cur[pos..pos + take])
-                        .map_err(|e| io("writing", &p, e))?;
-                    pos += take;
-                    left -= take as u64;
-                    bytes += take as u64;
-                }
-                progress.bytes_done.fetch_add(*size, Ordering::Relaxed);
-                // Metadata through the open descriptor: no second path walk.
-                if same_owner && (n.uid, n.gid) != me {
-                    std::os::unix::fs::fchown(&f, Some(n.uid), Some(n.gid))
-                        .map_err(|e| io("chown", &p, e))?;
-                }
-                // fchown clears setuid-like bits only; the sticky bit or a
-                // umask-masked bit still needs the chmod.
-                if mode != create & !umask || mode & 0o1000 != 0 {
-                    f.set_permissions(fs::Permissions::from_mode(mode))
-                        .map_err(|e| io("chmod", &p, e))?;
-                }
-                f.set_modified(mtime(n))
-                    .map_err(|e| io("setting the mtime of", &p, e))?;
-            }
-            NodeKind::Symlink { target } => {
-                std::os::unix::fs::symlink(target, &p).map_err(|e| io("creating", &p, e))?
-            }
-            NodeKind::Hardlink { target } => {
-                let t = dir.join(target);
-                fs::hard_link(&t, &p).map_err(|e| io("linking", &p, e))?
-            }
-        }
-    }
-    if pos != len || src.next_chunk()?.is_some() {
-        return Err(DircacheError::InvalidManifest(
-            "the data stream is longer than the files".into(),
-        ));
-    }
-    // Metadata after content: a read-only directory would refuse its
-    // children, and writing a file would bump its parent's mtime.
-    for n in m.nodes.iter().rev() {
-        let p = dir.join(&n.path);
-        match n.kind {
-            NodeKind::Hardlink { .. } | NodeKind::File { .. } => continue,
-            NodeKind::Symlink { .. } => {
-                if same_owner && (n.uid, n.gid) != me {
-                    std::os::unix::fs::lchown(&p, Some(n.uid), Some(n.gid))
-                        .map_err(|e| io("chown", &p, e))?;
-                }
-            }
-            NodeKind::Dir => {
-                if same_owner && (n.uid, n.gid) != me {
-                    std::os::unix::fs::lchown(&p, Some(n.uid), Some(n.gid))
-                        .map_err(|e| io("chown", &p, e))?;
-                }
-                fs::set_permissions(&p, fs::Permissions::from_mode(n.mode & 0o1777))
-                    .map_err(|e| io("chmod", &p, e))?;
-            }
-        }
-        let t = nix::sys::time::TimeSpec::new(n.mtime, i64::from(n.mtime_nsec));
-        nix::sys::stat::utimensat(
-            nix::fcntl::AT_FDCWD,
-            &p,
-            &t,
-            &t,
-            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-        )
-        .map_err(|e| io("setting the mtime of", &p, std::io::Error::from(e)))?;
-    }
-    Ok((m.nodes.len() as u64, bytes))
-}
-
-fn mtime(n: &crate::manifest::Node) -> std::time::SystemTime {
-    let d = Duration::new(n.mtime.unsigned_abs(), n.mtime_nsec.min(999_999_999));
-    if n.mtime >= 0 {
-        std::time::UNIX_EPOCH + d
-    } else {
-        std::time::UNIX_EPOCH - d
-    }
-}
-
-/// The process's umask, read from /proc (reading it with umask(2) would
-/// change it for every thread for a moment). Unreadable counts as "masks
-/// everything", so every file then gets its chmod.
-fn process_umask() -> u32 {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Umask:"))
-                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
-        })
-        .unwrap_or(0o777)
-}
-
-fn libc_nofollow() -> i32 {
-    nix::fcntl::OFlag::O_NOFOLLOW.bits()
 }

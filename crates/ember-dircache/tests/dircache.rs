@@ -314,6 +314,122 @@ async fn a_corrupt_chunk_fails_the_restore_and_writes_nothing() {
     assert_eq!(names(&parent), vec!["target"]);
 }
 
+/// A tool cache's shape: thousands of small files over many directories,
+/// files larger than a chunk, empty files, hardlinks to files in other
+/// directories, read-only files and directories. The files are written by
+/// several threads; the tree must come out the same.
+fn wide_tree(root: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for d in 0..40u64 {
+        for f in 0..60u64 {
+            let len = match (d * 60 + f) % 40 {
+                0 | 20 => 0,
+                1 => 200 << 10, // several chunks
+                _ => ((d * 131 + f * 17) % 9000) as usize,
+            };
+            write(
+                &root.join(format!("crate-{d}/src/m{f}.rs")),
+                &noise(d * 1000 + f, len),
+            );
+        }
+    }
+    for d in (0..40u64).step_by(5) {
+        std::fs::hard_link(
+            root.join(format!("crate-{d}/src/m3.rs")),
+            root.join(format!("crate-{}/link-{d}", (d + 1) % 40)),
+        )
+        .unwrap();
+    }
+    let ro = root.join("crate-7/src/m5.rs");
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let rodir = root.join("crate-9/src");
+    std::fs::set_permissions(&rodir, std::fs::Permissions::from_mode(0o555)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_files_written_in_parallel_come_out_the_same() {
+    let cache = start(DircacheConfig::default()).await;
+    let client = cache.client();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    wide_tree(&src);
+    save(&client, &src, &SaveOptions::new("main", "wide"))
+        .await
+        .unwrap();
+    for round in 0..3 {
+        let dst = work.path().join(format!("dst-{round}"));
+        let r = restore(&client, &dst, &ropts(&["main"], "wide", &[]))
+            .await
+            .unwrap()
+            .expect("hit");
+        assert_eq!(
+            r.nodes,
+            40 + 40 + 40 * 60 + 8,
+            "dirs, src dirs, files, links"
+        );
+        assert_same_tree(&src, &dst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_the_restore_cleanly() {
+    if !ember_testkit::require::root() {
+        return;
+    }
+    let cache = start(DircacheConfig::default()).await;
+    let client = cache.client();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    wide_tree(&src);
+    save(&client, &src, &SaveOptions::new("main", "wide"))
+        .await
+        .unwrap();
+
+    // A 2 MiB filesystem for a tree of about 22 MiB: a writer thread meets
+    // ENOSPC part-way, with other files in flight.
+    let small = work.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mounting a tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+
+    let dst = small.join("target");
+    write(&dst.join("mine"), b"keep me");
+    let e = restore(&client, &dst, &ropts(&["main"], "wide", &[]))
+        .await
+        .unwrap_err();
+    let chain = ember_error::chain(&e).to_string();
+    assert!(
+        matches!(e, DircacheError::Io { ref source, .. }
+            if source.raw_os_error() == Some(28)),
+        "{chain}"
+    );
+    assert!(chain.contains("No space left on device"), "{chain}");
+    // Nothing half-restored: the target as it was, nothing beside it, and
+    // the space given back.
+    assert_eq!(names(&dst), vec!["mine"]);
+    assert_eq!(std::fs::read(dst.join("mine")).unwrap(), b"keep me");
+    assert_eq!(names(&small), vec!["target"]);
+
+    // With room again, the same restore succeeds.
+    let big = work.path().join("big/target");
+    restore(&client, &big, &ropts(&["main"], "wide", &[]))
+        .await
+        .unwrap()
+        .expect("hit");
+    assert_same_tree(&src, &big);
+}
+
 fn node(path: &str, kind: NodeKind) -> Node {
     Node {
         path: path.into(),
