@@ -49,12 +49,20 @@ pub struct ChunkRef {
 }
 
 /// A path in the tree and what is there.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// On the wire a flat object, the kind's fields beside the others:
+/// `{"path":…,"type":"file","offset":…,"size":…,"mode":…,…}`. It is read
+/// and written through [`NodeWire`] rather than `#[serde(flatten)]` with an
+/// internally tagged enum: that pair buffers every node into an
+/// intermediate map before reading it, which made parsing a manifest of
+/// ten thousand files most of a restore's start (on the cache, which
+/// reads the stored entry, and on the client).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "NodeWire<String>")]
 pub struct Node {
     /// Relative, `/`-separated, no `.` or `..` components.
     pub path: String,
     /// What it is.
-    #[serde(flatten)]
     pub kind: NodeKind,
     /// Permission bits (`0o7777`); ignored for symlinks and hardlinks.
     pub mode: u32,
@@ -65,13 +73,11 @@ pub struct Node {
     /// Modification time, seconds since the epoch.
     pub mtime: i64,
     /// Nanoseconds of the modification time.
-    #[serde(default)]
     pub mtime_nsec: u32,
 }
 
 /// The kinds of nodes an entry holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeKind {
     /// A directory (possibly empty).
     Dir,
@@ -92,6 +98,106 @@ pub enum NodeKind {
         /// The earlier file's path.
         target: String,
     },
+}
+
+/// The `type` field of a node on the wire.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum KindTag {
+    Dir,
+    File,
+    Symlink,
+    Hardlink,
+}
+
+/// A [`Node`] as JSON has it: one flat object. Fields another kind would
+/// have are ignored when read (as the flattened form did) and left out
+/// when written.
+#[derive(Serialize, Deserialize)]
+struct NodeWire<S> {
+    path: S,
+    #[serde(rename = "type")]
+    kind: KindTag,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    target: Option<S>,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: i64,
+    #[serde(default)]
+    mtime_nsec: u32,
+}
+
+impl TryFrom<NodeWire<String>> for Node {
+    type Error = String;
+    fn try_from(mut w: NodeWire<String>) -> Result<Self, String> {
+        let missing = |f: &str| {
+            format!(
+                "{} node {:?} has no {f}",
+                tag_name(w.kind),
+                truncate(&w.path)
+            )
+        };
+        let kind = match w.kind {
+            KindTag::Dir => NodeKind::Dir,
+            KindTag::File => NodeKind::File {
+                offset: w.offset.ok_or_else(|| missing("offset"))?,
+                size: w.size.ok_or_else(|| missing("size"))?,
+            },
+            KindTag::Symlink => NodeKind::Symlink {
+                target: w.target.take().ok_or_else(|| missing("target"))?,
+            },
+            KindTag::Hardlink => NodeKind::Hardlink {
+                target: w.target.take().ok_or_else(|| missing("target"))?,
+            },
+        };
+        Ok(Node {
+            path: w.path,
+            kind,
+            mode: w.mode,
+            uid: w.uid,
+            gid: w.gid,
+            mtime: w.mtime,
+            mtime_nsec: w.mtime_nsec,
+        })
+    }
+}
+
+fn tag_name(t: KindTag) -> &'static str {
+    match t {
+        KindTag::Dir => "dir",
+        KindTag::File => "file",
+        KindTag::Symlink => "symlink",
+        KindTag::Hardlink => "hardlink",
+    }
+}
+
+impl Serialize for Node {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let (kind, offset, size, target) = match &self.kind {
+            NodeKind::Dir => (KindTag::Dir, None, None, None),
+            NodeKind::File { offset, size } => (KindTag::File, Some(*offset), Some(*size), None),
+            NodeKind::Symlink { target } => (KindTag::Symlink, None, None, Some(target.as_str())),
+            NodeKind::Hardlink { target } => (KindTag::Hardlink, None, None, Some(target.as_str())),
+        };
+        NodeWire {
+            path: self.path.as_str(),
+            kind,
+            offset,
+            size,
+            target,
+            mode: self.mode,
+            uid: self.uid,
+            gid: self.gid,
+            mtime: self.mtime,
+            mtime_nsec: self.mtime_nsec,
+        }
+        .serialize(s)
+    }
 }
 
 /// How strict [`Manifest::validate`] is about symlink targets.
@@ -337,6 +443,51 @@ mod tests {
             nodes,
             chunks: vec![],
         }
+    }
+
+    /// The wire form is the one earlier builds wrote (`type` beside the
+    /// other fields), so entries stored by them still restore.
+    #[test]
+    fn the_json_form_is_flat_and_unchanged() {
+        let json = concat!(
+            r#"{"version":1,"nodes":["#,
+            r#"{"path":"a","type":"dir","mode":493,"uid":0,"gid":0,"mtime":1796336519,"mtime_nsec":683003041},"#,
+            r#"{"path":"a/f","type":"file","offset":0,"size":7,"mode":420,"uid":1,"gid":2,"mtime":-5,"mtime_nsec":0},"#,
+            r#"{"path":"a/s","type":"symlink","target":"f","mode":511,"uid":0,"gid":0,"mtime":3,"mtime_nsec":0},"#,
+            r#"{"path":"a/h","type":"hardlink","target":"a/f","mode":420,"uid":0,"gid":0,"mtime":3,"mtime_nsec":0}"#,
+            r#"],"chunks":[{"digest":"ab","size":7}]}"#
+        );
+        let m: Manifest = serde_json::from_str(json).unwrap();
+        assert_eq!(m.nodes[1].kind, NodeKind::File { offset: 0, size: 7 });
+        assert_eq!(m.nodes[1].mtime, -5);
+        assert_eq!(
+            m.nodes[3].kind,
+            NodeKind::Hardlink {
+                target: "a/f".into()
+            }
+        );
+        assert_eq!(serde_json::to_string(&m).unwrap(), json);
+        // mtime_nsec may be absent; another kind's fields are ignored.
+        let n: Node = serde_json::from_str(
+            r#"{"path":"d","type":"dir","size":9,"mode":493,"uid":0,"gid":0,"mtime":1}"#,
+        )
+        .unwrap();
+        assert_eq!((n.kind, n.mtime_nsec), (NodeKind::Dir, 0));
+        // A file without its place in the stream is refused, by name.
+        let e = serde_json::from_str::<Node>(
+            r#"{"path":"x","type":"file","size":1,"mode":420,"uid":0,"gid":0,"mtime":1}"#,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains(r#"file node "x" has no offset"#),
+            "{e}"
+        );
+        assert!(
+            serde_json::from_str::<Node>(
+                r#"{"path":"x","type":"fifo","mode":420,"uid":0,"gid":0,"mtime":1}"#
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -97,6 +97,7 @@ pub async fn restore(
     let Some(found) = found else {
         return Ok(None);
     };
+    tracing::debug!(elapsed = ?t0.elapsed(), nodes = found.manifest.nodes.len(), "restore: entry found");
     let mut report = restore_manifest(client, &found.manifest, target, opts).await?;
     report.entry = found.info;
     report.exact = found.exact;
@@ -125,6 +126,7 @@ pub async fn restore_manifest(
 ) -> Result<RestoreReport, DircacheError> {
     let t0 = Instant::now();
     manifest.validate(opts.policy)?;
+    tracing::debug!(elapsed = ?t0.elapsed(), "restore: manifest validated");
     let parent = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -156,8 +158,10 @@ pub async fn restore_manifest(
         .total_bytes
         .store(manifest.data_bytes(), Ordering::Relaxed);
 
+    tracing::debug!(elapsed = ?t0.elapsed(), "restore: staging ready");
     let (fetched, written) = run_pipeline(client, manifest, &staging, opts).await?;
     let (nodes, bytes) = written;
+    tracing::debug!(elapsed = ?t0.elapsed(), "restore: tree written");
 
     swap_into_place(&staging, target)?;
     guard.0 = None;
