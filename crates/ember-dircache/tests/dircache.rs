@@ -263,16 +263,39 @@ async fn a_read_only_scope_refuses_saves() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupt_chunk_fails_the_restore_and_writes_nothing() {
+/// A cache server with one tree saved in scope `main` under `key`.
+struct Saved {
+    cache: TestCache,
+    client: CacheClient,
+    work: tempfile::TempDir,
+    src: std::path::PathBuf,
+}
+
+async fn saved(tree: fn(&std::path::Path), key: &str) -> Saved {
     let cache = start(DircacheConfig::default()).await;
     let client = cache.client();
     let work = tempfile::tempdir().unwrap();
     let src = work.path().join("src");
-    rich_tree(&src);
-    save(&client, &src, &SaveOptions::new("main", "k"))
+    tree(&src);
+    save(&client, &src, &SaveOptions::new("main", key))
         .await
         .unwrap();
+    Saved {
+        cache,
+        client,
+        work,
+        src,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_chunk_fails_the_restore_and_writes_nothing() {
+    let Saved {
+        cache,
+        client,
+        work,
+        src: _src,
+    } = saved(rich_tree, "k").await;
     let found = client.get_entry("main", "k").await.unwrap().unwrap();
 
     // Flip a byte in the last chunk on the cache's disk (the last, so the
@@ -348,14 +371,12 @@ fn wide_tree(root: &std::path::Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_files_written_in_parallel_come_out_the_same() {
-    let cache = start(DircacheConfig::default()).await;
-    let client = cache.client();
-    let work = tempfile::tempdir().unwrap();
-    let src = work.path().join("src");
-    wide_tree(&src);
-    save(&client, &src, &SaveOptions::new("main", "wide"))
-        .await
-        .unwrap();
+    let Saved {
+        cache: _cache,
+        client,
+        work,
+        src,
+    } = saved(wide_tree, "wide").await;
     for round in 0..3 {
         let dst = work.path().join(format!("dst-{round}"));
         let r = restore(&client, &dst, &ropts(&["main"], "wide", &[]))
@@ -376,14 +397,12 @@ async fn a_full_disk_fails_the_restore_cleanly() {
     if !ember_testkit::require::root() {
         return;
     }
-    let cache = start(DircacheConfig::default()).await;
-    let client = cache.client();
-    let work = tempfile::tempdir().unwrap();
-    let src = work.path().join("src");
-    wide_tree(&src);
-    save(&client, &src, &SaveOptions::new("main", "wide"))
-        .await
-        .unwrap();
+    let Saved {
+        cache: _cache,
+        client,
+        work,
+        src,
+    } = saved(wide_tree, "wide").await;
 
     // A 2 MiB filesystem for a tree of about 22 MiB: a writer thread meets
     // ENOSPC part-way, with other files in flight.
@@ -655,14 +674,12 @@ async fn budget_evicts_the_least_recently_used_entry_and_gc_removes_its_chunks()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unused_entries_expire_and_entries_survive_a_restart() {
-    let cache = start(DircacheConfig::default()).await;
-    let client = cache.client();
-    let work = tempfile::tempdir().unwrap();
-    let src = work.path().join("src");
-    rich_tree(&src);
-    save(&client, &src, &SaveOptions::new("main", "k"))
-        .await
-        .unwrap();
+    let Saved {
+        cache,
+        client: _client,
+        work,
+        src,
+    } = saved(rich_tree, "k").await;
     let TestCache { server, dir } = cache;
     server.shutdown().await.unwrap();
 
