@@ -16,13 +16,6 @@ use common::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// A start-up that takes a second, then is parked until a run resumes it
-/// with its request; it prints the request and 8 bytes read from
-/// /dev/urandom after the resume.
-const STARTUP: &str = "sleep 1; echo ready >&\"$EMBER_READY_FD\"; \
-                       read -r req <&\"$EMBER_READY_FD\"; echo \"$req\"; \
-                       echo \"random $(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \\n')\"";
-
 const TOKEN: &str = "snapshot-secret";
 
 fn free_port() -> u16 {
@@ -109,19 +102,7 @@ fn a_second_node_restores_the_first_nodes_checkpoint_through_the_cache() {
     let db = tmp.path().join("control.db");
     let (_control, url) = start_control(&tmp.path().join("control"), &db.to_string_lossy(), &[]);
     let n1 = start_cached_node(&tmp.path().join("n1"), &url, "n1", &agent, &cache_url);
-    client_ok(
-        &url,
-        &[
-            "deploy",
-            "--snapshot",
-            "slow",
-            &image,
-            "--",
-            "/bin/sh",
-            "-c",
-            STARTUP,
-        ],
-    );
+    deploy_snapshot(&url, "slow", &image, &parked_startup(1));
 
     let (req, _, first) = run_once(&url, &["first"]);
     assert_eq!(req["restored"], false, "{req}");

@@ -18,11 +18,6 @@ use common::*;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// A start-up that takes a second, then is parked until a run resumes it.
-const STARTUP: &str = "sleep 1; echo ready >&\"$EMBER_READY_FD\"; \
-                       read -r req <&\"$EMBER_READY_FD\"; echo \"$req\"; \
-                       echo \"random $(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \\n')\"";
-
 /// The snapshot manifests in a node's store.
 fn manifests(node_root: &Path) -> Vec<String> {
     std::fs::read_dir(node_root.join("snapshots/manifests"))
@@ -74,37 +69,35 @@ fn deleting_a_deployment_removes_its_checkpoints_on_every_node() {
     let Some(agent) = snapshot_prerequisites() else {
         return;
     };
-    let registry = registry_with(&["busybox"]);
-    let image = format!("{}/ember/busybox:latest", registry.addr());
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let db = tmp.path().join("control.db");
-    let (_control, url) = start_control(&tmp.path().join("control"), &db.to_string_lossy(), &[]);
-    let (r1, r2) = (tmp.path().join("n1"), tmp.path().join("n2"));
+    let bed = busybox_bed();
+    let (tmp, url, image) = (bed.tmp.path(), bed.url.as_str(), bed.image.as_str());
+    let (r1, r2) = (tmp.join("n1"), tmp.join("n2"));
     // One slot each: two runs at once land one on each node.
-    let mut n1 = start_node(&r1, &url, "n1", 1, &agent, &["--heartbeat", "1"]);
-    let _n2 = start_node(&r2, &url, "n2", 1, &agent, &["--heartbeat", "1"]);
+    let mut n1 = start_node(&r1, url, "n1", 1, &agent, &["--heartbeat", "1"]);
+    let _n2 = start_node(&r2, url, "n2", 1, &agent, &["--heartbeat", "1"]);
+    let startup = parked_startup(1);
     let deploy = |snapshot: bool| {
         let mut args = vec!["deploy"];
         if snapshot {
             args.push("--snapshot");
         }
-        args.extend(["slow", &image, "--", "/bin/sh", "-c", STARTUP]);
-        client_ok(&url, &args);
+        args.extend(["slow", image, "--", "/bin/sh", "-c", &startup]);
+        client_ok(url, &args);
     };
     deploy(true);
 
     // Runs until both nodes hold a checkpoint (each captures its own the
     // first time it runs the deployment).
     let deadline = Instant::now() + Duration::from_secs(300);
-    while !(reports_checkpoint(&url, "n1") && reports_checkpoint(&url, "n2")) {
+    while !(reports_checkpoint(url, "n1") && reports_checkpoint(url, "n2")) {
         assert!(
             Instant::now() < deadline,
             "both nodes never held a checkpoint: {}",
-            client_ok(&url, &["nodes", "--json"])
+            client_ok(url, &["nodes", "--json"])
         );
-        let u = url.clone();
+        let u = url.to_string();
         let other = std::thread::spawn(move || run_once(&u, &["b"]));
-        let (_, _, run) = run_once(&url, &["a"]);
+        let (_, _, run) = run_once(url, &["a"]);
         assert_eq!(run["state"], "succeeded", "{run}");
         let (_, _, run) = other.join().expect("second run");
         assert_eq!(run["state"], "succeeded", "{run}");
@@ -115,7 +108,7 @@ fn deleting_a_deployment_removes_its_checkpoints_on_every_node() {
     // n1 is away while the deployment is deleted and the name re-deployed
     // without snapshots.
     n1.stop();
-    let out = client_ok(&url, &["deploy", "--delete", "slow"]);
+    let out = client_ok(url, &["deploy", "--delete", "slow"]);
     assert!(out.contains("deleted slow"), "{out}");
     deploy(false);
 
@@ -125,23 +118,23 @@ fn deleting_a_deployment_removes_its_checkpoints_on_every_node() {
         manifests(&r2).is_empty() && snapshot_files(&r2) == 0
     });
     wait_for("n2 to stop reporting it", 30, || {
-        !reports_checkpoint(&url, "n2")
+        !reports_checkpoint(url, "n2")
     });
     // n1's is still on its disk while it is away.
     assert_eq!(manifests(&r1).len(), 1);
 
     // Back, n1 is told at its first heartbeat and converges.
-    let _n1 = start_node(&r1, &url, "n1", 1, &agent, &["--heartbeat", "1"]);
+    let _n1 = start_node(&r1, url, "n1", 1, &agent, &["--heartbeat", "1"]);
     wait_for("n1 to remove its checkpoint", 30, || {
         manifests(&r1).is_empty() && snapshot_files(&r1) == 0
     });
     wait_for("n1 to stop reporting it", 30, || {
-        !reports_checkpoint(&url, "n1")
+        !reports_checkpoint(url, "n1")
     });
 
     // A second delete finds nothing.
-    client_ok(&url, &["deploy", "--delete", "slow"]);
-    let out = client(&url, &["deploy", "--delete", "slow"]);
+    client_ok(url, &["deploy", "--delete", "slow"]);
+    let out = client(url, &["deploy", "--delete", "slow"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("slow"), "{err}");

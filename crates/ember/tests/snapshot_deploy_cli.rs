@@ -14,52 +14,30 @@ use common::cluster::*;
 use common::*;
 use std::time::{Duration, Instant};
 
-/// A start-up that takes a second, then is parked until a run resumes it
-/// with its request; it prints the request and 8 bytes read from
-/// /dev/urandom after the resume.
-const STARTUP: &str = "sleep 1; echo ready >&\"$EMBER_READY_FD\"; \
-                       read -r req <&\"$EMBER_READY_FD\"; echo \"$req\"; \
-                       echo \"random $(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \\n')\"";
-
 #[test]
 fn a_snapshot_deployment_starts_fresh_once_then_restores_independent_copies() {
     let Some(agent) = snapshot_prerequisites() else {
         return;
     };
-    let registry = registry_with(&["busybox"]);
-    let image = format!("{}/ember/busybox:latest", registry.addr());
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let db = tmp.path().join("control.db");
-    let (_control, url) = start_control(&tmp.path().join("control"), &db.to_string_lossy(), &[]);
-    let node_root = tmp.path().join("node");
+    let bed = busybox_bed();
+    let (tmp, url, image) = (bed.tmp.path(), bed.url.as_str(), bed.image.as_str());
+    let node_root = tmp.join("node");
     // No prepared copies: every run restores on demand, as before spares
     // (snapshot_spares_cli.rs tests them).
     let _node = start_node(
         &node_root,
-        &url,
+        url,
         "n1",
         2,
         &agent,
         &["--snapshot-spares", "0"],
     );
 
-    client_ok(
-        &url,
-        &[
-            "deploy",
-            "--snapshot",
-            "slow",
-            &image,
-            "--",
-            "/bin/sh",
-            "-c",
-            STARTUP,
-        ],
-    );
+    deploy_snapshot(url, "slow", image, &parked_startup(1));
 
     // The first run: no checkpoint on the node yet, so a fresh start
     // (which does not wait for the capture beside it).
-    let (req, _, first) = run_once(&url, &["first"]);
+    let (req, _, first) = run_once(url, &["first"]);
     assert_eq!(req["restored"], false, "{req}");
     assert_eq!(req["argv"], serde_json::json!(["first"]), "{req}");
     assert_eq!(first["state"], "succeeded", "{first}");
@@ -71,7 +49,7 @@ fn a_snapshot_deployment_starts_fresh_once_then_restores_independent_copies() {
     // test waiting, not a run.
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let nodes = client_ok(&url, &["nodes", "--json"]);
+        let nodes = client_ok(url, &["nodes", "--json"]);
         if nodes.contains("\"d.slow.") {
             break;
         }
@@ -88,7 +66,7 @@ fn a_snapshot_deployment_starts_fresh_once_then_restores_independent_copies() {
     let mut randoms = Vec::new();
     for n in 0..2 {
         let arg = format!("run{n}");
-        let (req, random, run) = run_once(&url, &["hello", &arg]);
+        let (req, random, run) = run_once(url, &["hello", &arg]);
         assert_eq!(req["restored"], true, "{req} {run}");
         assert_eq!(req["argv"], serde_json::json!(["hello", arg]), "{req}");
         assert_eq!(run["state"], "succeeded", "{run}");
@@ -109,9 +87,9 @@ fn a_snapshot_deployment_starts_fresh_once_then_restores_independent_copies() {
 
     // The breakdown shows the restore phase for the restored runs.
     let stats: serde_json::Value =
-        serde_json::from_str(&client_ok(&url, &["runs", "--stats", "--json"])).expect("stats");
+        serde_json::from_str(&client_ok(url, &["runs", "--stats", "--json"])).expect("stats");
     assert_eq!(stats["restore"]["n"], 2, "{stats}");
-    let timings = client_ok(&url, &["runs", "--timings"]);
+    let timings = client_ok(url, &["runs", "--timings"]);
     assert!(timings.contains("restore"), "{timings}");
 
     // A corrupt checkpoint is refused by its digest, and the run starts
@@ -126,7 +104,7 @@ fn a_snapshot_deployment_starts_fresh_once_then_restores_independent_copies() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
     std::fs::write(&blobs[0], &bytes).expect("write artifact");
-    let (req, _, run) = run_once(&url, &["after-corruption"]);
+    let (req, _, run) = run_once(url, &["after-corruption"]);
     assert_eq!(req["restored"], false, "{req}");
     assert_eq!(run["state"], "succeeded", "{run}");
     let note = run["times"]["snapshot_note"].as_str().unwrap_or_default();

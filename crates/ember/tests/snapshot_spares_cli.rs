@@ -17,16 +17,6 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// As in snapshot_deploy_cli.rs: ready after `sleep`, then prints the
-/// resume line and 8 random bytes.
-fn startup(sleep: u32) -> String {
-    format!(
-        "sleep {sleep}; echo ready >&\"$EMBER_READY_FD\"; \
-         read -r req <&\"$EMBER_READY_FD\"; echo \"$req\"; \
-         echo \"random $(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \\n')\""
-    )
-}
-
 /// One sample of the node's `/metrics` (a plain HTTP/1.0 GET).
 fn metric(addr: &str, name: &str) -> f64 {
     let mut s = std::net::TcpStream::connect(addr).expect("connect to /metrics");
@@ -69,39 +59,23 @@ fn runs_are_served_from_prepared_copies_and_shutdown_destroys_them() {
     let Some(agent) = snapshot_prerequisites() else {
         return;
     };
-    let registry = registry_with(&["busybox"]);
-    let image = format!("{}/ember/busybox:latest", registry.addr());
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let db = tmp.path().join("control.db");
-    let (_control, url) = start_control(&tmp.path().join("control"), &db.to_string_lossy(), &[]);
-    let node_root = tmp.path().join("node");
+    let bed = busybox_bed();
+    let (tmp, url, image) = (bed.tmp.path(), bed.url.as_str(), bed.image.as_str());
+    let node_root = tmp.join("node");
     let metrics_addr = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
         l.local_addr().expect("addr").to_string()
     };
     let mut node = start_node(
         &node_root,
-        &url,
+        url,
         "n1",
         2,
         &agent,
         &["--snapshot-spares", "2", "--metrics-listen", &metrics_addr],
     );
-    let first_startup = startup(1);
-    client_ok(
-        &url,
-        &[
-            "deploy",
-            "--snapshot",
-            "slow",
-            &image,
-            "--",
-            "/bin/sh",
-            "-c",
-            &first_startup,
-        ],
-    );
-    let (req, _, first) = run_once(&url, &["first"]);
+    deploy_snapshot(url, "slow", image, &parked_startup(1));
+    let (req, _, first) = run_once(url, &["first"]);
     assert_eq!(req["restored"], false, "{req} {first}");
 
     // After the capture, the node prepares 2 copies, and no more.
@@ -114,7 +88,7 @@ fn runs_are_served_from_prepared_copies_and_shutdown_destroys_them() {
     let mut randoms = Vec::new();
     for n in 0..2 {
         let arg = format!("run{n}");
-        let (req, random, run) = run_once(&url, &[&arg]);
+        let (req, random, run) = run_once(url, &[&arg]);
         assert_eq!(req["restored"], true, "{req} {run}");
         assert_eq!(req["argv"], serde_json::json!([arg]), "{req}");
         assert_eq!(run["state"], "succeeded", "{run}");
@@ -146,12 +120,12 @@ fn runs_are_served_from_prepared_copies_and_shutdown_destroys_them() {
     let sleepy = "echo ready >&\"$EMBER_READY_FD\"; read -r req <&\"$EMBER_READY_FD\"; \
                   echo started; case \"$req\" in *'\"long\"'*) sleep 60;; esac";
     client_ok(
-        &url,
+        url,
         &[
             "deploy",
             "--snapshot",
             "sleepy",
-            &image,
+            image,
             "--",
             "/bin/sh",
             "-c",
@@ -159,14 +133,14 @@ fn runs_are_served_from_prepared_copies_and_shutdown_destroys_them() {
         ],
     );
     client_ok(
-        &url,
+        url,
         &["submit", "--wait", "--deployment", "sleepy", "--", "a"],
     );
     wait_until("the sleepy deployment's copies", 300, || {
         metric(&metrics_addr, "ember_node_snapshot_spares") == 4.0
     });
     let submitted = client_ok(
-        &url,
+        url,
         &["submit", "--json", "--deployment", "sleepy", "--", "long"],
     );
     let id = serde_json::from_str::<serde_json::Value>(submitted.lines().next().unwrap_or(""))
@@ -175,12 +149,12 @@ fn runs_are_served_from_prepared_copies_and_shutdown_destroys_them() {
         .expect("run id")
         .to_string();
     wait_until("the sleepy run to start", 60, || {
-        run_json(&url, &id)["times"]["process_started"].is_number()
+        run_json(url, &id)["times"]["process_started"].is_number()
     });
-    let run = run_json(&url, &id);
+    let run = run_json(url, &id);
     let note = run["times"]["snapshot_note"].as_str().unwrap_or_default();
     assert!(note.starts_with("from a prepared copy"), "{run}");
-    client_ok(&url, &["cancel", &id]);
+    client_ok(url, &["cancel", &id]);
     wait_until("the cancelled run to end on the node", 15, || {
         metric(&metrics_addr, "ember_node_runs_active") == 0.0
     });

@@ -210,3 +210,65 @@ pub fn run_once(url: &str, args: &[&str]) -> (serde_json::Value, String, serde_j
     let id = submitted["id"].as_i64().expect("run id").to_string();
     (req, random, run_json(url, &id))
 }
+
+/// A snapshot start-up for busybox: ready after `sleep` seconds, then
+/// parked until a run resumes it with its request; after the resume it
+/// prints the request and 8 bytes read from /dev/urandom (so two restored
+/// copies can be told apart).
+pub fn parked_startup(sleep: u32) -> String {
+    format!(
+        "sleep {sleep}; echo ready >&\"$EMBER_READY_FD\"; \
+         read -r req <&\"$EMBER_READY_FD\"; echo \"$req\"; \
+         echo \"random $(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \\n')\""
+    )
+}
+
+/// `ember deploy --snapshot NAME IMAGE -- /bin/sh -c STARTUP`.
+pub fn deploy_snapshot(url: &str, name: &str, image: &str, startup: &str) -> String {
+    client_ok(
+        url,
+        &[
+            "deploy",
+            "--snapshot",
+            name,
+            image,
+            "--",
+            "/bin/sh",
+            "-c",
+            startup,
+        ],
+    )
+}
+
+/// What a snapshot-deployment test starts from: busybox in a real
+/// registry and `ember control` on SQLite, under one temporary directory.
+/// Fields drop in order: the control plane stops before the registry and
+/// the directory go.
+pub struct Bed {
+    /// `ember control`.
+    pub control: Proc,
+    /// Its URL.
+    pub url: String,
+    /// `ADDR/ember/busybox:latest` in the registry.
+    pub image: String,
+    /// The registry.
+    pub registry: ember_testkit::registry::Registry,
+    /// Room for node roots; the control plane's is `control/`.
+    pub tmp: tempfile::TempDir,
+}
+
+/// Starts a [`Bed`].
+pub fn busybox_bed() -> Bed {
+    let registry = super::registry_with(&["busybox"]);
+    let image = format!("{}/ember/busybox:latest", registry.addr());
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let db = tmp.path().join("control.db");
+    let (control, url) = start_control(&tmp.path().join("control"), &db.to_string_lossy(), &[]);
+    Bed {
+        control,
+        url,
+        image,
+        registry,
+        tmp,
+    }
+}
