@@ -17,8 +17,8 @@
 //! * **Restore** ([`restore`]): exact key, else the newest entry with the
 //!   key as prefix, else each restore-key prefix, over an ordered list of
 //!   scopes; chunks fetched in parallel and verified; the tree is written
-//!   (files by several threads) beside the target and renamed into place, so a failure leaves the
-//!   target as it was.
+//!   (files by several threads) beside the target and renamed into place,
+//!   so a failure leaves the target as it was.
 //!
 //! # Example
 //!

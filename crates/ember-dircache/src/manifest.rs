@@ -52,7 +52,7 @@ pub struct ChunkRef {
 ///
 /// On the wire a flat object, the kind's fields beside the others:
 /// `{"path":…,"type":"file","offset":…,"size":…,"mode":…,…}`. It is read
-/// and written through [`NodeWire`] rather than `#[serde(flatten)]` with an
+/// and written through a private flat struct rather than `#[serde(flatten)]` with an
 /// internally tagged enum: that pair buffers every node into an
 /// intermediate map before reading it, which made parsing a manifest of
 /// ten thousand files most of a restore's start (on the cache, which

@@ -85,20 +85,6 @@ fn processes(argv: &[&str]) -> Vec<u32> {
         .collect()
 }
 
-/// Containers runc knows under a node's root.
-fn runc_containers(node_root: &Path) -> Vec<String> {
-    let out = std::process::Command::new("runc")
-        .arg("--root")
-        .arg(node_root.join("runc"))
-        .args(["list", "-q"])
-        .output()
-        .expect("runc list");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
 /// Regression (issue 10): a node killed with `kill -9` and started again
 /// within a second failed its runs ("the node restarted while the run was
 /// active", attempts 1/3). Now a run the restarted node no longer has is
@@ -199,7 +185,7 @@ fn a_dead_nodes_containers_are_destroyed_by_its_watchdog() {
     wait_run(&url, &id, "ran", |r| r["state"] == "running");
     assert_eq!(processes(&argv).len(), 1, "the run's process");
     assert_eq!(runners(&node_root), 1);
-    assert_eq!(runc_containers(&node_root).len(), 1);
+    assert_eq!(runc_list(&node_root.join("runc")).len(), 1);
 
     node.0.kill().expect("kill -9 the node");
     node.0.wait().expect("reap the node");
@@ -218,7 +204,7 @@ fn a_dead_nodes_containers_are_destroyed_by_its_watchdog() {
         "the container was gone {} ms after kill -9 of its node",
         killed.elapsed().as_millis()
     );
-    assert_eq!(runc_containers(&node_root), Vec::<String>::new());
+    assert_eq!(runc_list(&node_root.join("runc")), Vec::<String>::new());
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     assert!(
         !mounts.contains(&*node_root.to_string_lossy()),

@@ -42,15 +42,6 @@ fn snapshot_files(node_root: &Path) -> usize {
         .sum()
 }
 
-/// Waits (the test waiting, not the system) until `f` holds.
-fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// Whether node `id` reports a checkpoint of deployment `slow`.
 fn reports_checkpoint(url: &str, id: &str) -> bool {
     let nodes: serde_json::Value =

@@ -15,7 +15,6 @@ use common::cluster::*;
 use common::*;
 use std::io::{Read, Write};
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 /// One sample of the node's `/metrics` (a plain HTTP/1.0 GET).
 fn metric(addr: &str, name: &str) -> f64 {
@@ -32,26 +31,10 @@ fn metric(addr: &str, name: &str) -> f64 {
 
 /// Restored copies runc knows under the node's snapshot runc root.
 fn restored_containers(node_root: &Path) -> Vec<String> {
-    let out = std::process::Command::new("runc")
-        .arg("--root")
-        .arg(node_root.join("snapshot/runc"))
-        .args(["list", "-q"])
-        .output()
-        .expect("runc list");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains("-restore-"))
-        .map(str::to_owned)
+    runc_list(&node_root.join("snapshot/runc"))
+        .into_iter()
+        .filter(|c| c.contains("-restore-"))
         .collect()
-}
-
-fn wait_until(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
-    // This is the test waiting, not a run.
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -79,7 +62,7 @@ fn runs_are_served_from_prepared_copies_and_shutdown_destroys_them() {
     assert_eq!(req["restored"], false, "{req} {first}");
 
     // After the capture, the node prepares 2 copies, and no more.
-    wait_until("2 prepared copies", 300, || {
+    wait_for("2 prepared copies", 300, || {
         metric(&metrics_addr, "ember_node_snapshot_spares") == 2.0
     });
     assert_eq!(restored_containers(&node_root).len(), 2);
@@ -110,7 +93,7 @@ fn runs_are_served_from_prepared_copies_and_shutdown_destroys_them() {
     assert_eq!(served("spare"), 2.0);
     assert_eq!(served("on_demand"), 0.0);
     // Replacements are restored in the background, never more than 2.
-    wait_until("replacement copies", 120, || {
+    wait_for("replacement copies", 120, || {
         metric(&metrics_addr, "ember_node_snapshot_spares") == 2.0
     });
     assert_eq!(restored_containers(&node_root).len(), 2);
@@ -136,7 +119,7 @@ fn runs_are_served_from_prepared_copies_and_shutdown_destroys_them() {
         url,
         &["submit", "--wait", "--deployment", "sleepy", "--", "a"],
     );
-    wait_until("the sleepy deployment's copies", 300, || {
+    wait_for("the sleepy deployment's copies", 300, || {
         metric(&metrics_addr, "ember_node_snapshot_spares") == 4.0
     });
     let submitted = client_ok(
@@ -148,14 +131,14 @@ fn runs_are_served_from_prepared_copies_and_shutdown_destroys_them() {
         .as_i64()
         .expect("run id")
         .to_string();
-    wait_until("the sleepy run to start", 60, || {
+    wait_for("the sleepy run to start", 60, || {
         run_json(url, &id)["times"]["process_started"].is_number()
     });
     let run = run_json(url, &id);
     let note = run["times"]["snapshot_note"].as_str().unwrap_or_default();
     assert!(note.starts_with("from a prepared copy"), "{run}");
     client_ok(url, &["cancel", &id]);
-    wait_until("the cancelled run to end on the node", 15, || {
+    wait_for("the cancelled run to end on the node", 15, || {
         metric(&metrics_addr, "ember_node_runs_active") == 0.0
     });
 

@@ -135,12 +135,7 @@ impl NodeSnapshots {
 
     /// Prepared copies held now, over all keys.
     pub(crate) fn spares_held(&self) -> usize {
-        self.spares
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .map(Vec::len)
-            .sum()
+        lock(&self.spares).values().map(Vec::len).sum()
     }
 
     /// Destroys the prepared copies of `deployment`'s snapshots (the
@@ -149,7 +144,7 @@ impl NodeSnapshots {
     #[allow(dead_code)]
     pub fn drop_spares(&self, deployment: &str) {
         let gone: Vec<PreparedCopy> = {
-            let mut spares = self.spares.lock().unwrap_or_else(|e| e.into_inner());
+            let mut spares = lock(&self.spares);
             let keys: Vec<String> = spares
                 .keys()
                 .filter(|k| snapshot_key_deployment(k) == Some(deployment))
@@ -166,7 +161,7 @@ impl NodeSnapshots {
     /// Destroys the prepared copies of every key `drop` says yes to.
     fn drop_spares_where(&self, drop: impl Fn(&str) -> bool) {
         let gone: Vec<PreparedCopy> = {
-            let mut spares = self.spares.lock().unwrap_or_else(|e| e.into_inner());
+            let mut spares = lock(&self.spares);
             let keys: Vec<String> = spares.keys().filter(|k| drop(k)).cloned().collect();
             keys.iter()
                 .filter_map(|k| spares.remove(k))
@@ -188,7 +183,7 @@ impl NodeSnapshots {
     /// it left the store) are destroyed, not used.
     fn take_spare(&self, manifest: &SnapshotManifest) -> Option<PreparedCopy> {
         let (copy, stale) = {
-            let mut spares = self.spares.lock().unwrap_or_else(|e| e.into_inner());
+            let mut spares = lock(&self.spares);
             let list = spares.get_mut(&manifest.name)?;
             let (fresh, stale): (Vec<_>, Vec<_>) = std::mem::take(list)
                 .into_iter()
@@ -208,32 +203,27 @@ impl NodeSnapshots {
         if self.spares_per_key == 0 || self.closed.load(Ordering::SeqCst) {
             return;
         }
-        if !self
-            .preparing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.to_owned())
-        {
+        let Some(busy) = Busy::take(self, BusySet::Preparing, key) else {
             return;
-        }
-        let (me, key, record) = (self.clone(), key.to_owned(), record.clone());
-        let release = key.clone();
+        };
+        let (me, record) = (self.clone(), record.clone());
         let spawned = std::thread::Builder::new()
             .name("snapshot-spares".into())
             .spawn(move || {
                 lower_priority();
-                me.prepare_loop(&key, &record);
-                me.preparing
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&key);
+                me.prepare_loop(&busy.key, &record);
             });
+        // On failure the closure, and the key's claim with it, is dropped.
         if let Err(e) = spawned {
             tracing::warn!(error = %ember_error::chain(&e), "starting a preparing thread");
-            self.preparing
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&release);
+        }
+    }
+
+    /// The set `set` names.
+    fn busy(&self, set: BusySet) -> &Mutex<HashSet<String>> {
+        match set {
+            BusySet::Capturing => &self.capturing,
+            BusySet::Preparing => &self.preparing,
         }
     }
 
@@ -261,7 +251,7 @@ impl NodeSnapshots {
                 return;
             };
             let held = {
-                let spares = self.spares.lock().unwrap_or_else(|e| e.into_inner());
+                let spares = lock(&self.spares);
                 spares
                     .get(key)
                     .map(|l| {
@@ -306,7 +296,7 @@ impl NodeSnapshots {
                 continue;
             }
             let extra = {
-                let mut spares = self.spares.lock().unwrap_or_else(|e| e.into_inner());
+                let mut spares = lock(&self.spares);
                 let list = spares.entry(key.to_owned()).or_default();
                 if list.len() < self.spares_per_key {
                     list.push(copy);
@@ -348,12 +338,7 @@ impl NodeSnapshots {
             if snapshot_key_deployment(key).is_none() {
                 continue;
             }
-            if self
-                .capturing
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains(key)
-            {
+            if lock(&self.capturing).contains(key) {
                 continue;
             }
             match self.host.store.remove_snapshot(key) {
@@ -388,7 +373,7 @@ impl NodeSnapshots {
         let Ok(list) = self.host.store.snapshots() else {
             return;
         };
-        let capturing = self.capturing.lock().unwrap_or_else(|e| e.into_inner());
+        let capturing = lock(&self.capturing);
         for m in list {
             if m.name != key
                 && m.name.starts_with(SNAPSHOT_KEY_PREFIX)
@@ -418,28 +403,19 @@ impl NodeSnapshots {
         run: &Run,
         record: &ImageRecord,
     ) {
-        if self
-            .failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        if lock(&self.failed)
             .get(key)
             .is_some_and(|t| t.elapsed() < CAPTURE_RETRY_AFTER)
         {
             return;
         }
-        if !self
-            .capturing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.to_owned())
-        {
+        let Some(busy) = Busy::take(self, BusySet::Capturing, key) else {
             return;
-        }
+        };
         let (me, agent, key, record) =
             (self.clone(), agent.clone(), key.to_owned(), record.clone());
         let (argv, image_name) = (run.command.clone(), run.image.reference.clone());
         let env: Vec<(String, String)> = run.env.clone().into_iter().collect();
-        let release = key.clone();
         let spawned = std::thread::Builder::new()
             .name("snapshot-capture".into())
             .spawn(move || {
@@ -490,34 +466,24 @@ impl NodeSnapshots {
                             // it no room. Capturing again beside every run
                             // would only cost CPU; wait as after a failure.
                             tracing::warn!(snapshot = %key, "the checkpoint does not fit the image budget beside the planned images; not capturing it again for a while");
-                            me.failed
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
+                            lock(&me.failed)
                                 .insert(key.clone(), Instant::now());
                         }
                     }
                     Err(e) => {
                         tracing::warn!(snapshot = %key, error = %e.why_not_restored(), "capturing a deployment's start-up");
-                        me.failed
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
+                        lock(&me.failed)
                             .insert(key.clone(), Instant::now());
                     }
                 }
-                me.capturing
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&key);
+                drop(busy);
                 // The checkpoint is placement locality now.
                 agent.inventory_changed.notify_one();
                 me.prepare_in_background(&key, &record);
             });
+        // On failure the closure, and the key's claim with it, is dropped.
         if let Err(e) = spawned {
             tracing::warn!(error = %ember_error::chain(&e), "starting a capture thread");
-            self.capturing
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&release);
         }
     }
 }
@@ -570,10 +536,7 @@ pub(crate) fn exec_snapshot(
             }));
         }
         RunEvent::Resuming { socket, exec_id } => {
-            *handle
-                .snapshot_exec
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some((socket.to_path_buf(), exec_id));
+            *lock(&handle.snapshot_exec) = Some((socket.to_path_buf(), exec_id));
             let _ = tx.send(Event::report(NodeReport::RunnerReady));
             let _ = tx.send(Event::report(NodeReport::Started));
             // A cancel that arrived before the exec could be signalled.
@@ -706,10 +669,7 @@ pub(crate) fn exec_snapshot(
         }
     };
     host.store.remove_user(&claim);
-    *handle
-        .snapshot_exec
-        .lock()
-        .unwrap_or_else(|e| e.into_inner()) = None;
+    *lock(&handle.snapshot_exec) = None;
     let outcome = outcome.map_err(|e| format!("snapshot start: {}", e.why_not_restored()))?;
     tracing::debug!(run = %run.id, timings = ?outcome.timings, "snapshot run");
     if let Some(e) = &outcome.result.spawn_error {
@@ -813,5 +773,45 @@ impl<'a> OnDemand<'a> {
 impl Drop for OnDemand<'_> {
     fn drop(&mut self) {
         self.done();
+    }
+}
+
+/// `Mutex::lock` that goes on past poisoning: a thread that panicked
+/// holding one of these maps or sets leaves entries, not broken
+/// invariants, and the node keeps serving runs.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Which busy set a [`Busy`] claim is in.
+#[derive(Clone, Copy)]
+enum BusySet {
+    Capturing,
+    Preparing,
+}
+
+/// A key in one of the node's busy sets (a capture or a preparing thread
+/// of its own), given back when dropped: when the thread's work ends, or
+/// with the thread's closure when the thread cannot start.
+struct Busy {
+    owner: Arc<NodeSnapshots>,
+    set: BusySet,
+    key: String,
+}
+
+impl Busy {
+    /// Claims `key` in `set`; `None` if a thread already holds it.
+    fn take(owner: &Arc<NodeSnapshots>, set: BusySet, key: &str) -> Option<Busy> {
+        lock(owner.busy(set)).insert(key.to_owned()).then(|| Busy {
+            owner: owner.clone(),
+            set,
+            key: key.to_owned(),
+        })
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        lock(self.owner.busy(self.set)).remove(&self.key);
     }
 }

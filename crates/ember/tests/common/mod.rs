@@ -228,3 +228,30 @@ pub fn snapshot_prerequisites() -> Option<PathBuf> {
         ),
     }
 }
+
+/// Waits (the test waiting, not the system) until `f` holds, failing the
+/// test after `secs` seconds with `what`.
+pub fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// The containers `runc --root RUNC_ROOT list` knows.
+pub fn runc_list(runc_root: &Path) -> Vec<String> {
+    let out = Command::new("runc")
+        .arg("--root")
+        .arg(runc_root)
+        .args(["list", "-q"])
+        .output()
+        .expect("runc list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
