@@ -86,10 +86,10 @@ mod stream;
 mod watchdog;
 
 pub use agent::run_node;
+pub use config::{NodeAgentConfig, NodeError, PrepullConfig, WatchdogCommand};
+pub use prepull::{Prepuller, RunPull};
+pub use watchdog::{WatchReport, watch_node};
 
 /// Restored copies per snapshot key a node keeps prepared when not told
 /// (see [`NodeAgentConfig::snapshot_spares`]).
 pub const DEFAULT_SNAPSHOT_SPARES: usize = snapshot::deploy::DEFAULT_SPARES;
-pub use config::{NodeAgentConfig, NodeError, PrepullConfig, WatchdogCommand};
-pub use prepull::{Prepuller, RunPull};
-pub use watchdog::{WatchReport, watch_node};

@@ -138,26 +138,6 @@ impl NodeSnapshots {
         lock(&self.spares).values().map(Vec::len).sum()
     }
 
-    /// Destroys the prepared copies of `deployment`'s snapshots (the
-    /// deployment was deleted). Blocking: `runc delete` per copy.
-    // Called by deployment deletion, which is wired separately.
-    #[allow(dead_code)]
-    pub fn drop_spares(&self, deployment: &str) {
-        let gone: Vec<PreparedCopy> = {
-            let mut spares = lock(&self.spares);
-            let keys: Vec<String> = spares
-                .keys()
-                .filter(|k| snapshot_key_deployment(k) == Some(deployment))
-                .cloned()
-                .collect();
-            keys.iter()
-                .filter_map(|k| spares.remove(k))
-                .flatten()
-                .collect()
-        };
-        remove_copies(gone);
-    }
-
     /// Destroys the prepared copies of every key `drop` says yes to.
     fn drop_spares_where(&self, drop: impl Fn(&str) -> bool) {
         let gone: Vec<PreparedCopy> = {
