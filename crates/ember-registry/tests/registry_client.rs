@@ -16,6 +16,7 @@ use ember_testkit::proxy::CuttingMirror;
 use ember_testkit::registry::Registry;
 use ember_testkit::token::{SERVICE, TokenServer};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 fn installed(cmd: &str, arg: &str) -> bool {
     Command::new(cmd)
@@ -124,7 +125,9 @@ async fn mirror_cut_mid_blob_continues_from_the_origin() {
     assert_eq!(mirror.cuts(), 1, "the mirror did not cut the blob");
     assert_eq!((n, ok), (size, true));
     // Two GETs of the layer reached the registry: the mirror's (a 200 it
-    // cut) and the client's own for the rest (a 206).
+    // cut) and the client's own for the rest (a 206). A request is logged
+    // only once its response is complete, so the log may lag the client.
+    reg.wait_for_requests("GET", &layer.to_string(), 2, Duration::from_secs(10));
     let gets: Vec<_> = reg
         .requests()
         .into_iter()
