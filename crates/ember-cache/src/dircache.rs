@@ -8,8 +8,9 @@
 //! ```text
 //! chunks/<hh>/<hex>    zstd-compressed chunks, named by the SHA-256 of their
 //!                      uncompressed bytes (verified on PUT)
-//! entries/<id>.json    {info, manifest}; id = sha256(scope NUL key); the
-//!                      file's mtime is the entry's last use
+//! entries/<id>.entry   one line of {info, meta}, then the manifest as it
+//!                      was stored; id = sha256(scope NUL key); the file's
+//!                      mtime is the entry's last use
 //! tmp/                 uploads being written
 //! ```
 //!
@@ -124,14 +125,76 @@ pub const PEER_HEADER: &str = "x-ember-dircache-peer";
 /// Response headers kept with an entry (name -> value).
 pub type Headers = BTreeMap<String, String>;
 
-/// What is on disk about one entry.
+/// The first line of an entry's file; the manifest's JSON follows it.
+/// The manifest is kept apart so a lookup answers with its bytes as they
+/// are, without decoding and re-encoding megabytes of tree (the client
+/// validates what it gets anyway).
 #[derive(serde::Serialize, serde::Deserialize)]
-struct StoredEntry {
+struct EntryHead {
     info: EntryInfo,
-    manifest: Manifest,
     /// Headers to answer with (a Turborepo artifact's tag and duration).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     meta: BTreeMap<String, String>,
+}
+
+/// An entry as earlier builds stored it: one JSON document,
+/// `entries/<id>.json`. Rewritten in the current form when the store opens.
+#[derive(serde::Deserialize)]
+struct LegacyEntry {
+    info: EntryInfo,
+    manifest: Manifest,
+    #[serde(default)]
+    meta: BTreeMap<String, String>,
+}
+
+/// What [`DirStore::load_entry_file`] made of a file.
+enum Loaded {
+    /// An entry, with the path its file has now.
+    Entry(EntryInfo, Manifest, PathBuf),
+    /// Not an entry: removed.
+    Unreadable,
+    /// Not indexed from this file: an entry in the earlier form that
+    /// could not be rewritten (left on disk for the next start), or one
+    /// already rewritten (removed).
+    Kept,
+}
+
+/// An entry file's bytes: the head, a newline, the manifest. Compact JSON
+/// never holds a raw newline, so the first one ends the head.
+fn encode_entry(head: &EntryHead, manifest: &[u8]) -> Result<Vec<u8>, CacheError> {
+    let mut out =
+        serde_json::to_vec(head).map_err(|e| CacheError::io("encoding an entry", e.into()))?;
+    out.reserve(manifest.len() + 1);
+    out.push(b'\n');
+    out.extend_from_slice(manifest);
+    Ok(out)
+}
+
+/// The head of an entry file and where its manifest starts.
+fn split_entry(bytes: &[u8]) -> Result<(EntryHead, usize), serde_json::Error> {
+    let end = bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .unwrap_or(bytes.len());
+    let head = serde_json::from_slice(&bytes[..end])?;
+    Ok((head, (end + 1).min(bytes.len())))
+}
+
+/// A [`Found`]'s JSON around a manifest already encoded: the same bytes
+/// `serde_json` would write for it, field for field.
+fn found_body(info: &EntryInfo, exact: bool, manifest: &[u8]) -> Result<Vec<u8>, CacheError> {
+    let mut out = Vec::with_capacity(manifest.len() + 512);
+    out.extend_from_slice(b"{\"info\":");
+    serde_json::to_writer(&mut out, info)
+        .map_err(|e| CacheError::io("encoding an entry", e.into()))?;
+    out.extend_from_slice(if exact {
+        b",\"exact\":true,\"manifest\":"
+    } else {
+        b",\"exact\":false,\"manifest\":"
+    });
+    out.extend_from_slice(manifest);
+    out.push(b'}');
+    Ok(out)
 }
 
 fn now_ms() -> u64 {
@@ -249,10 +312,10 @@ impl DirStore {
     }
 
     /// Asks the peers, in order, for an entry (`path` under `/dircache/v1`,
-    /// a GET, or a POST of `body`); the first valid answer. Not stored
-    /// here: its chunks come through [`Self::chunk_from_peers`] as a
-    /// restore asks for them.
-    async fn entry_from_peers(&self, path: &str, body: Option<Bytes>) -> Option<Found> {
+    /// a GET, or a POST of `body`); the first valid answer, as the peer
+    /// sent it. Not stored here: its chunks come through
+    /// [`Self::chunk_from_peers`] as a restore asks for them.
+    async fn entry_from_peers(&self, path: &str, body: Option<Bytes>) -> Option<Vec<u8>> {
         let p = self.peers.get()?;
         for url in p.urls() {
             let u = format!("{url}/dircache/v1/{path}");
@@ -279,7 +342,7 @@ impl DirStore {
                 tracing::warn!(peer = %url, error = %ember_error::chain(&e), "peer sent an invalid manifest");
                 continue;
             }
-            return Some(found);
+            return Some(bytes.to_vec());
         }
         None
     }
@@ -314,21 +377,24 @@ impl DirStore {
             }
         }
         let entries = self.root.join("entries");
-        for e in fs::read_dir(&entries)
+        // Listed first: rewriting an entry of the earlier form adds a file
+        // the listing must not then yield a second time.
+        let files: Vec<PathBuf> = fs::read_dir(&entries)
             .map_err(io(format!("reading {}", entries.display())))?
             .flatten()
-        {
-            let p = e.path();
-            let parsed = fs::read(&p)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<StoredEntry>(&b).ok());
-            let Some(mut s) = parsed else {
-                tracing::warn!(path = %p.display(), "unreadable directory cache entry removed");
-                let _ = fs::remove_file(&p);
-                continue;
+            .map(|e| e.path())
+            .collect();
+        for p in files {
+            let (mut info, manifest, p) = match self.load_entry_file(&p) {
+                Loaded::Entry(info, manifest, p) => (info, manifest, p),
+                Loaded::Unreadable => {
+                    tracing::warn!(path = %p.display(), "unreadable directory cache entry removed");
+                    let _ = fs::remove_file(&p);
+                    continue;
+                }
+                Loaded::Kept => continue,
             };
-            let digests: Vec<String> = s
-                .manifest
+            let digests: Vec<String> = manifest
                 .unique_digests()
                 .into_iter()
                 .map(str::to_string)
@@ -343,15 +409,12 @@ impl DirStore {
                     c.refs += 1;
                 }
             }
-            if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
-                s.info.last_used_ms = ms(t);
+            if let Ok(t) = fs::metadata(&p).and_then(|m| m.modified()) {
+                info.last_used_ms = ms(t);
             }
             idx.entries.insert(
-                (s.info.scope.clone(), s.info.key.clone()),
-                EntryRec {
-                    info: s.info,
-                    digests,
-                },
+                (info.scope.clone(), info.key.clone()),
+                EntryRec { info, digests },
             );
         }
         tracing::info!(
@@ -360,6 +423,58 @@ impl DirStore {
             "directory cache index rebuilt"
         );
         Ok(())
+    }
+
+    /// Reads an entry file at start: its info, its manifest and the path it
+    /// now has. A file in the earlier one-document form is rewritten in
+    /// the current form first (its mtime, the entry's last use, carried
+    /// over).
+    fn load_entry_file(&self, p: &Path) -> Loaded {
+        let Ok(bytes) = fs::read(p) else {
+            return Loaded::Unreadable;
+        };
+        let parsed = match p.extension().and_then(|x| x.to_str()) {
+            Some("entry") => split_entry(&bytes).ok().and_then(|(head, at)| {
+                let manifest = serde_json::from_slice(&bytes[at..]).ok()?;
+                Some((head, manifest, None))
+            }),
+            Some("json") => serde_json::from_slice::<LegacyEntry>(&bytes)
+                .ok()
+                .and_then(|old| {
+                    let json = serde_json::to_vec(&old.manifest).ok()?;
+                    let head = EntryHead {
+                        info: old.info,
+                        meta: old.meta,
+                    };
+                    Some((head, old.manifest, Some(json)))
+                }),
+            _ => None,
+        };
+        let Some((head, manifest, rewrite)) = parsed else {
+            return Loaded::Unreadable;
+        };
+        let Some(json) = rewrite else {
+            return Loaded::Entry(head.info, manifest, p.to_path_buf());
+        };
+        let dest = self.entry_path(&head.info.scope, &head.info.key);
+        if dest.exists() {
+            // Rewritten before, and the old file not yet removed.
+            let _ = fs::remove_file(p);
+            return Loaded::Kept;
+        }
+        let used = fs::metadata(p).and_then(|m| m.modified()).ok();
+        let written =
+            encode_entry(&head, &json).and_then(|new| write_atomic(&self.tmp_path(), &dest, &new));
+        if let Err(e) = written {
+            // Left as it is, for the next start to try again.
+            tracing::warn!(path = %p.display(), error = %ember_error::chain(&e), "directory cache entry not rewritten; skipped");
+            return Loaded::Kept;
+        }
+        if let (Some(t), Ok(f)) = (used, File::options().write(true).open(&dest)) {
+            let _ = f.set_modified(t);
+        }
+        let _ = fs::remove_file(p);
+        Loaded::Entry(head.info, manifest, dest)
     }
 
     fn chunk_path(&self, hex: &str) -> PathBuf {
@@ -373,7 +488,7 @@ impl DirStore {
         h.update(key.as_bytes());
         self.root
             .join("entries")
-            .join(format!("{}.json", hex::encode(h.finalize())))
+            .join(format!("{}.entry", hex::encode(h.finalize())))
     }
 
     fn tmp_path(&self) -> PathBuf {
@@ -526,15 +641,25 @@ impl DirStore {
                 allow_absolute_symlinks: true,
             })
             .map_err(|e| CacheError::BadRequest(e.to_string()))?;
-        self.store_entry(scope, key, manifest, body.len() as u64, BTreeMap::new())
+        self.store_entry(
+            scope,
+            key,
+            &manifest,
+            body,
+            body.len() as u64,
+            BTreeMap::new(),
+        )
     }
 
-    /// Stores a validated manifest; then applies the scope's budget.
+    /// Stores a validated manifest, kept as `json` (its encoding); then
+    /// applies the scope's budget. The entry is charged its chunks and
+    /// `manifest_bytes`.
     fn store_entry(
         &self,
         scope: &str,
         key: &str,
-        manifest: Manifest,
+        manifest: &Manifest,
+        json: &[u8],
         manifest_bytes: u64,
         meta: BTreeMap<String, String>,
     ) -> Result<EntryInfo, CacheError> {
@@ -576,12 +701,13 @@ impl DirStore {
                 created_ms: now,
                 last_used_ms: now,
             };
-            let stored = serde_json::to_vec(&StoredEntry {
-                info: info.clone(),
-                manifest,
-                meta,
-            })
-            .map_err(|e| CacheError::io("encoding an entry", e.into()))?;
+            let stored = encode_entry(
+                &EntryHead {
+                    info: info.clone(),
+                    meta,
+                },
+                json,
+            )?;
             // Under the lock: the chunks checked above cannot be collected
             // before the entry that names them is on disk.
             write_atomic(&self.tmp_path(), &self.entry_path(scope, key), &stored)?;
@@ -605,9 +731,9 @@ impl DirStore {
         Ok(info)
     }
 
-    /// Looks an entry up (see [`LookupRequest`]) and marks it used.
-    /// Blocking.
-    pub fn lookup(&self, req: &LookupRequest) -> Result<Option<Found>, CacheError> {
+    /// Looks an entry up (see [`LookupRequest`]) and marks it used; the
+    /// [`Found`]'s JSON. Blocking.
+    pub fn lookup(&self, req: &LookupRequest) -> Result<Option<Vec<u8>>, CacheError> {
         for _ in 0..3 {
             let hit = {
                 let idx = self.lock();
@@ -617,56 +743,74 @@ impl DirStore {
                 return Ok(None);
             };
             // Removed between the index lookup and the read: look again.
-            if let Some(mut found) = self.read_entry(&scope, &key)? {
-                found.exact = exact;
-                return Ok(Some(found));
+            if let Some((head, bytes, at)) = self.read_file(&scope, &key)? {
+                return found_body(&head.info, exact, &bytes[at..]).map(Some);
             }
         }
         Ok(None)
     }
 
-    /// The entry stored under exactly `scope`/`key`, marked used. Blocking.
-    pub fn get_entry(&self, scope: &str, key: &str) -> Result<Option<Found>, CacheError> {
-        self.read_entry(scope, key)
+    /// The entry stored under exactly `scope`/`key`, marked used; the
+    /// [`Found`]'s JSON. Blocking.
+    pub fn get_entry(&self, scope: &str, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        match self.read_file(scope, key)? {
+            Some((head, bytes, at)) => found_body(&head.info, true, &bytes[at..]).map(Some),
+            None => Ok(None),
+        }
     }
 
-    fn read_entry(&self, scope: &str, key: &str) -> Result<Option<Found>, CacheError> {
-        Ok(self.read_stored(scope, key)?.map(|(f, _)| f))
-    }
-
+    /// An entry with its manifest decoded, and its headers.
     fn read_stored(&self, scope: &str, key: &str) -> Result<Option<(Found, Headers)>, CacheError> {
+        let Some((head, bytes, at)) = self.read_file(scope, key)? else {
+            return Ok(None);
+        };
+        let manifest = serde_json::from_slice(&bytes[at..]).map_err(|e| {
+            CacheError::io(
+                format!("reading {}", self.entry_path(scope, key).display()),
+                e.into(),
+            )
+        })?;
+        Ok(Some((
+            Found {
+                info: head.info,
+                exact: true,
+                manifest,
+            },
+            head.meta,
+        )))
+    }
+
+    /// An entry's file, marked used: its head (with the new last use),
+    /// its bytes and where the manifest starts in them.
+    fn read_file(
+        &self,
+        scope: &str,
+        key: &str,
+    ) -> Result<Option<(EntryHead, Vec<u8>, usize)>, CacheError> {
         let p = self.entry_path(scope, key);
         let bytes = match fs::read(&p) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(CacheError::io(format!("reading {}", p.display()), e)),
         };
-        let s: StoredEntry = serde_json::from_slice(&bytes)
+        let (mut head, at) = split_entry(&bytes)
             .map_err(|e| CacheError::io(format!("reading {}", p.display()), e.into()))?;
         let now = SystemTime::now();
         // Recency across restarts lives in the file's mtime.
         if let Ok(f) = File::options().write(true).open(&p) {
             let _ = f.set_modified(now);
         }
-        let mut info = s.info;
         {
             let mut idx = self.lock();
             match idx.entries.get_mut(&(scope.to_string(), key.to_string())) {
                 Some(e) => {
                     e.info.last_used_ms = ms(now);
-                    info.last_used_ms = ms(now);
+                    head.info.last_used_ms = ms(now);
                 }
                 None => return Ok(None),
             }
         }
-        Ok(Some((
-            Found {
-                info,
-                exact: true,
-                manifest: s.manifest,
-            },
-            s.meta,
-        )))
+        Ok(Some((head, bytes, at)))
     }
 
     /// Stores `data` as a one-file entry (a Turborepo artifact), chunked
@@ -729,7 +873,9 @@ impl DirStore {
             }],
             chunks,
         };
-        match self.store_entry(scope, key, manifest, 0, meta) {
+        let json = serde_json::to_vec(&manifest)
+            .map_err(|e| CacheError::io("encoding an entry", e.into()))?;
+        match self.store_entry(scope, key, &manifest, &json, 0, meta) {
             Ok(_) | Err(CacheError::EntryExists(_)) => Ok(total),
             Err(e) => Err(e),
         }
@@ -1022,6 +1168,22 @@ fn answer<T: serde::Serialize>(r: Result<T, CacheError>) -> Response {
     }
 }
 
+/// [`answer`] for a body already encoded.
+fn answer_json(r: Result<Vec<u8>, CacheError>) -> Response {
+    match r {
+        Ok(body) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 fn digest_param(hex: &str) -> Result<String, CacheError> {
     if is_digest_hex(hex) {
         Ok(hex.to_string())
@@ -1168,7 +1330,7 @@ async fn get_entry(State(s): St, headers: HeaderMap, uri: Uri) -> Response {
             .ok_or(CacheError::EntryUnknown(what))
     }
     .await;
-    answer(r)
+    answer_json(r)
 }
 
 async fn put_entry(State(s): St, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
@@ -1213,7 +1375,7 @@ async fn lookup(State(s): St, headers: HeaderMap, body: Bytes) -> Response {
             .ok_or(CacheError::EntryUnknown(what))
     }
     .await;
-    answer(r)
+    answer_json(r)
 }
 
 async fn list(State(s): St, uri: Uri) -> Response {
@@ -1222,4 +1384,62 @@ async fn list(State(s): St, uri: Uri) -> Response {
 
 async fn gc(State(s): St) -> Response {
     answer(blocking(move || Ok(s.gc())).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ember_dircache::manifest::{ChunkRef, MANIFEST_VERSION, Node, NodeKind};
+
+    #[test]
+    fn a_found_built_around_stored_bytes_is_what_serde_writes() {
+        let manifest = Manifest {
+            version: MANIFEST_VERSION,
+            nodes: vec![Node {
+                path: "a \"quoted\"\nname".into(),
+                kind: NodeKind::File { offset: 0, size: 3 },
+                mode: 0o644,
+                uid: 1,
+                gid: 2,
+                mtime: 3,
+                mtime_nsec: 4,
+            }],
+            chunks: vec![ChunkRef {
+                digest: "ab".repeat(32),
+                size: 3,
+            }],
+        };
+        let info = EntryInfo {
+            scope: "main".into(),
+            key: "k\u{e9}".into(),
+            bytes: 10,
+            data_bytes: 3,
+            chunks: 1,
+            created_ms: 5,
+            last_used_ms: 6,
+        };
+        let json = serde_json::to_vec(&manifest).unwrap();
+        let head = EntryHead {
+            info: info.clone(),
+            meta: BTreeMap::from([("x-artifact-tag".to_string(), "t\nu".to_string())]),
+        };
+        let file = encode_entry(&head, &json).unwrap();
+        let (back, at) = split_entry(&file).unwrap();
+        assert_eq!(back.info, info);
+        assert_eq!(back.meta, head.meta);
+        assert_eq!(
+            &file[at..],
+            &json[..],
+            "a newline inside a string is escaped"
+        );
+        for exact in [true, false] {
+            let want = serde_json::to_vec(&Found {
+                info: info.clone(),
+                exact,
+                manifest: manifest.clone(),
+            })
+            .unwrap();
+            assert_eq!(found_body(&info, exact, &file[at..]).unwrap(), want);
+        }
+    }
 }

@@ -722,6 +722,86 @@ async fn unused_entries_expire_and_entries_survive_a_restart() {
     assert!(client.list("main").await.unwrap().is_empty());
 }
 
+/// The files under `dircache/entries` with extension `ext`.
+fn entry_files(cache_dir: &std::path::Path, ext: &str) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(cache_dir.join("dircache/entries"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_stored_by_an_earlier_build_are_rewritten_and_still_restore() {
+    let Saved {
+        cache,
+        client: _client,
+        work,
+        src,
+    } = saved(rich_tree, "k").await;
+    let before = cache.client().list("main").await.unwrap();
+    let TestCache { server, dir } = cache;
+    server.shutdown().await.unwrap();
+
+    // Turn the entry back into the one-document form earlier builds
+    // wrote: {"info": ..., "manifest": ...} in <id>.json.
+    let [new] = entry_files(dir.path(), "entry").try_into().unwrap();
+    let bytes = std::fs::read(&new).unwrap();
+    let nl = bytes.iter().position(|&b| b == b'\n').expect("head line");
+    let head: serde_json::Value = serde_json::from_slice(&bytes[..nl]).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&bytes[nl + 1..]).unwrap();
+    let legacy = serde_json::json!({"info": head["info"], "manifest": manifest});
+    let old = new.with_extension("json");
+    std::fs::write(&old, serde_json::to_vec(&legacy).unwrap()).unwrap();
+    // Its mtime is the entry's last use, which the rewrite carries over.
+    let used = std::fs::metadata(&new).unwrap().modified().unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(used)
+        .unwrap();
+    std::fs::remove_file(&new).unwrap();
+
+    let cache = start_in(dir, DircacheConfig::default()).await;
+    assert_eq!(
+        entry_files(cache.dir.path(), "entry"),
+        vec![new.clone()],
+        "rewritten under the current name"
+    );
+    assert!(
+        entry_files(cache.dir.path(), "json").is_empty(),
+        "old file gone"
+    );
+    let client = cache.client();
+    assert_eq!(client.list("main").await.unwrap(), before);
+    let dst = work.path().join("dst");
+    let report = restore(&client, &dst, &ropts(&["main"], "k", &[]))
+        .await
+        .unwrap()
+        .expect("hit");
+    assert!(report.exact);
+    assert_same_tree(&src, &dst);
+    // Both answers carry the manifest as stored.
+    let got = client.get_entry("main", "k").await.unwrap().unwrap();
+    assert!(got.exact);
+    assert_eq!(serde_json::to_value(&got.manifest).unwrap(), manifest);
+    let by_prefix = client
+        .lookup(&ember_dircache::wire::LookupRequest {
+            scopes: vec!["main".into()],
+            key: "nope".into(),
+            restore_keys: vec!["k".into()],
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!by_prefix.exact);
+    assert_eq!(by_prefix.info.key, "k");
+    assert_eq!(by_prefix.manifest, got.manifest);
+}
+
 /// How the proxy in front of the cache misbehaves on `chunks/fetch`.
 #[derive(Clone, Copy)]
 enum Proxy {
