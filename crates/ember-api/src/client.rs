@@ -92,10 +92,7 @@ impl ControlClient {
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(ClientError::BadUrl(base.to_owned()));
         }
-        // reqwest is built without a default crypto provider; ring is the
-        // one the workspace uses.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
+        let http = ember_http::client::builder(&[base])
             .user_agent(concat!("ember/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
             .build()

@@ -64,9 +64,6 @@ impl Cache {
     /// Opens the store and builds the upstream clients.
     pub fn new(config: CacheConfig) -> Result<Arc<Cache>, CacheError> {
         config.validate().map_err(config_err)?;
-        // reqwest is built without a default crypto provider; install ring
-        // once per process (a second install is refused harmlessly).
-        let _ = rustls::crypto::ring::default_provider().install_default();
         // One registry client for every upstream: the node's, so auth,
         // tokens, retries and verification are the same code. A cache
         // retries once (its clients retry too, and fall back to the origin).
@@ -78,7 +75,8 @@ impl Cache {
             ..Default::default()
         })
         .map_err(|e| CacheError::io("building the registry client", std::io::Error::other(e)))?;
-        let peer_http = reqwest::Client::builder()
+        // Peers are named later (`set_peers`): any server.
+        let peer_http = ember_http::client::builder(&[])
             .connect_timeout(Duration::from_secs(2))
             .read_timeout(Duration::from_secs(60))
             .build()

@@ -35,7 +35,8 @@ impl PeerSet {
             return Ok(None);
         }
         // Short connect timeout: a dead peer is skipped quickly.
-        let http = reqwest::Client::builder()
+        let list: Vec<&str> = urls.iter().map(String::as_str).collect();
+        let http = ember_http::client::builder(&list)
             .connect_timeout(Duration::from_secs(2))
             .read_timeout(Duration::from_secs(60))
             .build()

@@ -44,10 +44,7 @@ impl CacheClient {
     /// sent as a bearer token: the cache requires it for writes into its
     /// protected scopes.
     pub fn new(url: &str, token: Option<String>) -> Result<Self, DircacheError> {
-        // reqwest is built without a default crypto provider; install ring
-        // once per process (a second install is refused harmlessly).
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
+        let http = ember_http::client::builder(&[url])
             .connect_timeout(Duration::from_secs(10))
             // Per request, generous: a slow machine must not fail a save.
             .timeout(Duration::from_secs(300))

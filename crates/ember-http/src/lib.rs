@@ -45,6 +45,7 @@
 //! # }
 //! ```
 
+pub mod client;
 mod conn;
 pub mod prom;
 

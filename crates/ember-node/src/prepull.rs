@@ -773,7 +773,7 @@ impl NodeAgent {
             "images": head.iter().map(|(_, r)| r).collect::<Vec<_>>(),
         });
         let answer = async {
-            let http = reqwest::Client::builder()
+            let http = ember_http::client::builder(&[url.as_str()])
                 .timeout(WARM_TIMEOUT)
                 .build()
                 .map_err(|e| e.to_string())?;

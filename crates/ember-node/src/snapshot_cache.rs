@@ -227,10 +227,7 @@ impl SnapshotCache {
     /// A client of the cache at `url` (`http://host:port`). `token` is
     /// sent as a bearer token: the cache needs it to store snapshots.
     pub fn new(url: &str, token: Option<String>) -> Result<Self, SnapshotCacheError> {
-        // reqwest is built without a default crypto provider; install ring
-        // once per process (a second install is refused harmlessly).
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
+        let http = ember_http::client::builder(&[url])
             .connect_timeout(Duration::from_secs(10))
             // No overall timeout: an artifact may be gigabytes. A cache
             // that stops sending for this long is given up on.

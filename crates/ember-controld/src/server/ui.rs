@@ -210,8 +210,7 @@ async fn cache_figures(url: &str) -> CacheFigures {
         ..CacheFigures::default()
     };
     let text = async {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
+        let http = ember_http::client::builder(&[url])
             .timeout(Duration::from_secs(2))
             .build()?;
         http.get(format!("{}/metrics", url.trim_end_matches('/')))
