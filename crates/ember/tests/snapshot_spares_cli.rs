@@ -144,12 +144,30 @@ fn runs_are_served_from_prepared_copies_and_shutdown_destroys_them() {
 
     // Node shutdown destroys the prepared copies (the control plane has
     // no way to replace a deployment's start-up yet, so key replacement
-    // is not driven from here).
+    // is not driven from here). It is asked to stop right after a run:
+    // that run's copy is still being removed in the background and its
+    // replacement being restored, and the node waits for both.
+    client_ok(
+        url,
+        &["submit", "--wait", "--deployment", "sleepy", "--", "a"],
+    );
     node.stop();
     assert!(
         restored_containers(&node_root).is_empty(),
         "{:?}",
         restored_containers(&node_root)
+    );
+    let root = node_root.to_string_lossy().into_owned();
+    let mounted: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(root.as_str()))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        mounted.is_empty(),
+        "mounts left under the node's root: {mounted:?}"
     );
     let left: Vec<_> = std::fs::read_dir(node_root.join("snapshot/containers"))
         .map(|d| d.flatten().map(|e| e.file_name()).collect())

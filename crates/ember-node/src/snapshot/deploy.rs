@@ -71,11 +71,16 @@ pub(crate) struct NodeSnapshots {
     on_demand: AtomicUsize,
     /// Set at node shutdown: preparing threads stop, spares are removed.
     closed: AtomicBool,
+    /// Copies of finished runs being removed in the background.
+    cleanups: super::Cleanups,
     /// Runs served from a prepared copy.
     pub(crate) from_spare: AtomicU64,
     /// Runs that restored on demand.
     pub(crate) on_demand_total: AtomicU64,
 }
+
+/// How long a stopping node waits for restored copies to be removed.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(20);
 
 /// Prepared copies per snapshot key when `ember node --snapshot-spares` is
 /// not given: one lone run in a row finds a copy ready, and a burst of a
@@ -128,6 +133,7 @@ impl NodeSnapshots {
             preparing: Mutex::new(HashSet::new()),
             on_demand: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
+            cleanups: super::Cleanups::default(),
             from_spare: AtomicU64::new(0),
             on_demand_total: AtomicU64::new(0),
         }
@@ -156,6 +162,24 @@ impl NodeSnapshots {
     pub(crate) fn shutdown(&self) {
         self.closed.store(true, Ordering::SeqCst);
         self.drop_spares_where(|_| true);
+        // A copy being prepared is removed by its thread once restored, and
+        // a finished run's copy by its cleanup thread: both are waited for
+        // (bounded), so a stopped node leaves no overlay mounted.
+        let deadline = Instant::now() + SHUTDOWN_WAIT;
+        while !lock(&self.preparing).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let left = self
+            .cleanups
+            .wait(deadline.saturating_duration_since(Instant::now()));
+        let preparing = lock(&self.preparing).len();
+        if left > 0 || preparing > 0 {
+            tracing::warn!(
+                removing = left,
+                preparing,
+                "stopping with restored copies not yet removed (the next start removes them)"
+            );
+        }
     }
 
     /// Takes a prepared copy of `manifest` (by its key), if one is ready.
@@ -579,7 +603,7 @@ pub(crate) fn exec_snapshot(
                 &req,
                 t0,
                 t,
-                super::Cleanup::Background,
+                super::Cleanup::Background(&snapshots.cleanups),
                 &mut on_event,
                 &mut on_output,
             )
@@ -593,7 +617,7 @@ pub(crate) fn exec_snapshot(
                 record,
                 &req,
                 t0,
-                super::Cleanup::Background,
+                super::Cleanup::Background(&snapshots.cleanups),
                 &mut |e| {
                     // A corrupt artifact is not used again: the next run
                     // captures a new one.

@@ -663,16 +663,75 @@ pub struct RunOutcome {
 }
 
 /// When a restored copy is removed after its run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cleanup {
+#[derive(Debug, Clone, Copy)]
+pub enum Cleanup<'a> {
     /// Before returning: for a process that exits right after the run
     /// (`ember run --snapshot`), which must not leave the copy behind.
     Inline,
-    /// On a thread of its own, off the run's critical path: for the node,
-    /// whose process outlives the run (and removes leftovers of an earlier
-    /// process at start, should it end first). The run's `cleanup` time is
-    /// then 0.
-    Background,
+    /// On a thread of its own, off the run's critical path, counted in
+    /// the [`Cleanups`] given: for the node, whose process outlives the
+    /// run and waits for them when it stops (and removes leftovers of an
+    /// earlier process at start, should one end first). The run's
+    /// `cleanup` time is then 0.
+    Background(&'a Cleanups),
+}
+
+/// Removals of restored copies running in the background
+/// ([`Cleanup::Background`]), so a stopping node can wait for them instead
+/// of leaving mounted overlays behind.
+#[derive(Debug, Default, Clone)]
+pub struct Cleanups(std::sync::Arc<CleanupCount>);
+
+#[derive(Debug, Default)]
+struct CleanupCount {
+    running: std::sync::Mutex<usize>,
+    done: std::sync::Condvar,
+}
+
+impl CleanupCount {
+    fn count(&self) -> std::sync::MutexGuard<'_, usize> {
+        // A counter: consistent whatever a panicking holder did.
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Cleanups {
+    /// Counts one removal until the guard is dropped.
+    fn start(&self) -> CleanupGuard {
+        *self.0.count() += 1;
+        CleanupGuard(self.0.clone())
+    }
+
+    /// Waits until no removal runs, for at most `limit`; how many still
+    /// run then.
+    pub fn wait(&self, limit: Duration) -> usize {
+        let deadline = Instant::now() + limit;
+        let mut n = self.0.count();
+        while *n > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            n = self
+                .0
+                .done
+                .wait_timeout(n, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *n
+    }
+}
+
+/// One removal counted in [`Cleanups`].
+struct CleanupGuard(std::sync::Arc<CleanupCount>);
+
+impl Drop for CleanupGuard {
+    fn drop(&mut self) {
+        let mut n = self.0.count();
+        *n = n.saturating_sub(1);
+        self.0.done.notify_all();
+    }
 }
 
 /// Restores a copy of `manifest` (whose image is `image`) and resumes its
@@ -819,7 +878,7 @@ pub fn resume_copy(
     req: &ResumeRequest,
     t0: Instant,
     mut t: RunTimings,
-    cleanup: Cleanup,
+    cleanup: Cleanup<'_>,
     on_event: &mut dyn FnMut(RunEvent<'_>),
     on_output: &mut dyn FnMut(bool, &[u8]),
 ) -> Result<RunOutcome, SnapshotError> {
@@ -852,12 +911,16 @@ pub fn resume_copy(
     };
     match cleanup {
         Cleanup::Inline => remove(),
-        Cleanup::Background => {
+        Cleanup::Background(cleanups) => {
             // `runc delete` and the unmount take 0.1–0.2 s; the run's
             // result does not wait for them.
+            let counted = cleanups.start();
             if let Err(e) = std::thread::Builder::new()
                 .name("snapshot-cleanup".into())
-                .spawn(remove)
+                .spawn(move || {
+                    remove();
+                    drop(counted);
+                })
             {
                 tracing::warn!(error = %e, "no thread to remove a restored container");
             }
@@ -878,7 +941,7 @@ pub fn run_from_snapshot_with(
     image: &ImageRecord,
     req: &ResumeRequest,
     t0: Instant,
-    cleanup: Cleanup,
+    cleanup: Cleanup<'_>,
     fallback_ok: &mut dyn FnMut(&SnapshotError) -> bool,
     on_event: &mut dyn FnMut(RunEvent<'_>),
     on_output: &mut dyn FnMut(bool, &[u8]),
