@@ -103,8 +103,17 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     logging::init(&cli.log, cli.log_format);
+    // Paths under the root are handed to runc and CRIU, which work in
+    // other directories: a relative `--root` is made absolute once, here.
+    match std::path::absolute(&cli.root) {
+        Ok(p) => cli.root = p,
+        Err(e) => {
+            eprintln!("ember: --root {}: {e}", cli.root.display());
+            return ExitCode::from(125);
+        }
+    }
 
     // `run` is latency-bound and mostly waits on runc: one thread starts
     // faster than a pool. The node agent's async side only relays (the

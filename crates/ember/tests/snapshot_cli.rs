@@ -149,6 +149,30 @@ fn a_slow_start_up_is_captured_once_and_every_run_restores_its_own_copy() {
     assert_ne!(seeds[0], seeds[1]);
     assert_no_leftovers(&root);
 
+    // A relative `--root` restores too (runc and CRIU run elsewhere, so
+    // the paths they are handed must not depend on ember's directory).
+    let out = Command::new(ember())
+        .current_dir(tmp.path())
+        .args([
+            "--root",
+            "store",
+            "run",
+            "--snapshot",
+            "slow",
+            "--no-fallback",
+        ])
+        .args(["--", "relative"])
+        .env("EMBER_AGENT", &agent)
+        .output()
+        .expect("spawn ember");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(request(&out)["argv"], serde_json::json!(["relative"]));
+    assert_no_leftovers(&root);
+
     // SIGTERM to ember reaches the restored process (which is in the
     // container's session, not ember's), and nothing is left behind.
     let mut child = Command::new(ember())
