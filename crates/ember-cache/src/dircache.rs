@@ -410,7 +410,9 @@ impl DirStore {
                 }
             }
             if let Ok(t) = fs::metadata(&p).and_then(|m| m.modified()) {
-                info.last_used_ms = ms(t);
+                // File times lag the clock by up to a tick: an entry
+                // never restored since it was stored was used when made.
+                info.last_used_ms = ms(t).max(info.created_ms);
             }
             idx.entries.insert(
                 (info.scope.clone(), info.key.clone()),

@@ -9,6 +9,7 @@ mod common;
 use common::*;
 use ember_cache::dircache::DircacheConfig;
 use ember_dircache::manifest::{MANIFEST_VERSION, Node, NodeKind};
+use ember_dircache::wire::EntryInfo;
 use ember_dircache::{
     CacheClient, DircacheError, Manifest, RestoreOptions, SaveOptions, restore, restore_manifest,
     save,
@@ -672,6 +673,13 @@ async fn budget_evicts_the_least_recently_used_entry_and_gc_removes_its_chunks()
     assert_eq!(client.missing(&e3_own).await.unwrap().len(), e3_own.len());
 }
 
+/// Stops the cache server, keeping its directory for another start.
+async fn stop(cache: TestCache) -> tempfile::TempDir {
+    let TestCache { server, dir } = cache;
+    server.shutdown().await.unwrap();
+    dir
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unused_entries_expire_and_entries_survive_a_restart() {
     let Saved {
@@ -680,8 +688,7 @@ async fn unused_entries_expire_and_entries_survive_a_restart() {
         work,
         src,
     } = saved(rich_tree, "k").await;
-    let TestCache { server, dir } = cache;
-    server.shutdown().await.unwrap();
+    let dir = stop(cache).await;
 
     // Same directory, new process: the index is rebuilt from disk.
     let cache = start_in(
@@ -702,8 +709,7 @@ async fn unused_entries_expire_and_entries_survive_a_restart() {
     assert_same_tree(&src, &dst);
     let gc = client.gc().await.unwrap();
     assert_eq!(gc.expired_entries, 0, "used just now");
-    let TestCache { server, dir } = cache;
-    server.shutdown().await.unwrap();
+    let dir = stop(cache).await;
 
     let cache = start_in(
         dir,
@@ -742,8 +748,7 @@ async fn entries_stored_by_an_earlier_build_are_rewritten_and_still_restore() {
         src,
     } = saved(rich_tree, "k").await;
     let before = cache.client().list("main").await.unwrap();
-    let TestCache { server, dir } = cache;
-    server.shutdown().await.unwrap();
+    let dir = stop(cache).await;
 
     // Turn the entry back into the one-document form earlier builds
     // wrote: {"info": ..., "manifest": ...} in <id>.json.
@@ -776,7 +781,17 @@ async fn entries_stored_by_an_earlier_build_are_rewritten_and_still_restore() {
         "old file gone"
     );
     let client = cache.client();
-    assert_eq!(client.list("main").await.unwrap(), before);
+    // The same entry; its last use now comes from the file's mtime.
+    let after = client.list("main").await.unwrap();
+    assert_eq!(after.len(), 1);
+    assert!(after[0].last_used_ms >= after[0].created_ms, "{after:?}");
+    assert_eq!(
+        EntryInfo {
+            last_used_ms: before[0].last_used_ms,
+            ..after[0].clone()
+        },
+        before[0]
+    );
     let dst = work.path().join("dst");
     let report = restore(&client, &dst, &ropts(&["main"], "k", &[]))
         .await
