@@ -1444,4 +1444,77 @@ mod tests {
             assert_eq!(found_body(&info, exact, &file[at..]).unwrap(), want);
         }
     }
+
+    /// An entry of the earlier form met with a full disk at start is left
+    /// on disk (not indexed, not deleted) and rewritten at the next start
+    /// with room.
+    #[test]
+    fn an_old_entry_that_cannot_be_rewritten_is_kept_for_the_next_start() {
+        if !ember_testkit::require::root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "mounting a tmpfs");
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+            }
+        }
+        let _unmount = Unmount(dir.path().to_path_buf());
+
+        let store = DirStore::open(dir.path(), DircacheConfig::default()).unwrap();
+        let manifest = Manifest {
+            version: MANIFEST_VERSION,
+            nodes: vec![Node {
+                path: "empty".into(),
+                kind: NodeKind::File { offset: 0, size: 0 },
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+                mtime_nsec: 0,
+            }],
+            chunks: vec![],
+        };
+        let info = EntryInfo {
+            scope: "main".into(),
+            key: "old".into(),
+            bytes: 100,
+            data_bytes: 0,
+            chunks: 0,
+            created_ms: 1,
+            last_used_ms: 1,
+        };
+        let legacy = store.entry_path("main", "old").with_extension("json");
+        let doc = serde_json::json!({"info": info, "manifest": manifest});
+        fs::write(&legacy, serde_json::to_vec(&doc).unwrap()).unwrap();
+        drop(store);
+
+        // Fill the disk, then start: the rewrite meets ENOSPC.
+        let filler = dir.path().join("filler");
+        let mut f = File::create(&filler).unwrap();
+        let block = vec![0u8; 4096];
+        while std::io::Write::write_all(&mut f, &block).is_ok() {}
+        drop(f);
+        let store = DirStore::open(dir.path(), DircacheConfig::default()).unwrap();
+        assert!(!store.has_entry("main", "old"));
+        assert!(legacy.is_file(), "kept for the next start");
+        assert!(!store.entry_path("main", "old").exists());
+        drop(store);
+
+        fs::remove_file(&filler).unwrap();
+        let store = DirStore::open(dir.path(), DircacheConfig::default()).unwrap();
+        assert!(store.has_entry("main", "old"));
+        assert!(!legacy.exists());
+        let body = store.get_entry("main", "old").unwrap().expect("the entry");
+        let found: Found = serde_json::from_slice(&body).unwrap();
+        assert_eq!(found.manifest, manifest);
+        assert_eq!(found.info.key, "old");
+    }
 }
