@@ -1393,24 +1393,35 @@ mod tests {
     use super::*;
     use ember_dircache::manifest::{ChunkRef, MANIFEST_VERSION, Node, NodeKind};
 
-    #[test]
-    fn a_found_built_around_stored_bytes_is_what_serde_writes() {
-        let manifest = Manifest {
+    /// A tree of one file, `path`, made of `chunks`.
+    fn one_file(path: &str, chunks: Vec<ChunkRef>) -> Manifest {
+        Manifest {
             version: MANIFEST_VERSION,
             nodes: vec![Node {
-                path: "a \"quoted\"\nname".into(),
-                kind: NodeKind::File { offset: 0, size: 3 },
+                path: path.into(),
+                kind: NodeKind::File {
+                    offset: 0,
+                    size: chunks.iter().map(|c| u64::from(c.size)).sum(),
+                },
                 mode: 0o644,
                 uid: 1,
                 gid: 2,
                 mtime: 3,
                 mtime_nsec: 4,
             }],
-            chunks: vec![ChunkRef {
+            chunks,
+        }
+    }
+
+    #[test]
+    fn a_found_built_around_stored_bytes_is_what_serde_writes() {
+        let manifest = one_file(
+            "a \"quoted\"\nname",
+            vec![ChunkRef {
                 digest: "ab".repeat(32),
                 size: 3,
             }],
-        };
+        );
         let info = EntryInfo {
             scope: "main".into(),
             key: "k\u{e9}".into(),
@@ -1453,35 +1464,10 @@ mod tests {
         if !ember_testkit::require::root() {
             return;
         }
-        let dir = tempfile::tempdir().unwrap();
-        let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .unwrap();
-        assert!(st.success(), "mounting a tmpfs");
-        struct Unmount(PathBuf);
-        impl Drop for Unmount {
-            fn drop(&mut self) {
-                let _ = std::process::Command::new("umount").arg(&self.0).status();
-            }
-        }
-        let _unmount = Unmount(dir.path().to_path_buf());
+        let dir = ember_testkit::tmpfs::Tmpfs::mount("256k").unwrap();
 
         let store = DirStore::open(dir.path(), DircacheConfig::default()).unwrap();
-        let manifest = Manifest {
-            version: MANIFEST_VERSION,
-            nodes: vec![Node {
-                path: "empty".into(),
-                kind: NodeKind::File { offset: 0, size: 0 },
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-                mtime: 0,
-                mtime_nsec: 0,
-            }],
-            chunks: vec![],
-        };
+        let manifest = one_file("empty", vec![]);
         let info = EntryInfo {
             scope: "main".into(),
             key: "old".into(),

@@ -407,21 +407,8 @@ async fn a_full_disk_fails_the_restore_cleanly() {
 
     // A 2 MiB filesystem for a tree of about 22 MiB: a writer thread meets
     // ENOSPC part-way, with other files in flight.
-    let small = work.path().join("small");
-    std::fs::create_dir(&small).unwrap();
-    let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
-        .arg(&small)
-        .status()
-        .unwrap();
-    assert!(st.success(), "mounting a tmpfs");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(small.clone());
+    let tmpfs = ember_testkit::tmpfs::Tmpfs::mount("2m").unwrap();
+    let small = tmpfs.path().to_path_buf();
 
     let dst = small.join("target");
     write(&dst.join("mine"), b"keep me");

@@ -48,4 +48,5 @@ pub mod proxy;
 pub mod push;
 pub mod registry;
 pub mod require;
+pub mod tmpfs;
 pub mod token;
