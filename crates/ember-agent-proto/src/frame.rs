@@ -351,6 +351,7 @@ mod tests {
                 sys_us: 4,
                 max_rss_kb: 5,
                 spawn_error: Some("nope".into()),
+                parked: true,
             }),
             Frame::Cancel(Cancel {
                 exec_id: 7,

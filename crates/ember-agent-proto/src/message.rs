@@ -136,6 +136,11 @@ pub struct ExecResult {
     /// Why the child could not be spawned (`chdir /x: No such file or
     /// directory`), in which case no [`Started`] frame was sent.
     pub spawn_error: Option<String>,
+    /// The exec did not end: a resumed `ready` exec wrote `ready` (or
+    /// `ready CODE`, the `exit_code` here) again, ending the request it
+    /// was resumed with, and is parked for the next [`Resume`]. Only
+    /// `wall_us` (since the resume) is measured then.
+    pub parked: bool,
 }
 
 impl ExecResult {

@@ -147,8 +147,12 @@ enum ReadyState {
     Waiting,
     /// It wrote `ready`: survives its client, waits for a `Resume`.
     Parked,
-    /// Resumed (or the program closed its end, or wrote too much): an
-    /// ordinary exec from now on.
+    /// Resumed and running a request: a `ready` line (optionally with an
+    /// exit code) ends the request and parks the exec again, so one copy
+    /// serves request after request.
+    Serving,
+    /// The program closed its end, or wrote something else or too much:
+    /// an ordinary exec from now on.
     Done,
 }
 
@@ -157,6 +161,8 @@ struct ReadyChan {
     sock: UnixStream,
     line: Vec<u8>,
     state: ReadyState,
+    /// When the request now served was resumed.
+    resumed: Option<Instant>,
 }
 
 /// How the main process ended.
@@ -405,7 +411,7 @@ impl Agent {
                 self.tags.push(Tag::Stdin(i));
             }
             if let Some(r) = &e.ready
-                && r.state == ReadyState::Waiting
+                && matches!(r.state, ReadyState::Waiting | ReadyState::Serving)
                 && e.running()
             {
                 self.pollfds.push(pfd(r.sock.as_raw_fd(), libc::POLLIN));
@@ -697,6 +703,7 @@ impl Agent {
                 sock,
                 line: Vec::new(),
                 state: ReadyState::Waiting,
+                resumed: None,
             }),
         });
         c.exec = Some(ei);
@@ -730,10 +737,12 @@ impl Agent {
         }
     }
 
-    /// Reads a `ready` exec's readiness socket until its first line. The
-    /// line `ready` parks the exec and tells its client; anything else
-    /// (another line, EOF, an overlong line) ends the protocol for this
-    /// exec, which then runs on as an ordinary one.
+    /// Reads a `ready` exec's readiness socket until its next line. The
+    /// first line `ready` parks the exec and tells its client with
+    /// `Ready`; after a resume, `ready` or `ready CODE` ends the request
+    /// with an `Exit` marked `parked` and parks the exec again. Anything
+    /// else (another line, EOF, an overlong line) ends the protocol for
+    /// this exec, which then runs on as an ordinary one.
     fn ready_readable(&mut self, ei: usize) {
         let Some(e) = self.execs.get_mut(ei) else {
             return;
@@ -765,17 +774,41 @@ impl Agent {
             }
         };
         r.line = Vec::new();
-        if line.trim_ascii() != b"ready" {
+        let served = r.state == ReadyState::Serving;
+        let Some(code) = ready_line(&line, served) else {
             r.state = ReadyState::Done;
             return;
-        }
+        };
         r.state = ReadyState::Parked;
-        // The start-up's timeout ends with the start-up; a resume brings
-        // its own.
+        let resumed = r.resumed.take();
+        // The start-up's timeout ends with the start-up (a request's with
+        // the request); a resume brings its own.
         e.deadline = None;
         let exec_id = e.id;
+        if !served {
+            if let Some(c) = e.conn.and_then(|c| self.conns.get_mut(c)) {
+                c.send(&Frame::Ready(Ready { exec_id }));
+            }
+            return;
+        }
+        // What the request printed before its `ready` line is its output:
+        // take it from the pipes before its end goes out.
+        self.out_readable(ei, false);
+        self.out_readable(ei, true);
+        let Some(e) = self.execs.get_mut(ei) else {
+            return;
+        };
+        let (timed_out, cancelled) = (e.timed_out, e.cancelled);
         if let Some(c) = e.conn.and_then(|c| self.conns.get_mut(c)) {
-            c.send(&Frame::Ready(Ready { exec_id }));
+            c.send(&Frame::Exit(ExecResult {
+                exec_id,
+                exit_code: Some(code),
+                timed_out,
+                cancelled,
+                wall_us: resumed.map_or(0, |t| micros(t.elapsed())),
+                parked: true,
+                ..ExecResult::default()
+            }));
         }
     }
 
@@ -843,8 +876,12 @@ impl Agent {
             return;
         };
         if let Some(ch) = e.ready.as_mut() {
-            ch.state = ReadyState::Done;
+            ch.state = ReadyState::Serving;
+            ch.resumed = Some(Instant::now());
         }
+        // A cancel of the request before (a signal the program survived
+        // and parked itself after) is not this request's.
+        e.cancelled = false;
         e.conn = Some(ci);
         e.deadline = r
             .timeout_ms
@@ -871,6 +908,13 @@ impl Agent {
         } else {
             kind::STDOUT
         };
+        // A parked exec's output belongs to no request: read and dropped.
+        if e.ready
+            .as_ref()
+            .is_some_and(|r| r.state == ReadyState::Parked)
+        {
+            conn = None;
+        }
         loop {
             let Some(f) = pipe.as_mut() else { return };
             if conn.as_ref().is_some_and(|c| c.pending() >= HIGH_WATER) {
@@ -977,6 +1021,7 @@ impl Agent {
                 sys_us: tv(x.rusage.ru_stime),
                 max_rss_kb: x.rusage.ru_maxrss.max(0) as u64,
                 spawn_error: None,
+                parked: false,
             }));
         }
     }
@@ -1053,6 +1098,21 @@ impl Agent {
     }
 }
 
+/// The exit code a readiness line stands for, if it is one: `ready`
+/// (code 0) and, once the exec has been resumed (`served`), `ready CODE`
+/// with CODE 0–255. Surrounding whitespace is ignored.
+fn ready_line(line: &[u8], served: bool) -> Option<i32> {
+    let line = std::str::from_utf8(line).ok()?.trim();
+    let rest = line.strip_prefix("ready")?;
+    if rest.is_empty() {
+        return Some(0);
+    }
+    if !served || !rest.starts_with(char::is_whitespace) {
+        return None;
+    }
+    rest.trim().parse::<u8>().ok().map(i32::from)
+}
+
 fn micros(d: Duration) -> u64 {
     d.as_micros().min(u64::MAX as u128) as u64
 }
@@ -1064,6 +1124,27 @@ fn bad_frame_message(e: &ProtoError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readiness_lines() {
+        assert_eq!(ready_line(b"ready", false), Some(0));
+        assert_eq!(ready_line(b" ready \r", false), Some(0));
+        // A code only ends a request, never a start-up.
+        assert_eq!(ready_line(b"ready 3", false), None);
+        assert_eq!(ready_line(b"ready 3", true), Some(3));
+        assert_eq!(ready_line(b"ready\t255", true), Some(255));
+        for bad in [
+            "ready 256",
+            "ready -1",
+            "ready x",
+            "readyy",
+            "ready3",
+            "done",
+            "",
+        ] {
+            assert_eq!(ready_line(bad.as_bytes(), true), None, "{bad}");
+        }
+    }
 
     /// The fatal frame's text says why the JSON was refused, once.
     #[test]

@@ -74,6 +74,47 @@ fn a_parked_exec_survives_its_client_and_timeout_and_resumes_elsewhere() {
 }
 
 #[test]
+fn a_resumed_exec_that_writes_ready_again_ends_its_request_and_parks_again() {
+    let a = Agent::start();
+    // Counts its requests in its own memory; `ready CODE` ends one with
+    // that code.
+    let script = "n=0; echo ready >&3; while read -r line <&3; do n=$((n+1)); \
+                  echo \"req $n: $line\"; echo err >&2; \
+                  case $line in quit) exit 7;; fail) echo 'ready 3' >&3;; *) echo ready >&3;; esac; done";
+    let (id, _) = park(&a, &sh(script));
+    let mut c = a.client();
+    let resume = |c: &mut ember_agent_proto::AgentClient, msg: &str| {
+        let mut out = Vec::new();
+        let res = c
+            .resume(id, msg, Some(10_000), &mut |e, b| {
+                if !e {
+                    out.extend_from_slice(b)
+                }
+            })
+            .unwrap();
+        (res, String::from_utf8(out).unwrap())
+    };
+    let (res, out) = resume(&mut c, "one");
+    assert!(res.parked && res.success(), "{res:?}");
+    assert_eq!(res.exec_id, id);
+    assert_eq!(out, "req 1: one\n");
+    // Parked again: its request's timeout is over, and any connection,
+    // this one too, resumes it.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(c.ping().unwrap().running, 1);
+    let (res, out) = resume(&mut a.client(), "fail");
+    assert!(res.parked, "{res:?}");
+    assert_eq!(res.exit_code, Some(3));
+    assert_eq!(out, "req 2: fail\n");
+    // A request that ends the process ends the exec for good.
+    let (res, out) = resume(&mut c, "quit");
+    assert!(!res.parked, "{res:?}");
+    assert_eq!(res.exit_code, Some(7));
+    assert_eq!(out, "req 3: quit\n");
+    assert_eq!(c.ping().unwrap().running, 0);
+}
+
+#[test]
 fn resume_is_refused_for_what_is_not_parked_and_for_bad_messages() {
     let a = Agent::start();
     let mut c = a.client();

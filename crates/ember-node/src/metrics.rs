@@ -152,19 +152,21 @@ fn render(agent: &NodeAgent) -> String {
     gauge(
         &mut t,
         "ember_node_snapshot_spares",
-        "Restored copies of snapshot deployments prepared ahead of runs (agent connected, \
-         start-up parked before Resume).",
+        "Restored copies of snapshot deployments ready for a run (agent connected, \
+         start-up parked before Resume): prepared ahead, or kept after a run.",
         agent.snapshots.spares_held() as f64,
     );
     t.family(
         "ember_node_snapshot_runs_total",
         "counter",
         "Runs of snapshot deployments with a checkpoint here, by how their copy was \
-         restored: from a prepared copy (spare) or on demand.",
+         restored: from a prepared copy (spare), on demand, or by a copy that served a \
+         run before and parked itself again (reused).",
     );
     for (how, n) in [
         ("spare", &agent.snapshots.from_spare),
         ("on_demand", &agent.snapshots.on_demand_total),
+        ("reused", &agent.snapshots.reused),
     ] {
         t.sample(
             "ember_node_snapshot_runs_total",

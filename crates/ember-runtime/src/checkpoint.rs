@@ -266,10 +266,18 @@ impl Criu {
         &self.binary
     }
 
-    /// Its version (`criu --version`), cached after the first call.
+    /// Its version (`criu --version`), cached after the first call, and
+    /// across processes in [`VERSION_CACHE_DIR`] keyed by the boot and
+    /// the binary's file identity: a CRIU start through the trixie loader
+    /// costs 5–10 ms of CPU, a third of what `ember run --snapshot` does
+    /// besides runc and CRIU.
     pub fn version(&self) -> Result<String, CheckpointError> {
         if let Some(v) = self.version.get() {
             return Ok(v.clone());
+        }
+        let key = version_cache_key(&self.binary);
+        if let Some(v) = key.as_deref().and_then(read_cached_version) {
+            return Ok(self.version.get_or_init(|| v).clone());
         }
         let out = Command::new(&self.binary)
             .arg("--version")
@@ -293,6 +301,9 @@ impl Criu {
                     String::from_utf8_lossy(&out.stderr).trim()
                 ),
             })?;
+        if let Some(key) = &key {
+            write_cached_version(key, &version);
+        }
         Ok(self.version.get_or_init(|| version).clone())
     }
 
@@ -323,6 +334,74 @@ impl Criu {
             version,
             kdat_cached: Path::new(KDAT_CACHE).exists(),
         })
+    }
+}
+
+/// Where [`Criu::version`] remembers versions between processes: one file
+/// per binary, named by a hash of its key, holding the key's line and the
+/// version. Under `/run`, so a reboot does not matter either way (the key
+/// holds the boot id as well).
+pub const VERSION_CACHE_DIR: &str = "/run/ember-criu-version";
+
+/// What a cached version is valid for: this boot and the binary's file as
+/// it is (path found on `PATH`, device, inode, size, modification and
+/// change times), so a reinstall (scripts/install-criu.sh rewrites the
+/// wrapper) asks again. `None` when the binary cannot be found: then the
+/// spawn reports why.
+fn version_cache_key(binary: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let path = if binary.components().count() > 1 {
+        binary.to_path_buf()
+    } else {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(binary))
+                .find(|p| p.is_file())
+        })?
+    };
+    let path = fs::canonicalize(path).ok()?;
+    let m = fs::metadata(&path).ok()?;
+    let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    Some(format!(
+        "{} {} {} {} {} {}.{} {}.{}",
+        boot.trim(),
+        path.display(),
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    ))
+}
+
+fn version_cache_file(key: &str) -> PathBuf {
+    // FNV-1a: a file name, not a security boundary (the key is compared).
+    let h = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    Path::new(VERSION_CACHE_DIR).join(format!("{h:016x}"))
+}
+
+fn read_cached_version(key: &str) -> Option<String> {
+    let text = fs::read_to_string(version_cache_file(key)).ok()?;
+    let (k, v) = text.split_once('\n')?;
+    let v = v.trim();
+    (k == key && !v.is_empty() && !v.contains(char::is_whitespace)).then(|| v.to_owned())
+}
+
+/// Best effort: without the cache (not root, a read-only `/run`) every
+/// process asks CRIU once, as before.
+fn write_cached_version(key: &str, version: &str) {
+    let file = version_cache_file(key);
+    let tmp = file.with_extension(format!("tmp.{}", std::process::id()));
+    let written = fs::create_dir_all(VERSION_CACHE_DIR)
+        .and_then(|()| fs::write(&tmp, format!("{key}\n{version}\n")))
+        .and_then(|()| fs::rename(&tmp, &file));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        tracing::debug!(error = %e, "not caching CRIU's version");
     }
 }
 
@@ -1349,6 +1428,59 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), CheckpointError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A CRIU stand-in that counts its starts in `runs` and prints
+    /// `version`.
+    fn fake_criu(dir: &Path, version: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = dir.join("criu");
+        let runs = dir.join("runs");
+        fs::write(
+            &bin,
+            format!(
+                "#!/bin/sh\necho x >> '{}'\necho 'Version: {version}'\n",
+                runs.display()
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+        bin
+    }
+
+    fn starts(dir: &Path) -> usize {
+        fs::read_to_string(dir.join("runs"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn criu_version_is_asked_once_per_binary_across_processes() {
+        if !nix::unistd::geteuid().is_root() {
+            // The cache lives under /run; without root each process asks
+            // CRIU itself, which the test below would see as two starts.
+            eprintln!("not root: the version cache under /run is not writable");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let bin = fake_criu(d.path(), "4.1.1");
+        // Two values stand in for two processes: each has its own
+        // in-memory copy.
+        assert_eq!(Criu::new(&bin).version().unwrap(), "4.1.1");
+        assert_eq!(Criu::new(&bin).version().unwrap(), "4.1.1");
+        assert_eq!(starts(d.path()), 1, "the second asked CRIU again");
+        // A reinstalled binary (another size and change time) is asked
+        // again, and its answer replaces the old one.
+        let bin = fake_criu(d.path(), "4.2");
+        assert_eq!(Criu::new(&bin).version().unwrap(), "4.2");
+        assert_eq!(starts(d.path()), 2);
+        // A binary that prints no version is never cached as one.
+        let bogus = Criu::new("/bin/true");
+        assert!(bogus.version().is_err());
+        assert!(Criu::new("/bin/true").version().is_err());
+        let _ = fs::remove_file(version_cache_file(
+            &version_cache_key(&bin).expect("the fake exists"),
+        ));
+    }
 
     #[test]
     fn cpu_flags_keep_instruction_sets_only() {

@@ -116,3 +116,102 @@ fn a_snapshot_deployment_starts_fresh_once_then_restores_independent_copies() {
         .unwrap_or_default();
     assert!(left.is_empty(), "snapshot runners left: {left:?}");
 }
+
+/// One run of deployment `name` (`ember submit --wait --json`): its
+/// request line, what it printed after it, and its record.
+fn run_of(url: &str, name: &str, args: &[&str]) -> (serde_json::Value, String, serde_json::Value) {
+    let mut all = vec!["submit", "--wait", "--json", "--deployment", name, "--"];
+    all.extend_from_slice(args);
+    let out = client(url, &all);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = stdout.lines();
+    let submitted: serde_json::Value = serde_json::from_str(lines.next().unwrap_or_default())
+        .unwrap_or_else(|e| {
+            panic!(
+                "no run ({e}) in {stdout:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let req: serde_json::Value = serde_json::from_str(lines.next().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("no request line ({e}) in {stdout:?}"));
+    let rest = lines.collect::<Vec<_>>().join("\n");
+    let id = submitted["id"].as_i64().expect("run id").to_string();
+    (req, rest, run_json(url, &id))
+}
+
+#[test]
+fn a_restored_copy_that_parks_itself_again_serves_the_next_runs() {
+    let Some(agent) = snapshot_prerequisites() else {
+        return;
+    };
+    let bed = busybox_bed();
+    let (tmp, url, image) = (bed.tmp.path(), bed.url.as_str(), bed.image.as_str());
+    let node_root = tmp.join("node");
+    // No prepared copies: whatever serves a second run without a restore
+    // is the copy the first one left.
+    let _node = start_node(
+        &node_root,
+        url,
+        "n1",
+        2,
+        &agent,
+        &["--snapshot-spares", "0"],
+    );
+    // A start-up that counts the requests it served in its own memory and
+    // parks itself again after each (`ready CODE` gives the run's code).
+    let serving = "n=0; sleep 1; echo ready >&\"$EMBER_READY_FD\"; \
+        while read -r req <&\"$EMBER_READY_FD\"; do n=$((n+1)); echo \"$req\"; echo \"served $n\"; \
+        case \"$req\" in *'\"fail\"'*) echo 'ready 3' >&\"$EMBER_READY_FD\";; \
+        *) echo ready >&\"$EMBER_READY_FD\";; esac; done";
+    deploy_snapshot(url, "serving", image, serving);
+
+    // The first run starts fresh; its runner is not kept (not a restored
+    // copy), and it ends when the start-up parks itself after it.
+    let (req, out, first) = run_of(url, "serving", &["first"]);
+    assert_eq!(req["restored"], false, "{req}");
+    assert_eq!(out, "served 1", "{first}");
+    assert_eq!(first["state"], "succeeded", "{first}");
+    wait_for("the node to report the checkpoint", 300, || {
+        client_ok(url, &["nodes", "--json"]).contains("\"d.serving.")
+    });
+
+    // Restored on demand from the checkpoint (taken before any request).
+    let (req, out, run) = run_of(url, "serving", &["a"]);
+    assert_eq!(
+        (req["restored"].clone(), req["served"].clone()),
+        (true.into(), 0.into()),
+        "{req}"
+    );
+    assert_eq!(out, "served 1", "{run}");
+    assert_eq!(run["state"], "succeeded", "{run}");
+    assert!(run["times"]["snapshot_note"].is_null(), "{run}");
+
+    // The same copy serves the next runs, its memory as the last run left
+    // it; a run it ends with `ready 3` fails with code 3 and the copy
+    // stays.
+    for (n, arg, state) in [
+        (1, "b", "succeeded"),
+        (2, "fail", "failed"),
+        (3, "c", "succeeded"),
+    ] {
+        let (req, out, run) = run_of(url, "serving", &[arg]);
+        assert_eq!(req["served"], n, "{req}");
+        assert_eq!(req["argv"], serde_json::json!([arg]), "{req}");
+        assert_eq!(out, format!("served {}", n + 1), "{run}");
+        assert_eq!(run["state"], state, "{run}");
+        if state == "failed" {
+            assert_eq!(run["exit_code"], 3, "{run}");
+        }
+        let note = run["times"]["snapshot_note"].as_str().unwrap_or_default();
+        assert!(
+            note.starts_with("by a restored copy that parked itself again"),
+            "{run}"
+        );
+        assert!(note.contains(&format!("{n} runs before this one")), "{run}");
+    }
+    let copies: Vec<String> = runc_list(&node_root.join("snapshot/runc"))
+        .into_iter()
+        .filter(|c| c.contains("-restore-"))
+        .collect();
+    assert_eq!(copies.len(), 1, "{copies:?}");
+}

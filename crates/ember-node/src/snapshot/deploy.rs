@@ -16,8 +16,13 @@
 //! the node's other checkpoints of its deployment.
 //!
 //! Snapshot runners live beside the pool, not in it (their own runc root
-//! under `<root>/snapshot/`), and each restored copy is destroyed after
-//! its run.
+//! under `<root>/snapshot/`). A restored copy is destroyed after its run,
+//! unless its start-up parked itself again (`ready` after the request,
+//! docs/agent-protocol.md): then it joins the key's prepared copies, like
+//! a recycled runner joins the pool, and serves a later run of the
+//! deployment with its memory as the last run left it; the run reports
+//! its runner idle, so the control plane hands it the deployment's next
+//! queued run.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -73,10 +78,14 @@ pub(crate) struct NodeSnapshots {
     closed: AtomicBool,
     /// Copies of finished runs being removed in the background.
     cleanups: super::Cleanups,
-    /// Runs served from a prepared copy.
+    /// Runs served from a copy prepared ahead (not one that served a run
+    /// before: [`NodeSnapshots::reused`]).
     pub(crate) from_spare: AtomicU64,
     /// Runs that restored on demand.
     pub(crate) on_demand_total: AtomicU64,
+    /// Runs served by a copy that had served a run before (its start-up
+    /// parked itself again).
+    pub(crate) reused: AtomicU64,
 }
 
 /// How long a stopping node waits for restored copies to be removed.
@@ -136,6 +145,7 @@ impl NodeSnapshots {
             cleanups: super::Cleanups::default(),
             from_spare: AtomicU64::new(0),
             on_demand_total: AtomicU64::new(0),
+            reused: AtomicU64::new(0),
         }
     }
 
@@ -197,6 +207,53 @@ impl NodeSnapshots {
         };
         remove_copies(stale);
         copy
+    }
+
+    /// Keeps a copy whose start-up parked itself again after a run among
+    /// `key`'s prepared copies, so the next run resumes it (taken first:
+    /// the list is used from its end). Up to `spares_per_key` copies (at
+    /// least one) are held; a copy beyond that, of a snapshot no longer
+    /// current, or at shutdown is removed in the background. Whether it
+    /// was kept.
+    fn keep_served(&self, key: &str, copy: PreparedCopy) -> bool {
+        let current = self
+            .host
+            .store
+            .snapshot(key)
+            .ok()
+            .is_some_and(|m| same_snapshot(&m, &copy.manifest));
+        let extra = if !current || self.closed.load(Ordering::SeqCst) {
+            Some(copy)
+        } else {
+            let mut spares = lock(&self.spares);
+            let list = spares.entry(key.to_owned()).or_default();
+            if list.len() < self.spares_per_key.max(1) {
+                list.push(copy);
+                None
+            } else {
+                Some(copy)
+            }
+        };
+        let Some(copy) = extra else {
+            return true;
+        };
+        self.remove_in_background(copy);
+        false
+    }
+
+    /// Removes `copy` on a thread of its own, counted in the cleanups a
+    /// stopping node waits for.
+    fn remove_in_background(&self, copy: PreparedCopy) {
+        let counted = self.cleanups.start();
+        if let Err(e) = std::thread::Builder::new()
+            .name("snapshot-cleanup".into())
+            .spawn(move || {
+                copy.remove();
+                drop(counted);
+            })
+        {
+            tracing::warn!(error = %e, "no thread to remove a restored container");
+        }
     }
 
     /// Starts `key`'s preparing thread, unless it has one or spares are
@@ -494,8 +551,8 @@ impl NodeSnapshots {
 
 /// Executes a run of a snapshot deployment (blocking): restore, or a
 /// fresh start while a capture runs beside it. Returns the exit code and
-/// whether the runner is idle again (never: each copy serves one run), or
-/// why the run could not run.
+/// whether the runner is idle again (a restored copy whose start-up parked
+/// itself again, kept for the next run), or why the run could not run.
 pub(crate) fn exec_snapshot(
     agent: &Arc<NodeAgent>,
     run: &Run,
@@ -576,11 +633,17 @@ pub(crate) fn exec_snapshot(
     let spare = manifest.as_ref().and_then(|m| snapshots.take_spare(m));
     let outcome: Result<RunOutcome, SnapshotError> = match (manifest, spare) {
         (Some(_), Some(copy)) => {
-            snapshots.from_spare.fetch_add(1, Ordering::Relaxed);
             let waited = copy.ready_at.elapsed();
-            let _ = tx.send(Event::report(NodeReport::Snapshot {
-                restored: true,
-                note: Some(format!(
+            let note = if copy.served > 0 {
+                snapshots.reused.fetch_add(1, Ordering::Relaxed);
+                format!(
+                    "{REUSED_NOTE} ({} runs before this one, idle {} ms)",
+                    copy.served,
+                    waited.as_millis()
+                )
+            } else {
+                snapshots.from_spare.fetch_add(1, Ordering::Relaxed);
+                format!(
                     "{SPARE_NOTE} (restored {} ms ahead, {} ms before this run)",
                     copy.timings
                         .restore
@@ -588,7 +651,11 @@ pub(crate) fn exec_snapshot(
                         .unwrap_or_default()
                         + copy.timings.connect.as_millis(),
                     waited.as_millis()
-                )),
+                )
+            };
+            let _ = tx.send(Event::report(NodeReport::Snapshot {
+                restored: true,
+                note: Some(note),
             }));
             // Its restore happened before the run: the run's own restore
             // phase is 0, and the copy's restore is in the note.
@@ -674,12 +741,22 @@ pub(crate) fn exec_snapshot(
     };
     host.store.remove_user(&claim);
     *lock(&handle.snapshot_exec) = None;
-    let outcome = outcome.map_err(|e| format!("snapshot start: {}", e.why_not_restored()))?;
+    let mut outcome = outcome.map_err(|e| format!("snapshot start: {}", e.why_not_restored()))?;
     tracing::debug!(run = %run.id, timings = ?outcome.timings, "snapshot run");
     if let Some(e) = &outcome.result.spawn_error {
         return Err(format!("starting the process: {e}"));
     }
-    Ok((super::exit_code(&outcome.result), false))
+    // A cancelled run's copy is not kept, even if it parked itself: the
+    // cancel may have caught it half-way.
+    let idle = match outcome.kept.take() {
+        Some(copy) if !handle.cancelled.load(Ordering::SeqCst) => snapshots.keep_served(&key, copy),
+        Some(copy) => {
+            snapshots.remove_in_background(copy);
+            false
+        }
+        None => false,
+    };
+    Ok((super::exit_code(&outcome.result), idle))
 }
 
 /// Fetches checkpoint `key` from the cluster cache into the node's store,
@@ -723,6 +800,10 @@ fn block_on<T>(fut: impl std::future::Future<Output = T>) -> T {
 /// The start of a run's `snapshot_note` when it was served from a copy
 /// prepared ahead.
 pub const SPARE_NOTE: &str = "from a prepared copy";
+
+/// The start of a run's `snapshot_note` when it was served by a restored
+/// copy that had served a run before and parked itself again.
+pub const REUSED_NOTE: &str = "by a restored copy that parked itself again";
 
 /// Whether two manifests name the same capture of a snapshot (a copy of
 /// one may serve a run of the other).

@@ -597,14 +597,18 @@ pub struct ResumeRequest {
 }
 
 impl ResumeRequest {
-    /// The one JSON line `Resume` carries (docs/agent-protocol.md).
-    fn message(&self, restored: bool) -> Result<String, SnapshotError> {
+    /// The one JSON line `Resume` carries (docs/agent-protocol.md);
+    /// `served` is how many requests the process served before this one
+    /// (a copy that parked itself again after each, see
+    /// [`PreparedCopy::served`]).
+    fn message(&self, restored: bool, served: u32) -> Result<String, SnapshotError> {
         Ok(serde_json::to_string(&serde_json::json!({
             "restored": restored,
             "seed": fresh_seed()?,
             "argv": self.argv,
             "env": self.env,
             "snapshot": self.name,
+            "served": served,
         }))?)
     }
 }
@@ -660,6 +664,11 @@ pub struct RunOutcome {
     pub result: ExecResult,
     /// Where its start went.
     pub timings: RunTimings,
+    /// The restored copy, when its start-up ended the run by parking
+    /// itself again (`ready` after the request, `result.parked`): ready to
+    /// serve another run of the same snapshot, instead of being removed.
+    /// The caller keeps it or [`PreparedCopy::remove`]s it.
+    pub kept: Option<PreparedCopy>,
 }
 
 /// When a restored copy is removed after its run.
@@ -778,6 +787,10 @@ pub struct PreparedCopy {
     pub timings: RunTimings,
     /// When it was ready.
     pub ready_at: Instant,
+    /// Runs it served already: 0 for a copy just restored; a copy whose
+    /// start-up parks itself again after a run ([`RunOutcome::kept`])
+    /// serves the next with its memory as that run left it.
+    pub served: u32,
 }
 
 impl std::fmt::Debug for PreparedCopy {
@@ -785,6 +798,7 @@ impl std::fmt::Debug for PreparedCopy {
         f.debug_struct("PreparedCopy")
             .field("id", &self.restored.id())
             .field("snapshot", &self.manifest.name)
+            .field("served", &self.served)
             .finish()
     }
 }
@@ -866,13 +880,17 @@ pub fn prepare_copy(
         manifest: manifest.clone(),
         timings: t,
         ready_at: Instant::now(),
+        served: 0,
     })
 }
 
 /// Resumes a prepared copy's start-up with `req` (a fresh seed, the run's
-/// argv and env) and removes the copy as `cleanup` says: the second half
-/// of [`run_from_snapshot_with`]. `t` holds what the caller measured
-/// (for a copy prepared ahead, no restore: it happened before the run).
+/// argv and env) and removes the copy as `cleanup` says, unless the
+/// start-up parked itself again after the run and `cleanup` is
+/// [`Cleanup::Background`]: then the copy comes back in
+/// [`RunOutcome::kept`]. The second half of [`run_from_snapshot_with`].
+/// `t` holds what the caller measured (for a copy prepared ahead, no
+/// restore: it happened before the run).
 pub fn resume_copy(
     copy: PreparedCopy,
     req: &ResumeRequest,
@@ -882,27 +900,41 @@ pub fn resume_copy(
     on_event: &mut dyn FnMut(RunEvent<'_>),
     on_output: &mut dyn FnMut(bool, &[u8]),
 ) -> Result<RunOutcome, SnapshotError> {
-    let PreparedCopy {
-        mut restored,
-        mut client,
-        sock,
-        manifest,
-        ..
-    } = copy;
+    let mut copy = copy;
     let resumed = (|| {
-        let msg = req.message(true)?;
+        let msg = req.message(true, copy.served)?;
         on_event(RunEvent::Resuming {
-            socket: &sock.socket,
-            exec_id: manifest.start.exec_id,
+            socket: &copy.sock.socket,
+            exec_id: copy.manifest.start.exec_id,
         });
         let timeout_ms = req.timeout.map(|d| d.as_millis() as u64);
-        client
-            .resume(manifest.start.exec_id, &msg, timeout_ms, on_output)
+        copy.client
+            .resume(copy.manifest.start.exec_id, &msg, timeout_ms, on_output)
             .map_err(SnapshotError::agent("resuming the restored start-up"))
     })();
-    drop(client);
     t.exit = t0.elapsed();
+    // Kept only by a caller that outlives the run (the node): a process
+    // that exits after it must not leave the copy behind.
+    if let Ok(result) = &resumed
+        && result.parked
+        && matches!(cleanup, Cleanup::Background(_))
+    {
+        copy.served += 1;
+        copy.ready_at = Instant::now();
+        return Ok(RunOutcome {
+            result: resumed?,
+            timings: t,
+            kept: Some(copy),
+        });
+    }
     let tc = Instant::now();
+    let PreparedCopy {
+        mut restored,
+        client,
+        sock,
+        ..
+    } = copy;
+    drop(client);
     let remove = move || {
         if let Err(e) = restored.cleanup() {
             tracing::warn!(error = %ember_error::chain(&e), "removing the restored container");
@@ -930,6 +962,7 @@ pub fn resume_copy(
     Ok(RunOutcome {
         result: resumed?,
         timings: t,
+        kept: None,
     })
 }
 
@@ -1023,7 +1056,7 @@ pub fn fresh_start(
             Readiness::Exited(r) => r,
             Readiness::Ready(ready) => {
                 t.ready = Some(tr.elapsed());
-                let msg = req.message(false)?;
+                let msg = req.message(false, 0)?;
                 on_event(RunEvent::Resuming {
                     socket: &runner.sock.socket,
                     exec_id: ready.exec_id,
@@ -1045,11 +1078,14 @@ pub fn fresh_start(
     })();
     t.exit = t0.elapsed();
     let tc = Instant::now();
+    // A fresh runner is not kept even when its start-up parked itself
+    // again: it is not a restored copy, and holds the host's files open.
     cleanup_runner(runner);
     t.cleanup = tc.elapsed();
     Ok(RunOutcome {
         result: result?,
         timings: t,
+        kept: None,
     })
 }
 
