@@ -209,6 +209,16 @@ impl NodeSnapshots {
         copy
     }
 
+    /// Whether `manifest` is still the store's snapshot of `key` (a copy of
+    /// a replaced or deleted snapshot is never handed to a run).
+    fn is_current(&self, key: &str, manifest: &SnapshotManifest) -> bool {
+        self.host
+            .store
+            .snapshot(key)
+            .ok()
+            .is_some_and(|m| same_snapshot(&m, manifest))
+    }
+
     /// Keeps a copy whose start-up parked itself again after a run among
     /// `key`'s prepared copies, so the next run resumes it (taken first:
     /// the list is used from its end). Up to `spares_per_key` copies (at
@@ -216,12 +226,7 @@ impl NodeSnapshots {
     /// current, or at shutdown is removed in the background. Whether it
     /// was kept.
     fn keep_served(&self, key: &str, copy: PreparedCopy) -> bool {
-        let current = self
-            .host
-            .store
-            .snapshot(key)
-            .ok()
-            .is_some_and(|m| same_snapshot(&m, &copy.manifest));
+        let current = self.is_current(key, &copy.manifest);
         let extra = if !current || self.closed.load(Ordering::SeqCst) {
             Some(copy)
         } else {
@@ -346,12 +351,7 @@ impl NodeSnapshots {
             };
             tracing::debug!(snapshot = %key, timings = ?copy.timings, "prepared a restored copy");
             // Replaced or closed meanwhile: not kept.
-            let current = self
-                .host
-                .store
-                .snapshot(key)
-                .ok()
-                .is_some_and(|m| same_snapshot(&m, &copy.manifest));
+            let current = self.is_current(key, &copy.manifest);
             if !current || self.closed.load(Ordering::SeqCst) {
                 copy.remove();
                 continue;
