@@ -779,6 +779,17 @@ impl Agent {
             r.state = ReadyState::Done;
             return;
         };
+        if served {
+            // What the request printed before its `ready` line is its
+            // output: take it from the pipes while the exec still serves
+            // (a parked exec's output is dropped), before its end goes out.
+            self.out_readable(ei, false);
+            self.out_readable(ei, true);
+        }
+        let Some(e) = self.execs.get_mut(ei) else {
+            return;
+        };
+        let Some(r) = e.ready.as_mut() else { return };
         r.state = ReadyState::Parked;
         let resumed = r.resumed.take();
         // The start-up's timeout ends with the start-up (a request's with
@@ -791,13 +802,6 @@ impl Agent {
             }
             return;
         }
-        // What the request printed before its `ready` line is its output:
-        // take it from the pipes before its end goes out.
-        self.out_readable(ei, false);
-        self.out_readable(ei, true);
-        let Some(e) = self.execs.get_mut(ei) else {
-            return;
-        };
         let (timed_out, cancelled) = (e.timed_out, e.cancelled);
         if let Some(c) = e.conn.and_then(|c| self.conns.get_mut(c)) {
             c.send(&Frame::Exit(ExecResult {

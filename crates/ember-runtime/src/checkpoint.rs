@@ -276,7 +276,7 @@ impl Criu {
             return Ok(v.clone());
         }
         let key = version_cache_key(&self.binary);
-        if let Some(v) = key.as_deref().and_then(read_cached_version) {
+        if let Some(v) = key.as_ref().and_then(read_cached_version) {
             return Ok(self.version.get_or_init(|| v).clone());
         }
         let out = Command::new(&self.binary)
@@ -338,17 +338,22 @@ impl Criu {
 }
 
 /// Where [`Criu::version`] remembers versions between processes: one file
-/// per binary, named by a hash of its key, holding the key's line and the
-/// version. Under `/run`, so a reboot does not matter either way (the key
-/// holds the boot id as well).
+/// per binary, named by its device and inode, holding the full key's line
+/// and the version. Under `/run`, so a reboot does not matter either way
+/// (the key holds the boot id as well).
 pub const VERSION_CACHE_DIR: &str = "/run/ember-criu-version";
 
-/// What a cached version is valid for: this boot and the binary's file as
-/// it is (path found on `PATH`, device, inode, size, modification and
-/// change times), so a reinstall (scripts/install-criu.sh rewrites the
-/// wrapper) asks again. `None` when the binary cannot be found: then the
-/// spawn reports why.
-fn version_cache_key(binary: &Path) -> Option<String> {
+/// A cached version's file and what it is valid for: this boot and the
+/// binary's file as it is (path found on `PATH`, device, inode, size,
+/// modification and change times), so a reinstall
+/// (scripts/install-criu.sh rewrites the wrapper) asks again.
+struct VersionCacheKey {
+    file: PathBuf,
+    key: String,
+}
+
+/// `None` when the binary cannot be found: then the spawn reports why.
+fn version_cache_key(binary: &Path) -> Option<VersionCacheKey> {
     use std::os::unix::fs::MetadataExt;
     let path = if binary.components().count() > 1 {
         binary.to_path_buf()
@@ -362,43 +367,37 @@ fn version_cache_key(binary: &Path) -> Option<String> {
     let path = fs::canonicalize(path).ok()?;
     let m = fs::metadata(&path).ok()?;
     let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-    Some(format!(
-        "{} {} {} {} {} {}.{} {}.{}",
-        boot.trim(),
-        path.display(),
-        m.dev(),
-        m.ino(),
-        m.size(),
-        m.mtime(),
-        m.mtime_nsec(),
-        m.ctime(),
-        m.ctime_nsec()
-    ))
+    Some(VersionCacheKey {
+        file: Path::new(VERSION_CACHE_DIR).join(format!("{}-{}", m.dev(), m.ino())),
+        key: format!(
+            "{} {} {} {} {} {}.{} {}.{}",
+            boot.trim(),
+            path.display(),
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec()
+        ),
+    })
 }
 
-fn version_cache_file(key: &str) -> PathBuf {
-    // FNV-1a: a file name, not a security boundary (the key is compared).
-    let h = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    Path::new(VERSION_CACHE_DIR).join(format!("{h:016x}"))
-}
-
-fn read_cached_version(key: &str) -> Option<String> {
-    let text = fs::read_to_string(version_cache_file(key)).ok()?;
+fn read_cached_version(c: &VersionCacheKey) -> Option<String> {
+    let text = fs::read_to_string(&c.file).ok()?;
     let (k, v) = text.split_once('\n')?;
     let v = v.trim();
-    (k == key && !v.is_empty() && !v.contains(char::is_whitespace)).then(|| v.to_owned())
+    (k == c.key && !v.is_empty() && !v.contains(char::is_whitespace)).then(|| v.to_owned())
 }
 
 /// Best effort: without the cache (not root, a read-only `/run`) every
 /// process asks CRIU once, as before.
-fn write_cached_version(key: &str, version: &str) {
-    let file = version_cache_file(key);
-    let tmp = file.with_extension(format!("tmp.{}", std::process::id()));
+fn write_cached_version(c: &VersionCacheKey, version: &str) {
+    let tmp = c.file.with_extension(format!("tmp.{}", std::process::id()));
     let written = fs::create_dir_all(VERSION_CACHE_DIR)
-        .and_then(|()| fs::write(&tmp, format!("{key}\n{version}\n")))
-        .and_then(|()| fs::rename(&tmp, &file));
+        .and_then(|()| fs::write(&tmp, format!("{}\n{version}\n", c.key)))
+        .and_then(|()| fs::rename(&tmp, &c.file));
     if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
         tracing::debug!(error = %e, "not caching CRIU's version");
@@ -1477,9 +1476,7 @@ mod tests {
         let bogus = Criu::new("/bin/true");
         assert!(bogus.version().is_err());
         assert!(Criu::new("/bin/true").version().is_err());
-        let _ = fs::remove_file(version_cache_file(
-            &version_cache_key(&bin).expect("the fake exists"),
-        ));
+        let _ = fs::remove_file(version_cache_key(&bin).expect("the fake exists").file);
     }
 
     #[test]

@@ -14,24 +14,32 @@ use common::cluster::*;
 use common::*;
 use std::time::{Duration, Instant};
 
-#[test]
-fn a_snapshot_deployment_starts_fresh_once_then_restores_independent_copies() {
-    let Some(agent) = snapshot_prerequisites() else {
-        return;
-    };
+/// A control plane over a busybox registry and one node `n1` (2 slots,
+/// root `<bed>/node`) that prepares no copies ahead, or `None` when the
+/// snapshot prerequisites are missing and the run skips them explicitly.
+fn spareless_node() -> Option<(Bed, std::path::PathBuf, Proc)> {
+    let agent = snapshot_prerequisites()?;
     let bed = busybox_bed();
-    let (tmp, url, image) = (bed.tmp.path(), bed.url.as_str(), bed.image.as_str());
-    let node_root = tmp.join("node");
-    // No prepared copies: every run restores on demand, as before spares
-    // (snapshot_spares_cli.rs tests them).
-    let _node = start_node(
+    let node_root = bed.tmp.path().join("node");
+    let node = start_node(
         &node_root,
-        url,
+        &bed.url,
         "n1",
         2,
         &agent,
         &["--snapshot-spares", "0"],
     );
+    Some((bed, node_root, node))
+}
+
+#[test]
+fn a_snapshot_deployment_starts_fresh_once_then_restores_independent_copies() {
+    // No prepared copies: every run restores on demand, as before spares
+    // (snapshot_spares_cli.rs tests them).
+    let Some((bed, node_root, _node)) = spareless_node() else {
+        return;
+    };
+    let (url, image) = (bed.url.as_str(), bed.image.as_str());
 
     deploy_snapshot(url, "slow", image, &parked_startup(1));
 
@@ -141,22 +149,12 @@ fn run_of(url: &str, name: &str, args: &[&str]) -> (serde_json::Value, String, s
 
 #[test]
 fn a_restored_copy_that_parks_itself_again_serves_the_next_runs() {
-    let Some(agent) = snapshot_prerequisites() else {
-        return;
-    };
-    let bed = busybox_bed();
-    let (tmp, url, image) = (bed.tmp.path(), bed.url.as_str(), bed.image.as_str());
-    let node_root = tmp.join("node");
     // No prepared copies: whatever serves a second run without a restore
     // is the copy the first one left.
-    let _node = start_node(
-        &node_root,
-        url,
-        "n1",
-        2,
-        &agent,
-        &["--snapshot-spares", "0"],
-    );
+    let Some((bed, node_root, _node)) = spareless_node() else {
+        return;
+    };
+    let (url, image) = (bed.url.as_str(), bed.image.as_str());
     // A start-up that counts the requests it served in its own memory and
     // parks itself again after each (`ready CODE` gives the run's code).
     let serving = "n=0; sleep 1; echo ready >&\"$EMBER_READY_FD\"; \

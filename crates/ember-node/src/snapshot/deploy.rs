@@ -226,39 +226,16 @@ impl NodeSnapshots {
     /// current, or at shutdown is removed in the background. Whether it
     /// was kept.
     fn keep_served(&self, key: &str, copy: PreparedCopy) -> bool {
-        let current = self.is_current(key, &copy.manifest);
-        let extra = if !current || self.closed.load(Ordering::SeqCst) {
-            Some(copy)
-        } else {
+        if self.is_current(key, &copy.manifest) && !self.closed.load(Ordering::SeqCst) {
             let mut spares = lock(&self.spares);
             let list = spares.entry(key.to_owned()).or_default();
             if list.len() < self.spares_per_key.max(1) {
                 list.push(copy);
-                None
-            } else {
-                Some(copy)
+                return true;
             }
-        };
-        let Some(copy) = extra else {
-            return true;
-        };
-        self.remove_in_background(copy);
-        false
-    }
-
-    /// Removes `copy` on a thread of its own, counted in the cleanups a
-    /// stopping node waits for.
-    fn remove_in_background(&self, copy: PreparedCopy) {
-        let counted = self.cleanups.start();
-        if let Err(e) = std::thread::Builder::new()
-            .name("snapshot-cleanup".into())
-            .spawn(move || {
-                copy.remove();
-                drop(counted);
-            })
-        {
-            tracing::warn!(error = %e, "no thread to remove a restored container");
         }
+        copy.remove_with(super::Cleanup::Background(&self.cleanups));
+        false
     }
 
     /// Starts `key`'s preparing thread, unless it has one or spares are
@@ -751,7 +728,7 @@ pub(crate) fn exec_snapshot(
     let idle = match outcome.kept.take() {
         Some(copy) if !handle.cancelled.load(Ordering::SeqCst) => snapshots.keep_served(&key, copy),
         Some(copy) => {
-            snapshots.remove_in_background(copy);
+            copy.remove_with(super::Cleanup::Background(&snapshots.cleanups));
             false
         }
         None => false,

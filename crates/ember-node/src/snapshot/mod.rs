@@ -819,6 +819,27 @@ impl PreparedCopy {
         }
         drop(sock);
     }
+
+    /// Removes the copy as `cleanup` says: now, or on a thread of its own
+    /// counted in the node's [`Cleanups`] (`runc delete` and the unmount
+    /// take 0.1–0.2 s a run's result does not wait for).
+    pub fn remove_with(self, cleanup: Cleanup<'_>) {
+        match cleanup {
+            Cleanup::Inline => self.remove(),
+            Cleanup::Background(cleanups) => {
+                let counted = cleanups.start();
+                if let Err(e) = std::thread::Builder::new()
+                    .name("snapshot-cleanup".into())
+                    .spawn(move || {
+                        self.remove();
+                        drop(counted);
+                    })
+                {
+                    tracing::warn!(error = %e, "no thread to remove a restored container");
+                }
+            }
+        }
+    }
 }
 
 /// Restores a copy of `manifest` (whose image is `image`) and connects
@@ -928,36 +949,7 @@ pub fn resume_copy(
         });
     }
     let tc = Instant::now();
-    let PreparedCopy {
-        mut restored,
-        client,
-        sock,
-        ..
-    } = copy;
-    drop(client);
-    let remove = move || {
-        if let Err(e) = restored.cleanup() {
-            tracing::warn!(error = %ember_error::chain(&e), "removing the restored container");
-        }
-        drop(sock);
-    };
-    match cleanup {
-        Cleanup::Inline => remove(),
-        Cleanup::Background(cleanups) => {
-            // `runc delete` and the unmount take 0.1–0.2 s; the run's
-            // result does not wait for them.
-            let counted = cleanups.start();
-            if let Err(e) = std::thread::Builder::new()
-                .name("snapshot-cleanup".into())
-                .spawn(move || {
-                    remove();
-                    drop(counted);
-                })
-            {
-                tracing::warn!(error = %e, "no thread to remove a restored container");
-            }
-        }
-    }
+    copy.remove_with(cleanup);
     t.cleanup = tc.elapsed();
     Ok(RunOutcome {
         result: resumed?,
