@@ -12,87 +12,106 @@
 //! the configured one, so nothing is locked, saved or recreated.
 //!
 //! [`NetnsHolder`] makes such a namespace, with only `lo` (up, like the one
-//! runc makes), and keeps it reachable at `/proc/<pid>/ns/net` through a
-//! tiny holder process: no bind mount to leak if the caller dies (the
-//! holder exits when its stdin, a pipe from the caller, closes). The
-//! container keeps the namespace alive on its own once it has joined it,
-//! so the holder only has to live until `runc create` (and, for a
-//! checkpoint, `runc checkpoint`, which looks at the path) or `runc
-//! restore` has returned.
+//! runc makes), and keeps it reachable at `/proc/<pid>/task/<tid>/ns/net`
+//! through a parked thread of the calling process that unshared it: no
+//! bind mount to leak if the caller dies (the thread dies with it), and no
+//! process to fork and exec (a fork of a large node process, plus an exec,
+//! is milliseconds on every restore). The container keeps the namespace
+//! alive on its own once it has joined it, so the holder only has to live
+//! until `runc create` (and, for a checkpoint, `runc checkpoint`, which
+//! looks at the path) or `runc restore` has returned.
 
 use std::io;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 
 /// Errors of [`NetnsHolder::spawn`].
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
-    /// The holder process could not be started (or could not make the
-    /// namespace: it reports that as its exec failing).
-    #[error("cannot start a network namespace holder ({program})")]
-    Spawn {
-        /// The program the holder runs.
-        program: &'static str,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
+    /// The holder thread could not be started.
+    #[error("cannot start a network namespace holder thread")]
+    Spawn(#[source] io::Error),
+    /// The holder thread could not make the namespace or bring `lo` up.
+    #[error("cannot make a network namespace")]
+    Unshare(#[source] io::Error),
 }
 
-/// The program the holder runs once in its namespace: it reads its stdin
-/// (a pipe from the caller) until end of file, then exits.
-const HOLDER_PROGRAM: &str = "cat";
-
-/// A new network namespace with only `lo`, up, held by a child process;
-/// dropping it ends the child (the namespace lives on while anything else,
-/// such as a container, is in it).
+/// A new network namespace with only `lo`, up, held by a parked thread;
+/// dropping it ends the thread (the namespace lives on while anything
+/// else, such as a container, is in it).
 #[derive(Debug)]
 pub struct NetnsHolder {
-    child: Child,
+    path: PathBuf,
+    /// Dropping it wakes the thread, which then exits.
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl NetnsHolder {
-    /// Starts the holder in a new network namespace and brings its `lo` up.
+    /// Starts the holder thread in a new network namespace with its `lo`
+    /// up, and returns once the namespace exists.
     pub fn spawn() -> Result<NetnsHolder, NetnsError> {
-        let mut cmd = Command::new(HOLDER_PROGRAM);
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // SAFETY: between fork and exec this only makes raw system calls
-        // (unshare, socket, ioctl, close) on stack data: async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::unshare(libc::CLONE_NEWNET) != 0 {
-                    return Err(io::Error::last_os_error());
+        let (ready_tx, ready_rx) = mpsc::sync_channel::<io::Result<libc::pid_t>>(1);
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("netns-holder".into())
+            .spawn(move || {
+                // SAFETY: unshare affects only this thread's own network
+                // namespace; no memory is shared.
+                let made = if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    loopback_up().map(|()| {
+                        // SAFETY: gettid has no preconditions.
+                        unsafe { libc::gettid() }
+                    })
+                };
+                let ok = made.is_ok();
+                let _ = ready_tx.send(made);
+                if ok {
+                    // Parked until the holder is dropped (the sender goes).
+                    let _ = stopped.recv();
                 }
-                loopback_up()
-            });
-        }
-        let child = cmd.spawn().map_err(|source| NetnsError::Spawn {
-            program: HOLDER_PROGRAM,
-            source,
-        })?;
-        Ok(NetnsHolder { child })
+            })
+            .map_err(NetnsError::Spawn)?;
+        let tid = match ready_rx.recv() {
+            Ok(Ok(tid)) => tid,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(NetnsError::Unshare(e));
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(NetnsError::Spawn(io::Error::other(
+                    "the holder thread ended before making the namespace",
+                )));
+            }
+        };
+        Ok(NetnsHolder {
+            path: PathBuf::from(format!("/proc/{}/task/{tid}/ns/net", std::process::id())),
+            stop: Some(stop),
+            thread: Some(thread),
+        })
     }
 
-    /// `/proc/<pid>/ns/net`: the path a container configuration joins.
+    /// `/proc/<pid>/task/<tid>/ns/net`: the path a container configuration
+    /// joins.
     pub fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/ns/net", self.child.id()))
+        self.path.clone()
     }
 }
 
 impl Drop for NetnsHolder {
     fn drop(&mut self) {
-        // Closing its stdin ends it; kill too in case it is stopped.
-        drop(self.child.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
-/// `ip link set lo up` in the calling thread's network namespace, with
-/// system calls only (it runs between fork and exec).
+/// `ip link set lo up` in the calling thread's network namespace.
 fn loopback_up() -> io::Result<()> {
     // SAFETY: plain system calls on a zeroed, correctly sized ifreq.
     unsafe {
@@ -130,20 +149,11 @@ mod tests {
         }
         let h = NetnsHolder::spawn().expect("holder");
         let mine = std::fs::read_link("/proc/self/ns/net").expect("own netns");
-        // The child may still be between fork and exec: wait for its exec.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let theirs = loop {
-            let l = std::fs::read_link(h.path()).expect("holder netns");
-            let comm =
-                std::fs::read_to_string(format!("/proc/{}/comm", h.child.id())).unwrap_or_default();
-            if comm.trim() == HOLDER_PROGRAM || std::time::Instant::now() > deadline {
-                break l;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        };
+        let theirs = std::fs::read_link(h.path()).expect("holder netns");
         assert_ne!(mine, theirs, "the holder is in a new network namespace");
-        // Only lo, and up: /proc/<pid>/net/dev lists the holder's devices.
-        let dev = std::fs::read_to_string(format!("/proc/{}/net/dev", h.child.id())).unwrap();
+        // Only lo, and up: the task's net/dev lists its namespace's devices.
+        let task = h.path().parent().and_then(|p| p.parent()).unwrap().to_path_buf();
+        let dev = std::fs::read_to_string(task.join("net/dev")).unwrap();
         let ifaces: Vec<&str> = dev
             .lines()
             .skip(2)
@@ -153,15 +163,13 @@ mod tests {
         assert_eq!(ifaces, ["lo"], "{dev}");
         // An up lo has ::1 (when IPv6 is on); a down one has no address.
         if std::path::Path::new("/proc/sys/net/ipv6").exists() {
-            let v6 = std::fs::read_to_string(format!("/proc/{}/net/if_inet6", h.child.id()))
-                .unwrap_or_default();
+            let v6 = std::fs::read_to_string(task.join("net/if_inet6")).unwrap_or_default();
             assert!(v6.contains(" lo"), "lo is not up: {v6:?}");
         }
-        let pid = h.child.id();
+        // This thread's namespace did not change.
+        assert_eq!(std::fs::read_link("/proc/thread-self/ns/net").unwrap(), mine);
+        let path = h.path();
         drop(h);
-        assert!(
-            !std::path::Path::new(&format!("/proc/{pid}/ns/net")).exists(),
-            "holder ended"
-        );
+        assert!(!path.exists(), "holder thread ended");
     }
 }

@@ -82,6 +82,20 @@ impl Drop for IndexLock {
     }
 }
 
+/// A claim on an image for one operation ([`Store::claim_image`]):
+/// garbage collection leaves the image alone until this is dropped.
+#[derive(Debug)]
+#[must_use = "the claim ends when this is dropped"]
+pub struct ImageClaim {
+    path: PathBuf,
+}
+
+impl Drop for ImageClaim {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
 /// A row of `ember images`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ImageSummary {
@@ -461,7 +475,7 @@ impl Store {
             image: image.clone(),
             pid,
         };
-        let p = self.root.join("users").join(format!("{id}.json"));
+        let p = self.user_path(id);
         let b = serde_json::to_vec(&rec).map_err(|e| StoreError::CorruptIndex {
             path: p.clone(),
             detail: e.to_string(),
@@ -471,7 +485,21 @@ impl Store {
 
     /// Drops container `id`'s claim.
     pub fn remove_user(&self, id: &str) {
-        let _ = fs::remove_file(self.root.join("users").join(format!("{id}.json")));
+        let _ = fs::remove_file(self.user_path(id));
+    }
+
+    /// [`Store::add_user`] for this process, dropped with the returned
+    /// value: for a claim that lasts one operation (a run, a capture), so
+    /// an early return cannot leave it behind.
+    pub fn claim_image(&self, id: &str, image: &Digest) -> Result<ImageClaim, StoreError> {
+        self.add_user(id, image, std::process::id())?;
+        Ok(ImageClaim {
+            path: self.user_path(id),
+        })
+    }
+
+    fn user_path(&self, id: &str) -> PathBuf {
+        self.root.join("users").join(format!("{id}.json"))
     }
 
     /// Containers using images, as (container id, image manifest), for a

@@ -253,7 +253,7 @@ impl NodeSnapshots {
         let spawned = std::thread::Builder::new()
             .name("snapshot-spares".into())
             .spawn(move || {
-                lower_priority();
+                super::lower_priority(SPARE_NICENESS);
                 me.prepare_loop(&busy.key, &record);
             });
         // On failure the closure, and the key's claim with it, is dropped.
@@ -307,16 +307,14 @@ impl NodeSnapshots {
             if held >= self.spares_per_key {
                 return;
             }
-            let claim = format!("snapshot-spare-{key}");
-            if let Err(e) = self
-                .host
-                .store
-                .add_user(&claim, &record.manifest, std::process::id())
-            {
-                tracing::warn!(error = %ember_error::chain(&e), "claiming the image for a spare");
-            }
+            let claim = claim_image(
+                &self.host,
+                &format!("snapshot-spare-{key}"),
+                record,
+                "a spare",
+            );
             let r = super::prepare_copy(&self.host, &manifest, record);
-            self.host.store.remove_user(&claim);
+            drop(claim);
             let copy = match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -458,11 +456,8 @@ impl NodeSnapshots {
             .name("snapshot-capture".into())
             .spawn(move || {
                 let t0 = Instant::now();
-                let claim = format!("snapshot-capture-{key}");
                 // The image stays while its start-up is captured.
-                if let Err(e) = me.host.store.add_user(&claim, &record.manifest, std::process::id()) {
-                    tracing::warn!(error = %ember_error::chain(&e), "claiming the image for a capture");
-                }
+                let claim = claim_image(&me.host, &format!("snapshot-capture-{key}"), &record, "a capture");
                 let r = super::capture(
                     &me.host,
                     &CaptureRequest {
@@ -476,7 +471,7 @@ impl NodeSnapshots {
                     },
                     &mut |_, _| {},
                 );
-                me.host.store.remove_user(&claim);
+                drop(claim);
                 match r {
                     Ok(c) => {
                         tracing::info!(
@@ -546,13 +541,12 @@ pub(crate) fn exec_snapshot(
     if handle.cancelled.load(Ordering::SeqCst) {
         return Err("cancelled before it started".into());
     }
-    let claim = format!("snapshot-run-{}-{}", run.id, run.attempts);
-    if let Err(e) = host
-        .store
-        .add_user(&claim, &record.manifest, std::process::id())
-    {
-        tracing::warn!(error = %ember_error::chain(&e), "claiming the image for a run");
-    }
+    let claim = claim_image(
+        host,
+        &format!("snapshot-run-{}-{}", run.id, run.attempts),
+        record,
+        "a run",
+    );
     let req = ResumeRequest {
         name: key.clone(),
         argv: snap.argv.clone(),
@@ -716,7 +710,7 @@ pub(crate) fn exec_snapshot(
             )
         }
     };
-    host.store.remove_user(&claim);
+    drop(claim);
     *lock(&handle.snapshot_exec) = None;
     let mut outcome = outcome.map_err(|e| format!("snapshot start: {}", e.why_not_restored()))?;
     tracing::debug!(run = %run.id, timings = ?outcome.timings, "snapshot run");
@@ -791,6 +785,22 @@ fn same_snapshot(a: &SnapshotManifest, b: &SnapshotManifest) -> bool {
         && a.created_ms == b.created_ms
 }
 
+/// Claims `record`'s image for `what` (GC leaves it until the claim is
+/// dropped); a failure to claim is logged and the work goes on unclaimed.
+fn claim_image(
+    host: &SnapshotHost,
+    id: &str,
+    record: &ImageRecord,
+    what: &str,
+) -> Option<ember_store::ImageClaim> {
+    host.store
+        .claim_image(id, &record.manifest)
+        .map_err(
+            |e| tracing::warn!(error = %ember_error::chain(&e), "claiming the image for {what}"),
+        )
+        .ok()
+}
+
 /// Destroys prepared copies (each a `runc delete` and an unmount; only
 /// when a key is replaced or dropped, so not on a run's usual path).
 fn remove_copies(copies: Vec<PreparedCopy>) {
@@ -799,15 +809,9 @@ fn remove_copies(copies: Vec<PreparedCopy>) {
     }
 }
 
-/// Runs this thread (and the runc and CRIU it starts, which inherit it)
-/// at a lower CPU priority: spares are restored in idle time.
-fn lower_priority() {
-    // SAFETY: setpriority on this thread's own id; no memory is shared.
-    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
-    if r != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "lowering a preparing thread's priority");
-    }
-}
+/// The niceness of a thread preparing spares: restored in idle time, but
+/// ahead of removals ([`super::lower_priority`]).
+const SPARE_NICENESS: i32 = 10;
 
 /// A run restoring on demand, counted in `on_demand` until its restore
 /// is done (or the guard dropped).

@@ -831,6 +831,8 @@ impl PreparedCopy {
                 if let Err(e) = std::thread::Builder::new()
                     .name("snapshot-cleanup".into())
                     .spawn(move || {
+                        // Runs waiting for a restore come first.
+                        lower_priority(CLEANUP_NICENESS);
                         self.remove();
                         drop(counted);
                     })
@@ -839,6 +841,22 @@ impl PreparedCopy {
                 }
             }
         }
+    }
+}
+
+/// The niceness of a thread that removes a used copy in the background:
+/// the lowest, as nothing waits for it but the node's shutdown.
+const CLEANUP_NICENESS: i32 = 19;
+
+/// Runs this thread (and the runc and CRIU it starts, which inherit it)
+/// at `niceness`, so work nothing waits for (spares, removals) gets the
+/// CPU only when runs do not want it.
+pub(crate) fn lower_priority(niceness: i32) {
+    // SAFETY: setpriority on this thread's own id; no memory is shared.
+    let r =
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, niceness) };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "lowering a background thread's priority");
     }
 }
 

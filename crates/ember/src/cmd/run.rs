@@ -219,12 +219,12 @@ pub async fn run(root: &Path, mut args: Args) -> anyhow::Result<ExitCode> {
     let layers = store.layer_dirs(&image);
     let id = container_id();
     // Claim the image first so a concurrent `ember gc` leaves it alone.
-    store.add_user(&id, &image.manifest, std::process::id())?;
+    let claim = store.claim_image(&id, &image.manifest)?;
     let result = run_container(
         root, &args, &image_ref, &id, &layers, &config, env, memory, &mut t, t0,
     )
     .await;
-    store.remove_user(&id);
+    drop(claim);
     if let Err(e) = store.touch(&image.manifest) {
         tracing::warn!(error = %ember_error::chain(&e), "could not update the image's last use");
     }

@@ -192,8 +192,7 @@ async fn create(root: &Path, store: &Store, a: CreateArgs) -> anyhow::Result<Exi
         .context("cannot capture a snapshot without a working CRIU")?;
     let agent = find_agent(a.agent.clone())?;
     let image = ready_image(store, &a.image, &a.registry, a.pull).await?;
-    let claim = unique_id("capture");
-    store.add_user(&claim, &image.manifest, std::process::id())?;
+    let claim = store.claim_image(&unique_id("capture"), &image.manifest)?;
     let host = host(root, store, criu, agent);
     let result = tokio::task::spawn_blocking(move || {
         // The start-up's output goes to stderr: stdout stays for runs.
@@ -216,7 +215,7 @@ async fn create(root: &Path, store: &Store, a: CreateArgs) -> anyhow::Result<Exi
     })
     .await
     .context("capture thread failed")?;
-    store.remove_user(&claim);
+    drop(claim);
     let c = match result {
         Ok(c) => c,
         Err(e @ SnapshotError::Checkpoint(_)) => {
@@ -391,8 +390,7 @@ pub async fn run_snapshot(root: &Path, name: &str, args: RunArgs) -> anyhow::Res
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     t.resolve_ms = ms(t0.elapsed());
-    let claim = unique_id("run");
-    store.add_user(&claim, &image.manifest, std::process::id())?;
+    let claim = store.claim_image(&unique_id("run"), &image.manifest)?;
     let criu = Criu::new(args.criu.clone().unwrap_or_else(|| "criu".into()));
     // The agent is needed only for a fallback; a missing one is said then.
     let agent = find_agent(None);
@@ -469,7 +467,7 @@ pub async fn run_snapshot(root: &Path, name: &str, args: RunArgs) -> anyhow::Res
     .await
     .context("run thread failed")?;
     signals.abort();
-    store.remove_user(&claim);
+    drop(claim);
     let (outcome, first) = result?;
     t.fill(&outcome.timings);
     t.first_output_ms = first.map(|f| ms(f.duration_since(t0)));
