@@ -152,7 +152,12 @@ mod tests {
         let theirs = std::fs::read_link(h.path()).expect("holder netns");
         assert_ne!(mine, theirs, "the holder is in a new network namespace");
         // Only lo, and up: the task's net/dev lists its namespace's devices.
-        let task = h.path().parent().and_then(|p| p.parent()).unwrap().to_path_buf();
+        let task = h
+            .path()
+            .parent()
+            .and_then(|p| p.parent())
+            .unwrap()
+            .to_path_buf();
         let dev = std::fs::read_to_string(task.join("net/dev")).unwrap();
         let ifaces: Vec<&str> = dev
             .lines()
@@ -167,7 +172,10 @@ mod tests {
             assert!(v6.contains(" lo"), "lo is not up: {v6:?}");
         }
         // This thread's namespace did not change.
-        assert_eq!(std::fs::read_link("/proc/thread-self/ns/net").unwrap(), mine);
+        assert_eq!(
+            std::fs::read_link("/proc/thread-self/ns/net").unwrap(),
+            mine
+        );
         let path = h.path();
         drop(h);
         assert!(!path.exists(), "holder thread ended");
